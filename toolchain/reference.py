@@ -1,0 +1,76 @@
+"""CPU reference decoder for Qwen2 (float32 numpy): the model every other backend is compared with.
+
+Kept short on purpose (gpt-fast's model.py is the model): weights are dequantized once to float32, the KV cache is
+float32, and the layer is written out in full. It is proven against Hugging Face transformers (tests/golden).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import ops
+from .gguf_model import GGUFModel
+from .quants import dequantize
+
+
+def _dense(t):
+    return dequantize(t.data, t.ggml_type, t.shape).astype(np.float32, copy=False)
+
+
+class Layer:
+    def __init__(self, model: GGUFModel, i: int):
+        w = lambda n: _dense(model.layer(i, n))  # noqa: E731
+        b = lambda n: _dense(model.bias(i, n))  # noqa: E731
+        self.attn_norm, self.ffn_norm = w("attn_norm"), w("ffn_norm")
+        # q, k and v share their input: one [q+k+v, hidden] matrix makes one matmul per token.
+        self.wqkv = np.concatenate([w("attn_q"), w("attn_k"), w("attn_v")]).T.copy()
+        self.bqkv = np.concatenate([b("attn_q"), b("attn_k"), b("attn_v")])
+        self.wo = w("attn_output").T.copy()
+        self.wgate_up = np.concatenate([w("ffn_gate"), w("ffn_up")]).T.copy()
+        self.wdown = w("ffn_down").T.copy()
+
+
+class ReferenceModel:
+    def __init__(self, model: GGUFModel):
+        self.cfg = model.config
+        self.model = model
+        self.layers = [Layer(model, i) for i in range(self.cfg.n_layers)]
+        self.output_norm = _dense(model.tensors["output_norm.weight"])
+        self.lm_head = _dense(model.output).T.copy()  # [hidden, vocab]
+
+    def new_cache(self, max_len: int):
+        c = self.cfg
+        shape = (c.n_layers, 2, c.n_kv_heads, max_len, c.head_dim)
+        return np.zeros(shape, np.float32)
+
+    def forward(self, tokens, start_pos: int, cache: np.ndarray) -> np.ndarray:
+        """Run tokens at positions start_pos.. and return their logits [m, vocab]; fills cache in place."""
+        c = self.cfg
+        tokens = np.asarray(tokens, dtype=np.int64)
+        m = len(tokens)
+        if start_pos + m > cache.shape[3]:
+            raise ValueError(f"{start_pos + m} tokens do not fit the cache of {cache.shape[3]}")
+        emb = self.model.tensors["token_embd.weight"]
+        x = ops.quant_gather(emb.data.reshape(emb.shape[0], -1), tokens, emb.ggml_type, c.hidden)
+        pos = np.arange(start_pos, start_pos + m)
+        end = start_pos + m
+        mask = np.where(pos[:, None] >= np.arange(end)[None, :], 0.0, -np.inf).astype(np.float32)  # causal [m, end]
+        group = c.n_heads // c.n_kv_heads
+        for li, L in enumerate(self.layers):
+            h = ops.rms_norm(x, L.attn_norm, c.rms_eps)
+            qkv = h @ L.wqkv + L.bqkv
+            q, k, v = np.split(qkv, [c.q_dim, c.q_dim + c.kv_dim], axis=1)
+            q = ops.rope(q.reshape(m, c.n_heads, c.head_dim), pos, c.head_dim, c.rope_theta)
+            k = ops.rope(k.reshape(m, c.n_kv_heads, c.head_dim), pos, c.head_dim, c.rope_theta)
+            cache[li, 0, :, start_pos:end] = k.transpose(1, 0, 2)
+            cache[li, 1, :, start_pos:end] = v.reshape(m, c.n_kv_heads, c.head_dim).transpose(1, 0, 2)
+            keys = np.repeat(cache[li, 0, :, :end], group, axis=0)  # [H, end, D]
+            vals = np.repeat(cache[li, 1, :, :end], group, axis=0)
+            s = np.einsum("mhd,htd->hmt", q, keys) / np.float32(np.sqrt(c.head_dim)) + mask
+            p = np.exp(s - s.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            attn = np.einsum("hmt,htd->mhd", p, vals).reshape(m, c.q_dim)
+            x = x + attn @ L.wo
+            h = ops.rms_norm(x, L.ffn_norm, c.rms_eps)
+            gate, up = np.split(h @ L.wgate_up, 2, axis=1)
+            x = x + ops.swiglu(gate, up) @ L.wdown
+        return ops.rms_norm(x, self.output_norm, c.rms_eps) @ self.lm_head
