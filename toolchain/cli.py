@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", required=True)
     s.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     s.add_argument("--max-new-tokens", type=int, default=64)
-    s.add_argument("--max-context", type=int, default=4096)
+    s.add_argument("--max-context", type=int, help="KV cache length (default: min(4096, the model's context))")
     s.add_argument("--temperature", type=float, default=0.0)
     s.add_argument("--top-k", type=int, default=0)
     s.add_argument("--top-p", type=float, default=1.0)

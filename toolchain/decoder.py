@@ -109,12 +109,13 @@ class Decoder:
         self.model, self.tokenizer, self.backend, self.max_context = model, tokenizer, backend, max_context
 
     @classmethod
-    def load(cls, model, backend: str = "auto", max_context: int = 4096) -> "Decoder":
+    def load(cls, model, backend: str = "auto", max_context: int | None = None) -> "Decoder":
         from .fetch import resolve_model
         from .gguf_model import GGUFModel, load_gguf
         from .tokenizer import Tokenizer
 
         gm = model if isinstance(model, GGUFModel) else load_gguf(resolve_model(str(model)))
+        max_context = max_context or min(4096, gm.config.context_length)
         if max_context < 2 or max_context > gm.config.context_length:
             raise UserError(f"--max-context {max_context}: must be between 2 and the model's context "
                             f"length {gm.config.context_length}")

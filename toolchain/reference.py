@@ -42,6 +42,29 @@ class ReferenceModel:
         shape = (c.n_layers, 2, c.n_kv_heads, max_len, c.head_dim)
         return np.zeros(shape, np.float32)
 
+    def layer_forward(self, L: Layer, x, pos, cache, mask):
+        """One decoder layer on hidden states x [m, hidden] at positions pos; cache [2, kv, T, D] is filled."""
+        c, m = self.cfg, len(pos)
+        start, end = int(pos[0]), int(pos[-1]) + 1
+        group = c.n_heads // c.n_kv_heads
+        h = ops.rms_norm(x, L.attn_norm, c.rms_eps)
+        qkv = h @ L.wqkv + L.bqkv
+        q, k, v = np.split(qkv, [c.q_dim, c.q_dim + c.kv_dim], axis=1)
+        q = ops.rope(q.reshape(m, c.n_heads, c.head_dim), pos, c.head_dim, c.rope_theta)
+        k = ops.rope(k.reshape(m, c.n_kv_heads, c.head_dim), pos, c.head_dim, c.rope_theta)
+        cache[0, :, start:end] = k.transpose(1, 0, 2)
+        cache[1, :, start:end] = v.reshape(m, c.n_kv_heads, c.head_dim).transpose(1, 0, 2)
+        keys = np.repeat(cache[0, :, :end], group, axis=0)  # [H, end, D]
+        vals = np.repeat(cache[1, :, :end], group, axis=0)
+        s = np.einsum("mhd,htd->hmt", q, keys) / np.float32(np.sqrt(c.head_dim)) + mask
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        attn = np.einsum("hmt,htd->mhd", p, vals).reshape(m, c.q_dim)
+        x = x + attn @ L.wo
+        h = ops.rms_norm(x, L.ffn_norm, c.rms_eps)
+        gate, up = np.split(h @ L.wgate_up, 2, axis=1)
+        return x + ops.swiglu(gate, up) @ L.wdown
+
     def forward(self, tokens, start_pos: int, cache: np.ndarray) -> np.ndarray:
         """Run tokens at positions start_pos.. and return their logits [m, vocab]; fills cache in place."""
         c = self.cfg
@@ -52,25 +75,7 @@ class ReferenceModel:
         emb = self.model.tensors["token_embd.weight"]
         x = ops.quant_gather(emb.data.reshape(emb.shape[0], -1), tokens, emb.ggml_type, c.hidden)
         pos = np.arange(start_pos, start_pos + m)
-        end = start_pos + m
-        mask = np.where(pos[:, None] >= np.arange(end)[None, :], 0.0, -np.inf).astype(np.float32)  # causal [m, end]
-        group = c.n_heads // c.n_kv_heads
+        mask = np.where(pos[:, None] >= np.arange(start_pos + m)[None, :], 0.0, -np.inf).astype(np.float32)  # causal
         for li, L in enumerate(self.layers):
-            h = ops.rms_norm(x, L.attn_norm, c.rms_eps)
-            qkv = h @ L.wqkv + L.bqkv
-            q, k, v = np.split(qkv, [c.q_dim, c.q_dim + c.kv_dim], axis=1)
-            q = ops.rope(q.reshape(m, c.n_heads, c.head_dim), pos, c.head_dim, c.rope_theta)
-            k = ops.rope(k.reshape(m, c.n_kv_heads, c.head_dim), pos, c.head_dim, c.rope_theta)
-            cache[li, 0, :, start_pos:end] = k.transpose(1, 0, 2)
-            cache[li, 1, :, start_pos:end] = v.reshape(m, c.n_kv_heads, c.head_dim).transpose(1, 0, 2)
-            keys = np.repeat(cache[li, 0, :, :end], group, axis=0)  # [H, end, D]
-            vals = np.repeat(cache[li, 1, :, :end], group, axis=0)
-            s = np.einsum("mhd,htd->hmt", q, keys) / np.float32(np.sqrt(c.head_dim)) + mask
-            p = np.exp(s - s.max(-1, keepdims=True))
-            p /= p.sum(-1, keepdims=True)
-            attn = np.einsum("hmt,htd->mhd", p, vals).reshape(m, c.q_dim)
-            x = x + attn @ L.wo
-            h = ops.rms_norm(x, L.ffn_norm, c.rms_eps)
-            gate, up = np.split(h @ L.wgate_up, 2, axis=1)
-            x = x + ops.swiglu(gate, up) @ L.wdown
+            x = self.layer_forward(L, x, pos, cache[li], mask)
         return ops.rms_norm(x, self.output_norm, c.rms_eps) @ self.lm_head

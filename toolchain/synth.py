@@ -42,7 +42,7 @@ def random_blocks(ggml_type: str, rows: int, k: int, rng: np.random.Generator, s
     d = np.full((rows, nblk), 1.0, np.float16)
     raw[:, :, offs[0]:offs[0] + 2] = d.view(np.uint8).reshape(rows, nblk, 2)
     if ggml_type == "Q4_K":  # dmin ~ d * mean(q) keeps the weights centred on zero
-        raw[:, :, 2:4] = np.full((rows, nblk), 7.5 / 4, np.float16).view(np.uint8).reshape(rows, nblk, 2)
+        raw[:, :, 2:4] = np.full((rows, nblk), 7.5, np.float16).view(np.uint8).reshape(rows, nblk, 2)
     sample = dequantize(raw[: min(rows, 64)].reshape(-1), ggml_type, (min(rows, 64), k))
     scale = std / float(sample.std())
     for o in offs:
@@ -74,8 +74,10 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
-def write_synthetic_gguf(path: str | os.PathLike, cfg: Config, types: dict[str, str], seed: int = 0) -> Path:
-    """Write a valid qwen2 GGUF with random weights; atomic (temporary file, then rename)."""
+def write_synthetic_gguf(path: str | os.PathLike, cfg: Config, types: dict[str, str], seed: int = 0,
+                         skip: tuple[str, ...] = ()) -> Path:
+    """Write a valid qwen2 GGUF with random weights; atomic (temporary file, then rename). `skip` leaves tensors
+    out (to test how incomplete files are reported)."""
     import gguf
 
     path = Path(path)
@@ -104,10 +106,13 @@ def write_synthetic_gguf(path: str | os.PathLike, cfg: Config, types: dict[str, 
 
     def quant(name, rows, k, std):
         t = types.get(name, "Q8_0")
+        if name in skip:
+            return
         w.add_tensor(name, random_blocks(t, rows, k, rng, std), raw_dtype=gguf.GGMLQuantizationType[t])
 
     def f32(name, x):
-        w.add_tensor(name, np.asarray(x, np.float32))
+        if name not in skip:
+            w.add_tensor(name, np.asarray(x, np.float32))
 
     c = cfg
     quant("token_embd.weight", c.vocab, c.hidden, 1.0)
