@@ -188,3 +188,25 @@ def test_real_model_onnx_reference_evaluator_matches_cpu_reference(real_export, 
     ids = Tokenizer.from_gguf(model.reader).encode("def quicksort(arr):")
     errs, toks = _compare_model_with_reference(str(out / "model.onnx"), model, real_reference("1.5b"), ids, 3, 2e-3)
     print(f"evaluator vs CPU reference: logits rel err per step {errs}, tokens {toks}")
+
+
+def test_fused_graph_matches_unfused(synth_gguf):
+    """The fusion pass: 5 nodes per layer, and ONNX's evaluator gives the same logits as on the 13-node graph."""
+    from toolchain.fusion import fuse
+
+    model = load_gguf(synth_gguf(**TINY))
+    g, arrays = build_model_graph(model)
+    attach_initializers(g, arrays)
+    fused = fuse(g)
+    onnx.checker.check_model(fused, full_check=True)
+    c = model.config
+    hist = Counter(n.op_type for n in fused.graph.node)
+    assert len(fused.graph.node) == 5 * c.n_layers + 4, hist
+    assert hist["rms_norm_qkv"] == hist["rms_norm_swiglu"] == c.n_layers and hist["matmul_add"] == 2 * c.n_layers
+    rng = np.random.default_rng()
+    ids = rng.integers(0, c.vocab, 6).astype(np.int32)
+    feed = {"token_ids": ids, "positions": np.arange(6, dtype=np.int32), "slots": np.zeros(6, np.int32)}
+    a = OnnxReferenceRunner(g).infer({**feed, **new_caches(c, 1, 16)})
+    b = OnnxReferenceRunner(fused).infer({**feed, **new_caches(c, 1, 16)})
+    assert rel_err(b["logits"], a["logits"]) < 1e-5
+    assert np.array_equal(a["next_token"], b["next_token"])

@@ -37,6 +37,19 @@ CUSTOM_OPS = {
         {"n_heads": _A.INT, "n_kv_heads": _A.INT, "head_dim": _A.INT, "rope_theta": _A.FLOAT, "layer": _A.INT,
          "max_seq_len": _A.INT}),
     "swiglu": ([("gate", "tensor(float)"), ("up", "tensor(float)")], [("y", "tensor(float)")], {}),
+    # Fused ops produced by toolchain/fusion.py (fewer kernel launches per token); semantics in toolchain/ops.py.
+    "rms_norm_qkv": (
+        [("x", "tensor(float)"), ("norm_w", "tensor(float)"), ("wq", "tensor(uint8)"), ("bq", "tensor(float)"),
+         ("wk", "tensor(uint8)"), ("bk", "tensor(float)"), ("wv", "tensor(uint8)"), ("bv", "tensor(float)")],
+        [("q", "tensor(float)"), ("k", "tensor(float)"), ("v", "tensor(float)")],
+        {"epsilon": _A.FLOAT, "q_type": _A.STRING, "k_type": _A.STRING, "v_type": _A.STRING, "q_dim": _A.INT,
+         "kv_dim": _A.INT}),
+    "matmul_add": (
+        [("x", "tensor(float)"), ("w", "tensor(uint8)"), ("bias", "tensor(float)"), ("residual", "tensor(float)")],
+        [("y", "tensor(float)")], {"w_type": _A.STRING, "in_features": _A.INT, "out_features": _A.INT}),
+    "rms_norm_swiglu": (
+        [("x", "tensor(float)"), ("norm_w", "tensor(float)"), ("w_gate", "tensor(uint8)"), ("w_up", "tensor(uint8)")],
+        [("y", "tensor(float)")], {"epsilon": _A.FLOAT, "gate_type": _A.STRING, "up_type": _A.STRING, "ffn": _A.INT}),
 }
 # Attributes every custom node carries for TensorRT's ONNX parser (plugin lookup), not read by the op itself.
 PARSER_ATTRS = {"plugin_namespace": _A.STRING}
@@ -76,6 +89,14 @@ def _infer(op):
             out(2, F16, dims(4))
         elif op == "swiglu":
             out(0, F32, dims(0))
+        elif op == "rms_norm_qkv":
+            out(0, F32, [dims(0)[0], attr("q_dim")])
+            out(1, F32, [dims(0)[0], attr("kv_dim")])
+            out(2, F32, [dims(0)[0], attr("kv_dim")])
+        elif op == "matmul_add":
+            out(0, F32, [dims(0)[0], attr("out_features")])
+        elif op == "rms_norm_swiglu":
+            out(0, F32, [dims(0)[0], attr("ffn")])
     return fn
 
 

@@ -87,3 +87,18 @@ def rope_kv_attention(q, k, v, k_cache, v_cache, positions, slots, *, n_heads, n
         t = positions[i] + 1
         out[i] = attend(qr[i], k_cache[slots[i], :, :t], v_cache[slots[i], :, :t])
     return out.reshape(m, n_heads * head_dim), k_cache, v_cache
+
+
+# Fused ops (toolchain/fusion.py): compositions of the ops above, so their reference is the composition itself.
+def rms_norm_qkv(x, norm_w, wq, bq, wk, bk, wv, bv, *, epsilon, q_type, k_type, v_type):
+    h = rms_norm(x, norm_w, epsilon)
+    return quant_matmul(h, wq, bq, q_type), quant_matmul(h, wk, bk, k_type), quant_matmul(h, wv, bv, v_type)
+
+
+def matmul_add(x, w, bias, residual, *, w_type):
+    return (residual + quant_matmul(x, w, bias, w_type)).astype(np.float32)
+
+
+def rms_norm_swiglu(x, norm_w, w_gate, w_up, *, epsilon, gate_type, up_type):
+    h = rms_norm(x, norm_w, epsilon)
+    return swiglu(quant_matmul(h, w_gate, None, gate_type), quant_matmul(h, w_up, None, up_type))

@@ -32,6 +32,12 @@ def run_node(op_type: str, inputs: list, attrs: dict) -> list:
                                           head_dim=attrs["head_dim"], rope_theta=attrs["rope_theta"]))
     if op_type == "swiglu":
         return [ops.swiglu(*inputs)]
+    if op_type in ("rms_norm_qkv", "matmul_add", "rms_norm_swiglu"):
+        fn = getattr(ops, op_type)
+        kw = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()
+              if k not in ("plugin_namespace", "q_dim", "kv_dim", "in_features", "out_features", "ffn")}
+        out = fn(*inputs, **kw)
+        return list(out) if isinstance(out, tuple) else [out]
     if op_type == "RMSNormalization":
         return [ops.rms_norm(inputs[0], inputs[1], attrs["epsilon"])]
     if op_type == "Add":
