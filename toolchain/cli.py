@@ -154,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--contexts", default="128,1024,4096")
     s.add_argument("--batches", default="1")
     s.add_argument("--tokens", type=int, default=128)
+    s.add_argument("--compare-llama-bench", metavar="PATH", help="also run this llama-bench binary on the same GGUF")
     s.add_argument("-o", "--output", default="bench/results")
     s.set_defaults(fn=cmd_bench)
     return p

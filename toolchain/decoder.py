@@ -163,6 +163,10 @@ class Decoder:
         tok = sample(logits, sampling, rng)
         stats["prefill_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
+        if sampling.greedy and hasattr(self.backend, "greedy"):  # device-side argmax, self-advancing CUDA graph
+            rest = self.backend.greedy(tok, max_new_tokens - 1)
+        else:
+            rest = (None for _ in range(max_new_tokens - 1))
         for n in range(max_new_tokens):
             yield tok
             stats["decode_s"] = time.perf_counter() - t1
@@ -171,7 +175,8 @@ class Decoder:
                 return
             if n + 1 == max_new_tokens:
                 return
-            tok = sample(self.backend.forward([tok]), sampling, rng)
+            nxt = next(rest)
+            tok = nxt if nxt is not None else sample(self.backend.forward([tok]), sampling, rng)
 
     def generate(self, prompt, max_new_tokens: int = 64, sampling: Sampling = Sampling(), chat: bool = False) -> Generation:
         stats: dict = {}

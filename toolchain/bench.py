@@ -1,0 +1,174 @@
+"""`qtrt bench`: batch-1 decode tokens/s against the bandwidth roofline measured in the same run.
+
+The roofline: a decode step must read every weight byte once (plus the KV cache up to the current position and
+one embedding row), so tokens/s can be no more than copy_bandwidth / bytes_per_token. The bench measures the device
+copy bandwidth itself (read + write bytes of a large device-to-device copy), replays the captured decode graph for
+each context, and times every kernel family with CUDA events to show where the time goes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+
+def bytes_per_token(model, ctx: int) -> int:
+    """Fewest bytes one decode step reads: all weights but the embedding table, one embedding row, the KV cache."""
+    c = model.config
+    weights = sum(t.data.nbytes for n, t in model.tensors.items() if n != "token_embd.weight")
+    emb = model.tensors["token_embd.weight"]
+    kv = 2 * c.n_layers * c.n_kv_heads * ctx * c.head_dim * 2
+    return weights + emb.data.nbytes // emb.shape[0] + kv
+
+
+def copy_bandwidth(cr, stream, nbytes: int = 1 << 30, reps: int = 20) -> float:
+    """Device-to-device copy, bytes read + written per second (median of reps)."""
+    a, b = cr.DeviceBuffer.empty(nbytes), cr.DeviceBuffer.empty(nbytes)
+    times = []
+    for i in range(reps + 3):
+        t = cr.time_ms(stream, lambda: cr.memcpy_dtod(b, a, nbytes, stream))
+        if i >= 3:
+            times.append(t)
+    a.free()
+    b.free()
+    return 2 * nbytes / (np.median(times) / 1e3)
+
+
+def load_model(spec: str, workdir: Path):
+    from .fetch import resolve_model
+    from .gguf_model import load_gguf
+
+    if spec.startswith("synthetic:"):
+        from .synth import layout, write_synthetic_gguf
+
+        name = spec.split(":", 1)[1]
+        path = workdir / f"{name}-synthetic.gguf"
+        if not path.exists():
+            cfg, types = layout(name)
+            write_synthetic_gguf(path, cfg, types, seed=1)
+        return load_gguf(path)
+    return load_gguf(resolve_model(spec))
+
+
+def time_decode(be, ctx: int, m: int, tokens: int, cr) -> float:
+    """Seconds per decode step of m tokens (m sequences in slots 0..m-1 at position ctx), graph replays."""
+    be.pos = ctx
+    be._set_inputs(np.zeros(m, np.int32), np.full(m, ctx), np.arange(m))
+    g = be.decode_graph(m)
+    g.launch(be.stream)
+    be.stream.synchronize()
+    be._set_inputs(np.zeros(m, np.int32), np.full(m, ctx), np.arange(m))
+    ms = cr.time_ms(be.stream, lambda: [g.launch(be.stream) for _ in range(tokens)])
+    return ms / 1e3 / tokens
+
+
+def kernel_breakdown(be, cr, reps: int = 10) -> dict[str, float]:
+    """Microseconds per token by kernel family, each launch timed alone with events (includes its launch gap)."""
+    per = defaultdict(list)
+    plan = be.plan(1)
+    for _ in range(reps):
+        acc = defaultdict(float)
+        for launch in plan:
+            acc[launch.op] += cr.time_ms(be.stream, lambda launch=launch: launch.kernel.launch(launch.cfg, launch.args,
+                                                                                               be.stream)) * 1e3
+        for k, v in acc.items():
+            per[k].append(v)
+    return {k: round(float(np.median(v)), 2) for k, v in sorted(per.items(), key=lambda kv: -np.median(kv[1]))}
+
+
+def llama_bench(path: str, gguf: str) -> dict:
+    r = subprocess.run([path, "-m", gguf, "-p", "512", "-n", "128", "-o", "json"], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise UserError(f"{path}: llama-bench failed ({r.stderr.strip().splitlines()[-1:]})")
+    return {f"{'pp' if e['n_prompt'] else 'tg'}{e['n_prompt'] or e['n_gen']}": e["avg_ts"] for e in json.loads(r.stdout)}
+
+
+def run_bench(a):
+    from . import cuda_runtime as cr
+
+    if not cr.gpu_available():
+        raise UserError("qtrt bench needs an NVIDIA GPU with cuda-python (pip install 'qwen-trt[cuda]')")
+    from .cuda_backend import CudaBackend
+
+    contexts = [int(x) for x in a.contexts.split(",")]
+    batches = [int(x) for x in a.batches.split(",")]
+    workdir = Path(os.environ.get("QTRT_BENCH_DIR", tempfile.gettempdir()))
+    model = load_model(a.model, workdir)
+    cr.init()
+    stream = cr.Stream()
+    bw = copy_bandwidth(cr, stream)
+    results = {"device": cr.device_name(), "model": a.model, "layout": vars(model.config),
+               "copy_bandwidth_GBps": round(bw / 1e9, 1), "anchors": {"llama.cpp tg128 tok/s": 553,
+                                                                       "llama.cpp tg128 @4096 tok/s": 496},
+               "decode": [], "batched": [], "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    max_ctx = max(contexts) + a.tokens + 8
+    for fused in (True, False):
+        be = CudaBackend(model, max_context=max_ctx, n_slots=max(batches), max_tokens=max(batches), fused=fused)
+        for ctx in contexts:
+            s = time_decode(be, ctx, 1, a.tokens, cr)
+            bpt = bytes_per_token(model, ctx + a.tokens // 2)
+            row = {"graph": "fused" if fused else "unfused", "context": ctx, "tok_s": round(1 / s, 1),
+                   "us_per_token": round(s * 1e6, 1), "bytes_per_token": bpt,
+                   "roofline_tok_s": round(bw / bpt, 1), "roofline_fraction": round(bpt / (bw * s), 3),
+                   "vs_llama_cpp_tg128": round((1 / s) / 553, 2),
+                   "launches_per_token": len(be.plan(1))}
+            results["decode"].append(row)
+            print(f"{row['graph']:8s} ctx {ctx:5d}: {row['tok_s']:8.1f} tok/s  {row['us_per_token']:7.1f} us/token  "
+                  f"{row['roofline_fraction'] * 100:5.1f}% of roofline ({bpt / 1e9:.3f} GB/token)  "
+                  f"{row['vs_llama_cpp_tg128']:.2f}x llama.cpp tg128  {row['launches_per_token']} launches")
+        results.setdefault("kernels_us_per_token", {})["fused" if fused else "unfused"] = kernel_breakdown(be, cr)
+        if fused:
+            for m in batches:
+                s = time_decode(be, contexts[0], m, a.tokens, cr)
+                results["batched"].append({"m": m, "tok_s": round(m / s, 1), "us_per_step": round(s * 1e6, 1)})
+                print(f"batched m={m:2d}: {m / s:9.1f} tok/s aggregate ({s * 1e6:.1f} us/step)")
+        be.close()
+    if getattr(a, "compare_llama_bench", None):
+        results["llama_bench"] = llama_bench(a.compare_llama_bench, model.path)
+    print(f"copy bandwidth {results['copy_bandwidth_GBps']} GB/s on {results['device']}")
+    for fam, us in results["kernels_us_per_token"]["fused"].items():
+        print(f"  {fam:20s} {us:8.1f} us/token")
+    write_results(results, Path(a.output))
+    return results
+
+
+def write_results(results: dict, out: Path):
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    js = out / f"bench-{stamp}.json"
+    tmp = js.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, js)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"wrote {js} (no plot: pip install matplotlib)")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for graph in ("fused", "unfused"):
+        rows = [r for r in results["decode"] if r["graph"] == graph]
+        ax.plot([r["context"] for r in rows], [r["tok_s"] for r in rows], "o-", label=f"qwen-trt cuda ({graph})")
+    rows = [r for r in results["decode"] if r["graph"] == "fused"]
+    ax.plot([r["context"] for r in rows], [r["roofline_tok_s"] for r in rows], "k--", label="bandwidth roofline")
+    ax.plot([128, 4096], [553, 496], "s:", label="llama.cpp (tg128 anchors)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("decode tokens/s, batch 1")
+    ax.set_title(f"Qwen2.5-1.5B Q4_K_M layout on {results['device']}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    png = js.with_suffix(".png")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    print(f"wrote {js} and {png}")

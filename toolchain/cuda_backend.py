@@ -1,0 +1,197 @@
+"""The `cuda` backend: executes the decode-step ONNX graph with our kernels through cuda-python, no TensorRT.
+
+Loading uploads the raw GGUF blocks once and turns the (fused) graph into a *plan*: one kernel launch per node with
+its grid and argument pointers resolved. Every activation buffer is allocated for the largest step (`max_tokens`)
+and reused, so the plan for m = 1 can be captured into one CUDA graph: embedding, all layers, final norm, lm_head,
+argmax and `decode_advance` (which writes the argmax into the token input and increments the positions). Replaying
+that graph is a whole decode step that advances itself; the host only reads the new token for streaming.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from . import cuda_runtime as cr
+from .fusion import fuse
+from .gguf_model import GGUFModel
+from .graph import build_model_graph
+from .kernels import compile_kernel, defines_for, kernel_name, launch_config
+
+# ONNX op_type -> kernel op (standard ops map to our kernels; custom ops share their names).
+KERNEL_OF = {"RMSNormalization": "rms_norm", "Add": "add", "ArgMax": "argmax"}
+F32 = np.float32
+
+
+@dataclass
+class Launch:
+    node: str
+    op: str
+    kernel: object
+    cfg: object
+    args: list
+
+
+def _attrs(node) -> dict:
+    out = {}
+    for a in node.attribute:
+        v = onnx.helper.get_attribute_value(a)
+        out[a.name] = v.decode() if isinstance(v, bytes) else v
+    return out
+
+
+class CudaBackend:
+    name = "cuda"
+
+    def __init__(self, model: GGUFModel, max_context: int, n_slots: int = 1, max_tokens: int = 64,
+                 fused: bool = True):
+        self.model, self.cfg = model, model.config
+        self.max_context, self.n_slots, self.max_tokens = max_context, n_slots, max_tokens
+        cr.init()
+        self.stream = cr.Stream()
+        graph, arrays = build_model_graph(model)
+        self.graph = fuse(graph) if fused else graph
+        self.weights = {name: cr.DeviceBuffer.from_numpy(a) for name, a in arrays.items()}
+        c = self.cfg
+        cache_shape = (n_slots, c.n_kv_heads, max_context, c.head_dim)
+        self.buffers: dict[str, cr.DeviceBuffer] = dict(self.weights)
+        for i in range(c.n_layers):
+            for kind in "kv":
+                buf = cr.DeviceBuffer.zeros(cache_shape, np.float16)
+                self.buffers[f"{kind}_cache.{i}"] = buf
+                self.buffers[f"L{i}.{kind}_cache_out"] = buf  # the attention op updates the cache in place
+        self.buffers["token_ids"] = cr.DeviceBuffer.zeros((max_tokens,), np.int32)
+        self.buffers["positions"] = cr.DeviceBuffer.zeros((max_tokens,), np.int32)
+        self.buffers["slots"] = cr.DeviceBuffer.zeros((max_tokens,), np.int32)
+        self.widths = self._value_widths()
+        for name, (width, dtype) in self.widths.items():
+            if name not in self.buffers:
+                self.buffers[name] = cr.DeviceBuffer.zeros((max_tokens, width), dtype)
+        self._modules: dict = {}
+        self._plans: dict[int, list[Launch]] = {}
+        self._graphs: dict[int, object] = {}
+        self.pos = 0
+
+    # -- planning ---------------------------------------------------------------------------------------------
+    def _value_widths(self) -> dict[str, tuple[int, type]]:
+        """Row width and dtype of every activation the graph produces (from ONNX shape inference)."""
+        inferred = onnx.shape_inference.infer_shapes(self.graph)
+        out = {}
+        for v in list(inferred.graph.value_info) + list(inferred.graph.output):
+            t = v.type.tensor_type
+            dims = [d.dim_value for d in t.shape.dim]
+            if len(dims) == 2 and dims[1]:
+                out[v.name] = (dims[1], onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
+            elif len(dims) == 1:
+                out[v.name] = (1, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
+        return out
+
+    def _kernel(self, op: str, defines: dict):
+        key = (op, tuple(sorted(defines.items())))
+        if key not in self._modules:
+            module = cr.Module(compile_kernel(op, defines, fmt="cubin"))
+            self._modules[key] = module.function(kernel_name(op))
+        return self._modules[key]
+
+    def _dims(self, node, op, attrs, m) -> dict:
+        c = self.cfg
+        dims = dict(attrs, m=m)
+        if op in ("rms_norm",):
+            dims["hidden"] = c.hidden
+        elif op in ("add", "swiglu"):
+            dims["numel"] = m * self.widths[node.output[0]][0]
+        elif op == "argmax":
+            dims["vocab"] = c.vocab
+        elif op.endswith("_matmul") or op == "matmul_add":
+            dims["n"], dims["k"] = attrs["out_features"], attrs["in_features"]
+        elif op == "rope_kv_attention":
+            dims.update(n_slots=self.n_slots, max_seq=self.max_context)
+        elif op in ("rms_norm_qkv", "rms_norm_swiglu"):
+            dims["hidden"] = c.hidden
+        return dims
+
+    def plan(self, m: int) -> list[Launch]:
+        """Resolve every node of the graph into a launch for a step of m tokens (cached per m)."""
+        if m in self._plans:
+            return self._plans[m]
+        launches = []
+        for node in self.graph.node:
+            op = KERNEL_OF.get(node.op_type, node.op_type)
+            attrs = {k: v for k, v in _attrs(node).items() if k != "plugin_namespace"}
+            if node.op_type == "RMSNormalization":
+                attrs = {"epsilon": attrs["epsilon"]}
+            elif node.op_type == "ArgMax":
+                attrs = {}
+            dims = self._dims(node, op, attrs, m)
+            kern = self._kernel(op, defines_for(op, attrs))
+            cfg = launch_config(op, dims)
+            ins = [self.buffers[i].ptr for i in node.input]
+            outs = [self.buffers[o].ptr for o in node.output]
+            launches.append(Launch(node.name, op, kern, cfg, ins + list(cfg.scalars) + outs))
+        advance = self._kernel("decode_advance", {})
+        cfg = launch_config("decode_advance", {"m": m})
+        launches.append(Launch("advance", "decode_advance", advance, cfg,
+                               [self.buffers["next_token"].ptr, *cfg.scalars, self.buffers["token_ids"].ptr,
+                                self.buffers["positions"].ptr]))
+        self._plans[m] = launches
+        return launches
+
+    def run_plan(self, m: int, advance: bool = False):
+        for launch in self.plan(m):
+            if launch.op == "decode_advance" and not advance:
+                continue
+            launch.kernel.launch(launch.cfg, launch.args, self.stream)
+
+    def decode_graph(self, m: int = 1):
+        """The whole decode step for m tokens captured once into a CUDA graph (advancing itself)."""
+        if m not in self._graphs:
+            self.plan(m)
+            self.run_plan(m, advance=False)  # warm-up outside capture: module loads, lazy initialisation
+            self.stream.synchronize()
+            self._graphs[m] = cr.capture(self.stream, lambda: self.run_plan(m, advance=True))
+        return self._graphs[m]
+
+    # -- the backend interface (toolchain/decoder.py) ------------------------------------------------------------
+    def reset(self):
+        self.pos = 0
+
+    def _set_inputs(self, ids, positions, slots):
+        self.buffers["token_ids"].upload(np.asarray(ids, np.int32), self.stream)
+        self.buffers["positions"].upload(np.asarray(positions, np.int32), self.stream)
+        self.buffers["slots"].upload(np.asarray(slots, np.int32), self.stream)
+
+    def step(self, ids, positions, slots) -> np.ndarray:
+        """Run one step of len(ids) tokens (any slots/positions) and return logits [m, vocab]."""
+        m = len(ids)
+        if m > self.max_tokens:
+            raise ValueError(f"{m} tokens exceed max_tokens={self.max_tokens}")
+        self._set_inputs(ids, positions, slots)
+        if m == 1:
+            self.decode_graph(1).launch(self.stream)
+        else:
+            self.run_plan(m)
+        return self.buffers["logits"].download(self.stream, rows=m)
+
+    def forward(self, ids) -> np.ndarray:
+        ids = list(ids)
+        if self.pos + len(ids) > self.max_context:
+            raise ValueError("context full")
+        logits = None
+        for s in range(0, len(ids), self.max_tokens):  # prompt prefill in chunks of max_tokens
+            chunk = ids[s:s + self.max_tokens]
+            pos = np.arange(self.pos, self.pos + len(chunk))
+            logits = self.step(chunk, pos, np.zeros(len(chunk)))
+            self.pos += len(chunk)
+        return logits[-1]
+
+    def greedy(self, first_token: int, n: int):
+        """Yield n greedy tokens after `first_token`: each is one replay of the self-advancing CUDA graph; the host
+        only reads the 8-byte argmax to stream it."""
+        self._set_inputs([first_token], [self.pos], [0])
+        g = self.decode_graph(1)
+        for _ in range(n):
+            g.launch(self.stream)
+            tok = int(self.buffers["next_token"].download(self.stream, rows=1)[0])
+            self.pos += 1
+            yield tok
