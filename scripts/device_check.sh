@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Everything the GPU proves, in one call on the lent H100 (the device tool runs this from the repo root):
+#   env -> kernels (nvcc, every op) -> tests (kernel + whole-model GPU tests) -> sanitizer -> bench
+# Logs and JSON go to $OUT (the device tool brings that folder back). STAGES="tests bench" runs a subset.
+set -uo pipefail
+OUT=${OUT:-out/device}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export QTRT_KERNEL_CACHE=/tmp/qtrt-kernels QTRT_BENCH_DIR=/tmp
+if ls .whl/*.whl >/dev/null 2>&1; then  # packages the GPU image lacks (gguf), carried as wheels
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+STAGES=${STAGES:-"env kernels tests sanitizer bench"}
+declare -A RC
+run() {  # run STAGE CMD...: log to $OUT/STAGE.log, remember the exit code
+  local stage=$1; shift
+  local t0=$SECONDS
+  echo "=== $stage: $*"
+  "$@" > "$OUT/$stage.log" 2>&1
+  RC[$stage]=$?
+  echo "=== $stage: exit ${RC[$stage]} in $((SECONDS - t0)) s"
+  tail -n ${TAIL:-25} "$OUT/$stage.log"
+}
+for s in $STAGES; do
+  case $s in
+    env) run env bash -c 'nvidia-smi; nvcc --version; python3 -c "import numpy, onnx, gguf; from cuda.bindings import driver; print(numpy.__version__, onnx.__version__)"' ;;
+    kernels) run kernels python3 -m toolchain.kernels ;;
+    tests) run tests python3 -m pytest -p no:cacheprovider -v -rs tests/test_kernels_gpu.py tests/test_cuda_backend.py ;;
+    sanitizer) run sanitizer compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/sanitize_step.py ;;
+    bench) run bench python3 -m toolchain.cli bench -o "$OUT" ${BENCH_ARGS:-} ;;
+  esac
+done
+python3 - "$OUT" <<PY
+import json, sys
+rc = {$(for k in "${!RC[@]}"; do printf '"%s": %s, ' "$k" "${RC[$k]}"; done)}
+json.dump({"exit_codes": rc}, open(sys.argv[1] + "/summary.json", "w"), indent=1)
+print("summary:", rc)
+PY
