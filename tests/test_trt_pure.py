@@ -1,0 +1,553 @@
+"""The TensorRT layer without TensorRT: shape rules, launch parameters (ints and symbolic), plugin signatures against
+the op table, the ONNX preparation, and the CLI's answer when TensorRT is missing."""
+import inspect
+import re
+import sys
+import types
+import typing
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import toolchain
+from toolchain.errors import UserError
+from toolchain.trt import TRT_MISSING, plugins
+from toolchain.trt import shape_rules as R
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _have_tensorrt() -> bool:
+    try:
+        import tensorrt
+
+        return hasattr(tensorrt, "Builder")
+    except Exception:
+        return False
+
+
+# --- a stand-in for tensorrt.plugin.ShapeExpr ---------------------------------------------------------------------
+
+class Sym:
+    """Like ShapeExpr (tensorrt_bindings/plugin/_tensor.py): + - * // with the expression on the left only (no
+    __radd__/__rmul__), comparisons give expressions, and there is no truth value or int conversion. Evaluates
+    with ev(**values)."""
+
+    def __init__(self, f, text):
+        self.f, self.text = f, text
+
+    @staticmethod
+    def var(name):
+        return Sym(lambda env: env[name], name)
+
+    def _op(self, other, fn, sym):
+        assert isinstance(other, (Sym, int)) and not isinstance(other, bool), f"operand {other!r}"
+        g = other.f if isinstance(other, Sym) else (lambda env: other)
+        return Sym(lambda env: fn(self.f(env), g(env)), f"({self.text} {sym} {getattr(other, 'text', other)})")
+
+    def __add__(self, o):
+        return self._op(o, lambda a, b: a + b, "+")
+
+    def __sub__(self, o):
+        return self._op(o, lambda a, b: a - b, "-")
+
+    def __mul__(self, o):
+        return self._op(o, lambda a, b: a * b, "*")
+
+    def __floordiv__(self, o):
+        return self._op(o, lambda a, b: a // b, "//")
+
+    def __eq__(self, o):
+        return self._op(o, lambda a, b: int(a == b), "==")
+
+    def __lt__(self, o):
+        return self._op(o, lambda a, b: int(a < b), "<")
+
+    __hash__ = object.__hash__
+
+    def __bool__(self):
+        raise TypeError(f"symbolic {self.text} used as a truth value")
+
+    def __index__(self):
+        raise TypeError(f"symbolic {self.text} used as an int")
+
+    def ev(self, **env):
+        return self.f(env)
+
+
+def _ev(v, **env):
+    return v.ev(**env) if isinstance(v, Sym) else v
+
+
+def _sym_binary(fn, text):
+    def op(a, b):
+        if isinstance(a, int) and isinstance(b, int):
+            raise ValueError("Both arguments cannot be 'int's")  # as tensorrt.plugin.cdiv/max/min
+        a = a if isinstance(a, Sym) else Sym(lambda env, a=a: a, str(a))
+        b_f = b.f if isinstance(b, Sym) else (lambda env: b)
+        return Sym(lambda env: fn(a.f(env), b_f(env)), f"{text}({a.text}, {getattr(b, 'text', b)})")
+    return op
+
+
+SYM_TRTP = types.SimpleNamespace(cdiv=_sym_binary(lambda a, b: -(-a // b), "cdiv"),
+                                 max=_sym_binary(max, "max"), min=_sym_binary(min, "min"))
+
+
+# --- shape rules -----------------------------------------------------------------------------------------------
+
+ATTN = dict(n_heads=12, n_kv_heads=2, head_dim=128, rope_theta=1e6, layer=3, max_seq_len=32768)
+
+
+def _int_case(op, m):
+    """Concrete input shapes, attributes and expected output shapes for op with m tokens."""
+    if op in R.MATMUL_OPS:
+        elems, nbytes = {"q4k": (256, 144), "q6k": (256, 210), "q5_0": (32, 22), "q8_0": (32, 34)}[op.rsplit("_", 1)[0]]
+        k, n = 1536, 256
+        return [(m, k), (n, k // elems * nbytes), (n,)], dict(in_features=k, out_features=n), [(m, n)]
+    if op in R.GATHER_OPS:
+        elems, nbytes = {"q4k": (256, 144), "q6k": (256, 210), "q5_0": (32, 22), "q8_0": (32, 34)}[op.rsplit("_", 1)[0]]
+        return [(1000, 1536 // elems * nbytes), (m,)], dict(hidden=1536), [(m, 1536)]
+    if op == R.ATTENTION_OP:
+        cache = (1, 2, 64, 128)
+        return ([(m, 1536), (m, 256), (m, 256), cache, cache, (m,), (m,)], dict(ATTN),
+                [(m, 1536), cache, cache])
+    return [(m, 8960), (m, 8960)], {}, [(m, 8960)]
+
+
+@pytest.mark.parametrize("op", R.CUSTOM_OPS)
+@pytest.mark.parametrize("m", [1, 7])
+def test_output_shapes_with_ints(op, m):
+    shapes, attrs, expected = _int_case(op, m)
+    R.check_shapes(op, shapes, attrs)
+    assert [tuple(s) for s in R.output_shapes(op, shapes, attrs)] == expected
+    assert len(expected) == len(R.SCHEMAS[op].outputs) == len(R.SCHEMAS[op].output_dtypes)
+
+
+@pytest.mark.parametrize("op", R.CUSTOM_OPS)
+def test_output_shapes_pass_symbolic_dims_through(op):
+    shapes, attrs, expected = _int_case(op, 5)
+    m = Sym.var("m")
+    sym_shapes = [tuple(m if d == 5 and j == 0 else d for j, d in enumerate(s)) for s in shapes]
+    out = R.output_shapes(op, sym_shapes, attrs)
+    assert [tuple(_ev(d, m=5) for d in s) for s in out] == expected
+
+
+@pytest.mark.parametrize("op,bad", [("q8_0_matmul", 1), ("q4k_matmul", 2), ("rope_kv_attention", 3),
+                                    ("swiglu", 1), ("q6k_gather", 0)])
+def test_check_shapes_names_the_mismatch(op, bad):
+    shapes, attrs, _ = _int_case(op, 3)
+    shapes = [tuple(s) for s in shapes]
+    shapes[bad] = tuple(d + 1 for d in shapes[bad])
+    with pytest.raises(ValueError, match=op):
+        R.check_shapes(op, shapes, attrs)
+
+
+def test_attention_aliases_its_caches():
+    s = R.SCHEMAS[R.ATTENTION_OP]
+    assert {s.outputs[o]: s.inputs[i] for o, i in s.aliases} == {"k_cache_out": "k_cache", "v_cache_out": "v_cache"}
+    assert all(s.output_dtypes[o] is None for o, _ in s.aliases)
+
+
+# --- launch parameters -------------------------------------------------------------------------------------------
+
+def _kernels():
+    try:
+        from toolchain import kernels
+    except ImportError:
+        pytest.skip("toolchain.kernels is not there yet")
+    return kernels
+
+
+@pytest.mark.parametrize("op", R.CUSTOM_OPS)
+def test_launch_config_is_the_same_with_ints_and_shape_expressions(op):
+    kernels = _kernels()
+    ops = plugins.TrtOps(SYM_TRTP)  # what the plugins hand launch_config inside TensorRT
+    m = Sym.var("m")
+    for mv in (1, 2, 17, 512):
+        shapes, attrs, _ = _int_case(op, mv)
+        ints = kernels.launch_config(op, R.launch_dims(op, shapes, attrs))
+        sym_shapes = [tuple(m if j == 0 and i in _m_inputs(op) else d for j, d in enumerate(s))
+                      for i, s in enumerate(shapes)]
+        sym = kernels.launch_config(op, R.launch_dims(op, sym_shapes, attrs), ops=ops)
+        for field in ("grid", "block"):
+            assert len(getattr(sym, field)) == 3
+            assert [_ev(v, m=mv) for v in getattr(sym, field)] == list(getattr(ints, field)), field
+        assert _ev(sym.shared_mem, m=mv) == ints.shared_mem
+        assert [_ev(v, m=mv) for v in sym.scalars] == list(ints.scalars)
+        for v in sym.scalars:
+            assert isinstance(v, (int, np.integer, Sym))
+            assert -2**31 <= _ev(v, m=mv) < 2**31
+        assert all(isinstance(_ev(v, m=mv), (int, np.integer)) and _ev(v, m=mv) >= 1
+                   for v in (*sym.grid, *sym.block))
+
+
+@pytest.mark.parametrize("op", R.CUSTOM_OPS)
+def test_ptx_entry_follows_the_aot_calling_convention(op):
+    """TensorRT calls an AOT kernel with: input pointers, the SymIntExprs scalars, output pointers (aot_impl
+    docstring, tensorrt_bindings/plugin/_lib.py). Check the PTX that the plugin returns has exactly that parameter
+    list."""
+    kernels = _kernels()
+    if kernels.nvcc_path() is None:
+        pytest.skip("no nvcc")
+    shapes, attrs, _ = _int_case(op, 3)
+    ptx = plugins._ptx(op, tuple(sorted(kernels.defines_for(op, attrs).items())), "sm_90").decode()
+    name = kernels.kernel_name(op)
+    entry = re.search(rf"\.entry\s+{re.escape(name)}\s*\((.*?)\)", ptx, re.S)
+    assert entry, f"no .entry {name} in the PTX"
+    params = re.findall(r"\.param\s+\.(\w+)", entry.group(1))
+    n_scalars = len(kernels.launch_config(op, R.launch_dims(op, shapes, attrs)).scalars)
+    s = R.SCHEMAS[op]
+    assert params[:len(s.inputs)] == ["u64"] * len(s.inputs), params
+    assert all(p in ("u32", "s32", "b32") for p in params[len(s.inputs):len(s.inputs) + n_scalars]), params
+    assert params[len(s.inputs) + n_scalars:] == ["u64"] * len(s.outputs), params
+
+
+def _m_inputs(op):
+    """Indices of the inputs whose first dim is the step's m."""
+    if op in R.GATHER_OPS:
+        return {1}
+    if op == R.ATTENTION_OP:
+        return {0, 1, 2, 5, 6}
+    return {0, 1} if op == R.SWIGLU_OP else {0}
+
+
+def test_trt_ops_do_plain_math_on_ints():
+    ops = plugins.TrtOps(SYM_TRTP)
+    assert (ops.cdiv(10, 4), ops.max(3, np.int64(5)), ops.min(3, 5)) == (3, 5, 3)
+    assert ops.cdiv(Sym.var("m"), 4).ev(m=9) == 3
+    assert ops.max(2, Sym.var("m")).ev(m=1) == 2
+
+
+# --- the op table: docs/ops.md <-> schemas <-> plugin signatures ---------------------------------------------------
+
+def _docs_table() -> dict[str, dict]:
+    rows = {}
+    for line in (ROOT / "docs" / "ops.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 4 or not cells[0].startswith("`"):
+            continue
+        names = lambda cell: [t for t in re.findall(r"`([^`]+)`", cell) if not t.startswith("[")]  # noqa: E731
+        attrs = {a: (float if re.search(rf"`{a}` \(float\)", cells[3]) else int) for a in names(cells[3])}
+        for op in names(cells[0]):
+            rows[op] = {"inputs": names(cells[1]), "outputs": names(cells[2]), "attrs": attrs}
+    return rows
+
+
+def test_schemas_match_docs_ops_md():
+    table = _docs_table()
+    assert set(R.CUSTOM_OPS) <= set(table)  # the table also lists fused ops that exported model.onnx never holds
+    for op in R.CUSTOM_OPS:
+        s, row = R.SCHEMAS[op], table[op]
+        assert list(s.inputs) == row["inputs"], op
+        assert list(s.outputs) == row["outputs"], op
+        assert dict(s.attrs) == row["attrs"], op
+
+
+def test_schemas_match_graph_custom_ops():
+    """toolchain.graph.CUSTOM_OPS is what the exporter writes: same ops, inputs, outputs, attribute names and types."""
+    graph = pytest.importorskip("toolchain.graph")
+    import onnx
+
+    A = onnx.defs.OpSchema.AttrType
+    assert set(R.CUSTOM_OPS) <= set(graph.CUSTOM_OPS)
+    assert graph.PLUGIN_NAMESPACE == R.NAMESPACE and set(graph.PARSER_ATTRS) <= set(R.ROUTING_ATTRS)
+    for op in R.CUSTOM_OPS:
+        (ins, outs, attrs), s = graph.CUSTOM_OPS[op], R.SCHEMAS[op]
+        assert [n for n, _ in ins] == list(s.inputs) and [n for n, _ in outs] == list(s.outputs), op
+        assert {n: {A.INT: int, A.FLOAT: float}[t] for n, t in attrs.items()} == dict(s.attrs), op
+
+
+def test_cache_outputs_map_to_their_inputs():
+    from toolchain.trt.runtime import aliased_input_by_name
+
+    inputs = ["token_ids", "k_cache.0", "v_cache.0", "k_cache.11", "v_cache.11"]
+    assert aliased_input_by_name("L11.k_cache_out", inputs) == "k_cache.11"
+    assert aliased_input_by_name("L0.v_cache_out", inputs) == "v_cache.0"
+    assert aliased_input_by_name("v_cache_out.11", inputs) == "v_cache.11"
+    assert aliased_input_by_name("L3.k_cache_out", inputs) is None
+    assert aliased_input_by_name("logits", inputs) is None
+    graph = pytest.importorskip("toolchain.graph")
+    if hasattr(graph, "cache_output_name"):
+        assert aliased_input_by_name(graph.cache_output_name(11, "k"), inputs) == "k_cache.11"
+
+
+class _FakeDesc:
+    def __init__(self, shape_expr=None, dtype=None):
+        self.shape_expr, self.dtype, self._aliased_to = shape_expr, dtype, None
+
+    def aliased(self):
+        d = _FakeDesc(self.shape_expr, self.dtype)
+        d._aliased_to = self
+        return d
+
+    def get_aliased(self):
+        return self._aliased_to
+
+
+@pytest.fixture
+def fake_trt(monkeypatch):
+    """A `tensorrt` with a recording `tensorrt.plugin`, shaped after the 11.4 wheel's plugin/*.py."""
+    rec = {"register": {}, "aot": {}, "compile": [], "launch": []}
+    trt = types.ModuleType("tensorrt")
+    trt.Builder, trt.__version__, trt.float32 = object, "fake", "float32"
+    trtp = types.ModuleType("tensorrt.plugin")
+
+    class SymIntExpr:
+        def __init__(self, v):
+            assert isinstance(v, (int, Sym, SymIntExpr)) and not isinstance(v, (bool, np.integer)), repr(v)
+            self.v = v.v if isinstance(v, SymIntExpr) else v
+
+    class SymInt32(SymIntExpr):
+        pass
+
+    class SymIntExprs:
+        def __init__(self, n):
+            self.items = [None] * n
+
+        def __setitem__(self, i, v):  # as in _tensor.py: non-SymIntExpr ints become plain SymIntExpr
+            self.items[i] = v if isinstance(v, SymIntExpr) else SymIntExpr(v)
+
+        def __len__(self):
+            return len(self.items)
+
+    class KernelLaunchParams:
+        def __init__(self):
+            for f in ("grid_x", "grid_y", "grid_z", "block_x", "block_y", "block_z"):
+                setattr(self, f, 1)
+            self.shared_mem = 0
+
+        def __setattr__(self, k, v):
+            assert k in ("grid_x", "grid_y", "grid_z", "block_x", "block_y", "block_z", "shared_mem"), k
+            object.__setattr__(self, k, SymInt32(v))
+
+    def register(pid):
+        return lambda fn: rec["register"].setdefault(pid, fn)
+
+    def aot_impl(pid):
+        return lambda fn: rec["aot"].setdefault(pid, fn)
+
+    trtp.__dict__.update(TensorDesc=_FakeDesc, SymInt32=SymInt32, SymIntExprs=SymIntExprs, SymIntExpr=SymIntExpr,
+                         KernelLaunchParams=KernelLaunchParams, register=register, aot_impl=aot_impl,
+                         from_shape_expr=lambda shape, dtype: _FakeDesc(shape, dtype), **vars(SYM_TRTP))
+    trt.plugin = trtp
+    kernels = types.ModuleType("toolchain.kernels")
+
+    def launch_config(op, dims, ops):
+        rec["launch"].append((op, dims))
+        m = dims["m"]
+        return types.SimpleNamespace(grid=(ops.cdiv(m, 4), 2, np.int64(1)), block=(128, 1, 1), shared_mem=0,
+                                     scalars=(m, np.int32(7)))
+
+    def compile_kernel(op, defines={}, fmt="ptx", arch="sm_90"):
+        rec["compile"].append((op, defines, fmt, arch))
+        return b"// ptx"
+
+    kernels.__dict__.update(launch_config=launch_config, compile_kernel=compile_kernel,
+                            kernel_name=lambda op: f"qtrt_{op}", defines_for=lambda op, attrs: dict(sorted(
+                                (k.upper(), v) for k, v in attrs.items() if k != "layer")))
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setitem(sys.modules, "tensorrt.plugin", trtp)
+    monkeypatch.setitem(sys.modules, "toolchain.kernels", kernels)
+    monkeypatch.setattr(toolchain, "kernels", kernels, raising=False)
+    monkeypatch.setattr(plugins, "_REGISTERED", [])
+    monkeypatch.setenv("QTRT_CUDA_ARCH", "sm_90")
+    plugins.target_arch.cache_clear()
+    plugins._ptx.cache_clear()
+    yield rec
+    plugins.target_arch.cache_clear()
+    plugins._ptx.cache_clear()
+
+
+def test_plugin_signatures_match_the_op_table(fake_trt):
+    ids = plugins.register_all()
+    assert sorted(ids) == sorted(f"qtrt::{op}" for op in R.CUSTOM_OPS)
+    assert plugins.register_all() == ids  # idempotent
+    table = _docs_table()
+    for op in R.CUSTOM_OPS:
+        s, row = R.SCHEMAS[op], table[op]
+        assert (list(s.inputs), dict(s.attrs)) == (row["inputs"], row["attrs"]), op
+        reg = inspect.signature(fake_trt["register"][f"qtrt::{op}"])
+        tensors = [n for n, p in reg.parameters.items() if p.annotation is _FakeDesc]
+        attrs = {n: p.annotation for n, p in reg.parameters.items() if p.annotation is not _FakeDesc}
+        assert tensors == row["inputs"], op
+        assert attrs == row["attrs"], op
+        assert list(reg.parameters)[:len(tensors)] == tensors  # tensors first, then attributes
+        ret = reg.return_annotation
+        n_out = len(typing.get_args(ret)) if typing.get_origin(ret) is tuple else 1
+        assert n_out == len(row["outputs"]), op
+        aot = inspect.signature(fake_trt["aot"][f"qtrt::{op}"])
+        assert list(aot.parameters) == list(reg.parameters) + ["outputs", "tactic"], op
+        assert all(aot.parameters[n].annotation == reg.parameters[n].annotation for n in reg.parameters)
+
+
+@pytest.mark.parametrize("op", R.CUSTOM_OPS)
+def test_plugin_description_and_aot_impl(fake_trt, op):
+    plugins.register_all()
+    shapes, attrs, expected = _int_case(op, 5)
+    m = Sym.var("m")
+    descs = [_FakeDesc(tuple(m if j == 0 and i in _m_inputs(op) else d for j, d in enumerate(s)), "x")
+             for i, s in enumerate(shapes)]
+    out = fake_trt["register"][f"qtrt::{op}"](*descs, **attrs)
+    out = out if isinstance(out, tuple) else (out,)
+    s = R.SCHEMAS[op]
+    for i, d in enumerate(out):
+        if i in s.alias_of:
+            assert d.get_aliased() is descs[s.alias_of[i]]
+        else:
+            assert d.dtype == "float32" and d.get_aliased() is None
+        assert tuple(_ev(v, m=5) for v in d.shape_expr) == expected[i]
+
+    # aot_impl is called positionally with every attribute (get_launch_params in _plugin_class.py)
+    name, ptx, params, extra = fake_trt["aot"][f"qtrt::{op}"](*descs, *attrs.values(), out, 0)
+    assert (name, ptx) == (f"qtrt_{op}", b"// ptx")
+    assert fake_trt["compile"][-1][2:] == ("ptx", "sm_90")
+    assert all(type(v).__name__ == "SymInt32" for v in extra.items)  # not bare SymIntExpr
+    assert [_ev(v.v, m=9) for v in extra.items] == [9, 7]
+    assert all(type(params.__dict__[f]).__name__ == "SymInt32" for f in ("grid_x", "block_x", "shared_mem"))
+    assert _ev(params.grid_x.v, m=9) == 3 and params.grid_z.v == 1
+    op_dims = fake_trt["launch"][-1][1]
+    assert _ev(op_dims["m"], m=9) == 9
+
+
+def test_one_ptx_per_attribute_set(fake_trt):
+    """Layers differ only in `layer`, which the kernels ignore: all layers share one compile."""
+    plugins.register_all()
+    shapes, attrs, _ = _int_case(R.ATTENTION_OP, 1)
+    descs = [_FakeDesc(s, "x") for s in shapes]
+    for layer in range(4):
+        a = dict(attrs, layer=layer)
+        fake_trt["aot"]["qtrt::rope_kv_attention"](*descs, *a.values(), (), 0)
+    assert len(fake_trt["compile"]) == 1
+
+
+# --- optimization profiles --------------------------------------------------------------------------------------
+
+def test_profiles_decode_and_prefill():
+    inputs = {"token_ids": (-1,), "positions": (-1,), "slots": (-1,), "k_cache.0": (-1, 2, -1, 128),
+              "v_cache.0": (1, 2, 4096, 128)}
+    dec, pre = R.profile_shapes(inputs, max_context=4096, max_batch_tokens=512)
+    assert dec["token_ids"] == ((1,), (1,), (1,))
+    assert pre["positions"] == ((1,), (128,), (512,))
+    assert dec["k_cache.0"] == pre["k_cache.0"] == ((1, 2, 4096, 128),) * 3
+    assert "v_cache.0" not in dec  # static: no profile entry
+    assert len(R.profile_shapes(inputs, 64, 1)) == 1
+    with pytest.raises(ValueError, match="weird"):
+        R.profile_shapes({"weird": (-1, 3)}, 64, 8)
+
+
+# --- ONNX preparation -------------------------------------------------------------------------------------------
+
+def _tiny_onnx(path: Path, namespace="qtrt"):
+    import onnx
+    from onnx import TensorProto, helper
+
+    k, n = 64, 8
+    w = np.arange(n * k // 32 * 34, dtype=np.int64).astype(np.uint8).reshape(n, -1)
+    attrs = dict(in_features=k, out_features=n)
+    if namespace:
+        attrs["plugin_namespace"] = namespace
+    node = helper.make_node("q8_0_matmul", ["x", "w", "b"], ["y"], domain="ai.qtrt", **attrs)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])],
+                          [helper.make_tensor("w", TensorProto.UINT8, w.shape, w.tobytes(), raw=True),
+                           helper.make_tensor("b", TensorProto.FLOAT, [n], np.zeros(n, np.float32))])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("ai.qtrt", 1)])
+    onnx.save(model, str(path))
+    return w
+
+
+def test_prepare_onnx_retypes_plugin_weights_bit_identically(tmp_path):
+    from onnx import TensorProto, numpy_helper
+
+    from toolchain.trt.engine import prepare_onnx
+
+    w = _tiny_onnx(tmp_path / "model.onnx")
+    model, facts = prepare_onnx(tmp_path / "model.onnx")
+    t = next(t for t in model.graph.initializer if t.name == "w")
+    assert t.data_type == TensorProto.INT8
+    assert numpy_helper.to_array(t).view(np.uint8).tobytes() == w.tobytes()
+    assert facts["plugins"] == {"q8_0_matmul": 1} and facts["retyped_uint8_initializers"] == 1
+    model, facts = prepare_onnx(tmp_path / "model.onnx", plugin_weights="uint8")
+    assert facts["retyped_uint8_initializers"] == 0
+
+
+def test_prepare_onnx_wants_plugin_namespace(tmp_path):
+    from toolchain.trt.engine import prepare_onnx
+
+    _tiny_onnx(tmp_path / "model.onnx", namespace=None)
+    with pytest.raises(UserError, match="plugin_namespace"):
+        prepare_onnx(tmp_path / "model.onnx")
+
+
+def test_prepare_onnx_refuses_ops_without_a_plugin(tmp_path):
+    import onnx
+
+    from toolchain.trt.engine import prepare_onnx
+
+    _tiny_onnx(tmp_path / "model.onnx")
+    model = onnx.load(str(tmp_path / "model.onnx"))
+    model.graph.node[0].op_type = "matmul_add"  # a fused op: CUDA-runtime graphs only
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    with pytest.raises(UserError, match="matmul_add"):
+        prepare_onnx(tmp_path / "model.onnx")
+
+
+def test_exported_custom_nodes_carry_exactly_the_plugin_attributes(tmp_path):
+    """The contract TensorRT's parser relies on: node attributes = the plugin signature's attributes (same names and
+    types) + plugin_namespace="qtrt"."""
+    try:
+        from toolchain.export import export_model
+        from toolchain.synth import layout, write_synthetic_gguf
+    except ImportError:
+        pytest.skip("toolchain.export is not there yet")
+    pytest.importorskip("gguf")
+    import onnx
+
+    cfg, types_ = layout("qwen2.5-coder-0.5b", n_layers=1, vocab=1024, context_length=64)
+    gguf = write_synthetic_gguf(tmp_path / "m.gguf", cfg, types_, seed=0)
+    export_model(str(gguf), str(tmp_path / "onnx"))
+    model = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False)
+    py = {onnx.AttributeProto.INT: int, onnx.AttributeProto.FLOAT: float, onnx.AttributeProto.STRING: str}
+    seen = set()
+    for node in model.graph.node:
+        if node.op_type not in R.SCHEMAS:
+            continue
+        seen.add(node.op_type)
+        got = {a.name: py.get(a.type) for a in node.attribute}
+        assert got == {**dict(R.SCHEMAS[node.op_type].attrs), "plugin_namespace": str}, node.name
+        assert onnx.helper.get_attribute_value(next(a for a in node.attribute if a.name == "plugin_namespace")) \
+            == b"qtrt"
+        assert len(node.input) == len(R.SCHEMAS[node.op_type].inputs), node.name
+        assert len(node.output) == len(R.SCHEMAS[node.op_type].outputs), node.name
+    assert {R.ATTENTION_OP, R.SWIGLU_OP} <= seen
+
+
+# --- without TensorRT ----------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(_have_tensorrt(), reason="TensorRT is installed here")
+def test_engine_without_tensorrt_is_one_line_exit_2(tmp_path, capsys):
+    (tmp_path / "model.onnx").write_bytes(b"")
+    try:
+        from toolchain.cli import main
+    except ImportError:
+        from toolchain.trt.engine import build_engine
+
+        with pytest.raises(UserError, match="TensorRT is not installed"):
+            build_engine(tmp_path, tmp_path / "m.plan", 64, 8)
+        return
+    rc = main(["engine", str(tmp_path), "-o", str(tmp_path / "m.plan"), "--timing-cache", str(tmp_path / "t")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.strip() == f"qtrt: error: {TRT_MISSING}"
+    assert not (tmp_path / "m.plan").exists()
+
+
+@pytest.mark.skipif(_have_tensorrt(), reason="TensorRT is installed here")
+def test_runner_and_plugins_without_tensorrt(tmp_path):
+    from toolchain.trt.runtime import TensorRTRunner
+
+    for call in (lambda: TensorRTRunner(tmp_path / "x.plan"), plugins.register_all):
+        with pytest.raises(UserError) as e:
+            call()
+        assert str(e.value) == TRT_MISSING and "\n" not in str(e.value)

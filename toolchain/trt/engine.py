@@ -1,0 +1,204 @@
+"""Build a TensorRT plan from an exported ONNX directory (`qtrt engine`).
+
+TensorRT API per the 11.4 bindings wheel (`strings tensorrt_bindings/tensorrt.so`); see docs/tensorrt.md.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+from . import import_tensorrt
+from .shape_rules import CUSTOM_OPS, NAMESPACE, profile_shapes
+from ..errors import UserError
+
+
+def _atomic_write(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def prepare_onnx(model_path: Path, plugin_weights: str = "int8"):
+    """The ModelProto to hand to TensorRT's parser (external data stays on disk) plus facts for the summary.
+
+    TensorRT's ONNX parser converts every UINT8 initializer that feeds a non-Q/DQ node to INT32, value by value
+    (onnx-tensorrt ModelImporter.cpp, parseNode: "UINT8 weights that are not Q/DQ inputs will be converted to
+    INT32"): our raw GGUF blocks would become four times larger and unreadable as bytes. With plugin_weights="int8"
+    the UINT8 initializers feeding qtrt plugins are retyped INT8 — the same bytes, only the element type changes —
+    and the kernels read them through a byte pointer as before. "uint8" leaves them untouched.
+    """
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    g = model.graph
+    unknown = sorted({n.op_type for n in g.node if n.domain not in ("", "ai.onnx") and n.op_type not in CUSTOM_OPS})
+    if unknown:
+        raise UserError(f"{model_path}: ops {', '.join(unknown)} have no TensorRT plugin; build the engine from "
+                        "the unfused `qtrt export` output")
+    custom = [n for n in g.node if n.op_type in CUSTOM_OPS]
+    plugin_inputs = {i for n in custom for i in n.input}
+    retyped = 0
+    weight_bytes = 0
+    for t in g.initializer:
+        ext = {e.key: e.value for e in t.external_data}
+        weight_bytes += int(ext.get("length", 0)) if ext else len(t.raw_data)
+        if plugin_weights == "int8" and t.data_type == onnx.TensorProto.UINT8 and t.name in plugin_inputs:
+            t.data_type = onnx.TensorProto.INT8
+            if len(t.int32_data):  # non-raw storage keeps one value per int32: map 128..255 to -128..-1
+                vals = [v - 256 if v > 127 else v for v in t.int32_data]
+                del t.int32_data[:]
+                t.int32_data.extend(vals)
+            retyped += 1
+    missing = sorted({n.op_type for n in custom
+                      if not any(a.name == "plugin_namespace" and a.s == NAMESPACE.encode() for a in n.attribute)})
+    if missing:
+        raise UserError(f"{model_path}: nodes {', '.join(missing)} lack plugin_namespace=\"{NAMESPACE}\"; "
+                        "re-export with this version of qtrt")
+    return model, {"plugins": dict(sorted(Counter(n.op_type for n in custom).items())),
+                   "weights_bytes": weight_bytes, "retyped_uint8_initializers": retyped,
+                   "onnx_inputs": [i.name for i in g.input], "onnx_outputs": [o.name for o in g.output]}
+
+
+def _progress_monitor(trt):
+    """An IProgressMonitor (phase_start / step_complete / phase_finish, per the 11.4 docstrings) printing the
+    builder's top two phase levels to stderr."""
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)  # pybind11 trampolines need the base initialiser
+            self._lock = threading.Lock()
+            self._depth: dict[str, int] = {}
+            self._t0: dict[str, float] = {}
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            with self._lock:
+                d = self._depth.get(parent_phase, -1) + 1 if parent_phase else 0
+                self._depth[phase_name], self._t0[phase_name] = d, time.perf_counter()
+                if d <= 1:
+                    print(f"[trt] {'  ' * d}{phase_name} ({num_steps} steps)", file=sys.stderr, flush=True)
+
+        def step_complete(self, phase_name, step):
+            return True  # False would cancel the build
+
+        def phase_finish(self, phase_name):
+            with self._lock:
+                d = self._depth.pop(phase_name, 0)
+                dt = time.perf_counter() - self._t0.pop(phase_name, time.perf_counter())
+                if d <= 1:
+                    print(f"[trt] {'  ' * d}{phase_name} done in {dt:.1f}s", file=sys.stderr, flush=True)
+
+    return Monitor()
+
+
+def _set_flag(config, trt, name: str) -> bool:
+    flag = getattr(trt.BuilderFlag, name, None)
+    if flag is None:
+        return False
+    config.set_flag(flag)
+    return True
+
+
+def build_engine(onnx_dir, plan_path, max_context: int, max_batch_tokens: int, timing_cache=None,
+                 progress: bool = True, n_slots: int = 1, plugin_weights: str = "int8") -> dict:
+    """Parse <onnx_dir>/model.onnx with the qtrt plugins, build with a decode (m=1) and a prefill
+    (m <= max_batch_tokens) optimization profile, write the plan atomically; return a summary dict."""
+    model_path = Path(onnx_dir) / "model.onnx"
+    plan_path = Path(plan_path)
+    if not model_path.is_file():
+        raise UserError(f"{onnx_dir}: no model.onnx here; run `qtrt export` first")
+    if max_context < 2:
+        raise UserError(f"--max-context {max_context}: must be at least 2")
+    if max_batch_tokens < 1:
+        raise UserError(f"--max-batch-tokens {max_batch_tokens}: must be at least 1")
+    trt = import_tensorrt()
+    from .plugins import register_all
+
+    t0 = time.perf_counter()
+    register_all()
+    model, facts = prepare_onnx(model_path, plugin_weights)
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    # 11.4: STRONGLY_TYPED is "always enabled ... retained for API compatibility but ignored"; on 10.x it makes the
+    # ONNX types (f32 activations, f16 cache) the engine's types. PREFER_AOT_PYTHON_PLUGINS picks aot_impl where a
+    # plugin has both implementations (ours have only AOT, so it is a statement of intent).
+    for name in ("STRONGLY_TYPED", "PREFER_AOT_PYTHON_PLUGINS"):
+        f = getattr(trt.NetworkDefinitionCreationFlag, name, None)
+        if f is not None:
+            flags |= 1 << int(f)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    # parse(model, path): "path ... Only required if the model has externally stored weights" (11.4 docstring);
+    # external data locations resolve relative to model.onnx's directory.
+    if not parser.parse(model.SerializeToString(), str(model_path)):
+        errs = "; ".join(str(parser.get_error(i)).replace("\n", " ") for i in range(parser.num_errors))
+        raise UserError(f"{model_path}: TensorRT could not parse the model: {errs}")
+
+    inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
+    try:
+        profiles = profile_shapes(inputs, max_context, max_batch_tokens, n_slots)
+    except ValueError as e:
+        raise UserError(f"{model_path}: {e}") from None
+
+    caches = [s for n, s in inputs.items() if n.startswith("k_cache.") and len(s) == 4]
+    if caches and caches[0][2] > 0:  # a static cache length is the engine's context, whatever was asked
+        max_context = caches[0][2]
+    config = builder.create_builder_config()
+    for prof in (x for x in profiles if x):  # a fully static network needs no profile
+        p = builder.create_optimization_profile()
+        for name, (mn, opt, mx) in prof.items():
+            p.set_shape(name, mn, opt, mx)
+        config.add_optimization_profile(p)
+    # Plugin outputs aliased to inputs (the KV cache update) need this preview feature: the NVIDIA sample
+    # samples/python/aliased_io_plugin sets it; 11.4 docstring "Allows plugin I/O to be aliased".
+    feature = getattr(trt.PreviewFeature, "ALIASED_PLUGIN_IO_10_03", None)
+    if feature is not None:
+        config.set_preview_feature(feature, True)
+    monitor = None
+    if progress and hasattr(trt, "IProgressMonitor"):
+        monitor = _progress_monitor(trt)  # must outlive the build
+        config.progress_monitor = monitor
+
+    cache_path = Path(timing_cache) if timing_cache else None
+    if cache_path is not None:
+        blob = cache_path.read_bytes() if cache_path.is_file() else b""
+        cache = config.create_timing_cache(blob)
+        if not config.set_timing_cache(cache, ignore_mismatch=False):  # a cache from another GPU/TensorRT
+            print(f"[trt] {cache_path}: timing cache does not match this GPU or TensorRT; starting a new one",
+                  file=sys.stderr)
+            config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise RuntimeError("TensorRT failed to build the engine; its log above says why")
+    _atomic_write(plan_path, plan)
+    if cache_path is not None:
+        _atomic_write(cache_path, config.get_timing_cache().serialize())
+
+    layer_types = Counter(str(network.get_layer(i).type).split(".")[-1] for i in range(network.num_layers))
+    return {
+        "plan": str(plan_path),
+        "plan_bytes": plan_path.stat().st_size,
+        "weights_bytes": facts["weights_bytes"],
+        "build_s": round(time.perf_counter() - t0, 2),
+        "tensorrt": trt.__version__,
+        "layers": network.num_layers,
+        "plugin_layers": sum(v for k, v in layer_types.items() if k.startswith("PLUGIN")),
+        "plugins": facts["plugins"],
+        "retyped_uint8_initializers": facts["retyped_uint8_initializers"],
+        "profiles": [{k: [list(s) for s in v] for k, v in prof.items()} for prof in profiles],
+        "max_context": max_context,
+        "max_batch_tokens": max_batch_tokens,
+        "timing_cache": str(cache_path) if cache_path else None,
+    }

@@ -1,0 +1,311 @@
+"""Run a qtrt plan: fixed device buffers, the KV cache updated in place, decode steps replayed as a CUDA graph.
+
+`TensorRTRunner.infer(feed) -> outputs` is the low-level contract; `TensorRTBackend` adapts it to the decoder.
+TensorRT API per the 11.4 bindings wheel; CUDA through toolchain.cuda_runtime (cuda-python's driver API, the
+primary context that TensorRT's runtime-API calls share). See docs/tensorrt.md.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from . import import_tensorrt
+from .shape_rules import CACHE_PREFIXES, TOKEN_INPUTS
+from ..errors import UserError
+
+
+def device_ptr(x) -> int | None:
+    """The device address of a device-buffer-like object (`.ptr`, `.data_ptr`, `__cuda_array_interface__`), or
+    None for host data."""
+    if isinstance(x, np.ndarray):
+        return None
+    for attr in ("ptr", "data_ptr"):
+        v = getattr(x, attr, None)
+        if v is not None:
+            return int(v() if callable(v) else v)
+    cai = getattr(x, "__cuda_array_interface__", None)
+    return int(cai["data"][0]) if cai else None
+
+
+def aliased_input_by_name(out: str, inputs) -> str | None:
+    """The cache input that output `out` updates in place, from the exporter's names: L{i}.k_cache_out /
+    L{i}.v_cache_out (toolchain.graph.cache_output_name) or k_cache_out.{i} for inputs k_cache.{i} / v_cache.{i}."""
+    m = re.fullmatch(r"L(\d+)\.([kv])_cache_out", out)
+    if m:
+        i, kind = m.groups()
+    else:
+        m = re.fullmatch(r"([kv])_cache_out\.(\d+)", out)
+        if not m:
+            return None
+        kind, i = m.groups()
+    cand = f"{kind}_cache.{i}"
+    return cand if cand in inputs else None
+
+
+class _NoCapture(Exception):
+    pass
+
+
+class TensorRTRunner:
+    """One plan, one stream, one execution context per optimization profile, one device buffer per I/O tensor.
+
+    infer(feed): numpy arrays are copied into the runner's buffers; device buffers are bound by address. Outputs that
+    alias an input (L{i}.k_cache_out / v_cache_out) are bound to the input's address, so the cache stays on the
+    device between calls and is never copied unless asked (`read`). Decode steps (m = 1) run through a CUDA graph
+    captured after one plain execute_async_v3; inputs change only in the contents of fixed buffers.
+    """
+
+    def __init__(self, plan_path, use_graph: bool = True):
+        trt = self.trt = import_tensorrt()
+        from .. import cuda_runtime as cr
+
+        self.cr = cr
+        plan_path = Path(plan_path)
+        if not plan_path.is_file():
+            raise UserError(f"{plan_path}: no such plan; build one with `qtrt engine`")
+        self.stream = cr.Stream()  # non-blocking: capturable; makes the primary context current for TensorRT
+        self._stream_int = int(self.stream.handle)
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        # AOT plugins carry their PTX inside the plan: nothing to register before deserializing.
+        self.engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
+        if self.engine is None:
+            raise UserError(f"{plan_path}: not a plan this TensorRT ({trt.__version__}) and GPU can load; rebuild it "
+                            "with `qtrt engine` here")
+        e = self.engine
+        self.names = [e.get_tensor_name(i) for i in range(e.num_io_tensors)]
+        self.inputs = [n for n in self.names if e.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in self.names if n not in self.inputs]
+        self.dtype = {n: np.dtype(trt.nptype(e.get_tensor_dtype(n))) for n in self.names}
+        self.alias = {o: i for o in self.outputs if (i := self._aliased_input(o))}
+        self._dynamic = [n for n in self.inputs if -1 in tuple(e.get_tensor_shape(n))]
+
+        # Profiles: the decode one has max m == 1, the prefill one the largest max m.
+        n_prof = max(e.num_optimization_profiles, 1)
+        tok = next((n for n in TOKEN_INPUTS if n in self.inputs), self.inputs[0])
+        self.max_m = [self._profile(tok, p)[2][0] for p in range(n_prof)]
+        self.prefill = int(np.argmax(self.max_m))
+        self.decode = self.max_m.index(1) if 1 in self.max_m else self.prefill
+        self.max_batch_tokens = self.max_m[self.prefill]
+        self.contexts = []
+        for p in range(n_prof):
+            ctx = e.create_execution_context()
+            if e.num_optimization_profiles > 1:
+                ctx.set_optimization_profile_async(p, self._stream_int)
+            self.contexts.append(ctx)
+
+        # Buffers at the largest shapes any profile allows; caches at their (fixed) profile shape.
+        ctx = self.contexts[self.prefill]
+        self.shape = {}
+        for n in self.inputs:
+            self.shape[n] = tuple(self._profile(n, self.prefill)[2])
+            if n in self._dynamic:
+                ctx.set_input_shape(n, self.shape[n])
+        for n in self.outputs:
+            self.shape[n] = tuple(ctx.get_tensor_shape(n))
+        self.buf = {n: cr.DeviceBuffer(int(np.prod(self.shape[n])) * self.dtype[n].itemsize, self.shape[n],
+                                       self.dtype[n]) for n in self.names if n not in self.alias}
+        self._owned = list(self.buf.values())
+        for o, i in self.alias.items():
+            self.buf[o] = self.buf[i]
+        for c in self.contexts:
+            for n in self.names:
+                c.set_tensor_address(n, self.buf[n].ptr)
+            for n in self._dynamic:
+                if n not in TOKEN_INPUTS:  # caches: one fixed shape; token inputs: set per step
+                    c.set_input_shape(n, self.shape[n])
+        caches = [n for n in self.inputs if n.startswith(CACHE_PREFIXES)]
+        self.max_context = self.shape[caches[0]][2] if caches else None
+        self.use_graph = use_graph
+        self.graph = None
+        self._cur_m = [None] * n_prof
+        self.zero_caches()
+
+    def _profile(self, name, p):
+        e = self.engine
+        if e.num_optimization_profiles == 0 or name not in self._dynamic:
+            s = tuple(e.get_tensor_shape(name))
+            return s, s, s
+        return [tuple(d) for d in e.get_tensor_profile_shape(name, p)]
+
+    def _aliased_input(self, out: str) -> str | None:
+        f = getattr(self.engine, "get_aliased_input_tensor", None)  # 11.4: "the input ... aliased with this output"
+        name = f(out) if f else None
+        if name:
+            return name
+        return aliased_input_by_name(out, self.inputs)
+
+    # --- state -------------------------------------------------------------------------------------------------
+
+    def zero_caches(self):
+        for n in self.inputs:
+            if n.startswith(CACHE_PREFIXES):
+                self.buf[n].fill_u8(0, self.stream)
+        self.stream.synchronize()
+
+    def read(self, name: str, rows: int | None = None) -> np.ndarray:
+        """Copy a tensor's buffer (its first `rows` along axis 0, default all) to the host."""
+        return self.buf[name].download(shape=self.shape[name], dtype=self.dtype[name], rows=rows, stream=self.stream)
+
+    def _bind(self, name: str, value):
+        """Bind a caller's device buffer (anything with a device address) to input `name` and the outputs that alias
+        it; the captured graph, if any, is dropped and captured again at the next decode step."""
+        ptr = device_ptr(value)
+        self.buf[name] = _Bound(ptr, value, int(np.prod(self.shape[name])) * self.dtype[name].itemsize)
+        names = [name, *[o for o, i in self.alias.items() if i == name]]
+        for o in names[1:]:
+            self.buf[o] = self.buf[name]
+        for c in self.contexts:
+            for n in names:
+                c.set_tensor_address(n, ptr)
+        self.graph = None
+
+    # --- execution -----------------------------------------------------------------------------------------------
+
+    def infer(self, feed: dict, outputs=None) -> dict:
+        """Run one step. feed: name -> numpy array (copied in) or device buffer (bound); token_ids/positions/slots
+        are required, caches optional (resident otherwise). Returns name -> numpy array for `outputs` (default: all
+        outputs that are not caches), cut to the step's m rows."""
+        tok = next(n for n in TOKEN_INPUTS if n in self.inputs)
+        if tok not in feed:
+            raise KeyError(f"feed needs {', '.join(n for n in TOKEN_INPUTS if n in self.inputs)}")
+        m = int(feed[tok].shape[0]) if hasattr(feed[tok], "shape") else len(feed[tok])
+        if not 1 <= m <= self.max_batch_tokens:
+            raise ValueError(f"{m} tokens in one step: the plan takes 1..{self.max_batch_tokens}")
+        p = self.decode if m == 1 else self.prefill
+        ctx = self.contexts[p]
+        for name, value in feed.items():
+            if name not in self.inputs:
+                raise KeyError(f"{name}: not an input of this plan ({', '.join(self.inputs)})")
+            ptr = device_ptr(value)
+            if ptr is not None:
+                if ptr != self.buf[name].ptr:
+                    self._bind(name, value)
+                continue
+            arr = np.ascontiguousarray(value, dtype=self.dtype[name])
+            if arr.nbytes > int(np.prod(self.shape[name])) * self.dtype[name].itemsize:
+                raise ValueError(f"{name}: {arr.shape} does not fit the plan's {self.shape[name]}")
+            self.buf[name].upload(arr, self.stream)
+        if self._cur_m[p] != m:
+            for n in TOKEN_INPUTS:
+                if n in self._dynamic:
+                    ctx.set_input_shape(n, (m,))
+            self._cur_m[p] = m
+            if p == self.decode:  # one profile for both: a graph captured at another m must not be replayed
+                self.graph = None
+        if p == self.decode and self.use_graph:
+            self._run_graph(ctx)
+        elif not ctx.execute_async_v3(self._stream_int):
+            raise RuntimeError("TensorRT execute_async_v3 failed; its log above says why")
+        return {name: self.buf[name].download(shape=tuple(ctx.get_tensor_shape(name)), dtype=self.dtype[name],
+                                              stream=self.stream)
+                for name in outputs or [o for o in self.outputs if o not in self.alias]}
+
+    def _run_graph(self, ctx):
+        if self.graph is not None:
+            self.graph.launch(self.stream)
+            return
+        # The first decode step runs plainly (TensorRT may allocate or set up state lazily), then the same enqueue
+        # is captured (recorded, not executed) for replay from the next step on.
+        if not ctx.execute_async_v3(self._stream_int):
+            raise RuntimeError("TensorRT execute_async_v3 failed; its log above says why")
+        self.stream.synchronize()
+        try:
+            with self.stream.capture() as graph:
+                if not ctx.execute_async_v3(self._stream_int):
+                    raise _NoCapture
+        except _NoCapture:  # something in the plan cannot be captured: run without graphs from now on
+            self.use_graph = False
+            return
+        self.graph = graph
+
+    def close(self):
+        self.graph = None
+        for b in getattr(self, "_owned", []):
+            b.free()
+        self._owned = []
+        self.contexts = []
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class _Bound:
+    """A caller's device buffer bound to a tensor: the address, the object (kept alive while bound) and the size the
+    plan uses; copies go through the driver like DeviceBuffer's."""
+
+    def __init__(self, ptr: int, owner, nbytes: int):
+        self.ptr, self.owner, self.nbytes = ptr, owner, nbytes
+
+    def upload(self, a, stream):
+        from .. import cuda_runtime as cr
+
+        cr.check(cr.driver().cuMemcpyHtoDAsync(self.ptr, a.ctypes.data, a.nbytes, stream.handle), "cuMemcpyHtoD")
+        stream.synchronize()
+
+    def download(self, shape, dtype, stream, rows=None):
+        from .. import cuda_runtime as cr
+
+        out = np.empty(shape if rows is None else (rows, *shape[1:]), dtype)
+        cr.check(cr.driver().cuMemcpyDtoHAsync(out.ctypes.data, self.ptr, out.nbytes, stream.handle), "cuMemcpyDtoH")
+        stream.synchronize()
+        return out
+
+    def fill_u8(self, value, stream):
+        from .. import cuda_runtime as cr
+
+        cr.check(cr.driver().cuMemsetD8Async(self.ptr, value & 0xFF, self.nbytes, stream.handle), "cuMemsetD8")
+
+
+class TensorRTBackend:
+    """The decoder's backend interface (reset / forward(ids) -> last logits) over a TensorRTRunner.
+
+    The plan: `plan`, else $QTRT_PLAN, else <gguf dir>/<stem>.trt/model-ctx<max_context>.plan, exported and built
+    on first use (minutes) and reused while newer than the GGUF.
+    """
+
+    name = "tensorrt"
+
+    def __init__(self, model, max_context: int, plan=None, max_batch_tokens: int = 512):
+        plan = plan or os.environ.get("QTRT_PLAN") or self._build(model, max_context, max_batch_tokens)
+        self.runner = TensorRTRunner(plan)
+        if self.runner.max_context is not None and self.runner.max_context < max_context:
+            raise UserError(f"{plan}: built for a context of {self.runner.max_context}, below --max-context "
+                            f"{max_context}; rebuild with `qtrt engine --max-context {max_context}`")
+        self.max_context = max_context
+        self.reset()
+
+    @staticmethod
+    def _build(model, max_context, max_batch_tokens) -> str:
+        from ..export import export_model
+        from .engine import build_engine
+
+        gguf = Path(model.path)
+        root = gguf.with_name(gguf.stem + ".trt")
+        plan = root / f"model-ctx{max_context}.plan"
+        if not plan.is_file() or plan.stat().st_mtime < gguf.stat().st_mtime:
+            export_model(str(gguf), str(root / "onnx"))
+            build_engine(root / "onnx", plan, max_context, max_batch_tokens, timing_cache=root / "timing.cache")
+        return str(plan)
+
+    def reset(self):
+        self.pos = 0
+
+    def forward(self, ids) -> np.ndarray:
+        """Logits of the last of `ids`, appended at the current position (slot 0), in steps of the plan's size."""
+        ids = np.asarray(ids, np.int32).reshape(-1)
+        logits = None
+        for s in range(0, len(ids), self.runner.max_batch_tokens):
+            chunk = ids[s:s + self.runner.max_batch_tokens]
+            pos = np.arange(self.pos, self.pos + len(chunk), dtype=np.int32)
+            out = self.runner.infer({"token_ids": chunk, "positions": pos, "slots": np.zeros_like(pos)},
+                                    outputs=["logits"])
+            logits = out["logits"][-1]
+            self.pos += len(chunk)
+        return logits
