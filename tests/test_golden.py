@@ -59,7 +59,7 @@ def test_reference_decoder_matches_transformers(key, real_model, real_reference)
         rel_err = float(np.linalg.norm(first - hf) / np.linalg.norm(hf))
         report.append((case["name"], matched, abs_err, rel_err))
         assert matched >= MIN_MATCHED or matched == len(want) or case["margins"][matched] < TIE, report[-1]
-        assert rel_err < 1e-3 and abs_err < 5e-2, report[-1]
+        assert rel_err < 1e-4 and abs_err < 1e-3, report[-1]  # seen: rel ~1e-6, abs <= 4.2e-5
     print(f"\n{model.path}: (case, tokens matched, max abs logit err, rel logit err)")
     for r in report:
         print(f"  {r[0]:12s} {r[1]:3d}  {r[2]:.2e}  {r[3]:.2e}")
