@@ -114,7 +114,7 @@ class Decoder:
         from .gguf_model import GGUFModel, load_gguf
         from .tokenizer import Tokenizer
 
-        gm = model if isinstance(model, GGUFModel) else load_gguf(resolve_model(str(model)))
+        gm = model if isinstance(model, GGUFModel) else load_gguf(resolve_model(None if model is None else str(model)))
         max_context = max_context or min(4096, gm.config.context_length)
         if max_context < 2 or max_context > gm.config.context_length:
             raise UserError(f"--max-context {max_context}: must be between 2 and the model's context "
