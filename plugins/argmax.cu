@@ -1,0 +1,67 @@
+// out[i] = argmax(logits[i, :]) as int64, numpy semantics: the first maximum wins ties, and a NaN counts as the
+// maximum (the first NaN wins).
+//     argmax(const float* logits, int m, int vocab, long long* out)
+// grid (8, m), block (512), compile-time thread-block cluster of 8 along x: one row (151936 logits) is split over
+// 8 SMs, and the 8 partial (value, index) pairs are combined through distributed shared memory: no global
+// scratch, one launch.
+#include <cooperative_groups.h>
+#include <stdint.h>
+
+namespace cg = cooperative_groups;
+
+constexpr int SPLITS = 8, THREADS = 512;  // 1024 measured slower (5.8 vs 5.3 us)
+
+__device__ __forceinline__ bool better(float v, int i, float bv, int bi) {
+    const bool vn = isnan(v), bn = isnan(bv);
+    if (vn || bn) return vn && (!bn || i < bi);
+    return v > bv || (v == bv && i < bi);
+}
+
+__device__ __forceinline__ void take(float v, int i, float& bv, int& bi) {
+    if (better(v, i, bv, bi)) { bv = v; bi = i; }
+}
+
+extern "C" __global__ void __cluster_dims__(SPLITS, 1, 1) __launch_bounds__(THREADS)
+argmax(const float* __restrict__ logits, int m, int vocab, long long* __restrict__ out) {
+    __shared__ float wv[THREADS / 32];
+    __shared__ int wi[THREADS / 32];
+    __shared__ float block_v;
+    __shared__ int block_i;
+    cg::cluster_group cluster = cg::this_cluster();
+    const float* row = logits + (size_t)blockIdx.y * vocab;
+    const int chunk = ((vocab + SPLITS - 1) / SPLITS + 3) & ~3;  // multiple of 4: float4 loads stay aligned
+    const int lo = blockIdx.x * chunk, hi = min(vocab, lo + chunk);
+    float bv = -INFINITY;
+    int bi = 0x7fffffff;
+    if ((vocab & 3) == 0) {
+#pragma unroll 4
+        for (int e = lo + 4 * threadIdx.x; e < hi; e += 4 * THREADS) {  // hi - e >= 4 since both are multiples of 4
+            const float4 v = __ldg(reinterpret_cast<const float4*>(row + e));
+            take(v.x, e, bv, bi);
+            take(v.y, e + 1, bv, bi);
+            take(v.z, e + 2, bv, bi);
+            take(v.w, e + 3, bv, bi);
+        }
+    } else {
+        for (int e = lo + threadIdx.x; e < hi; e += THREADS) take(row[e], e, bv, bi);
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        take(ov, oi, bv, bi);
+    }
+    if ((threadIdx.x & 31) == 0) { wv[threadIdx.x >> 5] = bv; wi[threadIdx.x >> 5] = bi; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < THREADS / 32; ++w) take(wv[w], wi[w], bv, bi);
+        block_v = bv;
+        block_i = bi;
+    }
+    cluster.sync();  // every block's (block_v, block_i) is visible cluster-wide
+    if (cluster.block_rank() == 0 && threadIdx.x == 0) {
+        for (unsigned r = 1; r < SPLITS; ++r)
+            take(*cluster.map_shared_rank(&block_v, r), *cluster.map_shared_rank(&block_i, r), bv, bi);
+        out[blockIdx.y] = (long long)bi;
+    }
+    cluster.sync();  // keep every block's shared memory alive until rank 0 has read it
+}

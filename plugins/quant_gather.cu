@@ -1,0 +1,27 @@
+// Embedding lookup from raw GGUF rows: y[i, :] = dequantize(w[ids[i], :]) for i < m. One kernel per format:
+//     q4k_gather, q6k_gather, q5_0_gather, q8_0_gather (const uint8_t* w, const int* ids, int m, int hidden, float* y)
+// launched with block (256) and grid (cdiv(hidden, 256), m). Only m rows are touched (m = tokens of the step), so
+// this is a latency-sized kernel: one thread per element with byte loads, decoded in ggml's float32 order
+// (ggml_blocks.cuh), which makes it bit-exact against toolchain/quants.py.
+#include "ggml_blocks.cuh"
+
+using namespace ggml;
+
+template <class F>
+__device__ __forceinline__ void gather(const uint8_t* __restrict__ w, const int* __restrict__ ids, int hidden,
+                                       float* __restrict__ y) {
+    const int e = blockIdx.x * blockDim.x + threadIdx.x, i = blockIdx.y;
+    if (e >= hidden) return;
+    const size_t row_bytes = (size_t)(hidden / F::BE) * F::BB;
+    const uint8_t* blk = w + (size_t)ids[i] * row_bytes + (size_t)(e / F::BE) * F::BB;
+    y[(size_t)i * hidden + e] = deq_elem(F{}, blk, e % F::BE);
+}
+
+#define QTRT_GATHER(NAME, F)                                                                                       \
+    extern "C" __global__ void __launch_bounds__(256) NAME(const uint8_t* __restrict__ w,                          \
+        const int* __restrict__ ids, int m, int hidden, float* __restrict__ y) { gather<F>(w, ids, hidden, y); }
+
+QTRT_GATHER(q4k_gather, Q4K)
+QTRT_GATHER(q6k_gather, Q6K)
+QTRT_GATHER(q5_0_gather, Q50)
+QTRT_GATHER(q8_0_gather, Q80)

@@ -1,0 +1,122 @@
+"""Every CUDA kernel compiles with nvcc for sm_90 (PTX and cubin) with the real models' specializations, exports its
+extern "C" symbol, and has a launch configuration that works with ints and with symbolic (dynamic-m) shapes.
+CPU only: skipped with a reason when nvcc is absent."""
+import re
+import types
+
+import pytest
+
+from toolchain import kernels as K
+from toolchain.errors import UserError
+
+ATTRS = {  # the two Qwen2.5 models: heads / kv heads / head dim / rope theta, and the RMSNorm epsilon
+    "1.5B": dict(n_heads=12, n_kv_heads=2, head_dim=128, rope_theta=1e6, epsilon=1e-6),
+    "0.5B": dict(n_heads=14, n_kv_heads=2, head_dim=64, rope_theta=1e6, epsilon=1e-6),
+}
+DIMS = dict(m=3, n=8960, k=1536, hidden=1536, vocab=151936, numel=3 * 8960, n_slots=4, max_seq=4096, n_heads=12)
+
+needs_nvcc = pytest.mark.skipif(K.nvcc_path() is None, reason="nvcc not found (needed to compile the CUDA kernels)")
+
+
+# only the attention kernel is specialized per model
+CASES = [(op, "1.5B") for op in K.KERNEL_OPS] + [("rope_kv_attention", "0.5B")]
+
+
+@needs_nvcc
+@pytest.mark.parametrize("fmt", ["ptx", "cubin"])
+@pytest.mark.parametrize("op,model", CASES)
+def test_compiles(op, model, fmt):
+    image = K.compile_kernel(op, K.defines_for(op, ATTRS[model]), fmt=fmt)
+    assert image
+    if fmt == "ptx":
+        assert re.search(rb"\.entry\s+" + K.kernel_name(op).encode() + rb"\s*\(", image), op
+    else:
+        assert image.startswith(b"\x7fELF") and K.kernel_name(op).encode() in image
+
+
+@needs_nvcc
+def test_compile_error_is_user_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(K, "CACHE", tmp_path)
+    with pytest.raises(UserError, match="log:"):
+        K.compile_kernel("rope_kv_attention", {})  # no head-count defines: #error
+
+
+def test_source_files_exist():
+    for op in K.KERNEL_OPS:
+        assert K.source_file(op).is_file(), op
+        assert K.kernel_name(op) in K.source_file(op).read_text()
+    with pytest.raises(UserError):
+        K.source_file("no_such_op")
+
+
+def test_defines_for():
+    d = K.defines_for("rope_kv_attention", ATTRS["1.5B"])
+    assert d == {"N_HEADS": 12, "N_KV_HEADS": 2, "HEAD_DIM": 128, "ROPE_THETA": 1e6}
+    assert K.defines_for("rms_norm", {"epsilon": 1e-5}) == {"RMS_EPS": 1e-5}
+    assert K.defines_for("add", {}) == {}
+
+
+class Sym:
+    """A symbolic int: supports only what TensorRT shape expressions support (+, * and the ops below)."""
+
+    def __init__(self, fn, text):
+        self.fn, self.text = fn, text
+
+    def eval(self, env):
+        return self.fn(env)
+
+    def __add__(self, o):
+        return Sym(lambda e: self.eval(e) + ev(o, e), f"({self.text}+{txt(o)})")
+
+    def __mul__(self, o):
+        return Sym(lambda e: self.eval(e) * ev(o, e), f"({self.text}*{txt(o)})")
+
+    __radd__ = __add__
+    __rmul__ = __mul__
+
+
+def ev(x, env):
+    return x.eval(env) if isinstance(x, Sym) else x
+
+
+def txt(x):
+    return x.text if isinstance(x, Sym) else str(x)
+
+
+SYM_OPS = types.SimpleNamespace(
+    cdiv=lambda a, b: Sym(lambda e: -(-ev(a, e) // ev(b, e)), f"cdiv({txt(a)},{txt(b)})"),
+    max=lambda a, b: Sym(lambda e: max(ev(a, e), ev(b, e)), f"max({txt(a)},{txt(b)})"),
+    min=lambda a, b: Sym(lambda e: min(ev(a, e), ev(b, e)), f"min({txt(a)},{txt(b)})"),
+)
+
+
+@pytest.mark.parametrize("op", K.KERNEL_OPS)
+def test_launch_config_ints_and_symbolic(op):
+    cfg = K.launch_config(op, DIMS)
+    assert all(isinstance(g, int) and g >= 1 for g in cfg.grid), cfg
+    assert all(isinstance(b, int) for b in cfg.block) and cfg.block[0] * cfg.block[1] * cfg.block[2] <= 1024
+    assert all(isinstance(s, int) for s in cfg.scalars)
+
+    m = Sym(lambda e: e["m"], "m")
+    sdims = dict(DIMS, m=m, numel=m * DIMS["hidden"] if op in ("add", "swiglu") else DIMS["numel"])
+    scfg = K.launch_config(op, sdims, ops=SYM_OPS)  # fails if it uses //, int(), comparisons or max() on m
+    assert scfg.block == cfg.block and scfg.shared_mem == cfg.shared_mem
+    for mv in (1, 3, 17, 64, 1000):
+        idims = dict(DIMS, m=mv, numel=mv * DIMS["hidden"] if op in ("add", "swiglu") else DIMS["numel"])
+        icfg = K.launch_config(op, idims)
+        env = {"m": mv}
+        assert tuple(ev(g, env) for g in scfg.grid) == icfg.grid
+        assert tuple(ev(s, env) for s in scfg.scalars) == icfg.scalars
+
+
+def cdiv(a, b):
+    return -(-a // b)
+
+
+def test_launch_config_covers_work():
+    cfg = K.launch_config("q4k_matmul", dict(m=17, n=1537, k=1536))
+    assert cfg.grid == (cdiv(1537, 8), 5, 1) and cfg.grid[1] * K.MATMUL_TOKENS_PER_BLOCK >= 17
+    assert K.launch_config("q4k_matmul", dict(m=1, n=256, k=8960)).grid == (128, 1, 1)  # 4 warps per row pair
+    assert K.launch_config("q6k_matmul", dict(m=1, n=151936, k=1536)).grid == (K.MATMUL_MAX_BLOCKS, 1, 1)
+    cfg = K.launch_config("rope_kv_attention", dict(m=5, n_heads=14, n_slots=2, max_seq=128))
+    assert cfg.grid == (K.ATTN_SPLITS, 14, 5) and cfg.scalars == (5, 2, 128)

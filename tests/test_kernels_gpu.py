@@ -1,0 +1,331 @@
+"""Every CUDA kernel against a numpy reference, at the real shapes of Qwen2.5 1.5B (Q4_K / Q6_K) and 0.5B (Q5_0 /
+Q8_0) and at awkward ones. Fresh random inputs per run (the seed is in every message), outputs poisoned (NaN /
+0xFF) before each launch so an unwritten element fails. Needs cuda-python and a GPU (scripts/device_kernels.sh).
+Errors are printed (run with -s or -v to see them)."""
+import functools
+
+import numpy as np
+import pytest
+
+from toolchain import cuda_runtime as cr
+from toolchain import kernels as K
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not cr.available(), reason="needs cuda-python and an NVIDIA GPU")]
+
+try:  # the project's dequantizer (bit-exact against gguf-py); the fallback below is the same math
+    from toolchain.quants import dequantize
+except ImportError:  # pragma: no cover
+    dequantize = None
+
+BLOCK = {"Q4_K": (256, 144), "Q6_K": (256, 210), "Q5_0": (32, 22), "Q8_0": (32, 34)}
+F16_FIELDS = {"Q4_K": [0, 2], "Q6_K": [208], "Q5_0": [0], "Q8_0": [0]}
+MATMUL = {"Q4_K": "q4k_matmul", "Q6_K": "q6k_matmul", "Q5_0": "q5_0_matmul", "Q8_0": "q8_0_matmul"}
+GATHER = {"Q4_K": "q4k_gather", "Q6_K": "q6k_gather", "Q5_0": "q5_0_gather", "Q8_0": "q8_0_gather"}
+NAN = 0x7FC00000
+ATTN = {"1.5B": dict(n_heads=12, n_kv_heads=2, head_dim=128, rope_theta=1e6),
+        "0.5B": dict(n_heads=14, n_kv_heads=2, head_dim=64, rope_theta=1e6)}
+
+
+def _rng():
+    seed = int(np.random.SeedSequence().entropy % (1 << 63))
+    return np.random.default_rng(seed), f"seed={seed}"
+
+
+@functools.lru_cache(maxsize=None)
+def kernel(op, defines=()):
+    return cr.load_op(op, dict(defines))
+
+
+def run(op, inputs, outputs, dims, defines=()):
+    """Upload inputs, poison outputs ((shape, dtype) pairs), launch once, download outputs."""
+    bufs = [cr.DeviceBuffer.from_array(a) if isinstance(a, np.ndarray) else a for a in inputs]
+    outs = []
+    for shape, dtype in outputs:
+        b = cr.DeviceBuffer(int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        b.fill_u32(NAN) if np.dtype(dtype) == np.float32 else b.fill_u8(0xFF)
+        outs.append(b)
+    kernel(op, defines).launch_op(K.launch_config(op, dims), bufs, outs)
+    cr.synchronize()
+    res = [b.download(s, d) for b, (s, d) in zip(outs, outputs)]
+    for b in bufs + outs:
+        if isinstance(b, cr.DeviceBuffer):
+            b.free()
+    return res
+
+
+def rel_err(y, ref):
+    y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(y - ref) / max(np.linalg.norm(ref), 1e-30)), float(np.abs(y - ref).max())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# quantized weights
+
+def random_weights(rng, t, n, k):
+    """Random raw bytes are valid blocks except the half scales, set to finite small values of either sign."""
+    elems, bb = BLOCK[t]
+    nb = n * (k // elems)
+    raw = rng.integers(0, 256, (nb, bb), dtype=np.uint8)
+    for off in F16_FIELDS[t]:
+        d = rng.uniform(0.5, 1.5, nb) * rng.choice([-1, 1], nb) * (1e-3 if t in ("Q4_K", "Q6_K") else 1e-2)
+        raw[:, off:off + 2] = d.astype(np.float16).view(np.uint8).reshape(nb, 2)
+    return raw.reshape(n, k // elems * bb)
+
+
+def _deq_fallback(raw, t, shape):  # same formulas as toolchain/quants.py (docs of the ggml formats)
+    elems, bb = BLOCK[t]
+    b = np.ascontiguousarray(raw).reshape(-1, bb)
+    f16 = lambda o: b[:, o:o + 2].copy().view(np.float16).astype(np.float32)  # noqa: E731
+    n = len(b)
+    if t == "Q8_0":
+        out = b[:, 2:].view(np.int8).astype(np.float32) * f16(0)
+    elif t == "Q5_0":
+        qs = b[:, 6:22]
+        q = np.concatenate([qs & 15, qs >> 4], 1) | (np.unpackbits(b[:, 2:6], axis=1, bitorder="little") << 4)
+        out = (q.astype(np.float32) - 16) * f16(0)
+    elif t == "Q4_K":
+        s = b[:, 4:16]
+        d_, m_, md = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+        sc = np.concatenate([d_ & 63, (md & 15) | ((d_ >> 2) & 0x30)], 1).astype(np.float32)
+        mn = np.concatenate([m_ & 63, (md >> 4) | ((m_ >> 2) & 0x30)], 1).astype(np.float32)
+        qs = b[:, 16:].reshape(n, 4, 1, 32)
+        q = np.concatenate([qs & 15, qs >> 4], 2).reshape(n, 8, 32).astype(np.float32)
+        out = ((f16(0) * sc)[..., None] * q - (f16(2) * mn)[..., None]).reshape(n, 256)
+    else:  # Q6_K
+        ql = b[:, :128].reshape(n, 2, 2, 32)
+        qh = b[:, 128:192].reshape(n, 2, 1, 32)
+        q = np.concatenate([ql & 15, ql >> 4], 2) | (((qh >> np.array([0, 2, 4, 6]).reshape(1, 1, 4, 1)) & 3) << 4)
+        q = q.astype(np.float32) - 32
+        dl = f16(208) * b[:, 192:208].view(np.int8).astype(np.float32)
+        out = (dl.reshape(n, 16, 1) * q.reshape(n, 16, 16)).reshape(n, 256)
+    return out.astype(np.float32).reshape(shape)
+
+
+def deq(raw, t, shape):
+    return dequantize(raw, t, shape) if dequantize is not None else _deq_fallback(raw, t, shape)
+
+
+def test_fallback_dequantizer_matches_quants():
+    if dequantize is None:
+        pytest.skip("toolchain.quants.dequantize not available")
+    rng, seed = _rng()
+    for t in BLOCK:
+        w = random_weights(rng, t, 5, 512)
+        assert np.array_equal(_deq_fallback(w, t, (5, 512)), dequantize(w, t, (5, 512))), f"{t} {seed}"
+
+
+# (n, k, bias) of the real projections: 1.5B q/k/v/o, gate/up, down, lm_head (Q6_K); 0.5B likewise
+SHAPES_15B = [(1536, 1536, True), (256, 1536, True), (8960, 1536, False), (1536, 8960, False)]
+SHAPES_05B = [(896, 896, True), (128, 896, True), (4864, 896, False), (896, 4864, False)]
+MATMUL_CASES = ([("Q4_K", n, k, b, m) for n, k, b in SHAPES_15B for m in (1, 3, 17)]
+                + [("Q6_K", n, k, b, m) for n, k, b in SHAPES_15B[1:] for m in (1, 3, 17)]
+                + [(t, n, k, b, m) for t in ("Q5_0", "Q8_0") for n, k, b in SHAPES_05B for m in (1, 3, 17)]
+                + [(t, 1000, 512, True, 64) for t in BLOCK] + [(t, 37, 512, False, 5) for t in BLOCK]
+                + [(t, 37, 4096, True, 5) for t in BLOCK]  # long rows split over 4 warps, odd n, 2 token tiles
+                + [("Q6_K", 151936, 1536, False, 1)])
+
+
+def matmul_ref(x, w, bias, t, n, k, rows=16384):
+    """float64 x @ dequantize(w).T + bias, a slab of rows at a time (the lm_head is 233M weights)."""
+    y = np.empty((x.shape[0], n), np.float64)
+    x64 = x.astype(np.float64)
+    for r in range(0, n, rows):
+        wd = deq(w[r:r + rows], t, (min(rows, n - r), k)).astype(np.float64)
+        y[:, r:r + rows] = x64 @ wd.T
+    return y if bias is None else y + bias
+
+
+@pytest.mark.parametrize("t,n,k,has_bias,m", MATMUL_CASES)
+def test_matmul(t, n, k, has_bias, m):
+    rng, seed = _rng()
+    w = random_weights(rng, t, n, k)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    bias = rng.standard_normal(n, dtype=np.float32) if has_bias else None
+    (y,) = run(MATMUL[t], [x, w, bias], [((m, n), np.float32)], dict(m=m, n=n, k=k))
+    ref = matmul_ref(x, w, bias, t, n, k)
+    rel, mx = rel_err(y, ref)
+    print(f"{MATMUL[t]} m={m} n={n} k={k}: rel {rel:.2e} max abs {mx:.2e} ({seed})")
+    assert np.isfinite(y).all(), f"unwritten or non-finite outputs ({seed})"
+    assert rel < 1e-4, f"rel err {rel} ({seed})"
+
+
+def test_matmul_misaligned_weights():
+    """Q6_K / Q5_0 / Q8_0 must work for any 2-aligned base (the kernel stages the aligned-down byte range)."""
+    rng, seed = _rng()
+    for t in ("Q6_K", "Q5_0", "Q8_0"):
+        n, k, m = 21, 512, 2
+        w = random_weights(rng, t, n, k)
+        x = rng.standard_normal((m, k), dtype=np.float32)
+        buf = cr.DeviceBuffer(w.nbytes + 16)
+        buf.upload(np.concatenate([np.zeros(6, np.uint8), w.reshape(-1)]))
+        (y,) = run(MATMUL[t], [x, cr.Ptr(buf.ptr + 6), None], [((m, n), np.float32)], dict(m=m, n=n, k=k))
+        buf.free()
+        rel, _ = rel_err(y, matmul_ref(x, w, None, t, n, k))
+        assert rel < 1e-4, f"{t} at offset 6: rel err {rel} ({seed})"
+
+
+@pytest.mark.parametrize("t,hidden,vocab", [("Q4_K", 1536, 1000), ("Q6_K", 1536, 151936), ("Q5_0", 896, 1000),
+                                            ("Q8_0", 896, 1000)])
+def test_gather(t, hidden, vocab):
+    rng, seed = _rng()
+    w = random_weights(rng, t, vocab, hidden)
+    ids = np.array([0, vocab - 1, 7, int(rng.integers(vocab)), 7], np.int32)
+    (y,) = run(GATHER[t], [w, ids], [((len(ids), hidden), np.float32)], dict(m=len(ids), hidden=hidden))
+    ref = deq(np.ascontiguousarray(w[ids]), t, (len(ids), hidden))
+    assert np.array_equal(y.view(np.uint32), ref.view(np.uint32)), f"{t} not bit-exact ({seed})"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# small ops
+
+@pytest.mark.parametrize("m,hidden", [(1, 1536), (3, 1536), (17, 896), (2, 1001)])
+def test_rms_norm(m, hidden):
+    rng, seed = _rng()
+    x = rng.standard_normal((m, hidden), dtype=np.float32) * 3
+    g = rng.standard_normal(hidden, dtype=np.float32)
+    eps = 1e-6
+    (y,) = run("rms_norm", [x, g], [((m, hidden), np.float32)], dict(m=m, hidden=hidden), (("RMS_EPS", eps),))
+    x64 = x.astype(np.float64)
+    ref = x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + eps) * g
+    rel, _ = rel_err(y, ref)
+    assert rel < 1e-5, f"rel err {rel} ({seed})"
+
+
+@pytest.mark.parametrize("numel", [1 * 1536, 3 * 8960, 4097, 3])
+def test_add_swiglu(numel):
+    rng, seed = _rng()
+    a = rng.standard_normal(numel, dtype=np.float32) * 4
+    b = rng.standard_normal(numel, dtype=np.float32)
+    (y,) = run("add", [a, b], [((numel,), np.float32)], dict(numel=numel))
+    assert np.array_equal(y, a + b), seed
+    (y,) = run("swiglu", [a, b], [((numel,), np.float32)], dict(numel=numel))
+    a64 = a.astype(np.float64)
+    rel, _ = rel_err(y, a64 / (1 + np.exp(-a64)) * b)
+    assert rel < 1e-6, f"rel err {rel} ({seed})"
+
+
+@pytest.mark.parametrize("vocab", [151936, 1001])
+def test_argmax(vocab):
+    rng, seed = _rng()
+    x = rng.standard_normal((5, vocab), dtype=np.float32)
+    x[1, 10] = x[1, vocab - 3] = 100.0  # tie: the first wins
+    x[2, vocab - 1] = 100.0
+    x[3, :] = -np.inf
+    x[4, 0] = 50.0
+    x[4, vocab // 2] = np.nan  # numpy: a NaN is the maximum
+    (y,) = run("argmax", [x], [((5,), np.int64)], dict(m=5, vocab=vocab))
+    assert np.array_equal(y, np.argmax(x, -1)), f"{y} vs {np.argmax(x, -1)} ({seed})"
+
+
+def test_decode_advance_and_graph():
+    nxt = cr.DeviceBuffer.from_array(np.array([5, 9, 151935], np.int64))
+    tok = cr.DeviceBuffer.from_array(np.zeros(3, np.int32))
+    pos = cr.DeviceBuffer.from_array(np.array([0, 10, 4096], np.int32))
+    k = kernel("decode_advance")
+    cfg = K.launch_config("decode_advance", dict(m=3))
+    stream = cr.Stream()
+    with stream.capture() as graph:
+        k.launch_op(cfg, [nxt], [tok, pos], stream)
+    for _ in range(3):
+        graph.launch(stream)
+    stream.synchronize()
+    assert tok.download(3, np.int32).tolist() == [5, 9, 151935]
+    assert pos.download(3, np.int32).tolist() == [3, 13, 4099]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attention: numpy reference written from docs/ops.md (fp16 cache, appends before attention, GQA)
+
+def rope_ref(x, positions, d, theta):
+    half = d // 2
+    inv = (np.float32(theta) ** (-np.arange(0, half, dtype=np.float32) * np.float32(2.0 / d))).astype(np.float32)
+    ang = positions.astype(np.float32)[:, None] * inv[None, :]
+    c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(np.float32)
+
+
+def attention_ref(q, k, v, kc, vc, positions, slots, n_heads, n_kv_heads, head_dim, rope_theta):
+    m = q.shape[0]
+    qr = rope_ref(q.reshape(m, n_heads, head_dim), positions, head_dim, rope_theta)
+    kr = rope_ref(k.reshape(m, n_kv_heads, head_dim), positions, head_dim, rope_theta)
+    vv = v.reshape(m, n_kv_heads, head_dim)
+    for i in range(m):
+        kc[slots[i], :, positions[i]] = kr[i].astype(np.float16)
+        vc[slots[i], :, positions[i]] = vv[i].astype(np.float16)
+    g = n_heads // n_kv_heads
+    out = np.empty((m, n_heads, head_dim), np.float64)
+    for i in range(m):
+        t = positions[i] + 1
+        keys = np.repeat(kc[slots[i], :, :t].astype(np.float64), g, 0)
+        vals = np.repeat(vc[slots[i], :, :t].astype(np.float64), g, 0)
+        s = np.einsum("hd,htd->ht", qr[i].astype(np.float64), keys) / np.sqrt(head_dim)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        out[i] = np.einsum("ht,htd->hd", p / p.sum(-1, keepdims=True), vals)
+    return out.reshape(m, -1)
+
+
+ATTN_CASES = {  # name: (slots, positions)
+    "decode_pos0": ([0], [0]),
+    "decode_pos5000": ([2], [5000]),
+    "mixed_slots": ([1, 0, 2], [37, 4100, 5]),
+    "prefill17_at100": ([1] * 17, list(range(100, 117))),
+    "prefill17_at0_plus_decode": ([0] * 17 + [2], list(range(17)) + [300]),
+    "decode_pos8191": ([1], [8191]),
+}
+
+
+@pytest.mark.parametrize("case", list(ATTN_CASES))
+@pytest.mark.parametrize("model", list(ATTN))
+def test_rope_kv_attention(model, case):
+    rng, seed = _rng()
+    a = ATTN[model]
+    h, kvh, d = a["n_heads"], a["n_kv_heads"], a["head_dim"]
+    n_slots, max_seq = 3, 8192
+    slots = np.array(ATTN_CASES[case][0], np.int32)
+    positions = np.array(ATTN_CASES[case][1], np.int32)
+    m = len(slots)
+    q = rng.standard_normal((m, h * d), dtype=np.float32)
+    k = rng.standard_normal((m, kvh * d), dtype=np.float32)
+    v = rng.standard_normal((m, kvh * d), dtype=np.float32)
+    kc = rng.standard_normal((n_slots, kvh, max_seq, d), dtype=np.float32).astype(np.float16)
+    vc = rng.standard_normal((n_slots, kvh, max_seq, d), dtype=np.float32).astype(np.float16)
+    kc_ref, vc_ref = kc.copy(), vc.copy()
+    ref = attention_ref(q, k, v, kc_ref, vc_ref, positions, slots, **a)
+
+    kcb, vcb = cr.DeviceBuffer.from_array(kc), cr.DeviceBuffer.from_array(vc)
+    defines = tuple(sorted(K.defines_for("rope_kv_attention", a).items()))
+    dims = dict(m=m, n_heads=h, n_slots=n_slots, max_seq=max_seq)
+    # the cache outputs alias the inputs: launch by hand so the same buffers are passed twice
+    ins = [cr.DeviceBuffer.from_array(x) for x in (q, k, v)]
+    pb, sb = cr.DeviceBuffer.from_array(positions), cr.DeviceBuffer.from_array(slots)
+    ob = cr.DeviceBuffer(m * h * d * 4)
+    ob.fill_u32(NAN)
+    kernel("rope_kv_attention", defines).launch_op(K.launch_config("rope_kv_attention", dims),
+                                                   [*ins, kcb, vcb, pb, sb], [ob, kcb, vcb])
+    cr.synchronize()
+    out = ob.download((m, h * d), np.float32)
+    kc_dev = kcb.download(kc.shape, np.float16)
+    vc_dev = vcb.download(vc.shape, np.float16)
+    for b in (*ins, pb, sb, ob, kcb, vcb):
+        b.free()
+
+    rel, mx = rel_err(out, ref)
+    print(f"attention {model} {case}: rel {rel:.2e} max abs {mx:.2e} ({seed})")
+    assert np.isfinite(out).all(), f"unwritten outputs ({seed})"
+    assert rel < 2e-3, f"rel err {rel} ({seed})"
+    written = np.zeros(kc.shape[:3], bool)
+    written[slots, :, positions] = True
+    assert np.array_equal(kc_dev[~written], kc[~written]) and np.array_equal(vc_dev[~written], vc[~written]), \
+        f"cache changed outside the appended positions ({seed})"
+    assert np.array_equal(vc_dev[written], vc_ref[written]), f"v cache append ({seed})"
+    # half(RoPE(k)): numpy's float32 pow is off by one ulp in some inv_freq (16 of 64 for theta 1e6, D 128; the
+    # kernel's are correctly rounded), and the angle pos*inv_freq carries that error times pos, so a value may move
+    # by |angle error| * |k| besides one fp16 rounding step. Bound: one half-ulp + 1e-7 * pos * max|k| (an
+    # emulation in float32 stays under a fifth of the second term).
+    kd, kr = kc_dev[written].astype(np.float32), kc_ref[written].astype(np.float32)
+    ulp = np.spacing(np.maximum(np.abs(kc_ref[written]), np.abs(kc_dev[written]))).astype(np.float32)
+    bound = ulp + 1e-7 * float(positions.max()) * float(np.abs(k).max())
+    print(f"  k cache append: {int((kd != kr).sum())} of {kd.size} values differ, max {np.abs(kd - kr).max():.2e}")
+    assert np.all(np.abs(kd - kr) <= bound), f"k cache append: max diff {np.abs(kd - kr).max()} ({seed})"
