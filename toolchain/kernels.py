@@ -192,3 +192,37 @@ def compile_kernel(op: str, defines: dict | None = None, fmt: str = "ptx", arch:
         raise UserError(f"nvcc failed to compile {src.name} for {op} (exit {res.returncode}); log: {log}")
     os.replace(tmp, out)  # atomic: concurrent builders never see a partial file
     return out.read_bytes()
+
+
+# Attribute sets of the two real models: every specialization `make kernels` (and CI) compiles.
+MODEL_ATTRS = (
+    {"n_heads": 12, "n_kv_heads": 2, "head_dim": 128, "rope_theta": 1e6, "epsilon": 1e-6},  # 1.5B
+    {"n_heads": 14, "n_kv_heads": 2, "head_dim": 64, "rope_theta": 1e6, "epsilon": 1e-6},  # 0.5B
+)
+
+
+def _main():
+    """`make kernels` / `python -m toolchain.kernels`: compile every op (cubin for sm_90, and PTX) for both real
+    models' specializations and print nvcc's resource usage (registers, spills, shared memory) per file."""
+    import re
+    import sys
+
+    failed = 0
+    for op in KERNEL_OPS:
+        for attrs in MODEL_ATTRS:
+            for fmt in ("cubin", "ptx"):
+                try:
+                    compile_kernel(op, defines_for(op, attrs), fmt=fmt)
+                except UserError as e:
+                    print(f"FAILED {op}: {e}", file=sys.stderr)
+                    failed += 1
+    for log in sorted(CACHE.glob("*.log")):
+        usage = re.findall(r"Used \d+ registers[^\n]*", log.read_text())
+        if usage:
+            print(f"{log.stem}: " + "; ".join(sorted(set(usage))))
+    print("all kernels compiled" if not failed else f"{failed} compilations failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
