@@ -17,7 +17,7 @@ from . import cuda_runtime as cr
 from .fusion import fuse
 from .gguf_model import GGUFModel
 from .graph import build_model_graph
-from .kernels import compile_kernel, defines_for, kernel_name, launch_config
+from .kernels import defines_for, launch_config
 
 # ONNX op_type -> kernel op (standard ops map to our kernels; custom ops share their names).
 KERNEL_OF = {"RMSNormalization": "rms_norm", "Add": "add", "ArgMax": "argmax"}
@@ -41,17 +41,27 @@ def _attrs(node) -> dict:
     return out
 
 
+FUSED_OPS = ("rms_norm_qkv", "matmul_add", "rms_norm_swiglu")
+
+
+def fused_available() -> bool:
+    from .kernels import KERNEL_OPS
+
+    return all(op in KERNEL_OPS for op in FUSED_OPS)
+
+
 class CudaBackend:
     name = "cuda"
 
     def __init__(self, model: GGUFModel, max_context: int, n_slots: int = 1, max_tokens: int = 64,
-                 fused: bool = True):
+                 fused: bool | None = None):
+        fused = fused_available() if fused is None else fused
         self.model, self.cfg = model, model.config
         self.max_context, self.n_slots, self.max_tokens = max_context, n_slots, max_tokens
         cr.init()
         self.stream = cr.Stream()
         graph, arrays = build_model_graph(model)
-        self.graph = fuse(graph) if fused else graph
+        self.onnx = fuse(graph) if fused else graph
         self.weights = {name: cr.DeviceBuffer.from_numpy(a) for name, a in arrays.items()}
         c = self.cfg
         cache_shape = (n_slots, c.n_kv_heads, max_context, c.head_dim)
@@ -76,7 +86,7 @@ class CudaBackend:
     # -- planning ---------------------------------------------------------------------------------------------
     def _value_widths(self) -> dict[str, tuple[int, type]]:
         """Row width and dtype of every activation the graph produces (from ONNX shape inference)."""
-        inferred = onnx.shape_inference.infer_shapes(self.graph)
+        inferred = onnx.shape_inference.infer_shapes(self.onnx)
         out = {}
         for v in list(inferred.graph.value_info) + list(inferred.graph.output):
             t = v.type.tensor_type
@@ -90,8 +100,7 @@ class CudaBackend:
     def _kernel(self, op: str, defines: dict):
         key = (op, tuple(sorted(defines.items())))
         if key not in self._modules:
-            module = cr.Module(compile_kernel(op, defines, fmt="cubin"))
-            self._modules[key] = module.function(kernel_name(op))
+            self._modules[key] = cr.load_op(op, defines)
         return self._modules[key]
 
     def _dims(self, node, op, attrs, m) -> dict:
@@ -116,7 +125,7 @@ class CudaBackend:
         if m in self._plans:
             return self._plans[m]
         launches = []
-        for node in self.graph.node:
+        for node in self.onnx.graph.node:
             op = KERNEL_OF.get(node.op_type, node.op_type)
             attrs = {k: v for k, v in _attrs(node).items() if k != "plugin_namespace"}
             if node.op_type == "RMSNormalization":
@@ -151,6 +160,13 @@ class CudaBackend:
             self.stream.synchronize()
             self._graphs[m] = cr.capture(self.stream, lambda: self.run_plan(m, advance=True))
         return self._graphs[m]
+
+    def close(self):
+        """Free device memory now (buffers are shared between aliases, so free each once)."""
+        for buf in {id(b): b for b in self.buffers.values()}.values():
+            buf.free()
+        self.buffers.clear()
+        self._graphs.clear()
 
     # -- the backend interface (toolchain/decoder.py) ------------------------------------------------------------
     def reset(self):
@@ -192,6 +208,6 @@ class CudaBackend:
         g = self.decode_graph(1)
         for _ in range(n):
             g.launch(self.stream)
-            tok = int(self.buffers["next_token"].download(self.stream, rows=1)[0])
+            tok = int(self.buffers["next_token"].download(self.stream, rows=1).reshape(-1)[0])
             self.pos += 1
             yield tok

@@ -285,20 +285,21 @@ class Event:
 class Kernel:
     def __init__(self, module: "Module", name: str, handle):
         self.module, self.name, self.handle = module, name, handle
-        self.param_sizes = self._param_sizes()
+        self.param_sizes = None  # filled at the first launch, for the number of arguments given
 
-    def _param_sizes(self):
-        """Byte size of each kernel parameter (8: pointer, 4: int32), or None where the driver can't say."""
+    def _param_sizes(self, n: int):
+        """Byte size of each of the first n kernel parameters (8: pointer, 4: int32), or None where the driver can't
+        say. Only indices that exist are asked for, so no driver call fails (compute-sanitizer reports those)."""
         d = driver()
         if not hasattr(d, "cuFuncGetParamInfo"):
             return None
         sizes = []
-        for i in range(64):
+        for i in range(n):
             res = d.cuFuncGetParamInfo(self.handle, i)
             if res[0] != d.CUresult.CUDA_SUCCESS:
-                break
+                raise ValueError(f"{self.name} takes {i} parameters, got {n}")
             sizes.append(int(res[2]))
-        return sizes or None
+        return sizes
 
     def attribute(self, attr: str) -> int:
         """e.g. 'NUM_REGS', 'LOCAL_SIZE_BYTES', 'SHARED_SIZE_BYTES', 'MAX_THREADS_PER_BLOCK'."""
@@ -307,9 +308,9 @@ class Kernel:
         return int(check(d.cuFuncGetAttribute(a, self.handle), f"cuFuncGetAttribute({attr})"))
 
     def _pack(self, args):
+        if self.param_sizes is None or len(self.param_sizes) != len(args):
+            self.param_sizes = self._param_sizes(len(args))
         sizes = self.param_sizes
-        if sizes is not None and len(sizes) != len(args):
-            raise ValueError(f"{self.name} takes {len(sizes)} parameters, got {len(args)}")
         vals = []
         for i, a in enumerate(args):
             if sizes is not None:
