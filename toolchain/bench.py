@@ -70,6 +70,14 @@ def time_decode(be, ctx: int, m: int, tokens: int, cr) -> float:
     return ms / 1e3 / tokens
 
 
+def time_prefill(be, m: int, cr, reps: int = 5) -> float:
+    """Seconds for one prompt prefill step of m tokens (slot 0, positions 0..m-1), head on the last token only."""
+    be._set_inputs(np.zeros(m, np.int32), np.arange(m), np.zeros(m))
+    g = cr.capture(be.stream, lambda: be.run_plan(m, last_only=True))
+    g.launch(be.stream)
+    return cr.time_ms(be.stream, lambda: [g.launch(be.stream) for _ in range(reps)]) / 1e3 / reps
+
+
 def kernel_breakdown(be, cr, reps: int = 20) -> dict[str, float]:
     """Microseconds per token by kernel family: the family's launches of one decode step captured alone into a CUDA
     graph and replayed (events around single launches would mostly time the events themselves)."""
@@ -106,7 +114,8 @@ def run_bench(a):
     bw = copy_bandwidth(cr, stream)
     results = {"device": cr.device_name(), "model": a.model, "layout": vars(model.config),
                "copy_bandwidth_GBps": round(bw / 1e9, 1), "anchors": {"llama.cpp tg128 tok/s": 553,
-                                                                       "llama.cpp tg128 @4096 tok/s": 496},
+                                                                       "llama.cpp tg128 @4096 tok/s": 496,
+                                                                       "llama.cpp pp512 tok/s": 26200},
                "decode": [], "batched": [], "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     max_ctx = max(contexts) + a.tokens + 8
     from .cuda_backend import fused_available

@@ -21,6 +21,8 @@ from .kernels import defines_for, launch_config
 
 # ONNX op_type -> kernel op (standard ops map to our kernels; custom ops share their names).
 KERNEL_OF = {"RMSNormalization": "rms_norm", "Add": "add", "ArgMax": "argmax"}
+# Nodes after the last layer: a prompt prefill needs their result for its last token only.
+HEAD_NODES = ("final_norm", "lm_head", "argmax")
 F32 = np.float32
 
 
@@ -120,22 +122,28 @@ class CudaBackend:
             dims["hidden"] = c.hidden
         return dims
 
-    def plan(self, m: int) -> list[Launch]:
-        """Resolve every node of the graph into a launch for a step of m tokens (cached per m)."""
-        if m in self._plans:
-            return self._plans[m]
+    def plan(self, m: int, last_only: bool = False) -> list[Launch]:
+        """Resolve every node of the graph into a launch for a step of m tokens (cached). With last_only (prompt
+        prefill), the head (final norm, lm_head, argmax) runs on the last token's row only: logits row 0."""
+        key = (m, last_only)
+        if key in self._plans:
+            return self._plans[key]
         launches = []
         for node in self.onnx.graph.node:
+            head = last_only and node.name in HEAD_NODES
             op = KERNEL_OF.get(node.op_type, node.op_type)
             attrs = {k: v for k, v in _attrs(node).items() if k != "plugin_namespace"}
             if node.op_type == "RMSNormalization":
                 attrs = {"epsilon": attrs["epsilon"]}
             elif node.op_type == "ArgMax":
                 attrs = {}
-            dims = self._dims(node, op, attrs, m)
+            dims = self._dims(node, op, attrs, 1 if head else m)
             kern = self._kernel(op, defines_for(op, attrs))
             cfg = launch_config(op, dims)
             ins = [self.buffers[i].ptr for i in node.input]
+            if head and node.name == HEAD_NODES[0]:  # read the last token's hidden row
+                width, dtype = self.widths[node.input[0]]
+                ins[0] += (m - 1) * width * np.dtype(dtype).itemsize
             outs = [self.buffers[o].ptr for o in node.output]
             launches.append(Launch(node.name, op, kern, cfg, ins + list(cfg.scalars) + outs))
         advance = self._kernel("decode_advance", {})
@@ -143,11 +151,11 @@ class CudaBackend:
         launches.append(Launch("advance", "decode_advance", advance, cfg,
                                [self.buffers["next_token"].ptr, *cfg.scalars, self.buffers["token_ids"].ptr,
                                 self.buffers["positions"].ptr]))
-        self._plans[m] = launches
+        self._plans[key] = launches
         return launches
 
-    def run_plan(self, m: int, advance: bool = False):
-        for launch in self.plan(m):
+    def run_plan(self, m: int, advance: bool = False, last_only: bool = False):
+        for launch in self.plan(m, last_only):
             if launch.op == "decode_advance" and not advance:
                 continue
             launch.kernel.launch(launch.cfg, launch.args, self.stream)
@@ -196,10 +204,14 @@ class CudaBackend:
         logits = None
         for s in range(0, len(ids), self.max_tokens):  # prompt prefill in chunks of max_tokens
             chunk = ids[s:s + self.max_tokens]
-            pos = np.arange(self.pos, self.pos + len(chunk))
-            logits = self.step(chunk, pos, np.zeros(len(chunk)))
+            if len(chunk) == 1:
+                logits = self.step(chunk, [self.pos], [0])[0]
+            else:
+                self._set_inputs(chunk, np.arange(self.pos, self.pos + len(chunk)), np.zeros(len(chunk)))
+                self.run_plan(len(chunk), last_only=True)
+                logits = self.buffers["logits"].download(self.stream, rows=1)[0]
             self.pos += len(chunk)
-        return logits[-1]
+        return logits
 
     def greedy(self, first_token: int, n: int):
         """Yield n greedy tokens after `first_token`: each is one replay of the self-advancing CUDA graph; the host
