@@ -212,15 +212,43 @@ class TensorRTRunner:
         # is captured (recorded, not executed) for replay from the next step on.
         if not ctx.execute_async_v3(self._stream_int):
             raise RuntimeError("TensorRT execute_async_v3 failed; its log above says why")
+        self._advance()
         self.stream.synchronize()
         try:
             with self.stream.capture() as graph:
                 if not ctx.execute_async_v3(self._stream_int):
                     raise _NoCapture
+                self._advance()
         except _NoCapture:  # something in the plan cannot be captured: run without graphs from now on
             self.use_graph = False
             return
         self.graph = graph
+
+    def _advance(self):
+        """Our decode_advance kernel after the engine: token_ids <- next_token, positions += 1, so a replayed graph
+        is a self-advancing decode step exactly as in the cuda backend (toolchain/cuda_backend.py)."""
+        if not {"next_token", "token_ids", "positions"} <= set(self.names):
+            return
+        if getattr(self, "_advance_launch", None) is None:
+            from ..kernels import launch_config
+
+            kernel = self.cr.load_op("decode_advance")
+            cfg = launch_config("decode_advance", {"m": 1})
+            args = [self.buf["next_token"].ptr, *cfg.scalars, self.buf["token_ids"].ptr, self.buf["positions"].ptr]
+            self._advance_launch = lambda: kernel.launch(cfg, args, self.stream)
+        self._advance_launch()
+
+    def replay_decode(self) -> int:
+        """One more decode step from the device-resident token and position (after a decode `infer`): replays
+        the captured graph and returns the new greedy token."""
+        ctx = self.contexts[self.decode]
+        if self.use_graph and self.graph is not None:
+            self.graph.launch(self.stream)
+        else:
+            if not ctx.execute_async_v3(self._stream_int):
+                raise RuntimeError("TensorRT execute_async_v3 failed; its log above says why")
+            self._advance()
+        return int(self.read("next_token", rows=1).reshape(-1)[0])
 
     def close(self):
         self.graph = None
@@ -309,3 +337,18 @@ class TensorRTBackend:
             logits = out["logits"][-1]
             self.pos += len(chunk)
         return logits
+
+    def greedy(self, first_token: int, n: int):
+        """Yield n greedy tokens after `first_token`; after the first step the captured graph advances token and
+        position on the device, and the host only reads the new token."""
+        if n <= 0:
+            return
+        out = self.runner.infer({"token_ids": np.array([first_token], np.int32),
+                                 "positions": np.array([self.pos], np.int32), "slots": np.zeros(1, np.int32)},
+                                outputs=["next_token"])
+        self.pos += 1
+        yield int(out["next_token"].reshape(-1)[0])
+        for _ in range(n - 1):
+            tok = self.runner.replay_decode()
+            self.pos += 1
+            yield tok
