@@ -10,7 +10,8 @@ export QTRT_KERNEL_CACHE=/tmp/qtrt-kernels QTRT_BENCH_DIR=/tmp
 if ls .whl/*.whl >/dev/null 2>&1; then  # packages the GPU image lacks (gguf), carried as wheels
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-STAGES=${STAGES:-"env kernels tests sanitizer bench"}
+STAGES=${STAGES:-"env kernels tests sanitizer bench generate"}
+SYNTH=/tmp/qwen2.5-coder-1.5b-synthetic.gguf  # written by the bench / sanitizer stages (synthetic weights)
 declare -A RC
 run() {  # run STAGE CMD...: log to $OUT/STAGE.log, remember the exit code
   local stage=$1; shift
@@ -28,6 +29,7 @@ for s in $STAGES; do
     tests) run tests python3 -m pytest -p no:cacheprovider -v -rs tests/test_kernels_gpu.py tests/test_cuda_backend.py ;;
     sanitizer) run sanitizer compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/sanitize_step.py ;;
     bench) run bench python3 -m toolchain.cli bench -o "$OUT" ${BENCH_ARGS:-} ;;
+    generate) run generate bash -c "python3 -m toolchain.cli generate --model $SYNTH --backend cuda --prompt 'hello world' --max-new-tokens 32 --json && python3 -m toolchain.cli generate --model $SYNTH --backend cpu --prompt 'hello world' --max-new-tokens 32 --json" ;;
   esac
 done
 python3 - "$OUT" <<PY
