@@ -3,22 +3,35 @@
 //                       const __half* k_cache_in, const __half* v_cache_in,   // [n_slots, KVH, max_seq, D]
 //                       const int* positions [m], const int* slots [m], int m, int n_slots, int max_seq,
 //                       float* out [m, H*D], __half* k_cache_out, __half* v_cache_out)
-// The *_in and *_out caches are the same memory (updated in place): history is read through *_in, the step's
-// appends are written through *_out.
-// Compile-time: N_HEADS, N_KV_HEADS, HEAD_DIM, ROPE_THETA. grid (NS=8, N_HEADS, m), block (256).
+// The *_in and *_out caches are the same memory (updated in place).
+// Compile-time: N_HEADS, N_KV_HEADS, HEAD_DIM (64 or 128), ROPE_THETA; N_HEADS / N_KV_HEADS <= 8.
+// Launch (toolchain/kernels.py): grid (NS = 8, N_HEADS, m), block (ATTN_THREADS = 256), cluster (8, 1, 1) compiled
+// in. Tuning knobs (-D, defaults below): ATTN_CLUSTER_KEYS, ATTN_NBUF, ATTN_PF_KEYS, ATTN_LDMODE.
 //
-// Split over the sequence (flash-decoding): the NS blocks of one (token, q head) form a thread-block cluster, each
-// takes 1/NS of positions 0..p in chunks of CT keys (K/V rows copied to shared memory with cp.async, double
-// buffered), keeps an online softmax (running max, sum, acc[D]) in fp32, and the NS partials are merged through
-// distributed shared memory: no global scratch, no counters, no second launch.
+// Work split. One block computes ALL G = H / KVH query heads of one kv head over a range of positions, so each
+// K/V byte is read once per token. Grid row y = kvh * G + c: the G clusters of (token, kvh) are numbered c, the 8
+// blocks of a cluster r (blockIdx.x); positions 0..p are cut into C_act * 8 ranges (C_act = ceil(T /
+// ATTN_CLUSTER_KEYS) clusters, at most G, and 1 when m > MSCR; the other clusters leave at once). Inside a block
+// each warp takes steps of 8 keys (steps warp, warp + NW, ...): K and V rows go from global memory straight into
+// registers (16-byte loads, ATTN_NBUF steps in flight per warp) and are multiplied on the tensor cores
+// (mma.sync f16 -> f32) in a layout that needs no shared memory:
+//   QK: A = q (rows 0..G-1: fp16 hi part, rows 8..8+G-1: fp16 lo part of q * log2(e)/sqrt(D), so hi + lo carries
+//       ~22 bits of q), B = K rows (n = 8 keys), fp32 accumulation over D: a score = row g + row g+8.
+//   PV: A = P (rows g: fp16 hi part of 4096 * p, rows g+8: lo part), B = V rows (k = 8 keys), C = O rows g, g+8.
+// Dims are permuted consistently (each lane's K/V slice is whole 16-byte pieces, so loads are 16 bytes wide and
+// coalesced); O is un-permuted when written. Online softmax in fp32 (base 2); a warp rescales O only when a
+// running max grows.
+// Merge: warps -> block (shared memory) -> cluster (distributed shared memory, each rank merges 1/8 of the
+// elements) -> clusters (only when C_act > 1: rank partials to a module-global scratch; the last cluster to arrive,
+// found by an atomic counter that it resets, merges them and writes out). The scratch belongs to the module:
+// launches of one module must not overlap in time (both runtimes order them on one stream).
 //
-// The append problem: every append of the step must precede every attention read (prompt prefill puts m tokens of
-// one slot in one step), but blocks cannot wait on each other. So nothing waits: a block that meets a position
-// written in this step (some token j with slots[j] == slot and positions[j] == t) takes that key/value from the
-// step's inputs, half(RoPE(k[j])) and half(v[j]), instead of the cache; and the block of token j (first q head of
-// each kv group, split 0) writes its own cache entries for later steps. Both compute RoPE through one non-inlined
-// function, so the value used now is bit-identical to the value stored. Each block collects the step's tokens that
-// fall in its range once (a short list in shared memory; a long prefill falls back to scanning per chunk).
+// Appends (all appends of the step precede all attention reads). A block writes, into the cache, the step's entries
+// (tokens j with slots[j] == slot) whose positions fall in its own range; several blocks may write the same entry,
+// always with the same bytes. With at most E_MAX such entries (decode: the token's own, one) the block also keeps
+// them in shared memory and substitutes them for what it loaded from the cache, so nothing waits on the writes.
+// With more (long prefills) it writes them, then __threadfence + __syncthreads, then reads its range (the steps
+// before the first entry are loaded before the writes).
 #include <cooperative_groups.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -26,244 +39,523 @@
 #if !defined(N_HEADS) || !defined(N_KV_HEADS) || !defined(HEAD_DIM) || !defined(ROPE_THETA)
 #error "rope_kv_attention needs -DN_HEADS=.. -DN_KV_HEADS=.. -DHEAD_DIM=.. -DROPE_THETA=.."
 #endif
+#ifndef ATTN_CLUSTER_KEYS
+#define ATTN_CLUSTER_KEYS 1024  // one more cluster (8 blocks) per this many keys of context, up to G
+#endif
+#ifndef ATTN_NBUF
+#define ATTN_NBUF 2             // key steps in flight per warp (registers)
+#endif
+#ifndef ATTN_PF_KEYS
+#define ATTN_PF_KEYS 0          // L2 bulk prefetch distance in keys (0: none)
+#endif
+#ifndef ATTN_LDMODE
+#define ATTN_LDMODE 0           // K/V loads: 0 ld.global, 1 ld.global.L1::no_allocate, 2 ld.global.cg
+#endif
+#ifndef ATTN_THREADS
+#define ATTN_THREADS 256        // must match toolchain/kernels.py ATTN_THREADS
+#endif
 
 namespace cg = cooperative_groups;
 
 constexpr int D = HEAD_DIM, H = N_HEADS, KVH = N_KV_HEADS, G = H / KVH;
-constexpr int NS = 8;                    // splits per (token, head) = cluster size (portable maximum)
-constexpr int THREADS = 256;
-constexpr int CT = 32;                   // keys per chunk
-constexpr int TPK = THREADS / CT;        // threads per key in the score phase (a quarter-warp: 128 contiguous
-                                         // bytes of a K row per 16-byte load, bank-conflict free)
-constexpr int KSTRIDE = 2 * D + 64;      // bytes per K row in shared memory
-constexpr int VSTRIDE = 2 * D;
-constexpr int PV_LANES = D / 2;          // PV phase: a thread owns 2 dims (half2) ...
-constexpr int NG = THREADS / PV_LANES;   // ... of one of NG interleaved key groups
+constexpr int NS = 8;                  // blocks per cluster (portable maximum)
+constexpr int THREADS = ATTN_THREADS, NW = THREADS / 32;
+constexpr int KSTEP = 8;               // keys per warp step (mma n for QK, k for PV)
+constexpr int NKC = D / 32;            // 16-byte K pieces per lane per step (one K row per lane quad)
+constexpr int NVC = D / 64;            // 16-byte V pieces per lane per V row (two V rows per lane)
+constexpr int NKK = D / 16;            // QK mma k-steps
+constexpr int NNT = D / 8;             // PV mma n-tiles
+constexpr int SLOTS = 2 * NNT;         // O values per lane (head g, 2 columns of each n-tile)
+constexpr int MSCR = 16;               // steps of at most this many tokens may spread a token over clusters
+constexpr int DS = D / NS;             // elements per head merged by one cluster rank
+constexpr int ME = G * DS;             // elements merged by one cluster rank
+constexpr int E_MAX = 8;               // step entries per block range kept in shared memory
+constexpr int PF_PIECE = 64;           // keys per L2 prefetch request
+constexpr float PSCALE = 4096.f;       // p scaled before the hi/lo split (keeps lo out of fp16 subnormals)
 static_assert(H % KVH == 0, "N_HEADS must be a multiple of N_KV_HEADS");
-constexpr int LIST = 64;                 // in-step tokens of a block's range kept in shared memory
-static_assert(D % (8 * TPK) == 0 && D <= 256, "HEAD_DIM must be a multiple of 64, at most 256");
+static_assert(G <= 8, "at most 8 query heads per kv head (mma rows 0..7 hi, 8..15 lo)");
+static_assert(D == 64 || D == 128, "HEAD_DIM must be 64 or 128");
+static_assert(PF_PIECE % KSTEP == 0 && THREADS % 32 == 0 && THREADS <= 1024 && ME <= THREADS, "shapes");
+constexpr int QPT = (G * D + THREADS - 1) / THREADS;   // q values loaded per thread
 
-// inv_freq[j] = theta^(-2j/D): the float32 exponent as numpy forms it, the power in double and rounded once, so
-// it is the correctly rounded float32 (as numpy's) - powf's last-bit error would grow into a visible angle error
-// at positions in the thousands.
-__device__ __forceinline__ float inv_freq(int j) {
-    return (float)pow((double)(float)(ROPE_THETA), (double)__fmul_rn(-(float)j, 2.0f / (float)D));
+__device__ float g_part[MSCR][KVH][G][NS][3][ME];  // cross-cluster partials (m <= MSCR): O, max, sum per element
+__device__ unsigned int g_count[MSCR][KVH][NS];    // arrivals per (token, kv head, rank); reset by the last
+
+// inv_freq[j] = theta^(-2j/D), the float32 exponent as numpy forms it, evaluated at compile time in double and
+// rounded once to float32: the correctly rounded value (numpy's float32 pow can be an ulp off; an ulp of angle
+// grows with the position). Checked equal to (float)pow(double(theta), double(exponent)) for D 64/128.
+constexpr double CX_LN2_HI = 6.93147180369123816490e-01, CX_LN2_LO = 1.90821492927058770002e-10;
+constexpr double cx_ln(double x) {     // x > 0: 2 atanh((x-1)/(x+1)) after scaling x into [1/sqrt2, sqrt2]
+    int k = 0;
+    while (x > 1.4142135623730951) { x *= 0.5; ++k; }
+    while (x < 0.7071067811865476) { x *= 2.0; --k; }
+    const double z = (x - 1.0) / (x + 1.0), z2 = z * z;
+    double term = z, sum = 0.0;
+    for (int n = 1; n < 60; n += 2) { sum += term / n; term *= z2; }
+    return 2.0 * sum + k * CX_LN2_LO + k * CX_LN2_HI;
 }
+constexpr double cx_exp(double y) {    // 2^k * exp(r), |r| <= ln2 / 2
+    const double kf = y / (CX_LN2_HI + CX_LN2_LO);
+    const int k = (int)(kf < 0 ? kf - 0.5 : kf + 0.5);
+    const double r = (y - k * CX_LN2_HI) - k * CX_LN2_LO;
+    double term = 1.0, sum = 1.0;
+    for (int n = 1; n < 40; ++n) { term *= r / n; sum += term; }
+    for (int i = 0; i < k; ++i) sum *= 2.0;
+    for (int i = 0; i > k; --i) sum *= 0.5;
+    return sum;
+}
+struct InvFreq { float v[D / 2]; };
+constexpr InvFreq make_inv_freq() {
+    InvFreq t{};
+    for (int j = 0; j < D / 2; ++j)
+        t.v[j] = (float)cx_exp((double)(-(float)j * (2.0f / (float)D)) * cx_ln((double)(float)(ROPE_THETA)));
+    return t;
+}
+__device__ const InvFreq g_inv = make_inv_freq();
 
-// Rotate-half RoPE of the pair (x[j], x[j + D/2]) at position pos, float32 products rounded as numpy rounds them.
-__device__ __forceinline__ void rope_pair(float x1, float x2, int pos, int j, float& y1, float& y2) {
-    float s, c;
-    sincosf(__fmul_rn((float)pos, inv_freq(j)), &s, &c);
+// Rotate-half RoPE of the pair (x[j], x[j + D/2]) with (cos, sin) of the angle, products rounded as numpy's.
+__device__ __forceinline__ void rope_rot(float x1, float x2, float c, float s, float& y1, float& y2) {
     y1 = __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s));
     y2 = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
 }
-
-// half(RoPE(k)) for pair j of one kv head's row kr. Non-inlined: the cache writer and every reader that patches
-// an in-step key run the same machine code, so they agree to the bit.
-__device__ __noinline__ void rope_k_half(const float* kr, int pos, int j, __half* dst1, __half* dst2) {
-    float y1, y2;
-    rope_pair(kr[j], kr[j + D / 2], pos, j, y1, y2);
-    *dst1 = __float2half_rn(y1);
-    *dst2 = __float2half_rn(y2);
+__device__ __forceinline__ void rope_angle(int pos, float inv, float& c, float& s) {
+    sincosf(__fmul_rn((float)pos, inv), &s, &c);
 }
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+__device__ __forceinline__ uint4 ld_kv(const __half* p) {
+#if ATTN_LDMODE == 2
+    return __ldcg(reinterpret_cast<const uint4*>(p));
+#elif ATTN_LDMODE == 1
+    uint4 r;
+    asm volatile("ld.global.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+#else
+    return *reinterpret_cast<const uint4*>(p);
+#endif
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
 
-extern "C" __global__ void __cluster_dims__(NS, 1, 1) __launch_bounds__(THREADS)
+__device__ __forceinline__ void prefetch_l2(const void* p, unsigned bytes) {
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(__cvta_generic_to_global(p)), "r"(bytes)
+                 : "memory");
+}
+
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
+    const __half2 h = __halves2half2(__float2half_rn(lo), __float2half_rn(hi));
+    return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+__device__ __forceinline__ uint32_t u4get(const uint4& u, int c) {
+    return c == 0 ? u.x : c == 1 ? u.y : c == 2 ? u.z : u.w;
+}
+
+// D[16x8] += A[16x16] * B[16x8], f16 inputs, f32 accumulate
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint4& a, uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
+}
+
+// D[16x8] += A[16x8] * B[8x8]
+__device__ __forceinline__ void mma1688(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t b) {
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(b));
+}
+
+// output dim of a lane's O slot: lane quad t, slot s = 2 * n-tile + column; n-tile nt covers dims 64(nt/8) + 8 col
+// + nt%8 for its 8 columns, and the lane holds columns 2t, 2t+1
+__device__ __forceinline__ int slot_dim(int t, int s) {
+    const int nt = s >> 1;
+    return 64 * (nt >> 3) + 16 * t + 8 * (s & 1) + (nt & 7);
+}
+
+struct StepBuf {
+    uint4 k[NKC];        // K row (key g of the step): 16-byte pieces 4j + t, i.e. dims 32j + 8t .. +8
+    uint4 v[2][NVC];     // V rows 2t, 2t+1 of the step: dims 64p + 8g .. +8
+};
+
+extern "C" __global__ void __cluster_dims__(NS, 1, 1) __launch_bounds__(THREADS, 1)
 rope_kv_attention(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
                   const __half* k_cache_in, const __half* v_cache_in, const int* __restrict__ positions,
                   const int* __restrict__ slots, int m, int n_slots, int max_seq, float* __restrict__ out,
                   __half* k_cache, __half* v_cache) {
-    __shared__ float qs[D];
-    __shared__ __align__(16) uint8_t kbuf[2][CT * KSTRIDE];
-    __shared__ __align__(16) uint8_t vbuf[2][CT * VSTRIDE];
-    __shared__ float S[CT];
-    __shared__ int src[CT];                       // in-step token j whose k/v replaces chunk row r, or -1
-    __shared__ int list_pos[LIST], list_j[LIST], list_n, chunk_has;
-    __shared__ float accg[NG][D], lg[NG];
-    __shared__ float part_acc[D], part_m, part_l; // this block's partial, read by cluster rank 0
+    __shared__ float2 cs[D / 2];                  // (cos, sin) of this token's position, pair j
+    __shared__ float qraw[G][D];                  // the group's q rows before RoPE
+    __shared__ uint4 qfrag[32][NKK + 1];          // QK A fragments of each lane (padded: conflict-free)
+    __shared__ __align__(16) __half kst[E_MAX][D];   // entries of this range: half(RoPE(k)), half(v)
+    __shared__ __align__(16) __half vst[E_MAX][D];
+    __shared__ int list_pos[THREADS], list_j[THREADS], list_n, e_lo, e_hi, last_flag;
+    __shared__ float wO[NW][G][4][SLOTS + 1], wm[NW][G], wl[NW][G];   // per-warp partials (lane-slot layout)
+    __shared__ float bO[G * D], bm[G], bl[G];     // this block's partial, element f = g * D + lane quad t *
+                                                  // SLOTS + slot (read by the cluster)
 
-    cg::cluster_group cluster = cg::this_cluster();
-    const int split = blockIdx.x, h = blockIdx.y, i = blockIdx.z, tid = threadIdx.x;
-    const int kvh = h / G;
+    const int r = blockIdx.x, y = blockIdx.y, i = blockIdx.z;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    const int kvh = y / G, c = y % G;
+
+    // independent loads first: the group's q rows, this lane's inverse frequency, then the token
+    float qv[QPT];
+#pragma unroll
+    for (int u = 0; u < QPT; ++u) {
+        const int e = tid + u * THREADS;
+        qv[u] = e < G * D ? q[((size_t)i * H + kvh * G) * D + e] : 0.f;
+    }
+    const float invf = tid < D / 2 ? g_inv.v[tid] : 0.f;
     const int pos = positions[i], slot = slots[i], T = pos + 1;
-    const size_t cache_off = ((size_t)slot * KVH + kvh) * max_seq * D;  // rows (slot, kvh, t, :)
+    const int C_act = m <= MSCR ? min(G, max(1, (T + ATTN_CLUSTER_KEYS - 1) / ATTN_CLUSTER_KEYS)) : 1;
+    if (c >= C_act) return;                       // the whole cluster leaves (c is uniform over it)
+
+    const int nparts = C_act * NS;
+    int per = (T + nparts - 1) / nparts;
+    per = (per + KSTEP - 1) / KSTEP * KSTEP;
+    const int t0 = min(T, (c * NS + r) * per), t1 = min(T, t0 + per);
+    const int nsteps = (t1 - t0 + KSTEP - 1) / KSTEP;
+    const size_t cache_off = ((size_t)slot * KVH + kvh) * max_seq * D;   // rows (slot, kvh, t, :)
     const __half* kc_in = k_cache_in + cache_off;
     const __half* vc_in = v_cache_in + cache_off;
     __half* kc = k_cache + cache_off;
     __half* vc = v_cache + cache_off;
-    const float* kin = k + (size_t)kvh * D;       // + j * KVH * D for token j
-    const float* vin = v + (size_t)kvh * D;
 
-    const int per_split = (T + NS - 1) / NS;
-    const int t0 = split * per_split, t1 = min(T, t0 + per_split);
-    const int nchunks = t0 < t1 ? (t1 - t0 + CT - 1) / CT : 0;
-    auto issue = [&](int c) {  // cp.async chunk c's valid K and V rows into buffer c % 2
-        const int ct0 = t0 + c * CT, nv = min(CT, t1 - ct0);
-        uint8_t* kb = kbuf[c & 1];
-        uint8_t* vb = vbuf[c & 1];
-        for (int idx = tid; idx < nv * (D / 8); idx += THREADS) {
-            const int r = idx / (D / 8), sgi = idx % (D / 8);
-            cp_async16(kb + r * KSTRIDE + sgi * 16, kc_in + (size_t)(ct0 + r) * D + sgi * 8);
-            cp_async16(vb + r * VSTRIDE + sgi * 16, vc_in + (size_t)(ct0 + r) * D + sgi * 8);
+    if (ATTN_PF_KEYS > 0 && lane == 0)            // L2 prefetch of the first ATTN_PF_KEYS keys (K and V)
+        for (int p0 = t0 + warp * PF_PIECE; p0 < min(t1, t0 + ATTN_PF_KEYS); p0 += NW * PF_PIECE) {
+            const unsigned bytes = (unsigned)(min(PF_PIECE, t1 - p0) * D * 2);
+            prefetch_l2(kc_in + (size_t)p0 * D, bytes);
+            prefetch_l2(vc_in + (size_t)p0 * D, bytes);
+        }
+
+    auto load_step = [&](StepBuf& b, int s) {
+        const int kb = t0 + s * KSTEP;
+        const int kr = kb + g;
+        if (kr < t1) {
+#pragma unroll
+            for (int jj = 0; jj < NKC; ++jj) b.k[jj] = ld_kv(kc_in + (size_t)kr * D + (4 * jj + t) * 8);
+        }
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+            const int vr = kb + 2 * t + rr;
+#pragma unroll
+            for (int p = 0; p < NVC; ++p)
+                b.v[rr][p] = vr < t1 ? ld_kv(vc_in + (size_t)vr * D + 64 * p + 8 * g) : make_uint4(0, 0, 0, 0);
         }
     };
-    if (nchunks > 0) issue(0);                         // in flight during the prelude below
-    cp_async_commit();
+    StepBuf buf[ATTN_NBUF];
+#pragma unroll
+    for (int b = 0; b < ATTN_NBUF; ++b) {
+#pragma unroll
+        for (int jj = 0; jj < NKC; ++jj) buf[b].k[jj] = make_uint4(0, 0, 0, 0);
+    }
+    unsigned loaded = 0;
+    auto load_first = [&](int clean_end) {        // this warp's first steps that end by clean_end
+#pragma unroll
+        for (int b = 0; b < ATTN_NBUF; ++b) {
+            const int s = warp + b * NW;
+            if (s < nsteps && !(loaded & (1u << b)) && t0 + (s + 1) * KSTEP <= clean_end) {
+                load_step(buf[b], s);
+                loaded |= 1u << b;
+            }
+        }
+    };
+    const bool one = m == 1, many = m > THREADS;
+    const bool own_here = pos >= t0 && pos < t1;
+    if (one) load_first(INT_MAX);                 // decode: the only entry (its own) is patched in
 
-    // RoPE(q) into shared memory; the block of this token's first q head of the group appends k/v (split 0).
-    if (tid < D / 2) {
-        const float* qr = q + ((size_t)i * H + h) * D;
-        float y1, y2;
-        rope_pair(qr[tid], qr[tid + D / 2], pos, tid, y1, y2);
-        qs[tid] = y1;
-        qs[tid + D / 2] = y2;
-        if (split == 0 && h % G == 0) {
-            const size_t row = (size_t)i * KVH * D;
-            rope_k_half(kin + row, pos, tid, kc + (size_t)pos * D + tid, kc + (size_t)pos * D + tid + D / 2);
-            vc[(size_t)pos * D + tid] = __float2half_rn(vin[row + tid]);
-            vc[(size_t)pos * D + tid + D / 2] = __float2half_rn(vin[row + tid + D / 2]);
+    if (tid == 0) {
+        list_n = one && own_here ? 1 : 0;
+        list_pos[0] = pos;
+        list_j[0] = 0;
+        e_lo = one && own_here ? pos : INT_MAX;
+        e_hi = one && own_here ? pos : -1;
+        last_flag = 0;
+    }
+#pragma unroll
+    for (int u = 0; u < QPT; ++u) {
+        const int e = tid + u * THREADS;
+        if (e < G * D) (&qraw[0][0])[e] = qv[u];
+    }
+    if (tid < D / 2) {                            // RoPE angles of this token's position
+        float cc, ss;
+        rope_angle(pos, invf, cc, ss);
+        cs[tid] = make_float2(cc, ss);
+    }
+    __syncthreads();
+
+    if (!one && tid < m && slots[tid] == slot) {  // the step's entries in [t0, t1), first round (j < THREADS)
+        const int pj = positions[tid];
+        if (pj >= t0 && pj < t1) {
+            const int e = atomicAdd(&list_n, 1);
+            list_pos[e] = pj;
+            list_j[e] = tid;
+            atomicMin(&e_lo, pj);
+            atomicMax(&e_hi, pj);
         }
     }
-    if (tid < CT) src[tid] = -1;
-    if (tid == 0) list_n = chunk_has = 0;
+    {   // q: RoPE, * log2(e)/sqrt(D), hi/lo fp16 split, into each lane's A fragments: element (g, d) goes to lane
+        // 4g + (d%32)/8, k-step 2(d/32) + (d%8)/4, halves 4((d%4)/2) + d%2 (hi) and + 2 (lo)
+        const float qscale = 1.4426950408889634f / sqrtf((float)D);
+        __half* qf = reinterpret_cast<__half*>(&qfrag[0][0]);
+        for (int e = tid; e < G * D / 2; e += THREADS) {
+            const int gg = e / (D / 2), jp = e % (D / 2);
+            const float2 a = cs[jp];
+            float y1, y2;
+            rope_rot(qraw[gg][jp], qraw[gg][jp + D / 2], a.x, a.y, y1, y2);
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int d = jp + hh * (D / 2);
+                const float val = (hh ? y2 : y1) * qscale;
+                const __half hi = __float2half_rn(val);
+                const __half lo = __float2half_rn(val - __half2float(hi));
+                const int ln = 4 * gg + (d % 32) / 8, kk = 2 * (d / 32) + (d % 8) / 4;
+                const int hx = 4 * ((d % 4) / 2) + d % 2;
+                __half* dst = qf + ((size_t)ln * (NKK + 1) + kk) * 8;
+                dst[hx] = hi;
+                dst[hx + 2] = lo;
+            }
+        }
+    }
+    if (!one) __syncthreads();                    // the entry list is complete
+    const int n_ent = list_n, lo_ent = e_lo, hi_ent = e_hi;
+    const bool patch = !many && n_ent <= E_MAX;
+    if (!one) load_first(patch ? INT_MAX : many ? t0 : lo_ent);
 
-    __syncthreads();
-    for (int j = tid; j < m; j += THREADS)            // tokens of this step that write into this block's range
-        if (slots[j] == slot) {
-            const int pj = positions[j];
-            if (pj >= t0 && pj < t1) {
-                const int e = atomicAdd(&list_n, 1);
-                if (e < LIST) {
+    // the step's entries of this range into the cache (and, when patching, into kst / vst)
+    const int kvrow_stride = KVH * D;             // between tokens j in k, v
+    bool wrote = false;
+    auto write_entries = [&](int first_idx) {
+        const int n = list_n;
+        for (int idx = first_idx; idx < n * (D / 2); idx += THREADS) {
+            const int e = idx / (D / 2), jd = idx % (D / 2), pj = list_pos[e];
+            const size_t row = (size_t)list_j[e] * kvrow_stride + kvh * D;
+            float cc, ss, y1, y2;
+            if (pj == pos) {
+                cc = cs[jd].x;
+                ss = cs[jd].y;
+            } else {
+                rope_angle(pj, g_inv.v[jd], cc, ss);
+            }
+            rope_rot(k[row + jd], k[row + jd + D / 2], cc, ss, y1, y2);
+            const __half k1 = __float2half_rn(y1), k2 = __float2half_rn(y2);
+            const __half v1 = __float2half_rn(v[row + jd]), v2 = __float2half_rn(v[row + jd + D / 2]);
+            kc[(size_t)pj * D + jd] = k1;
+            kc[(size_t)pj * D + jd + D / 2] = k2;
+            vc[(size_t)pj * D + jd] = v1;
+            vc[(size_t)pj * D + jd + D / 2] = v2;
+            if (patch) {
+                kst[e][jd] = k1;
+                kst[e][jd + D / 2] = k2;
+                vst[e][jd] = v1;
+                vst[e][jd + D / 2] = v2;
+            }
+            wrote = true;
+        }
+    };
+    write_entries((tid + THREADS / 2) % THREADS);
+    if (many) {                                   // long prefill: further rounds of THREADS tokens
+        for (int base = THREADS; base < m; base += THREADS) {
+            __syncthreads();                      // the list of the previous round is consumed
+            if (tid == 0) list_n = 0;
+            __syncthreads();
+            const int j = base + tid;
+            if (j < m && slots[j] == slot) {
+                const int pj = positions[j];
+                if (pj >= t0 && pj < t1) {
+                    const int e = atomicAdd(&list_n, 1);
                     list_pos[e] = pj;
                     list_j[e] = j;
                 }
             }
+            __syncthreads();
+            write_entries(tid);
         }
-    const float inv_sqrt_d = 1.0f / sqrtf((float)D);
+    }
+    if (!patch && wrote) __threadfence();
+    __syncthreads();                              // entries staged (or in the cache), q fragments ready
+    if (!patch) load_first(INT_MAX);              // the rest of this warp's first steps
+    const int n_patch = patch ? n_ent : 0;
 
-    float m_run = -INFINITY, l_run = 0.f, acc0 = 0.f, acc1 = 0.f;
-    const int d2 = tid % PV_LANES, pg = tid / PV_LANES;  // PV: dims 2*d2, 2*d2+1 of key group pg
-    const int sp = tid / TPK, part = tid % TPK;         // scores: key sp, 1/TPK of the dims
+    uint4 qa[NKK];
+#pragma unroll
+    for (int kk = 0; kk < NKK; ++kk) qa[kk] = g < G ? qfrag[lane][kk] : make_uint4(0, 0, 0, 0);
 
-    for (int c = 0; c < nchunks; ++c) {
-        const int ct0 = t0 + c * CT, nv = min(CT, t1 - ct0);
-        __syncthreads();                               // chunk c-1 fully consumed: its buffer and S are free
-        if (c + 1 < nchunks) issue(c + 1);             // in flight while chunk c is used
-        cp_async_commit();
-        if (list_n <= LIST) {                          // positions of this chunk written in this step
-            for (int e = tid; e < list_n; e += THREADS)
-                if (list_pos[e] >= ct0 && list_pos[e] < ct0 + nv) {
-                    src[list_pos[e] - ct0] = list_j[e];
-                    chunk_has = 1;
+    float o[NNT][4];
+#pragma unroll
+    for (int nt = 0; nt < NNT; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
+    float m_run = -INFINITY, l_run = 0.f;
+
+    auto compute_step = [&](StepBuf& b, int s) {
+        const int kb = t0 + s * KSTEP;
+        if (ATTN_PF_KEYS > 0 && lane == 0 && s % (PF_PIECE / KSTEP) == 0) {   // keep the L2 prefetch ahead
+            const int p0 = kb + ATTN_PF_KEYS;
+            if (p0 < t1) {
+                const unsigned bytes = (unsigned)(min(PF_PIECE, t1 - p0) * D * 2);
+                prefetch_l2(kc_in + (size_t)p0 * D, bytes);
+                prefetch_l2(vc_in + (size_t)p0 * D, bytes);
+            }
+        }
+        if (n_patch > 0 && kb <= hi_ent && kb + KSTEP > lo_ent) {   // entries of this step: from shared memory
+            for (int e = 0; e < n_patch; ++e) {
+                const int pe = list_pos[e];
+                if (pe == kb + g) {
+#pragma unroll
+                    for (int jj = 0; jj < NKC; ++jj) b.k[jj] = *reinterpret_cast<const uint4*>(&kst[e][(4 * jj + t) * 8]);
                 }
-        } else {                                       // many (long prefill): scan the step's tokens
-            for (int j = tid; j < m; j += THREADS)
-                if (slots[j] == slot) {
-                    const int pj = positions[j];
-                    if (pj >= ct0 && pj < ct0 + nv) {
-                        src[pj - ct0] = j;
-                        chunk_has = 1;
+#pragma unroll
+                for (int rr = 0; rr < 2; ++rr)
+                    if (pe == kb + 2 * t + rr) {
+#pragma unroll
+                        for (int p = 0; p < NVC; ++p) b.v[rr][p] = *reinterpret_cast<const uint4*>(&vst[e][64 * p + 8 * g]);
                     }
-                }
-        }
-        cp_async_wait1();                              // chunk c has landed (this thread's copies)
-        __syncthreads();                               // ... everyone's, and src is complete
-        uint8_t* kb = kbuf[c & 1];
-        uint8_t* vb = vbuf[c & 1];
-        for (int idx = tid; chunk_has && idx < nv * (D / 2); idx += THREADS) {
-            const int r = idx / (D / 2), jd = idx % (D / 2), j = src[r];
-            if (j >= 0) {
-                __half* kr = reinterpret_cast<__half*>(kb + r * KSTRIDE);
-                __half* vr = reinterpret_cast<__half*>(vb + r * VSTRIDE);
-                const size_t row = (size_t)j * KVH * D;
-                rope_k_half(kin + row, ct0 + r, jd, kr + jd, kr + jd + D / 2);
-                vr[jd] = __float2half_rn(vin[row + jd]);
-                vr[jd + D / 2] = __float2half_rn(vin[row + jd + D / 2]);
             }
         }
-        __syncthreads();
-        {   // scores: TPK threads per key, 16-byte chunks (ci*TPK + part) of the row, reduced over the TPK lanes
-            float dot = 0.f;
-            if (sp < nv) {
-                const uint8_t* kr = kb + sp * KSTRIDE;
+        float sa[4] = {0.f, 0.f, 0.f, 0.f}, sb[4] = {0.f, 0.f, 0.f, 0.f};   // two chains: half the latency
 #pragma unroll
-                for (int ci = 0; ci < D / (8 * TPK); ++ci) {
-                    const int cc = ci * TPK + part;
-                    const uint4 raw = *reinterpret_cast<const uint4*>(kr + cc * 16);
-                    const float4 qa = *reinterpret_cast<const float4*>(qs + cc * 8);
-                    const float4 qb = *reinterpret_cast<const float4*>(qs + cc * 8 + 4);
-                    const float2 k0 = __half22float2(*reinterpret_cast<const __half2*>(&raw.x));
-                    const float2 k1 = __half22float2(*reinterpret_cast<const __half2*>(&raw.y));
-                    const float2 k2 = __half22float2(*reinterpret_cast<const __half2*>(&raw.z));
-                    const float2 k3 = __half22float2(*reinterpret_cast<const __half2*>(&raw.w));
-                    dot = fmaf(qa.x, k0.x, fmaf(qa.y, k0.y, fmaf(qa.z, k1.x, fmaf(qa.w, k1.y, dot))));
-                    dot = fmaf(qb.x, k2.x, fmaf(qb.y, k2.y, fmaf(qb.z, k3.x, fmaf(qb.w, k3.y, dot))));
-                }
+        for (int kk = 0; kk < NKK; kk += 2) {
+            const uint4& kq = b.k[kk >> 1];
+            mma16816(sa, qa[kk], kq.x, kq.y);
+            mma16816(sb, qa[kk + 1], kq.z, kq.w);
+        }
+        float s0 = (sa[0] + sb[0]) + (sa[2] + sb[2]);       // head g, key kb + 2t (log2 units)
+        float s1 = (sa[1] + sb[1]) + (sa[3] + sb[3]);       // key kb + 2t + 1
+        if (kb + 2 * t >= t1) s0 = -INFINITY;
+        if (kb + 2 * t + 1 >= t1) s1 = -INFINITY;
+        float mx = fmaxf(s0, s1);
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        if (__any_sync(0xffffffffu, mx > m_run)) {
+            const float mn = fmaxf(m_run, mx);
+            const float alpha = ex2(m_run - mn);             // 0 on the first step (m_run = -inf)
+#pragma unroll
+            for (int nt = 0; nt < NNT; ++nt) {
+                o[nt][0] *= alpha;
+                o[nt][1] *= alpha;
+                o[nt][2] *= alpha;
+                o[nt][3] *= alpha;
             }
+            l_run *= alpha;
+            m_run = mn;
+        }
+        const float p0 = ex2(s0 - m_run), p1 = ex2(s1 - m_run);
+        l_run += p0 + p1;
+        const float q0 = p0 * PSCALE, q1 = p1 * PSCALE;
+        const __half h0 = __float2half_rn(q0), h1 = __float2half_rn(q1);
+        const uint32_t ahi = pack_half2(__half2float(h0), __half2float(h1));
+        const uint32_t alo = pack_half2(q0 - __half2float(h0), q1 - __half2float(h1));
 #pragma unroll
-            for (int o = 1; o < TPK; o <<= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-            if (part == 0) S[sp] = sp < nv ? dot * inv_sqrt_d : -INFINITY;
+        for (int nt = 0; nt < NNT; ++nt) {
+            const int p = nt >> 3, e = nt & 7;
+            const uint32_t w0 = u4get(b.v[0][p], e >> 1), w1 = u4get(b.v[1][p], e >> 1);
+            mma1688(o[nt], ahi, alo, __byte_perm(w0, w1, (e & 1) ? 0x7632 : 0x5410));
         }
-        __syncthreads();
-        // online softmax: every thread derives the same chunk max; a thread accumulates its key group only
-        float cmax = -INFINITY;
-        for (int r = 0; r < nv; ++r) cmax = fmaxf(cmax, S[r]);
-        const float new_m = fmaxf(m_run, cmax);
-        const float alpha = __expf(m_run - new_m);     // 0 on the first chunk (m_run = -inf)
-        acc0 *= alpha;
-        acc1 *= alpha;
-        l_run *= alpha;
-        for (int r = pg; r < nv; r += NG) {
-            const float p = __expf(S[r] - new_m);
-            const float2 vv = __half22float2(reinterpret_cast<const __half2*>(vb + r * VSTRIDE)[d2]);
-            l_run += p;
-            acc0 = fmaf(p, vv.x, acc0);
-            acc1 = fmaf(p, vv.y, acc1);
+    };
+
+    for (int s0 = warp; s0 < nsteps; s0 += ATTN_NBUF * NW) {
+#pragma unroll
+        for (int b = 0; b < ATTN_NBUF; ++b) {
+            const int s = s0 + b * NW;
+            if (s < nsteps) {
+                compute_step(buf[b], s);
+                if (s + ATTN_NBUF * NW < nsteps) load_step(buf[b], s + ATTN_NBUF * NW);
+            }
         }
-        m_run = new_m;
-        if (tid < CT) src[tid] = -1;                   // src / chunk_has were last read before the previous barrier
-        if (tid == 0) chunk_has = 0;
     }
 
-    // this block's partial: merge the NG key groups (they share m_run)
-    accg[pg][2 * d2] = acc0;
-    accg[pg][2 * d2 + 1] = acc1;
-    if (d2 == 0) lg[pg] = l_run;
-    __syncthreads();
-    for (int d = tid; d < D; d += THREADS) {
-        float a = 0.f;
+    // warp partials in the lane-slot layout: slot 2nt + col = rows g (hi) + g+8 (lo) of n-tile nt, column 2t + col
+    l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
+    l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
+    if (g < G) {
 #pragma unroll
-        for (int g = 0; g < NG; ++g) a += accg[g][d];
-        part_acc[d] = a;
-    }
-    if (tid == 0) {
-        float l = 0.f;
-#pragma unroll
-        for (int g = 0; g < NG; ++g) l += lg[g];
-        part_l = l;
-        part_m = m_run;
-    }
-    cluster.sync();                                    // all partials visible cluster-wide
-    if (split == 0) {                                  // cluster rank 0 (cluster spans blockIdx.x) merges
-        float M = -INFINITY;
-        for (int r = 0; r < NS; ++r) M = fmaxf(M, *cluster.map_shared_rank(&part_m, r));
-        for (int d = tid; d < D; d += THREADS) {
-            float num = 0.f, den = 0.f;
-            for (int r = 0; r < NS; ++r) {
-                const float mr = *cluster.map_shared_rank(&part_m, r);
-                if (mr == -INFINITY) continue;         // an empty split (positions < NS)
-                const float wgt = __expf(mr - M);
-                num = fmaf(*cluster.map_shared_rank(&part_acc[d], r), wgt, num);
-                den = fmaf(*cluster.map_shared_rank(&part_l, r), wgt, den);
-            }
-            out[((size_t)i * H + h) * D + d] = num / den;
+        for (int nt = 0; nt < NNT; ++nt) {
+            wO[warp][g][t][2 * nt] = (o[nt][0] + o[nt][2]) * (1.f / PSCALE);
+            wO[warp][g][t][2 * nt + 1] = (o[nt][1] + o[nt][3]) * (1.f / PSCALE);
+        }
+        if (t == 0) {
+            wm[warp][g] = m_run;
+            wl[warp][g] = l_run;
         }
     }
-    cluster.sync();                                    // shared memory stays alive until rank 0 is done
+    __syncthreads();
+    for (int f = tid; f < G * D; f += THREADS) {  // block partial, element f = (g, lane quad, slot)
+        const int gg = f / D, u = f % D, tt = u / SLOTS, sl = u % SLOTS;
+        float M = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) M = fmaxf(M, wm[w][gg]);
+        float num = 0.f, den = 0.f;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) {
+            const float mw = wm[w][gg];
+            const float wt = mw == -INFINITY ? 0.f : ex2(mw - M);
+            num = fmaf(wt, wO[w][gg][tt][sl], num);
+            den = fmaf(wt, wl[w][gg], den);
+        }
+        bO[f] = num;
+        if (u == 0) {
+            bm[gg] = M;
+            bl[gg] = den;
+        }
+    }
+
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();                               // all block partials visible cluster-wide
+    const int f = r * ME + tid, gg = f / D, u = f % D;   // rank r merges elements r*ME .. +ME
+    float num = 0.f, den = 0.f, M = -INFINITY;
+    if (tid < ME) {
+        float mq[NS], lq[NS], oq[NS];
+#pragma unroll
+        for (int q2 = 0; q2 < NS; ++q2) {         // every remote load first, then the arithmetic
+            mq[q2] = *cluster.map_shared_rank(&bm[gg], q2);
+            lq[q2] = *cluster.map_shared_rank(&bl[gg], q2);
+            oq[q2] = *cluster.map_shared_rank(&bO[f], q2);
+        }
+#pragma unroll
+        for (int q2 = 0; q2 < NS; ++q2) M = fmaxf(M, mq[q2]);
+#pragma unroll
+        for (int q2 = 0; q2 < NS; ++q2) {
+            const float wt = mq[q2] == -INFINITY ? 0.f : ex2(mq[q2] - M);
+            num = fmaf(wt, oq[q2], num);
+            den = fmaf(wt, lq[q2], den);
+        }
+    }
+    cluster.sync();                               // remote reads done: shared memory may go
+    float* orow = out + ((size_t)i * H + kvh * G) * D;
+    const int d = slot_dim(u / SLOTS, u % SLOTS);
+    if (C_act == 1) {
+        if (tid < ME) orow[gg * D + d] = num / den;
+        return;
+    }
+    float* part = &g_part[i][kvh][c][r][0][0];
+    if (tid < ME) {
+        part[tid] = num;
+        part[ME + tid] = M;
+        part[2 * ME + tid] = den;
+    }
+    __syncthreads();
+    if (tid == 0) {
+        __threadfence();                          // release: the block's partial before the count
+        const unsigned old = atomicAdd(&g_count[i][kvh][r], 1u);
+        if (old == (unsigned)C_act - 1) {
+            __threadfence();                      // acquire: the other clusters' partials
+            g_count[i][kvh][r] = 0;               // every cluster has arrived: ready for the next launch
+            last_flag = 1;
+        }
+    }
+    __syncthreads();
+    if (!last_flag || tid >= ME) return;
+    float Mx = -INFINITY;
+    for (int cc = 0; cc < C_act; ++cc) Mx = fmaxf(Mx, __ldcg(&g_part[i][kvh][cc][r][1][tid]));
+    float nn = 0.f, dd = 0.f;
+    for (int cc = 0; cc < C_act; ++cc) {
+        const float* pc = &g_part[i][kvh][cc][r][0][0];
+        const float mc = __ldcg(pc + ME + tid);
+        const float wt = mc == -INFINITY ? 0.f : ex2(mc - Mx);
+        nn = fmaf(wt, __ldcg(pc + tid), nn);
+        dd = fmaf(wt, __ldcg(pc + 2 * ME + tid), dd);
+    }
+    orow[gg * D + d] = nn / dd;
 }
