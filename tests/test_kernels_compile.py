@@ -13,20 +13,42 @@ ATTRS = {  # the two Qwen2.5 models: heads / kv heads / head dim / rope theta, a
     "1.5B": dict(n_heads=12, n_kv_heads=2, head_dim=128, rope_theta=1e6, epsilon=1e-6),
     "0.5B": dict(n_heads=14, n_kv_heads=2, head_dim=64, rope_theta=1e6, epsilon=1e-6),
 }
-DIMS = dict(m=3, n=8960, k=1536, hidden=1536, vocab=151936, numel=3 * 8960, n_slots=4, max_seq=4096, n_heads=12)
+DIMS = dict(m=3, n=8960, k=1536, hidden=1536, vocab=151936, numel=3 * 8960, n_slots=4, max_seq=4096, n_heads=12,
+            q_dim=1536, kv_dim=256, ffn=8960, w_type="Q4_K")
 
 needs_nvcc = pytest.mark.skipif(K.nvcc_path() is None, reason="nvcc not found (needed to compile the CUDA kernels)")
 
 
-# only the attention kernel is specialized per model
-CASES = [(op, "1.5B") for op in K.KERNEL_OPS] + [("rope_kv_attention", "0.5B")]
+# every specialization of both real models (kernels.specializations: attention per model; the matmuls per k-split;
+# the fused ops per weight-type combination), each distinct define set once
+def _cases():
+    seen, out = set(), []
+    for model in K.MODEL_ATTRS:
+        for op, attrs in K.specializations(model):
+            d = K.defines_for(op, attrs)
+            key = (op, tuple(sorted(d.items())))
+            if key not in seen:
+                seen.add(key)
+                out.append(pytest.param(op, d, id=f"{op}-{'-'.join(f'{k}={v}' for k, v in sorted(d.items()))}"))
+    return out
+
+
+CASES = _cases()
+
+
+def test_specializations_cover_every_op():
+    ops = {c.values[0] for c in CASES}
+    assert ops == set(K.KERNEL_OPS), set(K.KERNEL_OPS) - ops
+    names = {(c.values[0], c.values[1].get("W_TYPE"), c.values[1].get("V_TYPE")) for c in CASES}
+    assert ("matmul_add", "Q6K", None) in names and ("rms_norm_qkv", None, "Q6K") in names  # 1.5B mixed layers
+    assert ("rms_norm_qkv", None, "Q80") in names  # 0.5B
 
 
 @needs_nvcc
 @pytest.mark.parametrize("fmt", ["ptx", "cubin"])
-@pytest.mark.parametrize("op,model", CASES)
-def test_compiles(op, model, fmt):
-    image = K.compile_kernel(op, K.defines_for(op, ATTRS[model]), fmt=fmt)
+@pytest.mark.parametrize("op,defines", CASES)
+def test_compiles(op, defines, fmt):
+    image = K.compile_kernel(op, defines, fmt=fmt)
     assert image
     if fmt == "ptx":
         assert re.search(rb"\.entry\s+" + K.kernel_name(op).encode() + rb"\s*\(", image), op
@@ -54,6 +76,20 @@ def test_defines_for():
     assert d == {"N_HEADS": 12, "N_KV_HEADS": 2, "HEAD_DIM": 128, "ROPE_THETA": 1e6}
     assert K.defines_for("rms_norm", {"epsilon": 1e-5}) == {"RMS_EPS": 1e-5}
     assert K.defines_for("add", {}) == {}
+    assert K.defines_for("q4k_matmul", {}) == {}  # generic build: any k, any grid
+    assert K.defines_for("q6k_matmul", {"in_features": 1536, "out_features": 151936}) == {}
+    assert K.defines_for("q4k_matmul", {"in_features": 8960, "out_features": 1536}) == {"KSPLIT": 3}
+    assert K.defines_for("matmul_add", {"w_type": "Q6_K", "in_features": 8960, "out_features": 1536}) == \
+        {"W_TYPE": "Q6K", "KSPLIT": 3}
+    assert K.defines_for("matmul_add", {"w_type": b"Q5_0", "in_features": 896, "out_features": 896}) == \
+        {"W_TYPE": "Q50"}
+    assert K.defines_for("rms_norm_qkv", dict(epsilon=1e-6, q_type="Q4_K", k_type="Q4_K", v_type="Q6_K", q_dim=1536,
+                                              kv_dim=256)) == \
+        {"RMS_EPS": 1e-6, "Q_TYPE": "Q4K", "K_TYPE": "Q4K", "V_TYPE": "Q6K"}
+    assert K.defines_for("rms_norm_swiglu", dict(epsilon=1e-6, gate_type="Q5_0", up_type="Q8_0", ffn=4864)) == \
+        {"RMS_EPS": 1e-6, "GATE_TYPE": "Q50", "UP_TYPE": "Q80"}
+    with pytest.raises(UserError):
+        K.defines_for("matmul_add", {"w_type": "F16"})
 
 
 class Sym:
@@ -115,8 +151,23 @@ def cdiv(a, b):
 
 def test_launch_config_covers_work():
     cfg = K.launch_config("q4k_matmul", dict(m=17, n=1537, k=1536))
-    assert cfg.grid == (cdiv(1537, 8), 5, 1) and cfg.grid[1] * K.MATMUL_TOKENS_PER_BLOCK >= 17
-    assert K.launch_config("q4k_matmul", dict(m=1, n=256, k=8960)).grid == (128, 1, 1)  # 4 warps per row pair
+    c = K.matmul_split(1537, 1536, "Q4_K")
+    assert c == 3 and cfg.grid == (cdiv(cdiv(1537, 2), K.QMV_WARPS) * c, 5, 1)
+    assert cfg.grid[1] * K.MATMUL_TOKENS_PER_BLOCK >= 17 and cfg.block == (K.QMV_THREADS, 1, 1)
+    # ffn_down: 768 row pairs x a 3-way cluster split of k fill the GPU in one wave
+    assert K.launch_config("q4k_matmul", dict(m=1, n=1536, k=8960)).grid == (384, 1, 1)
+    # lm_head: 18 rounds of one resident wave
     assert K.launch_config("q6k_matmul", dict(m=1, n=151936, k=1536)).grid == (K.MATMUL_MAX_BLOCKS, 1, 1)
+    for units, per, cl in ((75968, 6, 1), (4480, 3, 1), (768, 6, 3), (19, 6, 3), (1, 3, 1), (4480, 4, 2)):
+        g = K.qmv_grid_x(units, per, cl)
+        assert g % cl == 0 and g <= max(K.MATMUL_MAX_BLOCKS, cl)
+        rounds = cdiv(cdiv(units, per), g // cl)
+        assert rounds * (g // cl) * per >= units and (rounds - 1) * (g // cl) * per < units
+    cfg = K.launch_config("rms_norm_qkv", dict(m=1, hidden=1536, q_dim=1536, kv_dim=256))
+    assert cfg.grid == (cdiv(1024, K.QMV_WARPS), 1, 1) and cfg.scalars == (1, 1536, 1536, 256)
+    cfg = K.launch_config("rms_norm_swiglu", dict(m=3, hidden=1536, ffn=8960))
+    assert cfg.grid == (K.qmv_grid_x(4480, K.QMV_WARPS // 2), 1, 1) and cfg.scalars == (3, 1536, 8960)
+    cfg = K.launch_config("matmul_add", dict(m=2, n=1536, k=8960, w_type="Q6_K"))
+    assert cfg.grid == (384, 1, 1) and cfg.scalars == (2, 1536, 8960)
     cfg = K.launch_config("rope_kv_attention", dict(m=5, n_heads=14, n_slots=2, max_seq=128))
     assert cfg.grid == (K.ATTN_SPLITS, 14, 5) and cfg.scalars == (5, 2, 128)

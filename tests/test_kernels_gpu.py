@@ -1,7 +1,10 @@
 """Every CUDA kernel against a numpy reference, at the real shapes of Qwen2.5 1.5B (Q4_K / Q6_K) and 0.5B (Q5_0 /
 Q8_0) and at awkward ones. Fresh random inputs per run (the seed is in every message), outputs poisoned (NaN /
 0xFF) before each launch so an unwritten element fails. Needs cuda-python and a GPU (scripts/device_kernels.sh).
-Errors are printed (run with -s or -v to see them)."""
+Errors are printed (run with -s or -v to see them).
+
+The projections quantize x to int16 per 32 values (plugins/qmv.cuh): ~2e-5 relative error on random data, under
+QMV_TOL; the fused ops are checked against their toolchain/ops.py composition."""
 import functools
 
 import numpy as np
@@ -9,6 +12,7 @@ import pytest
 
 from toolchain import cuda_runtime as cr
 from toolchain import kernels as K
+from toolchain import ops
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not cr.available(), reason="needs cuda-python and an NVIDIA GPU")]
@@ -136,18 +140,55 @@ def matmul_ref(x, w, bias, t, n, k, rows=16384):
     return y if bias is None else y + bias
 
 
+QMV_TOL = 1e-4  # int16 x: ~2e-5 measured on random data (fp32 decode: ~2e-6)
+
+
+def spec_defines(op, **attrs):
+    """The -D defines the backends compile for a node with these attributes (kernels.defines_for)."""
+    return tuple(sorted(K.defines_for(op, attrs).items()))
+
+
 @pytest.mark.parametrize("t,n,k,has_bias,m", MATMUL_CASES)
 def test_matmul(t, n, k, has_bias, m):
+    """The specialization the backends build (defines_for: cluster k-split where it pays) at every case."""
     rng, seed = _rng()
     w = random_weights(rng, t, n, k)
     x = rng.standard_normal((m, k), dtype=np.float32)
     bias = rng.standard_normal(n, dtype=np.float32) if has_bias else None
-    (y,) = run(MATMUL[t], [x, w, bias], [((m, n), np.float32)], dict(m=m, n=n, k=k))
+    defines = spec_defines(MATMUL[t], in_features=k, out_features=n)
+    (y,) = run(MATMUL[t], [x, w, bias], [((m, n), np.float32)], dict(m=m, n=n, k=k), defines)
     ref = matmul_ref(x, w, bias, t, n, k)
     rel, mx = rel_err(y, ref)
-    print(f"{MATMUL[t]} m={m} n={n} k={k}: rel {rel:.2e} max abs {mx:.2e} ({seed})")
+    print(f"{MATMUL[t]} m={m} n={n} k={k} {dict(defines)}: rel {rel:.2e} max abs {mx:.2e} ({seed})")
     assert np.isfinite(y).all(), f"unwritten or non-finite outputs ({seed})"
-    assert rel < 1e-4, f"rel err {rel} ({seed})"
+    assert rel < QMV_TOL, f"rel err {rel} ({seed})"
+
+
+@pytest.mark.parametrize("t,n,k,m", [("Q4_K", 1536, 8960, 1), ("Q6_K", 256, 1536, 3), ("Q5_0", 896, 4864, 17),
+                                     ("Q8_0", 128, 896, 1)])
+def test_matmul_generic_build(t, n, k, m):
+    """Without defines (KSPLIT = 1) the kernel takes any grid, here launch_config's k-split one."""
+    rng, seed = _rng()
+    w = random_weights(rng, t, n, k)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    (y,) = run(MATMUL[t], [x, w, None], [((m, n), np.float32)], dict(m=m, n=n, k=k))
+    rel, _ = rel_err(y, matmul_ref(x, w, None, t, n, k))
+    assert np.isfinite(y).all() and rel < QMV_TOL, f"rel err {rel} ({seed})"
+
+
+def test_matmul_outliers():
+    """int16 x with one scale per 32 values: a 100x outlier in every block costs its 31 neighbours precision, the
+    result stays inside the 1e-3 budget."""
+    rng, seed = _rng()
+    for t, n, k in (("Q4_K", 512, 1536), ("Q6_K", 512, 8960), ("Q5_0", 256, 896), ("Q8_0", 256, 896)):
+        w = random_weights(rng, t, n, k)
+        x = rng.standard_normal((2, k), dtype=np.float32)
+        x[:, rng.integers(0, 32, k // 32) + np.arange(0, k, 32)] *= 100
+        defines = spec_defines(MATMUL[t], in_features=k, out_features=n)
+        (y,) = run(MATMUL[t], [x, w, None], [((2, n), np.float32)], dict(m=2, n=n, k=k), defines)
+        rel, _ = rel_err(y, matmul_ref(x, w, None, t, n, k))
+        print(f"{t} outliers: rel {rel:.2e}")
+        assert rel < 1e-3, f"{t}: rel err {rel} ({seed})"
 
 
 def test_matmul_misaligned_weights():
@@ -174,6 +215,103 @@ def test_gather(t, hidden, vocab):
     (y,) = run(GATHER[t], [w, ids], [((len(ids), hidden), np.float32)], dict(m=len(ids), hidden=hidden))
     ref = deq(np.ascontiguousarray(w[ids]), t, (len(ids), hidden))
     assert np.array_equal(y.view(np.uint32), ref.view(np.uint32)), f"{t} not bit-exact ({seed})"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fused ops (toolchain/fusion.py) against their toolchain/ops.py composition
+
+# (hidden, q_dim, kv_dim, ffn) of the two models
+DIMS_15B, DIMS_05B = (1536, 1536, 256, 8960), (896, 896, 128, 4864)
+EPS = 9.999999974752427e-07  # the models' float32 1e-6
+
+
+def _check(name, y, ref, seed, tol=QMV_TOL):
+    rel, mx = rel_err(y, ref)
+    print(f"{name}: rel {rel:.2e} max abs {mx:.2e} ({seed})")
+    assert np.isfinite(y).all(), f"{name}: unwritten or non-finite outputs ({seed})"
+    assert rel < tol, f"{name}: rel err {rel} ({seed})"
+
+
+QKV_CASES = ([(DIMS_15B, ts, m) for ts in (("Q4_K", "Q4_K", "Q6_K"), ("Q4_K", "Q4_K", "Q4_K")) for m in (1, 3, 17)]
+             + [(DIMS_05B, ts, m) for ts in (("Q5_0", "Q5_0", "Q8_0"), ("Q5_0", "Q5_0", "Q5_0")) for m in (1, 3, 17)]
+             + [((512, 70, 18, 0), ("Q6_K", "Q8_0", "Q4_K"), 5)]  # odd row counts, every format pairing
+             + [((2048, 128, 32, 0), ("Q4_K", "Q4_K", "Q4_K"), 2)])  # hidden > 1536: the separate RMS pass
+
+
+@pytest.mark.parametrize("dims,types,m", QKV_CASES)
+def test_rms_norm_qkv(dims, types, m):
+    rng, seed = _rng()
+    hidden, q_dim, kv_dim, _ = dims
+    x = rng.standard_normal((m, hidden), dtype=np.float32) * 3
+    g = rng.standard_normal(hidden, dtype=np.float32)
+    ws = [random_weights(rng, t, n, hidden) for t, n in zip(types, (q_dim, kv_dim, kv_dim))]
+    bs = [rng.standard_normal(n, dtype=np.float32) for n in (q_dim, kv_dim, kv_dim)]
+    attrs = dict(epsilon=EPS, q_type=types[0], k_type=types[1], v_type=types[2], q_dim=q_dim, kv_dim=kv_dim)
+    outs = run("rms_norm_qkv", [x, g, ws[0], bs[0], ws[1], bs[1], ws[2], bs[2]],
+               [((m, q_dim), np.float32), ((m, kv_dim), np.float32), ((m, kv_dim), np.float32)],
+               dict(attrs, m=m, hidden=hidden), spec_defines("rms_norm_qkv", **attrs))
+    refs = ops.rms_norm_qkv(x, g, ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], epsilon=EPS, q_type=types[0],
+                            k_type=types[1], v_type=types[2])
+    for name, y, ref in zip("qkv", outs, refs):
+        _check(f"rms_norm_qkv {types} m={m} {name}", y, ref, seed)
+
+
+MATMUL_ADD_CASES = ([(t, 1536, 1536, m) for t in ("Q4_K",) for m in (1, 3, 17)]
+                    + [(t, 1536, 8960, m) for t in ("Q4_K", "Q6_K") for m in (1, 3, 17)]
+                    + [(t, 896, 896, m) for t in ("Q5_0",) for m in (1, 3, 17)]
+                    + [(t, 896, 4864, m) for t in ("Q4_K", "Q6_K") for m in (1, 17)]
+                    + [("Q8_0", 37, 1024, 5), ("Q6_K", 1000, 512, 64)])
+
+
+@pytest.mark.parametrize("t,n,k,m", MATMUL_ADD_CASES)
+def test_matmul_add(t, n, k, m):
+    rng, seed = _rng()
+    w = random_weights(rng, t, n, k)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    bias = rng.standard_normal(n, dtype=np.float32)
+    res = rng.standard_normal((m, n), dtype=np.float32) * 4
+    attrs = dict(w_type=t, in_features=k, out_features=n)
+    (y,) = run("matmul_add", [x, w, bias, res], [((m, n), np.float32)], dict(attrs, m=m, n=n, k=k),
+               spec_defines("matmul_add", **attrs))
+    ref = ops.matmul_add(x, w, bias, res, w_type=t)
+    # judged on the projection: the residual adds exactly (numpy's order, fp32)
+    _check(f"matmul_add {t} m={m} {n}x{k} {K.defines_for('matmul_add', attrs)}", y - res, ref - res, seed)
+
+
+SWIGLU_CASES = ([(DIMS_15B, ("Q4_K", "Q4_K"), m) for m in (1, 3, 17)]
+                + [(DIMS_05B, ("Q5_0", "Q5_0"), m) for m in (1, 3, 17)]
+                + [((1536, 0, 0, 1002), ("Q4_K", "Q6_K"), 1), ((512, 0, 0, 70), ("Q8_0", "Q5_0"), 6)]  # split warps
+                + [((512, 0, 0, 71), ("Q8_0", "Q8_0"), 3), ((2048, 0, 0, 64), ("Q6_K", "Q6_K"), 1)])  # odd, hidden 2048
+
+
+@pytest.mark.parametrize("dims,types,m", SWIGLU_CASES)
+def test_rms_norm_swiglu(dims, types, m):
+    rng, seed = _rng()
+    hidden, ffn = dims[0], dims[3]
+    x = rng.standard_normal((m, hidden), dtype=np.float32) * 3
+    g = rng.standard_normal(hidden, dtype=np.float32)
+    wg, wu = random_weights(rng, types[0], ffn, hidden), random_weights(rng, types[1], ffn, hidden)
+    attrs = dict(epsilon=EPS, gate_type=types[0], up_type=types[1], ffn=ffn)
+    (y,) = run("rms_norm_swiglu", [x, g, wg, wu], [((m, ffn), np.float32)], dict(attrs, m=m, hidden=hidden),
+               spec_defines("rms_norm_swiglu", **attrs))
+    ref = ops.rms_norm_swiglu(x, g, wg, wu, epsilon=EPS, gate_type=types[0], up_type=types[1])
+    _check(f"rms_norm_swiglu {types} m={m} {ffn}x{hidden}", y, ref, seed, tol=2 * QMV_TOL)
+
+
+@pytest.mark.parametrize("dims,types,m", [(DIMS_15B, ("Q4_K", "Q4_K"), 1), (DIMS_05B, ("Q5_0", "Q5_0"), 17),
+                                          ((512, 0, 0, 71), ("Q8_0", "Q8_0"), 3)])
+def test_rms_norm_swiglu_row_pairs(dims, types, m):
+    """The QMV_PAIR=1 build (plugins/qmv.cuh): gate row r and up row r in one warp, silu(g) * u written there."""
+    rng, seed = _rng()
+    hidden, ffn = dims[0], dims[3]
+    x = rng.standard_normal((m, hidden), dtype=np.float32) * 3
+    g = rng.standard_normal(hidden, dtype=np.float32)
+    wg, wu = random_weights(rng, types[0], ffn, hidden), random_weights(rng, types[1], ffn, hidden)
+    attrs = dict(epsilon=EPS, gate_type=types[0], up_type=types[1], ffn=ffn)
+    (y,) = run("rms_norm_swiglu", [x, g, wg, wu], [((m, ffn), np.float32)], dict(attrs, m=m, hidden=hidden),
+               tuple(sorted(dict(K.defines_for("rms_norm_swiglu", attrs), QMV_PAIR=1).items())))
+    ref = ops.rms_norm_swiglu(x, g, wg, wu, epsilon=EPS, gate_type=types[0], up_type=types[1])
+    _check(f"rms_norm_swiglu pairs {types} m={m} {ffn}x{hidden}", y, ref, seed, tol=2 * QMV_TOL)
 
 
 # ---------------------------------------------------------------------------------------------------------------

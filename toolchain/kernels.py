@@ -11,8 +11,11 @@ Shared by the cuda-python runtime (toolchain/cuda_runtime.py) and the TensorRT p
 
 launch_config computes grid dims and scalar arguments only with +, *, integer literals and ops.cdiv / ops.max /
 ops.min, so the TensorRT layer can pass symbolic shape expressions (m is dynamic) instead of ints. Block sizes and
-shared memory are constants (kernels use static shared memory only; the attention and argmax kernels carry a
-compile-time cluster shape, so a plain cuLaunchKernel launches them).
+shared memory are constants (kernels use static shared memory only; the attention, argmax and k-split matmul
+kernels carry a compile-time cluster shape, so a plain cuLaunchKernel launches them).
+
+The projections (q4k/q6k/q5_0/q8_0_matmul and the fused matmul_add, rms_norm_qkv, rms_norm_swiglu) share one
+matrix-vector core, plugins/qmv.cuh; `matmul_split` and `qmv_grid_x` below are its work decomposition.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ CACHE = Path(os.environ.get("QTRT_KERNEL_CACHE", ROOT / "build" / "kernels"))
 
 MATMUL_OPS = ("q4k_matmul", "q6k_matmul", "q5_0_matmul", "q8_0_matmul")
 GATHER_OPS = ("q4k_gather", "q6k_gather", "q5_0_gather", "q8_0_gather")
+FUSED_OPS = ("rms_norm_qkv", "matmul_add", "rms_norm_swiglu")  # toolchain/fusion.py
 _FAMILY = {
     **{op: "quant_matmul" for op in MATMUL_OPS},
     **{op: "quant_gather" for op in GATHER_OPS},
@@ -42,14 +46,22 @@ _FAMILY = {
     "argmax": "argmax",
     "rope_kv_attention": "rope_kv_attention",
     "decode_advance": "decode_advance",  # runtime-only: lets a captured CUDA graph advance tokens and positions
+    **{op: op for op in FUSED_OPS},
 }
 KERNEL_OPS: tuple[str, ...] = tuple(_FAMILY)
 
-# Constants the .cu files are written for (each file states them in its header comment).
-MATMUL_THREADS, MATMUL_WARPS, MATMUL_ROWS_PER_WARP, MATMUL_TOKENS_PER_BLOCK = 128, 4, 2, 4
-MATMUL_MAX_BLOCKS = 528  # persistent grid: one wave of 4 blocks (128 registers x 128 threads) on 132 SMs
-# (block elements, blocks per k-slice) of each matmul: plugins/quant_matmul.cu Fmt<>::SB
-MATMUL_BLOCKING = {"q4k_matmul": (256, 9), "q6k_matmul": (256, 9), "q5_0_matmul": (32, 48), "q8_0_matmul": (32, 40)}
+# ggml type name -> (block elements, block bytes, the C++ type name of plugins/ggml_blocks.cuh used in -D defines)
+GGML_TYPES = {"Q4_K": (256, 144, "Q4K"), "Q6_K": (256, 210, "Q6K"), "Q5_0": (32, 22, "Q50"), "Q8_0": (32, 34, "Q80")}
+MATMUL_TYPE = {"q4k_matmul": "Q4_K", "q6k_matmul": "Q6_K", "q5_0_matmul": "Q5_0", "q8_0_matmul": "Q8_0"}
+
+# Constants plugins/qmv.cuh is written for (its header states them).
+QMV_THREADS, QMV_WARPS, QMV_TOKENS_PER_BLOCK = 192, 6, 4
+QMV_SMS, QMV_BLOCKS_PER_SM = 132, 4  # H100 / H200 SXM; 4 blocks of 192 threads x 80 registers (qmv.cuh QMV_MINB)
+MATMUL_TOKENS_PER_BLOCK = QMV_TOKENS_PER_BLOCK
+MATMUL_MAX_BLOCKS = QMV_SMS * QMV_BLOCKS_PER_SM  # one resident wave; rounds stride over the rest
+# cluster k-split: at most 3 blocks (clusters of 4 did not all fit in one wave: 92 active of 96, run 4), each
+# with >= 512 elements of k
+QMV_MAX_SPLIT, QMV_MIN_SPLIT_ELEMS = 3, 512
 ATTN_SPLITS, ATTN_THREADS = 8, 256
 ARGMAX_SPLITS, ARGMAX_THREADS = 8, 512
 
@@ -79,6 +91,41 @@ def kernel_name(op: str) -> str:
     return _check_op(op)
 
 
+def _type_name(t) -> str:
+    t = t.decode() if isinstance(t, bytes) else str(t)
+    if t not in GGML_TYPES:
+        raise UserError(f"unsupported ggml weight type {t!r}; supported: {', '.join(GGML_TYPES)}")
+    return t
+
+
+def _type_define(t) -> str:
+    return GGML_TYPES[_type_name(t)][2]
+
+
+def matmul_split(n: int, k: int, ggml_type: str) -> int:
+    """Cluster size C that splits k of an [n, k] projection (plugins/qmv.cuh, define KSPLIT): the largest C <= 3 that
+    keeps one group (2 rows) per resident warp (n/2 * C <= warps resident on the GPU) and >= 512 elements of k per
+    block, so that short-n long-k matrices (ffn_down: 1536 x 8960) still fill every SM while each block quantizes
+    only its share of x. n and k are static ints (weight shapes)."""
+    elems = GGML_TYPES[_type_name(ggml_type)][0]
+    n, k = int(n), int(k)
+    groups, resident = -(-n // 2), QMV_SMS * QMV_BLOCKS_PER_SM * QMV_WARPS
+    best = 1
+    for c in range(2, QMV_MAX_SPLIT + 1):
+        if groups * c <= resident and k // c >= QMV_MIN_SPLIT_ELEMS and k // elems >= c:
+            best = c
+    return best
+
+
+def qmv_grid_x(units: int, per_block: int, cluster: int = 1, max_blocks: int = MATMUL_MAX_BLOCKS) -> int:
+    """Blocks along x for `units` work groups, `per_block` of them per block and round: as many rounds as one
+    resident wave (`max_blocks`) needs, then as few blocks as give every block the same number of rounds.
+    A multiple of `cluster`. (The kernel accepts any grid; this one balances it.)"""
+    need = -(-int(units) // per_block)  # cluster-rounds of one pass over the work
+    rounds = -(-need // max(1, max_blocks // cluster))
+    return -(-need // rounds) * cluster
+
+
 def defines_for(op: str, attrs: dict) -> dict:
     """Compile-time defines of the op's specialization from its ONNX attributes (TensorRT does not serialize them)."""
     _check_op(op)
@@ -87,6 +134,20 @@ def defines_for(op: str, attrs: dict) -> dict:
                 "HEAD_DIM": int(attrs["head_dim"]), "ROPE_THETA": float(attrs["rope_theta"])}
     if op == "rms_norm":
         return {"RMS_EPS": float(attrs.get("epsilon", 1e-6))}
+    if op in MATMUL_OPS or op == "matmul_add":
+        t = MATMUL_TYPE[op] if op in MATMUL_OPS else _type_name(attrs["w_type"])
+        d = {} if op in MATMUL_OPS else {"W_TYPE": _type_define(t)}
+        if "in_features" in attrs and "out_features" in attrs:
+            c = matmul_split(attrs["out_features"], attrs["in_features"], t)
+            if c > 1:
+                d["KSPLIT"] = c
+        return d
+    if op == "rms_norm_qkv":
+        return {"RMS_EPS": float(attrs["epsilon"]), "Q_TYPE": _type_define(attrs["q_type"]),
+                "K_TYPE": _type_define(attrs["k_type"]), "V_TYPE": _type_define(attrs["v_type"])}
+    if op == "rms_norm_swiglu":
+        return {"RMS_EPS": float(attrs["epsilon"]), "GATE_TYPE": _type_define(attrs["gate_type"]),
+                "UP_TYPE": _type_define(attrs["up_type"])}
     return {}
 
 
@@ -97,24 +158,27 @@ def _dim(dims: dict, *names):
     raise KeyError(f"launch_config needs one of {names} in dims, got {sorted(dims)}")
 
 
-def matmul_grid_x(op: str, n, k: int, ops=INT_OPS):
-    """Blocks along n: a warp owns 2 rows; rows longer than one k-slice are split over the 4 warps of a block,
-    else each warp has its own rows. Capped at one wave: the kernel's warps stride over the rest. k must be an int
-    (it is the weight's static shape); n may be symbolic."""
-    elems, sb = MATMUL_BLOCKING[op]
-    groups_per_block = 1 if int(k) // elems > sb else MATMUL_WARPS  # same rule as the kernel's `wpg`
-    return ops.min(ops.cdiv(ops.cdiv(n, MATMUL_ROWS_PER_WARP), groups_per_block), MATMUL_MAX_BLOCKS)
-
-
 def launch_config(op: str, dims: dict, ops=INT_OPS) -> LaunchConfig:
     """Grid, block, shared memory and scalar arguments of one launch. `dims`: the node's int dims (m, n, k, hidden,
-    vocab, numel, n_slots, max_seq) and attributes (n_heads, ...); any of them may be symbolic if `ops` is."""
+    vocab, numel, n_slots, max_seq) and attributes (n_heads, ...); only m may be symbolic (with a symbolic `ops`):
+    weight shapes (n, k, hidden, q_dim, kv_dim, ffn) are static ints."""
     _check_op(op)
     m = dims.get("m")
-    if op in MATMUL_OPS:
-        n, k = _dim(dims, "n", "out_features"), _dim(dims, "k", "in_features")
-        return LaunchConfig((matmul_grid_x(op, n, k, ops), ops.cdiv(m, MATMUL_TOKENS_PER_BLOCK), 1),
-                            (MATMUL_THREADS, 1, 1), 0, (m, n, k))
+    if op in MATMUL_OPS or op == "matmul_add":
+        n, k = int(_dim(dims, "n", "out_features")), int(_dim(dims, "k", "in_features"))
+        t = MATMUL_TYPE[op] if op in MATMUL_OPS else _type_name(dims["w_type"])
+        c = matmul_split(n, k, t)  # the kernel's KSPLIT (defines_for); a kernel built without it accepts this grid
+        return LaunchConfig((qmv_grid_x(-(-n // 2), QMV_WARPS, c), ops.cdiv(m, QMV_TOKENS_PER_BLOCK), 1),
+                            (QMV_THREADS, 1, 1), 0, (m, n, k))
+    if op == "rms_norm_qkv":
+        hidden, q_dim, kv_dim = int(_dim(dims, "hidden")), int(_dim(dims, "q_dim")), int(_dim(dims, "kv_dim"))
+        groups = -(-q_dim // 2) + 2 * -(-kv_dim // 2)
+        return LaunchConfig((qmv_grid_x(groups, QMV_WARPS), ops.cdiv(m, QMV_TOKENS_PER_BLOCK), 1),
+                            (QMV_THREADS, 1, 1), 0, (m, hidden, q_dim, kv_dim))
+    if op == "rms_norm_swiglu":
+        hidden, ffn = int(_dim(dims, "hidden")), int(_dim(dims, "ffn"))
+        return LaunchConfig((qmv_grid_x(-(-ffn // 2), QMV_WARPS // 2), ops.cdiv(m, QMV_TOKENS_PER_BLOCK), 1),
+                            (QMV_THREADS, 1, 1), 0, (m, hidden, ffn))
     if op in GATHER_OPS:
         hidden = _dim(dims, "hidden")
         return LaunchConfig((ops.cdiv(hidden, 256), m, 1), (256, 1, 1), 0, (m, hidden))
@@ -194,11 +258,54 @@ def compile_kernel(op: str, defines: dict | None = None, fmt: str = "ptx", arch:
     return out.read_bytes()
 
 
-# Attribute sets of the two real models: every specialization `make kernels` (and CI) compiles.
-MODEL_ATTRS = (
-    {"n_heads": 12, "n_kv_heads": 2, "head_dim": 128, "rope_theta": 1e6, "epsilon": 1e-6},  # 1.5B
-    {"n_heads": 14, "n_kv_heads": 2, "head_dim": 64, "rope_theta": 1e6, "epsilon": 1e-6},  # 0.5B
-)
+# Attribute sets of the two real models (toolchain/layouts.json): every specialization `make kernels` (and CI)
+# compiles. Per model: the attention / norm attributes, the shapes, and the distinct per-layer weight types
+# (q, k, v, o, gate, up, down), from which `specializations` derives the matmul and fused-op attribute sets.
+_PROJ = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def _model_attrs() -> tuple:
+    import json
+
+    layouts = json.loads((Path(__file__).with_name("layouts.json")).read_text())
+    out = []
+    for name in ("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"):
+        c, types = layouts[name]["config"], layouts[name]["types"]
+        layer_types = sorted({tuple(types[f"blk.{i}.{p}.weight"] for p in _PROJ) for i in range(c["n_layers"])})
+        out.append({"model": name, "n_heads": c["n_heads"], "n_kv_heads": c["n_kv_heads"],
+                    "head_dim": c["hidden"] // c["n_heads"], "rope_theta": c["rope_theta"], "epsilon": c["rms_eps"],
+                    "hidden": c["hidden"], "ffn": c["ffn"], "vocab": c["vocab"], "layer_types": layer_types,
+                    "output_type": types["output.weight"], "embd_type": types["token_embd.weight"]})
+    return tuple(out)
+
+
+MODEL_ATTRS = _model_attrs()  # 1.5B, 0.5B
+
+
+def specializations(model: dict) -> list[tuple[str, dict]]:
+    """(op, ONNX attributes) of every kernel specialization the model's decode graphs use, unfused and fused."""
+    hidden, ffn = model["hidden"], model["ffn"]
+    q_dim, kv_dim = model["n_heads"] * model["head_dim"], model["n_kv_heads"] * model["head_dim"]
+    eps = model["epsilon"]
+    specs = {}
+
+    def add(op, **attrs):
+        specs[(op, tuple(sorted(defines_for(op, attrs).items())))] = (op, attrs)
+
+    for op in KERNEL_OPS:
+        if op not in MATMUL_OPS and op not in FUSED_OPS:
+            add(op, **{k: model[k] for k in ("n_heads", "n_kv_heads", "head_dim", "rope_theta", "epsilon")})
+    mm = {v: k for k, v in MATMUL_TYPE.items()}
+    for q, k, v, o, gate, up, down in model["layer_types"]:
+        for t, n, kk in ((q, q_dim, hidden), (k, kv_dim, hidden), (v, kv_dim, hidden), (o, hidden, q_dim),
+                         (gate, ffn, hidden), (up, ffn, hidden), (down, hidden, ffn)):
+            add(mm[t], in_features=kk, out_features=n)
+        add("rms_norm_qkv", epsilon=eps, q_type=q, k_type=k, v_type=v, q_dim=q_dim, kv_dim=kv_dim)
+        add("matmul_add", w_type=o, in_features=q_dim, out_features=hidden)
+        add("matmul_add", w_type=down, in_features=ffn, out_features=hidden)
+        add("rms_norm_swiglu", epsilon=eps, gate_type=gate, up_type=up, ffn=ffn)
+    add(mm[model["output_type"]], in_features=hidden, out_features=model["vocab"])
+    return list(specs.values())
 
 
 def _main():
@@ -208,13 +315,13 @@ def _main():
     import sys
 
     failed = 0
-    for op in KERNEL_OPS:
-        for attrs in MODEL_ATTRS:
+    for model in MODEL_ATTRS:
+        for op, attrs in specializations(model):
             for fmt in ("cubin", "ptx"):
                 try:
                     compile_kernel(op, defines_for(op, attrs), fmt=fmt)
                 except UserError as e:
-                    print(f"FAILED {op}: {e}", file=sys.stderr)
+                    print(f"FAILED {op} {attrs}: {e}", file=sys.stderr)
                     failed += 1
     for log in sorted(CACHE.glob("*.log")):
         usage = re.findall(r"Used \d+ registers[^\n]*", log.read_text())

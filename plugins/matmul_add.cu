@@ -1,0 +1,17 @@
+// Fused projection + residual (toolchain/fusion.py): y = residual + (x @ dequantize(w).T + bias), numpy's order.
+//     matmul_add(const float* x, const uint8_t* w, const float* bias /* [n] or null */, const float* residual,
+//                int m, int n, int k, float* y)          y and residual are distinct [m, n] buffers
+// Defines: W_TYPE (Q4K, Q6K, Q50, Q80: the weight's ggml type), optional KSPLIT (cluster size splitting k).
+// block (256), grid as the unfused matmuls (toolchain/kernels.py). Core: qmv.cuh.
+#include "qmv.cuh"
+
+#ifndef W_TYPE
+#error "matmul_add needs -DW_TYPE=Q4K|Q6K|Q50|Q80"
+#endif
+
+QMV_KERNEL matmul_add(const float* __restrict__ x, const uint8_t* __restrict__ w, const float* __restrict__ bias,
+                      const float* __restrict__ residual, int m, int n, int k, float* __restrict__ y) {
+    qmv::Args a{};
+    a.x = x; a.w[0] = w; a.bias[0] = bias; a.residual = residual; a.y[0] = y; a.n[0] = n; a.m = m; a.k = k;
+    qmv::entry<qmv::ADD, ggml::W_TYPE, ggml::W_TYPE, ggml::W_TYPE, KSPLIT>(a);
+}
