@@ -21,6 +21,10 @@ from .kernels import defines_for, launch_config
 
 # ONNX op_type -> kernel op (standard ops map to our kernels; custom ops share their names).
 KERNEL_OF = {"RMSNormalization": "rms_norm", "Add": "add", "ArgMax": "argmax"}
+# Tensor-core GEMMs for prompt prefill: same ABI as the matvec ops, chosen from GEMM_MIN_M tokens (measured on the
+# H100: the GEMM wins from m = 16 for Q4_K and from ~24 for Q6_K; docs/perf-notes.md).
+GEMM_OF = {"q4k_matmul": "q4k_gemm", "q6k_matmul": "q6k_gemm"}
+GEMM_MIN_M = 32
 # Nodes after the last layer: a prompt prefill needs their result for its last token only.
 HEAD_NODES = ("final_norm", "lm_head", "argmax")
 F32 = np.float32
@@ -63,7 +67,8 @@ class CudaBackend:
         cr.init()
         self.stream = cr.Stream()
         graph, arrays = build_model_graph(model)
-        self.onnx = fuse(graph) if fused else graph
+        self.onnx = fuse(graph) if fused else graph  # decode steps: few launches per layer
+        self.onnx_prefill = graph  # many tokens: unfused, so each projection can be a tensor-core GEMM
         self.weights = {name: cr.DeviceBuffer.from_numpy(a) for name, a in arrays.items()}
         c = self.cfg
         cache_shape = (n_slots, c.n_kv_heads, max_context, c.head_dim)
@@ -88,9 +93,12 @@ class CudaBackend:
     # -- planning ---------------------------------------------------------------------------------------------
     def _value_widths(self) -> dict[str, tuple[int, type]]:
         """Row width and dtype of every activation the graph produces (from ONNX shape inference)."""
-        inferred = onnx.shape_inference.infer_shapes(self.onnx)
         out = {}
-        for v in list(inferred.graph.value_info) + list(inferred.graph.output):
+        values = []
+        for g in {id(self.onnx): self.onnx, id(self.onnx_prefill): self.onnx_prefill}.values():
+            inferred = onnx.shape_inference.infer_shapes(g)
+            values += list(inferred.graph.value_info) + list(inferred.graph.output)
+        for v in values:
             t = v.type.tensor_type
             dims = [d.dim_value for d in t.shape.dim]
             if len(dims) == 2 and dims[1]:
@@ -129,7 +137,10 @@ class CudaBackend:
         if key in self._plans:
             return self._plans[key]
         launches = []
-        for node in self.onnx.graph.node:
+        from .kernels import KERNEL_OPS
+
+        gemm = m >= GEMM_MIN_M and all(op in KERNEL_OPS for op in GEMM_OF.values())
+        for node in (self.onnx_prefill if gemm else self.onnx).graph.node:
             head = last_only and node.name in HEAD_NODES
             op = KERNEL_OF.get(node.op_type, node.op_type)
             attrs = {k: v for k, v in _attrs(node).items() if k != "plugin_namespace"}
@@ -138,6 +149,8 @@ class CudaBackend:
             elif node.op_type == "ArgMax":
                 attrs = {}
             dims = self._dims(node, op, attrs, 1 if head else m)
+            if gemm and not head and op in GEMM_OF:
+                op = GEMM_OF[op]
             kern = self._kernel(op, defines_for(op, attrs))
             cfg = launch_config(op, dims)
             ins = [self.buffers[i].ptr for i in node.input]

@@ -332,6 +332,10 @@ class Kernel:
         vals, ptrs = self._pack(args)  # `vals` must stay alive through the call
         d = driver()
         (gx, gy, gz), (bx, by, bz) = cfg.grid, cfg.block
+        if int(cfg.shared_mem) > getattr(self, "_smem_limit", 48 * 1024):  # beyond 48 KB must be asked for once
+            attr = d.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+            check(d.cuFuncSetAttribute(self.handle, attr, int(cfg.shared_mem)), f"cuFuncSetAttribute({self.name})")
+            self._smem_limit = int(cfg.shared_mem)
         check(d.cuLaunchKernel(self.handle, int(gx), int(gy), int(gz), int(bx), int(by), int(bz), int(cfg.shared_mem),
                                _stream_handle(stream), ptrs.ctypes.data, 0), f"cuLaunchKernel({self.name})")
         del vals

@@ -37,6 +37,11 @@ CACHE = Path(os.environ.get("QTRT_KERNEL_CACHE", ROOT / "build" / "kernels"))
 MATMUL_OPS = ("q4k_matmul", "q6k_matmul", "q5_0_matmul", "q8_0_matmul")
 GATHER_OPS = ("q4k_gather", "q6k_gather", "q5_0_gather", "q8_0_gather")
 FUSED_OPS = ("rms_norm_qkv", "matmul_add", "rms_norm_swiglu")  # toolchain/fusion.py
+# Tensor-core prefill GEMMs (plugins/quant_gemm.cu): block 256, tile 128 tokens x 96 rows, k split over a
+# compile-time cluster of 2 (grid z), dynamic shared memory per format (above 48 KB: the runtime raises the limit).
+GEMM_OPS = ("q4k_gemm", "q6k_gemm")
+GEMM_ROWS, GEMM_TOKENS, GEMM_THREADS = 96, 128, 256
+GEMM_SMEM = {"q4k_gemm": 70656, "q6k_gemm": 89088}
 _FAMILY = {
     **{op: "quant_matmul" for op in MATMUL_OPS},
     **{op: "quant_gather" for op in GATHER_OPS},
@@ -47,6 +52,7 @@ _FAMILY = {
     "rope_kv_attention": "rope_kv_attention",
     "decode_advance": "decode_advance",  # runtime-only: lets a captured CUDA graph advance tokens and positions
     **{op: op for op in FUSED_OPS},
+    **{op: "quant_gemm" for op in GEMM_OPS},  # prompt prefill (m >= 32): tensor cores, same ABI as the matmuls
 }
 KERNEL_OPS: tuple[str, ...] = tuple(_FAMILY)
 
@@ -170,6 +176,10 @@ def launch_config(op: str, dims: dict, ops=INT_OPS) -> LaunchConfig:
         c = matmul_split(n, k, t)  # the kernel's KSPLIT (defines_for); a kernel built without it accepts this grid
         return LaunchConfig((qmv_grid_x(-(-n // 2), QMV_WARPS, c), ops.cdiv(m, QMV_TOKENS_PER_BLOCK), 1),
                             (QMV_THREADS, 1, 1), 0, (m, n, k))
+    if op in GEMM_OPS:
+        n, k = int(_dim(dims, "n", "out_features")), int(_dim(dims, "k", "in_features"))
+        return LaunchConfig((-(-n // GEMM_ROWS), ops.cdiv(m, GEMM_TOKENS), 2), (GEMM_THREADS, 1, 1), GEMM_SMEM[op],
+                            (m, n, k))
     if op == "rms_norm_qkv":
         hidden, q_dim, kv_dim = int(_dim(dims, "hidden")), int(_dim(dims, "q_dim")), int(_dim(dims, "kv_dim"))
         groups = -(-q_dim // 2) + 2 * -(-kv_dim // 2)
