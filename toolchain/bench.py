@@ -117,12 +117,19 @@ def run_bench(a):
                                                                        "llama.cpp tg128 @4096 tok/s": 496,
                                                                        "llama.cpp pp512 tok/s": 26200},
                "decode": [], "batched": [], "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    max_ctx = max(contexts) + a.tokens + 8
+    max_ctx = max(contexts + [a.prefill]) + a.tokens + 8
     from .cuda_backend import fused_available
 
     modes = (True, False) if fused_available() else (False,)
     for fused in modes:
-        be = CudaBackend(model, max_context=max_ctx, n_slots=max(batches), max_tokens=max(batches), fused=fused)
+        be = CudaBackend(model, max_context=max_ctx, n_slots=max(batches), max_tokens=max(batches + [a.prefill]),
+                         fused=fused)
+        s = time_prefill(be, a.prefill, cr)
+        results.setdefault("prefill", []).append({"graph": "fused" if fused else "unfused", "m": a.prefill,
+                                                  "tok_s": round(a.prefill / s, 1), "ms": round(s * 1e3, 2),
+                                                  "vs_llama_cpp_pp512": round(a.prefill / s / 26200, 2)})
+        print(f"{'fused' if fused else 'unfused':8s} prefill {a.prefill}: {a.prefill / s:9.1f} tok/s "
+              f"({s * 1e3:.2f} ms, {a.prefill / s / 26200:.2f}x llama.cpp pp512)")
         for ctx in contexts:
             s = time_decode(be, ctx, 1, a.tokens, cr)
             bpt = bytes_per_token(model, ctx + a.tokens // 2)
