@@ -78,10 +78,10 @@ def time_prefill(be, m: int, cr, reps: int = 5) -> float:
     return cr.time_ms(be.stream, lambda: [g.launch(be.stream) for _ in range(reps)]) / 1e3 / reps
 
 
-def kernel_breakdown(be, cr, reps: int = 20) -> dict[str, float]:
-    """Microseconds per token by kernel family: the family's launches of one decode step captured alone into a CUDA
-    graph and replayed (events around single launches would mostly time the events themselves)."""
-    plan = be.plan(1)
+def kernel_breakdown(be, cr, reps: int = 20, m: int = 1, last_only: bool = False) -> dict[str, float]:
+    """Microseconds per step by kernel family: the family's launches of one step (m tokens) captured alone into a
+    CUDA graph and replayed (events around single launches would mostly time the events themselves)."""
+    plan = be.plan(m, last_only)
     out = {}
     for op in sorted({launch.op for launch in plan}):
         mine = [launch for launch in plan if launch.op == op]
@@ -144,6 +144,9 @@ def run_bench(a):
                   f"{row['vs_llama_cpp_tg128']:.2f}x llama.cpp tg128  {row['launches_per_token']} launches")
         results.setdefault("kernels_us_per_token", {})["fused" if fused else "unfused"] = kernel_breakdown(be, cr)
         if fused == modes[0]:
+            be._set_inputs(np.zeros(a.prefill, np.int32), np.arange(a.prefill), np.zeros(a.prefill))
+            results["prefill_kernels_us"] = kernel_breakdown(be, cr, reps=3, m=a.prefill, last_only=True)
+        if fused == modes[0]:
             for m in batches:
                 s = time_decode(be, contexts[0], m, a.tokens, cr)
                 results["batched"].append({"m": m, "tok_s": round(m / s, 1), "us_per_step": round(s * 1e6, 1)})
@@ -154,6 +157,7 @@ def run_bench(a):
     print(f"copy bandwidth {results['copy_bandwidth_GBps']} GB/s on {results['device']}")
     for fam, us in results["kernels_us_per_token"]["fused" if modes[0] else "unfused"].items():
         print(f"  {fam:20s} {us:8.1f} us/token")
+    print(f"prefill {a.prefill} by kernel family (us): {results['prefill_kernels_us']}")
     write_results(results, Path(a.output))
     return results
 
