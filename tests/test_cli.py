@@ -141,3 +141,26 @@ def test_sampling_rules():
     assert draws <= top5 and len(draws) > 1
     with pytest.raises(UserError):
         Sampling(top_p=1.5)
+
+
+def test_backend_choice_without_gpu(tmp_path, monkeypatch):
+    """No GPU here: auto picks the CPU reference; a plan beside the GGUF (or $QTRT_PLAN) is what TensorRT would use."""
+    from toolchain.decoder import available_backend, existing_plan
+
+    monkeypatch.delenv("QTRT_PLAN", raising=False)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"")
+    assert existing_plan(gguf) is None
+    (tmp_path / "m.trt").mkdir()
+    (tmp_path / "m.trt" / "model-ctx4096.plan").write_bytes(b"")
+    assert existing_plan(gguf) == str(tmp_path / "m.trt" / "model-ctx4096.plan")
+    monkeypatch.setenv("QTRT_PLAN", "/x.plan")
+    assert existing_plan(gguf) == "/x.plan"
+    try:
+        from toolchain.cuda_runtime import gpu_available
+
+        has_gpu = gpu_available()
+    except Exception:
+        has_gpu = False
+    if not has_gpu:
+        assert available_backend(gguf) == "cpu"

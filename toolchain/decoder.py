@@ -92,16 +92,37 @@ class CpuBackend:
 BACKENDS = ("cpu", "cuda", "tensorrt")
 
 
-def available_backend() -> str:
-    """The best backend that can run here: cuda when cuda-python sees a GPU, else cpu."""
+def existing_plan(gguf_path) -> str | None:
+    """A TensorRT plan for this model: $QTRT_PLAN, or one `qtrt`'s TensorRT backend built beside the GGUF."""
+    import os
+    from pathlib import Path
+
+    if os.environ.get("QTRT_PLAN"):
+        return os.environ["QTRT_PLAN"]
+    g = Path(gguf_path)
+    plans = sorted(g.with_name(g.stem + ".trt").glob("model-ctx*.plan"))
+    return str(plans[-1]) if plans else None
+
+
+def available_backend(gguf_path=None) -> str:
+    """The best backend that can run here: tensorrt when it imports, a GPU is present and a plan exists; else cuda
+    when cuda-python sees a GPU; else cpu."""
     try:
         from . import cuda_runtime
 
-        if cuda_runtime.gpu_available():
-            return "cuda"
+        gpu = cuda_runtime.gpu_available()
     except Exception:
+        gpu = False
+    if not gpu:
+        return "cpu"
+    try:
+        import tensorrt  # noqa: F401
+
+        if gguf_path is not None and existing_plan(gguf_path):
+            return "tensorrt"
+    except ImportError:
         pass
-    return "cpu"
+    return "cuda"
 
 
 class Decoder:
@@ -119,7 +140,7 @@ class Decoder:
         if max_context < 2 or max_context > gm.config.context_length:
             raise UserError(f"--max-context {max_context}: must be between 2 and the model's context "
                             f"length {gm.config.context_length}")
-        backend = available_backend() if backend == "auto" else backend
+        backend = available_backend(gm.path) if backend == "auto" else backend
         if backend == "cpu":
             be = CpuBackend(gm, max_context)
         elif backend == "cuda":
@@ -129,7 +150,7 @@ class Decoder:
         elif backend == "tensorrt":
             from .trt.runtime import TensorRTBackend
 
-            be = TensorRTBackend(gm, max_context)
+            be = TensorRTBackend(gm, max_context, plan=existing_plan(gm.path))
         else:
             raise UserError(f"--backend {backend}: unknown; choose one of {', '.join(BACKENDS)}")
         return cls(gm, Tokenizer.from_gguf(gm.reader), be, max_context)
