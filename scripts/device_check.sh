@@ -26,7 +26,7 @@ for s in $STAGES; do
   case $s in
     env) run env bash -c 'nvidia-smi; nvcc --version; python3 -c "import numpy, onnx, gguf; from cuda.bindings import driver; print(numpy.__version__, onnx.__version__)"' ;;
     kernels) run kernels python3 -m toolchain.kernels ;;
-    tests) run tests python3 -m pytest -p no:cacheprovider -v -rs tests/test_kernels_gpu.py tests/test_gemm_gpu.py tests/test_cuda_backend.py ;;
+    tests) run tests python3 -m pytest -p no:cacheprovider -v -rs tests/test_kernels_gpu.py tests/test_gemm_gpu.py tests/test_prefill_attention_gpu.py tests/test_cuda_backend.py ;;
     sanitizer) run sanitizer compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/sanitize_step.py ;;
     bench) run bench python3 -m toolchain.cli bench -o "$OUT" ${BENCH_ARGS:-} ;;
     generate) run generate bash -c "python3 -m toolchain.cli generate --model $SYNTH --backend cuda --prompt 'hello world' --max-new-tokens 32 --json && python3 -m toolchain.cli generate --model $SYNTH --backend cpu --prompt 'hello world' --max-new-tokens 32 --json" ;;

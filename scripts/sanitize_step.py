@@ -1,5 +1,6 @@
-"""A full decode step of the 1.5B layout (synthetic weights) for compute-sanitizer: prefill (m = 5, plain launches)
-and three self-advancing CUDA-graph replays, fused and unfused graphs. Exits non-zero on any CUDA error."""
+"""A full decode step of the 1.5B layout (synthetic weights) for compute-sanitizer: a 40-token prompt prefill
+(tensor-core GEMMs + tiled prefill attention), three self-advancing CUDA-graph decode replays, a 5-token step on
+the matvec path; fused and unfused graphs. Exits non-zero on any CUDA error."""
 import sys
 import tempfile
 from pathlib import Path
@@ -16,9 +17,10 @@ if not path.exists():
     write_synthetic_gguf(path, cfg, types, seed=1)
 model = load_gguf(path)
 for fused in ((True, False) if fused_available() else (False,)):
-    be = CudaBackend(model, max_context=64, n_slots=2, max_tokens=8, fused=fused)
-    logits = be.forward(np.arange(5) * 1000 + 7)
+    be = CudaBackend(model, max_context=128, n_slots=2, max_tokens=48, fused=fused)
+    logits = be.forward(np.arange(40) * 1000 + 7)
     toks = list(be.greedy(int(np.argmax(logits)), 3))
+    be.step(np.arange(5) * 7, np.arange(50, 55), np.ones(5))
     assert np.isfinite(logits).all(), "non-finite logits"
     print(f"fused={fused}: step ok, tokens {toks}")
     be.close()

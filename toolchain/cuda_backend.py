@@ -82,6 +82,7 @@ class CudaBackend:
         self.buffers["positions"] = cr.DeviceBuffer.zeros((max_tokens,), np.int32)
         self.buffers["slots"] = cr.DeviceBuffer.zeros((max_tokens,), np.int32)
         self.widths = self._value_widths()
+        self.buffers["prefill.q_rot"] = cr.DeviceBuffer.zeros((max_tokens, c.q_dim), np.float32)
         for name, (width, dtype) in self.widths.items():
             if name not in self.buffers:
                 self.buffers[name] = cr.DeviceBuffer.zeros((max_tokens, width), dtype)
@@ -158,6 +159,9 @@ class CudaBackend:
                 width, dtype = self.widths[node.input[0]]
                 ins[0] += (m - 1) * width * np.dtype(dtype).itemsize
             outs = [self.buffers[o].ptr for o in node.output]
+            if op == "rope_kv_attention" and gemm and last_only:  # one slot's prompt: the tiled prefill pair
+                launches += self._prefill_attention(node, attrs, dims, ins, outs)
+                continue
             launches.append(Launch(node.name, op, kern, cfg, ins + list(cfg.scalars) + outs))
         advance = self._kernel("decode_advance", {})
         cfg = launch_config("decode_advance", {"m": m})
@@ -166,6 +170,19 @@ class CudaBackend:
                                 self.buffers["positions"].ptr]))
         self._plans[key] = launches
         return launches
+
+    def _prefill_attention(self, node, attrs, dims, ins, outs) -> list[Launch]:
+        """The attention node of a single-slot prompt as two kernels: RoPE + cache append for all m tokens, then
+        causal attention over tiles of queries (plugins/prefill_attention.cu). Same semantics as the node."""
+        q, k, v, k_cache, v_cache, positions, slots = ins
+        q_rot = self.buffers["prefill.q_rot"].ptr
+        defines = defines_for("rope_kv_append", attrs)
+        a = launch_config("rope_kv_append", dims)
+        b = launch_config("prefill_attention", dims)
+        return [Launch(node.name + ".append", "rope_kv_append", self._kernel("rope_kv_append", defines), a,
+                       [q, k, v, positions, slots, *a.scalars, q_rot, k_cache, v_cache]),
+                Launch(node.name, "prefill_attention", self._kernel("prefill_attention", defines), b,
+                       [q_rot, k_cache, v_cache, positions, slots, *b.scalars, outs[0]])]
 
     def run_plan(self, m: int, advance: bool = False, last_only: bool = False):
         for launch in self.plan(m, last_only):

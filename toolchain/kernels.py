@@ -40,6 +40,8 @@ FUSED_OPS = ("rms_norm_qkv", "matmul_add", "rms_norm_swiglu")  # toolchain/fusio
 # Tensor-core prefill GEMMs (plugins/quant_gemm.cu): block 256, tile 128 tokens x 96 rows, k split over a
 # compile-time cluster of 2 (grid z), dynamic shared memory per format (above 48 KB: the runtime raises the limit).
 GEMM_OPS = ("q4k_gemm", "q6k_gemm")
+PREFILL_ATTENTION_OPS = ("rope_kv_append", "prefill_attention")
+PREFILL_QUERIES_PER_BLOCK = 16
 GEMM_ROWS, GEMM_TOKENS, GEMM_THREADS = 96, 128, 256
 GEMM_SMEM = {"q4k_gemm": 70656, "q6k_gemm": 89088}
 _FAMILY = {
@@ -53,6 +55,8 @@ _FAMILY = {
     "decode_advance": "decode_advance",  # runtime-only: lets a captured CUDA graph advance tokens and positions
     **{op: op for op in FUSED_OPS},
     **{op: "quant_gemm" for op in GEMM_OPS},  # prompt prefill (m >= 32): tensor cores, same ABI as the matmuls
+    # prompt prefill of one slot: the attention node as RoPE+append then tiled causal attention (runtime-only pair)
+    **{op: "prefill_attention" for op in PREFILL_ATTENTION_OPS},
 }
 KERNEL_OPS: tuple[str, ...] = tuple(_FAMILY)
 
@@ -135,7 +139,7 @@ def qmv_grid_x(units: int, per_block: int, cluster: int = 1, max_blocks: int = M
 def defines_for(op: str, attrs: dict) -> dict:
     """Compile-time defines of the op's specialization from its ONNX attributes (TensorRT does not serialize them)."""
     _check_op(op)
-    if op == "rope_kv_attention":
+    if op in ("rope_kv_attention",) + PREFILL_ATTENTION_OPS:
         return {"N_HEADS": int(attrs["n_heads"]), "N_KV_HEADS": int(attrs["n_kv_heads"]),
                 "HEAD_DIM": int(attrs["head_dim"]), "ROPE_THETA": float(attrs["rope_theta"])}
     if op == "rms_norm":
@@ -176,6 +180,11 @@ def launch_config(op: str, dims: dict, ops=INT_OPS) -> LaunchConfig:
         c = matmul_split(n, k, t)  # the kernel's KSPLIT (defines_for); a kernel built without it accepts this grid
         return LaunchConfig((qmv_grid_x(-(-n // 2), QMV_WARPS, c), ops.cdiv(m, QMV_TOKENS_PER_BLOCK), 1),
                             (QMV_THREADS, 1, 1), 0, (m, n, k))
+    if op == "rope_kv_append":
+        return LaunchConfig((m, 1, 1), (128, 1, 1), 0, (m, _dim(dims, "n_slots"), _dim(dims, "max_seq", "max_seq_len")))
+    if op == "prefill_attention":
+        return LaunchConfig((ops.cdiv(m, PREFILL_QUERIES_PER_BLOCK), _dim(dims, "n_heads"), 1), (128, 1, 1), 0,
+                            (m, _dim(dims, "n_slots"), _dim(dims, "max_seq", "max_seq_len")))
     if op in GEMM_OPS:
         n, k = int(_dim(dims, "n", "out_features")), int(_dim(dims, "k", "in_features"))
         return LaunchConfig((-(-n // GEMM_ROWS), ops.cdiv(m, GEMM_TOKENS), 2), (GEMM_THREADS, 1, 1), GEMM_SMEM[op],
