@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolchain.cuda_backend import CudaBackend, fused_available
+from toolchain.cuda_backend import CudaBackend
 from toolchain.gguf_model import load_gguf
 from toolchain.synth import layout, write_synthetic_gguf
 
@@ -16,7 +16,7 @@ if not path.exists():
     cfg, types = layout("qwen2.5-coder-1.5b")
     write_synthetic_gguf(path, cfg, types, seed=1)
 model = load_gguf(path)
-for fused in ((True, False) if fused_available() else (False,)):
+for fused in (True, False):
     be = CudaBackend(model, max_context=128, n_slots=2, max_tokens=48, fused=fused)
     logits = be.forward(np.arange(40) * 1000 + 7)
     toks = list(be.greedy(int(np.argmax(logits)), 3))

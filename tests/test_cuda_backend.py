@@ -26,10 +26,8 @@ def synth(synth_gguf):
 
 @pytest.fixture(scope="module", params=[True, False], ids=["fused", "unfused"])
 def backend(synth, request):
-    from toolchain.cuda_backend import CudaBackend, fused_available
+    from toolchain.cuda_backend import CudaBackend
 
-    if request.param and not fused_available():
-        pytest.skip("the fused ops have no CUDA kernels yet")
     be = CudaBackend(synth[0], max_context=4200, n_slots=4, max_tokens=96, fused=request.param)
     yield be
     be.close()

@@ -16,7 +16,7 @@ import onnx
 from . import cuda_runtime as cr
 from .fusion import fuse
 from .gguf_model import GGUFModel
-from .graph import build_model_graph
+from .graph import build_model_graph, node_attrs
 from .kernels import defines_for, launch_config
 
 # ONNX op_type -> kernel op (standard ops map to our kernels; custom ops share their names).
@@ -39,29 +39,11 @@ class Launch:
     args: list
 
 
-def _attrs(node) -> dict:
-    out = {}
-    for a in node.attribute:
-        v = onnx.helper.get_attribute_value(a)
-        out[a.name] = v.decode() if isinstance(v, bytes) else v
-    return out
-
-
-FUSED_OPS = ("rms_norm_qkv", "matmul_add", "rms_norm_swiglu")
-
-
-def fused_available() -> bool:
-    from .kernels import KERNEL_OPS
-
-    return all(op in KERNEL_OPS for op in FUSED_OPS)
-
-
 class CudaBackend:
     name = "cuda"
 
     def __init__(self, model: GGUFModel, max_context: int, n_slots: int = 1, max_tokens: int = 64,
-                 fused: bool | None = None):
-        fused = fused_available() if fused is None else fused
+                 fused: bool = True):
         self.model, self.cfg = model, model.config
         self.max_context, self.n_slots, self.max_tokens = max_context, n_slots, max_tokens
         cr.init()
@@ -138,13 +120,11 @@ class CudaBackend:
         if key in self._plans:
             return self._plans[key]
         launches = []
-        from .kernels import KERNEL_OPS
-
-        gemm = m >= GEMM_MIN_M and all(op in KERNEL_OPS for op in GEMM_OF.values())
+        gemm = m >= GEMM_MIN_M
         for node in (self.onnx_prefill if gemm else self.onnx).graph.node:
             head = last_only and node.name in HEAD_NODES
             op = KERNEL_OF.get(node.op_type, node.op_type)
-            attrs = {k: v for k, v in _attrs(node).items() if k != "plugin_namespace"}
+            attrs = {k: v for k, v in node_attrs(node).items() if k != "plugin_namespace"}
             if node.op_type == "RMSNormalization":
                 attrs = {"epsilon": attrs["epsilon"]}
             elif node.op_type == "ArgMax":

@@ -259,6 +259,15 @@ def attach_initializers(model: onnx.ModelProto, arrays: dict[str, np.ndarray], e
     return model
 
 
+def node_attrs(node) -> dict:
+    """A node's attributes as Python values (strings decoded)."""
+    out = {}
+    for a in node.attribute:
+        v = helper.get_attribute_value(a)
+        out[a.name] = v.decode() if isinstance(v, bytes) else v
+    return out
+
+
 def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
     h: dict[str, int] = {}
     for n in model.graph.node:

@@ -12,11 +12,7 @@ import numpy as np
 import onnx
 
 from . import ops
-from .graph import DOMAIN, register_schemas
-
-
-def _attrs(node) -> dict:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+from .graph import DOMAIN, node_attrs, register_schemas
 
 
 def run_node(op_type: str, inputs: list, attrs: dict) -> list:
@@ -61,7 +57,7 @@ class NumpyRunner:
         env = dict(self.arrays)
         env.update(feed)
         for node in self.model.graph.node:  # ONNX requires nodes in topological order; check_model verifies it
-            outs = run_node(node.op_type, [env[i] for i in node.input], _attrs(node))
+            outs = run_node(node.op_type, [env[i] for i in node.input], node_attrs(node))
             self.calls[node.op_type] += 1
             env.update(zip(node.output, outs))
         return {o.name: env[o.name] for o in self.model.graph.output}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -136,7 +135,3 @@ def write_synthetic_gguf(path: str | os.PathLike, cfg: Config, types: dict[str, 
     w.close()
     os.replace(tmp, path)
     return path
-
-
-def config_dict(cfg: Config) -> dict:
-    return asdict(cfg)
