@@ -208,5 +208,7 @@ def test_fused_graph_matches_unfused(synth_gguf):
     feed = {"token_ids": ids, "positions": np.arange(6, dtype=np.int32), "slots": np.zeros(6, np.int32)}
     a = OnnxReferenceRunner(g).infer({**feed, **new_caches(c, 1, 16)})
     b = OnnxReferenceRunner(fused).infer({**feed, **new_caches(c, 1, 16)})
-    assert rel_err(b["logits"], a["logits"]) < 1e-5
+    # The fused ops use toolchain.ops.rms_norm, the unfused graph ONNX's own RMSNormalization: float32 rounding of
+    # two implementations (seen up to 1.4e-5 on random draws), far below any wiring error.
+    assert rel_err(b["logits"], a["logits"]) < 1e-4
     assert np.array_equal(a["next_token"], b["next_token"])
