@@ -3,12 +3,15 @@
 //     add(const float* a, const float* b, int numel, float* y)          y = a + b
 //     swiglu(const float* gate, const float* up, int numel, float* y)  y = gate * sigmoid(gate) * up
 // Buffers are whole tensors (16-aligned base) so float4 access is aligned; y may alias a or b (in-place).
+#include "pdl.cuh"
 
 __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
 template <class Op>
 __device__ __forceinline__ void elementwise(const float* a, const float* b, int numel,
                                             float* y, Op op) {
+    pdl_launch_dependents();
+    pdl_wait();
     const int i4 = blockIdx.x * blockDim.x + threadIdx.x;
     const int e = 4 * i4;
     if (e + 3 < numel) {

@@ -3,7 +3,7 @@
 //                int m, int n, int k, float* y)          y and residual are distinct [m, n] buffers
 // Defines: W_TYPE (Q4K, Q6K, Q50, Q80: the weight's ggml type), optional KSPLIT (cluster size splitting k).
 // block (256), grid as the unfused matmuls (toolchain/kernels.py). Core: qmv.cuh.
-#include "qmv.cuh"
+#include "qmv1.cuh"
 
 #ifndef W_TYPE
 #error "matmul_add needs -DW_TYPE=Q4K|Q6K|Q50|Q80"
@@ -13,5 +13,9 @@ QMV_KERNEL matmul_add(const float* __restrict__ x, const uint8_t* __restrict__ w
                       const float* __restrict__ residual, int m, int n, int k, float* __restrict__ y) {
     qmv::Args a{};
     a.x = x; a.w[0] = w; a.bias[0] = bias; a.residual = residual; a.y[0] = y; a.n[0] = n; a.m = m; a.k = k;
+#if QMV1
+    qmv1::run<qmv::ADD, ggml::W_TYPE, ggml::W_TYPE, ggml::W_TYPE>(a);
+#else
     qmv::entry<qmv::ADD, ggml::W_TYPE, ggml::W_TYPE, ggml::W_TYPE, KSPLIT>(a);
+#endif
 }

@@ -15,6 +15,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "pdl.cuh"
+
 #ifndef N_HEADS
 #define N_HEADS 12
 #endif
@@ -41,6 +43,8 @@ extern "C" __global__ void __launch_bounds__(128) rope_kv_append(
     const int* __restrict__ positions, const int* __restrict__ slots, int m, int n_slots, int max_seq,
     float* __restrict__ q_rot, __half* __restrict__ k_cache, __half* __restrict__ v_cache) {
     const int t = blockIdx.x;
+    pdl_launch_dependents();
+    pdl_wait();
     if (t >= m) return;
     const int pos = positions[t], slot = slots[t];
     for (int idx = threadIdx.x; idx < (N_HEADS + N_KV_HEADS) * HALF; idx += blockDim.x) {
@@ -71,6 +75,8 @@ extern "C" __global__ void __launch_bounds__(128) prefill_attention(
     const int* __restrict__ positions, const int* __restrict__ slots, int m, int n_slots, int max_seq,
     float* __restrict__ out) {
     __shared__ float Ks[KC][D + 1], Vs[KC][D + 1], Qs[QT][D];
+    pdl_launch_dependents();
+    pdl_wait();
     const int t0 = blockIdx.x * QT, h = blockIdx.y, kvh = h / GROUP;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int slot = slots[t0];

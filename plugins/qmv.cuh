@@ -25,6 +25,7 @@
 #include <type_traits>
 
 #include "ggml_blocks.cuh"
+#include "pdl.cuh"
 
 namespace qmv {
 using namespace ggml;
@@ -52,6 +53,10 @@ namespace cg = cooperative_groups;
 #ifndef QMV_PAIR
 #define QMV_PAIR 0  // 1: rms_norm_swiglu with equal gate / up types pairs gate row r and up row r in one warp
 #endif
+#ifndef QMV_M1
+#define QMV_M1 0  // 1: decode build, the batch-1 body only (any m still works, one token at a time): less code
+#endif
+
 constexpr int NW = QMV_NW;        // warps per block
 constexpr int THREADS = NW * 32;  // toolchain/kernels.py: QMV_THREADS
 constexpr int TM = 4;             // tokens per block when m > 1 (grid.y = cdiv(m, TM))
@@ -551,6 +556,7 @@ __device__ __forceinline__ void body(const Args& a, Smem<Layout<F0, F1, F2>>& sm
         cp_async_commit();
     }
     int istage = NS - 1, cstage = 0;
+    pdl_wait();  // x, the residual and the outputs belong to earlier kernels (pdl.cuh)
 
     // x: RMSNorm scale (fused ops), then int16 quantization of a chunk
     if (NORM) {
@@ -754,11 +760,19 @@ __device__ __forceinline__ void body(const Args& a, Smem<Layout<F0, F1, F2>>& sm
 template <Kind K, class F0, class F1, class F2, int C>
 __device__ __forceinline__ void entry(const Args& a) {
     __shared__ Smem<Layout<F0, F1, F2>> sm;
+    pdl_launch_dependents();
     const int t0 = blockIdx.y * TM, mt = min(TM, a.m - t0);
+#if QMV_M1
+    for (int t = 0; t < mt; ++t) {  // one token at a time through the batch-1 body
+        if (t) __syncthreads();
+        body<K, F0, F1, F2, C, 1>(a, sm, t0 + t, 1);
+    }
+#else
     if (mt == 1)
         body<K, F0, F1, F2, C, 1>(a, sm, t0, 1);  // batch-1 decode: no token loop
     else
         body<K, F0, F1, F2, C, TM>(a, sm, t0, mt);
+#endif
 }
 
 }  // namespace qmv

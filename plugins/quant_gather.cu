@@ -4,6 +4,7 @@
 // this is a latency-sized kernel: one thread per element with byte loads, decoded in ggml's float32 order
 // (ggml_blocks.cuh), which makes it bit-exact against toolchain/quants.py.
 #include "ggml_blocks.cuh"
+#include "pdl.cuh"
 
 using namespace ggml;
 
@@ -11,6 +12,8 @@ template <class F>
 __device__ __forceinline__ void gather(const uint8_t* __restrict__ w, const int* __restrict__ ids, int hidden,
                                        float* __restrict__ y) {
     const int e = blockIdx.x * blockDim.x + threadIdx.x, i = blockIdx.y;
+    pdl_launch_dependents();
+    pdl_wait();
     if (e >= hidden) return;
     const size_t row_bytes = (size_t)(hidden / F::BE) * F::BB;
     const uint8_t* blk = w + (size_t)ids[i] * row_bytes + (size_t)(e / F::BE) * F::BB;

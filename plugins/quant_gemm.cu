@@ -39,6 +39,7 @@
 #include <cooperative_groups.h>
 
 #include "ggml_blocks.cuh"
+#include "pdl.cuh"
 
 namespace cg = cooperative_groups;
 using namespace ggml;
@@ -452,11 +453,15 @@ __device__ __forceinline__ void gemm(const float* __restrict__ x, const uint8_t*
 extern "C" __global__ void GEMM_ATTRS q4k_gemm(const float* __restrict__ x, const uint8_t* __restrict__ w,
                                                const float* __restrict__ bias, int m, int n, int k,
                                                float* __restrict__ y) {
+    pdl_launch_dependents();
+    pdl_wait();
     gemm<Q4K>(x, w, bias, m, n, k, y);
 }
 
 extern "C" __global__ void GEMM_ATTRS q6k_gemm(const float* __restrict__ x, const uint8_t* __restrict__ w,
                                                const float* __restrict__ bias, int m, int n, int k,
                                                float* __restrict__ y) {
+    pdl_launch_dependents();
+    pdl_wait();
     gemm<Q6K>(x, w, bias, m, n, k, y);
 }

@@ -2,6 +2,8 @@
 //     rms_norm(const float* x, const float* weight, int m, int hidden, float* y)
 // block (256), grid (m): one block per row (hidden is a few thousand floats: one pass to reduce, one to scale,
 // the second served from L1/L2). RMS_EPS is a compile-time define (the model file's epsilon).
+#include "pdl.cuh"
+
 #ifndef RMS_EPS
 #define RMS_EPS 1e-6
 #endif
@@ -9,6 +11,8 @@
 extern "C" __global__ void __launch_bounds__(256) rms_norm(const float* __restrict__ x, const float* __restrict__ weight,
                                                            int m, int hidden, float* __restrict__ y) {
     __shared__ float part[8];
+    pdl_launch_dependents();
+    pdl_wait();
     const float* xr = x + (size_t)blockIdx.x * hidden;
     float* yr = y + (size_t)blockIdx.x * hidden;
     const bool vec = (hidden & 3) == 0;  // float4 path (rows stay 16-aligned)

@@ -6,7 +6,7 @@
 // Defines: RMS_EPS, Q_TYPE, K_TYPE, V_TYPE (Q4K, Q6K, Q50, Q80; may differ). Every block computes the normalized
 // row(s) itself (hidden is ~1-2 K floats) while its first weight slices are in flight; the q, k and v row pairs
 // are one list of groups, each warp dispatching on the matrix of its group. block (256), grid (kernels.py).
-#include "qmv.cuh"
+#include "qmv1.cuh"
 
 #if !defined(Q_TYPE) || !defined(K_TYPE) || !defined(V_TYPE)
 #error "rms_norm_qkv needs -DQ_TYPE= -DK_TYPE= -DV_TYPE= (Q4K|Q6K|Q50|Q80)"
@@ -21,5 +21,9 @@ QMV_KERNEL rms_norm_qkv(const float* __restrict__ x, const float* __restrict__ n
     a.w[0] = wq; a.bias[0] = bq; a.y[0] = q; a.n[0] = q_dim;
     a.w[1] = wk; a.bias[1] = bk; a.y[1] = k; a.n[1] = kv_dim;
     a.w[2] = wv; a.bias[2] = bv; a.y[2] = v; a.n[2] = kv_dim;
+#if QMV1
+    qmv1::run<qmv::QKV, ggml::Q_TYPE, ggml::K_TYPE, ggml::V_TYPE>(a);
+#else
     qmv::entry<qmv::QKV, ggml::Q_TYPE, ggml::K_TYPE, ggml::V_TYPE, 1>(a);
+#endif
 }

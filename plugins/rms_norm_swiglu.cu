@@ -5,7 +5,7 @@
 // Defines: RMS_EPS, GATE_TYPE, UP_TYPE (Q4K, Q6K, Q50, Q80; may differ). A block's warps 0-3 compute 4 pairs of
 // gate rows, warps 4-7 the same 4 pairs of up rows; the gate values meet the up values in shared memory.
 // block (256), grid (kernels.py). Core: qmv.cuh.
-#include "qmv.cuh"
+#include "qmv1.cuh"
 
 #if !defined(GATE_TYPE) || !defined(UP_TYPE)
 #error "rms_norm_swiglu needs -DGATE_TYPE= -DUP_TYPE= (Q4K|Q6K|Q50|Q80)"
@@ -18,5 +18,9 @@ QMV_KERNEL rms_norm_swiglu(const float* __restrict__ x, const float* __restrict_
     a.x = x; a.norm_w = norm_w; a.m = m; a.k = hidden;
     a.w[0] = w_gate; a.n[0] = ffn; a.y[0] = y;
     a.w[1] = w_up; a.n[1] = ffn;
+#if QMV1
+    qmv1::run<qmv::SWIGLU, ggml::GATE_TYPE, ggml::UP_TYPE, ggml::UP_TYPE>(a);
+#else
     qmv::entry<qmv::SWIGLU, ggml::GATE_TYPE, ggml::UP_TYPE, ggml::UP_TYPE, 1>(a);
+#endif
 }

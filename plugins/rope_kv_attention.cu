@@ -36,6 +36,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "pdl.cuh"
+
 #if !defined(N_HEADS) || !defined(N_KV_HEADS) || !defined(HEAD_DIM) || !defined(ROPE_THETA)
 #error "rope_kv_attention needs -DN_HEADS=.. -DN_KV_HEADS=.. -DHEAD_DIM=.. -DROPE_THETA=.."
 #endif
@@ -135,10 +137,6 @@ __device__ __forceinline__ uint4 ld_kv(const __half* p) {
 #endif
 }
 
-__device__ __forceinline__ void prefetch_l2(const void* p, unsigned bytes) {
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(__cvta_generic_to_global(p)), "r"(bytes)
-                 : "memory");
-}
 
 __device__ __forceinline__ float ex2(float x) {
     float y;
@@ -200,6 +198,8 @@ rope_kv_attention(const float* __restrict__ q, const float* __restrict__ k, cons
     const int r = blockIdx.x, y = blockIdx.y, i = blockIdx.z;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     const int kvh = y / G, c = y % G;
+    pdl_launch_dependents();
+    pdl_wait();  // q, k, v, positions and the cache come from earlier kernels
 
     // independent loads first: the group's q rows, this lane's inverse frequency, then the token
     float qv[QPT];
@@ -227,8 +227,8 @@ rope_kv_attention(const float* __restrict__ q, const float* __restrict__ k, cons
     if (ATTN_PF_KEYS > 0 && lane == 0)            // L2 prefetch of the first ATTN_PF_KEYS keys (K and V)
         for (int p0 = t0 + warp * PF_PIECE; p0 < min(t1, t0 + ATTN_PF_KEYS); p0 += NW * PF_PIECE) {
             const unsigned bytes = (unsigned)(min(PF_PIECE, t1 - p0) * D * 2);
-            prefetch_l2(kc_in + (size_t)p0 * D, bytes);
-            prefetch_l2(vc_in + (size_t)p0 * D, bytes);
+            l2_prefetch_range(kc_in + (size_t)p0 * D, bytes);
+            l2_prefetch_range(vc_in + (size_t)p0 * D, bytes);
         }
 
     auto load_step = [&](StepBuf& b, int s) {
@@ -395,8 +395,8 @@ rope_kv_attention(const float* __restrict__ q, const float* __restrict__ k, cons
             const int p0 = kb + ATTN_PF_KEYS;
             if (p0 < t1) {
                 const unsigned bytes = (unsigned)(min(PF_PIECE, t1 - p0) * D * 2);
-                prefetch_l2(kc_in + (size_t)p0 * D, bytes);
-                prefetch_l2(vc_in + (size_t)p0 * D, bytes);
+                l2_prefetch_range(kc_in + (size_t)p0 * D, bytes);
+                l2_prefetch_range(vc_in + (size_t)p0 * D, bytes);
             }
         }
         if (n_patch > 0 && kb <= hi_ent && kb + KSTEP > lo_ent) {   // entries of this step: from shared memory

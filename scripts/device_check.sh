@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything the GPU proves, in one call on the lent H100 (the device tool runs this from the repo root):
 #   env -> kernels (nvcc, every op) -> tests (kernel + whole-model GPU tests) -> sanitizer -> bench
-# Logs and JSON go to $OUT (the device tool brings that folder back). STAGES="tests bench" runs a subset.
+# Logs and JSON go to $OUT (the device tool brings that folder back). STAGES="tests bench" runs a subset;
+# TESTS="tests/x.py ..." narrows the tests stage; STAGES=tuning times the decode tunings (scripts/decode_tuning.py).
 set -uo pipefail
 OUT=${OUT:-out/device}
 mkdir -p "$OUT"
@@ -26,8 +27,9 @@ for s in $STAGES; do
   case $s in
     env) run env bash -c 'nvidia-smi; nvcc --version; python3 -c "import numpy, onnx, gguf; from cuda.bindings import driver; print(numpy.__version__, onnx.__version__)"' ;;
     kernels) run kernels python3 -m toolchain.kernels ;;
-    tests) run tests python3 -m pytest -p no:cacheprovider -v -rs tests/test_kernels_gpu.py tests/test_gemm_gpu.py tests/test_prefill_attention_gpu.py tests/test_cuda_backend.py ;;
+    tests) run tests python3 -m pytest -p no:cacheprovider -v -rs ${TESTS:-tests/test_kernels_gpu.py tests/test_gemm_gpu.py tests/test_prefill_attention_gpu.py tests/test_cuda_backend.py} ;;
     sanitizer) run sanitizer compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/sanitize_step.py ;;
+    tuning) run tuning python3 scripts/decode_tuning.py ${TUNING_ARGS:-} ;;
     bench) run bench python3 -m toolchain.cli bench -o "$OUT" ${BENCH_ARGS:-} ;;
     generate) run generate bash -c "python3 -m toolchain.cli generate --model $SYNTH --backend cuda --prompt 'hello world' --max-new-tokens 32 --json && python3 -m toolchain.cli generate --model $SYNTH --backend cpu --prompt 'hello world' --max-new-tokens 32 --json" ;;
   esac

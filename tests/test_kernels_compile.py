@@ -20,12 +20,12 @@ needs_nvcc = pytest.mark.skipif(K.nvcc_path() is None, reason="nvcc not found (n
 
 
 # every specialization of both real models (kernels.specializations: attention per model; the matmuls per k-split;
-# the fused ops per weight-type combination), each distinct define set once
+# the fused ops per weight-type combination) and their batch-1 decode builds, each distinct define set once
 def _cases():
     seen, out = set(), []
     for model in K.MODEL_ATTRS:
-        for op, attrs in K.specializations(model):
-            d = K.defines_for(op, attrs)
+        builds = [(op, K.defines_for(op, attrs)) for op, attrs in K.specializations(model)]
+        for op, d in builds + K.decode_specializations(model):
             key = (op, tuple(sorted(d.items())))
             if key not in seen:
                 seen.add(key)
@@ -42,6 +42,8 @@ def test_specializations_cover_every_op():
     names = {(c.values[0], c.values[1].get("W_TYPE"), c.values[1].get("V_TYPE")) for c in CASES}
     assert ("matmul_add", "Q6K", None) in names and ("rms_norm_qkv", None, "Q6K") in names  # 1.5B mixed layers
     assert ("rms_norm_qkv", None, "Q80") in names  # 0.5B
+    decode = [c.values[1] for c in CASES if "QMV1" in c.values[1] or "QMV_M1" in c.values[1]]
+    assert any(d.get("QMV1_KW") == 6 for d in decode) and any(d.get("QMV_M1") for d in decode)  # down; 0.5B
 
 
 @needs_nvcc

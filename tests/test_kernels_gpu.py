@@ -314,6 +314,68 @@ def test_rms_norm_swiglu_row_pairs(dims, types, m):
     _check(f"rms_norm_swiglu pairs {types} m={m} {ffn}x{hidden}", y, ref, seed, tol=2 * QMV_TOL)
 
 
+# batch-1 decode builds: the qmv1 core (kernels.decode_core; plugins/qmv1.cuh) where the formats allow, with its own
+# launch configuration, and the QMV_M1 build of the general core (which takes any m, one token at a time)
+DECODE_CASES = [
+    ("rms_norm_qkv", (1536, 1536, 256), ("Q4_K", "Q4_K", "Q6_K"), 1),
+    ("rms_norm_qkv", (1536, 1536, 256), ("Q4_K", "Q4_K", "Q4_K"), 1),
+    ("rms_norm_qkv", (512, 70, 18), ("Q6_K", "Q4_K", "Q4_K"), 1),     # odd row counts
+    ("rms_norm_qkv", (2048, 128, 32), ("Q4_K", "Q4_K", "Q4_K"), 1),   # 2 warps per row pair
+    ("rms_norm_qkv", (896, 896, 128), ("Q5_0", "Q5_0", "Q8_0"), 3),   # QMV_M1, m > 1
+    ("matmul_add", (1536, 1536), ("Q4_K",), 1),
+    ("matmul_add", (1536, 8960), ("Q4_K",), 1),                       # 6 warps per row pair
+    ("matmul_add", (1536, 8960), ("Q6_K",), 1),
+    ("matmul_add", (1001, 512), ("Q6_K",), 1),                        # odd n
+    ("matmul_add", (37, 3328), ("Q4_K",), 1),                         # 13 superblocks: a short last k part
+    ("matmul_add", (896, 4864), ("Q5_0",), 2),                        # QMV_M1
+    ("rms_norm_swiglu", (1536, 8960), ("Q4_K", "Q4_K"), 1),
+    ("rms_norm_swiglu", (1536, 1002), ("Q4_K", "Q6_K"), 1),
+    ("rms_norm_swiglu", (2048, 64), ("Q6_K", "Q6_K"), 1),
+    ("rms_norm_swiglu", (896, 4864), ("Q5_0", "Q5_0"), 1),            # QMV_M1
+]
+
+
+@pytest.mark.parametrize("op,shape,types,m", DECODE_CASES)
+def test_decode_builds(op, shape, types, m):
+    rng, seed = _rng()
+    hidden = shape[0] if op != "matmul_add" else shape[1]
+    x = rng.standard_normal((m, hidden), dtype=np.float32) * 3
+    g = rng.standard_normal(hidden, dtype=np.float32)
+    if op == "rms_norm_qkv":
+        _, q_dim, kv_dim = shape
+        attrs = dict(epsilon=EPS, q_type=types[0], k_type=types[1], v_type=types[2], q_dim=q_dim, kv_dim=kv_dim)
+        ws = [random_weights(rng, t, n, hidden) for t, n in zip(types, (q_dim, kv_dim, kv_dim))]
+        bs = [rng.standard_normal(n, dtype=np.float32) for n in (q_dim, kv_dim, kv_dim)]
+        inputs = [x, g, ws[0], bs[0], ws[1], bs[1], ws[2], bs[2]]
+        outputs = [((m, q_dim), np.float32), ((m, kv_dim), np.float32), ((m, kv_dim), np.float32)]
+        dims = dict(attrs, m=m, hidden=hidden)
+        refs = ops.rms_norm_qkv(*inputs, epsilon=EPS, q_type=types[0], k_type=types[1], v_type=types[2])
+    elif op == "matmul_add":
+        n, k = shape
+        attrs = dict(w_type=types[0], in_features=k, out_features=n)
+        w, bias = random_weights(rng, types[0], n, k), rng.standard_normal(n, dtype=np.float32)
+        res = rng.standard_normal((m, n), dtype=np.float32) * 4
+        inputs, outputs, dims = [x, w, bias, res], [((m, n), np.float32)], dict(attrs, m=m, n=n, k=k)
+        refs = [ops.matmul_add(x, w, bias, res, w_type=types[0])]
+    else:
+        ffn = shape[1]
+        attrs = dict(epsilon=EPS, gate_type=types[0], up_type=types[1], ffn=ffn)
+        wg, wu = random_weights(rng, types[0], ffn, hidden), random_weights(rng, types[1], ffn, hidden)
+        inputs, outputs, dims = [x, g, wg, wu], [((m, ffn), np.float32)], dict(attrs, m=m, hidden=hidden)
+        refs = [ops.rms_norm_swiglu(x, g, wg, wu, epsilon=EPS, gate_type=types[0], up_type=types[1])]
+    core = K.decode_core(op, attrs, hidden) if m == 1 else {}
+    assert bool(core) == (m == 1 and all(t in ("Q4_K", "Q6_K") for t in types)), core
+    defines = {k: v for k, v in K.defines_for(op, attrs).items() if k != "KSPLIT" or not core}
+    defines.update(core or {"QMV_M1": 1})
+    if core:
+        dims["qmv1_kw"] = core["QMV1_KW"]
+    outs = run(op, inputs, outputs, dims, tuple(sorted(defines.items())))
+    for i, (y, ref) in enumerate(zip(outs, refs)):
+        if op == "matmul_add":  # judged on the projection: the residual adds exactly
+            y, ref = y - inputs[3], ref - inputs[3]
+        _check(f"{op} decode build {defines} {shape} m={m} out {i}", y, ref, seed, tol=2 * QMV_TOL)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # small ops
 

@@ -5,6 +5,15 @@ its grid and argument pointers resolved. Every activation buffer is allocated fo
 and reused, so the plan for m = 1 can be captured into one CUDA graph: embedding, all layers, final norm, lm_head,
 argmax and `decode_advance` (which writes the argmax into the token input and increments the positions). Replaying
 that graph is a whole decode step that advances itself; the host only reads the new token for streaming.
+
+Decode steps (m < GEMM_MIN_M) are tuned (`TUNING`; docs/perf-notes.md has the measurements, scripts/decode_tuning.py
+times the variants):
+- pdl: every launch after the first is a programmatic dependent launch (plugins/pdl.cuh): a kernel is scheduled in
+  the previous kernel's tail and has its first weights in flight before it waits for its input.
+- qmv1: the batch-1 plan runs the fused projections with Q4_K / Q6_K weights on the decode core
+  (plugins/qmv1.cuh, kernels.decode_core), with its own launch configuration.
+- m1: the other projections of the batch-1 plan use the decode builds of the general core (QMV_M1: less code).
+- qmv_defines / qmv1_defines: extra defines for the two cores (experiments).
 """
 from __future__ import annotations
 
@@ -17,7 +26,7 @@ from . import cuda_runtime as cr
 from .fusion import fuse
 from .gguf_model import GGUFModel
 from .graph import build_model_graph, node_attrs
-from .kernels import defines_for, launch_config
+from .kernels import FUSED_OPS, MATMUL_OPS, decode_build, defines_for, launch_config
 
 # ONNX op_type -> kernel op (standard ops map to our kernels; custom ops share their names).
 KERNEL_OF = {"RMSNormalization": "rms_norm", "Add": "add", "ArgMax": "argmax"}
@@ -28,6 +37,7 @@ GEMM_MIN_M = 32
 # Nodes after the last layer: a prompt prefill needs their result for its last token only.
 HEAD_NODES = ("final_norm", "lm_head", "argmax")
 F32 = np.float32
+TUNING = {"pdl": True, "m1": True, "qmv1": True, "qmv_defines": {}, "qmv1_defines": {}}
 
 
 @dataclass
@@ -43,9 +53,10 @@ class CudaBackend:
     name = "cuda"
 
     def __init__(self, model: GGUFModel, max_context: int, n_slots: int = 1, max_tokens: int = 64,
-                 fused: bool = True):
+                 fused: bool = True, tuning: dict | None = None):
         self.model, self.cfg = model, model.config
         self.max_context, self.n_slots, self.max_tokens = max_context, n_slots, max_tokens
+        self.tuning = {**TUNING, **(tuning or {})}
         cr.init()
         self.stream = cr.Stream()
         graph, arrays = build_model_graph(model)
@@ -132,7 +143,16 @@ class CudaBackend:
             dims = self._dims(node, op, attrs, 1 if head else m)
             if gemm and not head and op in GEMM_OF:
                 op = GEMM_OF[op]
-            kern = self._kernel(op, defines_for(op, attrs))
+            defines = defines_for(op, attrs)
+            if m == 1 and op in MATMUL_OPS + FUSED_OPS:
+                defines = decode_build(op, attrs, dims.get("k", dims.get("hidden")), self.tuning["qmv1"],
+                                       self.tuning["m1"])
+            if "QMV1" in defines:
+                defines |= self.tuning["qmv1_defines"]
+                dims["qmv1_kw"] = defines["QMV1_KW"]
+            elif op in MATMUL_OPS + FUSED_OPS:
+                defines |= self.tuning["qmv_defines"]
+            kern = self._kernel(op, defines)
             cfg = launch_config(op, dims)
             ins = [self.buffers[i].ptr for i in node.input]
             if head and node.name == HEAD_NODES[0]:  # read the last token's hidden row
@@ -165,10 +185,11 @@ class CudaBackend:
                        [q_rot, k_cache, v_cache, positions, slots, *b.scalars, outs[0]])]
 
     def run_plan(self, m: int, advance: bool = False, last_only: bool = False):
-        for launch in self.plan(m, last_only):
-            if launch.op == "decode_advance" and not advance:
-                continue
-            launch.kernel.launch(launch.cfg, launch.args, self.stream)
+        """Enqueue the plan on self.stream; decode steps (matvec plans) as programmatic dependent launches."""
+        pdl = m < GEMM_MIN_M and self.tuning["pdl"]
+        launches = [x for x in self.plan(m, last_only) if advance or x.op != "decode_advance"]
+        for j, launch in enumerate(launches):
+            launch.kernel.launch(launch.cfg, launch.args, self.stream, pdl=pdl and j > 0)
 
     def decode_graph(self, m: int = 1):
         """The whole decode step for m tokens captured once into a CUDA graph (advancing itself)."""

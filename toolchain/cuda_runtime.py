@@ -5,9 +5,10 @@
                                              .upload(a, stream) .download(shape, dtype) or .download(stream, rows=m)
                                              .fill_u8 / .fill_u32 (poison) .free()
     Module(image)                            cubin or PTX (cuModuleLoadData); .kernel(name) / .function(name)
-    Kernel.launch(cfg, args, stream)         args in kernel order; each is packed by the kernel's own parameter
+    Kernel.launch(cfg, args, stream, pdl)    args in kernel order; each is packed by the kernel's own parameter
                                              sizes (cuFuncGetParamInfo): 8 bytes -> pointer (DeviceBuffer, Ptr, int,
-                                             None), 4 bytes -> int32
+                                             None), 4 bytes -> int32. pdl=True: programmatic dependent launch
+                                             (plugins/pdl.cuh), the kernel may start before the previous one ends
     Kernel.launch_op(cfg, inputs, outputs, stream)   the op ABI: inputs, cfg.scalars, outputs
     Stream, Event, time_ms(stream, fn), memcpy_dtod(dst, src, nbytes, stream)
     CUDA graphs: capture(stream, fn) -> Graph, or `with stream.capture() as g: ...`; g.launch(stream)
@@ -327,8 +328,10 @@ class Kernel:
                 vals.append(np.array([int(a)], np.int32))
         return vals, np.array([v.ctypes.data for v in vals], np.uint64)
 
-    def launch(self, cfg, args, stream=None):
-        """Launch with cfg (kernels.LaunchConfig, int dims) and args in kernel order."""
+    def launch(self, cfg, args, stream=None, pdl: bool = False):
+        """Launch with cfg (kernels.LaunchConfig, int dims) and args in kernel order. With pdl, as a programmatic
+        dependent launch: the kernel may be scheduled while the previous kernel on the stream runs, and waits for it
+        in its own code (plugins/pdl.cuh; every kernel of plugins/ does)."""
         vals, ptrs = self._pack(args)  # `vals` must stay alive through the call
         d = driver()
         (gx, gy, gz), (bx, by, bz) = cfg.grid, cfg.block
@@ -336,8 +339,22 @@ class Kernel:
             attr = d.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
             check(d.cuFuncSetAttribute(self.handle, attr, int(cfg.shared_mem)), f"cuFuncSetAttribute({self.name})")
             self._smem_limit = int(cfg.shared_mem)
-        check(d.cuLaunchKernel(self.handle, int(gx), int(gy), int(gz), int(bx), int(by), int(bz), int(cfg.shared_mem),
-                               _stream_handle(stream), ptrs.ctypes.data, 0), f"cuLaunchKernel({self.name})")
+        if not pdl:
+            check(d.cuLaunchKernel(self.handle, int(gx), int(gy), int(gz), int(bx), int(by), int(bz),
+                                   int(cfg.shared_mem), _stream_handle(stream), ptrs.ctypes.data, 0),
+                  f"cuLaunchKernel({self.name})")
+        else:
+            lc = d.CUlaunchConfig()
+            lc.gridDimX, lc.gridDimY, lc.gridDimZ = int(gx), int(gy), int(gz)
+            lc.blockDimX, lc.blockDimY, lc.blockDimZ = int(bx), int(by), int(bz)
+            lc.sharedMemBytes = int(cfg.shared_mem)
+            lc.hStream = _stream_handle(stream)
+            attr = d.CUlaunchAttribute()
+            attr.id = d.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+            attr.value.programmaticStreamSerializationAllowed = 1
+            lc.attrs = [attr]
+            lc.numAttrs = 1
+            check(d.cuLaunchKernelEx(lc, self.handle, ptrs.ctypes.data, 0), f"cuLaunchKernelEx({self.name})")
         del vals
 
     def launch_op(self, cfg, inputs, outputs, stream=None):

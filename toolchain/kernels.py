@@ -136,6 +136,47 @@ def qmv_grid_x(units: int, per_block: int, cluster: int = 1, max_blocks: int = M
     return -(-need // rounds) * cluster
 
 
+QMV1_NBW, QMV1_BLOCKS_PER_SM, QMV1_WARPS = 6, 2, 8  # plugins/qmv1.cuh: superblocks per warp, blocks per SM
+_WEIGHT_TYPE_ATTRS = {"matmul_add": ("w_type",), "rms_norm_qkv": ("q_type", "k_type", "v_type"),
+                      "rms_norm_swiglu": ("gate_type", "up_type")}
+
+
+def decode_core(op: str, attrs: dict, k: int) -> dict:
+    """Extra defines of the batch-1 build of a fused projection (plugins/qmv1.cuh: QMV1, QMV1_KW = warps sharing a
+    row pair's k, QMV1_PD = groups each warp has in flight), or {} where it does not apply (other ops, formats other
+    than Q4_K / Q6_K, k not whole superblocks or beyond 8 warps x 1536). Only for steps of one token: the build
+    computes row 0 of x alone. PD is 3 where a warp has several groups (gate/up, down) and else the number it has
+    (measured: 2 and 4 were slower than 3; extra buffers only cost registers)."""
+    if op not in _WEIGHT_TYPE_ATTRS or k % 256 or k > 256 * QMV1_NBW * QMV1_WARPS:
+        return {}
+    if any(_type_name(attrs[a]) not in ("Q4_K", "Q6_K") for a in _WEIGHT_TYPE_ATTRS[op]):
+        return {}
+    kw = -(-(k // 256) // QMV1_NBW)
+    dims = dict(attrs, m=1, k=k, hidden=k, n=attrs.get("out_features"), qmv1_kw=kw)
+    cfg = launch_config(op, dims)
+    per_block = max(1, QMV1_WARPS // kw)
+    iters = -(-_qmv1_groups(op, dims) // (cfg.grid[0] * per_block))
+    return {"QMV1": 1, "QMV1_KW": kw, "QMV1_PD": max(1, min(3, iters))}
+
+
+def decode_build(op: str, attrs: dict, k: int, core: bool = True, m1: bool = True) -> dict:
+    """Defines of the batch-1 (decode) build of a projection: the decode core where it applies (decode_core), else
+    the general core without its multi-token body (QMV_M1). The flags switch either off (scripts/decode_tuning.py)."""
+    d = defines_for(op, attrs)
+    extra = decode_core(op, attrs, k) if core else {}
+    if extra:
+        return {key: v for key, v in d.items() if key != "KSPLIT"} | extra
+    return d | ({"QMV_M1": 1} if m1 and op in MATMUL_OPS + FUSED_OPS else {})
+
+
+def _qmv1_groups(op: str, dims: dict) -> int:
+    if op == "matmul_add":
+        return -(-int(_dim(dims, "n", "out_features")) // 2)
+    if op == "rms_norm_qkv":
+        return -(-int(dims["q_dim"]) // 2) + 2 * -(-int(dims["kv_dim"]) // 2)
+    return int(dims["ffn"])
+
+
 def defines_for(op: str, attrs: dict) -> dict:
     """Compile-time defines of the op's specialization from its ONNX attributes (TensorRT does not serialize them)."""
     _check_op(op)
@@ -174,6 +215,14 @@ def launch_config(op: str, dims: dict, ops=INT_OPS) -> LaunchConfig:
     weight shapes (n, k, hidden, q_dim, kv_dim, ffn) are static ints."""
     _check_op(op)
     m = dims.get("m")
+    if "qmv1_kw" in dims:  # batch-1 build of a fused projection (decode_core): groups of 2 rows, G per block
+        kw = int(dims["qmv1_kw"])
+        g = max(1, QMV1_WARPS // kw)
+        scalars = {"matmul_add": lambda: (m, _dim(dims, "n", "out_features"), _dim(dims, "k", "in_features")),
+                   "rms_norm_qkv": lambda: (m, dims["hidden"], dims["q_dim"], dims["kv_dim"]),
+                   "rms_norm_swiglu": lambda: (m, dims["hidden"], dims["ffn"])}[op]()
+        return LaunchConfig((qmv_grid_x(_qmv1_groups(op, dims), g, 1, QMV_SMS * QMV1_BLOCKS_PER_SM), 1, 1),
+                            (32 * kw * g, 1, 1), 0, scalars)
     if op in MATMUL_OPS or op == "matmul_add":
         n, k = int(_dim(dims, "n", "out_features")), int(_dim(dims, "k", "in_features"))
         t = MATMUL_TYPE[op] if op in MATMUL_OPS else _type_name(dims["w_type"])
@@ -213,6 +262,7 @@ def launch_config(op: str, dims: dict, ops=INT_OPS) -> LaunchConfig:
                             (m, _dim(dims, "n_slots"), _dim(dims, "max_seq", "max_seq_len")))
     if op == "decode_advance":
         return LaunchConfig((ops.cdiv(m, 256), 1, 1), (256, 1, 1), 0, (m,))
+
     raise AssertionError(op)
 
 
@@ -301,15 +351,17 @@ def _model_attrs() -> tuple:
 MODEL_ATTRS = _model_attrs()  # 1.5B, 0.5B
 
 
-def specializations(model: dict) -> list[tuple[str, dict]]:
-    """(op, ONNX attributes) of every kernel specialization the model's decode graphs use, unfused and fused."""
+def specializations(model: dict, build=None) -> list[tuple[str, dict]]:
+    """(op, ONNX attributes) of every kernel specialization the model's decode graphs use, unfused and fused: one
+    per distinct build(op, attrs) (default: defines_for)."""
+    build = build or defines_for
     hidden, ffn = model["hidden"], model["ffn"]
     q_dim, kv_dim = model["n_heads"] * model["head_dim"], model["n_kv_heads"] * model["head_dim"]
     eps = model["epsilon"]
     specs = {}
 
     def add(op, **attrs):
-        specs[(op, tuple(sorted(defines_for(op, attrs).items())))] = (op, attrs)
+        specs[(op, tuple(sorted(build(op, attrs).items())))] = (op, attrs)
 
     for op in KERNEL_OPS:
         if op not in MATMUL_OPS and op not in FUSED_OPS:
@@ -327,6 +379,14 @@ def specializations(model: dict) -> list[tuple[str, dict]]:
     return list(specs.values())
 
 
+def decode_specializations(model: dict) -> list[tuple[str, dict]]:
+    """(op, defines) of the batch-1 builds the cuda backend compiles for the model's projections (decode_build)."""
+    def build(op, attrs):
+        return decode_build(op, attrs, attrs.get("in_features", model["hidden"]))
+
+    return [(op, build(op, attrs)) for op, attrs in specializations(model, build) if op in MATMUL_OPS + FUSED_OPS]
+
+
 def _main():
     """`make kernels` / `python -m toolchain.kernels`: compile every op (cubin for sm_90, and PTX) for both real
     models' specializations and print nvcc's resource usage (registers, spills, shared memory) per file."""
@@ -335,12 +395,13 @@ def _main():
 
     failed = 0
     for model in MODEL_ATTRS:
-        for op, attrs in specializations(model):
+        builds = [(op, defines_for(op, attrs)) for op, attrs in specializations(model)]
+        for op, defines in builds + decode_specializations(model):
             for fmt in ("cubin", "ptx"):
                 try:
-                    compile_kernel(op, defines_for(op, attrs), fmt=fmt)
+                    compile_kernel(op, defines, fmt=fmt)
                 except UserError as e:
-                    print(f"FAILED {op} {attrs}: {e}", file=sys.stderr)
+                    print(f"FAILED {op} {defines}: {e}", file=sys.stderr)
                     failed += 1
     for log in sorted(CACHE.glob("*.log")):
         usage = re.findall(r"Used \d+ registers[^\n]*", log.read_text())

@@ -1,0 +1,27 @@
+// Programmatic dependent launch (sm_90) and L2 prefetch, shared by every kernel of the decode step.
+//
+// The runtime may launch a kernel with the programmatic-stream-serialization attribute (toolchain/cuda_runtime.py,
+// Kernel.launch(pdl=True)): it is then scheduled while the kernel before it on the stream is still running, as soon
+// as that kernel has called pdl_launch_dependents() in every block and SM resources are free. Such a kernel may do
+// only work that depends on nothing an earlier kernel wrote (issuing its weight copies) before pdl_wait(), which
+// returns once the previous grid has completed and its memory is visible. Every block of every kernel calls
+// pdl_wait() before its first dependent read and before any write, and before it exits; so "kernel N complete"
+// still implies "every kernel before N complete", the order the graph had without the attribute. Launched without
+// the attribute, both instructions return at once.
+#pragma once
+#include <stdint.h>
+
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+__device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
+
+// Asynchronous L2 prefetch of [p, p + bytes): a hint, nothing waits for it. Only whole 16-byte units inside the range
+// are asked for (the bulk prefetch needs 16-aligned addresses and sizes), in pieces of at most 32 KB.
+__device__ __forceinline__ void l2_prefetch_range(const void* p, size_t bytes) {
+    const uintptr_t g = (uintptr_t)__cvta_generic_to_global(p);
+    uintptr_t lo = (g + 15) & ~uintptr_t(15);
+    const uintptr_t hi = (g + bytes) & ~uintptr_t(15);
+    for (; lo < hi; lo += 32768) {
+        const uint32_t n = (uint32_t)(hi - lo < 32768 ? hi - lo : 32768);
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(lo), "r"(n) : "memory");
+    }
+}

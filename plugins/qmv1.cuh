@@ -1,0 +1,304 @@
+// Batch-1 decode core of the fused projections (matmul_add, rms_norm_qkv, rms_norm_swiglu) for Q4_K / Q6_K
+// weights: built with -DQMV1=1 -DQMV1_KW=<warps per row pair> (toolchain/kernels.py decode_core), launched by the
+// cuda backend for m = 1. docs/perf-notes.md "v5" has the measurements that led here: the general core (qmv.cuh)
+// spent ~480 warp-instructions per KB of weights on slicing, staging and half-empty passes, and was issue-bound.
+//
+// - A group is 2 weight rows that meet the same x (2 consecutive rows; rms_norm_swiglu: gate row r and up row r).
+//   KW warps share a group, each owning <= NBW = 6 superblocks (1536 elements) of k; G = 8 / KW groups run side by
+//   side in a block. A warp's 2 x 8 x 6 = 96 units (16 qs bytes of one row each) are 3 tasks per lane, fixed for
+//   the whole kernel, so each lane's addresses and x offsets are computed once.
+// - Weights go straight from HBM into registers (16-byte loads; Q6_K's 2-aligned blocks through aligned words and
+//   funnel shifts), the next group's while the current one is decoded. The first group's loads are issued before
+//   pdl_wait(): with programmatic dependent launch they overlap the previous kernel's tail.
+// - x is quantized once per block into shared memory (int16, a scale and a sum per 16 elements, RMSNorm first for
+//   the fused norms), as in qmv.cuh; dot products in dp2a.
+#pragma once
+#include "qmv.cuh"
+
+namespace qmv1 {
+using namespace ggml;
+using qmv::Kind;
+
+#ifndef QMV1_KW
+#define QMV1_KW 1
+#endif
+#ifndef QMV1_PD
+#define QMV1_PD 3  // groups per warp in flight (register buffers): the one being decoded and PD - 1 loading
+#endif
+constexpr int NBW = 6;                 // superblocks of k per warp at most
+constexpr int U = NBW / 2;             // tasks per lane: 2 rows x 8 units x NBW / 32
+constexpr int KW = QMV1_KW;            // warps per group (k split)
+constexpr int G = KW >= 8 ? 1 : 8 / KW;  // groups per block side by side
+constexpr int NWARP = KW * G, THREADS = 32 * NWARP;
+constexpr int KMAX = 256 * NBW * KW;   // largest k this build takes
+constexpr int W = 12;                  // raw words per task (Q4_K: 8, Q6_K: 11)
+
+__device__ __forceinline__ uint4 ldg16(const uint8_t* p) {  // 16-aligned, read once: no L1 allocation
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ uint32_t ldg32(const uint8_t* p) { return __ldg(reinterpret_cast<const uint32_t*>(p)); }
+
+// One task: row r of the group, superblock jb of the warp's k range, unit u. Raw words of the unit in w[0..W).
+template <class F> struct Task;
+
+template <> struct Task<Q4K> {  // w: header (d, dmin, 12 scale bytes) then the unit's 16 qs bytes
+    static __device__ __forceinline__ void load(const uint8_t* blk, int u, uint32_t (&w)[W]) {
+        const uint4 h = __ldg(reinterpret_cast<const uint4*>(blk));  // shared by the 8 lanes of the block: L1
+        const uint4 q = ldg16(blk + 16 + 16 * u);
+        w[0] = h.x; w[1] = h.y; w[2] = h.z; w[3] = h.w; w[4] = q.x; w[5] = q.y; w[6] = q.z; w[7] = q.w;
+    }
+    // sum over the unit's 32 elements of weight * x (x = xq * d16 per 16 elements, s16 = sum of xq)
+    static __device__ __forceinline__ float dot(const uint32_t (&w)[W], int u, int e0, const int16_t* xq,
+                                                const float* d16, const float* s16) {
+        const int p = u >> 1, h = u & 1, el = e0 + 64 * p + 16 * h, eh = el + 32;
+        uint32_t sc, mn;
+        qmv::q4k_scale_min2(w[1], w[2], w[3], p, sc, mn);
+        const float d = half_bits_to_float(w[0]), dm = half_bits_to_float(w[0] >> 16);
+        const uint32_t lo[4] = {w[4] & 0x0F0F0F0Fu, w[5] & 0x0F0F0F0Fu, w[6] & 0x0F0F0F0Fu, w[7] & 0x0F0F0F0Fu};
+        const uint32_t hi[4] = {w[4] & 0xF0F0F0F0u, w[5] & 0xF0F0F0F0u, w[6] & 0xF0F0F0F0u, w[7] & 0xF0F0F0F0u};
+        const uint4 xa = *reinterpret_cast<const uint4*>(xq + qmv::xphys(el));
+        const uint4 xb = *reinterpret_cast<const uint4*>(xq + qmv::xphys(el + 8));
+        const uint4 ya = *reinterpret_cast<const uint4*>(xq + qmv::xphys(eh));
+        const uint4 yb = *reinterpret_cast<const uint4*>(xq + qmv::xphys(eh + 8));
+        const float fl = (float)qmv::dot16<false>(lo, xa, xb, 0), fh = (float)qmv::dot16<false>(hi, ya, yb, 0);
+        const float c0 = d * qmv::small_u2f(sc & 0xFFu), c1 = d * qmv::small_u2f(sc >> 8) * 0.0625f;
+        const float m0 = dm * qmv::small_u2f(mn & 0xFFu), m1 = dm * qmv::small_u2f(mn >> 8);
+        return d16[el >> 4] * fmaf(c0, fl, -m0 * s16[el >> 4]) + d16[eh >> 4] * fmaf(c1, fh, -m1 * s16[eh >> 4]);
+    }
+};
+
+// 16 bytes at a 2-aligned global address through aligned words (reads up to 4 bytes past: inside the block here)
+__device__ __forceinline__ void ldg16_any(const uint8_t* p, uint32_t* w) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    const uint8_t* b = reinterpret_cast<const uint8_t*>(a & ~uintptr_t(3));
+    const uint32_t sh = (uint32_t)(a & 3) * 8u;
+    const uint32_t w0 = ldg32(b), w1 = ldg32(b + 4), w2 = ldg32(b + 8), w3 = ldg32(b + 12), w4 = ldg32(b + 16);
+    w[0] = __funnelshift_r(w0, w1, sh); w[1] = __funnelshift_r(w1, w2, sh);
+    w[2] = __funnelshift_r(w2, w3, sh); w[3] = __funnelshift_r(w3, w4, sh);
+}
+
+template <> struct Task<Q6K> {  // unit u = (hf, jj, a) as qmv.cuh's Unit<Q6K>; w: ql[16], qh[16], 2 scales, d
+    static __device__ __forceinline__ void load(const uint8_t* blk, int u, uint32_t (&w)[W]) {
+        const int hf = u >> 2, jj = (u >> 1) & 1, a = u & 1;
+        ldg16_any(blk + 64 * hf + 32 * jj + 16 * a, w);
+        ldg16_any(blk + 128 + 32 * hf + 16 * a, w + 4);
+        const int s = 192 + 8 * hf + 2 * jj + a;
+        w[8] = (uint32_t)__ldg(blk + s) | ((uint32_t)__ldg(blk + s + 4) << 8);
+        w[9] = (uint32_t)__ldg(reinterpret_cast<const unsigned short*>(blk + 208));
+    }
+    static __device__ __forceinline__ float dot(const uint32_t (&w)[W], int u, int e0, const int16_t* xq,
+                                                const float* d16, const float* s16) {
+        const int hf = u >> 2, jj = (u >> 1) & 1, a = u & 1;
+        const int el = e0 + 128 * hf + 32 * jj + 16 * a, eh = el + 64;
+        const uint32_t shl = 4u - 2u * (uint32_t)jj, shr = 2u * (uint32_t)jj;
+        uint32_t lo[4], hi[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            lo[i] = (w[i] & 0x0F0F0F0Fu) | ((w[4 + i] << shl) & 0x30303030u);
+            hi[i] = ((w[i] >> 4) & 0x0F0F0F0Fu) | ((w[4 + i] >> shr) & 0x30303030u);
+        }
+        const uint4 xa = *reinterpret_cast<const uint4*>(xq + qmv::xphys(el));
+        const uint4 xb = *reinterpret_cast<const uint4*>(xq + qmv::xphys(el + 8));
+        const uint4 ya = *reinterpret_cast<const uint4*>(xq + qmv::xphys(eh));
+        const uint4 yb = *reinterpret_cast<const uint4*>(xq + qmv::xphys(eh + 8));
+        const float d = half_bits_to_float(w[9]);
+        const float fl = (float)qmv::dot16<false>(lo, xa, xb, 0) - 32.f * s16[el >> 4];
+        const float fh = (float)qmv::dot16<false>(hi, ya, yb, 0) - 32.f * s16[eh >> 4];
+        return d * ((float)(int8_t)(w[8] & 0xFFu) * d16[el >> 4] * fl + (float)(int8_t)(w[8] >> 8) * d16[eh >> 4] * fh);
+    }
+};
+
+struct __align__(16) Smem {
+    int16_t xq[KMAX * 9 / 8];
+    float d16[KMAX / 16], s16[KMAX / 16];
+    float part[2][G][KW][2];  // per iteration parity: each k part's sums of the group's 2 rows
+    float red[NWARP];
+};
+
+template <class F> struct KQuant { static constexpr bool value = std::is_same<F, Q4K>::value || std::is_same<F, Q6K>::value; };
+
+// m must be 1 (the backend uses these builds for its batch-1 plan only); any grid works, kernels.py's balances it.
+template <Kind K, class F0, class F1, class F2>
+__device__ __forceinline__ void run(const qmv::Args& a) {
+    static_assert(KQuant<F0>::value && KQuant<F1>::value && KQuant<F2>::value, "qmv1: Q4_K / Q6_K weights only");
+    __shared__ Smem sm;
+    constexpr bool NORM = K == qmv::QKV || K == qmv::SWIGLU;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, kw = warp % KW, gw = warp / KW;
+    const int k = a.k, nb = k / 256;
+    pdl_launch_dependents();
+
+    // groups: QKV lists q, k, v row pairs; SWIGLU pairs gate row r with up row r; ADD / PLAIN row pairs
+    const int ng0 = K == qmv::SWIGLU ? a.n[0] : (a.n[0] + 1) >> 1;
+    const int ng1 = K == qmv::QKV ? (a.n[1] + 1) >> 1 : 0;
+    const int ng = ng0 + (K == qmv::QKV ? 2 * ng1 : 0);  // k and v have the same rows (kv_dim)
+    const int stride = gridDim.x * G, iters = (ng + stride - 1) / stride;
+
+    // this warp's k range (superblocks [j0, j0 + nbw)) and its lanes' fixed tasks
+    const int j0 = kw * NBW, nbw = max(0, min(NBW, nb - j0));
+    int t_row[U], t_off[U], t_u[U], t_e[U];
+    bool t_ok[U];
+#pragma unroll
+    for (int i = 0; i < U; ++i) {
+        const int t = lane + 32 * i, per_row = 8 * nbw;
+        t_ok[i] = t < 2 * per_row;
+        const int r = t_ok[i] && t >= per_row ? 1 : 0, rem = t_ok[i] ? t - r * per_row : 0;
+        t_row[i] = r;
+        t_u[i] = rem & 7;
+        t_off[i] = j0 + (rem >> 3);   // superblock index in the row
+        t_e[i] = 256 * t_off[i];      // its first element
+    }
+
+    // where a group's rows are: matrix, its two row indices, format
+    auto locate = [&](int g, int& mat, int& r0, int& r1) {
+        mat = 0;
+        if (K == qmv::QKV && g >= ng0) { g -= ng0; mat = 1 + (g >= ng1); if (g >= ng1) g -= ng1; }
+        if (K == qmv::SWIGLU) { r0 = r1 = g; return; }
+        const int n = mat == 0 ? a.n[0] : mat == 1 ? a.n[1] : a.n[2];
+        r0 = 2 * g;
+        r1 = min(2 * g + 1, n - 1);
+    };
+    auto row_ptr = [&](int mat, int rr, int which) -> const uint8_t* {  // which: 0 = first row, 1 = second
+        const uint8_t* base = K == qmv::SWIGLU ? (which ? a.w[1] : a.w[0]) : (mat == 0 ? a.w[0] : mat == 1 ? a.w[1] : a.w[2]);
+        const int bb = (K == qmv::SWIGLU ? (which ? F1::BB : F0::BB) : (mat == 0 ? F0::BB : mat == 1 ? F1::BB : F2::BB));
+        return base + (size_t)rr * (size_t)(nb * bb);
+    };
+    auto fmt_of = [&](int mat, int which) -> int {  // 4: Q4_K, 6: Q6_K
+        using std::is_same;
+        const bool q6 = K == qmv::SWIGLU ? (which ? is_same<F1, Q6K>::value : is_same<F0, Q6K>::value)
+                                         : (mat == 0 ? is_same<F0, Q6K>::value : mat == 1 ? is_same<F1, Q6K>::value
+                                                                                         : is_same<F2, Q6K>::value);
+        return q6 ? 6 : 4;
+    };
+    auto load = [&](int g, uint32_t (&w)[U][W]) {
+        if (g >= ng) return;
+        int mat, r0, r1;
+        locate(g, mat, r0, r1);
+#pragma unroll
+        for (int i = 0; i < U; ++i) {
+            if (!t_ok[i]) continue;
+            const uint8_t* row = row_ptr(mat, t_row[i] ? r1 : r0, t_row[i]);
+            if (fmt_of(mat, t_row[i]) == 6) Task<Q6K>::load(row + (size_t)t_off[i] * Q6K::BB, t_u[i], w[i]);
+            else Task<Q4K>::load(row + (size_t)t_off[i] * Q4K::BB, t_u[i], w[i]);
+        }
+    };
+
+    constexpr int PD = QMV1_PD;
+    int g = blockIdx.x * G + gw;
+    uint32_t wb[PD][U][W];  // wb[p]: the group of iteration p, in flight from the start
+#pragma unroll
+    for (int p = 0; p < PD; ++p) load(g + p * stride, wb[p]);
+    pdl_wait();  // x, the residual and the outputs belong to earlier kernels (pdl.cuh)
+
+    // x -> int16 in shared memory, a scale and a sum per 16 elements (after the RMSNorm for the fused norms)
+    float rs = 1.f;
+    if (NORM) {
+        float ss = 0.f;
+        for (int i = threadIdx.x; i < (k >> 2); i += THREADS) {
+            const float4 v = __ldg(reinterpret_cast<const float4*>(a.x) + i);
+            ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        if (lane == 0) sm.red[warp] = ss;
+        __syncthreads();
+        float tot = 0.f;
+#pragma unroll
+        for (int i = 0; i < NWARP; ++i) tot += sm.red[i];
+        rs = sqrtf(tot / (float)k + (float)(RMS_EPS));
+    }
+    for (int base = 0; base < (k >> 2); base += THREADS) {  // uniform trip count: the shuffles are safe
+        const int i = base + threadIdx.x;
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (i < (k >> 2)) {
+            v = __ldg(reinterpret_cast<const float4*>(a.x) + i);
+            if (NORM) {
+                const float4 nw = __ldg(reinterpret_cast<const float4*>(a.norm_w) + i);
+                v = make_float4(v.x / rs * nw.x, v.y / rs * nw.y, v.z / rs * nw.z, v.w / rs * nw.w);
+            }
+        }
+        float am = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+        am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, 1));
+        am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, 2));
+        const float inv = am > 0.f ? 32767.f / am : 0.f;
+        const int q0 = __float2int_rn(v.x * inv), q1 = __float2int_rn(v.y * inv);
+        const int q2 = __float2int_rn(v.z * inv), q3 = __float2int_rn(v.w * inv);
+        int s4 = q0 + q1 + q2 + q3;
+        s4 += __shfl_xor_sync(0xffffffffu, s4, 1);
+        s4 += __shfl_xor_sync(0xffffffffu, s4, 2);
+        if (i < (k >> 2)) {
+            const int e = 4 * i;
+            *reinterpret_cast<uint2*>(sm.xq + qmv::xphys(e)) =
+                make_uint2(((uint32_t)q0 & 0xFFFFu) | ((uint32_t)q1 << 16), ((uint32_t)q2 & 0xFFFFu) | ((uint32_t)q3 << 16));
+            if ((i & 3) == 0) {
+                sm.s16[e >> 4] = (float)s4;
+                sm.d16[e >> 4] = am * (1.f / 32767.f);
+            }
+        }
+    }
+    __syncthreads();
+
+    // decode group g from the buffer w (iteration it picks the parity of the k-split partials) and write its rows
+    auto step = [&](int it, int g, const uint32_t (&w)[U][W]) {
+        int mat = 0, r0 = 0, r1 = 0;
+        if (g < ng) locate(g, mat, r0, r1);
+        float acc[2] = {0.f, 0.f};
+        if (g < ng) {
+#pragma unroll
+            for (int i = 0; i < U; ++i) {
+                if (!t_ok[i]) continue;
+                const float v = fmt_of(mat, t_row[i]) == 6 ? Task<Q6K>::dot(w[i], t_u[i], t_e[i], sm.xq, sm.d16, sm.s16)
+                                                           : Task<Q4K>::dot(w[i], t_u[i], t_e[i], sm.xq, sm.d16, sm.s16);
+                if (t_row[i]) acc[1] += v; else acc[0] += v;
+            }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            acc[0] += __shfl_xor_sync(0xffffffffu, acc[0], o);
+            acc[1] += __shfl_xor_sync(0xffffffffu, acc[1], o);
+        }
+        if (KW > 1) {
+            if (lane == 0) { sm.part[it & 1][gw][kw][0] = acc[0]; sm.part[it & 1][gw][kw][1] = acc[1]; }
+            __syncthreads();
+            if (kw == 0) {
+                acc[0] = acc[1] = 0.f;
+#pragma unroll
+                for (int p = 0; p < KW; ++p) { acc[0] += sm.part[it & 1][gw][p][0]; acc[1] += sm.part[it & 1][gw][p][1]; }
+            }
+        }
+        if (kw == 0 && g < ng && lane < 2) {
+            const float v = lane ? acc[1] : acc[0];
+            if (K == qmv::SWIGLU) {
+                if (lane == 0) a.y[0][r0] = acc[0] / (1.f + expf(-acc[0])) * acc[1];
+            } else {
+                const int row = r0 + lane;
+                if (lane == 0 || r1 != r0) {
+                    const float* bias = mat == 0 ? a.bias[0] : mat == 1 ? a.bias[1] : a.bias[2];
+                    float val = v + (bias ? __ldg(bias + row) : 0.f);
+                    if (K == qmv::ADD) val = __ldg(a.residual + row) + val;
+                    (mat == 0 ? a.y[0] : mat == 1 ? a.y[1] : a.y[2])[row] = val;
+                }
+            }
+        }
+    };
+    // a ring of PD register buffers with compile-time indices (no copies): buffer p holds the group of iteration
+    // it = p (mod PD); once decoded it is refilled with the group PD iterations further
+    for (int it0 = 0; it0 < iters; it0 += PD) {
+#pragma unroll
+        for (int p = 0; p < PD; ++p) {
+            const int it = it0 + p;
+            if (it >= iters) break;  // block-uniform
+            step(it, g + it * stride, wb[p]);
+            load(g + (it + PD) * stride, wb[p]);
+        }
+    }
+}
+
+}  // namespace qmv1
+
+#if QMV1  // decode builds: 8 warps (or KW x G) per block, two blocks per SM, no cluster
+#undef QMV_KERNEL
+#define QMV_KERNEL extern "C" __global__ void __launch_bounds__(qmv1::THREADS, 2)
+#endif

@@ -1,0 +1,100 @@
+"""On the GPU: time the batch-1 decode step of the synthetic 1.5B layout under each cuda-backend tuning
+(toolchain/cuda_backend.py TUNING: programmatic dependent launch, the L2 prefetch branch, decode builds, qmv
+defines), in one process and one run, and check that every tuning produces the same greedy tokens as the untuned
+step. Writes $OUT/tuning.json.
+
+    python3 scripts/decode_tuning.py [--contexts 128,4096] [--tokens 64] [--variants NAME,...]
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from toolchain import cuda_runtime as cr  # noqa: E402
+from toolchain import kernels as K  # noqa: E402
+from toolchain.bench import bytes_per_token, copy_bandwidth, load_model, time_decode  # noqa: E402
+from toolchain.cuda_backend import CudaBackend  # noqa: E402
+
+OFF = {"pdl": False, "m1": False, "qmv1": False, "qmv_defines": {}, "qmv1_defines": {}}
+VARIANTS = {
+    "baseline": {},
+    "m1": {"m1": True},
+    "m1+pdl": {"m1": True, "pdl": True},
+    "qmv1": {"m1": True, "qmv1": True},
+    "qmv1+pdl": {"m1": True, "qmv1": True, "pdl": True},
+    "qmv1+pdl+pd2": {"m1": True, "qmv1": True, "pdl": True, "qmv1_defines": {"QMV1_PD": 2}},
+    "qmv1+pdl+pd4": {"m1": True, "qmv1": True, "pdl": True, "qmv1_defines": {"QMV1_PD": 4}},
+    "qmv1+pdl+ns2": {"m1": True, "qmv1": True, "pdl": True, "qmv_defines": {"QMV_NS": 2}},
+    "m1+pdl+ns2": {"m1": True, "pdl": True, "qmv_defines": {"QMV_NS": 2}},
+}
+
+
+def precompile(be, tunings: list[dict]) -> int:
+    """Every kernel build the tunings' batch-1 plans need, compiled in parallel (nvcc runs are independent
+    processes): a dry planning pass records what the backend would load."""
+    jobs, load = set(), be._kernel
+    be._kernel = lambda op, defines: jobs.add((op, tuple(sorted(defines.items()))))
+    for t in tunings:
+        be.tuning = t
+        be._plans.clear()
+        be.plan(1)
+    be._kernel = load
+    be._plans.clear()
+    with ThreadPoolExecutor(os.cpu_count() or 4) as ex:
+        list(ex.map(lambda j: K.compile_kernel(j[0], dict(j[1]), fmt="cubin"), sorted(jobs)))
+    return len(jobs)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", default="128,4096")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--model", default="synthetic:qwen2.5-coder-1.5b")
+    a = ap.parse_args()
+    names = a.variants.split(",")
+    tunings = {n: {**OFF, **VARIANTS[n]} for n in names}
+    model = load_model(a.model, Path(os.environ.get("QTRT_BENCH_DIR", tempfile.gettempdir())))
+    contexts = [int(c) for c in a.contexts.split(",")]
+    cr.init()
+    be = CudaBackend(model, max_context=max(contexts) + a.tokens + 40, n_slots=1, max_tokens=16, tuning=OFF)
+    t0 = time.time()
+    print(f"compiled {precompile(be, list(tunings.values()))} builds in {time.time() - t0:.0f} s")
+    bw = copy_bandwidth(cr, be.stream)
+    out = {"device": cr.device_name(), "copy_bandwidth_GBps": round(bw / 1e9, 1), "model": a.model, "variants": []}
+    print(f"{out['device']}: copy bandwidth {bw / 1e9:.0f} GB/s")
+    ref_tokens = None
+    for name in names:
+        be.tuning = tunings[name]
+        be._plans.clear()
+        be._graphs.clear()
+        be.reset()
+        logits = be.forward([11, 22, 33])
+        tokens = list(be.greedy(int(np.argmax(logits)), 24))
+        ref_tokens = ref_tokens or tokens
+        row = {"name": name, "tuning": tunings[name], "tokens_match_baseline": tokens == ref_tokens}
+        for ctx in contexts:
+            s = min(time_decode(be, ctx, 1, a.tokens, cr) for _ in range(3))
+            bpt = bytes_per_token(model, ctx)
+            row[f"ctx{ctx}_tok_s"] = round(1 / s, 1)
+            row[f"ctx{ctx}_roofline_fraction"] = round(bpt / (bw * s), 3)
+        out["variants"].append(row)
+        print(f"{name:22s} " + "  ".join(f"ctx {c}: {row[f'ctx{c}_tok_s']:7.1f} tok/s "
+                                          f"({row[f'ctx{c}_roofline_fraction'] * 100:4.1f}%)" for c in contexts)
+              + f"  tokens {'==' if row['tokens_match_baseline'] else '!='} baseline", flush=True)
+    be.close()
+    dest = Path(os.environ.get("OUT", ".")) / "tuning.json"
+    dest.write_text(json.dumps(out, indent=1))
+    print(f"wrote {dest}")
+    return 0 if all(v["tokens_match_baseline"] for v in out["variants"]) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
