@@ -192,33 +192,10 @@ __device__ __forceinline__ void run(const qmv::Args& a) {
     for (int p = 0; p < PD; ++p) load(g + p * stride, wb[p]);
     pdl_wait();  // x, the residual and the outputs belong to earlier kernels (pdl.cuh)
 
-    // x -> int16 in shared memory, a scale and a sum per 16 elements (after the RMSNorm for the fused norms)
-    float rs = 1.f;
-    if (NORM) {
-        float ss = 0.f;
-        for (int i = threadIdx.x; i < (k >> 2); i += THREADS) {
-            const float4 v = __ldg(reinterpret_cast<const float4*>(a.x) + i);
-            ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-        if (lane == 0) sm.red[warp] = ss;
-        __syncthreads();
-        float tot = 0.f;
-#pragma unroll
-        for (int i = 0; i < NWARP; ++i) tot += sm.red[i];
-        rs = sqrtf(tot / (float)k + (float)(RMS_EPS));
-    }
-    for (int base = 0; base < (k >> 2); base += THREADS) {  // uniform trip count: the shuffles are safe
-        const int i = base + threadIdx.x;
-        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (i < (k >> 2)) {
-            v = __ldg(reinterpret_cast<const float4*>(a.x) + i);
-            if (NORM) {
-                const float4 nw = __ldg(reinterpret_cast<const float4*>(a.norm_w) + i);
-                v = make_float4(v.x / rs * nw.x, v.y / rs * nw.y, v.z / rs * nw.z, v.w / rs * nw.w);
-            }
-        }
+    // x -> int16 in shared memory, a scale and a sum per 16 elements (after the RMSNorm for the fused norms). The
+    // fused norms keep their few float4s of x (and of the norm weight) in registers from the sum of squares on:
+    // one round trip to L2 instead of two.
+    auto quantize4 = [&](int i, float4 v) {  // float4 i of x; all threads call it together (shuffles)
         float am = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
         am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, 1));
         am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, 2));
@@ -236,6 +213,47 @@ __device__ __forceinline__ void run(const qmv::Args& a) {
                 sm.s16[e >> 4] = (float)s4;
                 sm.d16[e >> 4] = am * (1.f / 32767.f);
             }
+        }
+    };
+    const float4* x4 = reinterpret_cast<const float4*>(a.x);
+    if (NORM) {
+        constexpr int NV = (KMAX / 4 + THREADS - 1) / THREADS;  // float4s per thread (hidden <= KMAX)
+        float4 xv[NV], nv[NV];
+        float ss = 0.f;
+#pragma unroll
+        for (int j = 0; j < NV; ++j) {
+            const int i = threadIdx.x + j * THREADS;
+            xv[j] = nv[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (i < (k >> 2)) {
+                xv[j] = __ldg(x4 + i);
+                nv[j] = __ldg(reinterpret_cast<const float4*>(a.norm_w) + i);
+            }
+            ss += xv[j].x * xv[j].x + xv[j].y * xv[j].y + xv[j].z * xv[j].z + xv[j].w * xv[j].w;
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        if (lane == 0) sm.red[warp] = ss;
+        __syncthreads();
+        float tot = 0.f;
+#pragma unroll
+        for (int i = 0; i < NWARP; ++i) tot += sm.red[i];
+        const float rs = sqrtf(tot / (float)k + (float)(RMS_EPS));
+#pragma unroll
+        for (int j = 0; j < NV; ++j) {
+            const float4 v = xv[j], g = nv[j];
+            quantize4(threadIdx.x + j * THREADS,
+                      make_float4(v.x / rs * g.x, v.y / rs * g.y, v.z / rs * g.z, v.w / rs * g.w));
+        }
+    } else {  // long x (ffn_down): 4 float4s per thread in flight at a time
+        for (int base = 0; base < (k >> 2); base += 4 * THREADS) {  // uniform trip count: the shuffles are safe
+            float4 v[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int i = base + j * THREADS + threadIdx.x;
+                v[j] = i < (k >> 2) ? __ldg(x4 + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+            }
+#pragma unroll
+            for (int j = 0; j < 4; ++j) quantize4(base + j * THREADS + threadIdx.x, v[j]);
         }
     }
     __syncthreads();

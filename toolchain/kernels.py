@@ -215,14 +215,16 @@ def launch_config(op: str, dims: dict, ops=INT_OPS) -> LaunchConfig:
     weight shapes (n, k, hidden, q_dim, kv_dim, ffn) are static ints."""
     _check_op(op)
     m = dims.get("m")
-    if "qmv1_kw" in dims:  # batch-1 build of a fused projection (decode_core): groups of 2 rows, G per block
+    if "qmv1_kw" in dims:  # batch-1 build of a fused projection (decode_core): groups of 2 rows, G per block.
+        # Every resident block (2 per SM) unless fewer hold all groups: with 2 blocks per SM, equal rounds per block
+        # (qmv_grid_x) would leave SMs with one block while others carry 2 x the rounds.
         kw = int(dims["qmv1_kw"])
         g = max(1, QMV1_WARPS // kw)
         scalars = {"matmul_add": lambda: (m, _dim(dims, "n", "out_features"), _dim(dims, "k", "in_features")),
                    "rms_norm_qkv": lambda: (m, dims["hidden"], dims["q_dim"], dims["kv_dim"]),
                    "rms_norm_swiglu": lambda: (m, dims["hidden"], dims["ffn"])}[op]()
-        return LaunchConfig((qmv_grid_x(_qmv1_groups(op, dims), g, 1, QMV_SMS * QMV1_BLOCKS_PER_SM), 1, 1),
-                            (32 * kw * g, 1, 1), 0, scalars)
+        blocks = min(-(-_qmv1_groups(op, dims) // g), QMV_SMS * QMV1_BLOCKS_PER_SM)
+        return LaunchConfig((blocks, 1, 1), (32 * kw * g, 1, 1), 0, scalars)
     if op in MATMUL_OPS or op == "matmul_add":
         n, k = int(_dim(dims, "n", "out_features")), int(_dim(dims, "k", "in_features"))
         t = MATMUL_TYPE[op] if op in MATMUL_OPS else _type_name(dims["w_type"])
