@@ -24,14 +24,14 @@ __device__ __forceinline__ void take(float v, int i, float& bv, int& bi) {
 }
 
 extern "C" __global__ void __cluster_dims__(SPLITS, 1, 1) __launch_bounds__(THREADS)
-argmax(const float* __restrict__ logits, int m, int vocab, long long* __restrict__ out) {
+argmax(const float* logits, int m, int vocab, long long* __restrict__ out) {
     __shared__ float wv[THREADS / 32];
     __shared__ int wi[THREADS / 32];
     __shared__ float block_v;
     __shared__ int block_i;
     cg::cluster_group cluster = cg::this_cluster();
     pdl_launch_dependents();
-    pdl_wait();
+    pdl_wait(logits);
     const float* row = logits + (size_t)blockIdx.y * vocab;
     const int chunk = ((vocab + SPLITS - 1) / SPLITS + 3) & ~3;  // multiple of 4: float4 loads stay aligned
     const int lo = blockIdx.x * chunk, hi = min(vocab, lo + chunk);
@@ -40,7 +40,7 @@ argmax(const float* __restrict__ logits, int m, int vocab, long long* __restrict
     if ((vocab & 3) == 0) {
 #pragma unroll 4
         for (int e = lo + 4 * threadIdx.x; e < hi; e += 4 * THREADS) {  // hi - e >= 4 since both are multiples of 4
-            const float4 v = __ldg(reinterpret_cast<const float4*>(row + e));
+            const float4 v = ld_produced(reinterpret_cast<const float4*>(row + e));
             take(v.x, e, bv, bi);
             take(v.y, e + 1, bv, bi);
             take(v.z, e + 2, bv, bi);

@@ -8,10 +8,48 @@
 // pdl_wait() before its first dependent read and before any write, and before it exits; so "kernel N complete"
 // still implies "every kernel before N complete", the order the graph had without the attribute. Launched without
 // the attribute, both instructions return at once.
+//
+// Earlier kernels' outputs must never be read with ld.global.nc (__ldg, or loads through `const T* __restrict__`):
+// .nc promises the data is read-only for the kernel's whole lifetime, and ptxas does hoist such loads above
+// griddepcontrol.wait (seen on the H100: a qmv1 build read x before its producer had written it: wrong logits from
+// the second step on, different on every run). Kernels here read them with ld_produced() (coherent ld.global in a
+// volatile asm: kept after the wait by the compiler and by ptxas) or plain loads through pointers without
+// __restrict__; pdl_wait(p, ...) also passes those pointers through an empty volatile asm after the wait.
 #pragma once
 #include <stdint.h>
 
-__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+__device__ __forceinline__ float4 ld_produced(const float4* p) {
+    float4 v;
+    asm volatile("ld.global.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ float ld_produced(const float* p) {
+    float v;
+    asm volatile("ld.global.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ int ld_produced(const int* p) {
+    int v;
+    asm volatile("ld.global.s32 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ long long ld_produced(const long long* p) {
+    long long v;
+    asm volatile("ld.global.s64 %0, [%1];" : "=l"(v) : "l"(p));
+    return v;
+}
+
+template <class P>  // P: a pointer type (restrict-qualified too)
+__device__ __forceinline__ void pdl_launder(P& p) {
+    static_assert(sizeof(P) == 8, "pdl_wait takes pointers");
+    asm volatile("" : "+l"(p));
+}
+
+template <class... P>
+__device__ __forceinline__ void pdl_wait(P&... produced) {
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    (pdl_launder(produced), ...);
+}
 __device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
 
 // Asynchronous L2 prefetch of [p, p + bytes): a hint, nothing waits for it. Only whole 16-byte units inside the range

@@ -556,7 +556,9 @@ __device__ __forceinline__ void body(const Args& a, Smem<Layout<F0, F1, F2>>& sm
         cp_async_commit();
     }
     int istage = NS - 1, cstage = 0;
-    pdl_wait();  // x, the residual and the outputs belong to earlier kernels (pdl.cuh)
+    const float* x_in = a.x;  // earlier kernels' outputs: read only after the wait (pdl.cuh)
+    const float* residual = a.residual;
+    pdl_wait(x_in, residual);
 
     // x: RMSNorm scale (fused ops), then int16 quantization of a chunk
     if (NORM) {
@@ -565,9 +567,9 @@ __device__ __forceinline__ void body(const Args& a, Smem<Layout<F0, F1, F2>>& sm
         for (int t = 0; t < NT; ++t) {
             ss[t] = 0.f;
             if (t < mt) {
-                const float4* xr = reinterpret_cast<const float4*>(a.x + (size_t)(t0 + t) * k);
+                const float4* xr = reinterpret_cast<const float4*>(x_in + (size_t)(t0 + t) * k);
                 for (int i = threadIdx.x; i < (k >> 2); i += THREADS) {
-                    const float4 v = __ldg(xr + i);
+                    const float4 v = ld_produced(xr + i);
                     ss[t] += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
                 }
             }
@@ -591,13 +593,13 @@ __device__ __forceinline__ void body(const Args& a, Smem<Layout<F0, F1, F2>>& sm
             int16_t* q = sm.xq + t * (KC * 9 / 8);
             float* d = sm.xd + t * (KC / 32);
             float* s = sm.xs + t * (KC / 16);
-            const float* xr = a.x + (size_t)(t0 + min(t, mt - 1)) * k + ce0;
+            const float* xr = x_in + (size_t)(t0 + min(t, mt - 1)) * k + ce0;
             const float rs = NORM ? sm.rs[t] : 1.f;
             for (int base = 0; base < nvec; base += THREADS) {  // uniform trip count: shuffles below are safe
                 const int i = base + threadIdx.x;
                 float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
                 if (i < nvec && t < mt) {
-                    v = __ldg(reinterpret_cast<const float4*>(xr) + i);
+                    v = ld_produced(reinterpret_cast<const float4*>(xr) + i);
                     if (NORM) {
                         const float4 g = __ldg(reinterpret_cast<const float4*>(a.norm_w + ce0) + i);
                         v = make_float4(v.x / rs * g.x, v.y / rs * g.y, v.z / rs * g.z, v.w / rs * g.w);
@@ -667,7 +669,7 @@ __device__ __forceinline__ void body(const Args& a, Smem<Layout<F0, F1, F2>>& sm
         const size_t idx = (size_t)(t0 + t) * sel(mat, a.n[0], a.n[1], a.n[2]) + row;
         const float* bias = sel(mat, a.bias[0], a.bias[1], a.bias[2]);
         float val = v + (bias ? __ldg(bias + row) : 0.f);
-        if (K == ADD) val = __ldg(a.residual + idx) + val;
+        if (K == ADD) val = ld_produced(residual + idx) + val;
         sel(mat, a.y[0], a.y[1], a.y[2])[idx] = val;
     };
 

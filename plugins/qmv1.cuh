@@ -33,20 +33,41 @@ constexpr int NWARP = KW * G, THREADS = 32 * NWARP;
 constexpr int KMAX = 256 * NBW * KW;   // largest k this build takes
 constexpr int W = 12;                  // raw words per task (Q4_K: 8, Q6_K: 11)
 
+// Weight loads are volatile asm so that the compiler issues them where they are written (a group ahead), never next to
+// their first use, whatever the register pressure.
 __device__ __forceinline__ uint4 ldg16(const uint8_t* p) {  // 16-aligned, read once: no L1 allocation
     uint4 r;
     asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
     return r;
 }
-__device__ __forceinline__ uint32_t ldg32(const uint8_t* p) { return __ldg(reinterpret_cast<const uint32_t*>(p)); }
+__device__ __forceinline__ uint4 ldg16_l1(const uint8_t* p) {  // 16-aligned, shared by neighbouring lanes: via L1
+    uint4 r;
+    asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ uint32_t ldg32(const uint8_t* p) {
+    uint32_t r;
+    asm volatile("ld.global.nc.u32 %0, [%1];" : "=r"(r) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ uint32_t ldg8(const uint8_t* p) {
+    uint32_t r;
+    asm volatile("ld.global.nc.u8 %0, [%1];" : "=r"(r) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ uint32_t ldg16bits(const uint8_t* p) {
+    uint16_t r;
+    asm volatile("ld.global.nc.u16 %0, [%1];" : "=h"(r) : "l"(p));
+    return r;
+}
 
 // One task: row r of the group, superblock jb of the warp's k range, unit u. Raw words of the unit in w[0..W).
 template <class F> struct Task;
 
 template <> struct Task<Q4K> {  // w: header (d, dmin, 12 scale bytes) then the unit's 16 qs bytes
     static __device__ __forceinline__ void load(const uint8_t* blk, int u, uint32_t (&w)[W]) {
-        const uint4 h = __ldg(reinterpret_cast<const uint4*>(blk));  // shared by the 8 lanes of the block: L1
+        const uint4 h = ldg16_l1(blk);  // shared by the 8 lanes of the block
         const uint4 q = ldg16(blk + 16 + 16 * u);
         w[0] = h.x; w[1] = h.y; w[2] = h.z; w[3] = h.w; w[4] = q.x; w[5] = q.y; w[6] = q.z; w[7] = q.w;
     }
@@ -86,8 +107,8 @@ template <> struct Task<Q6K> {  // unit u = (hf, jj, a) as qmv.cuh's Unit<Q6K>; 
         ldg16_any(blk + 64 * hf + 32 * jj + 16 * a, w);
         ldg16_any(blk + 128 + 32 * hf + 16 * a, w + 4);
         const int s = 192 + 8 * hf + 2 * jj + a;
-        w[8] = (uint32_t)__ldg(blk + s) | ((uint32_t)__ldg(blk + s + 4) << 8);
-        w[9] = (uint32_t)__ldg(reinterpret_cast<const unsigned short*>(blk + 208));
+        w[8] = ldg8(blk + s) | (ldg8(blk + s + 4) << 8);
+        w[9] = ldg16bits(blk + 208);
     }
     static __device__ __forceinline__ float dot(const uint32_t (&w)[W], int u, int e0, const int16_t* xq,
                                                 const float* d16, const float* s16) {
@@ -190,7 +211,9 @@ __device__ __forceinline__ void run(const qmv::Args& a) {
     uint32_t wb[PD][U][W];  // wb[p]: the group of iteration p, in flight from the start
 #pragma unroll
     for (int p = 0; p < PD; ++p) load(g + p * stride, wb[p]);
-    pdl_wait();  // x, the residual and the outputs belong to earlier kernels (pdl.cuh)
+    const float* x_in = a.x;  // earlier kernels' outputs: read only after the wait (pdl.cuh)
+    const float* residual = a.residual;
+    pdl_wait(x_in, residual);
 
     // x -> int16 in shared memory, a scale and a sum per 16 elements (after the RMSNorm for the fused norms). The
     // fused norms keep their few float4s of x (and of the norm weight) in registers from the sum of squares on:
@@ -215,7 +238,7 @@ __device__ __forceinline__ void run(const qmv::Args& a) {
             }
         }
     };
-    const float4* x4 = reinterpret_cast<const float4*>(a.x);
+    const float4* x4 = reinterpret_cast<const float4*>(x_in);
     if (NORM) {
         constexpr int NV = (KMAX / 4 + THREADS - 1) / THREADS;  // float4s per thread (hidden <= KMAX)
         float4 xv[NV], nv[NV];
@@ -225,7 +248,7 @@ __device__ __forceinline__ void run(const qmv::Args& a) {
             const int i = threadIdx.x + j * THREADS;
             xv[j] = nv[j] = make_float4(0.f, 0.f, 0.f, 0.f);
             if (i < (k >> 2)) {
-                xv[j] = __ldg(x4 + i);
+                xv[j] = ld_produced(x4 + i);
                 nv[j] = __ldg(reinterpret_cast<const float4*>(a.norm_w) + i);
             }
             ss += xv[j].x * xv[j].x + xv[j].y * xv[j].y + xv[j].z * xv[j].z + xv[j].w * xv[j].w;
@@ -250,7 +273,7 @@ __device__ __forceinline__ void run(const qmv::Args& a) {
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 const int i = base + j * THREADS + threadIdx.x;
-                v[j] = i < (k >> 2) ? __ldg(x4 + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+                v[j] = i < (k >> 2) ? ld_produced(x4 + i) : make_float4(0.f, 0.f, 0.f, 0.f);
             }
 #pragma unroll
             for (int j = 0; j < 4; ++j) quantize4(base + j * THREADS + threadIdx.x, v[j]);
@@ -295,7 +318,7 @@ __device__ __forceinline__ void run(const qmv::Args& a) {
                 if (lane == 0 || r1 != r0) {
                     const float* bias = mat == 0 ? a.bias[0] : mat == 1 ? a.bias[1] : a.bias[2];
                     float val = v + (bias ? __ldg(bias + row) : 0.f);
-                    if (K == qmv::ADD) val = __ldg(a.residual + row) + val;
+                    if (K == qmv::ADD) val = ld_produced(residual + row) + val;
                     (mat == 0 ? a.y[0] : mat == 1 ? a.y[1] : a.y[2])[row] = val;
                 }
             }

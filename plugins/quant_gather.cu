@@ -9,20 +9,20 @@
 using namespace ggml;
 
 template <class F>
-__device__ __forceinline__ void gather(const uint8_t* __restrict__ w, const int* __restrict__ ids, int hidden,
+__device__ __forceinline__ void gather(const uint8_t* __restrict__ w, const int* ids, int hidden,
                                        float* __restrict__ y) {
     const int e = blockIdx.x * blockDim.x + threadIdx.x, i = blockIdx.y;
     pdl_launch_dependents();
-    pdl_wait();
+    pdl_wait(ids);
     if (e >= hidden) return;
     const size_t row_bytes = (size_t)(hidden / F::BE) * F::BB;
-    const uint8_t* blk = w + (size_t)ids[i] * row_bytes + (size_t)(e / F::BE) * F::BB;
+    const uint8_t* blk = w + (size_t)ld_produced(ids + i) * row_bytes + (size_t)(e / F::BE) * F::BB;
     y[(size_t)i * hidden + e] = deq_elem(F{}, blk, e % F::BE);
 }
 
 #define QTRT_GATHER(NAME, F)                                                                                       \
     extern "C" __global__ void __launch_bounds__(256) NAME(const uint8_t* __restrict__ w,                          \
-        const int* __restrict__ ids, int m, int hidden, float* __restrict__ y) { gather<F>(w, ids, hidden, y); }
+        const int* ids, int m, int hidden, float* __restrict__ y) { gather<F>(w, ids, hidden, y); }
 
 QTRT_GATHER(q4k_gather, Q4K)
 QTRT_GATHER(q6k_gather, Q6K)

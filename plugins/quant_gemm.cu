@@ -454,7 +454,7 @@ extern "C" __global__ void GEMM_ATTRS q4k_gemm(const float* __restrict__ x, cons
                                                const float* __restrict__ bias, int m, int n, int k,
                                                float* __restrict__ y) {
     pdl_launch_dependents();
-    pdl_wait();
+    pdl_wait(x);
     gemm<Q4K>(x, w, bias, m, n, k, y);
 }
 
@@ -462,6 +462,6 @@ extern "C" __global__ void GEMM_ATTRS q6k_gemm(const float* __restrict__ x, cons
                                                const float* __restrict__ bias, int m, int n, int k,
                                                float* __restrict__ y) {
     pdl_launch_dependents();
-    pdl_wait();
+    pdl_wait(x);
     gemm<Q6K>(x, w, bias, m, n, k, y);
 }

@@ -181,9 +181,9 @@ struct StepBuf {
 };
 
 extern "C" __global__ void __cluster_dims__(NS, 1, 1) __launch_bounds__(THREADS, 1)
-rope_kv_attention(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
-                  const __half* k_cache_in, const __half* v_cache_in, const int* __restrict__ positions,
-                  const int* __restrict__ slots, int m, int n_slots, int max_seq, float* __restrict__ out,
+rope_kv_attention(const float* q, const float* k, const float* v,  // earlier kernels' outputs: no .nc loads
+                  const __half* k_cache_in, const __half* v_cache_in, const int* positions,
+                  const int* slots, int m, int n_slots, int max_seq, float* __restrict__ out,
                   __half* k_cache, __half* v_cache) {
     __shared__ float2 cs[D / 2];                  // (cos, sin) of this token's position, pair j
     __shared__ float qraw[G][D];                  // the group's q rows before RoPE
@@ -199,7 +199,7 @@ rope_kv_attention(const float* __restrict__ q, const float* __restrict__ k, cons
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     const int kvh = y / G, c = y % G;
     pdl_launch_dependents();
-    pdl_wait();  // q, k, v, positions and the cache come from earlier kernels
+    pdl_wait(q, k, v, k_cache_in, v_cache_in, positions, slots);  // earlier kernels' outputs (pdl.cuh)
 
     // independent loads first: the group's q rows, this lane's inverse frequency, then the token
     float qv[QPT];

@@ -133,3 +133,35 @@ def test_long_prompt_prefill(synth, backend):
     rc = ref.new_cache(96)
     ref.forward(prompt, 0, rc)
     assert rel_err(nxt, ref.forward([int(np.argmax(want))], 90, rc)[-1]) < 5e-3
+
+
+@pytest.mark.parametrize("qmv1_defines", [{}, {"QMV1_PD": 2}], ids=["default", "pd2"])
+def test_pdl_matches_serialized_launches(synth, backend, qmv1_defines):
+    """Programmatic dependent launch must not change a single bit: 24 self-advancing graph steps with every kernel a
+    programmatic dependent launch vs the same kernels launched one after another. The QMV1_PD=2 build is the one
+    whose x loads ptxas once hoisted above griddepcontrol.wait (plugins/pdl.cuh): wrong logits from the second step,
+    different on every run."""
+    model, _ = synth
+    prompt = np.random.default_rng().integers(0, model.config.vocab, 5).tolist()
+    saved = dict(backend.tuning)
+    runs = {}
+    try:
+        for pdl in (False, True, True):
+            backend.tuning = {**saved, "pdl": pdl, "qmv1_defines": qmv1_defines}
+            backend._plans.clear()
+            backend._graphs.clear()
+            backend.reset()
+            first = int(np.argmax(backend.forward(prompt)))
+            backend._set_inputs([first], [backend.pos], [0])
+            g, steps = backend.decode_graph(1), []
+            for _ in range(24):
+                g.launch(backend.stream)
+                steps.append(backend.buffers["logits"].download(backend.stream, rows=1)[0].copy())
+            runs.setdefault(pdl, []).append(np.array(steps))
+    finally:
+        backend.tuning = saved
+        backend._plans.clear()
+        backend._graphs.clear()
+        backend.reset()
+    assert np.array_equal(runs[True][0], runs[True][1]), "PDL steps differ between two runs"
+    assert np.array_equal(runs[True][0], runs[False][0]), "PDL steps differ from serialized launches"

@@ -37,7 +37,8 @@ GEMM_MIN_M = 32
 # Nodes after the last layer: a prompt prefill needs their result for its last token only.
 HEAD_NODES = ("final_norm", "lm_head", "argmax")
 F32 = np.float32
-TUNING = {"pdl": True, "m1": True, "qmv1": True, "qmv_defines": {}, "qmv1_defines": {}}
+TUNING = {"pdl": True, "m1": True, "qmv1": True, "qmv_defines": {}, "qmv1_defines": {}, "op_defines": {},
+          "pdl_skip": ()}
 
 
 @dataclass
@@ -152,6 +153,7 @@ class CudaBackend:
                 dims["qmv1_kw"] = defines["QMV1_KW"]
             elif op in MATMUL_OPS + FUSED_OPS:
                 defines |= self.tuning["qmv_defines"]
+            defines |= self.tuning["op_defines"].get(op, {})
             kern = self._kernel(op, defines)
             cfg = launch_config(op, dims)
             ins = [self.buffers[i].ptr for i in node.input]
@@ -189,7 +191,8 @@ class CudaBackend:
         pdl = m < GEMM_MIN_M and self.tuning["pdl"]
         launches = [x for x in self.plan(m, last_only) if advance or x.op != "decode_advance"]
         for j, launch in enumerate(launches):
-            launch.kernel.launch(launch.cfg, launch.args, self.stream, pdl=pdl and j > 0)
+            launch.kernel.launch(launch.cfg, launch.args, self.stream,
+                                 pdl=pdl and j > 0 and launch.op not in self.tuning["pdl_skip"])
 
     def decode_graph(self, m: int = 1):
         """The whole decode step for m tokens captured once into a CUDA graph (advancing itself)."""
