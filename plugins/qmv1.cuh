@@ -23,7 +23,7 @@ using qmv::Kind;
 #define QMV1_KW 1
 #endif
 #ifndef QMV1_PD
-#define QMV1_PD 3  // groups per warp in flight (register buffers): the one being decoded and PD - 1 loading
+#define QMV1_PD 2  // groups per warp in flight (register buffers): the one being decoded and PD - 1 loading
 #endif
 constexpr int NBW = 6;                 // superblocks of k per warp at most
 constexpr int U = NBW / 2;             // tasks per lane: 2 rows x 8 units x NBW / 32
@@ -267,16 +267,17 @@ __device__ __forceinline__ void run(const qmv::Args& a) {
             quantize4(threadIdx.x + j * THREADS,
                       make_float4(v.x / rs * g.x, v.y / rs * g.y, v.z / rs * g.z, v.w / rs * g.w));
         }
-    } else {  // long x (ffn_down): 4 float4s per thread in flight at a time
-        for (int base = 0; base < (k >> 2); base += 4 * THREADS) {  // uniform trip count: the shuffles are safe
-            float4 v[4];
+    } else {  // long x (ffn_down): XB float4s per thread in flight at a time
+        constexpr int XB = 6;
+        for (int base = 0; base < (k >> 2); base += XB * THREADS) {  // uniform trip count: the shuffles are safe
+            float4 v[XB];
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
+            for (int j = 0; j < XB; ++j) {
                 const int i = base + j * THREADS + threadIdx.x;
                 v[j] = i < (k >> 2) ? ld_produced(x4 + i) : make_float4(0.f, 0.f, 0.f, 0.f);
             }
 #pragma unroll
-            for (int j = 0; j < 4; ++j) quantize4(base + j * THREADS + threadIdx.x, v[j]);
+            for (int j = 0; j < XB; ++j) quantize4(base + j * THREADS + threadIdx.x, v[j]);
         }
     }
     __syncthreads();

@@ -26,23 +26,20 @@ from toolchain.cuda_backend import CudaBackend  # noqa: E402
 
 OFF = {"pdl": False, "m1": False, "qmv1": False, "qmv_defines": {}, "qmv1_defines": {}, "op_defines": {},
        "pdl_skip": ()}
-PD2 = {"m1": True, "qmv1": True, "pdl": True, "qmv1_defines": {"QMV1_PD": 2}}
+DEFAULT = {"m1": True, "qmv1": True, "pdl": True}
 VARIANTS = {
     "baseline": {},
     "m1": {"m1": True},
     "m1+pdl": {"m1": True, "pdl": True},
     "qmv1": {"m1": True, "qmv1": True},
     "qmv1+pdl": {"m1": True, "qmv1": True, "pdl": True},
-    "qmv1+pdl+pd2": {"m1": True, "qmv1": True, "pdl": True, "qmv1_defines": {"QMV1_PD": 2}},
-    "qmv1+pd2": {"m1": True, "qmv1": True, "qmv1_defines": {"QMV1_PD": 2}},
+    "qmv1+pdl+pd1": {"m1": True, "qmv1": True, "pdl": True, "qmv1_defines": {"QMV1_PD": 1}},
+    "qmv1+pdl+pd3": {"m1": True, "qmv1": True, "pdl": True, "qmv1_defines": {"QMV1_PD": 3}},
     "qmv1+pdl+pd4": {"m1": True, "qmv1": True, "pdl": True, "qmv1_defines": {"QMV1_PD": 4}},
     "qmv1+pdl+ns2": {"m1": True, "qmv1": True, "pdl": True, "qmv_defines": {"QMV_NS": 2}},
     "m1+pdl+ns2": {"m1": True, "pdl": True, "qmv_defines": {"QMV_NS": 2}},
-    "pd2+attn_cg": {**PD2, "op_defines": {"rope_kv_attention": {"ATTN_LDMODE": 2}}},
-    "pd2+attn_nol1": {**PD2, "op_defines": {"rope_kv_attention": {"ATTN_LDMODE": 1}}},
-    "pd2+attn_nopdl": {**PD2, "pdl_skip": ("rope_kv_attention",)},
-    "pd2+qmv1_nopdl": {**PD2, "pdl_skip": ("rms_norm_qkv", "matmul_add", "rms_norm_swiglu")},
-    "qmv1+pdl+attn_cg": {"m1": True, "qmv1": True, "pdl": True, "op_defines": {"rope_kv_attention": {"ATTN_LDMODE": 2}}},
+    "qmv1+pdl+attn_cg": {**DEFAULT, "op_defines": {"rope_kv_attention": {"ATTN_LDMODE": 2}}},
+    "qmv1+pdl-attn": {**DEFAULT, "pdl_skip": ("rope_kv_attention",)},
 }
 
 
@@ -73,6 +70,51 @@ def greedy_logits(be, first: int, n: int) -> np.ndarray:
     return np.array(out)
 
 
+def scaling(out: dict, reps: int = 30):
+    """Per-launch time of the batch-1 gate/up and down builds against their row count (weights rotated past the
+    50 MB L2, back-to-back launches in one graph, serialized and as programmatic dependent launches): the slope is
+    the streaming rate, the intercept the fixed cost of a launch."""
+    from toolchain.quants import row_bytes
+    from toolchain.synth import random_blocks
+
+    rng = np.random.default_rng(0)
+    stream = cr.Stream()
+    cases = [("rms_norm_swiglu", dict(epsilon=1e-6, gate_type="Q4_K", up_type="Q4_K"), 1536, "ffn"),
+             ("matmul_add", dict(w_type="Q4_K", in_features=8960), 8960, "n")]
+    for op, attrs, k, dim in cases:
+        for n in (560, 1120, 2240, 4480, 8960):
+            at = dict(attrs, ffn=n) if dim == "ffn" else dict(attrs, out_features=n)
+            defines = K.decode_build(op, at, k)
+            kern = cr.load_op(op, defines)
+            nw = 2 if op == "rms_norm_swiglu" else 1
+            nbytes = nw * n * row_bytes("Q4_K", k)
+            copies = max(2, -(-(120 << 20) // nbytes))
+            ws = [[cr.DeviceBuffer.from_numpy(random_blocks("Q4_K", n, k, rng, 0.02)) for _ in range(nw)]
+                  for _ in range(copies)]
+            x = cr.DeviceBuffer.from_numpy(rng.standard_normal(k, dtype=np.float32))
+            g = cr.DeviceBuffer.from_numpy(np.ones(k, np.float32))
+            y = cr.DeviceBuffer.zeros((max(n, 1536),), np.float32)
+            res = cr.DeviceBuffer.zeros((n,), np.float32)
+            dims = dict(at, m=1, hidden=k, k=k, n=n, qmv1_kw=defines.get("QMV1_KW", 1))
+            cfg = K.launch_config(op, dims)
+            row = {"op": op, "rows": n, "MB": round(nbytes / 1e6, 2)}
+            for pdl in (False, True):
+                def enqueue():
+                    for r in range(reps):
+                        w = ws[r % copies]
+                        args = [x, g, *w] if op == "rms_norm_swiglu" else [x, w[0], None, res]
+                        kern.launch(cfg, [*args, *cfg.scalars, y], stream, pdl=pdl and r > 0)
+                graph = cr.capture(stream, enqueue)
+                graph.launch(stream)
+                t = min(cr.time_ms(stream, lambda: graph.launch(stream)) for _ in range(5)) * 1e3 / reps
+                row["pdl_us" if pdl else "us"] = round(t, 2)
+            out.setdefault("scaling", []).append(row)
+            print(f"{op:16s} rows {n:5d} {row['MB']:6.2f} MB  {row['us']:6.2f} us  ({row['MB'] / row['us'] * 1e3:5.0f} GB/s)"
+                  f"  with PDL {row['pdl_us']:6.2f} us", flush=True)
+            for b in [b for c in ws for b in c] + [x, g, y, res]:
+                b.free()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", default="128,4096")
@@ -80,7 +122,14 @@ def main():
     ap.add_argument("--steps", type=int, default=24, help="greedy steps compared between variants and runs")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--model", default="synthetic:qwen2.5-coder-1.5b")
+    ap.add_argument("--scaling", action="store_true", help="only time the gate/up and down builds against rows")
     a = ap.parse_args()
+    if a.scaling:
+        cr.init()
+        out = {"device": cr.device_name()}
+        scaling(out)
+        (Path(os.environ.get("OUT", ".")) / "scaling.json").write_text(json.dumps(out, indent=1))
+        return 0
     names = a.variants.split(",")
     tunings = {n: {**OFF, **VARIANTS[n]} for n in names}
     model = load_model(a.model, Path(os.environ.get("QTRT_BENCH_DIR", tempfile.gettempdir())))

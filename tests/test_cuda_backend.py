@@ -135,12 +135,12 @@ def test_long_prompt_prefill(synth, backend):
     assert rel_err(nxt, ref.forward([int(np.argmax(want))], 90, rc)[-1]) < 5e-3
 
 
-@pytest.mark.parametrize("qmv1_defines", [{}, {"QMV1_PD": 2}], ids=["default", "pd2"])
+@pytest.mark.parametrize("qmv1_defines", [{}, {"QMV1_PD": 3}], ids=["default", "pd3"])
 def test_pdl_matches_serialized_launches(synth, backend, qmv1_defines):
     """Programmatic dependent launch must not change a single bit: 24 self-advancing graph steps with every kernel a
-    programmatic dependent launch vs the same kernels launched one after another. The QMV1_PD=2 build is the one
-    whose x loads ptxas once hoisted above griddepcontrol.wait (plugins/pdl.cuh): wrong logits from the second step,
-    different on every run."""
+    programmatic dependent launch vs the same kernels launched one after another, for the default builds and for
+    QMV1_PD=3. (A QMV1_PD=2 build was the one whose x loads ptxas hoisted above griddepcontrol.wait before x was
+    read with ld_produced (plugins/pdl.cuh): wrong logits from the second step on, different on every run.)"""
     model, _ = synth
     prompt = np.random.default_rng().integers(0, model.config.vocab, 5).tolist()
     saved = dict(backend.tuning)

@@ -145,8 +145,8 @@ def decode_core(op: str, attrs: dict, k: int) -> dict:
     """Extra defines of the batch-1 build of a fused projection (plugins/qmv1.cuh: QMV1, QMV1_KW = warps sharing a
     row pair's k, QMV1_PD = groups each warp has in flight), or {} where it does not apply (other ops, formats other
     than Q4_K / Q6_K, k not whole superblocks or beyond 8 warps x 1536). Only for steps of one token: the build
-    computes row 0 of x alone. PD is 3 where a warp has several groups (gate/up, down) and else the number it has
-    (measured: 2 and 4 were slower than 3; extra buffers only cost registers)."""
+    computes row 0 of x alone. PD is 2 where a warp has several groups (gate/up, down) and else the number it has
+    (measured on the H100, whole step: PD 2 933 tok/s, 3 913, 4 776; docs/perf-notes.md)."""
     if op not in _WEIGHT_TYPE_ATTRS or k % 256 or k > 256 * QMV1_NBW * QMV1_WARPS:
         return {}
     if any(_type_name(attrs[a]) not in ("Q4_K", "Q6_K") for a in _WEIGHT_TYPE_ATTRS[op]):
@@ -156,7 +156,7 @@ def decode_core(op: str, attrs: dict, k: int) -> dict:
     cfg = launch_config(op, dims)
     per_block = max(1, QMV1_WARPS // kw)
     iters = -(-_qmv1_groups(op, dims) // (cfg.grid[0] * per_block))
-    return {"QMV1": 1, "QMV1_KW": kw, "QMV1_PD": max(1, min(3, iters))}
+    return {"QMV1": 1, "QMV1_KW": kw, "QMV1_PD": max(1, min(2, iters))}
 
 
 def decode_build(op: str, attrs: dict, k: int, core: bool = True, m1: bool = True) -> dict:
