@@ -2,7 +2,8 @@
 //     matmul_add(const float* x, const uint8_t* w, const float* bias /* [n] or null */, const float* residual,
 //                int m, int n, int k, float* y)          y and residual are distinct [m, n] buffers
 // Defines: W_TYPE (Q4K, Q6K, Q50, Q80: the weight's ggml type), optional KSPLIT (cluster size splitting k).
-// block (256), grid as the unfused matmuls (toolchain/kernels.py). Core: qmv.cuh.
+// Block and grid: toolchain/kernels.py launch_config (192 threads for the general core, qmv.cuh; the batch-1 build
+// with -DQMV1 runs the decode core, qmv1.cuh, with its own launch configuration).
 #include "qmv1.cuh"
 
 #ifndef W_TYPE

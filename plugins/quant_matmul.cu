@@ -1,7 +1,7 @@
 // y[m, n] = x[m, k] @ dequantize(w).T + bias, w the raw GGUF rows (uint8 [n, row_bytes]) of a Q4_K / Q6_K / Q5_0 /
 // Q8_0 tensor. One kernel per format: q4k_matmul, q6k_matmul, q5_0_matmul, q8_0_matmul, all
 //     (const float* x, const uint8_t* w, const float* bias /* [n] or null */, int m, int n, int k, float* y)
-// block (256), grid (toolchain/kernels.py launch_config: a multiple of KSPLIT, cdiv(m, 4)).
+// block (192), grid (toolchain/kernels.py launch_config: a multiple of KSPLIT, cdiv(m, 4)).
 // The matrix-vector core is qmv.cuh (shared with the fused matmul_add / rms_norm_qkv / rms_norm_swiglu).
 // Optional define KSPLIT (kernels.defines_for, from in_features/out_features): the thread-block cluster size that
 // splits k; without it (KSPLIT = 1) the kernel is correct for any k and any grid.

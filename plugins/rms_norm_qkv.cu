@@ -5,7 +5,8 @@
 //                  float* q, float* k, float* v)
 // Defines: RMS_EPS, Q_TYPE, K_TYPE, V_TYPE (Q4K, Q6K, Q50, Q80; may differ). Every block computes the normalized
 // row(s) itself (hidden is ~1-2 K floats) while its first weight slices are in flight; the q, k and v row pairs
-// are one list of groups, each warp dispatching on the matrix of its group. block (256), grid (kernels.py).
+// are one list of groups, each warp dispatching on the matrix of its group. Block and grid: kernels.py (-DQMV1:
+// the batch-1 decode core, qmv1.cuh).
 #include "qmv1.cuh"
 
 #if !defined(Q_TYPE) || !defined(K_TYPE) || !defined(V_TYPE)

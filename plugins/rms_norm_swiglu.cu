@@ -4,7 +4,7 @@
 //                     int hidden, int ffn, float* y)
 // Defines: RMS_EPS, GATE_TYPE, UP_TYPE (Q4K, Q6K, Q50, Q80; may differ). A block's warps 0-3 compute 4 pairs of
 // gate rows, warps 4-7 the same 4 pairs of up rows; the gate values meet the up values in shared memory.
-// block (256), grid (kernels.py). Core: qmv.cuh.
+// Block and grid: kernels.py. Core: qmv.cuh (-DQMV1: the batch-1 decode core, qmv1.cuh).
 #include "qmv1.cuh"
 
 #if !defined(GATE_TYPE) || !defined(UP_TYPE)
