@@ -1,11 +1,12 @@
 """On the GPU: time the batch-1 decode step of the synthetic 1.5B layout under each cuda-backend tuning
-(toolchain/cuda_backend.py TUNING: programmatic dependent launch, the L2 prefetch branch, decode builds, qmv
-defines), in one process and one run, and check that every tuning produces the same greedy tokens as the first
-variant, and how far its batch-1 logits are from the first variant's (builds may contract a*b + c*d into different
-FMAs, so tokens of a random synthetic model may flip at near-ties while logits agree to ~1e-6). Writes
-$OUT/tuning.json.
+(toolchain/cuda_backend.py TUNING: programmatic dependent launch, decode builds, the qmv1 core, extra defines), in
+one process and one run. Each variant is also checked: its greedy steps' logits against the first variant's (other
+builds may round differently: ~1e-4) and two runs of it bit for bit (a race shows up as a difference). Writes
+$OUT/tuning.json; exit 1 if a variant is off by more than 1e-3 or not deterministic. docs/perf-notes.md has the
+results.
 
-    python3 scripts/decode_tuning.py [--contexts 128,4096] [--tokens 64] [--variants NAME,...]
+    python3 scripts/decode_tuning.py [--contexts 128,4096] [--tokens 64] [--steps 24] [--variants NAME,...]
+    python3 scripts/decode_tuning.py --scaling     # one projection kernel's time against its row count
 """
 import argparse
 import json

@@ -13,7 +13,8 @@ times the variants):
 - qmv1: the batch-1 plan runs the fused projections with Q4_K / Q6_K weights on the decode core
   (plugins/qmv1.cuh, kernels.decode_core), with its own launch configuration.
 - m1: the other projections of the batch-1 plan use the decode builds of the general core (QMV_M1: less code).
-- qmv_defines / qmv1_defines: extra defines for the two cores (experiments).
+- qmv_defines / qmv1_defines / op_defines, pdl_skip: extra defines for the two cores or any op, and ops launched
+  without PDL (experiments).
 """
 from __future__ import annotations
 
