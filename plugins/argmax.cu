@@ -31,7 +31,7 @@ argmax(const float* logits, int m, int vocab, long long* __restrict__ out) {
     __shared__ int block_i;
     cg::cluster_group cluster = cg::this_cluster();
     pdl_launch_dependents();
-    pdl_wait(logits);
+    pdl_wait();
     const float* row = logits + (size_t)blockIdx.y * vocab;
     const int chunk = ((vocab + SPLITS - 1) / SPLITS + 3) & ~3;  // multiple of 4: float4 loads stay aligned
     const int lo = blockIdx.x * chunk, hi = min(vocab, lo + chunk);

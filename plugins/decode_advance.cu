@@ -7,7 +7,7 @@ extern "C" __global__ void __launch_bounds__(256) decode_advance(const long long
                                                                  int* __restrict__ token_ids, int* __restrict__ positions) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     pdl_launch_dependents();
-    pdl_wait(next_token, positions);
+    pdl_wait();
     if (i < m) {
         token_ids[i] = (int)ld_produced(next_token + i);
         positions[i] += 1;

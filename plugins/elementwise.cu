@@ -11,7 +11,7 @@ template <class Op>
 __device__ __forceinline__ void elementwise(const float* a, const float* b, int numel,
                                             float* y, Op op) {
     pdl_launch_dependents();
-    pdl_wait(a, b);
+    pdl_wait();
     const int i4 = blockIdx.x * blockDim.x + threadIdx.x;
     const int e = 4 * i4;
     if (e + 3 < numel) {

@@ -14,7 +14,7 @@
 // griddepcontrol.wait (seen on the H100: a qmv1 build read x before its producer had written it: wrong logits from
 // the second step on, different on every run). Kernels here read them with ld_produced() (coherent ld.global in a
 // volatile asm: kept after the wait by the compiler and by ptxas) or plain loads through pointers without
-// __restrict__; pdl_wait(p, ...) also passes those pointers through an empty volatile asm after the wait.
+// __restrict__ (which neither the compiler nor ptxas moves above the wait's memory clobber).
 #pragma once
 #include <stdint.h>
 
@@ -39,17 +39,7 @@ __device__ __forceinline__ long long ld_produced(const long long* p) {
     return v;
 }
 
-template <class P>  // P: a pointer type (restrict-qualified too)
-__device__ __forceinline__ void pdl_launder(P& p) {
-    static_assert(sizeof(P) == 8, "pdl_wait takes pointers");
-    asm volatile("" : "+l"(p));
-}
-
-template <class... P>
-__device__ __forceinline__ void pdl_wait(P&... produced) {
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
-    (pdl_launder(produced), ...);
-}
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
 __device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
 
 // Asynchronous L2 prefetch of [p, p + bytes): a hint, nothing waits for it. Only whole 16-byte units inside the range

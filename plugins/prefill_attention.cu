@@ -44,7 +44,7 @@ extern "C" __global__ void __launch_bounds__(128) rope_kv_append(
     float* __restrict__ q_rot, __half* __restrict__ k_cache, __half* __restrict__ v_cache) {
     const int t = blockIdx.x;
     pdl_launch_dependents();
-    pdl_wait(q, k, v, positions, slots);
+    pdl_wait();
     if (t >= m) return;
     const int pos = positions[t], slot = slots[t];
     for (int idx = threadIdx.x; idx < (N_HEADS + N_KV_HEADS) * HALF; idx += blockDim.x) {
@@ -76,7 +76,7 @@ extern "C" __global__ void __launch_bounds__(128) prefill_attention(
     float* __restrict__ out) {
     __shared__ float Ks[KC][D + 1], Vs[KC][D + 1], Qs[QT][D];
     pdl_launch_dependents();
-    pdl_wait(q_rot, k_cache, v_cache, positions, slots);
+    pdl_wait();
     const int t0 = blockIdx.x * QT, h = blockIdx.y, kvh = h / GROUP;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int slot = slots[t0];

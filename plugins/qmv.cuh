@@ -556,9 +556,7 @@ __device__ __forceinline__ void body(const Args& a, Smem<Layout<F0, F1, F2>>& sm
         cp_async_commit();
     }
     int istage = NS - 1, cstage = 0;
-    const float* x_in = a.x;  // earlier kernels' outputs: read only after the wait (pdl.cuh)
-    const float* residual = a.residual;
-    pdl_wait(x_in, residual);
+    pdl_wait();  // x and the residual come from earlier kernels: read after it, with ld_produced (pdl.cuh)
 
     // x: RMSNorm scale (fused ops), then int16 quantization of a chunk
     if (NORM) {
@@ -567,7 +565,7 @@ __device__ __forceinline__ void body(const Args& a, Smem<Layout<F0, F1, F2>>& sm
         for (int t = 0; t < NT; ++t) {
             ss[t] = 0.f;
             if (t < mt) {
-                const float4* xr = reinterpret_cast<const float4*>(x_in + (size_t)(t0 + t) * k);
+                const float4* xr = reinterpret_cast<const float4*>(a.x + (size_t)(t0 + t) * k);
                 for (int i = threadIdx.x; i < (k >> 2); i += THREADS) {
                     const float4 v = ld_produced(xr + i);
                     ss[t] += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
@@ -593,7 +591,7 @@ __device__ __forceinline__ void body(const Args& a, Smem<Layout<F0, F1, F2>>& sm
             int16_t* q = sm.xq + t * (KC * 9 / 8);
             float* d = sm.xd + t * (KC / 32);
             float* s = sm.xs + t * (KC / 16);
-            const float* xr = x_in + (size_t)(t0 + min(t, mt - 1)) * k + ce0;
+            const float* xr = a.x + (size_t)(t0 + min(t, mt - 1)) * k + ce0;
             const float rs = NORM ? sm.rs[t] : 1.f;
             for (int base = 0; base < nvec; base += THREADS) {  // uniform trip count: shuffles below are safe
                 const int i = base + threadIdx.x;
@@ -669,7 +667,7 @@ __device__ __forceinline__ void body(const Args& a, Smem<Layout<F0, F1, F2>>& sm
         const size_t idx = (size_t)(t0 + t) * sel(mat, a.n[0], a.n[1], a.n[2]) + row;
         const float* bias = sel(mat, a.bias[0], a.bias[1], a.bias[2]);
         float val = v + (bias ? __ldg(bias + row) : 0.f);
-        if (K == ADD) val = ld_produced(residual + idx) + val;
+        if (K == ADD) val = ld_produced(a.residual + idx) + val;
         sel(mat, a.y[0], a.y[1], a.y[2])[idx] = val;
     };
 

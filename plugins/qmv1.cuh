@@ -34,31 +34,33 @@ constexpr int KMAX = 256 * NBW * KW;   // largest k this build takes
 constexpr int W = 12;                  // raw words per task (Q4_K: 8, Q6_K: 11)
 
 // Weight loads are volatile asm so that the compiler issues them where they are written (a group ahead), never next to
-// their first use, whatever the register pressure.
+// their first use, whatever the register pressure. They ask L2 for 128-byte lines (.L2::128B: neighbouring lanes read
+// the rest), which also marks them in SASS (LTC128B): tests/test_kernels_compile.py checks that nothing else is
+// loaded before griddepcontrol.wait.
 __device__ __forceinline__ uint4 ldg16(const uint8_t* p) {  // 16-aligned, read once: no L1 allocation
     uint4 r;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+    asm volatile("ld.global.nc.L1::no_allocate.L2::128B.v4.u32 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
     return r;
 }
 __device__ __forceinline__ uint4 ldg16_l1(const uint8_t* p) {  // 16-aligned, shared by neighbouring lanes: via L1
     uint4 r;
-    asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    asm volatile("ld.global.nc.L2::128B.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
     return r;
 }
 __device__ __forceinline__ uint32_t ldg32(const uint8_t* p) {
     uint32_t r;
-    asm volatile("ld.global.nc.u32 %0, [%1];" : "=r"(r) : "l"(p));
+    asm volatile("ld.global.nc.L2::128B.u32 %0, [%1];" : "=r"(r) : "l"(p));
     return r;
 }
 __device__ __forceinline__ uint32_t ldg8(const uint8_t* p) {
     uint32_t r;
-    asm volatile("ld.global.nc.u8 %0, [%1];" : "=r"(r) : "l"(p));
+    asm volatile("ld.global.nc.L2::128B.u8 %0, [%1];" : "=r"(r) : "l"(p));
     return r;
 }
 __device__ __forceinline__ uint32_t ldg16bits(const uint8_t* p) {
     uint16_t r;
-    asm volatile("ld.global.nc.u16 %0, [%1];" : "=h"(r) : "l"(p));
+    asm volatile("ld.global.nc.L2::128B.u16 %0, [%1];" : "=h"(r) : "l"(p));
     return r;
 }
 
@@ -211,9 +213,7 @@ __device__ __forceinline__ void run(const qmv::Args& a) {
     uint32_t wb[PD][U][W];  // wb[p]: the group of iteration p, in flight from the start
 #pragma unroll
     for (int p = 0; p < PD; ++p) load(g + p * stride, wb[p]);
-    const float* x_in = a.x;  // earlier kernels' outputs: read only after the wait (pdl.cuh)
-    const float* residual = a.residual;
-    pdl_wait(x_in, residual);
+    pdl_wait();  // x and the residual come from earlier kernels: read after it, with ld_produced (pdl.cuh)
 
     // x -> int16 in shared memory, a scale and a sum per 16 elements (after the RMSNorm for the fused norms). The
     // fused norms keep their few float4s of x (and of the norm weight) in registers from the sum of squares on:
@@ -238,7 +238,7 @@ __device__ __forceinline__ void run(const qmv::Args& a) {
             }
         }
     };
-    const float4* x4 = reinterpret_cast<const float4*>(x_in);
+    const float4* x4 = reinterpret_cast<const float4*>(a.x);
     if (NORM) {
         constexpr int NV = (KMAX / 4 + THREADS - 1) / THREADS;  // float4s per thread (hidden <= KMAX)
         float4 xv[NV], nv[NV];
@@ -319,7 +319,7 @@ __device__ __forceinline__ void run(const qmv::Args& a) {
                 if (lane == 0 || r1 != r0) {
                     const float* bias = mat == 0 ? a.bias[0] : mat == 1 ? a.bias[1] : a.bias[2];
                     float val = v + (bias ? __ldg(bias + row) : 0.f);
-                    if (K == qmv::ADD) val = ld_produced(residual + row) + val;
+                    if (K == qmv::ADD) val = ld_produced(a.residual + row) + val;
                     (mat == 0 ? a.y[0] : mat == 1 ? a.y[1] : a.y[2])[row] = val;
                 }
             }

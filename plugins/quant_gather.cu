@@ -13,7 +13,7 @@ __device__ __forceinline__ void gather(const uint8_t* __restrict__ w, const int*
                                        float* __restrict__ y) {
     const int e = blockIdx.x * blockDim.x + threadIdx.x, i = blockIdx.y;
     pdl_launch_dependents();
-    pdl_wait(ids);
+    pdl_wait();
     if (e >= hidden) return;
     const size_t row_bytes = (size_t)(hidden / F::BE) * F::BB;
     const uint8_t* blk = w + (size_t)ld_produced(ids + i) * row_bytes + (size_t)(e / F::BE) * F::BB;

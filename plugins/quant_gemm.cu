@@ -450,18 +450,14 @@ __device__ __forceinline__ void gemm(const float* __restrict__ x, const uint8_t*
 #define GEMM_ATTRS __launch_bounds__(THREADS, 1)
 #endif
 
-extern "C" __global__ void GEMM_ATTRS q4k_gemm(const float* __restrict__ x, const uint8_t* __restrict__ w,
-                                               const float* __restrict__ bias, int m, int n, int k,
-                                               float* __restrict__ y) {
-    pdl_launch_dependents();
-    pdl_wait(x);
-    gemm<Q4K>(x, w, bias, m, n, k, y);
-}
+#define QTRT_GEMM(NAME, F)                                                                                        \
+    extern "C" __global__ void GEMM_ATTRS NAME(const float* x, const uint8_t* __restrict__ w,                      \
+                                               const float* __restrict__ bias, int m, int n, int k,                \
+                                               float* __restrict__ y) {                                            \
+        pdl_launch_dependents();                                                                                   \
+        pdl_wait();                                                                                                \
+        gemm<F>(x, w, bias, m, n, k, y);                                                                           \
+    }
 
-extern "C" __global__ void GEMM_ATTRS q6k_gemm(const float* __restrict__ x, const uint8_t* __restrict__ w,
-                                               const float* __restrict__ bias, int m, int n, int k,
-                                               float* __restrict__ y) {
-    pdl_launch_dependents();
-    pdl_wait(x);
-    gemm<Q6K>(x, w, bias, m, n, k, y);
-}
+QTRT_GEMM(q4k_gemm, Q4K)
+QTRT_GEMM(q6k_gemm, Q6K)

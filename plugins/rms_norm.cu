@@ -12,7 +12,7 @@ extern "C" __global__ void __launch_bounds__(256) rms_norm(const float* x, const
                                                            int m, int hidden, float* __restrict__ y) {
     __shared__ float part[8];
     pdl_launch_dependents();
-    pdl_wait(x);
+    pdl_wait();
     const float* xr = x + (size_t)blockIdx.x * hidden;
     float* yr = y + (size_t)blockIdx.x * hidden;
     const bool vec = (hidden & 3) == 0;  // float4 path (rows stay 16-aligned)

@@ -199,7 +199,7 @@ rope_kv_attention(const float* q, const float* k, const float* v,  // earlier ke
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     const int kvh = y / G, c = y % G;
     pdl_launch_dependents();
-    pdl_wait(q, k, v, k_cache_in, v_cache_in, positions, slots);  // earlier kernels' outputs (pdl.cuh)
+    pdl_wait();  // q, k, v, the caches, positions and slots come from earlier kernels (plain loads: pdl.cuh)
 
     // independent loads first: the group's q rows, this lane's inverse frequency, then the token
     float qv[QPT];

@@ -22,24 +22,29 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from toolchain import cuda_runtime as cr  # noqa: E402
 from toolchain import kernels as K  # noqa: E402
-from toolchain.bench import bytes_per_token, copy_bandwidth, load_model, time_decode  # noqa: E402
+from toolchain.bench import bytes_per_token, copy_bandwidth, launch_timing, load_model, time_decode  # noqa: E402
 from toolchain.cuda_backend import CudaBackend  # noqa: E402
 
-OFF = {"pdl": False, "m1": False, "qmv1": False, "qmv_defines": {}, "qmv1_defines": {}, "op_defines": {},
-       "pdl_skip": ()}
+OFF = {"pdl": False, "m1": False, "qmv1": False, "defines": {}, "pdl_skip": ()}
 DEFAULT = {"m1": True, "qmv1": True, "pdl": True}
+
+
+def proj(**defines):  # extra defines for every projection kernel (both cores ignore the other's)
+    return {op: defines for op in K.MATMUL_OPS + K.FUSED_OPS}
+
+
 VARIANTS = {
     "baseline": {},
     "m1": {"m1": True},
     "m1+pdl": {"m1": True, "pdl": True},
     "qmv1": {"m1": True, "qmv1": True},
-    "qmv1+pdl": {"m1": True, "qmv1": True, "pdl": True},
-    "qmv1+pdl+pd1": {"m1": True, "qmv1": True, "pdl": True, "qmv1_defines": {"QMV1_PD": 1}},
-    "qmv1+pdl+pd3": {"m1": True, "qmv1": True, "pdl": True, "qmv1_defines": {"QMV1_PD": 3}},
-    "qmv1+pdl+pd4": {"m1": True, "qmv1": True, "pdl": True, "qmv1_defines": {"QMV1_PD": 4}},
-    "qmv1+pdl+ns2": {"m1": True, "qmv1": True, "pdl": True, "qmv_defines": {"QMV_NS": 2}},
-    "m1+pdl+ns2": {"m1": True, "pdl": True, "qmv_defines": {"QMV_NS": 2}},
-    "qmv1+pdl+attn_cg": {**DEFAULT, "op_defines": {"rope_kv_attention": {"ATTN_LDMODE": 2}}},
+    "qmv1+pdl": DEFAULT,
+    "qmv1+pdl+pd1": {**DEFAULT, "defines": proj(QMV1_PD=1)},
+    "qmv1+pdl+pd3": {**DEFAULT, "defines": proj(QMV1_PD=3)},
+    "qmv1+pdl+pd4": {**DEFAULT, "defines": proj(QMV1_PD=4)},
+    "qmv1+pdl+ns2": {**DEFAULT, "defines": proj(QMV_NS=2)},
+    "m1+pdl+ns2": {"m1": True, "pdl": True, "defines": proj(QMV_NS=2)},
+    "qmv1+pdl+attn_cg": {**DEFAULT, "defines": {"rope_kv_attention": {"ATTN_LDMODE": 2}}},
     "qmv1+pdl-attn": {**DEFAULT, "pdl_skip": ("rope_kv_attention",)},
 }
 
@@ -61,14 +66,9 @@ def precompile(be, tunings: list[dict]) -> int:
 
 
 def greedy_logits(be, first: int, n: int) -> np.ndarray:
-    """Logits of n self-advancing replays of the batch-1 graph from `first` at be.pos (as CudaBackend.greedy)."""
-    be._set_inputs([first], [be.pos], [0])
-    g, out = be.decode_graph(1), []
-    for _ in range(n):
-        g.launch(be.stream)
-        out.append(be.buffers["logits"].download(be.stream, rows=1)[0].astype(np.float64))
-        be.pos += 1
-    return np.array(out)
+    """Logits of the n self-advancing graph replays of CudaBackend.greedy from `first` (read after each step)."""
+    return np.array([be.buffers["logits"].download(be.stream, rows=1)[0].astype(np.float64)
+                     for _ in be.greedy(first, n)])
 
 
 def scaling(out: dict, reps: int = 30):
@@ -99,16 +99,13 @@ def scaling(out: dict, reps: int = 30):
             dims = dict(at, m=1, hidden=k, k=k, n=n, qmv1_kw=defines.get("QMV1_KW", 1))
             cfg = K.launch_config(op, dims)
             row = {"op": op, "rows": n, "MB": round(nbytes / 1e6, 2)}
-            for pdl in (False, True):
-                def enqueue():
-                    for r in range(reps):
-                        w = ws[r % copies]
-                        args = [x, g, *w] if op == "rms_norm_swiglu" else [x, w[0], None, res]
-                        kern.launch(cfg, [*args, *cfg.scalars, y], stream, pdl=pdl and r > 0)
-                graph = cr.capture(stream, enqueue)
-                graph.launch(stream)
-                t = min(cr.time_ms(stream, lambda: graph.launch(stream)) for _ in range(5)) * 1e3 / reps
-                row["pdl_us" if pdl else "us"] = round(t, 2)
+            for pdl in (False, True):  # graph time: launches back to back, serialized or programmatic
+                def launch(r):
+                    w = ws[r % copies]
+                    args = [x, g, *w] if op == "rms_norm_swiglu" else [x, w[0], None, res]
+                    kern.launch(cfg, [*args, *cfg.scalars, y], stream, pdl=pdl)
+                row["pdl_us" if pdl else "us"] = round(launch_timing(cr, stream, launch, copies, reps=reps,
+                                                                     graph_launches=reps)[1], 2)
             out.setdefault("scaling", []).append(row)
             print(f"{op:16s} rows {n:5d} {row['MB']:6.2f} MB  {row['us']:6.2f} us  ({row['MB'] / row['us'] * 1e3:5.0f} GB/s)"
                   f"  with PDL {row['pdl_us']:6.2f} us", flush=True)
@@ -132,6 +129,9 @@ def main():
         (Path(os.environ.get("OUT", ".")) / "scaling.json").write_text(json.dumps(out, indent=1))
         return 0
     names = a.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     tunings = {n: {**OFF, **VARIANTS[n]} for n in names}
     model = load_model(a.model, Path(os.environ.get("QTRT_BENCH_DIR", tempfile.gettempdir())))
     contexts = [int(c) for c in a.contexts.split(",")]

@@ -75,7 +75,8 @@ import dataclasses, json, os, subprocess, sys, time
 import numpy as np
 sys.path.insert(0, "tests")
 from toolchain import cuda_runtime as cr, kernels as K
-from test_kernels_gpu import attention_ref, rel_err, NAN
+from toolchain.bench import copy_bandwidth, launch_timing
+from test_kernels_gpu import attention_case, rel_err, NAN
 
 cr.init()
 stream = cr.Stream()
@@ -118,18 +119,7 @@ rng = np.random.default_rng(1234)
 
 
 def make_case(a, slots, positions, n_slots, max_seq):
-    h, kvh, d = a["n_heads"], a["n_kv_heads"], a["head_dim"]
-    slots, positions = np.array(slots, np.int32), np.array(positions, np.int32)
-    m = len(slots)
-    q = rng.standard_normal((m, h * d), dtype=np.float32)
-    k = rng.standard_normal((m, kvh * d), dtype=np.float32)
-    v = rng.standard_normal((m, kvh * d), dtype=np.float32)
-    kc = rng.standard_normal((n_slots, kvh, max_seq, d), dtype=np.float32).astype(np.float16)
-    vc = rng.standard_normal((n_slots, kvh, max_seq, d), dtype=np.float32).astype(np.float16)
-    kc_ref, vc_ref = kc.copy(), vc.copy()
-    ref = attention_ref(q, k, v, kc_ref, vc_ref, positions, slots, **a)
-    return dict(a=a, slots=slots, positions=positions, n_slots=n_slots, max_seq=max_seq, q=q, k=k, v=v, kc=kc, vc=vc,
-                ref=ref, kc_ref=kc_ref, vc_ref=vc_ref)
+    return attention_case(rng, a, slots, positions, n_slots, max_seq)
 
 
 def check(variant, cs, reps=1):
@@ -189,33 +179,13 @@ for variant in variants:
 print("extra checks:", "ALL OK" if all_ok else "FAILURES")
 
 # copy bandwidth (bytes read + written)
-nb = 1 << 30
-A, B = cr.DeviceBuffer(nb), cr.DeviceBuffer(nb)
-A.fill_u8(1)
-ts = [cr.time_ms(stream, lambda: cr.memcpy_dtod(B, A, nb, stream)) for _ in range(12)][2:]
-copy_gbs = 2 * nb / (np.median(ts) / 1e3) / 1e9
-A.free(); B.free()
+copy_gbs = copy_bandwidth(cr, stream) / 1e9
 res["copy_GBps"] = copy_gbs
 print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)")
 
 
 def bench(fn_for, n_variants, reps=400):
-    for i in range(min(n_variants, 5)):
-        fn_for(i)
-    stream.synchronize()
-    ev = [(cr.Event(), cr.Event()) for _ in range(reps)]
-    for r, (a, b) in enumerate(ev):
-        a.record(stream)
-        fn_for(r % n_variants)
-        b.record(stream)
-    stream.synchronize()
-    med = float(np.median([b.elapsed_ms(a) for a, b in ev])) * 1e3
-    n = max(100, min(n_variants, 400))
-    g = cr.capture(stream, lambda: [fn_for(r % n_variants) for r in range(n)])
-    g.launch(stream)
-    stream.synchronize()
-    t = [cr.time_ms(stream, lambda: g.launch(stream)) for _ in range(7)]
-    return med, float(np.median(t)) * 1e3 / n
+    return launch_timing(cr, stream, fn_for, n_variants, reps, graph_reps=7)
 
 
 rows = []

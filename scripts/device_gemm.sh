@@ -37,6 +37,7 @@ import json, os, sys
 import numpy as np
 sys.path.insert(0, "tests")
 from toolchain import cuda_runtime as cr
+from toolchain.bench import launch_timing
 import test_gemm_gpu as G
 
 cr.init()
@@ -53,23 +54,8 @@ CASES = [("Q4_K", 1536, 1536), ("Q4_K", 256, 1536), ("Q4_K", 8960, 1536), ("Q4_K
 
 
 def bench(fn_for, n_variants, reps=60, warm=5):
-    """(median us of event-timed single launches, us per launch in a captured graph of back-to-back launches)."""
-    for i in range(warm):
-        fn_for(i % n_variants)
-    stream.synchronize()
-    ev = [(cr.Event(), cr.Event()) for _ in range(reps)]
-    for r, (a, b) in enumerate(ev):
-        a.record(stream)
-        fn_for(r % n_variants)
-        b.record(stream)
-    stream.synchronize()
-    med = float(np.median([b.elapsed_ms(a) for a, b in ev])) * 1e3
-    n = 40
-    g = cr.capture(stream, lambda: [fn_for(r % n_variants) for r in range(n)])
-    g.launch(stream)
-    stream.synchronize()
-    t = [cr.time_ms(stream, lambda: g.launch(stream)) for _ in range(5)]
-    return med, float(np.median(t)) * 1e3 / n
+    """(median us of event-timed single launches, us per launch in a captured graph of 40 back-to-back launches)."""
+    return launch_timing(cr, stream, fn_for, n_variants, reps, warm, graph_launches=40)
 
 
 xs = {k: cr.DeviceBuffer.from_numpy(rng.standard_normal((M, k), dtype=np.float32)) for k in (1536, 8960)}

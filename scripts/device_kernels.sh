@@ -54,6 +54,7 @@ import numpy as np
 sys.path.insert(0, "tests")
 sys.path.insert(0, ".")
 from toolchain import cuda_runtime as cr, kernels as K
+from toolchain.bench import copy_bandwidth, launch_timing
 from test_kernels_gpu import random_weights as _random_weights
 
 cr.init()
@@ -73,32 +74,11 @@ def load(op, defines):
 
 
 def bench(fn_for, n_variants, reps=300):
-    """fn_for(i) launches variant i on `stream`. Returns (median us per launch with events around each launch,
-    average us per launch inside a captured graph of back-to-back launches)."""
-    for i in range(min(n_variants, 5)):
-        fn_for(i)
-    stream.synchronize()
-    ev = [(cr.Event(), cr.Event()) for _ in range(reps)]
-    for r, (a, b) in enumerate(ev):
-        a.record(stream)
-        fn_for(r % n_variants)
-        b.record(stream)
-    stream.synchronize()
-    med = float(np.median([b.elapsed_ms(a) for a, b in ev])) * 1e3
-    n = max(100, min(n_variants, 400))
-    g = cr.capture(stream, lambda: [fn_for(r % n_variants) for r in range(n)])
-    g.launch(stream)
-    stream.synchronize()
-    t = [cr.time_ms(stream, lambda: g.launch(stream)) for _ in range(5)]
-    return med, float(np.median(t)) * 1e3 / n
+    """(median us per launch with events around each launch, average us per launch inside a captured graph)"""
+    return launch_timing(cr, stream, fn_for, n_variants, reps)
 
 
-nb = 1 << 30
-A, B = cr.DeviceBuffer(nb), cr.DeviceBuffer(nb)
-A.fill_u8(1)
-ts = [cr.time_ms(stream, lambda: cr.memcpy_dtod(B, A, nb, stream)) for _ in range(12)][2:]
-copy_gbs = 2 * nb / (np.median(ts) / 1e3) / 1e9
-A.free(); B.free()
+copy_gbs = copy_bandwidth(cr, stream) / 1e9
 res["copy_GBps"] = copy_gbs
 print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)")
 rows = []

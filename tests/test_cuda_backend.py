@@ -135,8 +135,9 @@ def test_long_prompt_prefill(synth, backend):
     assert rel_err(nxt, ref.forward([int(np.argmax(want))], 90, rc)[-1]) < 5e-3
 
 
-@pytest.mark.parametrize("qmv1_defines", [{}, {"QMV1_PD": 3}], ids=["default", "pd3"])
-def test_pdl_matches_serialized_launches(synth, backend, qmv1_defines):
+@pytest.mark.parametrize("defines", [{}, {op: {"QMV1_PD": 3} for op in ("rms_norm_swiglu", "matmul_add")}],
+                         ids=["default", "pd3"])
+def test_pdl_matches_serialized_launches(synth, backend, defines):
     """Programmatic dependent launch must not change a single bit: 24 self-advancing graph steps with every kernel a
     programmatic dependent launch vs the same kernels launched one after another, for the default builds and for
     QMV1_PD=3. (A QMV1_PD=2 build was the one whose x loads ptxas hoisted above griddepcontrol.wait before x was
@@ -147,16 +148,12 @@ def test_pdl_matches_serialized_launches(synth, backend, qmv1_defines):
     runs = {}
     try:
         for pdl in (False, True, True):
-            backend.tuning = {**saved, "pdl": pdl, "qmv1_defines": qmv1_defines}
+            backend.tuning = {**saved, "pdl": pdl, "defines": defines}
             backend._plans.clear()
             backend._graphs.clear()
             backend.reset()
             first = int(np.argmax(backend.forward(prompt)))
-            backend._set_inputs([first], [backend.pos], [0])
-            g, steps = backend.decode_graph(1), []
-            for _ in range(24):
-                g.launch(backend.stream)
-                steps.append(backend.buffers["logits"].download(backend.stream, rows=1)[0].copy())
+            steps = [backend.buffers["logits"].download(backend.stream, rows=1)[0] for _ in backend.greedy(first, 24)]
             runs.setdefault(pdl, []).append(np.array(steps))
     finally:
         backend.tuning = saved

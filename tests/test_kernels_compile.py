@@ -1,8 +1,13 @@
 """Every CUDA kernel compiles with nvcc for sm_90 (PTX and cubin) with the real models' specializations, exports its
 extern "C" symbol, and has a launch configuration that works with ints and with symbolic (dynamic-m) shapes.
 CPU only: skipped with a reason when nvcc is absent."""
+import os
 import re
+import shutil
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -173,3 +178,40 @@ def test_launch_config_covers_work():
     assert cfg.grid == (384, 1, 1) and cfg.scalars == (2, 1536, 8960)
     cfg = K.launch_config("rope_kv_attention", dict(m=5, n_heads=14, n_slots=2, max_seq=128))
     assert cfg.grid == (K.ATTN_SPLITS, 14, 5) and cfg.scalars == (5, 2, 128)
+
+
+def _cuobjdump():
+    """cuobjdump next to nvdisasm (which it runs), from PATH or from the nvidia-cuda-* wheels (dev extra), or None."""
+    dirs = [Path(p).parent for p in (shutil.which("cuobjdump"),) if p]
+    dirs += [c.parent for base in map(Path, sys.path) for c in base.glob("nvidia/cu*/bin/cuobjdump")]
+    return next((str(d / "cuobjdump") for d in dirs if (d / "nvdisasm").is_file()), None)
+
+
+WEIGHT_OPS = set(K.MATMUL_OPS + K.FUSED_OPS + K.GATHER_OPS)
+
+
+@needs_nvcc
+@pytest.mark.skipif(_cuobjdump() is None, reason="cuobjdump not found (pip install nvidia-cuda-cuobjdump)")
+@pytest.mark.parametrize("op,defines", CASES)
+def test_nothing_but_weights_before_griddepcontrol_wait(op, defines):
+    """Every kernel may be a programmatic dependent launch (plugins/pdl.cuh): in the SASS, before the wait (ACQBULK)
+    a kernel may only start copying weights: the general core's cp.async (LDGSTS), the decode core's weight loads
+    (marked .L2::128B, SASS LTC128B); kernels without weights load nothing there. (ptxas once moved __ldg loads of x
+    above the wait, where they read x before its producer had written it.)"""
+    image = K.compile_kernel(op, defines, fmt="cubin")
+    path = K.CACHE / f"sass-check-{K.kernel_name(op)}.cubin"
+    path.write_bytes(image)
+    tool = _cuobjdump()
+    env = dict(os.environ, PATH=f"{Path(tool).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    sass = subprocess.run([tool, "-sass", "-fun", K.kernel_name(op), str(path)], capture_output=True, text=True,
+                          check=True, env=env).stdout
+    path.unlink()
+    ins = [line.split("*/", 1)[1].split(";")[0].strip() for line in sass.splitlines()
+           if re.match(r"\s+/\*[0-9a-f]+\*/", line)]
+    waits = [i for i, x in enumerate(ins) if x.startswith("ACQBULK")]
+    assert waits, f"{op}: no griddepcontrol.wait"
+    before = [x for x in ins[:waits[0]] if re.search(r"\b(LDG|LDGSTS|LD)\.", x)]  # global loads and cp.async
+    if op not in WEIGHT_OPS or op.endswith("_gather"):
+        assert not before, f"{op}: loads before the wait: {before}"
+    for x in before:
+        assert "LDGSTS" in x or "LTC128B" in x, f"{op} {defines}: a load of something else than weights: {x}"

@@ -232,6 +232,42 @@ def _check(name, y, ref, seed, tol=QMV_TOL):
     assert rel < tol, f"{name}: rel err {rel} ({seed})"
 
 
+def fused_case(rng, op, hidden, sizes, types, m):
+    """Random inputs of a fused projection and its numpy reference (toolchain/ops.py): (attrs, inputs, outputs, dims,
+    refs). sizes: rms_norm_qkv (q_dim, kv_dim); matmul_add (n,), with hidden = k; rms_norm_swiglu (ffn,)."""
+    if op == "matmul_add":
+        (n,), t = sizes, types[0]
+        x = rng.standard_normal((m, hidden), dtype=np.float32)
+        w, bias = random_weights(rng, t, n, hidden), rng.standard_normal(n, dtype=np.float32)
+        res = rng.standard_normal((m, n), dtype=np.float32) * 4
+        attrs = dict(w_type=t, in_features=hidden, out_features=n)
+        return (attrs, [x, w, bias, res], [((m, n), np.float32)], dict(attrs, m=m, n=n, k=hidden),
+                [ops.matmul_add(x, w, bias, res, w_type=t)])
+    x = rng.standard_normal((m, hidden), dtype=np.float32) * 3
+    g = rng.standard_normal(hidden, dtype=np.float32)
+    if op == "rms_norm_qkv":
+        q_dim, kv_dim = sizes
+        attrs = dict(epsilon=EPS, q_type=types[0], k_type=types[1], v_type=types[2], q_dim=q_dim, kv_dim=kv_dim)
+        ws = [random_weights(rng, t, n, hidden) for t, n in zip(types, (q_dim, kv_dim, kv_dim))]
+        bs = [rng.standard_normal(n, dtype=np.float32) for n in (q_dim, kv_dim, kv_dim)]
+        inputs = [x, g, ws[0], bs[0], ws[1], bs[1], ws[2], bs[2]]
+        return (attrs, inputs, [((m, q_dim), np.float32), ((m, kv_dim), np.float32), ((m, kv_dim), np.float32)],
+                dict(attrs, m=m, hidden=hidden), list(ops.rms_norm_qkv(*inputs, epsilon=EPS, q_type=types[0],
+                                                                        k_type=types[1], v_type=types[2])))
+    (ffn,) = sizes
+    attrs = dict(epsilon=EPS, gate_type=types[0], up_type=types[1], ffn=ffn)
+    wg, wu = random_weights(rng, types[0], ffn, hidden), random_weights(rng, types[1], ffn, hidden)
+    return (attrs, [x, g, wg, wu], [((m, ffn), np.float32)], dict(attrs, m=m, hidden=hidden),
+            [ops.rms_norm_swiglu(x, g, wg, wu, epsilon=EPS, gate_type=types[0], up_type=types[1])])
+
+
+def check_fused(name, op, inputs, outs, refs, seed, tol=QMV_TOL):
+    for i, (y, ref) in enumerate(zip(outs, refs)):
+        if op == "matmul_add":  # judged on the projection: the residual adds exactly (numpy's order, fp32)
+            y, ref = y - inputs[3], ref - inputs[3]
+        _check(f"{name} out {i}", y, ref, seed, tol)
+
+
 QKV_CASES = ([(DIMS_15B, ts, m) for ts in (("Q4_K", "Q4_K", "Q6_K"), ("Q4_K", "Q4_K", "Q4_K")) for m in (1, 3, 17)]
              + [(DIMS_05B, ts, m) for ts in (("Q5_0", "Q5_0", "Q8_0"), ("Q5_0", "Q5_0", "Q5_0")) for m in (1, 3, 17)]
              + [((512, 70, 18, 0), ("Q6_K", "Q8_0", "Q4_K"), 5)]  # odd row counts, every format pairing
@@ -241,19 +277,9 @@ QKV_CASES = ([(DIMS_15B, ts, m) for ts in (("Q4_K", "Q4_K", "Q6_K"), ("Q4_K", "Q
 @pytest.mark.parametrize("dims,types,m", QKV_CASES)
 def test_rms_norm_qkv(dims, types, m):
     rng, seed = _rng()
-    hidden, q_dim, kv_dim, _ = dims
-    x = rng.standard_normal((m, hidden), dtype=np.float32) * 3
-    g = rng.standard_normal(hidden, dtype=np.float32)
-    ws = [random_weights(rng, t, n, hidden) for t, n in zip(types, (q_dim, kv_dim, kv_dim))]
-    bs = [rng.standard_normal(n, dtype=np.float32) for n in (q_dim, kv_dim, kv_dim)]
-    attrs = dict(epsilon=EPS, q_type=types[0], k_type=types[1], v_type=types[2], q_dim=q_dim, kv_dim=kv_dim)
-    outs = run("rms_norm_qkv", [x, g, ws[0], bs[0], ws[1], bs[1], ws[2], bs[2]],
-               [((m, q_dim), np.float32), ((m, kv_dim), np.float32), ((m, kv_dim), np.float32)],
-               dict(attrs, m=m, hidden=hidden), spec_defines("rms_norm_qkv", **attrs))
-    refs = ops.rms_norm_qkv(x, g, ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], epsilon=EPS, q_type=types[0],
-                            k_type=types[1], v_type=types[2])
-    for name, y, ref in zip("qkv", outs, refs):
-        _check(f"rms_norm_qkv {types} m={m} {name}", y, ref, seed)
+    attrs, inputs, outputs, d, refs = fused_case(rng, "rms_norm_qkv", dims[0], dims[1:3], types, m)
+    outs = run("rms_norm_qkv", inputs, outputs, d, spec_defines("rms_norm_qkv", **attrs))
+    check_fused(f"rms_norm_qkv {types} m={m}", "rms_norm_qkv", inputs, outs, refs, seed)
 
 
 MATMUL_ADD_CASES = ([(t, 1536, 1536, m) for t in ("Q4_K",) for m in (1, 3, 17)]
@@ -266,56 +292,33 @@ MATMUL_ADD_CASES = ([(t, 1536, 1536, m) for t in ("Q4_K",) for m in (1, 3, 17)]
 @pytest.mark.parametrize("t,n,k,m", MATMUL_ADD_CASES)
 def test_matmul_add(t, n, k, m):
     rng, seed = _rng()
-    w = random_weights(rng, t, n, k)
-    x = rng.standard_normal((m, k), dtype=np.float32)
-    bias = rng.standard_normal(n, dtype=np.float32)
-    res = rng.standard_normal((m, n), dtype=np.float32) * 4
-    attrs = dict(w_type=t, in_features=k, out_features=n)
-    (y,) = run("matmul_add", [x, w, bias, res], [((m, n), np.float32)], dict(attrs, m=m, n=n, k=k),
-               spec_defines("matmul_add", **attrs))
-    ref = ops.matmul_add(x, w, bias, res, w_type=t)
-    # judged on the projection: the residual adds exactly (numpy's order, fp32)
-    _check(f"matmul_add {t} m={m} {n}x{k} {K.defines_for('matmul_add', attrs)}", y - res, ref - res, seed)
+    attrs, inputs, outputs, d, refs = fused_case(rng, "matmul_add", k, (n,), (t,), m)
+    outs = run("matmul_add", inputs, outputs, d, spec_defines("matmul_add", **attrs))
+    check_fused(f"matmul_add {t} m={m} {n}x{k} {K.defines_for('matmul_add', attrs)}", "matmul_add", inputs, outs,
+                refs, seed)
 
 
-SWIGLU_CASES = ([(DIMS_15B, ("Q4_K", "Q4_K"), m) for m in (1, 3, 17)]
-                + [(DIMS_05B, ("Q5_0", "Q5_0"), m) for m in (1, 3, 17)]
-                + [((1536, 0, 0, 1002), ("Q4_K", "Q6_K"), 1), ((512, 0, 0, 70), ("Q8_0", "Q5_0"), 6)]  # split warps
-                + [((512, 0, 0, 71), ("Q8_0", "Q8_0"), 3), ((2048, 0, 0, 64), ("Q6_K", "Q6_K"), 1)])  # odd, hidden 2048
+PAIRS = {"QMV_PAIR": 1}  # plugins/qmv.cuh: gate row r and up row r in one warp, silu(g) * u written there
+SWIGLU_CASES = ([(DIMS_15B, ("Q4_K", "Q4_K"), m, {}) for m in (1, 3, 17)]
+                + [(DIMS_05B, ("Q5_0", "Q5_0"), m, {}) for m in (1, 3, 17)]
+                + [((1536, 0, 0, 1002), ("Q4_K", "Q6_K"), 1, {}), ((512, 0, 0, 70), ("Q8_0", "Q5_0"), 6, {})]  # split
+                + [((512, 0, 0, 71), ("Q8_0", "Q8_0"), 3, {}), ((2048, 0, 0, 64), ("Q6_K", "Q6_K"), 1, {})]  # odd, 2048
+                + [(DIMS_15B, ("Q4_K", "Q4_K"), 1, PAIRS), (DIMS_05B, ("Q5_0", "Q5_0"), 17, PAIRS),
+                   ((512, 0, 0, 71), ("Q8_0", "Q8_0"), 3, PAIRS)])
 
 
-@pytest.mark.parametrize("dims,types,m", SWIGLU_CASES)
-def test_rms_norm_swiglu(dims, types, m):
+@pytest.mark.parametrize("dims,types,m,extra", SWIGLU_CASES)
+def test_rms_norm_swiglu(dims, types, m, extra):
     rng, seed = _rng()
-    hidden, ffn = dims[0], dims[3]
-    x = rng.standard_normal((m, hidden), dtype=np.float32) * 3
-    g = rng.standard_normal(hidden, dtype=np.float32)
-    wg, wu = random_weights(rng, types[0], ffn, hidden), random_weights(rng, types[1], ffn, hidden)
-    attrs = dict(epsilon=EPS, gate_type=types[0], up_type=types[1], ffn=ffn)
-    (y,) = run("rms_norm_swiglu", [x, g, wg, wu], [((m, ffn), np.float32)], dict(attrs, m=m, hidden=hidden),
-               spec_defines("rms_norm_swiglu", **attrs))
-    ref = ops.rms_norm_swiglu(x, g, wg, wu, epsilon=EPS, gate_type=types[0], up_type=types[1])
-    _check(f"rms_norm_swiglu {types} m={m} {ffn}x{hidden}", y, ref, seed, tol=2 * QMV_TOL)
+    attrs, inputs, outputs, d, refs = fused_case(rng, "rms_norm_swiglu", dims[0], (dims[3],), types, m)
+    defines = tuple(sorted(dict(K.defines_for("rms_norm_swiglu", attrs), **extra).items()))
+    outs = run("rms_norm_swiglu", inputs, outputs, d, defines)
+    check_fused(f"rms_norm_swiglu {types} {extra} m={m} {dims[3]}x{dims[0]}", "rms_norm_swiglu", inputs, outs, refs,
+                seed, tol=2 * QMV_TOL)
 
 
-@pytest.mark.parametrize("dims,types,m", [(DIMS_15B, ("Q4_K", "Q4_K"), 1), (DIMS_05B, ("Q5_0", "Q5_0"), 17),
-                                          ((512, 0, 0, 71), ("Q8_0", "Q8_0"), 3)])
-def test_rms_norm_swiglu_row_pairs(dims, types, m):
-    """The QMV_PAIR=1 build (plugins/qmv.cuh): gate row r and up row r in one warp, silu(g) * u written there."""
-    rng, seed = _rng()
-    hidden, ffn = dims[0], dims[3]
-    x = rng.standard_normal((m, hidden), dtype=np.float32) * 3
-    g = rng.standard_normal(hidden, dtype=np.float32)
-    wg, wu = random_weights(rng, types[0], ffn, hidden), random_weights(rng, types[1], ffn, hidden)
-    attrs = dict(epsilon=EPS, gate_type=types[0], up_type=types[1], ffn=ffn)
-    (y,) = run("rms_norm_swiglu", [x, g, wg, wu], [((m, ffn), np.float32)], dict(attrs, m=m, hidden=hidden),
-               tuple(sorted(dict(K.defines_for("rms_norm_swiglu", attrs), QMV_PAIR=1).items())))
-    ref = ops.rms_norm_swiglu(x, g, wg, wu, epsilon=EPS, gate_type=types[0], up_type=types[1])
-    _check(f"rms_norm_swiglu pairs {types} m={m} {ffn}x{hidden}", y, ref, seed, tol=2 * QMV_TOL)
-
-
-# batch-1 decode builds: the qmv1 core (kernels.decode_core; plugins/qmv1.cuh) where the formats allow, with its own
-# launch configuration, and the QMV_M1 build of the general core (which takes any m, one token at a time)
+# batch-1 decode builds (kernels.decode_build): the qmv1 core (plugins/qmv1.cuh) where the formats allow, with its
+# own launch configuration, and the QMV_M1 build of the general core (which takes any m, one token at a time)
 DECODE_CASES = [
     ("rms_norm_qkv", (1536, 1536, 256), ("Q4_K", "Q4_K", "Q6_K"), 1),
     ("rms_norm_qkv", (1536, 1536, 256), ("Q4_K", "Q4_K", "Q4_K"), 1),
@@ -323,57 +326,28 @@ DECODE_CASES = [
     ("rms_norm_qkv", (2048, 128, 32), ("Q4_K", "Q4_K", "Q4_K"), 1),   # 2 warps per row pair
     ("rms_norm_qkv", (896, 896, 128), ("Q5_0", "Q5_0", "Q8_0"), 3),   # QMV_M1, m > 1
     ("matmul_add", (1536, 1536), ("Q4_K",), 1),
-    ("matmul_add", (1536, 8960), ("Q4_K",), 1),                       # 6 warps per row pair
-    ("matmul_add", (1536, 8960), ("Q6_K",), 1),
-    ("matmul_add", (1001, 512), ("Q6_K",), 1),                        # odd n
-    ("matmul_add", (37, 3328), ("Q4_K",), 1),                         # 13 superblocks: a short last k part
-    ("matmul_add", (896, 4864), ("Q5_0",), 2),                        # QMV_M1
+    ("matmul_add", (8960, 1536), ("Q4_K",), 1),                       # 6 warps per row pair
+    ("matmul_add", (8960, 1536), ("Q6_K",), 1),
+    ("matmul_add", (512, 1001), ("Q6_K",), 1),                        # odd n
+    ("matmul_add", (3328, 37), ("Q4_K",), 1),                         # 13 superblocks: a short last k part
+    ("matmul_add", (4864, 896), ("Q5_0",), 2),                        # QMV_M1
     ("rms_norm_swiglu", (1536, 8960), ("Q4_K", "Q4_K"), 1),
     ("rms_norm_swiglu", (1536, 1002), ("Q4_K", "Q6_K"), 1),
     ("rms_norm_swiglu", (2048, 64), ("Q6_K", "Q6_K"), 1),
     ("rms_norm_swiglu", (896, 4864), ("Q5_0", "Q5_0"), 1),            # QMV_M1
-]
+]  # shapes: (hidden or k, rows...)
 
 
 @pytest.mark.parametrize("op,shape,types,m", DECODE_CASES)
 def test_decode_builds(op, shape, types, m):
     rng, seed = _rng()
-    hidden = shape[0] if op != "matmul_add" else shape[1]
-    x = rng.standard_normal((m, hidden), dtype=np.float32) * 3
-    g = rng.standard_normal(hidden, dtype=np.float32)
-    if op == "rms_norm_qkv":
-        _, q_dim, kv_dim = shape
-        attrs = dict(epsilon=EPS, q_type=types[0], k_type=types[1], v_type=types[2], q_dim=q_dim, kv_dim=kv_dim)
-        ws = [random_weights(rng, t, n, hidden) for t, n in zip(types, (q_dim, kv_dim, kv_dim))]
-        bs = [rng.standard_normal(n, dtype=np.float32) for n in (q_dim, kv_dim, kv_dim)]
-        inputs = [x, g, ws[0], bs[0], ws[1], bs[1], ws[2], bs[2]]
-        outputs = [((m, q_dim), np.float32), ((m, kv_dim), np.float32), ((m, kv_dim), np.float32)]
-        dims = dict(attrs, m=m, hidden=hidden)
-        refs = ops.rms_norm_qkv(*inputs, epsilon=EPS, q_type=types[0], k_type=types[1], v_type=types[2])
-    elif op == "matmul_add":
-        n, k = shape
-        attrs = dict(w_type=types[0], in_features=k, out_features=n)
-        w, bias = random_weights(rng, types[0], n, k), rng.standard_normal(n, dtype=np.float32)
-        res = rng.standard_normal((m, n), dtype=np.float32) * 4
-        inputs, outputs, dims = [x, w, bias, res], [((m, n), np.float32)], dict(attrs, m=m, n=n, k=k)
-        refs = [ops.matmul_add(x, w, bias, res, w_type=types[0])]
-    else:
-        ffn = shape[1]
-        attrs = dict(epsilon=EPS, gate_type=types[0], up_type=types[1], ffn=ffn)
-        wg, wu = random_weights(rng, types[0], ffn, hidden), random_weights(rng, types[1], ffn, hidden)
-        inputs, outputs, dims = [x, g, wg, wu], [((m, ffn), np.float32)], dict(attrs, m=m, hidden=hidden)
-        refs = [ops.rms_norm_swiglu(x, g, wg, wu, epsilon=EPS, gate_type=types[0], up_type=types[1])]
-    core = K.decode_core(op, attrs, hidden) if m == 1 else {}
-    assert bool(core) == (m == 1 and all(t in ("Q4_K", "Q6_K") for t in types)), core
-    defines = {k: v for k, v in K.defines_for(op, attrs).items() if k != "KSPLIT" or not core}
-    defines.update(core or {"QMV_M1": 1})
-    if core:
-        dims["qmv1_kw"] = core["QMV1_KW"]
+    attrs, inputs, outputs, dims, refs = fused_case(rng, op, shape[0], shape[1:], types, m)
+    defines = K.decode_build(op, attrs, shape[0])
+    assert ("QMV1" in defines) == all(t in ("Q4_K", "Q6_K") for t in types), defines
+    if "QMV1" in defines:
+        dims["qmv1_kw"] = defines["QMV1_KW"]
     outs = run(op, inputs, outputs, dims, tuple(sorted(defines.items())))
-    for i, (y, ref) in enumerate(zip(outs, refs)):
-        if op == "matmul_add":  # judged on the projection: the residual adds exactly
-            y, ref = y - inputs[3], ref - inputs[3]
-        _check(f"{op} decode build {defines} {shape} m={m} out {i}", y, ref, seed, tol=2 * QMV_TOL)
+    check_fused(f"{op} decode build {defines} {shape} m={m}", op, inputs, outs, refs, seed, tol=2 * QMV_TOL)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -478,13 +452,11 @@ ATTN_CASES = {  # name: (slots, positions)
 
 @pytest.mark.parametrize("case", list(ATTN_CASES))
 @pytest.mark.parametrize("model", list(ATTN))
-def test_rope_kv_attention(model, case):
-    rng, seed = _rng()
-    a = ATTN[model]
+def attention_case(rng, a, slots, positions, n_slots, max_seq):
+    """Random q, k, v and float16 caches for rope_kv_attention, with the reference output and caches
+    (scripts/device_attention.sh uses it too)."""
     h, kvh, d = a["n_heads"], a["n_kv_heads"], a["head_dim"]
-    n_slots, max_seq = 3, 8192
-    slots = np.array(ATTN_CASES[case][0], np.int32)
-    positions = np.array(ATTN_CASES[case][1], np.int32)
+    slots, positions = np.array(slots, np.int32), np.array(positions, np.int32)
     m = len(slots)
     q = rng.standard_normal((m, h * d), dtype=np.float32)
     k = rng.standard_normal((m, kvh * d), dtype=np.float32)
@@ -493,6 +465,18 @@ def test_rope_kv_attention(model, case):
     vc = rng.standard_normal((n_slots, kvh, max_seq, d), dtype=np.float32).astype(np.float16)
     kc_ref, vc_ref = kc.copy(), vc.copy()
     ref = attention_ref(q, k, v, kc_ref, vc_ref, positions, slots, **a)
+    return dict(a=a, slots=slots, positions=positions, n_slots=n_slots, max_seq=max_seq, q=q, k=k, v=v, kc=kc, vc=vc,
+                ref=ref, kc_ref=kc_ref, vc_ref=vc_ref)
+
+
+def test_rope_kv_attention(model, case):
+    rng, seed = _rng()
+    a = ATTN[model]
+    h, d = a["n_heads"], a["head_dim"]
+    n_slots, max_seq = 3, 8192
+    c = attention_case(rng, a, ATTN_CASES[case][0], ATTN_CASES[case][1], n_slots, max_seq)
+    slots, positions, m = c["slots"], c["positions"], len(c["slots"])
+    q, k, v, kc, vc, kc_ref, vc_ref, ref = (c[x] for x in ("q", "k", "v", "kc", "vc", "kc_ref", "vc_ref", "ref"))
 
     kcb, vcb = cr.DeviceBuffer.from_array(kc), cr.DeviceBuffer.from_array(vc)
     defines = tuple(sorted(K.defines_for("rope_kv_attention", a).items()))

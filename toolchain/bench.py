@@ -12,7 +12,6 @@ import os
 import subprocess
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +39,30 @@ def copy_bandwidth(cr, stream, nbytes: int = 1 << 30, reps: int = 20) -> float:
     a.free()
     b.free()
     return 2 * nbytes / (np.median(times) / 1e3)
+
+
+def launch_timing(cr, stream, fn_for, n_variants: int, reps: int = 300, warm: int = 5,
+                  graph_launches: int | None = None, graph_reps: int = 5) -> tuple[float, float]:
+    """The one kernel-timing harness of the device scripts: fn_for(i) enqueues variant i on `stream` (variants rotate
+    buffers, e.g. weights past L2). Returns (median us of event-timed single launches, us per launch inside one
+    captured graph of `graph_launches` back-to-back launches, median of `graph_reps` replays). The event times include
+    the host's enqueue gaps; the graph time is what a kernel costs inside a captured decode step."""
+    for i in range(warm):
+        fn_for(i % n_variants)
+    stream.synchronize()
+    events = [(cr.Event(), cr.Event()) for _ in range(reps)]
+    for r, (a, b) in enumerate(events):
+        a.record(stream)
+        fn_for(r % n_variants)
+        b.record(stream)
+    stream.synchronize()
+    single = float(np.median([b.elapsed_ms(a) for a, b in events])) * 1e3
+    n = graph_launches or max(100, min(n_variants, 400))
+    g = cr.capture(stream, lambda: [fn_for(r % n_variants) for r in range(n)])
+    g.launch(stream)
+    stream.synchronize()
+    t = [cr.time_ms(stream, lambda: g.launch(stream)) for _ in range(graph_reps)]
+    return single, float(np.median(t)) * 1e3 / n
 
 
 def load_model(spec: str, workdir: Path):

@@ -13,8 +13,7 @@ times the variants):
 - qmv1: the batch-1 plan runs the fused projections with Q4_K / Q6_K weights on the decode core
   (plugins/qmv1.cuh, kernels.decode_core), with its own launch configuration.
 - m1: the other projections of the batch-1 plan use the decode builds of the general core (QMV_M1: less code).
-- qmv_defines / qmv1_defines / op_defines, pdl_skip: extra defines for the two cores or any op, and ops launched
-  without PDL (experiments).
+- defines ({op: {define: value}}) and pdl_skip (ops launched without PDL): experiments.
 """
 from __future__ import annotations
 
@@ -38,8 +37,7 @@ GEMM_MIN_M = 32
 # Nodes after the last layer: a prompt prefill needs their result for its last token only.
 HEAD_NODES = ("final_norm", "lm_head", "argmax")
 F32 = np.float32
-TUNING = {"pdl": True, "m1": True, "qmv1": True, "qmv_defines": {}, "qmv1_defines": {}, "op_defines": {},
-          "pdl_skip": ()}
+TUNING = {"pdl": True, "m1": True, "qmv1": True, "defines": {}, "pdl_skip": ()}
 
 
 @dataclass
@@ -149,12 +147,9 @@ class CudaBackend:
             if m == 1 and op in MATMUL_OPS + FUSED_OPS:
                 defines = decode_build(op, attrs, dims.get("k", dims.get("hidden")), self.tuning["qmv1"],
                                        self.tuning["m1"])
+            defines |= self.tuning["defines"].get(op, {})
             if "QMV1" in defines:
-                defines |= self.tuning["qmv1_defines"]
                 dims["qmv1_kw"] = defines["QMV1_KW"]
-            elif op in MATMUL_OPS + FUSED_OPS:
-                defines |= self.tuning["qmv_defines"]
-            defines |= self.tuning["op_defines"].get(op, {})
             kern = self._kernel(op, defines)
             cfg = launch_config(op, dims)
             ins = [self.buffers[i].ptr for i in node.input]

@@ -19,6 +19,7 @@ on first use, so `import toolchain.cuda_runtime` works on machines without it.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -283,6 +284,16 @@ class Event:
         return float(check(driver().cuEventElapsedTime(start.handle, self.handle), "cuEventElapsedTime"))
 
 
+@functools.lru_cache(maxsize=None)
+def _pdl_attrs():
+    """The launch attribute list of a programmatic dependent launch (built once)."""
+    d = driver()
+    attr = d.CUlaunchAttribute()
+    attr.id = d.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    attr.value.programmaticStreamSerializationAllowed = 1
+    return [attr]
+
+
 class Kernel:
     def __init__(self, module: "Module", name: str, handle):
         self.module, self.name, self.handle = module, name, handle
@@ -349,10 +360,7 @@ class Kernel:
             lc.blockDimX, lc.blockDimY, lc.blockDimZ = int(bx), int(by), int(bz)
             lc.sharedMemBytes = int(cfg.shared_mem)
             lc.hStream = _stream_handle(stream)
-            attr = d.CUlaunchAttribute()
-            attr.id = d.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-            attr.value.programmaticStreamSerializationAllowed = 1
-            lc.attrs = [attr]
+            lc.attrs = _pdl_attrs()
             lc.numAttrs = 1
             check(d.cuLaunchKernelEx(lc, self.handle, ptrs.ctypes.data, 0), f"cuLaunchKernelEx({self.name})")
         del vals
