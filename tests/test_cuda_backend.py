@@ -112,7 +112,10 @@ def test_batched_slots_equal_separate_runs(synth, backend):
     for s, p in enumerate(prompts):  # replay the same step alone, on the cache re-filled for that slot
         backend.step(p, np.arange(len(p)), np.full(len(p), s))
         single = backend.step([p[-1]], [len(p)], [s])
-        assert rel_err(batched[s], single[0]) < 1e-4, s
+        # the single step runs the batch-1 decode builds (qmv1: x quantized per 16 elements), the batched one the
+        # general core (per 32): the two roundings differ by ~1e-4 in the logits (scripts/decode_tuning.py measures
+        # 1e-4 - 2e-4); a wrong slot or position gives errors of order 1
+        assert rel_err(batched[s], single[0]) < 1e-3, s
 
 
 def test_long_prompt_prefill(synth, backend):

@@ -450,8 +450,6 @@ ATTN_CASES = {  # name: (slots, positions)
 }
 
 
-@pytest.mark.parametrize("case", list(ATTN_CASES))
-@pytest.mark.parametrize("model", list(ATTN))
 def attention_case(rng, a, slots, positions, n_slots, max_seq):
     """Random q, k, v and float16 caches for rope_kv_attention, with the reference output and caches
     (scripts/device_attention.sh uses it too)."""
@@ -469,6 +467,8 @@ def attention_case(rng, a, slots, positions, n_slots, max_seq):
                 ref=ref, kc_ref=kc_ref, vc_ref=vc_ref)
 
 
+@pytest.mark.parametrize("case", list(ATTN_CASES))
+@pytest.mark.parametrize("model", list(ATTN))
 def test_rope_kv_attention(model, case):
     rng, seed = _rng()
     a = ATTN[model]
