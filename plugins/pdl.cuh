@@ -7,7 +7,9 @@
 // returns once the previous grid has completed and its memory is visible. Every block of every kernel calls
 // pdl_wait() before its first dependent read and before any write, and before it exits; so "kernel N complete"
 // still implies "every kernel before N complete", the order the graph had without the attribute. Launched without
-// the attribute, both instructions return at once.
+// the attribute, both instructions return at once. The first kernel of a step (a captured graph, or a plan) is
+// launched without the attribute, so what was written before the step (the host's inputs, decode_advance and the
+// KV-cache rows of earlier steps) may also be read before pdl_wait() (rope_kv_attention does, for one token).
 //
 // Earlier kernels' outputs must never be read with ld.global.nc (__ldg, or loads through `const T* __restrict__`):
 // .nc promises the data is read-only for the kernel's whole lifetime, and ptxas does hoist such loads above

@@ -53,6 +53,9 @@
 #ifndef ATTN_LDMODE
 #define ATTN_LDMODE 0           // K/V loads: 0 ld.global, 1 ld.global.L1::no_allocate, 2 ld.global.cg
 #endif
+#ifndef ATTN_EARLY
+#define ATTN_EARLY 1            // one-token steps: position, slot and first K/V loads before pdl_wait()
+#endif
 #ifndef ATTN_THREADS
 #define ATTN_THREADS 256        // must match toolchain/kernels.py ATTN_THREADS
 #endif
@@ -60,7 +63,6 @@
 namespace cg = cooperative_groups;
 
 constexpr int D = HEAD_DIM, H = N_HEADS, KVH = N_KV_HEADS, G = H / KVH;
-constexpr int NS = 8;                  // blocks per cluster (portable maximum)
 constexpr int THREADS = ATTN_THREADS, NW = THREADS / 32;
 constexpr int KSTEP = 8;               // keys per warp step (mma n for QK, k for PV)
 constexpr int NKC = D / 32;            // 16-byte K pieces per lane per step (one K row per lane quad)
@@ -68,20 +70,14 @@ constexpr int NVC = D / 64;            // 16-byte V pieces per lane per V row (t
 constexpr int NKK = D / 16;            // QK mma k-steps
 constexpr int NNT = D / 8;             // PV mma n-tiles
 constexpr int SLOTS = 2 * NNT;         // O values per lane (head g, 2 columns of each n-tile)
-constexpr int MSCR = 16;               // steps of at most this many tokens may spread a token over clusters
-constexpr int DS = D / NS;             // elements per head merged by one cluster rank
-constexpr int ME = G * DS;             // elements merged by one cluster rank
-constexpr int E_MAX = 8;               // step entries per block range kept in shared memory
 constexpr int PF_PIECE = 64;           // keys per L2 prefetch request
 constexpr float PSCALE = 4096.f;       // p scaled before the hi/lo split (keeps lo out of fp16 subnormals)
 static_assert(H % KVH == 0, "N_HEADS must be a multiple of N_KV_HEADS");
 static_assert(G <= 8, "at most 8 query heads per kv head (mma rows 0..7 hi, 8..15 lo)");
 static_assert(D == 64 || D == 128, "HEAD_DIM must be 64 or 128");
-static_assert(PF_PIECE % KSTEP == 0 && THREADS % 32 == 0 && THREADS <= 1024 && ME <= THREADS, "shapes");
+static_assert(PF_PIECE % KSTEP == 0 && THREADS % 32 == 0 && THREADS <= 1024, "shapes");
 constexpr int QPT = (G * D + THREADS - 1) / THREADS;   // q values loaded per thread
 
-__device__ float g_part[MSCR][KVH][G][NS][3][ME];  // cross-cluster partials (m <= MSCR): O, max, sum per element
-__device__ unsigned int g_count[MSCR][KVH][NS];    // arrivals per (token, kv head, rank); reset by the last
 
 // inv_freq[j] = theta^(-2j/D), the float32 exponent as numpy forms it, evaluated at compile time in double and
 // rounded once to float32: the correctly rounded value (numpy's float32 pow can be an ulp off; an ulp of angle
@@ -180,6 +176,149 @@ struct StepBuf {
     uint4 v[2][NVC];     // V rows 2t, 2t+1 of the step: dims 64p + 8g .. +8
 };
 
+// K row kb + g and V rows kb + 2t, kb + 2t + 1 of the step starting at key kb (rows >= t1 are not loaded; their
+// scores are masked and their V rows zero)
+__device__ __forceinline__ void load_step(StepBuf& b, const __half* kc_in, const __half* vc_in, int kb, int t1,
+                                          int g, int t) {
+    const int kr = kb + g;
+    if (kr < t1) {
+#pragma unroll
+        for (int jj = 0; jj < NKC; ++jj) b.k[jj] = ld_kv(kc_in + (size_t)kr * D + (4 * jj + t) * 8);
+    }
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        const int vr = kb + 2 * t + rr;
+#pragma unroll
+        for (int p = 0; p < NVC; ++p)
+            b.v[rr][p] = vr < t1 ? ld_kv(vc_in + (size_t)vr * D + 64 * p + 8 * g) : make_uint4(0, 0, 0, 0);
+    }
+}
+
+// One step of 8 keys (kb ..) for the warp: scores on the tensor cores, online softmax (base 2), O += P V.
+__device__ __forceinline__ void attend_step(const StepBuf& b, int kb, int t1, const uint4 (&qa)[NKK],
+                                            float (&o)[NNT][4], float& m_run, float& l_run, int t) {
+    float sa[4] = {0.f, 0.f, 0.f, 0.f}, sb[4] = {0.f, 0.f, 0.f, 0.f};   // two chains: half the latency
+#pragma unroll
+    for (int kk = 0; kk < NKK; kk += 2) {
+        const uint4& kq = b.k[kk >> 1];
+        mma16816(sa, qa[kk], kq.x, kq.y);
+        mma16816(sb, qa[kk + 1], kq.z, kq.w);
+    }
+    float s0 = (sa[0] + sb[0]) + (sa[2] + sb[2]);       // head g, key kb + 2t (log2 units)
+    float s1 = (sa[1] + sb[1]) + (sa[3] + sb[3]);       // key kb + 2t + 1
+    if (kb + 2 * t >= t1) s0 = -INFINITY;
+    if (kb + 2 * t + 1 >= t1) s1 = -INFINITY;
+    float mx = fmaxf(s0, s1);
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    if (__any_sync(0xffffffffu, mx > m_run)) {
+        const float mn = fmaxf(m_run, mx);
+        const float alpha = ex2(m_run - mn);             // 0 on the first step (m_run = -inf)
+#pragma unroll
+        for (int nt = 0; nt < NNT; ++nt) {
+            o[nt][0] *= alpha;
+            o[nt][1] *= alpha;
+            o[nt][2] *= alpha;
+            o[nt][3] *= alpha;
+        }
+        l_run *= alpha;
+        m_run = mn;
+    }
+    const float p0 = ex2(s0 - m_run), p1 = ex2(s1 - m_run);
+    l_run += p0 + p1;
+    const float q0 = p0 * PSCALE, q1 = p1 * PSCALE;
+    const __half h0 = __float2half_rn(q0), h1 = __float2half_rn(q1);
+    const uint32_t ahi = pack_half2(__half2float(h0), __half2float(h1));
+    const uint32_t alo = pack_half2(q0 - __half2float(h0), q1 - __half2float(h1));
+#pragma unroll
+    for (int nt = 0; nt < NNT; ++nt) {
+        const int p = nt >> 3, e = nt & 7;
+        const uint32_t w0 = u4get(b.v[0][p], e >> 1), w1 = u4get(b.v[1][p], e >> 1);
+        mma1688(o[nt], ahi, alo, __byte_perm(w0, w1, (e & 1) ? 0x7632 : 0x5410));
+    }
+}
+
+// q rows (before RoPE) -> RoPE, * log2(e)/sqrt(D), hi/lo fp16 split, into each lane's A fragments: element (g, d)
+// goes to lane 4g + (d%32)/8, k-step 2(d/32) + (d%8)/4, halves 4((d%4)/2) + d%2 (hi) and + 2 (lo)
+__device__ __forceinline__ void build_q_fragments(const float (&qraw)[G][D], const float2 (&cs)[D / 2],
+                                                  uint4 (&qfrag)[32][NKK + 1], int tid) {
+    const float qscale = 1.4426950408889634f / sqrtf((float)D);
+    __half* qf = reinterpret_cast<__half*>(&qfrag[0][0]);
+    for (int e = tid; e < G * D / 2; e += THREADS) {
+        const int gg = e / (D / 2), jp = e % (D / 2);
+        const float2 a = cs[jp];
+        float y1, y2;
+        rope_rot(qraw[gg][jp], qraw[gg][jp + D / 2], a.x, a.y, y1, y2);
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const int d = jp + hh * (D / 2);
+            const float val = (hh ? y2 : y1) * qscale;
+            const __half hi = __float2half_rn(val);
+            const __half lo = __float2half_rn(val - __half2float(hi));
+            const int ln = 4 * gg + (d % 32) / 8, kk = 2 * (d / 32) + (d % 8) / 4;
+            const int hx = 4 * ((d % 4) / 2) + d % 2;
+            __half* dst = qf + ((size_t)ln * (NKK + 1) + kk) * 8;
+            dst[hx] = hi;
+            dst[hx + 2] = lo;
+        }
+    }
+}
+
+// Warp partials -> one block partial: bO[f] (f = g * D + lane quad t * SLOTS + slot: the lane-slot layout) is the
+// numerator relative to the block's max bm[g], bl[g] the denominator. Ends with the block's partial visible.
+struct BlockMerge {
+    float wO[NW][G][4][SLOTS + 1], wm[NW][G], wl[NW][G];   // per-warp partials (lane-slot layout, conflict-free)
+    float bO[G * D], bm[G], bl[G];
+};
+__device__ __forceinline__ void merge_block(BlockMerge& s, const float (&o)[NNT][4], float m_run, float l_run,
+                                            int tid) {
+    const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    // slot 2nt + col = rows g (hi) + g+8 (lo) of n-tile nt, column 2t + col
+    l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
+    l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
+    if (g < G) {
+#pragma unroll
+        for (int nt = 0; nt < NNT; ++nt) {
+            s.wO[warp][g][t][2 * nt] = (o[nt][0] + o[nt][2]) * (1.f / PSCALE);
+            s.wO[warp][g][t][2 * nt + 1] = (o[nt][1] + o[nt][3]) * (1.f / PSCALE);
+        }
+        if (t == 0) {
+            s.wm[warp][g] = m_run;
+            s.wl[warp][g] = l_run;
+        }
+    }
+    __syncthreads();
+    for (int f = tid; f < G * D; f += THREADS) {
+        const int gg = f / D, u = f % D, tt = u / SLOTS, sl = u % SLOTS;
+        float M = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) M = fmaxf(M, s.wm[w][gg]);
+        float num = 0.f, den = 0.f;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) {
+            const float mw = s.wm[w][gg];
+            const float wt = mw == -INFINITY ? 0.f : ex2(mw - M);
+            num = fmaf(wt, s.wO[w][gg][tt][sl], num);
+            den = fmaf(wt, s.wl[w][gg], den);
+        }
+        s.bO[f] = num;
+        if (u == 0) {
+            s.bm[gg] = M;
+            s.bl[gg] = den;
+        }
+    }
+    __syncthreads();
+}
+
+constexpr int NS = 8;                  // blocks per cluster (portable maximum)
+constexpr int MSCR = 16;               // steps of at most this many tokens may spread a token over clusters
+constexpr int DS = D / NS;             // elements per head merged by one cluster rank
+constexpr int ME = G * DS;             // elements merged by one cluster rank
+constexpr int E_MAX = 8;               // step entries per block range kept in shared memory
+static_assert(ME <= THREADS, "one merged element per thread");
+__device__ float g_part[MSCR][KVH][G][NS][3][ME];  // cross-cluster partials (m <= MSCR): O, max, sum per element
+__device__ unsigned int g_count[MSCR][KVH][NS];    // arrivals per (token, kv head, rank); reset by the last
+
 extern "C" __global__ void __cluster_dims__(NS, 1, 1) __launch_bounds__(THREADS, 1)
 rope_kv_attention(const float* q, const float* k, const float* v,  // earlier kernels' outputs: no .nc loads
                   const __half* k_cache_in, const __half* v_cache_in, const int* positions,
@@ -191,27 +330,25 @@ rope_kv_attention(const float* q, const float* k, const float* v,  // earlier ke
     __shared__ __align__(16) __half kst[E_MAX][D];   // entries of this range: half(RoPE(k)), half(v)
     __shared__ __align__(16) __half vst[E_MAX][D];
     __shared__ int list_pos[THREADS], list_j[THREADS], list_n, e_lo, e_hi, last_flag;
-    __shared__ float wO[NW][G][4][SLOTS + 1], wm[NW][G], wl[NW][G];   // per-warp partials (lane-slot layout)
-    __shared__ float bO[G * D], bm[G], bl[G];     // this block's partial, element f = g * D + lane quad t *
-                                                  // SLOTS + slot (read by the cluster)
+    __shared__ BlockMerge mb;                     // this block's partial (read by the cluster)
 
     const int r = blockIdx.x, y = blockIdx.y, i = blockIdx.z;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     const int kvh = y / G, c = y % G;
     pdl_launch_dependents();
-    pdl_wait();  // q, k, v, the caches, positions and slots come from earlier kernels (plain loads: pdl.cuh)
+    // q, k and v come from the kernel just before: read after pdl_wait() (plain loads: pdl.cuh). A one-token step
+    // (ATTN_EARLY) reads its position, slot and first K/V steps before the wait: they were written before this
+    // step's first kernel (the host's inputs, decode_advance and the attention of earlier steps), which both
+    // runtimes launch without PDL, i.e. after everything before it; row pos itself is patched from shared memory.
+    const bool one = m == 1, early = ATTN_EARLY && one;
+    if (!early) pdl_wait();
 
-    // independent loads first: the group's q rows, this lane's inverse frequency, then the token
-    float qv[QPT];
-#pragma unroll
-    for (int u = 0; u < QPT; ++u) {
-        const int e = tid + u * THREADS;
-        qv[u] = e < G * D ? q[((size_t)i * H + kvh * G) * D + e] : 0.f;
-    }
-    const float invf = tid < D / 2 ? g_inv.v[tid] : 0.f;
     const int pos = positions[i], slot = slots[i], T = pos + 1;
     const int C_act = m <= MSCR ? min(G, max(1, (T + ATTN_CLUSTER_KEYS - 1) / ATTN_CLUSTER_KEYS)) : 1;
-    if (c >= C_act) return;                       // the whole cluster leaves (c is uniform over it)
+    if (c >= C_act) {                             // the whole cluster leaves (c is uniform over it)
+        if (early) pdl_wait();
+        return;
+    }
 
     const int nparts = C_act * NS;
     int per = (T + nparts - 1) / nparts;
@@ -231,21 +368,6 @@ rope_kv_attention(const float* q, const float* k, const float* v,  // earlier ke
             l2_prefetch_range(vc_in + (size_t)p0 * D, bytes);
         }
 
-    auto load_step = [&](StepBuf& b, int s) {
-        const int kb = t0 + s * KSTEP;
-        const int kr = kb + g;
-        if (kr < t1) {
-#pragma unroll
-            for (int jj = 0; jj < NKC; ++jj) b.k[jj] = ld_kv(kc_in + (size_t)kr * D + (4 * jj + t) * 8);
-        }
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-            const int vr = kb + 2 * t + rr;
-#pragma unroll
-            for (int p = 0; p < NVC; ++p)
-                b.v[rr][p] = vr < t1 ? ld_kv(vc_in + (size_t)vr * D + 64 * p + 8 * g) : make_uint4(0, 0, 0, 0);
-        }
-    };
     StepBuf buf[ATTN_NBUF];
 #pragma unroll
     for (int b = 0; b < ATTN_NBUF; ++b) {
@@ -258,14 +380,23 @@ rope_kv_attention(const float* q, const float* k, const float* v,  // earlier ke
         for (int b = 0; b < ATTN_NBUF; ++b) {
             const int s = warp + b * NW;
             if (s < nsteps && !(loaded & (1u << b)) && t0 + (s + 1) * KSTEP <= clean_end) {
-                load_step(buf[b], s);
+                load_step(buf[b], kc_in, vc_in, t0 + s * KSTEP, t1, g, t);
                 loaded |= 1u << b;
             }
         }
     };
-    const bool one = m == 1, many = m > THREADS;
+    const bool many = m > THREADS;
     const bool own_here = pos >= t0 && pos < t1;
     if (one) load_first(INT_MAX);                 // decode: the only entry (its own) is patched in
+    if (early) pdl_wait();
+
+    float qv[QPT];                                // the group's q rows, this lane's inverse frequency
+#pragma unroll
+    for (int u = 0; u < QPT; ++u) {
+        const int e = tid + u * THREADS;
+        qv[u] = e < G * D ? q[((size_t)i * H + kvh * G) * D + e] : 0.f;
+    }
+    const float invf = tid < D / 2 ? g_inv.v[tid] : 0.f;
 
     if (tid == 0) {
         list_n = one && own_here ? 1 : 0;
@@ -297,29 +428,7 @@ rope_kv_attention(const float* q, const float* k, const float* v,  // earlier ke
             atomicMax(&e_hi, pj);
         }
     }
-    {   // q: RoPE, * log2(e)/sqrt(D), hi/lo fp16 split, into each lane's A fragments: element (g, d) goes to lane
-        // 4g + (d%32)/8, k-step 2(d/32) + (d%8)/4, halves 4((d%4)/2) + d%2 (hi) and + 2 (lo)
-        const float qscale = 1.4426950408889634f / sqrtf((float)D);
-        __half* qf = reinterpret_cast<__half*>(&qfrag[0][0]);
-        for (int e = tid; e < G * D / 2; e += THREADS) {
-            const int gg = e / (D / 2), jp = e % (D / 2);
-            const float2 a = cs[jp];
-            float y1, y2;
-            rope_rot(qraw[gg][jp], qraw[gg][jp + D / 2], a.x, a.y, y1, y2);
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                const int d = jp + hh * (D / 2);
-                const float val = (hh ? y2 : y1) * qscale;
-                const __half hi = __float2half_rn(val);
-                const __half lo = __float2half_rn(val - __half2float(hi));
-                const int ln = 4 * gg + (d % 32) / 8, kk = 2 * (d / 32) + (d % 8) / 4;
-                const int hx = 4 * ((d % 4) / 2) + d % 2;
-                __half* dst = qf + ((size_t)ln * (NKK + 1) + kk) * 8;
-                dst[hx] = hi;
-                dst[hx + 2] = lo;
-            }
-        }
-    }
+    build_q_fragments(qraw, cs, qfrag, tid);
     if (!one) __syncthreads();                    // the entry list is complete
     const int n_ent = list_n, lo_ent = e_lo, hi_ent = e_hi;
     const bool patch = !many && n_ent <= E_MAX;
@@ -414,45 +523,7 @@ rope_kv_attention(const float* q, const float* k, const float* v,  // earlier ke
                     }
             }
         }
-        float sa[4] = {0.f, 0.f, 0.f, 0.f}, sb[4] = {0.f, 0.f, 0.f, 0.f};   // two chains: half the latency
-#pragma unroll
-        for (int kk = 0; kk < NKK; kk += 2) {
-            const uint4& kq = b.k[kk >> 1];
-            mma16816(sa, qa[kk], kq.x, kq.y);
-            mma16816(sb, qa[kk + 1], kq.z, kq.w);
-        }
-        float s0 = (sa[0] + sb[0]) + (sa[2] + sb[2]);       // head g, key kb + 2t (log2 units)
-        float s1 = (sa[1] + sb[1]) + (sa[3] + sb[3]);       // key kb + 2t + 1
-        if (kb + 2 * t >= t1) s0 = -INFINITY;
-        if (kb + 2 * t + 1 >= t1) s1 = -INFINITY;
-        float mx = fmaxf(s0, s1);
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        if (__any_sync(0xffffffffu, mx > m_run)) {
-            const float mn = fmaxf(m_run, mx);
-            const float alpha = ex2(m_run - mn);             // 0 on the first step (m_run = -inf)
-#pragma unroll
-            for (int nt = 0; nt < NNT; ++nt) {
-                o[nt][0] *= alpha;
-                o[nt][1] *= alpha;
-                o[nt][2] *= alpha;
-                o[nt][3] *= alpha;
-            }
-            l_run *= alpha;
-            m_run = mn;
-        }
-        const float p0 = ex2(s0 - m_run), p1 = ex2(s1 - m_run);
-        l_run += p0 + p1;
-        const float q0 = p0 * PSCALE, q1 = p1 * PSCALE;
-        const __half h0 = __float2half_rn(q0), h1 = __float2half_rn(q1);
-        const uint32_t ahi = pack_half2(__half2float(h0), __half2float(h1));
-        const uint32_t alo = pack_half2(q0 - __half2float(h0), q1 - __half2float(h1));
-#pragma unroll
-        for (int nt = 0; nt < NNT; ++nt) {
-            const int p = nt >> 3, e = nt & 7;
-            const uint32_t w0 = u4get(b.v[0][p], e >> 1), w1 = u4get(b.v[1][p], e >> 1);
-            mma1688(o[nt], ahi, alo, __byte_perm(w0, w1, (e & 1) ? 0x7632 : 0x5410));
-        }
+        attend_step(b, kb, t1, qa, o, m_run, l_run, t);
     };
 
     for (int s0 = warp; s0 < nsteps; s0 += ATTN_NBUF * NW) {
@@ -461,45 +532,12 @@ rope_kv_attention(const float* q, const float* k, const float* v,  // earlier ke
             const int s = s0 + b * NW;
             if (s < nsteps) {
                 compute_step(buf[b], s);
-                if (s + ATTN_NBUF * NW < nsteps) load_step(buf[b], s + ATTN_NBUF * NW);
+                if (s + ATTN_NBUF * NW < nsteps) load_step(buf[b], kc_in, vc_in, t0 + (s + ATTN_NBUF * NW) * KSTEP, t1, g, t);
             }
         }
     }
 
-    // warp partials in the lane-slot layout: slot 2nt + col = rows g (hi) + g+8 (lo) of n-tile nt, column 2t + col
-    l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
-    l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
-    if (g < G) {
-#pragma unroll
-        for (int nt = 0; nt < NNT; ++nt) {
-            wO[warp][g][t][2 * nt] = (o[nt][0] + o[nt][2]) * (1.f / PSCALE);
-            wO[warp][g][t][2 * nt + 1] = (o[nt][1] + o[nt][3]) * (1.f / PSCALE);
-        }
-        if (t == 0) {
-            wm[warp][g] = m_run;
-            wl[warp][g] = l_run;
-        }
-    }
-    __syncthreads();
-    for (int f = tid; f < G * D; f += THREADS) {  // block partial, element f = (g, lane quad, slot)
-        const int gg = f / D, u = f % D, tt = u / SLOTS, sl = u % SLOTS;
-        float M = -INFINITY;
-#pragma unroll
-        for (int w = 0; w < NW; ++w) M = fmaxf(M, wm[w][gg]);
-        float num = 0.f, den = 0.f;
-#pragma unroll
-        for (int w = 0; w < NW; ++w) {
-            const float mw = wm[w][gg];
-            const float wt = mw == -INFINITY ? 0.f : ex2(mw - M);
-            num = fmaf(wt, wO[w][gg][tt][sl], num);
-            den = fmaf(wt, wl[w][gg], den);
-        }
-        bO[f] = num;
-        if (u == 0) {
-            bm[gg] = M;
-            bl[gg] = den;
-        }
-    }
+    merge_block(mb, o, m_run, l_run, tid);
 
     cg::cluster_group cluster = cg::this_cluster();
     cluster.sync();                               // all block partials visible cluster-wide
@@ -509,9 +547,9 @@ rope_kv_attention(const float* q, const float* k, const float* v,  // earlier ke
         float mq[NS], lq[NS], oq[NS];
 #pragma unroll
         for (int q2 = 0; q2 < NS; ++q2) {         // every remote load first, then the arithmetic
-            mq[q2] = *cluster.map_shared_rank(&bm[gg], q2);
-            lq[q2] = *cluster.map_shared_rank(&bl[gg], q2);
-            oq[q2] = *cluster.map_shared_rank(&bO[f], q2);
+            mq[q2] = *cluster.map_shared_rank(&mb.bm[gg], q2);
+            lq[q2] = *cluster.map_shared_rank(&mb.bl[gg], q2);
+            oq[q2] = *cluster.map_shared_rank(&mb.bO[f], q2);
         }
 #pragma unroll
         for (int q2 = 0; q2 < NS; ++q2) M = fmaxf(M, mq[q2]);
@@ -559,3 +597,4 @@ rope_kv_attention(const float* q, const float* k, const float* v,  // earlier ke
     }
     orow[gg * D + d] = nn / dd;
 }
+

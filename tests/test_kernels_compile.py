@@ -197,7 +197,9 @@ def test_nothing_but_weights_before_griddepcontrol_wait(op, defines):
     """Every kernel may be a programmatic dependent launch (plugins/pdl.cuh): in the SASS, before the wait (ACQBULK)
     a kernel may only start copying weights: the general core's cp.async (LDGSTS), the decode core's weight loads
     (marked .L2::128B, SASS LTC128B); kernels without weights load nothing there. (ptxas once moved __ldg loads of x
-    above the wait, where they read x before its producer had written it.)"""
+    above the wait, where they read x before its producer had written it.) rope_kv_attention's one-token path has a
+    second wait after its position and first K/V loads (data of earlier steps, plugins/pdl.cuh); the first wait in
+    the code is the other path's."""
     image = K.compile_kernel(op, defines, fmt="cubin")
     path = K.CACHE / f"sass-check-{K.kernel_name(op)}.cubin"
     path.write_bytes(image)

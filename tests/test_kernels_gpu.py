@@ -447,6 +447,8 @@ ATTN_CASES = {  # name: (slots, positions)
     "prefill17_at100": ([1] * 17, list(range(100, 117))),
     "prefill17_at0_plus_decode": ([0] * 17 + [2], list(range(17)) + [300]),
     "decode_pos8191": ([1], [8191]),
+    "decode_pos127": ([1], [127]),      # one cluster, every block's range full
+    "decode_pos1024": ([2], [1024]),    # two clusters (ATTN_CLUSTER_KEYS = 1024): the cross-cluster merge
 }
 
 

@@ -19,6 +19,10 @@ import numpy as np
 from .errors import UserError
 
 
+# llama.cpp's batch-1 decode on the lent H100 (issue 6): tg128, and tg at depth 4096
+LLAMA_CPP_TG_AT_DEPTH = {128: 553, 4096: 496}
+
+
 def bytes_per_token(model, ctx: int) -> int:
     """Fewest bytes one decode step reads: all weights but the embedding table, one embedding row, the KV cache."""
     c = model.config
@@ -101,12 +105,17 @@ def time_prefill(be, m: int, cr, reps: int = 5) -> float:
     return cr.time_ms(be.stream, lambda: [g.launch(be.stream) for _ in range(reps)]) / 1e3 / reps
 
 
-def kernel_breakdown(be, cr, reps: int = 20, m: int = 1, last_only: bool = False) -> dict[str, float]:
+def kernel_breakdown(be, cr, reps: int = 20, m: int = 1, last_only: bool = False,
+                     ctx: int | None = None) -> dict[str, float]:
     """Microseconds per step by kernel family: the family's launches of one step (m tokens) captured alone into a
-    CUDA graph and replayed (events around single launches would mostly time the events themselves)."""
+    CUDA graph and replayed (events around single launches would mostly time the events themselves). With ctx, the
+    m tokens sit at position ctx (slots 0..m-1) before each family (decode_advance moves them on): the attention's
+    time depends on it."""
     plan = be.plan(m, last_only)
     out = {}
     for op in sorted({launch.op for launch in plan}):
+        if ctx is not None:
+            be._set_inputs(np.zeros(m, np.int32), np.full(m, ctx), np.arange(m))
         mine = [launch for launch in plan if launch.op == op]
         g = cr.capture(be.stream, lambda mine=mine: [x.kernel.launch(x.cfg, x.args, be.stream) for x in mine])
         g.launch(be.stream)
@@ -159,11 +168,15 @@ def run_bench(a):
                    "roofline_tok_s": round(bw / bpt, 1), "roofline_fraction": round(bpt / (bw * s), 3),
                    "vs_llama_cpp_tg128": round((1 / s) / 553, 2),
                    "launches_per_token": len(be.plan(1))}
+            if ctx in LLAMA_CPP_TG_AT_DEPTH:
+                row["vs_llama_cpp_same_depth"] = round((1 / s) / LLAMA_CPP_TG_AT_DEPTH[ctx], 2)
             results["decode"].append(row)
+            depth = f" ({row['vs_llama_cpp_same_depth']:.2f}x at depth {ctx})" if ctx in LLAMA_CPP_TG_AT_DEPTH else ""
             print(f"{row['graph']:8s} ctx {ctx:5d}: {row['tok_s']:8.1f} tok/s  {row['us_per_token']:7.1f} us/token  "
                   f"{row['roofline_fraction'] * 100:5.1f}% of roofline ({bpt / 1e9:.3f} GB/token)  "
-                  f"{row['vs_llama_cpp_tg128']:.2f}x llama.cpp tg128  {row['launches_per_token']} launches")
-        results.setdefault("kernels_us_per_token", {})["fused" if fused else "unfused"] = kernel_breakdown(be, cr)
+                  f"{row['vs_llama_cpp_tg128']:.2f}x llama.cpp tg128{depth}  {row['launches_per_token']} launches")
+        results.setdefault("kernels_us_per_token", {})["fused" if fused else "unfused"] = {
+            f"ctx{ctx}": kernel_breakdown(be, cr, ctx=ctx) for ctx in contexts}
         if fused == modes[0]:
             be._set_inputs(np.zeros(a.prefill, np.int32), np.arange(a.prefill), np.zeros(a.prefill))
             results["prefill_kernels_us"] = kernel_breakdown(be, cr, reps=3, m=a.prefill, last_only=True)
@@ -176,8 +189,10 @@ def run_bench(a):
     if getattr(a, "compare_llama_bench", None):
         results["llama_bench"] = llama_bench(a.compare_llama_bench, model.path)
     print(f"copy bandwidth {results['copy_bandwidth_GBps']} GB/s on {results['device']}")
-    for fam, us in results["kernels_us_per_token"]["fused" if modes[0] else "unfused"].items():
-        print(f"  {fam:20s} {us:8.1f} us/token")
+    per_ctx = results["kernels_us_per_token"]["fused" if modes[0] else "unfused"]
+    print("kernel families, launches of one step back to back (us/token): " + "  ".join(f"{c:>9s}" for c in per_ctx))
+    for fam in per_ctx[f"ctx{contexts[0]}"]:
+        print(f"  {fam:20s} " + "  ".join(f"{per_ctx[c].get(fam, 0):9.1f}" for c in per_ctx))
     print(f"prefill {a.prefill} by kernel family (us): {results['prefill_kernels_us']}")
     write_results(results, Path(a.output))
     return results

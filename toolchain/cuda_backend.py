@@ -14,6 +14,7 @@ times the variants):
   (plugins/qmv1.cuh, kernels.decode_core), with its own launch configuration.
 - m1: the other projections of the batch-1 plan use the decode builds of the general core (QMV_M1: less code).
 - defines ({op: {define: value}}) and pdl_skip (ops launched without PDL): experiments.
+- skip (ops not launched at all): a timing diagnostic (what a family costs inside the step); results are wrong.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ GEMM_MIN_M = 32
 # Nodes after the last layer: a prompt prefill needs their result for its last token only.
 HEAD_NODES = ("final_norm", "lm_head", "argmax")
 F32 = np.float32
-TUNING = {"pdl": True, "m1": True, "qmv1": True, "defines": {}, "pdl_skip": ()}
+TUNING = {"pdl": True, "m1": True, "qmv1": True, "defines": {}, "pdl_skip": (), "skip": ()}
 
 
 @dataclass
@@ -183,9 +184,12 @@ class CudaBackend:
                        [q_rot, k_cache, v_cache, positions, slots, *b.scalars, outs[0]])]
 
     def run_plan(self, m: int, advance: bool = False, last_only: bool = False):
-        """Enqueue the plan on self.stream; decode steps (matvec plans) as programmatic dependent launches."""
+        """Enqueue the plan on self.stream; decode steps (matvec plans) as programmatic dependent launches, all but
+        the first: it starts after everything before the step, which lets kernels read the step's inputs and the
+        KV-cache rows of earlier steps before their pdl_wait() (plugins/pdl.cuh)."""
         pdl = m < GEMM_MIN_M and self.tuning["pdl"]
-        launches = [x for x in self.plan(m, last_only) if advance or x.op != "decode_advance"]
+        launches = [x for x in self.plan(m, last_only)
+                    if (advance or x.op != "decode_advance") and x.op not in self.tuning["skip"]]
         for j, launch in enumerate(launches):
             launch.kernel.launch(launch.cfg, launch.args, self.stream,
                                  pdl=pdl and j > 0 and launch.op not in self.tuning["pdl_skip"])
