@@ -26,7 +26,7 @@ from toolchain import kernels as K  # noqa: E402
 from toolchain.bench import bytes_per_token, copy_bandwidth, launch_timing, load_model, time_decode  # noqa: E402
 from toolchain.cuda_backend import CudaBackend  # noqa: E402
 
-OFF = {"pdl": False, "m1": False, "qmv1": False, "defines": {}, "pdl_skip": (), "skip": ()}
+OFF = {"pdl": False, "m1": False, "qmv1": False, "stage": 0, "defines": {}, "pdl_skip": (), "skip": ()}
 DEFAULT = {"m1": True, "qmv1": True, "pdl": True}
 
 
@@ -44,6 +44,9 @@ VARIANTS = {
     "m1+pdl": {"m1": True, "pdl": True},
     "qmv1": {"m1": True, "qmv1": True},
     "qmv1+pdl": DEFAULT,
+    "stage": {**DEFAULT, "stage": 1},  # the decode core's buffers in a shared-memory ring (cp.async)
+    "stage+pd2": {**DEFAULT, "stage": 1, "defines": proj(QMV1_PD=2)},
+    "stage+minb3+pd2": {**DEFAULT, "stage": 1, "defines": proj(QMV1_PD=2, QMV1_MINB=3)},
     "qmv1+pdl+pd1": {**DEFAULT, "defines": proj(QMV1_PD=1)},
     "qmv1+pdl+pd3": {**DEFAULT, "defines": proj(QMV1_PD=3)},
     "qmv1+pdl+pd4": {**DEFAULT, "defines": proj(QMV1_PD=4)},
@@ -106,7 +109,7 @@ def scaling(out: dict, reps: int = 30):
             g = cr.DeviceBuffer.from_numpy(np.ones(k, np.float32))
             y = cr.DeviceBuffer.zeros((max(n, 1536),), np.float32)
             res = cr.DeviceBuffer.zeros((n,), np.float32)
-            dims = dict(at, m=1, hidden=k, k=k, n=n, qmv1_kw=defines.get("QMV1_KW", 1))
+            dims = dict(at, m=1, hidden=k, k=k, n=n, **K.qmv1_dims(defines))
             cfg = K.launch_config(op, dims)
             row = {"op": op, "rows": n, "MB": round(nbytes / 1e6, 2)}
             for pdl in (False, True):  # graph time: launches back to back, serialized or programmatic

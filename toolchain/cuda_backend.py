@@ -11,7 +11,8 @@ times the variants):
 - pdl: every launch after the first is a programmatic dependent launch (plugins/pdl.cuh): a kernel is scheduled in
   the previous kernel's tail and has its first weights in flight before it waits for its input.
 - qmv1: the batch-1 plan runs the fused projections with Q4_K / Q6_K weights on the decode core
-  (plugins/qmv1.cuh, kernels.decode_core), with its own launch configuration.
+  (plugins/qmv1.cuh, kernels.decode_core), with its own launch configuration; stage: 0 its weights go straight into
+  registers, 1 through a per-warp ring in shared memory (cp.async; measured slower: docs/perf-notes.md).
 - m1: the other projections of the batch-1 plan use the decode builds of the general core (QMV_M1: less code).
 - defines ({op: {define: value}}) and pdl_skip (ops launched without PDL): experiments.
 - skip (ops not launched at all): a timing diagnostic (what a family costs inside the step); results are wrong.
@@ -27,7 +28,7 @@ from . import cuda_runtime as cr
 from .fusion import fuse
 from .gguf_model import GGUFModel
 from .graph import build_model_graph, node_attrs
-from .kernels import FUSED_OPS, MATMUL_OPS, decode_build, defines_for, launch_config
+from .kernels import FUSED_OPS, MATMUL_OPS, decode_build, defines_for, launch_config, qmv1_dims
 
 # ONNX op_type -> kernel op (standard ops map to our kernels; custom ops share their names).
 KERNEL_OF = {"RMSNormalization": "rms_norm", "Add": "add", "ArgMax": "argmax"}
@@ -38,7 +39,7 @@ GEMM_MIN_M = 32
 # Nodes after the last layer: a prompt prefill needs their result for its last token only.
 HEAD_NODES = ("final_norm", "lm_head", "argmax")
 F32 = np.float32
-TUNING = {"pdl": True, "m1": True, "qmv1": True, "defines": {}, "pdl_skip": (), "skip": ()}
+TUNING = {"pdl": True, "m1": True, "qmv1": True, "stage": 0, "defines": {}, "pdl_skip": (), "skip": ()}
 
 
 @dataclass
@@ -147,10 +148,10 @@ class CudaBackend:
             defines = defines_for(op, attrs)
             if m == 1 and op in MATMUL_OPS + FUSED_OPS:
                 defines = decode_build(op, attrs, dims.get("k", dims.get("hidden")), self.tuning["qmv1"],
-                                       self.tuning["m1"])
+                                       self.tuning["m1"], self.tuning["stage"])
             defines |= self.tuning["defines"].get(op, {})
             if "QMV1" in defines:
-                dims["qmv1_kw"] = defines["QMV1_KW"]
+                dims |= qmv1_dims(defines)
             kern = self._kernel(op, defines)
             cfg = launch_config(op, dims)
             ins = [self.buffers[i].ptr for i in node.input]

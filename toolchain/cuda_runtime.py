@@ -346,7 +346,11 @@ class Kernel:
         vals, ptrs = self._pack(args)  # `vals` must stay alive through the call
         d = driver()
         (gx, gy, gz), (bx, by, bz) = cfg.grid, cfg.block
-        if int(cfg.shared_mem) > getattr(self, "_smem_limit", 48 * 1024):  # beyond 48 KB must be asked for once
+        if not hasattr(self, "_smem_limit"):  # static + dynamic beyond 48 KB must be asked for (once per size)
+            static = check(d.cuFuncGetAttribute(d.CUfunction_attribute.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+                                                self.handle), f"cuFuncGetAttribute({self.name})")
+            self._smem_limit = 48 * 1024 - int(static)
+        if int(cfg.shared_mem) > self._smem_limit:
             attr = d.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
             check(d.cuFuncSetAttribute(self.handle, attr, int(cfg.shared_mem)), f"cuFuncSetAttribute({self.name})")
             self._smem_limit = int(cfg.shared_mem)

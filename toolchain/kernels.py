@@ -137,33 +137,44 @@ def qmv_grid_x(units: int, per_block: int, cluster: int = 1, max_blocks: int = M
 
 
 QMV1_NBW, QMV1_BLOCKS_PER_SM, QMV1_WARPS = 6, 2, 8  # plugins/qmv1.cuh: superblocks per warp, blocks per SM
+QMV1_SLOT = 2560  # plugins/qmv1.cuh SLOT: shared-memory bytes of one group's buffer (staged builds)
+QMV1_PD_MAX = {0: 2, 1: 4}  # groups in flight per warp, register / staged builds (docs/perf-notes.md)
 _WEIGHT_TYPE_ATTRS = {"matmul_add": ("w_type",), "rms_norm_qkv": ("q_type", "k_type", "v_type"),
                       "rms_norm_swiglu": ("gate_type", "up_type")}
 
 
-def decode_core(op: str, attrs: dict, k: int) -> dict:
+def decode_core(op: str, attrs: dict, k: int, stage: int = 0) -> dict:
     """Extra defines of the batch-1 build of a fused projection (plugins/qmv1.cuh: QMV1, QMV1_KW = warps sharing a
-    row pair's k, QMV1_PD = groups each warp has in flight), or {} where it does not apply (other ops, formats other
-    than Q4_K / Q6_K, k not whole superblocks or beyond 8 warps x 1536). Only for steps of one token: the build
-    computes row 0 of x alone. PD is 2 where a warp has several groups (gate/up, down) and else the number it has
-    (measured on the H100, whole step: PD 2 933 tok/s, 3 913, 4 776; docs/perf-notes.md)."""
+    row pair's k, QMV1_PD = groups each warp has in flight, QMV1_STAGE = 1: those buffers in shared memory, QMV1_K:
+    k as a constant), or {}
+    where it does not apply (other ops, formats other than Q4_K / Q6_K, k not whole superblocks or beyond 8 warps x
+    1536). Only for steps of one token: the build computes row 0 of x alone. PD is the number of groups a warp has,
+    at most QMV1_PD_MAX[stage] (register builds, whole step on the H100: PD 2 933 tok/s, 3 913, 4 776)."""
     if op not in _WEIGHT_TYPE_ATTRS or k % 256 or k > 256 * QMV1_NBW * QMV1_WARPS:
         return {}
     if any(_type_name(attrs[a]) not in ("Q4_K", "Q6_K") for a in _WEIGHT_TYPE_ATTRS[op]):
         return {}
     kw = -(-(k // 256) // QMV1_NBW)
-    dims = dict(attrs, m=1, k=k, hidden=k, n=attrs.get("out_features"), qmv1_kw=kw)
+    dims = dict(attrs, m=1, k=k, hidden=k, n=attrs.get("out_features"), qmv1_kw=kw, qmv1_pd=1, qmv1_stage=stage)
     cfg = launch_config(op, dims)
     per_block = max(1, QMV1_WARPS // kw)
     iters = -(-_qmv1_groups(op, dims) // (cfg.grid[0] * per_block))
-    return {"QMV1": 1, "QMV1_KW": kw, "QMV1_PD": max(1, min(2, iters))}
+    return {"QMV1": 1, "QMV1_K": k, "QMV1_KW": kw, "QMV1_PD": max(1, min(QMV1_PD_MAX[stage], iters)),
+            "QMV1_STAGE": stage}
 
 
-def decode_build(op: str, attrs: dict, k: int, core: bool = True, m1: bool = True) -> dict:
+def qmv1_dims(defines: dict) -> dict:
+    """What launch_config needs of a decode-core build's defines (grid, block and the staged ring's bytes)."""
+    return {"qmv1_kw": int(defines["QMV1_KW"]), "qmv1_pd": int(defines.get("QMV1_PD", 2)),
+            "qmv1_stage": int(defines.get("QMV1_STAGE", 0)), "qmv1_minb": int(defines.get("QMV1_MINB", 2))}
+
+
+def decode_build(op: str, attrs: dict, k: int, core: bool = True, m1: bool = True, stage: int = 0) -> dict:
     """Defines of the batch-1 (decode) build of a projection: the decode core where it applies (decode_core), else
-    the general core without its multi-token body (QMV_M1). The flags switch either off (scripts/decode_tuning.py)."""
+    the general core without its multi-token body (QMV_M1). The flags switch either off, stage=0 keeps the decode
+    core's buffers in registers (scripts/decode_tuning.py)."""
     d = defines_for(op, attrs)
-    extra = decode_core(op, attrs, k) if core else {}
+    extra = decode_core(op, attrs, k, stage) if core else {}
     if extra:
         return {key: v for key, v in d.items() if key != "KSPLIT"} | extra
     return d | ({"QMV_M1": 1} if m1 and op in MATMUL_OPS + FUSED_OPS else {})
@@ -215,16 +226,18 @@ def launch_config(op: str, dims: dict, ops=INT_OPS) -> LaunchConfig:
     weight shapes (n, k, hidden, q_dim, kv_dim, ffn) are static ints."""
     _check_op(op)
     m = dims.get("m")
-    if "qmv1_kw" in dims:  # batch-1 build of a fused projection (decode_core): groups of 2 rows, G per block.
-        # Every resident block (2 per SM) unless fewer hold all groups: with 2 blocks per SM, equal rounds per block
-        # (qmv_grid_x) would leave SMs with one block while others carry 2 x the rounds.
-        kw = int(dims["qmv1_kw"])
+    if "qmv1_kw" in dims:  # batch-1 build of a fused projection (decode_core, qmv1_dims): groups of 2 rows, G per
+        # block. Every resident block (qmv1_minb per SM) unless fewer hold all groups: with 2 blocks per SM, equal
+        # rounds per block (qmv_grid_x) would leave SMs with one block while others carry 2 x the rounds. Staged
+        # builds take their ring as dynamic shared memory.
+        kw, pd, minb = int(dims["qmv1_kw"]), int(dims.get("qmv1_pd", 2)), int(dims.get("qmv1_minb", 2))
         g = max(1, QMV1_WARPS // kw)
+        ring = QMV1_SLOT * kw * g * pd if int(dims.get("qmv1_stage", 0)) else 0
         scalars = {"matmul_add": lambda: (m, _dim(dims, "n", "out_features"), _dim(dims, "k", "in_features")),
                    "rms_norm_qkv": lambda: (m, dims["hidden"], dims["q_dim"], dims["kv_dim"]),
                    "rms_norm_swiglu": lambda: (m, dims["hidden"], dims["ffn"])}[op]()
-        blocks = min(-(-_qmv1_groups(op, dims) // g), QMV_SMS * QMV1_BLOCKS_PER_SM)
-        return LaunchConfig((blocks, 1, 1), (32 * kw * g, 1, 1), 0, scalars)
+        blocks = min(-(-_qmv1_groups(op, dims) // g), QMV_SMS * minb)
+        return LaunchConfig((blocks, 1, 1), (32 * kw * g, 1, 1), ring, scalars)
     if op in MATMUL_OPS or op == "matmul_add":
         n, k = int(_dim(dims, "n", "out_features")), int(_dim(dims, "k", "in_features"))
         t = MATMUL_TYPE[op] if op in MATMUL_OPS else _type_name(dims["w_type"])
