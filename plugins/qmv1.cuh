@@ -34,7 +34,10 @@ using qmv::Kind;
 constexpr int NBW = 6;                 // superblocks of k per warp at most
 constexpr int U = NBW / 2;             // tasks per lane: 2 rows x 8 units x NBW / 32
 constexpr int KW = QMV1_KW;            // warps per group (k split)
-constexpr int G = KW >= 8 ? 1 : 8 / KW;  // groups per block side by side
+#ifndef QMV1_G
+#define QMV1_G (QMV1_KW >= 8 ? 1 : 8 / QMV1_KW)
+#endif
+constexpr int G = QMV1_G;              // groups per block side by side (toolchain/kernels.py decode_core)
 constexpr int NWARP = KW * G, THREADS = 32 * NWARP;
 constexpr int KMAX = 256 * NBW * KW;   // largest k this build takes
 constexpr int W = 12;                  // raw words per task (Q4_K: 8, Q6_K: 11)
@@ -354,6 +357,14 @@ __device__ __forceinline__ void run(const qmv::Args& a) {
     auto step = [&](int it, int g, auto&& words) {
         int mat = 0, r0 = 0, r1 = 0;
         if (g < ng) locate(g, mat, r0, r1);
+        const int upper = lane >> 4, row = r0 + upper;  // lanes 0 and 16 write rows r0 and r1
+        const bool writer = kw == 0 && g < ng && (lane & 15) == 0 && (lane == 0 || r1 != r0);
+        float pre = 0.f;  // bias + residual of the writer's row: loaded first, their latency hides behind the dots
+        if (K != qmv::SWIGLU && writer) {
+            const float* bias = mat == 0 ? a.bias[0] : mat == 1 ? a.bias[1] : a.bias[2];
+            if (bias) pre = __ldg(bias + row);
+            if (K == qmv::ADD) pre += ld_produced(a.residual + row);
+        }
         float acc[2] = {0.f, 0.f};
         if (g < ng) {
 #pragma unroll
@@ -368,7 +379,6 @@ __device__ __forceinline__ void run(const qmv::Args& a) {
         }
         // the two rows' sums over the warp, the same butterfly as two separate ones: after the exchange across the
         // halves, lanes 0-15 reduce row 0 and lanes 16-31 row 1 (half the shuffles)
-        const int upper = lane >> 4;
         float s = upper ? acc[1] : acc[0];
         s += __shfl_xor_sync(0xffffffffu, upper ? acc[0] : acc[1], 16);
 #pragma unroll
@@ -383,15 +393,11 @@ __device__ __forceinline__ void run(const qmv::Args& a) {
             }
         }
         const float up = K == qmv::SWIGLU ? __shfl_sync(0xffffffffu, s, 16) : 0.f;
-        if (kw == 0 && g < ng && (lane & 15) == 0) {
+        if (writer) {
             if (K == qmv::SWIGLU) {
                 if (lane == 0) a.y[0][r0] = s / (1.f + expf(-s)) * up;
-            } else if (lane == 0 || r1 != r0) {
-                const int row = r0 + upper;
-                const float* bias = mat == 0 ? a.bias[0] : mat == 1 ? a.bias[1] : a.bias[2];
-                float val = s + (bias ? __ldg(bias + row) : 0.f);
-                if (K == qmv::ADD) val = ld_produced(a.residual + row) + val;
-                (mat == 0 ? a.y[0] : mat == 1 ? a.y[1] : a.y[2])[row] = val;
+            } else {
+                (mat == 0 ? a.y[0] : mat == 1 ? a.y[1] : a.y[2])[row] = s + pre;
             }
         }
     };

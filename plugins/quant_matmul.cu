@@ -6,15 +6,27 @@
 // Optional define KSPLIT (kernels.defines_for, from in_features/out_features): the thread-block cluster size that
 // splits k; without it (KSPLIT = 1) the kernel is correct for any k and any grid.
 // Q4_K requires w 16-byte aligned (every CUDA / TensorRT allocation is 256-aligned); the other formats accept any
-// 2-aligned base.
-#include "qmv.cuh"
+// 2-aligned base. With -DQMV1 (the batch-1 build, kernels.decode_core: lm_head) the Q4_K / Q6_K kernels run the
+// decode core, qmv1.cuh, with its launch configuration; the other formats keep the general core.
+#include "qmv1.cuh"
+
+template <class F>
+__device__ __forceinline__ void matmul(const qmv::Args& a) {
+#if QMV1
+    if constexpr (qmv1::KQuant<F>::value) {
+        qmv1::run<qmv::PLAIN, F, F, F>(a);
+        return;
+    }
+#endif
+    qmv::entry<qmv::PLAIN, F, F, F, KSPLIT>(a);
+}
 
 #define QTRT_MATMUL(NAME, F)                                                                                      \
     QMV_KERNEL NAME(const float* __restrict__ x, const uint8_t* __restrict__ w, const float* __restrict__ bias,   \
                     int m, int n, int k, float* __restrict__ y) {                                                 \
         qmv::Args a{};                                                                                            \
         a.x = x; a.w[0] = w; a.bias[0] = bias; a.y[0] = y; a.n[0] = n; a.m = m; a.k = k;                          \
-        qmv::entry<qmv::PLAIN, ggml::F, ggml::F, ggml::F, KSPLIT>(a);                                            \
+        matmul<ggml::F>(a);                                                                                       \
     }
 
 QTRT_MATMUL(q4k_matmul, Q4K)

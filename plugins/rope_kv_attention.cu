@@ -42,7 +42,7 @@
 #error "rope_kv_attention needs -DN_HEADS=.. -DN_KV_HEADS=.. -DHEAD_DIM=.. -DROPE_THETA=.."
 #endif
 #ifndef ATTN_CLUSTER_KEYS
-#define ATTN_CLUSTER_KEYS 1024  // one more cluster (8 blocks) per this many keys of context, up to G
+#define ATTN_CLUSTER_KEYS 2048  // one more cluster (8 blocks) per this many keys of context, up to G
 #endif
 #ifndef ATTN_NBUF
 #define ATTN_NBUF 2             // key steps in flight per warp (registers)
@@ -397,6 +397,18 @@ rope_kv_attention(const float* q, const float* k, const float* v,  // earlier ke
         qv[u] = e < G * D ? q[((size_t)i * H + kvh * G) * D + e] : 0.f;
     }
     const float invf = tid < D / 2 ? g_inv.v[tid] : 0.f;
+    // a one-token step's own entry: the k and v pair this thread writes (write_entries below), loaded with q
+    const int own_jd = (tid + THREADS / 2) % THREADS;
+    const bool own_pair = one && own_here && own_jd < D / 2;
+    float own_kv[4] = {0.f, 0.f, 0.f, 0.f};
+    if (own_pair) {
+        const float* kr = k + (size_t)kvh * D;
+        const float* vr = v + (size_t)kvh * D;
+        own_kv[0] = kr[own_jd];
+        own_kv[1] = kr[own_jd + D / 2];
+        own_kv[2] = vr[own_jd];
+        own_kv[3] = vr[own_jd + D / 2];
+    }
 
     if (tid == 0) {
         list_n = one && own_here ? 1 : 0;
@@ -449,9 +461,11 @@ rope_kv_attention(const float* q, const float* k, const float* v,  // earlier ke
             } else {
                 rope_angle(pj, g_inv.v[jd], cc, ss);
             }
-            rope_rot(k[row + jd], k[row + jd + D / 2], cc, ss, y1, y2);
+            const bool pre = one && idx == own_jd;   // loaded above (own_pair)
+            rope_rot(pre ? own_kv[0] : k[row + jd], pre ? own_kv[1] : k[row + jd + D / 2], cc, ss, y1, y2);
             const __half k1 = __float2half_rn(y1), k2 = __float2half_rn(y2);
-            const __half v1 = __float2half_rn(v[row + jd]), v2 = __float2half_rn(v[row + jd + D / 2]);
+            const __half v1 = __float2half_rn(pre ? own_kv[2] : v[row + jd]);
+            const __half v2 = __float2half_rn(pre ? own_kv[3] : v[row + jd + D / 2]);
             kc[(size_t)pj * D + jd] = k1;
             kc[(size_t)pj * D + jd + D / 2] = k2;
             vc[(size_t)pj * D + jd] = v1;

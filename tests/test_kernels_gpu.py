@@ -164,6 +164,24 @@ def test_matmul(t, n, k, has_bias, m):
     assert rel < QMV_TOL, f"rel err {rel} ({seed})"
 
 
+@pytest.mark.parametrize("t,n,k,has_bias", [("Q6_K", 151936, 1536, False), ("Q4_K", 1536, 1536, True),
+                                            ("Q6_K", 256, 1536, True), ("Q4_K", 1536, 8960, False),
+                                            ("Q6_K", 1001, 512, True)])
+def test_matmul_decode_build(t, n, k, has_bias):
+    """The batch-1 build of a plain matmul (kernels.decode_build: the qmv1 core, e.g. the lm_head) with its launch."""
+    rng, seed = _rng()
+    w = random_weights(rng, t, n, k)
+    x = rng.standard_normal((1, k), dtype=np.float32)
+    bias = rng.standard_normal(n, dtype=np.float32) if has_bias else None
+    defines = K.decode_build(MATMUL[t], dict(in_features=k, out_features=n), k)
+    assert "QMV1" in defines, defines
+    dims = dict(m=1, n=n, k=k, **K.qmv1_dims(defines))
+    (y,) = run(MATMUL[t], [x, w, bias], [((1, n), np.float32)], dims, tuple(sorted(defines.items())))
+    rel, mx = rel_err(y, matmul_ref(x, w, bias, t, n, k))
+    print(f"{MATMUL[t]} decode build n={n} k={k}: rel {rel:.2e} max abs {mx:.2e} ({seed})")
+    assert np.isfinite(y).all() and rel < 2 * QMV_TOL, f"rel err {rel} ({seed})"
+
+
 @pytest.mark.parametrize("t,n,k,m", [("Q4_K", 1536, 8960, 1), ("Q6_K", 256, 1536, 3), ("Q5_0", 896, 4864, 17),
                                      ("Q8_0", 128, 896, 1)])
 def test_matmul_generic_build(t, n, k, m):
@@ -451,7 +469,7 @@ ATTN_CASES = {  # name: (slots, positions)
     "prefill17_at0_plus_decode": ([0] * 17 + [2], list(range(17)) + [300]),
     "decode_pos8191": ([1], [8191]),
     "decode_pos127": ([1], [127]),      # one cluster, every block's range full
-    "decode_pos1024": ([2], [1024]),    # two clusters (ATTN_CLUSTER_KEYS = 1024): the cross-cluster merge
+    "decode_pos2048": ([2], [2048]),    # two clusters (ATTN_CLUSTER_KEYS = 2048): the cross-cluster merge
 }
 
 
