@@ -78,10 +78,6 @@ __device__ __forceinline__ void cp_async16(uint32_t smem_addr, const void* gmem)
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr), "l"(gmem) : "memory");
 #endif
 }
-// 16 bytes of which only the first n (0..16) are read from global memory, the rest zero-filled
-__device__ __forceinline__ void cp_async16_n(uint32_t smem_addr, const void* gmem, int n) {
-    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem), "r"(n) : "memory");
-}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }

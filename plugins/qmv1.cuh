@@ -23,10 +23,7 @@ using qmv::Kind;
 #define QMV1_KW 1
 #endif
 #ifndef QMV1_PD
-#define QMV1_PD 2  // groups per warp in flight (buffers): the one being decoded and PD - 1 loading
-#endif
-#ifndef QMV1_STAGE
-#define QMV1_STAGE 0  // 1: the buffers are a per-warp ring in (dynamic) shared memory filled by cp.async; 0: registers
+#define QMV1_PD 2  // groups per warp in flight (register buffers): the one being decoded and PD - 1 loading
 #endif
 #ifndef QMV1_MINB
 #define QMV1_MINB 2  // blocks per SM the build is made for (registers); toolchain/kernels.py sizes the grid with it
@@ -41,9 +38,6 @@ constexpr int G = QMV1_G;              // groups per block side by side (toolcha
 constexpr int NWARP = KW * G, THREADS = 32 * NWARP;
 constexpr int KMAX = 256 * NBW * KW;   // largest k this build takes
 constexpr int W = 12;                  // raw words per task (Q4_K: 8, Q6_K: 11)
-// staged: a group's buffer is its 2 row segments (<= NBW Q6_K blocks from a 16-aligned address below the first)
-constexpr int ROWSLOT = 1280, SLOT = 2 * ROWSLOT;  // toolchain/kernels.py QMV1_SLOT
-static_assert(NBW * 210 + 15 <= ROWSLOT, "row segment");
 
 // Weight loads are volatile asm so that the compiler issues them where they are written (a group ahead), never next to
 // their first use, whatever the register pressure. They ask L2 for 128-byte lines (.L2::128B: neighbouring lanes read
@@ -85,11 +79,6 @@ template <> struct Task<Q4K> {  // w: header (d, dmin, 12 scale bytes) then the 
         const uint4 q = ldg16(blk + 16 + 16 * u);
         w[0] = h.x; w[1] = h.y; w[2] = h.z; w[3] = h.w; w[4] = q.x; w[5] = q.y; w[6] = q.z; w[7] = q.w;
     }
-    static __device__ __forceinline__ void read(const uint8_t* blk, int u, uint32_t (&w)[W]) {  // from the ring
-        const uint4 h = *reinterpret_cast<const uint4*>(blk);
-        const uint4 q = *reinterpret_cast<const uint4*>(blk + 16 + 16 * u);
-        w[0] = h.x; w[1] = h.y; w[2] = h.z; w[3] = h.w; w[4] = q.x; w[5] = q.y; w[6] = q.z; w[7] = q.w;
-    }
     // sum over the unit's 32 elements of weight * x (x = xq * d16 per 16 elements, s16 = sum of xq)
     static __device__ __forceinline__ float dot(const uint32_t (&w)[W], int u, int e0, const int16_t* xq,
                                                 const float* d16, const float* s16) {
@@ -128,15 +117,6 @@ template <> struct Task<Q6K> {  // unit u = (hf, jj, a) as qmv.cuh's Unit<Q6K>; 
         const int s = 192 + 8 * hf + 2 * jj + a;
         w[8] = ldg8(blk + s) | (ldg8(blk + s + 4) << 8);
         w[9] = ldg16bits(blk + 208);
-    }
-    static __device__ __forceinline__ void read(const uint8_t* blk, int u, uint32_t (&w)[W]) {  // from the ring
-        const int hf = u >> 2, jj = (u >> 1) & 1, a = u & 1;
-        const uint4 l = qmv::lds128_any(blk + 64 * hf + 32 * jj + 16 * a);
-        const uint4 h = qmv::lds128_any(blk + 128 + 32 * hf + 16 * a);
-        w[0] = l.x; w[1] = l.y; w[2] = l.z; w[3] = l.w; w[4] = h.x; w[5] = h.y; w[6] = h.z; w[7] = h.w;
-        const int s = 192 + 8 * hf + 2 * jj + a;
-        w[8] = (uint32_t)blk[s] | ((uint32_t)blk[s + 4] << 8);
-        w[9] = *reinterpret_cast<const uint16_t*>(blk + 208);
     }
     static __device__ __forceinline__ float dot(const uint32_t (&w)[W], int u, int e0, const int16_t* xq,
                                                 const float* d16, const float* s16) {
@@ -242,47 +222,9 @@ __device__ __forceinline__ void run(const qmv::Args& a) {
 
     constexpr int PD = QMV1_PD;
     const int g = blockIdx.x * G + gw;
-#if QMV1_STAGE
-    // ring of PD slots per warp: slot p holds the group of iterations p, p + PD, ...; each lane copies 16-byte
-    // pieces of the group's two row segments (k range [j0, j0 + nbw) of each row) with cp.async, one commit group
-    // per slot fill; a lane reads any piece after cp.async.wait_group + __syncwarp
-    extern __shared__ __align__(16) uint8_t qmv1_ring[];
-    uint8_t* const ring = qmv1_ring + (size_t)warp * PD * SLOT;
-    const uint32_t ring_s = (uint32_t)__cvta_generic_to_shared(ring);
-    auto segment = [&](int mat, int rr, int which) { return row_ptr(mat, rr, which) + (size_t)j0 * bb_of(mat, which); };
-    auto stage = [&](int g, int p) {
-        if (g < ng) {
-            int mat, r0, r1;
-            locate(g, mat, r0, r1);
-#pragma unroll
-            for (int which = 0; which < 2; ++which) {
-                const uintptr_t src = reinterpret_cast<uintptr_t>(segment(mat, which ? r1 : r0, which));
-                const uintptr_t end = src + (uintptr_t)(nbw * bb_of(mat, which)), lo = src & ~uintptr_t(15);
-                const int nv = (int)((end - lo + 15) >> 4);
-                for (int i = lane; i < nv; i += 32) {  // the last piece reads only up to the segment's end
-                    const uintptr_t piece = lo + 16 * (uintptr_t)i;
-                    qmv::cp_async16_n(ring_s + p * SLOT + which * ROWSLOT + 16 * i, reinterpret_cast<const void*>(piece),
-                                      (int)min((uintptr_t)16, end - piece));
-                }
-            }
-        }
-        qmv::cp_async_commit();
-    };
-    auto ring_words = [&](int p) {  // task i's raw words from slot p
-        return [&, p](int i, int mat, int r0, int r1, uint32_t (&w)[W]) {
-            const int which = t_row[i];
-            const uintptr_t src = reinterpret_cast<uintptr_t>(segment(mat, which ? r1 : r0, which));
-            const uint8_t* blk = ring + p * SLOT + which * ROWSLOT + (src & 15) + (t_off[i] - j0) * bb_of(mat, which);
-            if (fmt_of(mat, which) == 6) Task<Q6K>::read(blk, t_u[i], w);
-            else Task<Q4K>::read(blk, t_u[i], w);
-        };
-    };
-    for (int p = 0; p < PD; ++p) stage(g + p * stride, p);
-#else
     uint32_t wb[PD][U][W];  // wb[p]: the group of iteration p, in flight from the start
 #pragma unroll
     for (int p = 0; p < PD; ++p) load(g + p * stride, wb[p]);
-#endif
     pdl_wait();  // x and the residual come from earlier kernels: read after it, with ld_produced (pdl.cuh)
 
     // x -> int16 in shared memory, a scale and a sum per 16 elements (after the RMSNorm for the fused norms). The
@@ -352,9 +294,8 @@ __device__ __forceinline__ void run(const qmv::Args& a) {
     }
     __syncthreads();
 
-    // decode group g, whose tasks' raw words words(i, mat, r0, r1, w) gives (iteration it picks the parity of the
-    // k-split partials), and write its rows
-    auto step = [&](int it, int g, auto&& words) {
+    // decode group g from the buffer w (iteration it picks the parity of the k-split partials) and write its rows
+    auto step = [&](int it, int g, const uint32_t (&w)[U][W]) {
         int mat = 0, r0 = 0, r1 = 0;
         if (g < ng) locate(g, mat, r0, r1);
         const int upper = lane >> 4, row = r0 + upper;  // lanes 0 and 16 write rows r0 and r1
@@ -370,10 +311,8 @@ __device__ __forceinline__ void run(const qmv::Args& a) {
 #pragma unroll
             for (int i = 0; i < U; ++i) {
                 if (!t_ok[i]) continue;
-                uint32_t w[W];
-                words(i, mat, r0, r1, w);
-                const float v = fmt_of(mat, t_row[i]) == 6 ? Task<Q6K>::dot(w, t_u[i], t_e[i], sm.xq, sm.d16, sm.s16)
-                                                           : Task<Q4K>::dot(w, t_u[i], t_e[i], sm.xq, sm.d16, sm.s16);
+                const float v = fmt_of(mat, t_row[i]) == 6 ? Task<Q6K>::dot(w[i], t_u[i], t_e[i], sm.xq, sm.d16, sm.s16)
+                                                           : Task<Q4K>::dot(w[i], t_u[i], t_e[i], sm.xq, sm.d16, sm.s16);
                 if (t_row[i]) acc[1] += v; else acc[0] += v;
             }
         }
@@ -401,16 +340,6 @@ __device__ __forceinline__ void run(const qmv::Args& a) {
             }
         }
     };
-#if QMV1_STAGE
-    for (int it = 0; it < iters; ++it) {
-        const int p = it % PD;
-        qmv::cp_async_wait<PD - 1>();  // this lane's pieces of slot p have landed ...
-        __syncwarp();                  // ... and every lane's
-        step(it, g + it * stride, ring_words(p));
-        __syncwarp();                  // every lane is done with slot p: refill it
-        stage(g + (it + PD) * stride, p);
-    }
-#else
     // a ring of PD register buffers with compile-time indices (no copies): buffer p holds the group of iteration
     // it = p (mod PD); once decoded it is refilled with the group PD iterations further
     for (int it0 = 0; it0 < iters; it0 += PD) {
@@ -418,14 +347,10 @@ __device__ __forceinline__ void run(const qmv::Args& a) {
         for (int p = 0; p < PD; ++p) {
             const int it = it0 + p;
             if (it >= iters) break;  // block-uniform
-            step(it, g + it * stride, [&](int i, int, int, int, uint32_t (&w)[W]) {
-#pragma unroll
-                for (int j = 0; j < W; ++j) w[j] = wb[p][i][j];
-            });
+            step(it, g + it * stride, wb[p]);
             load(g + (it + PD) * stride, wb[p]);
         }
     }
-#endif
 }
 
 }  // namespace qmv1

@@ -26,7 +26,7 @@ from toolchain import kernels as K  # noqa: E402
 from toolchain.bench import bytes_per_token, copy_bandwidth, launch_timing, load_model, time_decode  # noqa: E402
 from toolchain.cuda_backend import CudaBackend  # noqa: E402
 
-OFF = {"pdl": False, "m1": False, "qmv1": False, "stage": 0, "ksplit_warps": 12, "plain": True, "defines": {}, "pdl_skip": (), "skip": ()}
+OFF = {"pdl": False, "m1": False, "qmv1": False, "ksplit_warps": 12, "plain": True, "defines": {}, "pdl_skip": (), "skip": ()}
 DEFAULT = {"m1": True, "qmv1": True, "pdl": True}
 
 
@@ -50,9 +50,6 @@ VARIANTS = {
     "swiglu_g16": {**DEFAULT, "defines": {"rms_norm_swiglu": {"QMV1_G": 16, "QMV1_MINB": 1}}},
     "ck4096": {**DEFAULT, **attn(ATTN_CLUSTER_KEYS=4096)},
     "ck4096+nbuf3": {**DEFAULT, **attn(ATTN_CLUSTER_KEYS=4096, ATTN_NBUF=3)},
-    "stage": {**DEFAULT, "stage": 1},  # the decode core's buffers in a shared-memory ring (cp.async)
-    "stage+pd2": {**DEFAULT, "stage": 1, "defines": proj(QMV1_PD=2)},
-    "stage+minb3+pd2": {**DEFAULT, "stage": 1, "defines": proj(QMV1_PD=2, QMV1_MINB=3)},
     "qmv1+pdl+pd1": {**DEFAULT, "defines": proj(QMV1_PD=1)},
     "qmv1+pdl+pd3": {**DEFAULT, "defines": proj(QMV1_PD=3)},
     "qmv1+pdl+pd4": {**DEFAULT, "defines": proj(QMV1_PD=4)},

@@ -356,14 +356,11 @@ DECODE_CASES = [
 ]  # shapes: (hidden or k, rows...)
 
 
-@pytest.mark.parametrize("stage", [1, 0])
 @pytest.mark.parametrize("op,shape,types,m", DECODE_CASES)
-def test_decode_builds(op, shape, types, m, stage):
-    """Decode builds against the reference; the decode core with its buffers in shared memory (stage 1)
-    and in registers (stage 0, the default)."""
+def test_decode_builds(op, shape, types, m):
     rng, seed = _rng()
     attrs, inputs, outputs, dims, refs = fused_case(rng, op, shape[0], shape[1:], types, m)
-    defines = K.decode_build(op, attrs, shape[0], stage=stage)
+    defines = K.decode_build(op, attrs, shape[0])
     assert ("QMV1" in defines) == all(t in ("Q4_K", "Q6_K") for t in types), defines
     if "QMV1" in defines:
         dims |= K.qmv1_dims(defines)

@@ -11,9 +11,7 @@ times the variants):
 - pdl: every launch after the first is a programmatic dependent launch (plugins/pdl.cuh): a kernel is scheduled in
   the previous kernel's tail and has its first weights in flight before it waits for its input.
 - qmv1: the batch-1 plan runs the fused projections with Q4_K / Q6_K weights on the decode core
-  (plugins/qmv1.cuh, kernels.decode_core), with its own launch configuration; stage: 0 its weights go straight into
-  registers, 1 through a per-warp ring in shared memory (cp.async; measured slower: docs/perf-notes.md);
-  ksplit_warps: warps per block of the k-split builds (ffn_down), one block per SM when above 8; plain: the
+  (plugins/qmv1.cuh, kernels.decode_core), with its own launch configuration; ksplit_warps: warps per block of the k-split builds (ffn_down), one block per SM when above 8; plain: the
   Q4_K / Q6_K plain matmuls (lm_head) on the decode core too.
 - m1: the other projections of the batch-1 plan use the decode builds of the general core (QMV_M1: less code).
 - defines ({op: {define: value}}) and pdl_skip (ops launched without PDL): experiments.
@@ -41,7 +39,7 @@ GEMM_MIN_M = 32
 # Nodes after the last layer: a prompt prefill needs their result for its last token only.
 HEAD_NODES = ("final_norm", "lm_head", "argmax")
 F32 = np.float32
-TUNING = {"pdl": True, "m1": True, "qmv1": True, "stage": 0, "ksplit_warps": 12, "plain": True, "defines": {}, "pdl_skip": (), "skip": ()}
+TUNING = {"pdl": True, "m1": True, "qmv1": True, "ksplit_warps": 12, "plain": True, "defines": {}, "pdl_skip": (), "skip": ()}
 
 
 @dataclass
@@ -150,8 +148,7 @@ class CudaBackend:
             defines = defines_for(op, attrs)
             if m == 1 and op in MATMUL_OPS + FUSED_OPS:
                 defines = decode_build(op, attrs, dims.get("k", dims.get("hidden")), self.tuning["qmv1"],
-                                       self.tuning["m1"], self.tuning["stage"], self.tuning["ksplit_warps"],
-                                       self.tuning["plain"])
+                                       self.tuning["m1"], self.tuning["ksplit_warps"], self.tuning["plain"])
             defines |= self.tuning["defines"].get(op, {})
             if "QMV1" in defines:
                 dims |= qmv1_dims(defines)

@@ -140,8 +140,7 @@ QMV1_NBW, QMV1_BLOCKS_PER_SM, QMV1_WARPS = 6, 2, 8  # plugins/qmv1.cuh: superblo
 # k-split builds (KW > 1 warps per row pair: ffn_down) run one block of this many warps per SM: each block quantizes
 # all of x, so fewer, larger blocks halve that work and its L2 reads
 QMV1_KSPLIT_WARPS = 12
-QMV1_SLOT = 2560  # plugins/qmv1.cuh SLOT: shared-memory bytes of one group's buffer (staged builds)
-QMV1_PD_MAX = {0: 2, 1: 4}  # groups in flight per warp, register / staged builds (docs/perf-notes.md)
+QMV1_PD_MAX = 2  # groups in flight per warp (register buffers; docs/perf-notes.md)
 _WEIGHT_TYPE_ATTRS = {"matmul_add": ("w_type",), "rms_norm_qkv": ("q_type", "k_type", "v_type"),
                       "rms_norm_swiglu": ("gate_type", "up_type")}
 
@@ -150,12 +149,13 @@ def _weight_types(op: str, attrs: dict) -> list[str]:
     return [MATMUL_TYPE[op]] if op in MATMUL_OPS else [_type_name(attrs[a]) for a in _WEIGHT_TYPE_ATTRS[op]]
 
 
-def decode_core(op: str, attrs: dict, k: int, stage: int = 0, ksplit_warps: int = QMV1_KSPLIT_WARPS) -> dict:
+def decode_core(op: str, attrs: dict, k: int, ksplit_warps: int = QMV1_KSPLIT_WARPS) -> dict:
     """Extra defines of the batch-1 build of a fused projection (plugins/qmv1.cuh: QMV1, QMV1_KW = warps sharing a
-    row pair's k, QMV1_PD = groups each warp has in flight, QMV1_STAGE = 1: those buffers in shared memory, QMV1_K:
-    k as a constant, QMV1_G groups per block and QMV1_MINB blocks per SM), or {} where it does not apply (other ops,
-    formats other than Q4_K / Q6_K, k not whole superblocks or beyond 8 warps x 1536). Only for steps of one token: the build computes row 0 of x alone. PD is the number of groups a warp has,
-    at most QMV1_PD_MAX[stage] (register builds, whole step on the H100: PD 2 933 tok/s, 3 913, 4 776)."""
+    row pair's k, QMV1_PD = groups each warp has in flight, QMV1_K: k as a constant, QMV1_G groups per block and
+    QMV1_MINB blocks per SM), or {} where it does not apply (other ops, formats other than Q4_K / Q6_K, k not whole
+    superblocks or beyond 8 warps x 1536). Only for steps of one token: the build computes row 0 of x alone. PD is the number of groups a warp has,
+    at most QMV1_PD_MAX (whole step on the H100: PD 2 933 tok/s, 3 913, 4 776; a shared-memory ring of 4 instead of
+    registers was slower: docs/perf-notes.md v6)."""
     if op not in (*_WEIGHT_TYPE_ATTRS, *MATMUL_OPS) or k % 256 or k > 256 * QMV1_NBW * QMV1_WARPS:
         return {}
     if any(t not in ("Q4_K", "Q6_K") for t in _weight_types(op, attrs)):
@@ -163,30 +163,27 @@ def decode_core(op: str, attrs: dict, k: int, stage: int = 0, ksplit_warps: int 
     kw = -(-(k // 256) // QMV1_NBW)
     g = max(1, (QMV1_WARPS if kw == 1 else ksplit_warps) // kw)
     minb = QMV1_BLOCKS_PER_SM if kw * g <= QMV1_WARPS else 1
-    dims = dict(attrs, m=1, k=k, hidden=k, n=attrs.get("out_features"), qmv1_kw=kw, qmv1_g=g, qmv1_minb=minb,
-                qmv1_pd=1, qmv1_stage=stage)
+    dims = dict(attrs, m=1, k=k, hidden=k, n=attrs.get("out_features"), qmv1_kw=kw, qmv1_g=g, qmv1_minb=minb)
     cfg = launch_config(op, dims)
     iters = -(-_qmv1_groups(op, dims) // (cfg.grid[0] * g))
     return {"QMV1": 1, "QMV1_K": k, "QMV1_KW": kw, "QMV1_G": g, "QMV1_MINB": minb,
-            "QMV1_PD": max(1, min(QMV1_PD_MAX[stage], iters)), "QMV1_STAGE": stage}
+            "QMV1_PD": max(1, min(QMV1_PD_MAX, iters))}
 
 
 def qmv1_dims(defines: dict) -> dict:
-    """What launch_config needs of a decode-core build's defines (grid, block and the staged ring's bytes)."""
+    """What launch_config needs of a decode-core build's defines (grid and block)."""
     kw = int(defines["QMV1_KW"])
     return {"qmv1_kw": kw, "qmv1_g": int(defines.get("QMV1_G", max(1, QMV1_WARPS // kw))),
-            "qmv1_pd": int(defines.get("QMV1_PD", 2)),
-            "qmv1_stage": int(defines.get("QMV1_STAGE", 0)), "qmv1_minb": int(defines.get("QMV1_MINB", 2))}
+            "qmv1_minb": int(defines.get("QMV1_MINB", 2))}
 
 
-def decode_build(op: str, attrs: dict, k: int, core: bool = True, m1: bool = True, stage: int = 0,
+def decode_build(op: str, attrs: dict, k: int, core: bool = True, m1: bool = True,
                  ksplit_warps: int = QMV1_KSPLIT_WARPS, plain: bool = True) -> dict:
     """Defines of the batch-1 (decode) build of a projection: the decode core where it applies (decode_core), else
-    the general core without its multi-token body (QMV_M1). The flags switch either off, stage=1 puts the decode
-    core's buffers in shared memory, plain=False keeps the plain matmuls (lm_head) on the general core
-    (scripts/decode_tuning.py)."""
+    the general core without its multi-token body (QMV_M1). The flags switch either off, ksplit_warps sizes the
+    k-split blocks, plain=False keeps the plain matmuls (lm_head) on the general core (scripts/decode_tuning.py)."""
     d = defines_for(op, attrs)
-    extra = decode_core(op, attrs, k, stage, ksplit_warps) if core and (plain or op not in MATMUL_OPS) else {}
+    extra = decode_core(op, attrs, k, ksplit_warps) if core and (plain or op not in MATMUL_OPS) else {}
     if extra:
         return {key: v for key, v in d.items() if key != "KSPLIT"} | extra
     return d | ({"QMV_M1": 1} if m1 and op in MATMUL_OPS + FUSED_OPS else {})
@@ -240,17 +237,15 @@ def launch_config(op: str, dims: dict, ops=INT_OPS) -> LaunchConfig:
     m = dims.get("m")
     if "qmv1_kw" in dims:  # batch-1 build of a fused projection (decode_core, qmv1_dims): groups of 2 rows, G per
         # block. Every resident block (qmv1_minb per SM) unless fewer hold all groups: with 2 blocks per SM, equal
-        # rounds per block (qmv_grid_x) would leave SMs with one block while others carry 2 x the rounds. Staged
-        # builds take their ring as dynamic shared memory.
-        kw, pd, minb = int(dims["qmv1_kw"]), int(dims.get("qmv1_pd", 2)), int(dims.get("qmv1_minb", 2))
+        # rounds per block (qmv_grid_x) would leave SMs with one block while others carry 2 x the rounds.
+        kw, minb = int(dims["qmv1_kw"]), int(dims.get("qmv1_minb", 2))
         g = int(dims.get("qmv1_g", max(1, QMV1_WARPS // kw)))
-        ring = QMV1_SLOT * kw * g * pd if int(dims.get("qmv1_stage", 0)) else 0
         scalars = {**{o: lambda: (m, _dim(dims, "n", "out_features"), _dim(dims, "k", "in_features"))
                       for o in ("matmul_add", *MATMUL_OPS)},
                    "rms_norm_qkv": lambda: (m, dims["hidden"], dims["q_dim"], dims["kv_dim"]),
                    "rms_norm_swiglu": lambda: (m, dims["hidden"], dims["ffn"])}[op]()
         blocks = min(-(-_qmv1_groups(op, dims) // g), QMV_SMS * minb)
-        return LaunchConfig((blocks, 1, 1), (32 * kw * g, 1, 1), ring, scalars)
+        return LaunchConfig((blocks, 1, 1), (32 * kw * g, 1, 1), 0, scalars)
     if op in MATMUL_OPS or op == "matmul_add":
         n, k = int(_dim(dims, "n", "out_features")), int(_dim(dims, "k", "in_features"))
         t = MATMUL_TYPE[op] if op in MATMUL_OPS else _type_name(dims["w_type"])
