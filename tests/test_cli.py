@@ -164,3 +164,52 @@ def test_backend_choice_without_gpu(tmp_path, monkeypatch):
         has_gpu = False
     if not has_gpu:
         assert available_backend(gguf) == "cpu"
+
+
+FAKE_LLAMA_BENCH = """#!/usr/bin/env python3
+import json, sys
+args = sys.argv[1:]
+assert args[args.index("-o") + 1] == "json" and args[args.index("-p") + 1] == "512"
+if "{fail}" == "1":
+    print("ggml_cuda_init: no CUDA devices", file=sys.stderr)
+    sys.exit(3)
+rows = [dict(n_prompt=512, n_gen=0, n_depth=0, avg_ts=26000.5), dict(n_prompt=0, n_gen=128, n_depth=0, avg_ts=553.25)]
+rows += [dict(n_prompt=0, n_gen=128, n_depth=int(d), avg_ts=496.0) for d in args[args.index("-d") + 1].split(",") if d != "0"]
+print(json.dumps(rows) if "{garbage}" != "1" else "| model | size |")
+"""
+
+
+def _fake_llama_bench(tmp_path, fail=0, garbage=0):
+    path = tmp_path / "llama-bench"
+    path.write_text(FAKE_LLAMA_BENCH.replace("{fail}", str(fail)).replace("{garbage}", str(garbage)))
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_llama_bench_side_by_side(tmp_path):
+    """--compare-llama-bench: llama-bench's JSON (pp512, tg128, tg128 at depth 4096) next to our figures."""
+    from toolchain.bench import llama_bench, side_by_side
+
+    got = llama_bench(_fake_llama_bench(tmp_path), tmp_path / "m.gguf")
+    assert got == {"pp512": 26000.5, "tg128": 553.25, "tg128@d4096": 496.0}
+    results = {"llama_bench": got, "prefill": [{"graph": "fused", "m": 512, "tok_s": 33000.0}],
+               "decode": [{"graph": "fused", "context": 128, "tok_s": 1100.0},
+                          {"graph": "fused", "context": 4096, "tok_s": 992.0},
+                          {"graph": "unfused", "context": 128, "tok_s": 700.0}]}
+    lines = side_by_side(results)
+    assert len(lines) == 3 and "1.99x" in lines[1] and "2.00x" in lines[2] and lines[0].split()[0] == "pp512"
+
+
+@pytest.mark.parametrize("case,words", [("missing", "no llama-bench executable"), ("fail", "exited with 3"),
+                                        ("garbage", "no JSON")])
+def test_llama_bench_errors(tmp_path, case, words):
+    from toolchain.bench import llama_bench
+
+    path = str(tmp_path / "nope") if case == "missing" else _fake_llama_bench(tmp_path, **{case: 1})
+    with pytest.raises(UserError, match=words):
+        llama_bench(path, tmp_path / "m.gguf")
+
+
+def test_bench_bad_llama_bench_path_is_one_line(tmp_path):
+    r = qtrt("bench", "--compare-llama-bench", str(tmp_path / "nope"))
+    assert_user_error(r, "llama-bench")

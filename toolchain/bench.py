@@ -123,16 +123,45 @@ def kernel_breakdown(be, cr, reps: int = 20, m: int = 1, last_only: bool = False
     return {k: round(v, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
 
-def llama_bench(path: str, gguf: str) -> dict:
-    r = subprocess.run([path, "-m", gguf, "-p", "512", "-n", "128", "-o", "json"], capture_output=True, text=True)
+def check_llama_bench(path: str):
+    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+        raise UserError(f"{path}: no llama-bench executable there; pass the path of a built llama-bench binary")
+
+
+def llama_bench(path: str, gguf: str, depths=(0, 4096)) -> dict:
+    """Run a llama-bench binary on the same GGUF (pp512, tg128 at each depth; its JSON output) and return
+    {"pp512": tok/s, "tg128": tok/s, "tg128@d4096": tok/s, ...}."""
+    check_llama_bench(path)
+    cmd = [path, "-m", str(gguf), "-p", "512", "-n", "128", "-d", ",".join(map(str, depths)), "-o", "json"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
-        raise UserError(f"{path}: llama-bench failed ({r.stderr.strip().splitlines()[-1:]})")
-    return {f"{'pp' if e['n_prompt'] else 'tg'}{e['n_prompt'] or e['n_gen']}": e["avg_ts"] for e in json.loads(r.stdout)}
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"{path}: llama-bench exited with {r.returncode} ({last}); run `{' '.join(cmd)}` to see why")
+    try:
+        out = {}
+        for e in json.loads(r.stdout):
+            name = f"pp{e['n_prompt']}" if e["n_prompt"] else f"tg{e['n_gen']}"
+            out[name + (f"@d{e['n_depth']}" if e.get("n_depth") else "")] = float(e["avg_ts"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{path}: llama-bench printed no JSON list of results with n_prompt, n_gen, avg_ts ({err})")
+    return out
+
+
+def side_by_side(results: dict) -> list[str]:
+    """Lines comparing our fused decode / prefill with a llama-bench run of the same bench (results['llama_bench'])."""
+    lb = results.get("llama_bench", {})
+    ours = {f"tg128{'@d' + str(r['context']) if r['context'] != 128 else ''}": r["tok_s"]
+            for r in results["decode"] if r["graph"] == "fused"}
+    ours |= {f"pp{r['m']}": r["tok_s"] for r in results.get("prefill", []) if r["graph"] == "fused"}
+    return [f"  {k:14s} qwen-trt {ours[k]:9.1f} tok/s   llama.cpp {v:9.1f} tok/s   {ours[k] / v:.2f}x"
+            for k, v in lb.items() if k in ours]
 
 
 def run_bench(a):
     from . import cuda_runtime as cr
 
+    if getattr(a, "compare_llama_bench", None):
+        check_llama_bench(a.compare_llama_bench)  # before the GPU work, not after it
     if not cr.gpu_available():
         raise UserError("qtrt bench needs an NVIDIA GPU with cuda-python (pip install 'qwen-trt[cuda]')")
     from .cuda_backend import CudaBackend
@@ -188,6 +217,7 @@ def run_bench(a):
         be.close()
     if getattr(a, "compare_llama_bench", None):
         results["llama_bench"] = llama_bench(a.compare_llama_bench, model.path)
+        print("side by side, same GGUF, same GPU, same run:\n" + "\n".join(side_by_side(results)))
     print(f"copy bandwidth {results['copy_bandwidth_GBps']} GB/s on {results['device']}")
     per_ctx = results["kernels_us_per_token"]["fused" if modes[0] else "unfused"]
     print("kernel families, launches of one step back to back (us/token): " + "  ".join(f"{c:>9s}" for c in per_ctx))
