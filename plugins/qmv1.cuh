@@ -1,11 +1,14 @@
-// Batch-1 decode core of the fused projections (matmul_add, rms_norm_qkv, rms_norm_swiglu) for Q4_K / Q6_K
-// weights: built with -DQMV1=1 -DQMV1_KW=<warps per row pair> (toolchain/kernels.py decode_core), launched by the
-// cuda backend for m = 1. docs/perf-notes.md "v5" has the measurements that led here: the general core (qmv.cuh)
-// spent ~480 warp-instructions per KB of weights on slicing, staging and half-empty passes, and was issue-bound.
+// Batch-1 decode core of the projections (matmul_add, rms_norm_qkv, rms_norm_swiglu and the plain Q4_K / Q6_K
+// matmuls such as the lm_head) for Q4_K / Q6_K weights: built with -DQMV1=1 -DQMV1_K=<k> -DQMV1_KW=<warps per row
+// pair> -DQMV1_G=<groups per block> -DQMV1_MINB=<blocks per SM> -DQMV1_PD=<groups in flight per warp>
+// (toolchain/kernels.py decode_core), launched by the cuda backend for m = 1. docs/perf-notes.md "v5" and "v6" have
+// the measurements that led here: the loop is issue-bound, so instructions per byte decide the streaming rate
+// (k as a constant, one butterfly for both rows: +6% on the whole step; a shared-memory ring instead of register
+// buffers: -9%).
 //
 // - A group is 2 weight rows that meet the same x (2 consecutive rows; rms_norm_swiglu: gate row r and up row r).
-//   KW warps share a group, each owning <= NBW = 6 superblocks (1536 elements) of k; G = 8 / KW groups run side by
-//   side in a block. A warp's 2 x 8 x 6 = 96 units (16 qs bytes of one row each) are 3 tasks per lane, fixed for
+//   KW warps share a group, each owning <= NBW = 6 superblocks (1536 elements) of k; G groups run side by side in a
+//   block (8 / KW; the k-split builds of ffn_down take 12 warps, one block per SM). A warp's 2 x 8 x 6 = 96 units (16 qs bytes of one row each) are 3 tasks per lane, fixed for
 //   the whole kernel, so each lane's addresses and x offsets are computed once.
 // - Weights go straight from HBM into registers (16-byte loads; Q6_K's 2-aligned blocks through aligned words and
 //   funnel shifts), the next group's while the current one is decoded. The first group's loads are issued before

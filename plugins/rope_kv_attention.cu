@@ -6,7 +6,7 @@
 // The *_in and *_out caches are the same memory (updated in place).
 // Compile-time: N_HEADS, N_KV_HEADS, HEAD_DIM (64 or 128), ROPE_THETA; N_HEADS / N_KV_HEADS <= 8.
 // Launch (toolchain/kernels.py): grid (NS = 8, N_HEADS, m), block (ATTN_THREADS = 256), cluster (8, 1, 1) compiled
-// in. Tuning knobs (-D, defaults below): ATTN_CLUSTER_KEYS, ATTN_NBUF, ATTN_PF_KEYS, ATTN_LDMODE.
+// in. Tuning knobs (-D, defaults below): ATTN_CLUSTER_KEYS, ATTN_NBUF, ATTN_PF_KEYS, ATTN_LDMODE, ATTN_EARLY.
 //
 // Work split. One block computes ALL G = H / KVH query heads of one kv head over a range of positions, so each
 // K/V byte is read once per token. Grid row y = kvh * G + c: the G clusters of (token, kvh) are numbered c, the 8
