@@ -83,26 +83,17 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
 // d = c + a.h0 * b.byte(0|2) + a.h1 * b.byte(1|3): a holds two int16 of x, b four weight bytes (unsigned / signed)
-__device__ __forceinline__ int dp2a_lo_u(uint32_t a, uint32_t b, int c) {
-    int d;
-    asm("dp2a.lo.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-    return d;
-}
-__device__ __forceinline__ int dp2a_hi_u(uint32_t a, uint32_t b, int c) {
-    int d;
-    asm("dp2a.hi.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-    return d;
-}
-__device__ __forceinline__ int dp2a_lo_s(uint32_t a, uint32_t b, int c) {
-    int d;
-    asm("dp2a.lo.s32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-    return d;
-}
-__device__ __forceinline__ int dp2a_hi_s(uint32_t a, uint32_t b, int c) {
-    int d;
-    asm("dp2a.hi.s32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-    return d;
-}
+#define QMV_DP2A(NAME, PTX)                                                                                       \
+    __device__ __forceinline__ int NAME(uint32_t a, uint32_t b, int c) {                                          \
+        int d;                                                                                                    \
+        asm(PTX " %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));                                          \
+        return d;                                                                                                 \
+    }
+QMV_DP2A(dp2a_lo_u, "dp2a.lo.s32.u32")
+QMV_DP2A(dp2a_hi_u, "dp2a.hi.s32.u32")
+QMV_DP2A(dp2a_lo_s, "dp2a.lo.s32.s32")
+QMV_DP2A(dp2a_hi_s, "dp2a.hi.s32.s32")
+#undef QMV_DP2A
 
 // Sum over 16 elements: weight bytes w[i] are elements 4i..4i+3, x words xa (elements 0-7) and xb (8-15).
 template <bool SIGNED>

@@ -298,6 +298,7 @@ class Kernel:
     def __init__(self, module: "Module", name: str, handle):
         self.module, self.name, self.handle = module, name, handle
         self.param_sizes = None  # filled at the first launch, for the number of arguments given
+        self._smem_limit = None  # dynamic shared memory the kernel may take, once asked (static + dynamic <= 48 KB)
 
     def _param_sizes(self, n: int):
         """Byte size of each of the first n kernel parameters (8: pointer, 4: int32), or None where the driver can't
@@ -346,7 +347,7 @@ class Kernel:
         vals, ptrs = self._pack(args)  # `vals` must stay alive through the call
         d = driver()
         (gx, gy, gz), (bx, by, bz) = cfg.grid, cfg.block
-        if not hasattr(self, "_smem_limit"):  # static + dynamic beyond 48 KB must be asked for (once per size)
+        if self._smem_limit is None:  # static + dynamic beyond 48 KB must be asked for (once per size)
             static = check(d.cuFuncGetAttribute(d.CUfunction_attribute.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
                                                 self.handle), f"cuFuncGetAttribute({self.name})")
             self._smem_limit = 48 * 1024 - int(static)

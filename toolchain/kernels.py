@@ -172,9 +172,7 @@ def decode_core(op: str, attrs: dict, k: int, ksplit_warps: int = QMV1_KSPLIT_WA
 
 def qmv1_dims(defines: dict) -> dict:
     """What launch_config needs of a decode-core build's defines (grid and block)."""
-    kw = int(defines["QMV1_KW"])
-    return {"qmv1_kw": kw, "qmv1_g": int(defines.get("QMV1_G", max(1, QMV1_WARPS // kw))),
-            "qmv1_minb": int(defines.get("QMV1_MINB", 2))}
+    return {"qmv1_kw": int(defines["QMV1_KW"]), "qmv1_g": int(defines["QMV1_G"]), "qmv1_minb": int(defines["QMV1_MINB"])}
 
 
 def decode_build(op: str, attrs: dict, k: int, core: bool = True, m1: bool = True,
@@ -238,8 +236,7 @@ def launch_config(op: str, dims: dict, ops=INT_OPS) -> LaunchConfig:
     if "qmv1_kw" in dims:  # batch-1 build of a fused projection (decode_core, qmv1_dims): groups of 2 rows, G per
         # block. Every resident block (qmv1_minb per SM) unless fewer hold all groups: with 2 blocks per SM, equal
         # rounds per block (qmv_grid_x) would leave SMs with one block while others carry 2 x the rounds.
-        kw, minb = int(dims["qmv1_kw"]), int(dims.get("qmv1_minb", 2))
-        g = int(dims.get("qmv1_g", max(1, QMV1_WARPS // kw)))
+        kw, g, minb = int(dims["qmv1_kw"]), int(dims["qmv1_g"]), int(dims["qmv1_minb"])
         scalars = {**{o: lambda: (m, _dim(dims, "n", "out_features"), _dim(dims, "k", "in_features"))
                       for o in ("matmul_add", *MATMUL_OPS)},
                    "rms_norm_qkv": lambda: (m, dims["hidden"], dims["q_dim"], dims["kv_dim"]),
