@@ -1,15 +1,16 @@
 // Batch-1 decode core of the projections (matmul_add, rms_norm_qkv, rms_norm_swiglu and the plain Q4_K / Q6_K
 // matmuls such as the lm_head) for Q4_K / Q6_K weights: built with -DQMV1=1 -DQMV1_K=<k> -DQMV1_KW=<warps per row
 // pair> -DQMV1_G=<groups per block> -DQMV1_MINB=<blocks per SM> -DQMV1_PD=<groups in flight per warp>
-// (toolchain/kernels.py decode_core), launched by the cuda backend for m = 1. docs/perf-notes.md "v5" and "v6" have
-// the measurements that led here: the loop is issue-bound, so instructions per byte decide the streaming rate
-// (k as a constant, one butterfly for both rows: +6% on the whole step; a shared-memory ring instead of register
-// buffers: -9%).
+// [-DQMV1_NBW=<superblocks per warp>] (toolchain/kernels.py decode_core), launched by the cuda backend for m = 1.
+// docs/perf-notes.md "v5" to "v7" have the measurements that led here (k as a constant, one butterfly for both
+// rows: +6% on the whole step; a shared-memory ring instead of register buffers: -9%; the fused QKV split over 3
+// warps of 2 superblocks: +0.8%).
 //
 // - A group is 2 weight rows that meet the same x (2 consecutive rows; rms_norm_swiglu: gate row r and up row r).
-//   KW warps share a group, each owning <= NBW = 6 superblocks (1536 elements) of k; G groups run side by side in a
-//   block (8 / KW; the k-split builds of ffn_down take 12 warps, one block per SM). A warp's 2 x 8 x 6 = 96 units (16 qs bytes of one row each) are 3 tasks per lane, fixed for
-//   the whole kernel, so each lane's addresses and x offsets are computed once.
+//   KW warps share a group, each owning <= NBW superblocks (6: 1536 elements) of k; G groups run side by side in
+//   a block (8 / KW; the k-split builds of ffn_down take 12 warps, one block per SM; the fused QKV 3 x 2 warps of
+//   NBW = 2). A warp's 2 x 8 x NBW units (16 qs bytes of one row each) are NBW / 2 tasks per lane, fixed for the
+//   whole kernel, so each lane's addresses and x offsets are computed once.
 // - Weights go straight from HBM into registers (16-byte loads; Q6_K's 2-aligned blocks through aligned words and
 //   funnel shifts), the next group's while the current one is decoded. The first group's loads are issued before
 //   pdl_wait(): with programmatic dependent launch they overlap the previous kernel's tail.
@@ -31,7 +32,11 @@ using qmv::Kind;
 #ifndef QMV1_MINB
 #define QMV1_MINB 2  // blocks per SM the build is made for (registers); toolchain/kernels.py sizes the grid with it
 #endif
-constexpr int NBW = 6;                 // superblocks of k per warp at most
+#ifndef QMV1_NBW
+#define QMV1_NBW 6  // superblocks of k per warp at most (even: 2 rows x 8 units x NBW = 32 x U tasks per lane)
+#endif
+constexpr int NBW = QMV1_NBW;
+static_assert(NBW % 2 == 0, "QMV1_NBW must be even");
 constexpr int U = NBW / 2;             // tasks per lane: 2 rows x 8 units x NBW / 32
 constexpr int KW = QMV1_KW;            // warps per group (k split)
 #ifndef QMV1_G

@@ -3,8 +3,9 @@
 one process and one run. Each variant is also checked: its greedy steps' logits against the first variant's (other
 builds may round differently: ~1e-4) and two runs of it bit for bit (a race shows up as a difference). Writes
 $OUT/tuning.json; exit 1 if a variant is off by more than 1e-3 or not deterministic. The skip:<op> variants leave
-one kernel family out (wrong results, not checked): the time they save is that family's cost inside the step.
-docs/perf-notes.md has the results.
+one kernel family (or the nodes named o_proj / down_proj) out (wrong results, not checked): the time they save
+is that family's cost inside the step. The variants' timings take turns round after round (--rounds); "control"
+repeats the default to show the run's noise. docs/perf-notes.md has the results.
 
     python3 scripts/decode_tuning.py [--contexts 128,4096] [--tokens 64] [--steps 24] [--variants NAME,...]
     python3 scripts/decode_tuning.py --scaling     # one projection kernel's time against its row count
@@ -38,12 +39,15 @@ def attn(**defines):
     return {"defines": {"rope_kv_attention": defines}}
 
 
+KW3 = {"QMV1_NBW": 2, "QMV1_KW": 3, "QMV1_G": 2, "QMV1_MINB": 4, "QMV1_PD": 1}
+
 VARIANTS = {
     "baseline": {},
     "m1": {"m1": True},
     "m1+pdl": {"m1": True, "pdl": True},
     "qmv1": {"m1": True, "qmv1": True},
     "qmv1+pdl": DEFAULT,
+    "control": dict(DEFAULT),  # the default again: the run's noise floor
     "ksplit8": {**DEFAULT, "ksplit_warps": 8},  # ffn_down: 2 blocks of 6 warps per SM (the layout before)
     "ck1024": {**DEFAULT, **attn(ATTN_CLUSTER_KEYS=1024)},
     "lm_head_v3": {**DEFAULT, "plain": False},  # lm_head on the general core (the layout before)
@@ -58,10 +62,21 @@ VARIANTS = {
     "qmv1+pdl+attn_cg": {**DEFAULT, **attn(ATTN_LDMODE=2)},
     "qmv1+pdl-attn": {**DEFAULT, "pdl_skip": ("rope_kv_attention",)},
     "attn_late": {**DEFAULT, **attn(ATTN_EARLY=0)},
+    "down_pd3": {**DEFAULT, "defines": {"matmul_add": {"QMV1_PD": 3}}},
+    # k = 1536 projections split over 3 warps of 2 superblocks each, 4 blocks of 6 warps per SM (the default of the
+    # fused QKV since v7; qkv_v6: its one-warp layout before)
+    "qkv_v6": {**DEFAULT, "defines": {"rms_norm_qkv": {"QMV1_NBW": 6, "QMV1_KW": 1, "QMV1_G": 8, "QMV1_MINB": 2}}},
+    "o_kw3": {**DEFAULT, "defines": {"matmul_add@1536": KW3}},
+    "swiglu_kw3": {**DEFAULT, "defines": {"rms_norm_swiglu": dict(KW3, QMV1_PD=2)}},
+    "ck1024+nbuf3": {**DEFAULT, **attn(ATTN_CLUSTER_KEYS=1024, ATTN_NBUF=3)},
+    "pf256": {**DEFAULT, **attn(ATTN_PF_KEYS=256)},
+    "nbuf3": {**DEFAULT, **attn(ATTN_NBUF=3)},
+    "nbuf4": {**DEFAULT, **attn(ATTN_NBUF=4)},
     # diagnostics: the step without one kernel family (wrong results; the time saved is what the family costs in
     # the step, PDL overlap included)
     **{f"skip:{op}": {**DEFAULT, "skip": (op,)} for op in ("rope_kv_attention", "rms_norm_qkv", "matmul_add",
-                                                            "rms_norm_swiglu", "q6k_matmul")},
+                                                            "rms_norm_swiglu", "q6k_matmul", "o_proj",
+                                                            "down_proj")},
 }
 
 
@@ -136,6 +151,7 @@ def main():
     ap.add_argument("--steps", type=int, default=24, help="greedy steps compared between variants and runs")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--model", default="synthetic:qwen2.5-coder-1.5b")
+    ap.add_argument("--rounds", type=int, default=5, help="timing rounds (variants take turns in each)")
     ap.add_argument("--scaling", action="store_true", help="only time the gate/up and down builds against rows")
     a = ap.parse_args()
     if a.scaling:
@@ -159,6 +175,7 @@ def main():
     out = {"device": cr.device_name(), "copy_bandwidth_GBps": round(bw / 1e9, 1), "model": a.model, "variants": []}
     print(f"{out['device']}: copy bandwidth {bw / 1e9:.0f} GB/s")
     ref_tokens = ref_logits = None
+    graphs = {}
     for name in names:
         be.tuning = tunings[name]
         be._plans.clear()
@@ -169,25 +186,38 @@ def main():
             be.reset()
             first = int(np.argmax(be.forward([11, 22, 33])))
             runs.append(greedy_logits(be, first, a.steps))
+        graphs[name] = be.decode_graph(1)  # kept for the timing rounds (same buffers, its own kernels)
         logits, tokens = runs[0], [int(t) for t in runs[0].argmax(1)]
         ref_tokens = ref_tokens or tokens
         ref_logits = logits if ref_logits is None else ref_logits
         rel = float(np.linalg.norm(logits[0] - ref_logits[0]) / np.linalg.norm(ref_logits[0]))
         steps_rel = np.linalg.norm(logits - ref_logits, axis=1) / np.linalg.norm(ref_logits, axis=1)
-        row = {"name": name, "tuning": tunings[name], "tokens_match_baseline": tokens == ref_tokens,
-               "logits_rel_err_vs_baseline": rel, "max_step_rel_err_vs_baseline": float(steps_rel.max()),
-               "first_step_differing": int(np.argmax(steps_rel > 0)) if (steps_rel > 0).any() else -1,
-               "deterministic": bool(np.array_equal(runs[0], runs[1]))}
+        out["variants"].append({"name": name, "tuning": tunings[name], "tokens_match_baseline": tokens == ref_tokens,
+                                "logits_rel_err_vs_baseline": rel,
+                                "max_step_rel_err_vs_baseline": float(steps_rel.max()),
+                                "first_step_differing": int(np.argmax(steps_rel > 0)) if (steps_rel > 0).any() else -1,
+                                "deterministic": bool(np.array_equal(runs[0], runs[1]))})
+    # timing: the variants take turns, round after round (a drift of clocks or temperature during the run then
+    # touches all of them alike); each variant's best round counts, the spread of its rounds is reported
+    times = {(n, c): [] for n in names for c in contexts}
+    for _ in range(a.rounds):
+        for name in names:
+            be._graphs = {1: graphs[name]}
+            for ctx in contexts:
+                times[name, ctx].append(time_decode(be, ctx, 1, a.tokens, cr))
+    for row in out["variants"]:
+        name = row["name"]
         for ctx in contexts:
-            s = min(time_decode(be, ctx, 1, a.tokens, cr) for _ in range(3))
-            bpt = bytes_per_token(model, ctx)
+            s, worst = min(times[name, ctx]), max(times[name, ctx])
             row[f"ctx{ctx}_tok_s"] = round(1 / s, 1)
-            row[f"ctx{ctx}_roofline_fraction"] = round(bpt / (bw * s), 3)
-        out["variants"].append(row)
+            row[f"ctx{ctx}_spread"] = round(worst / s - 1, 4)
+            row[f"ctx{ctx}_roofline_fraction"] = round(bytes_per_token(model, ctx) / (bw * s), 3)
         print(f"{name:22s} " + "  ".join(f"ctx {c}: {row[f'ctx{c}_tok_s']:7.1f} tok/s "
-                                          f"({row[f'ctx{c}_roofline_fraction'] * 100:4.1f}%)" for c in contexts)
-              + f"  tokens {'==' if row['tokens_match_baseline'] else '!='} first, logits rel {rel:.1e} (max over "
-              f"steps {row['max_step_rel_err_vs_baseline']:.1e} from step {row['first_step_differing']}), "
+                                          f"({row[f'ctx{c}_roofline_fraction'] * 100:4.1f}%, spread "
+                                          f"{row[f'ctx{c}_spread'] * 100:.1f}%)" for c in contexts)
+              + f"  tokens {'==' if row['tokens_match_baseline'] else '!='} first, logits rel "
+              f"{row['logits_rel_err_vs_baseline']:.1e} (max over steps {row['max_step_rel_err_vs_baseline']:.1e} "
+              f"from step {row['first_step_differing']}), "
               f"{'deterministic' if row['deterministic'] else 'NOT DETERMINISTIC'}", flush=True)
     be.close()
     dest = Path(os.environ.get("OUT", ".")) / "tuning.json"

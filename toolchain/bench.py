@@ -132,7 +132,7 @@ def llama_bench(path: str, gguf: str, depths=(0, 4096)) -> dict:
     """Run a llama-bench binary on the same GGUF (pp512, tg128 at each depth; its JSON output) and return
     {"pp512": tok/s, "tg128": tok/s, "tg128@d4096": tok/s, ...}."""
     check_llama_bench(path)
-    cmd = [path, "-m", str(gguf), "-p", "512", "-n", "128", "-d", ",".join(map(str, depths)), "-o", "json"]
+    cmd = [path, "-m", str(gguf), "-p", "512", "-n", "128", "-d", ",".join(map(str, depths)), "-fa", "on", "-o", "json"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["no output"])[-1]

@@ -15,7 +15,8 @@ times the variants):
   Q4_K / Q6_K plain matmuls (lm_head) on the decode core too.
 - m1: the other projections of the batch-1 plan use the decode builds of the general core (QMV_M1: less code).
 - defines ({op: {define: value}}) and pdl_skip (ops launched without PDL): experiments.
-- skip (ops not launched at all): a timing diagnostic (what a family costs inside the step); results are wrong.
+- skip (ops, or parts of node names such as 'down_proj', not launched at all): a timing diagnostic (what a family
+  costs inside the step); results are wrong.
 """
 from __future__ import annotations
 
@@ -149,7 +150,8 @@ class CudaBackend:
             if m == 1 and op in MATMUL_OPS + FUSED_OPS:
                 defines = decode_build(op, attrs, dims.get("k", dims.get("hidden")), self.tuning["qmv1"],
                                        self.tuning["m1"], self.tuning["ksplit_warps"], self.tuning["plain"])
-            defines |= self.tuning["defines"].get(op, {})
+            k = dims.get("k", dims.get("hidden"))  # op@k keys: one projection shape only (e.g. matmul_add@1536)
+            defines |= self.tuning["defines"].get(op, {}) | self.tuning["defines"].get(f"{op}@{k}", {})
             if "QMV1" in defines:
                 dims |= qmv1_dims(defines)
             kern = self._kernel(op, defines)
@@ -190,10 +192,13 @@ class CudaBackend:
         KV-cache rows of earlier steps before their pdl_wait() (plugins/pdl.cuh)."""
         pdl = m < GEMM_MIN_M and self.tuning["pdl"]
         launches = [x for x in self.plan(m, last_only)
-                    if (advance or x.op != "decode_advance") and x.op not in self.tuning["skip"]]
+                    if (advance or x.op != "decode_advance") and not self._skipped(x)]
         for j, launch in enumerate(launches):
             launch.kernel.launch(launch.cfg, launch.args, self.stream,
                                  pdl=pdl and j > 0 and launch.op not in self.tuning["pdl_skip"])
+
+    def _skipped(self, launch: Launch) -> bool:
+        return any(s == launch.op or s in launch.node for s in self.tuning["skip"])
 
     def decode_graph(self, m: int = 1):
         """The whole decode step for m tokens captured once into a CUDA graph (advancing itself)."""

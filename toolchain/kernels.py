@@ -141,6 +141,10 @@ QMV1_NBW, QMV1_BLOCKS_PER_SM, QMV1_WARPS = 6, 2, 8  # plugins/qmv1.cuh: superblo
 # all of x, so fewer, larger blocks halve that work and its L2 reads
 QMV1_KSPLIT_WARPS = 12
 QMV1_PD_MAX = 2  # groups in flight per warp (register buffers; docs/perf-notes.md)
+# The fused QKV (k <= one warp's 1536) runs 3 warps of QMV1_QKV_NBW superblocks per row pair, 2 row pairs per block
+# and 4 blocks per SM: one group per warp, its chain a third as long (whole step +0.8% at context 128, v7); the
+# same split lost for o_proj (-2.4%) and gate/up (-5%).
+QMV1_QKV_NBW, QMV1_QKV_WARPS, QMV1_QKV_BLOCKS_PER_SM = 2, 6, 4
 _WEIGHT_TYPE_ATTRS = {"matmul_add": ("w_type",), "rms_norm_qkv": ("q_type", "k_type", "v_type"),
                       "rms_norm_swiglu": ("gate_type", "up_type")}
 
@@ -151,8 +155,8 @@ def _weight_types(op: str, attrs: dict) -> list[str]:
 
 def decode_core(op: str, attrs: dict, k: int, ksplit_warps: int = QMV1_KSPLIT_WARPS) -> dict:
     """Extra defines of the batch-1 build of a fused projection (plugins/qmv1.cuh: QMV1, QMV1_KW = warps sharing a
-    row pair's k, QMV1_PD = groups each warp has in flight, QMV1_K: k as a constant, QMV1_G groups per block and
-    QMV1_MINB blocks per SM), or {} where it does not apply (other ops, formats other than Q4_K / Q6_K, k not whole
+    row pair's k, QMV1_PD = groups each warp has in flight, QMV1_K: k as a constant, QMV1_G groups per block,
+    QMV1_MINB blocks per SM, QMV1_NBW superblocks per warp where not 6), or {} where it does not apply (other ops, formats other than Q4_K / Q6_K, k not whole
     superblocks or beyond 8 warps x 1536). Only for steps of one token: the build computes row 0 of x alone. PD is the number of groups a warp has,
     at most QMV1_PD_MAX (whole step on the H100: PD 2 933 tok/s, 3 913, 4 776; a shared-memory ring of 4 instead of
     registers was slower: docs/perf-notes.md v6)."""
@@ -160,14 +164,19 @@ def decode_core(op: str, attrs: dict, k: int, ksplit_warps: int = QMV1_KSPLIT_WA
         return {}
     if any(t not in ("Q4_K", "Q6_K") for t in _weight_types(op, attrs)):
         return {}
-    kw = -(-(k // 256) // QMV1_NBW)
-    g = max(1, (QMV1_WARPS if kw == 1 else ksplit_warps) // kw)
-    minb = QMV1_BLOCKS_PER_SM if kw * g <= QMV1_WARPS else 1
+    nb, extra = k // 256, {}
+    if op == "rms_norm_qkv" and nb <= QMV1_NBW:
+        kw = -(-nb // QMV1_QKV_NBW)
+        g, minb, extra = max(1, QMV1_QKV_WARPS // kw), QMV1_QKV_BLOCKS_PER_SM, {"QMV1_NBW": QMV1_QKV_NBW}
+    else:
+        kw = -(-nb // QMV1_NBW)
+        g = max(1, (QMV1_WARPS if kw == 1 else ksplit_warps) // kw)
+        minb = QMV1_BLOCKS_PER_SM if kw * g <= QMV1_WARPS else 1
     dims = dict(attrs, m=1, k=k, hidden=k, n=attrs.get("out_features"), qmv1_kw=kw, qmv1_g=g, qmv1_minb=minb)
     cfg = launch_config(op, dims)
     iters = -(-_qmv1_groups(op, dims) // (cfg.grid[0] * g))
     return {"QMV1": 1, "QMV1_K": k, "QMV1_KW": kw, "QMV1_G": g, "QMV1_MINB": minb,
-            "QMV1_PD": max(1, min(QMV1_PD_MAX, iters))}
+            "QMV1_PD": max(1, min(QMV1_PD_MAX, iters)), **extra}
 
 
 def qmv1_dims(defines: dict) -> dict:

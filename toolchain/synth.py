@@ -84,6 +84,7 @@ def write_synthetic_gguf(path: str | os.PathLike, cfg: Config, types: dict[str, 
     tmp = path.with_name(path.name + ".tmp")
     w = gguf.GGUFWriter(str(tmp), "qwen2")
     w.add_name("synthetic qwen2")
+    w.add_file_type(15)  # LLAMA_FTYPE_MOSTLY_Q4_K_M, as the real files (llama.cpp labels the model with it)
     w.add_block_count(cfg.n_layers)
     w.add_context_length(cfg.context_length)
     w.add_embedding_length(cfg.hidden)

@@ -1,0 +1,44 @@
+"""On the GPU: batch-1 decode steps of the synthetic 1.5B layout launched one kernel at a time (no CUDA graph, so
+that Nsight Compute can replay each kernel), for a per-kernel profile of the step:
+
+    python3 scripts/profile_step.py --context 4096 --count          # launches per step (for ncu --launch-skip)
+    ncu --clock-control none --launch-skip N --launch-count N --section SpeedOfLight ... \\
+        python3 scripts/profile_step.py --context 4096
+
+The first step warms up (module loads); the second is the one to profile. Kernels are the decode builds of the
+default tuning, with programmatic dependent launch (ncu serializes them anyway).
+"""
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from toolchain.cuda_backend import CudaBackend  # noqa: E402
+from toolchain.gguf_model import load_gguf  # noqa: E402
+from toolchain.synth import layout, write_synthetic_gguf  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--context", type=int, default=128, help="position of the profiled token")
+    ap.add_argument("--count", action="store_true", help="print the launches of one step and exit")
+    a = ap.parse_args()
+    path = Path(tempfile.gettempdir()) / "qwen2.5-coder-1.5b-synthetic.gguf"  # shared with the bench / sanitizer
+    if not path.exists():
+        cfg, types = layout("qwen2.5-coder-1.5b")
+        write_synthetic_gguf(path, cfg, types, seed=1)
+    be = CudaBackend(load_gguf(path), max_context=a.context + 8, n_slots=1, max_tokens=1)
+    launches = [x for x in be.plan(1) if x.op != "decode_advance"]
+    if a.count:
+        print(len(launches))
+        return
+    for step in range(2):
+        be._set_inputs([7 + step], [a.context], [0])
+        be.run_plan(1)
+        be.stream.synchronize()
+    print("kernels of one step:", ", ".join(f"{x.node}:{x.op}" for x in launches))
+
+
+if __name__ == "__main__":
+    main()
