@@ -27,7 +27,7 @@ from toolchain import kernels as K  # noqa: E402
 from toolchain.bench import bytes_per_token, copy_bandwidth, launch_timing, load_model, time_decode  # noqa: E402
 from toolchain.cuda_backend import CudaBackend  # noqa: E402
 
-OFF = {"pdl": False, "m1": False, "qmv1": False, "ksplit_warps": 12, "plain": True, "defines": {}, "pdl_skip": (), "skip": ()}
+OFF = {"pdl": False, "m1": False, "qmv1": False, "plain": True, "defines": {}, "pdl_skip": (), "skip": ()}
 DEFAULT = {"m1": True, "qmv1": True, "pdl": True}
 
 
@@ -39,7 +39,7 @@ def attn(**defines):
     return {"defines": {"rope_kv_attention": defines}}
 
 
-KW3 = {"QMV1_NBW": 2, "QMV1_KW": 3, "QMV1_G": 2, "QMV1_MINB": 4, "QMV1_PD": 1}
+KW3 = {"QMV1_NBW": 2, "QMV1_KW": 3, "QMV1_G": 2, "QMV1_MINB": 4, "QMV1_PD": 1}  # 6-warp blocks, 4 per SM
 
 VARIANTS = {
     "baseline": {},
@@ -48,7 +48,10 @@ VARIANTS = {
     "qmv1": {"m1": True, "qmv1": True},
     "qmv1+pdl": DEFAULT,
     "control": dict(DEFAULT),  # the default again: the run's noise floor
-    "ksplit8": {**DEFAULT, "ksplit_warps": 8},  # ffn_down: 2 blocks of 6 warps per SM (the layout before)
+    # ffn_down (k = 8960) layouts before v7: 6 warps of 6 superblocks per row pair, 12-warp blocks (v6) or 2 blocks
+    # of 6 warps per SM (v5)
+    "down_v6": {**DEFAULT, "defines": {"matmul_add@8960": {"QMV1_NBW": 6, "QMV1_KW": 6, "QMV1_G": 2, "QMV1_MINB": 1}}},
+    "ksplit8": {**DEFAULT, "defines": {"matmul_add@8960": {"QMV1_NBW": 6, "QMV1_KW": 6, "QMV1_G": 1, "QMV1_MINB": 2}}},
     "ck1024": {**DEFAULT, **attn(ATTN_CLUSTER_KEYS=1024)},
     "lm_head_v3": {**DEFAULT, "plain": False},  # lm_head on the general core (the layout before)
     "swiglu_g16": {**DEFAULT, "defines": {"rms_norm_swiglu": {"QMV1_G": 16, "QMV1_MINB": 1}}},
@@ -63,11 +66,15 @@ VARIANTS = {
     "qmv1+pdl-attn": {**DEFAULT, "pdl_skip": ("rope_kv_attention",)},
     "attn_late": {**DEFAULT, **attn(ATTN_EARLY=0)},
     "down_pd3": {**DEFAULT, "defines": {"matmul_add": {"QMV1_PD": 3}}},
-    # k = 1536 projections split over 3 warps of 2 superblocks each, 4 blocks of 6 warps per SM (the default of the
-    # fused QKV since v7; qkv_v6: its one-warp layout before)
+    # k = 1536 projections split over 3 warps of 2 superblocks each (the default of the fused QKV since v7, 4 row
+    # pairs per block; qkv_v6: its one-warp layout before)
     "qkv_v6": {**DEFAULT, "defines": {"rms_norm_qkv": {"QMV1_NBW": 6, "QMV1_KW": 1, "QMV1_G": 8, "QMV1_MINB": 2}}},
     "o_kw3": {**DEFAULT, "defines": {"matmul_add@1536": KW3}},
     "swiglu_kw3": {**DEFAULT, "defines": {"rms_norm_swiglu": dict(KW3, QMV1_PD=2)}},
+    # ffn_down with 18 warps of 2 superblocks per row pair, 2 blocks per SM (lost 0.4% against 9 of 4, v7)
+    "down_nbw2": {**DEFAULT, "defines": {"matmul_add@8960": {"QMV1_NBW": 2, "QMV1_KW": 18, "QMV1_G": 1, "QMV1_MINB": 2}}},
+    **{f"qkv_g{g}": {**DEFAULT, "defines": {"rms_norm_qkv": {"QMV1_G": g, "QMV1_MINB": 4 if g <= 2 else 2 if g <= 5 else 1}}}
+       for g in (2, 6, 8)},  # row pairs per block of the 3-warp QKV (default 4)
     "ck1024+nbuf3": {**DEFAULT, **attn(ATTN_CLUSTER_KEYS=1024, ATTN_NBUF=3)},
     "pf256": {**DEFAULT, **attn(ATTN_PF_KEYS=256)},
     "nbuf3": {**DEFAULT, **attn(ATTN_NBUF=3)},

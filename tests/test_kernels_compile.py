@@ -48,7 +48,7 @@ def test_specializations_cover_every_op():
     assert ("matmul_add", "Q6K", None) in names and ("rms_norm_qkv", None, "Q6K") in names  # 1.5B mixed layers
     assert ("rms_norm_qkv", None, "Q80") in names  # 0.5B
     decode = [c.values[1] for c in CASES if "QMV1" in c.values[1] or "QMV_M1" in c.values[1]]
-    assert any(d.get("QMV1_KW") == 6 for d in decode) and any(d.get("QMV_M1") for d in decode)  # down; 0.5B
+    assert any(d.get("QMV1_KW", 1) > 1 for d in decode) and any(d.get("QMV_M1") for d in decode)  # down; 0.5B
 
 
 @needs_nvcc

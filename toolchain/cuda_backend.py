@@ -11,8 +11,8 @@ times the variants):
 - pdl: every launch after the first is a programmatic dependent launch (plugins/pdl.cuh): a kernel is scheduled in
   the previous kernel's tail and has its first weights in flight before it waits for its input.
 - qmv1: the batch-1 plan runs the fused projections with Q4_K / Q6_K weights on the decode core
-  (plugins/qmv1.cuh, kernels.decode_core), with its own launch configuration; ksplit_warps: warps per block of the k-split builds (ffn_down), one block per SM when above 8; plain: the
-  Q4_K / Q6_K plain matmuls (lm_head) on the decode core too.
+  (plugins/qmv1.cuh, kernels.decode_core), with its own launch configuration; plain: the Q4_K / Q6_K plain
+  matmuls (lm_head) on the decode core too.
 - m1: the other projections of the batch-1 plan use the decode builds of the general core (QMV_M1: less code).
 - defines ({op: {define: value}}) and pdl_skip (ops launched without PDL): experiments.
 - skip (ops, or parts of node names such as 'down_proj', not launched at all): a timing diagnostic (what a family
@@ -40,7 +40,7 @@ GEMM_MIN_M = 32
 # Nodes after the last layer: a prompt prefill needs their result for its last token only.
 HEAD_NODES = ("final_norm", "lm_head", "argmax")
 F32 = np.float32
-TUNING = {"pdl": True, "m1": True, "qmv1": True, "ksplit_warps": 12, "plain": True, "defines": {}, "pdl_skip": (), "skip": ()}
+TUNING = {"pdl": True, "m1": True, "qmv1": True, "plain": True, "defines": {}, "pdl_skip": (), "skip": ()}
 
 
 @dataclass
@@ -149,7 +149,7 @@ class CudaBackend:
             defines = defines_for(op, attrs)
             if m == 1 and op in MATMUL_OPS + FUSED_OPS:
                 defines = decode_build(op, attrs, dims.get("k", dims.get("hidden")), self.tuning["qmv1"],
-                                       self.tuning["m1"], self.tuning["ksplit_warps"], self.tuning["plain"])
+                                       self.tuning["m1"], self.tuning["plain"])
             k = dims.get("k", dims.get("hidden"))  # op@k keys: one projection shape only (e.g. matmul_add@1536)
             defines |= self.tuning["defines"].get(op, {}) | self.tuning["defines"].get(f"{op}@{k}", {})
             if "QMV1" in defines:

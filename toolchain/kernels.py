@@ -137,14 +137,16 @@ def qmv_grid_x(units: int, per_block: int, cluster: int = 1, max_blocks: int = M
 
 
 QMV1_NBW, QMV1_BLOCKS_PER_SM, QMV1_WARPS = 6, 2, 8  # plugins/qmv1.cuh: superblocks per warp, blocks per SM
-# k-split builds (KW > 1 warps per row pair: ffn_down) run one block of this many warps per SM: each block quantizes
-# all of x, so fewer, larger blocks halve that work and its L2 reads
-QMV1_KSPLIT_WARPS = 12
 QMV1_PD_MAX = 2  # groups in flight per warp (register buffers; docs/perf-notes.md)
-# The fused QKV (k <= one warp's 1536) runs 3 warps of QMV1_QKV_NBW superblocks per row pair, 2 row pairs per block
-# and 4 blocks per SM: one group per warp, its chain a third as long (whole step +0.8% at context 128, v7); the
-# same split lost for o_proj (-2.4%) and gate/up (-5%).
-QMV1_QKV_NBW, QMV1_QKV_WARPS, QMV1_QKV_BLOCKS_PER_SM = 2, 6, 4
+# Layouts measured on the H100 (docs/perf-notes.md v7, whole step against a control in the same run):
+# - k beyond one warp's 6 superblocks (ffn_down, k = 8960) splits k over warps of QMV1_KSPLIT_NBW superblocks, in one
+#   block of QMV1_KSPLIT_WARPS per SM (each block quantizes all of x: few, large blocks): 9 warps of 4 per row pair,
+#   2 row pairs per block, +1.4% over 6 warps of 6 (12-warp blocks); 18 warps of 2 lost 0.4%.
+# - the fused QKV (k <= 1536) runs 3 warps of QMV1_QKV_NBW superblocks per row pair, 4 row pairs per 12-warp block,
+#   2 blocks per SM: one group per warp, its chain a third as long (+0.8% with 6-warp blocks, +0.5% more with 12);
+#   the same split lost for o_proj (-2.4%) and gate/up (-4.9%).
+QMV1_KSPLIT_NBW, QMV1_KSPLIT_WARPS = 4, 18
+QMV1_QKV_NBW, QMV1_QKV_WARPS, QMV1_QKV_BLOCKS_PER_SM = 2, 12, 2
 _WEIGHT_TYPE_ATTRS = {"matmul_add": ("w_type",), "rms_norm_qkv": ("q_type", "k_type", "v_type"),
                       "rms_norm_swiglu": ("gate_type", "up_type")}
 
@@ -153,30 +155,34 @@ def _weight_types(op: str, attrs: dict) -> list[str]:
     return [MATMUL_TYPE[op]] if op in MATMUL_OPS else [_type_name(attrs[a]) for a in _WEIGHT_TYPE_ATTRS[op]]
 
 
-def decode_core(op: str, attrs: dict, k: int, ksplit_warps: int = QMV1_KSPLIT_WARPS) -> dict:
+def decode_core(op: str, attrs: dict, k: int) -> dict:
     """Extra defines of the batch-1 build of a fused projection (plugins/qmv1.cuh: QMV1, QMV1_KW = warps sharing a
-    row pair's k, QMV1_PD = groups each warp has in flight, QMV1_K: k as a constant, QMV1_G groups per block,
-    QMV1_MINB blocks per SM, QMV1_NBW superblocks per warp where not 6), or {} where it does not apply (other ops, formats other than Q4_K / Q6_K, k not whole
-    superblocks or beyond 8 warps x 1536). Only for steps of one token: the build computes row 0 of x alone. PD is the number of groups a warp has,
-    at most QMV1_PD_MAX (whole step on the H100: PD 2 933 tok/s, 3 913, 4 776; a shared-memory ring of 4 instead of
-    registers was slower: docs/perf-notes.md v6)."""
+    row pair's k, QMV1_NBW = superblocks of k per warp, QMV1_PD = groups each warp has in flight, QMV1_K: k as a
+    constant, QMV1_G groups per block, QMV1_MINB blocks per SM), or {} where it does not apply (other ops, formats
+    other than Q4_K / Q6_K, k not whole superblocks or beyond 8 warps x 1536). Only for steps of one token: the build
+    computes row 0 of x alone. PD is the number of groups a warp has, at most QMV1_PD_MAX (whole step on the H100:
+    PD 2 933 tok/s, 3 913, 4 776; a shared-memory ring of 4 instead of registers was slower: docs/perf-notes.md
+    v6). The layouts are the constants above."""
     if op not in (*_WEIGHT_TYPE_ATTRS, *MATMUL_OPS) or k % 256 or k > 256 * QMV1_NBW * QMV1_WARPS:
         return {}
     if any(t not in ("Q4_K", "Q6_K") for t in _weight_types(op, attrs)):
         return {}
-    nb, extra = k // 256, {}
+    nb = k // 256
     if op == "rms_norm_qkv" and nb <= QMV1_NBW:
-        kw = -(-nb // QMV1_QKV_NBW)
-        g, minb, extra = max(1, QMV1_QKV_WARPS // kw), QMV1_QKV_BLOCKS_PER_SM, {"QMV1_NBW": QMV1_QKV_NBW}
+        nbw = QMV1_QKV_NBW
+        kw = -(-nb // nbw)
+        g, minb = max(1, QMV1_QKV_WARPS // kw), QMV1_QKV_BLOCKS_PER_SM
+    elif nb <= QMV1_NBW:
+        nbw, kw, g, minb = QMV1_NBW, 1, QMV1_WARPS, QMV1_BLOCKS_PER_SM
     else:
-        kw = -(-nb // QMV1_NBW)
-        g = max(1, (QMV1_WARPS if kw == 1 else ksplit_warps) // kw)
-        minb = QMV1_BLOCKS_PER_SM if kw * g <= QMV1_WARPS else 1
+        nbw = QMV1_KSPLIT_NBW
+        kw = -(-nb // nbw)
+        g, minb = max(1, QMV1_KSPLIT_WARPS // kw), 1
     dims = dict(attrs, m=1, k=k, hidden=k, n=attrs.get("out_features"), qmv1_kw=kw, qmv1_g=g, qmv1_minb=minb)
     cfg = launch_config(op, dims)
     iters = -(-_qmv1_groups(op, dims) // (cfg.grid[0] * g))
-    return {"QMV1": 1, "QMV1_K": k, "QMV1_KW": kw, "QMV1_G": g, "QMV1_MINB": minb,
-            "QMV1_PD": max(1, min(QMV1_PD_MAX, iters)), **extra}
+    return {"QMV1": 1, "QMV1_K": k, "QMV1_NBW": nbw, "QMV1_KW": kw, "QMV1_G": g, "QMV1_MINB": minb,
+            "QMV1_PD": max(1, min(QMV1_PD_MAX, iters))}
 
 
 def qmv1_dims(defines: dict) -> dict:
@@ -184,13 +190,12 @@ def qmv1_dims(defines: dict) -> dict:
     return {"qmv1_kw": int(defines["QMV1_KW"]), "qmv1_g": int(defines["QMV1_G"]), "qmv1_minb": int(defines["QMV1_MINB"])}
 
 
-def decode_build(op: str, attrs: dict, k: int, core: bool = True, m1: bool = True,
-                 ksplit_warps: int = QMV1_KSPLIT_WARPS, plain: bool = True) -> dict:
+def decode_build(op: str, attrs: dict, k: int, core: bool = True, m1: bool = True, plain: bool = True) -> dict:
     """Defines of the batch-1 (decode) build of a projection: the decode core where it applies (decode_core), else
-    the general core without its multi-token body (QMV_M1). The flags switch either off, ksplit_warps sizes the
-    k-split blocks, plain=False keeps the plain matmuls (lm_head) on the general core (scripts/decode_tuning.py)."""
+    the general core without its multi-token body (QMV_M1). The flags switch either off, plain=False keeps the plain
+    matmuls (lm_head) on the general core (scripts/decode_tuning.py)."""
     d = defines_for(op, attrs)
-    extra = decode_core(op, attrs, k, ksplit_warps) if core and (plain or op not in MATMUL_OPS) else {}
+    extra = decode_core(op, attrs, k) if core and (plain or op not in MATMUL_OPS) else {}
     if extra:
         return {key: v for key, v in d.items() if key != "KSPLIT"} | extra
     return d | ({"QMV_M1": 1} if m1 and op in MATMUL_OPS + FUSED_OPS else {})
