@@ -70,6 +70,8 @@ VARIANTS = {
     # pairs per block; qkv_v6: its one-warp layout before)
     "qkv_v6": {**DEFAULT, "defines": {"rms_norm_qkv": {"QMV1_NBW": 6, "QMV1_KW": 1, "QMV1_G": 8, "QMV1_MINB": 2}}},
     "o_kw3": {**DEFAULT, "defines": {"matmul_add@1536": KW3}},
+    "o_kw3g4": {**DEFAULT, "defines": {"matmul_add@1536": dict(KW3, QMV1_G=4, QMV1_MINB=2)}},
+    "down_g1": {**DEFAULT, "defines": {"matmul_add@8960": {"QMV1_NBW": 4, "QMV1_KW": 9, "QMV1_G": 1, "QMV1_MINB": 2}}},
     "swiglu_kw3": {**DEFAULT, "defines": {"rms_norm_swiglu": dict(KW3, QMV1_PD=2)}},
     # ffn_down with 18 warps of 2 superblocks per row pair, 2 blocks per SM (lost 0.4% against 9 of 4, v7)
     "down_nbw2": {**DEFAULT, "defines": {"matmul_add@8960": {"QMV1_NBW": 2, "QMV1_KW": 18, "QMV1_G": 1, "QMV1_MINB": 2}}},
