@@ -3,14 +3,15 @@
 // pair> -DQMV1_G=<groups per block> -DQMV1_MINB=<blocks per SM> -DQMV1_PD=<groups in flight per warp>
 // [-DQMV1_NBW=<superblocks per warp>] (toolchain/kernels.py decode_core), launched by the cuda backend for m = 1.
 // docs/perf-notes.md "v5" to "v7" have the measurements that led here (k as a constant, one butterfly for both
-// rows: +6% on the whole step; a shared-memory ring instead of register buffers: -9%; the fused QKV split over 3
-// warps of 2 superblocks: +0.8%).
+// rows: +6% on the whole step; a shared-memory ring instead of register buffers: -9%; shorter k parts for
+// ffn_down and the fused QKV: +1.4% and +1.3%).
 //
 // - A group is 2 weight rows that meet the same x (2 consecutive rows; rms_norm_swiglu: gate row r and up row r).
-//   KW warps share a group, each owning <= NBW superblocks (6: 1536 elements) of k; G groups run side by side in
-//   a block (8 / KW; the k-split builds of ffn_down take 12 warps, one block per SM; the fused QKV 3 x 2 warps of
-//   NBW = 2). A warp's 2 x 8 x NBW units (16 qs bytes of one row each) are NBW / 2 tasks per lane, fixed for the
-//   whole kernel, so each lane's addresses and x offsets are computed once.
+//   KW warps share a group, each owning <= NBW superblocks of k (default 6: 1536 elements); G groups run side by
+//   side in a block. The layouts are toolchain/kernels.py's (decode_core): one warp of 6 per group and 8 warps per
+//   block for k <= 1536; ffn_down 9 warps of 4 and 2 groups, one 18-warp block per SM; the fused QKV 3 warps of 2
+//   and 4 groups. A warp's 2 x 8 x NBW units (16 qs bytes of one row each) are NBW / 2 tasks per lane, fixed for
+//   the whole kernel, so each lane's addresses and x offsets are computed once.
 // - Weights go straight from HBM into registers (16-byte loads; Q6_K's 2-aligned blocks through aligned words and
 //   funnel shifts), the next group's while the current one is decoded. The first group's loads are issued before
 //   pdl_wait(): with programmatic dependent launch they overlap the previous kernel's tail.
