@@ -39,7 +39,11 @@ def attn(**defines):
     return {"defines": {"rope_kv_attention": defines}}
 
 
-KW3 = {"QMV1_NBW": 2, "QMV1_KW": 3, "QMV1_G": 2, "QMV1_MINB": 4, "QMV1_PD": 1}  # 6-warp blocks, 4 per SM
+def layout(nbw, kw, g, minb):  # a decode-core layout (plugins/qmv1.cuh): superblocks and warps per row pair, etc.
+    return {"QMV1_NBW": nbw, "QMV1_KW": kw, "QMV1_G": g, "QMV1_MINB": minb}
+
+
+KW3 = dict(layout(2, 3, 2, 4), QMV1_PD=1)  # 6-warp blocks, 4 per SM
 
 VARIANTS = {
     "baseline": {},
@@ -50,8 +54,8 @@ VARIANTS = {
     "control": dict(DEFAULT),  # the default again: the run's noise floor
     # ffn_down (k = 8960) layouts before v7: 6 warps of 6 superblocks per row pair, 12-warp blocks (v6) or 2 blocks
     # of 6 warps per SM (v5)
-    "down_v6": {**DEFAULT, "defines": {"matmul_add@8960": {"QMV1_NBW": 6, "QMV1_KW": 6, "QMV1_G": 2, "QMV1_MINB": 1}}},
-    "ksplit8": {**DEFAULT, "defines": {"matmul_add@8960": {"QMV1_NBW": 6, "QMV1_KW": 6, "QMV1_G": 1, "QMV1_MINB": 2}}},
+    "down_v6": {**DEFAULT, "defines": {"matmul_add@8960": layout(6, 6, 2, 1)}},
+    "ksplit8": {**DEFAULT, "defines": {"matmul_add@8960": layout(6, 6, 1, 2)}},
     "ck1024": {**DEFAULT, **attn(ATTN_CLUSTER_KEYS=1024)},
     "lm_head_v3": {**DEFAULT, "plain": False},  # lm_head on the general core (the layout before)
     "swiglu_g16": {**DEFAULT, "defines": {"rms_norm_swiglu": {"QMV1_G": 16, "QMV1_MINB": 1}}},
@@ -68,15 +72,17 @@ VARIANTS = {
     "down_pd3": {**DEFAULT, "defines": {"matmul_add": {"QMV1_PD": 3}}},
     # k = 1536 projections split over 3 warps of 2 superblocks each (the default of the fused QKV since v7, 4 row
     # pairs per block; qkv_v6: its one-warp layout before)
-    "qkv_v6": {**DEFAULT, "defines": {"rms_norm_qkv": {"QMV1_NBW": 6, "QMV1_KW": 1, "QMV1_G": 8, "QMV1_MINB": 2}}},
+    "qkv_v6": {**DEFAULT, "defines": {"rms_norm_qkv": layout(6, 1, 8, 2)}},
     "o_kw3": {**DEFAULT, "defines": {"matmul_add@1536": KW3}},
     "o_kw3g4": {**DEFAULT, "defines": {"matmul_add@1536": dict(KW3, QMV1_G=4, QMV1_MINB=2)}},
-    "down_g1": {**DEFAULT, "defines": {"matmul_add@8960": {"QMV1_NBW": 4, "QMV1_KW": 9, "QMV1_G": 1, "QMV1_MINB": 2}}},
+    "down_g1": {**DEFAULT, "defines": {"matmul_add@8960": layout(4, 9, 1, 2)}},
     "swiglu_kw3": {**DEFAULT, "defines": {"rms_norm_swiglu": dict(KW3, QMV1_PD=2)}},
     # ffn_down with 18 warps of 2 superblocks per row pair, 2 blocks per SM (lost 0.4% against 9 of 4, v7)
-    "down_nbw2": {**DEFAULT, "defines": {"matmul_add@8960": {"QMV1_NBW": 2, "QMV1_KW": 18, "QMV1_G": 1, "QMV1_MINB": 2}}},
-    **{f"qkv_g{g}": {**DEFAULT, "defines": {"rms_norm_qkv": {"QMV1_G": g, "QMV1_MINB": 4 if g <= 2 else 2 if g <= 5 else 1}}}
-       for g in (2, 6, 8)},  # row pairs per block of the 3-warp QKV (default 4)
+    "down_nbw2": {**DEFAULT, "defines": {"matmul_add@8960": layout(2, 18, 1, 2)}},
+    # row pairs per block of the 3-warp QKV (default 4)
+    "qkv_g2": {**DEFAULT, "defines": {"rms_norm_qkv": layout(2, 3, 2, 4)}},
+    "qkv_g6": {**DEFAULT, "defines": {"rms_norm_qkv": layout(2, 3, 6, 1)}},
+    "qkv_g8": {**DEFAULT, "defines": {"rms_norm_qkv": layout(2, 3, 8, 1)}},
     "ck1024+nbuf3": {**DEFAULT, **attn(ATTN_CLUSTER_KEYS=1024, ATTN_NBUF=3)},
     "pf256": {**DEFAULT, **attn(ATTN_PF_KEYS=256)},
     "nbuf3": {**DEFAULT, **attn(ATTN_NBUF=3)},
@@ -169,6 +175,8 @@ def main():
         scaling(out)
         (Path(os.environ.get("OUT", ".")) / "scaling.json").write_text(json.dumps(out, indent=1))
         return 0
+    if a.rounds < 1:
+        ap.error("--rounds must be >= 1")
     names = a.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:

@@ -7,7 +7,13 @@ stall reasons. Reads both `--page details` (a metric per row) and `--page raw` (
 import argparse
 import csv
 import gzip
+import sys
 from collections import OrderedDict, defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from toolchain.errors import UserError  # noqa: E402
+from toolchain.kernels import QMV1_WARPS  # noqa: E402
 
 DETAILS = {"Duration": "duration_ns", "DRAM Throughput": "dram_pct", "L1/TEX Cache Throughput": "l1_pct",
            "Issued Warp Per Scheduler": "issue_per_cycle", "Warp Cycles Per Issued Instruction": "cycles_per_issue",
@@ -27,10 +33,18 @@ def number(s: str) -> float:
 
 
 def read(path: str) -> list[dict]:
+    """Kernels of an ncu CSV, in launch order; UserError (one line) if the file is missing or not ncu's CSV."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt") as f:
-        rows = list(csv.reader(line for line in f if line.startswith('"')))
-    hdr, I = rows[0], {h: i for i, h in enumerate(rows[0])}
+    try:
+        with opener(path, "rt") as f:
+            rows = list(csv.reader(line for line in f if line.startswith('"')))
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read it ({e}); pass the CSV that `ncu --csv` wrote")
+    hdr = rows[0] if rows else []
+    if "Kernel Name" not in hdr or len(rows) < 2:
+        raise UserError(f"{path}: not an Nsight Compute CSV with kernels (no 'Kernel Name' column or no rows); "
+                         "write one with `ncu --csv --page details` or `--page raw`")
+    I = {h: i for i, h in enumerate(hdr)}
     kernels: "OrderedDict[str, dict]" = OrderedDict()
     if "Metric Name" in I:  # details page
         for r in rows[1:]:
@@ -49,9 +63,12 @@ def read(path: str) -> list[dict]:
     return out
 
 
-def label(k: dict) -> str:  # the two matmul_add launches of a layer: o_proj (k = 1536) and ffn_down (12 warps)
+def label(k: dict) -> str:
+    """The two matmul_add launches of a layer apart: o_proj (k = 1536) is a one-warp-per-row-pair build in blocks of
+    QMV1_WARPS warps, ffn_down a k-split build in larger blocks (toolchain/kernels.py decode_core)."""
     if k["name"] == "matmul_add":
-        return "matmul_add (ffn_down)" if k["block"].startswith("(384") else "matmul_add (o_proj)"
+        o_proj = k["block"].startswith(f"({32 * QMV1_WARPS},")
+        return "matmul_add (o_proj)" if o_proj else "matmul_add (ffn_down)"
     return k["name"]
 
 
@@ -73,7 +90,11 @@ def main():
     ap.add_argument("csv")
     ap.add_argument("--per-launch", action="store_true")
     a = ap.parse_args()
-    kernels = read(a.csv)
+    try:
+        kernels = read(a.csv)
+    except UserError as e:
+        print(f"ncu_summary: {e}", file=sys.stderr)
+        return 2
     groups: "OrderedDict[str, list]" = OrderedDict()
     for k in kernels:
         groups.setdefault(label(k), []).append(k)
@@ -85,4 +106,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,14 +9,14 @@ The first step warms up (module loads); the second is the one to profile. Kernel
 default tuning, with programmatic dependent launch (ncu serializes them anyway).
 """
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from toolchain.bench import load_model  # noqa: E402
 from toolchain.cuda_backend import CudaBackend  # noqa: E402
-from toolchain.gguf_model import load_gguf  # noqa: E402
-from toolchain.synth import layout, write_synthetic_gguf  # noqa: E402
 
 
 def main():
@@ -24,11 +24,10 @@ def main():
     ap.add_argument("--context", type=int, default=128, help="position of the profiled token")
     ap.add_argument("--count", action="store_true", help="print the launches of one step and exit")
     a = ap.parse_args()
-    path = Path(tempfile.gettempdir()) / "qwen2.5-coder-1.5b-synthetic.gguf"  # shared with the bench / sanitizer
-    if not path.exists():
-        cfg, types = layout("qwen2.5-coder-1.5b")
-        write_synthetic_gguf(path, cfg, types, seed=1)
-    be = CudaBackend(load_gguf(path), max_context=a.context + 8, n_slots=1, max_tokens=1)
+    if a.context < 0:
+        ap.error("--context must be >= 0")
+    model = load_model("synthetic:qwen2.5-coder-1.5b", Path(os.environ.get("QTRT_BENCH_DIR", tempfile.gettempdir())))
+    be = CudaBackend(model, max_context=a.context + 8, n_slots=1, max_tokens=1)
     launches = [x for x in be.plan(1) if x.op != "decode_advance"]
     if a.count:
         print(len(launches))

@@ -19,8 +19,13 @@ import numpy as np
 from .errors import UserError
 
 
-# llama.cpp's batch-1 decode on the lent H100 (issue 6): tg128, and tg at depth 4096
-LLAMA_CPP_TG_AT_DEPTH = {128: 553, 4096: 496}
+# llama.cpp on the lent H100 with the 1.5B Q4_K_M layout (issue 6), named as llama_bench() names its results
+LLAMA_CPP_ANCHORS = {"tg128": 553, "tg128@d4096": 496, "pp512": 26200}
+
+
+def tg_name(ctx: int) -> str:
+    """llama-bench's name of batch-1 decode at our context ctx (context 128 is its plain tg128)."""
+    return "tg128" if ctx == 128 else f"tg128@d{ctx}"
 
 
 def bytes_per_token(model, ctx: int) -> int:
@@ -150,8 +155,7 @@ def llama_bench(path: str, gguf: str, depths=(0, 4096)) -> dict:
 def side_by_side(results: dict) -> list[str]:
     """Lines comparing our fused decode / prefill with a llama-bench run of the same bench (results['llama_bench'])."""
     lb = results.get("llama_bench", {})
-    ours = {f"tg128{'@d' + str(r['context']) if r['context'] != 128 else ''}": r["tok_s"]
-            for r in results["decode"] if r["graph"] == "fused"}
+    ours = {tg_name(r["context"]): r["tok_s"] for r in results["decode"] if r["graph"] == "fused"}
     ours |= {f"pp{r['m']}": r["tok_s"] for r in results.get("prefill", []) if r["graph"] == "fused"}
     return [f"  {k:14s} qwen-trt {ours[k]:9.1f} tok/s   llama.cpp {v:9.1f} tok/s   {ours[k] / v:.2f}x"
             for k, v in lb.items() if k in ours]
@@ -166,6 +170,7 @@ def run_bench(a):
         raise UserError("qtrt bench needs an NVIDIA GPU with cuda-python (pip install 'qwen-trt[cuda]')")
     from .cuda_backend import CudaBackend
 
+    pp_anchor = LLAMA_CPP_ANCHORS["pp512"]
     contexts = [int(x) for x in a.contexts.split(",")]
     batches = [int(x) for x in a.batches.split(",")]
     workdir = Path(os.environ.get("QTRT_BENCH_DIR", tempfile.gettempdir()))
@@ -174,9 +179,10 @@ def run_bench(a):
     stream = cr.Stream()
     bw = copy_bandwidth(cr, stream)
     results = {"device": cr.device_name(), "model": a.model, "layout": vars(model.config),
-               "copy_bandwidth_GBps": round(bw / 1e9, 1), "anchors": {"llama.cpp tg128 tok/s": 553,
-                                                                       "llama.cpp tg128 @4096 tok/s": 496,
-                                                                       "llama.cpp pp512 tok/s": 26200},
+               "copy_bandwidth_GBps": round(bw / 1e9, 1),
+               "anchors": {"llama.cpp tg128 tok/s": LLAMA_CPP_ANCHORS["tg128"],
+                           "llama.cpp tg128 @4096 tok/s": LLAMA_CPP_ANCHORS["tg128@d4096"],
+                           "llama.cpp pp512 tok/s": LLAMA_CPP_ANCHORS["pp512"]},
                "decode": [], "batched": [], "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     max_ctx = max(contexts + [a.prefill]) + a.tokens + 8
     modes = (True, False)  # fused graph first: it is what the decoder runs
@@ -186,21 +192,22 @@ def run_bench(a):
         s = time_prefill(be, a.prefill, cr)
         results.setdefault("prefill", []).append({"graph": "fused" if fused else "unfused", "m": a.prefill,
                                                   "tok_s": round(a.prefill / s, 1), "ms": round(s * 1e3, 2),
-                                                  "vs_llama_cpp_pp512": round(a.prefill / s / 26200, 2)})
+                                                  "vs_llama_cpp_pp512": round(a.prefill / s / pp_anchor, 2)})
         print(f"{'fused' if fused else 'unfused':8s} prefill {a.prefill}: {a.prefill / s:9.1f} tok/s "
-              f"({s * 1e3:.2f} ms, {a.prefill / s / 26200:.2f}x llama.cpp pp512)")
+              f"({s * 1e3:.2f} ms, {a.prefill / s / pp_anchor:.2f}x llama.cpp pp512)")
         for ctx in contexts:
             s = time_decode(be, ctx, 1, a.tokens, cr)
             bpt = bytes_per_token(model, ctx + a.tokens // 2)
             row = {"graph": "fused" if fused else "unfused", "context": ctx, "tok_s": round(1 / s, 1),
                    "us_per_token": round(s * 1e6, 1), "bytes_per_token": bpt,
                    "roofline_tok_s": round(bw / bpt, 1), "roofline_fraction": round(bpt / (bw * s), 3),
-                   "vs_llama_cpp_tg128": round((1 / s) / 553, 2),
+                   "vs_llama_cpp_tg128": round((1 / s) / LLAMA_CPP_ANCHORS["tg128"], 2),
                    "launches_per_token": len(be.plan(1))}
-            if ctx in LLAMA_CPP_TG_AT_DEPTH:
-                row["vs_llama_cpp_same_depth"] = round((1 / s) / LLAMA_CPP_TG_AT_DEPTH[ctx], 2)
+            anchor = LLAMA_CPP_ANCHORS.get(tg_name(ctx))
+            if anchor:
+                row["vs_llama_cpp_same_depth"] = round((1 / s) / anchor, 2)
             results["decode"].append(row)
-            depth = f" ({row['vs_llama_cpp_same_depth']:.2f}x at depth {ctx})" if ctx in LLAMA_CPP_TG_AT_DEPTH else ""
+            depth = f" ({row['vs_llama_cpp_same_depth']:.2f}x at depth {ctx})" if anchor else ""
             print(f"{row['graph']:8s} ctx {ctx:5d}: {row['tok_s']:8.1f} tok/s  {row['us_per_token']:7.1f} us/token  "
                   f"{row['roofline_fraction'] * 100:5.1f}% of roofline ({bpt / 1e9:.3f} GB/token)  "
                   f"{row['vs_llama_cpp_tg128']:.2f}x llama.cpp tg128{depth}  {row['launches_per_token']} launches")
@@ -249,7 +256,7 @@ def write_results(results: dict, out: Path):
         ax.plot([r["context"] for r in rows], [r["tok_s"] for r in rows], "o-", label=f"qwen-trt cuda ({graph})")
     rows = [r for r in results["decode"] if r["graph"] == results["decode"][0]["graph"]]
     ax.plot([r["context"] for r in rows], [r["roofline_tok_s"] for r in rows], "k--", label="bandwidth roofline")
-    ax.plot([128, 4096], [553, 496], "s:", label="llama.cpp (tg128 anchors)")
+    ax.plot([128, 4096], [LLAMA_CPP_ANCHORS[tg_name(c)] for c in (128, 4096)], "s:", label="llama.cpp (tg128 anchors)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context (tokens)")
     ax.set_ylabel("decode tokens/s, batch 1")

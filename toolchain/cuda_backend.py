@@ -147,10 +147,10 @@ class CudaBackend:
             if gemm and not head and op in GEMM_OF:
                 op = GEMM_OF[op]
             defines = defines_for(op, attrs)
+            k = dims.get("k", dims.get("hidden"))
             if m == 1 and op in MATMUL_OPS + FUSED_OPS:
-                defines = decode_build(op, attrs, dims.get("k", dims.get("hidden")), self.tuning["qmv1"],
-                                       self.tuning["m1"], self.tuning["plain"])
-            k = dims.get("k", dims.get("hidden"))  # op@k keys: one projection shape only (e.g. matmul_add@1536)
+                defines = decode_build(op, attrs, k, self.tuning["qmv1"], self.tuning["m1"], self.tuning["plain"])
+            # tuning defines per op, or per op@k for one projection shape only (e.g. matmul_add@1536)
             defines |= self.tuning["defines"].get(op, {}) | self.tuning["defines"].get(f"{op}@{k}", {})
             if "QMV1" in defines:
                 dims |= qmv1_dims(defines)

@@ -168,16 +168,14 @@ def decode_core(op: str, attrs: dict, k: int) -> dict:
     if any(t not in ("Q4_K", "Q6_K") for t in _weight_types(op, attrs)):
         return {}
     nb = k // 256
-    if op == "rms_norm_qkv" and nb <= QMV1_NBW:
-        nbw = QMV1_QKV_NBW
-        kw = -(-nb // nbw)
-        g, minb = max(1, QMV1_QKV_WARPS // kw), QMV1_QKV_BLOCKS_PER_SM
+    if op == "rms_norm_qkv" and nb <= QMV1_NBW:  # superblocks per warp, warps per block, blocks per SM
+        nbw, warps, minb = QMV1_QKV_NBW, QMV1_QKV_WARPS, QMV1_QKV_BLOCKS_PER_SM
     elif nb <= QMV1_NBW:
-        nbw, kw, g, minb = QMV1_NBW, 1, QMV1_WARPS, QMV1_BLOCKS_PER_SM
+        nbw, warps, minb = QMV1_NBW, QMV1_WARPS, QMV1_BLOCKS_PER_SM
     else:
-        nbw = QMV1_KSPLIT_NBW
-        kw = -(-nb // nbw)
-        g, minb = max(1, QMV1_KSPLIT_WARPS // kw), 1
+        nbw, warps, minb = QMV1_KSPLIT_NBW, QMV1_KSPLIT_WARPS, 1
+    kw = -(-nb // nbw)
+    g = max(1, warps // kw)
     dims = dict(attrs, m=1, k=k, hidden=k, n=attrs.get("out_features"), qmv1_kw=kw, qmv1_g=g, qmv1_minb=minb)
     cfg = launch_config(op, dims)
     iters = -(-_qmv1_groups(op, dims) // (cfg.grid[0] * g))
