@@ -390,6 +390,8 @@ struct Args {
     float* y[3];
     int n[3];
     int m, k;
+    const float* xpart;   // qmv1 QMV1_XMERGE builds: the attention's cluster partials, merged into x
+    const int* positions;  // and the step's position (how many partials)
 };
 
 #ifndef RMS_EPS

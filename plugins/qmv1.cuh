@@ -17,6 +17,11 @@
 //   pdl_wait(): with programmatic dependent launch they overlap the previous kernel's tail.
 // - x is quantized once per block into shared memory (int16, a scale and a sum per 16 elements, RMSNorm first for
 //   the fused norms), as in qmv.cuh; dot products in dp2a.
+// - QMV1_XMERGE=<slots> (the o projection after rope_kv_attention's ATTN_XMERGE build; QMV1_XM_D = head dim,
+//   QMV1_XM_CK = the attention's ATTN_CLUSTER_KEYS): the attention's clusters per kv head, C = ceil(T / CK) at most
+//   <slots>, follow from the step's position, read before pdl_wait() like the attention does (an input of the step,
+//   written before its first kernel). C = 1: x as always; else x is the merge of the C partials in a.xpart (k
+//   numerators and a (max, sum) pair per head each), with the attention's own merge arithmetic.
 #pragma once
 #include "qmv.cuh"
 
@@ -32,6 +37,9 @@ using qmv::Kind;
 #endif
 #ifndef QMV1_MINB
 #define QMV1_MINB 2  // blocks per SM the build is made for (registers); toolchain/kernels.py sizes the grid with it
+#endif
+#ifndef QMV1_XMERGE
+#define QMV1_XMERGE 0  // attention partial slots merged into x (0: x is read as it is)
 #endif
 #ifndef QMV1_NBW
 #define QMV1_NBW 6  // superblocks of k per warp at most (even: 2 rows x 8 units x NBW = 32 x U tasks per lane)
@@ -156,6 +164,47 @@ struct __align__(16) Smem {
     float red[NWARP];
 };
 
+__device__ __forceinline__ float ex2(float x) {  // as rope_kv_attention.cu's: the merge must give the same bits
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// x[4i .. 4i + 3] from the attention's first n partial slots (QMV1_XMERGE): numerators weighted by 2^(max - overall
+// max), summed in slot order, over the same-weighted sums (rope_kv_attention.cu's last-arriver merge, term for term)
+template <int S, int HD>
+__device__ __forceinline__ float4 xmerge4(const float* xpart, int k, int i, int n) {
+    const int e = 4 * i, h = e / HD, str = (k + 2 * (k / HD) + 3) / 4 * 4;
+    float mc[S], dc[S];
+    float4 nc[S];
+#pragma unroll
+    for (int c = 0; c < S; ++c) {  // every load first: one L2 round trip
+        const float* p = xpart + (size_t)c * str;
+        mc[c] = -INFINITY;
+        if (c < n) {
+            mc[c] = ld_produced(p + k + 2 * h);
+            dc[c] = ld_produced(p + k + 2 * h + 1);
+            nc[c] = ld_produced(reinterpret_cast<const float4*>(p + e));
+        }
+    }
+    float mx = -INFINITY;
+#pragma unroll
+    for (int c = 0; c < S; ++c) mx = fmaxf(mx, mc[c]);
+    float4 nn = make_float4(0.f, 0.f, 0.f, 0.f);
+    float dd = 0.f;
+#pragma unroll
+    for (int c = 0; c < S; ++c) {
+        if (mc[c] == -INFINITY) continue;  // beyond n, or a cluster without keys (weight 0 there too)
+        const float wt = ex2(mc[c] - mx);
+        nn.x = fmaf(wt, nc[c].x, nn.x);
+        nn.y = fmaf(wt, nc[c].y, nn.y);
+        nn.z = fmaf(wt, nc[c].z, nn.z);
+        nn.w = fmaf(wt, nc[c].w, nn.w);
+        dd = fmaf(wt, dc[c], dd);
+    }
+    return make_float4(nn.x / dd, nn.y / dd, nn.z / dd, nn.w / dd);
+}
+
 template <class F> struct KQuant { static constexpr bool value = std::is_same<F, Q4K>::value || std::is_same<F, Q6K>::value; };
 
 // m must be 1 (the backend uses these builds for its batch-1 plan only); any grid works, kernels.py's balances it.
@@ -234,6 +283,11 @@ __device__ __forceinline__ void run(const qmv::Args& a) {
     uint32_t wb[PD][U][W];  // wb[p]: the group of iteration p, in flight from the start
 #pragma unroll
     for (int p = 0; p < PD; ++p) load(g + p * stride, wb[p]);
+#if QMV1_XMERGE  // the attention's clusters per kv head at this step's position (read before the wait: see above)
+    const int xm_n = min(QMV1_XMERGE, max(1, (ld_produced(a.positions) + QMV1_XM_CK) / QMV1_XM_CK));
+#else
+    constexpr int xm_n = 1;
+#endif
     pdl_wait();  // x and the residual come from earlier kernels: read after it, with ld_produced (pdl.cuh)
 
     // x -> int16 in shared memory, a scale and a sum per 16 elements (after the RMSNorm for the fused norms). The
@@ -288,6 +342,18 @@ __device__ __forceinline__ void run(const qmv::Args& a) {
             quantize4(threadIdx.x + j * THREADS,
                       make_float4(v.x * ir * g.x, v.y * ir * g.y, v.z * ir * g.z, v.w * ir * g.w));
         }
+    } else if (xm_n > 1) {  // x merged from the attention's partials (k <= KMAX: every float4's loads at once)
+#if QMV1_XMERGE
+        constexpr int NV = (KMAX / 4 + THREADS - 1) / THREADS;
+        float4 xv[NV];
+#pragma unroll
+        for (int j = 0; j < NV; ++j) {
+            const int i = threadIdx.x + j * THREADS;
+            xv[j] = i < (k >> 2) ? xmerge4<QMV1_XMERGE, QMV1_XM_D>(a.xpart, k, i, xm_n) : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+#pragma unroll
+        for (int j = 0; j < NV; ++j) quantize4(threadIdx.x + j * THREADS, xv[j]);
+#endif
     } else {  // long x (ffn_down): XB float4s per thread in flight at a time
         constexpr int XB = 6;
         for (int base = 0; base < (k >> 2); base += XB * THREADS) {  // uniform trip count: the shuffles are safe

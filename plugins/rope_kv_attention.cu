@@ -7,6 +7,8 @@
 // Compile-time: N_HEADS, N_KV_HEADS, HEAD_DIM (64 or 128), ROPE_THETA; N_HEADS / N_KV_HEADS <= 8.
 // Launch (toolchain/kernels.py): grid (NS = 8, N_HEADS, m), block (ATTN_THREADS = 256), cluster (8, 1, 1) compiled
 // in. Tuning knobs (-D, defaults below): ATTN_CLUSTER_KEYS, ATTN_NBUF, ATTN_PF_KEYS, ATTN_LDMODE, ATTN_EARLY.
+// ATTN_XMERGE=1 (the cuda backend's batch-1 plan only) appends a parameter `float* xpart` [G][XSTR] and, for m = 1
+// with more than one cluster per kv head, writes cluster partials there instead of `out`: see "Merge".
 //
 // Work split. One block computes ALL G = H / KVH query heads of one kv head over a range of positions, so each
 // K/V byte is read once per token. Grid row y = kvh * G + c: the G clusters of (token, kvh) are numbered c, the 8
@@ -22,9 +24,17 @@
 // coalesced); O is un-permuted when written. Online softmax in fp32 (base 2); a warp rescales O only when a
 // running max grows.
 // Merge: warps -> block (shared memory) -> cluster (distributed shared memory, each rank merges 1/8 of the
-// elements) -> clusters (only when C_act > 1: rank partials to a module-global scratch; the last cluster to arrive,
+// elements: every rank pushes each rank its share with st.async, counted by that rank's mbarrier, so no cluster
+// barrier with its GPU-wide memory fence (MEMBAR.ALL.GPU, twice per launch with cluster.sync) sits on the path;
+// ATTN_PUSH=0 is the cluster.sync + remote-load merge) -> clusters (only when C_act > 1: rank partials to a module-global scratch; the last cluster to arrive,
 // found by an atomic counter that it resets, merges them and writes out). The scratch belongs to the module:
 // launches of one module must not overlap in time (both runtimes order them on one stream).
+// With ATTN_XMERGE, m = 1 and C_act > 1 there is no cross-cluster step here: cluster c writes its partial to slot c
+// of xpart (numerators in `out`'s order, then a (max, sum) pair per head) and the consumer, the o projection's
+// decode build (plugins/qmv1.cuh QMV1_XMERGE, built with the same ATTN_CLUSTER_KEYS), finds C_act from the position
+// as here and merges the C_act slots while it reads x, in the order and with the arithmetic of the last-arriver
+// merge: the same bits, without the fence, the atomic and the last cluster's L2 round trip at the end of every
+// long-context launch. With C_act = 1 `out` is written as always.
 //
 // Appends (all appends of the step precede all attention reads). A block writes, into the cache, the step's entries
 // (tokens j with slots[j] == slot) whose positions fall in its own range; several blocks may write the same entry,
@@ -59,6 +69,12 @@
 #ifndef ATTN_THREADS
 #define ATTN_THREADS 256        // must match toolchain/kernels.py ATTN_THREADS
 #endif
+#ifndef ATTN_XMERGE
+#define ATTN_XMERGE 0           // 1: m = 1 writes cluster partials to xpart, merged by the consumer
+#endif
+#ifndef ATTN_PUSH
+#define ATTN_PUSH 1             // cluster merge: 1 ranks push partials (st.async + mbarrier), 0 cluster.sync + loads
+#endif
 
 namespace cg = cooperative_groups;
 
@@ -77,6 +93,7 @@ static_assert(G <= 8, "at most 8 query heads per kv head (mma rows 0..7 hi, 8..1
 static_assert(D == 64 || D == 128, "HEAD_DIM must be 64 or 128");
 static_assert(PF_PIECE % KSTEP == 0 && THREADS % 32 == 0 && THREADS <= 1024, "shapes");
 constexpr int QPT = (G * D + THREADS - 1) / THREADS;   // q values loaded per thread
+constexpr int XSTR = (H * D + 2 * H + 3) / 4 * 4;      // floats per xpart slot (16-byte multiple), as qmv1.cuh's
 
 
 // inv_freq[j] = theta^(-2j/D), the float32 exponent as numpy forms it, evaluated at compile time in double and
@@ -310,12 +327,34 @@ __device__ __forceinline__ void merge_block(BlockMerge& s, const float (&o)[NNT]
     __syncthreads();
 }
 
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ uint32_t cluster_addr(uint32_t a, uint32_t rank) {  // the same variable in block `rank`
+    uint32_t r;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
+    return r;
+}
+__device__ __forceinline__ void st_async(uint32_t dst, float v, uint32_t bar) {  // dst, bar: cluster addresses
+    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];"
+                 :: "r"(dst), "r"(__float_as_uint(v)), "r"(bar) : "memory");
+}
+__device__ __forceinline__ void st_async4(uint32_t dst, float4 v, uint32_t bar) {
+    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];"
+                 :: "r"(dst), "r"(__float_as_uint(v.x)), "r"(__float_as_uint(v.y)), "r"(__float_as_uint(v.z)),
+                    "r"(__float_as_uint(v.w)), "r"(bar) : "memory");
+}
+
 constexpr int NS = 8;                  // blocks per cluster (portable maximum)
 constexpr int MSCR = 16;               // steps of at most this many tokens may spread a token over clusters
 constexpr int DS = D / NS;             // elements per head merged by one cluster rank
 constexpr int ME = G * DS;             // elements merged by one cluster rank
 constexpr int E_MAX = 8;               // step entries per block range kept in shared memory
 static_assert(ME <= THREADS, "one merged element per thread");
+static_assert(ME % 4 == 0, "16-byte pushes");
+struct PushIn {                        // what a rank receives from each rank q (ATTN_PUSH)
+    float o[NS][ME];                   // q's block numerators of this rank's elements
+    float m[NS][G], l[NS][G];          // q's block max and sum of every head
+};
+constexpr unsigned PUSH_BYTES = sizeof(PushIn);
 __device__ float g_part[MSCR][KVH][G][NS][3][ME];  // cross-cluster partials (m <= MSCR): O, max, sum per element
 __device__ unsigned int g_count[MSCR][KVH][NS];    // arrivals per (token, kv head, rank); reset by the last
 
@@ -323,7 +362,14 @@ extern "C" __global__ void __cluster_dims__(NS, 1, 1) __launch_bounds__(THREADS,
 rope_kv_attention(const float* q, const float* k, const float* v,  // earlier kernels' outputs: no .nc loads
                   const __half* k_cache_in, const __half* v_cache_in, const int* positions,
                   const int* slots, int m, int n_slots, int max_seq, float* __restrict__ out,
-                  __half* k_cache, __half* v_cache) {
+                  __half* k_cache, __half* v_cache
+#if ATTN_XMERGE
+                  , float* __restrict__ xpart
+#endif
+                  ) {
+#if !ATTN_XMERGE
+    float* const xpart = nullptr;
+#endif
     __shared__ float2 cs[D / 2];                  // (cos, sin) of this token's position, pair j
     __shared__ float qraw[G][D];                  // the group's q rows before RoPE
     __shared__ uint4 qfrag[32][NKK + 1];          // QK A fragments of each lane (padded: conflict-free)
@@ -331,6 +377,10 @@ rope_kv_attention(const float* q, const float* k, const float* v,  // earlier ke
     __shared__ __align__(16) __half vst[E_MAX][D];
     __shared__ int list_pos[THREADS], list_j[THREADS], list_n, e_lo, e_hi, last_flag;
     __shared__ BlockMerge mb;                     // this block's partial (read by the cluster)
+#if ATTN_PUSH
+    __shared__ __align__(16) PushIn pin;          // the cluster's partials of this rank's elements
+    __shared__ __align__(8) uint64_t pin_bar;     // counts their bytes
+#endif
 
     const int r = blockIdx.x, y = blockIdx.y, i = blockIdx.z;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
@@ -350,6 +400,15 @@ rope_kv_attention(const float* q, const float* k, const float* v,  // earlier ke
         return;
     }
 
+#if ATTN_PUSH
+    if (tid == 0) {                               // the receiving mbarrier: one arrival (here) + PUSH_BYTES
+        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(smem_addr(&pin_bar)) : "memory");
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+                     :: "r"(smem_addr(&pin_bar)), "r"(PUSH_BYTES) : "memory");
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");  // waited for before the pushes
+#endif
     const int nparts = C_act * NS;
     int per = (T + nparts - 1) / nparts;
     per = (per + KSTEP - 1) / KSTEP * KSTEP;
@@ -553,18 +612,46 @@ rope_kv_attention(const float* q, const float* k, const float* v,  // earlier ke
 
     merge_block(mb, o, m_run, l_run, tid);
 
+    const int f = r * ME + tid, gg = f / D, u = f % D;   // rank r merges elements r*ME .. +ME
+#if ATTN_PUSH
+    asm volatile("barrier.cluster.wait.aligned;" ::: "memory");   // every rank's mbarrier is initialized
+    for (int e = tid; e < NS * (ME / 4); e += THREADS) {          // rank q2's share of this block's numerators
+        const int q2 = e / (ME / 4), j = 4 * (e % (ME / 4));
+        st_async4(cluster_addr(smem_addr(&pin.o[r][j]), q2), *reinterpret_cast<const float4*>(&mb.bO[q2 * ME + j]),
+                  cluster_addr(smem_addr(&pin_bar), q2));
+    }
+    if (tid < NS * G) {                                           // the block's max and sum of each head
+        const int q2 = tid / G, h = tid % G;
+        const uint32_t bar = cluster_addr(smem_addr(&pin_bar), q2);
+        st_async(cluster_addr(smem_addr(&pin.m[r][h]), q2), mb.bm[h], bar);
+        st_async(cluster_addr(smem_addr(&pin.l[r][h]), q2), mb.bl[h], bar);
+    }
+#else
     cg::cluster_group cluster = cg::this_cluster();
     cluster.sync();                               // all block partials visible cluster-wide
-    const int f = r * ME + tid, gg = f / D, u = f % D;   // rank r merges elements r*ME .. +ME
+#endif
     float num = 0.f, den = 0.f, M = -INFINITY;
     if (tid < ME) {
         float mq[NS], lq[NS], oq[NS];
+#if ATTN_PUSH
+        uint32_t done = 0;
+        while (!done)                             // every rank's pushes have landed (phase 0 complete)
+            asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], 0; "
+                         "selp.u32 %0, 1, 0, p; }" : "=r"(done) : "r"(smem_addr(&pin_bar)) : "memory");
+#pragma unroll
+        for (int q2 = 0; q2 < NS; ++q2) {
+            mq[q2] = pin.m[q2][gg];
+            lq[q2] = pin.l[q2][gg];
+            oq[q2] = pin.o[q2][tid];
+        }
+#else
 #pragma unroll
         for (int q2 = 0; q2 < NS; ++q2) {         // every remote load first, then the arithmetic
             mq[q2] = *cluster.map_shared_rank(&mb.bm[gg], q2);
             lq[q2] = *cluster.map_shared_rank(&mb.bl[gg], q2);
             oq[q2] = *cluster.map_shared_rank(&mb.bO[f], q2);
         }
+#endif
 #pragma unroll
         for (int q2 = 0; q2 < NS; ++q2) M = fmaxf(M, mq[q2]);
 #pragma unroll
@@ -574,9 +661,21 @@ rope_kv_attention(const float* q, const float* k, const float* v,  // earlier ke
             den = fmaf(wt, lq[q2], den);
         }
     }
+#if !ATTN_PUSH
     cluster.sync();                               // remote reads done: shared memory may go
+#endif
     float* orow = out + ((size_t)i * H + kvh * G) * D;
     const int d = slot_dim(u / SLOTS, u % SLOTS);
+    if (ATTN_XMERGE && one && C_act > 1) {        // the consumer merges the slots (see "Merge")
+        if (tid < ME) {
+            xpart[(size_t)c * XSTR + (kvh * G + gg) * D + d] = num;
+            if (u == 0) {                         // the head's (max, sum) pair
+                xpart[(size_t)c * XSTR + H * D + 2 * (kvh * G + gg)] = M;
+                xpart[(size_t)c * XSTR + H * D + 2 * (kvh * G + gg) + 1] = den;
+            }
+        }
+        return;
+    }
     if (C_act == 1) {
         if (tid < ME) orow[gg * D + d] = num / den;
         return;

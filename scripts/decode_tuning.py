@@ -27,8 +27,9 @@ from toolchain import kernels as K  # noqa: E402
 from toolchain.bench import bytes_per_token, copy_bandwidth, launch_timing, load_model, time_decode  # noqa: E402
 from toolchain.cuda_backend import CudaBackend  # noqa: E402
 
-OFF = {"pdl": False, "m1": False, "qmv1": False, "plain": True, "defines": {}, "pdl_skip": (), "skip": ()}
-DEFAULT = {"m1": True, "qmv1": True, "pdl": True}
+OFF = {"pdl": False, "m1": False, "qmv1": False, "plain": True, "xmerge": False, "defines": {}, "pdl_skip": (),
+       "skip": ()}
+DEFAULT = {"m1": True, "qmv1": True, "pdl": True, "xmerge": True}
 
 
 def proj(**defines):  # extra defines for every projection kernel (both cores ignore the other's)
@@ -57,6 +58,12 @@ VARIANTS = {
     "down_v6": {**DEFAULT, "defines": {"matmul_add@8960": layout(6, 6, 2, 1)}},
     "ksplit8": {**DEFAULT, "defines": {"matmul_add@8960": layout(6, 6, 1, 2)}},
     "ck1024": {**DEFAULT, **attn(ATTN_CLUSTER_KEYS=1024)},
+    "ck512": {**DEFAULT, **attn(ATTN_CLUSTER_KEYS=512)},
+    "ck2048": {**DEFAULT, **attn(ATTN_CLUSTER_KEYS=2048)},
+    "no_xmerge": {**DEFAULT, "xmerge": False},  # the attention merges its clusters itself
+    "push0": {**DEFAULT, **attn(ATTN_PUSH=0)},  # the cluster merge through cluster.sync and remote loads
+    "v7": {**DEFAULT, "xmerge": False, **attn(ATTN_PUSH=0)},  # both, as in v7
+    "no_xmerge+ck1024": {**DEFAULT, "xmerge": False, **attn(ATTN_CLUSTER_KEYS=1024)},
     "lm_head_v3": {**DEFAULT, "plain": False},  # lm_head on the general core (the layout before)
     "swiglu_g16": {**DEFAULT, "defines": {"rms_norm_swiglu": {"QMV1_G": 16, "QMV1_MINB": 1}}},
     "ck4096": {**DEFAULT, **attn(ATTN_CLUSTER_KEYS=4096)},

@@ -1,6 +1,7 @@
 """A full decode step of the 1.5B layout (synthetic weights) for compute-sanitizer: a 40-token prompt prefill
-(tensor-core GEMMs + tiled prefill attention), three self-advancing CUDA-graph decode replays, a 5-token step on
-the matvec path; fused and unfused graphs. Exits non-zero on any CUDA error."""
+(tensor-core GEMMs + tiled prefill attention), three self-advancing CUDA-graph decode replays, two more at position
+2100 (two attention clusters per kv head: the cluster pushes and the o projection's merge of their partials), a
+5-token step on the matvec path; fused and unfused graphs. Exits non-zero on any CUDA error."""
 import sys
 import tempfile
 from pathlib import Path
@@ -17,9 +18,11 @@ if not path.exists():
     write_synthetic_gguf(path, cfg, types, seed=1)
 model = load_gguf(path)
 for fused in (True, False):
-    be = CudaBackend(model, max_context=128, n_slots=2, max_tokens=48, fused=fused)
+    be = CudaBackend(model, max_context=2112, n_slots=2, max_tokens=48, fused=fused)
     logits = be.forward(np.arange(40) * 1000 + 7)
     toks = list(be.greedy(int(np.argmax(logits)), 3))
+    be.pos = 2100
+    toks += list(be.greedy(toks[-1], 2))
     be.step(np.arange(5) * 7, np.arange(50, 55), np.ones(5))
     assert np.isfinite(logits).all(), "non-finite logits"
     print(f"fused={fused}: step ok, tokens {toks}")

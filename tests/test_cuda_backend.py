@@ -168,3 +168,47 @@ def test_pdl_matches_serialized_launches(synth, backend, defines):
         backend.reset()
     assert np.array_equal(runs[True][0], runs[True][1]), "PDL steps differ between two runs"
     assert np.array_equal(runs[True][0], runs[False][0]), "PDL steps differ from serialized launches"
+
+
+@pytest.mark.parametrize("keys", [1024, 512], ids=["ck1024", "ck512"])
+def test_xmerge_matches_the_attention_merge(synth, backend, keys):
+    """xmerge (the o projection merges the attention's cluster partials while it reads x) must give the very bits of
+    the attention's own cross-cluster merge: greedy graph steps from position 2100 of a filled cache, where 3 (1024
+    keys per cluster, xmerge's default) or 5 (512) clusters per kv head work, and from position 3 (one cluster)."""
+    if backend.onnx is backend.onnx_prefill:
+        pytest.skip("the unfused graph's o projection is a plain matmul: no xmerge pairing")
+    model, _ = synth
+    c = model.config
+    rng = np.random.default_rng()
+    start = 2100
+    fill = (rng.standard_normal((c.n_layers, 2, c.n_kv_heads, start, c.head_dim)) * 0.5).astype(np.float16)
+    prompt = rng.integers(0, c.vocab, 3).tolist()
+    saved = dict(backend.tuning)
+    runs = {}
+    try:
+        for xmerge in (False, True):
+            backend.tuning = {**saved, "xmerge": xmerge,
+                              "defines": {"rope_kv_attention": {"ATTN_CLUSTER_KEYS": keys}}}
+            backend._plans.clear()
+            backend._graphs.clear()
+            xpart = backend.buffers["attn.xpart"].ptr
+            paired = [x.op for x in backend.plan(1) if xpart in x.args]  # the attentions and o projections
+            assert len(paired) == (2 * c.n_layers if xmerge else 0), paired
+            for pos in (start, 0):
+                for i in range(c.n_layers):
+                    for j, kind in enumerate("kv"):
+                        full = np.zeros((backend.n_slots, c.n_kv_heads, backend.max_context, c.head_dim), np.float16)
+                        full[0, :, :start] = fill[i, j]
+                        backend.buffers[f"{kind}_cache.{i}"].upload(full, backend.stream)
+                backend.pos = pos
+                first = int(np.argmax(backend.forward(prompt)))
+                steps = [backend.buffers["logits"].download(backend.stream, rows=1)[0].copy()
+                         for _ in backend.greedy(first, 8)]
+                runs[xmerge, pos] = np.array(steps)
+    finally:
+        backend.tuning = saved
+        backend._plans.clear()
+        backend._graphs.clear()
+        backend.reset()
+    for pos in (start, 0):
+        assert np.array_equal(runs[True, pos], runs[False, pos]), f"xmerge changed the logits from position {pos}"

@@ -487,34 +487,54 @@ def attention_case(rng, a, slots, positions, n_slots, max_seq):
                 ref=ref, kc_ref=kc_ref, vc_ref=vc_ref)
 
 
+def run_attention(c, defines: dict):
+    """Launch rope_kv_attention (build `defines`) on attention_case c: (out, k cache, v cache) as numpy."""
+    a, slots, positions, n_slots, max_seq = (c[x] for x in ("a", "slots", "positions", "n_slots", "max_seq"))
+    h, d, m = a["n_heads"], a["head_dim"], len(slots)
+    kcb, vcb = cr.DeviceBuffer.from_array(c["kc"]), cr.DeviceBuffer.from_array(c["vc"])
+    dims = dict(m=m, n_heads=h, n_slots=n_slots, max_seq=max_seq)
+    # the cache outputs alias the inputs: launch by hand so the same buffers are passed twice
+    ins = [cr.DeviceBuffer.from_array(c[x]) for x in ("q", "k", "v")]
+    pb, sb = cr.DeviceBuffer.from_array(positions), cr.DeviceBuffer.from_array(slots)
+    ob = cr.DeviceBuffer(m * h * d * 4)
+    ob.fill_u32(NAN)
+    kernel("rope_kv_attention", tuple(sorted(defines.items()))).launch_op(
+        K.launch_config("rope_kv_attention", dims), [*ins, kcb, vcb, pb, sb], [ob, kcb, vcb])
+    cr.synchronize()
+    out = ob.download((m, h * d), np.float32)
+    kc_dev = kcb.download(c["kc"].shape, np.float16)
+    vc_dev = vcb.download(c["vc"].shape, np.float16)
+    for b in (*ins, pb, sb, ob, kcb, vcb):
+        b.free()
+    return out, kc_dev, vc_dev
+
+
+@pytest.mark.parametrize("case", ["decode_pos127", "decode_pos2048", "decode_pos8191", "mixed_slots",
+                                  "prefill17_at0_plus_decode"])
+@pytest.mark.parametrize("model", list(ATTN))
+def test_attention_push_merge_equals_cluster_sync(model, case):
+    """The cluster merge by st.async pushes (ATTN_PUSH=1, the default) and by cluster.sync + remote loads (0) do
+    the same arithmetic in the same order: the same bits, outputs and caches."""
+    rng, seed = _rng()
+    a = ATTN[model]
+    c = attention_case(rng, a, ATTN_CASES[case][0], ATTN_CASES[case][1], 3, 8192)
+    base = K.defines_for("rope_kv_attention", a)
+    push, sync = (run_attention(c, base | {"ATTN_PUSH": p}) for p in (1, 0))
+    assert np.isfinite(push[0]).all(), f"unwritten outputs ({seed})"
+    for x, y, what in zip(push, sync, ("out", "k cache", "v cache")):
+        assert np.array_equal(x, y), f"{what} differs ({seed})"
+
+
 @pytest.mark.parametrize("case", list(ATTN_CASES))
 @pytest.mark.parametrize("model", list(ATTN))
 def test_rope_kv_attention(model, case):
     rng, seed = _rng()
     a = ATTN[model]
-    h, d = a["n_heads"], a["head_dim"]
-    n_slots, max_seq = 3, 8192
-    c = attention_case(rng, a, ATTN_CASES[case][0], ATTN_CASES[case][1], n_slots, max_seq)
-    slots, positions, m = c["slots"], c["positions"], len(c["slots"])
-    q, k, v, kc, vc, kc_ref, vc_ref, ref = (c[x] for x in ("q", "k", "v", "kc", "vc", "kc_ref", "vc_ref", "ref"))
+    c = attention_case(rng, a, ATTN_CASES[case][0], ATTN_CASES[case][1], 3, 8192)
+    slots, positions = c["slots"], c["positions"]
+    k, kc, vc, kc_ref, vc_ref, ref = (c[x] for x in ("k", "kc", "vc", "kc_ref", "vc_ref", "ref"))
 
-    kcb, vcb = cr.DeviceBuffer.from_array(kc), cr.DeviceBuffer.from_array(vc)
-    defines = tuple(sorted(K.defines_for("rope_kv_attention", a).items()))
-    dims = dict(m=m, n_heads=h, n_slots=n_slots, max_seq=max_seq)
-    # the cache outputs alias the inputs: launch by hand so the same buffers are passed twice
-    ins = [cr.DeviceBuffer.from_array(x) for x in (q, k, v)]
-    pb, sb = cr.DeviceBuffer.from_array(positions), cr.DeviceBuffer.from_array(slots)
-    ob = cr.DeviceBuffer(m * h * d * 4)
-    ob.fill_u32(NAN)
-    kernel("rope_kv_attention", defines).launch_op(K.launch_config("rope_kv_attention", dims),
-                                                   [*ins, kcb, vcb, pb, sb], [ob, kcb, vcb])
-    cr.synchronize()
-    out = ob.download((m, h * d), np.float32)
-    kc_dev = kcb.download(kc.shape, np.float16)
-    vc_dev = vcb.download(vc.shape, np.float16)
-    for b in (*ins, pb, sb, ob, kcb, vcb):
-        b.free()
-
+    out, kc_dev, vc_dev = run_attention(c, K.defines_for("rope_kv_attention", a))
     rel, mx = rel_err(out, ref)
     print(f"attention {model} {case}: rel {rel:.2e} max abs {mx:.2e} ({seed})")
     assert np.isfinite(out).all(), f"unwritten outputs ({seed})"

@@ -14,6 +14,10 @@ times the variants):
   (plugins/qmv1.cuh, kernels.decode_core), with its own launch configuration; plain: the Q4_K / Q6_K plain
   matmuls (lm_head) on the decode core too.
 - m1: the other projections of the batch-1 plan use the decode builds of the general core (QMV_M1: less code).
+- xmerge: in the batch-1 plan, each attention hands its cluster partials to the o projection that reads its output,
+  which merges them while it loads x (plugins/rope_kv_attention.cu ATTN_XMERGE, plugins/qmv1.cuh QMV1_XMERGE):
+  at long contexts the attention no longer ends with a fence, an atomic and a last cluster's merge
+  (kernels.xmerge_defines).
 - defines ({op: {define: value}}) and pdl_skip (ops launched without PDL): experiments.
 - skip (ops, or parts of node names such as 'down_proj', not launched at all): a timing diagnostic (what a family
   costs inside the step); results are wrong.
@@ -29,7 +33,8 @@ from . import cuda_runtime as cr
 from .fusion import fuse
 from .gguf_model import GGUFModel
 from .graph import build_model_graph, node_attrs
-from .kernels import FUSED_OPS, MATMUL_OPS, decode_build, defines_for, launch_config, qmv1_dims
+from .kernels import (FUSED_OPS, MATMUL_OPS, XMERGE_CLUSTER_KEYS, decode_build, defines_for, launch_config, qmv1_dims,
+                      xmerge_defines, xmerge_slot_floats)
 
 # ONNX op_type -> kernel op (standard ops map to our kernels; custom ops share their names).
 KERNEL_OF = {"RMSNormalization": "rms_norm", "Add": "add", "ArgMax": "argmax"}
@@ -40,7 +45,8 @@ GEMM_MIN_M = 32
 # Nodes after the last layer: a prompt prefill needs their result for its last token only.
 HEAD_NODES = ("final_norm", "lm_head", "argmax")
 F32 = np.float32
-TUNING = {"pdl": True, "m1": True, "qmv1": True, "plain": True, "defines": {}, "pdl_skip": (), "skip": ()}
+TUNING = {"pdl": True, "m1": True, "qmv1": True, "plain": True, "xmerge": True, "defines": {}, "pdl_skip": (),
+          "skip": ()}
 
 
 @dataclass
@@ -79,6 +85,9 @@ class CudaBackend:
         self.buffers["slots"] = cr.DeviceBuffer.zeros((max_tokens,), np.int32)
         self.widths = self._value_widths()
         self.buffers["prefill.q_rot"] = cr.DeviceBuffer.zeros((max_tokens, c.q_dim), np.float32)
+        # the attention's cluster partials for its consumer (xmerge): one slot per cluster of a kv head
+        self.buffers["attn.xpart"] = cr.DeviceBuffer.zeros(
+            (c.n_heads // c.n_kv_heads, xmerge_slot_floats(c.n_heads, c.head_dim)), np.float32)
         for name, (width, dtype) in self.widths.items():
             if name not in self.buffers:
                 self.buffers[name] = cr.DeviceBuffer.zeros((max_tokens, width), dtype)
@@ -133,8 +142,8 @@ class CudaBackend:
         key = (m, last_only)
         if key in self._plans:
             return self._plans[key]
-        launches = []
         gemm = m >= GEMM_MIN_M
+        nodes = []  # (node, op, attrs, dims, defines, head) of every node, then the launches
         for node in (self.onnx_prefill if gemm else self.onnx).graph.node:
             head = last_only and node.name in HEAD_NODES
             op = KERNEL_OF.get(node.op_type, node.op_type)
@@ -154,6 +163,10 @@ class CudaBackend:
             defines |= self.tuning["defines"].get(op, {}) | self.tuning["defines"].get(f"{op}@{k}", {})
             if "QMV1" in defines:
                 dims |= qmv1_dims(defines)
+            nodes.append((node, op, attrs, dims, defines, head))
+        extra = self._link_xmerge(nodes) if m == 1 and self.tuning["xmerge"] else {}
+        launches = []
+        for node, op, attrs, dims, defines, head in nodes:
             kern = self._kernel(op, defines)
             cfg = launch_config(op, dims)
             ins = [self.buffers[i].ptr for i in node.input]
@@ -164,7 +177,8 @@ class CudaBackend:
             if op == "rope_kv_attention" and gemm and last_only:  # one slot's prompt: the tiled prefill pair
                 launches += self._prefill_attention(node, attrs, dims, ins, outs)
                 continue
-            launches.append(Launch(node.name, op, kern, cfg, ins + list(cfg.scalars) + outs))
+            args = ins + list(cfg.scalars) + outs + extra.get(node.name, [])
+            launches.append(Launch(node.name, op, kern, cfg, args))
         advance = self._kernel("decode_advance", {})
         cfg = launch_config("decode_advance", {"m": m})
         launches.append(Launch("advance", "decode_advance", advance, cfg,
@@ -172,6 +186,28 @@ class CudaBackend:
                                 self.buffers["positions"].ptr]))
         self._plans[key] = launches
         return launches
+
+    def _link_xmerge(self, nodes) -> dict[str, list]:
+        """Batch-1 plan: pair each attention with the o projection that alone reads its output, where that one runs
+        on the decode core (matmul_add with QMV1); both builds get their xmerge defines (in place; keys per cluster
+        as the tuning's attention defines say, else kernels.XMERGE_CLUSTER_KEYS). Returns the extra arguments of
+        the paired nodes by name: the partials buffer, and for the o projection the step's positions too."""
+        readers: dict[str, list] = {}
+        for rec in nodes:
+            for i in rec[0].input:
+                readers.setdefault(i, []).append(rec)
+        extra, outputs = {}, {o.name for o in self.onnx.graph.output}
+        xpart, positions = self.buffers["attn.xpart"].ptr, self.buffers["positions"].ptr
+        for node, op, attrs, _, defines, _ in nodes:
+            if op != "rope_kv_attention" or node.output[0] in outputs:
+                continue
+            users = readers.get(node.output[0], [])
+            if len(users) == 1 and users[0][1] == "matmul_add" and "QMV1" in users[0][4]:
+                attn, o_proj = xmerge_defines(attrs, defines.get("ATTN_CLUSTER_KEYS", XMERGE_CLUSTER_KEYS))
+                defines.update(attn)
+                users[0][4].update(o_proj)
+                extra[node.name], extra[users[0][0].name] = [xpart], [xpart, positions]
+        return extra
 
     def _prefill_attention(self, node, attrs, dims, ins, outs) -> list[Launch]:
         """The attention node of a single-slot prompt as two kernels: RoPE + cache append for all m tokens, then

@@ -199,6 +199,26 @@ def decode_build(op: str, attrs: dict, k: int, core: bool = True, m1: bool = Tru
     return d | ({"QMV_M1": 1} if m1 and op in MATMUL_OPS + FUSED_OPS else {})
 
 
+XMERGE_CLUSTER_KEYS = 1024  # keys per attention cluster in the xmerge pair (+0.8% at 4096 over 2048, run 1 of v8)
+
+
+def xmerge_defines(attn_attrs: dict, cluster_keys: int = XMERGE_CLUSTER_KEYS) -> tuple[dict, dict]:
+    """Extra defines of the paired batch-1 builds (cuda backend tuning "xmerge"): the attention writes its cluster
+    partials to G slots when a kv head has more than one cluster (ATTN_XMERGE), and its o projection's decode build
+    merges them as it reads x (QMV1_XMERGE = G slots, QMV1_XM_D = head dim, QMV1_XM_CK = the attention's keys per
+    cluster, from which it finds the number of clusters). With the cross-cluster merge off the attention's path,
+    more clusters pay: the pair runs cluster_keys per cluster."""
+    g = int(attn_attrs["n_heads"]) // int(attn_attrs["n_kv_heads"])
+    return ({"ATTN_XMERGE": 1, "ATTN_CLUSTER_KEYS": int(cluster_keys)},
+            {"QMV1_XMERGE": g, "QMV1_XM_D": int(attn_attrs["head_dim"]), "QMV1_XM_CK": int(cluster_keys)})
+
+
+def xmerge_slot_floats(n_heads: int, head_dim: int) -> int:
+    """Floats per partial slot: the numerators of all heads, a (max, sum) pair per head, padded to 16 bytes
+    (plugins/rope_kv_attention.cu XSTR, plugins/qmv1.cuh xmerge4)."""
+    return -(-(n_heads * head_dim + 2 * n_heads) // 4) * 4
+
+
 def _qmv1_groups(op: str, dims: dict) -> int:
     if op == "matmul_add" or op in MATMUL_OPS:
         return -(-int(_dim(dims, "n", "out_features")) // 2)
@@ -412,11 +432,19 @@ def specializations(model: dict, build=None) -> list[tuple[str, dict]]:
 
 
 def decode_specializations(model: dict) -> list[tuple[str, dict]]:
-    """(op, defines) of the batch-1 builds the cuda backend compiles for the model's projections (decode_build)."""
+    """(op, defines) of the batch-1 builds the cuda backend compiles for the model's projections (decode_build), and
+    of the xmerge pair (xmerge_defines)."""
     def build(op, attrs):
         return decode_build(op, attrs, attrs.get("in_features", model["hidden"]))
 
-    return [(op, build(op, attrs)) for op, attrs in specializations(model, build) if op in MATMUL_OPS + FUSED_OPS]
+    out = [(op, build(op, attrs)) for op, attrs in specializations(model, build) if op in MATMUL_OPS + FUSED_OPS]
+    # the xmerge pair: the attention, and the o projections (k = q_dim) that run on the decode core
+    attn, o_proj = xmerge_defines(model)
+    q_dim = model["n_heads"] * model["head_dim"]
+    pairs = [("matmul_add", d | o_proj) for op, d in out if op == "matmul_add" and d.get("QMV1_K") == q_dim]
+    if pairs:
+        pairs.append(("rope_kv_attention", defines_for("rope_kv_attention", model) | attn))
+    return out + pairs
 
 
 def _main():
