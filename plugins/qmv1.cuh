@@ -54,7 +54,7 @@ constexpr int KW = QMV1_KW;            // warps per group (k split)
 constexpr int G = QMV1_G;              // groups per block side by side (toolchain/kernels.py decode_core)
 constexpr int NWARP = KW * G, THREADS = 32 * NWARP;
 constexpr int KMAX = 256 * NBW * KW;   // largest k this build takes
-constexpr int W = 12;                  // raw words per task (Q4_K: 8, Q6_K: 11)
+template <class F> struct Words { static constexpr int value = std::is_same<F, Q6K>::value ? 10 : 8; };  // per task
 
 // Weight loads are volatile asm so that the compiler issues them where they are written (a group ahead), never next to
 // their first use, whatever the register pressure. They ask L2 for 128-byte lines (.L2::128B: neighbouring lanes read
@@ -87,18 +87,20 @@ __device__ __forceinline__ uint32_t ldg16bits(const uint8_t* p) {
     return r;
 }
 
-// One task: row r of the group, superblock jb of the warp's k range, unit u. Raw words of the unit in w[0..W).
+// One task: row r of the group, superblock jb of the warp's k range, unit u. Raw words of the unit in w[0..words).
+// A build's register buffers hold as many words as its widest format needs (N).
 template <class F> struct Task;
 
 template <> struct Task<Q4K> {  // w: header (d, dmin, 12 scale bytes) then the unit's 16 qs bytes
-    static __device__ __forceinline__ void load(const uint8_t* blk, int u, uint32_t (&w)[W]) {
+    template <int N> static __device__ __forceinline__ void load(const uint8_t* blk, int u, uint32_t (&w)[N]) {
+        static_assert(N >= 8, "Q4_K: 8 words");
         const uint4 h = ldg16_l1(blk);  // shared by the 8 lanes of the block
         const uint4 q = ldg16(blk + 16 + 16 * u);
         w[0] = h.x; w[1] = h.y; w[2] = h.z; w[3] = h.w; w[4] = q.x; w[5] = q.y; w[6] = q.z; w[7] = q.w;
     }
     // sum over the unit's 32 elements of weight * x (x = xq * d16 per 16 elements, s16 = sum of xq)
-    static __device__ __forceinline__ float dot(const uint32_t (&w)[W], int u, int e0, const int16_t* xq,
-                                                const float* d16, const float* s16) {
+    template <int N> static __device__ __forceinline__ float dot(const uint32_t (&w)[N], int u, int e0,
+                                                                 const int16_t* xq, const float* d16, const float* s16) {
         const int p = u >> 1, h = u & 1, el = e0 + 64 * p + 16 * h, eh = el + 32;
         uint32_t sc, mn;
         qmv::q4k_scale_min2(w[1], w[2], w[3], p, sc, mn);
@@ -127,7 +129,8 @@ __device__ __forceinline__ void ldg16_any(const uint8_t* p, uint32_t* w) {
 }
 
 template <> struct Task<Q6K> {  // unit u = (hf, jj, a) as qmv.cuh's Unit<Q6K>; w: ql[16], qh[16], 2 scales, d
-    static __device__ __forceinline__ void load(const uint8_t* blk, int u, uint32_t (&w)[W]) {
+    template <int N> static __device__ __forceinline__ void load(const uint8_t* blk, int u, uint32_t (&w)[N]) {
+        static_assert(N >= 10, "Q6_K: 10 words");
         const int hf = u >> 2, jj = (u >> 1) & 1, a = u & 1;
         ldg16_any(blk + 64 * hf + 32 * jj + 16 * a, w);
         ldg16_any(blk + 128 + 32 * hf + 16 * a, w + 4);
@@ -135,8 +138,8 @@ template <> struct Task<Q6K> {  // unit u = (hf, jj, a) as qmv.cuh's Unit<Q6K>; 
         w[8] = ldg8(blk + s) | (ldg8(blk + s + 4) << 8);
         w[9] = ldg16bits(blk + 208);
     }
-    static __device__ __forceinline__ float dot(const uint32_t (&w)[W], int u, int e0, const int16_t* xq,
-                                                const float* d16, const float* s16) {
+    template <int N> static __device__ __forceinline__ float dot(const uint32_t (&w)[N], int u, int e0,
+                                                                 const int16_t* xq, const float* d16, const float* s16) {
         const int hf = u >> 2, jj = (u >> 1) & 1, a = u & 1;
         const int el = e0 + 128 * hf + 32 * jj + 16 * a, eh = el + 64;
         const uint32_t shl = 4u - 2u * (uint32_t)jj, shr = 2u * (uint32_t)jj;
@@ -265,6 +268,8 @@ __device__ __forceinline__ void run(const qmv::Args& a) {
                                                                                          : is_same<F2, Q6K>::value);
         return q6 ? 6 : 4;
     };
+    constexpr int W = Words<F0>::value > Words<F1>::value ? Words<F0>::value
+                    : Words<F1>::value > Words<F2>::value ? Words<F1>::value : Words<F2>::value;
     auto load = [&](int g, uint32_t (&w)[U][W]) {
         if (g >= ng) return;
         int mat, r0, r1;
@@ -273,8 +278,13 @@ __device__ __forceinline__ void run(const qmv::Args& a) {
         for (int i = 0; i < U; ++i) {
             if (!t_ok[i]) continue;
             const uint8_t* row = row_ptr(mat, t_row[i] ? r1 : r0, t_row[i]);
-            if (fmt_of(mat, t_row[i]) == 6) Task<Q6K>::load(row + (size_t)t_off[i] * Q6K::BB, t_u[i], w[i]);
-            else Task<Q4K>::load(row + (size_t)t_off[i] * Q4K::BB, t_u[i], w[i]);
+            if constexpr (W >= Words<Q6K>::value) {
+                if (fmt_of(mat, t_row[i]) == 6) {
+                    Task<Q6K>::load(row + (size_t)t_off[i] * Q6K::BB, t_u[i], w[i]);
+                    continue;
+                }
+            }
+            Task<Q4K>::load(row + (size_t)t_off[i] * Q4K::BB, t_u[i], w[i]);
         }
     };
 
@@ -386,8 +396,12 @@ __device__ __forceinline__ void run(const qmv::Args& a) {
 #pragma unroll
             for (int i = 0; i < U; ++i) {
                 if (!t_ok[i]) continue;
-                const float v = fmt_of(mat, t_row[i]) == 6 ? Task<Q6K>::dot(w[i], t_u[i], t_e[i], sm.xq, sm.d16, sm.s16)
-                                                           : Task<Q4K>::dot(w[i], t_u[i], t_e[i], sm.xq, sm.d16, sm.s16);
+                float v;
+                if constexpr (W >= Words<Q6K>::value)
+                    v = fmt_of(mat, t_row[i]) == 6 ? Task<Q6K>::dot(w[i], t_u[i], t_e[i], sm.xq, sm.d16, sm.s16)
+                                                   : Task<Q4K>::dot(w[i], t_u[i], t_e[i], sm.xq, sm.d16, sm.s16);
+                else
+                    v = Task<Q4K>::dot(w[i], t_u[i], t_e[i], sm.xq, sm.d16, sm.s16);
                 if (t_row[i]) acc[1] += v; else acc[0] += v;
             }
         }

@@ -46,6 +46,7 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "cluster_push.cuh"
 #include "pdl.cuh"
 
 #if !defined(N_HEADS) || !defined(N_KV_HEADS) || !defined(HEAD_DIM) || !defined(ROPE_THETA)
@@ -327,22 +328,6 @@ __device__ __forceinline__ void merge_block(BlockMerge& s, const float (&o)[NNT]
     __syncthreads();
 }
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
-__device__ __forceinline__ uint32_t cluster_addr(uint32_t a, uint32_t rank) {  // the same variable in block `rank`
-    uint32_t r;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
-    return r;
-}
-__device__ __forceinline__ void st_async(uint32_t dst, float v, uint32_t bar) {  // dst, bar: cluster addresses
-    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];"
-                 :: "r"(dst), "r"(__float_as_uint(v)), "r"(bar) : "memory");
-}
-__device__ __forceinline__ void st_async4(uint32_t dst, float4 v, uint32_t bar) {
-    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];"
-                 :: "r"(dst), "r"(__float_as_uint(v.x)), "r"(__float_as_uint(v.y)), "r"(__float_as_uint(v.z)),
-                    "r"(__float_as_uint(v.w)), "r"(bar) : "memory");
-}
-
 constexpr int NS = 8;                  // blocks per cluster (portable maximum)
 constexpr int MSCR = 16;               // steps of at most this many tokens may spread a token over clusters
 constexpr int DS = D / NS;             // elements per head merged by one cluster rank
@@ -401,13 +386,8 @@ rope_kv_attention(const float* q, const float* k, const float* v,  // earlier ke
     }
 
 #if ATTN_PUSH
-    if (tid == 0) {                               // the receiving mbarrier: one arrival (here) + PUSH_BYTES
-        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(smem_addr(&pin_bar)) : "memory");
-        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
-                     :: "r"(smem_addr(&pin_bar)), "r"(PUSH_BYTES) : "memory");
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    }
-    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");  // waited for before the pushes
+    if (tid == 0) push_bar_init(&pin_bar, PUSH_BYTES);   // plugins/cluster_push.cuh
+    cluster_arrive_relaxed();                     // waited for before the pushes
 #endif
     const int nparts = C_act * NS;
     int per = (T + nparts - 1) / nparts;
@@ -614,17 +594,15 @@ rope_kv_attention(const float* q, const float* k, const float* v,  // earlier ke
 
     const int f = r * ME + tid, gg = f / D, u = f % D;   // rank r merges elements r*ME .. +ME
 #if ATTN_PUSH
-    asm volatile("barrier.cluster.wait.aligned;" ::: "memory");   // every rank's mbarrier is initialized
+    cluster_wait();                               // every rank's mbarrier is initialized
     for (int e = tid; e < NS * (ME / 4); e += THREADS) {          // rank q2's share of this block's numerators
         const int q2 = e / (ME / 4), j = 4 * (e % (ME / 4));
-        st_async4(cluster_addr(smem_addr(&pin.o[r][j]), q2), *reinterpret_cast<const float4*>(&mb.bO[q2 * ME + j]),
-                  cluster_addr(smem_addr(&pin_bar), q2));
+        push4(&pin.o[r][j], *reinterpret_cast<const uint4*>(&mb.bO[q2 * ME + j]), &pin_bar, q2);
     }
     if (tid < NS * G) {                                           // the block's max and sum of each head
         const int q2 = tid / G, h = tid % G;
-        const uint32_t bar = cluster_addr(smem_addr(&pin_bar), q2);
-        st_async(cluster_addr(smem_addr(&pin.m[r][h]), q2), mb.bm[h], bar);
-        st_async(cluster_addr(smem_addr(&pin.l[r][h]), q2), mb.bl[h], bar);
+        push(&pin.m[r][h], __float_as_uint(mb.bm[h]), &pin_bar, q2);
+        push(&pin.l[r][h], __float_as_uint(mb.bl[h]), &pin_bar, q2);
     }
 #else
     cg::cluster_group cluster = cg::this_cluster();
@@ -634,10 +612,7 @@ rope_kv_attention(const float* q, const float* k, const float* v,  // earlier ke
     if (tid < ME) {
         float mq[NS], lq[NS], oq[NS];
 #if ATTN_PUSH
-        uint32_t done = 0;
-        while (!done)                             // every rank's pushes have landed (phase 0 complete)
-            asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], 0; "
-                         "selp.u32 %0, 1, 0, p; }" : "=r"(done) : "r"(smem_addr(&pin_bar)) : "memory");
+        push_bar_wait(&pin_bar);                  // every rank's pushes have landed
 #pragma unroll
         for (int q2 = 0; q2 < NS; ++q2) {
             mq[q2] = pin.m[q2][gg];
