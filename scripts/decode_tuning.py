@@ -63,12 +63,11 @@ VARIANTS = {
     "no_xmerge": {**DEFAULT, "xmerge": False},  # the attention merges its clusters itself
     "push0": {**DEFAULT, **attn(ATTN_PUSH=0)},  # the cluster merge through cluster.sync and remote loads
     "v7": {**DEFAULT, "xmerge": False, **attn(ATTN_PUSH=0)},  # both, as in v7
-    # gate/up: 10 or 12 warps per block, 2 blocks per SM (4 rounds of groups instead of 5 at 8 warps); ffn_down with
-    # every round's weights in flight from the start
-    "swiglu_g10": {**DEFAULT, "defines": {"rms_norm_swiglu": {"QMV1_G": 10}}},
+    # gate/up: 8 or 12 warps per block, 2 blocks per SM (the default: 10, v8); ffn_down with every round's weights
+    # in flight from the start
+    "swiglu_g8": {**DEFAULT, "defines": {"rms_norm_swiglu": {"QMV1_G": 8}}},
     "swiglu_g12": {**DEFAULT, "defines": {"rms_norm_swiglu": {"QMV1_G": 12}}},
     "down_pd3b": {**DEFAULT, "defines": {"matmul_add@8960": {"QMV1_PD": 3}}},
-    "g10+pd3": {**DEFAULT, "defines": {"rms_norm_swiglu": {"QMV1_G": 10}, "matmul_add@8960": {"QMV1_PD": 3}}},
     "no_xmerge+ck1024": {**DEFAULT, "xmerge": False, **attn(ATTN_CLUSTER_KEYS=1024)},
     "lm_head_v3": {**DEFAULT, "plain": False},  # lm_head on the general core (the layout before)
     "swiglu_g16": {**DEFAULT, "defines": {"rms_norm_swiglu": {"QMV1_G": 16, "QMV1_MINB": 1}}},

@@ -145,8 +145,12 @@ QMV1_PD_MAX = 2  # groups in flight per warp (register buffers; docs/perf-notes.
 # - the fused QKV (k <= 1536) runs 3 warps of QMV1_QKV_NBW superblocks per row pair, 4 row pairs per 12-warp block,
 #   2 blocks per SM: one group per warp, its chain a third as long (+0.8% with 6-warp blocks, +0.5% more with 12);
 #   the same split lost for o_proj (-2.4%) and gate/up (-4.9%).
+# - gate/up (rms_norm_swiglu) in 10-warp blocks, 2 per SM: 4 rounds of groups for the 1.5B's 8960 rows instead of 5
+#   with 8 warps (the buffers of Q4_K-only builds fit 96 registers): +1.3% at context 4096, level at 128 and 1024
+#   (v8, runs 4 and 5; 12 warps: +1.2% at 128, level at 4096, with spills).
 QMV1_KSPLIT_NBW, QMV1_KSPLIT_WARPS = 4, 18
 QMV1_QKV_NBW, QMV1_QKV_WARPS, QMV1_QKV_BLOCKS_PER_SM = 2, 12, 2
+QMV1_SWIGLU_WARPS = 10
 _WEIGHT_TYPE_ATTRS = {"matmul_add": ("w_type",), "rms_norm_qkv": ("q_type", "k_type", "v_type"),
                       "rms_norm_swiglu": ("gate_type", "up_type")}
 
@@ -170,6 +174,8 @@ def decode_core(op: str, attrs: dict, k: int) -> dict:
     nb = k // 256
     if op == "rms_norm_qkv" and nb <= QMV1_NBW:  # superblocks per warp, warps per block, blocks per SM
         nbw, warps, minb = QMV1_QKV_NBW, QMV1_QKV_WARPS, QMV1_QKV_BLOCKS_PER_SM
+    elif op == "rms_norm_swiglu" and nb <= QMV1_NBW and set(_weight_types(op, attrs)) == {"Q4_K"}:
+        nbw, warps, minb = QMV1_NBW, QMV1_SWIGLU_WARPS, QMV1_BLOCKS_PER_SM
     elif nb <= QMV1_NBW:
         nbw, warps, minb = QMV1_NBW, QMV1_WARPS, QMV1_BLOCKS_PER_SM
     else:
