@@ -28,13 +28,14 @@ def main():
         ap.error("--context must be >= 0")
     model = load_model("synthetic:qwen2.5-coder-1.5b", Path(os.environ.get("QTRT_BENCH_DIR", tempfile.gettempdir())))
     be = CudaBackend(model, max_context=a.context + 8, n_slots=1, max_tokens=1)
-    launches = [x for x in be.plan(1) if x.op != "decode_advance"]
+    long = be.long_context(a.context)  # the plan a graph replay at this position takes
+    launches = [x for x in be.plan(1, long_context=long) if x.op != "decode_advance"]
     if a.count:
         print(len(launches))
         return
     for step in range(2):
         be._set_inputs([7 + step], [a.context], [0])
-        be.run_plan(1)
+        be.run_plan(1, long_context=long)
         be.stream.synchronize()
     print("kernels of one step:", ", ".join(f"{x.node}:{x.op}" for x in launches))
 

@@ -174,7 +174,8 @@ def test_pdl_matches_serialized_launches(synth, backend, defines):
 def test_xmerge_matches_the_attention_merge(synth, backend, keys):
     """xmerge (the o projection merges the attention's cluster partials while it reads x) must give the very bits of
     the attention's own cross-cluster merge: greedy graph steps from position 2100 of a filled cache, where 3 (1024
-    keys per cluster, xmerge's default) or 5 (512) clusters per kv head work, and from position 3 (one cluster)."""
+    keys per cluster, xmerge's default) or 5 (512) clusters per kv head work; from position 1021, where the replays
+    switch from the plain graph to the xmerge one at 1024 keys; and from position 3 (the plain graph)."""
     if backend.onnx is backend.onnx_prefill:
         pytest.skip("the unfused graph's o projection is a plain matmul: no xmerge pairing")
     model, _ = synth
@@ -192,9 +193,9 @@ def test_xmerge_matches_the_attention_merge(synth, backend, keys):
             backend._plans.clear()
             backend._graphs.clear()
             xpart = backend.buffers["attn.xpart"].ptr
-            paired = [x.op for x in backend.plan(1) if xpart in x.args]  # the attentions and o projections
+            paired = [x.op for x in backend.plan(1, long_context=True) if xpart in x.args]  # attentions, o projections
             assert len(paired) == (2 * c.n_layers if xmerge else 0), paired
-            for pos in (start, 0):
+            for pos in (start, 1018, 0):
                 for i in range(c.n_layers):
                     for j, kind in enumerate("kv"):
                         full = np.zeros((backend.n_slots, c.n_kv_heads, backend.max_context, c.head_dim), np.float16)
@@ -210,5 +211,5 @@ def test_xmerge_matches_the_attention_merge(synth, backend, keys):
         backend._plans.clear()
         backend._graphs.clear()
         backend.reset()
-    for pos in (start, 0):
+    for pos in (start, 1018, 0):
         assert np.array_equal(runs[True, pos], runs[False, pos]), f"xmerge changed the logits from position {pos}"

@@ -91,10 +91,11 @@ def load_model(spec: str, workdir: Path):
 
 
 def time_decode(be, ctx: int, m: int, tokens: int, cr) -> float:
-    """Seconds per decode step of m tokens (m sequences in slots 0..m-1 at position ctx), graph replays."""
+    """Seconds per decode step of m tokens (m sequences in slots 0..m-1 at position ctx), graph replays (the graph
+    of position ctx: CudaBackend.long_context)."""
     be.pos = ctx
     be._set_inputs(np.zeros(m, np.int32), np.full(m, ctx), np.arange(m))
-    g = be.decode_graph(m)
+    g = be.decode_graph(m, be.long_context(ctx))
     g.launch(be.stream)
     be.stream.synchronize()
     be._set_inputs(np.zeros(m, np.int32), np.full(m, ctx), np.arange(m))
@@ -116,7 +117,7 @@ def kernel_breakdown(be, cr, reps: int = 20, m: int = 1, last_only: bool = False
     CUDA graph and replayed (events around single launches would mostly time the events themselves). With ctx, the
     m tokens sit at position ctx (slots 0..m-1) before each family (decode_advance moves them on): the attention's
     time depends on it."""
-    plan = be.plan(m, last_only)
+    plan = be.plan(m, last_only, long_context=ctx is not None and be.long_context(ctx))
     out = {}
     for op in sorted({launch.op for launch in plan}):
         if ctx is not None:

@@ -14,10 +14,12 @@ times the variants):
   (plugins/qmv1.cuh, kernels.decode_core), with its own launch configuration; plain: the Q4_K / Q6_K plain
   matmuls (lm_head) on the decode core too.
 - m1: the other projections of the batch-1 plan use the decode builds of the general core (QMV_M1: less code).
-- xmerge: in the batch-1 plan, each attention hands its cluster partials to the o projection that reads its output,
-  which merges them while it loads x (plugins/rope_kv_attention.cu ATTN_XMERGE, plugins/qmv1.cuh QMV1_XMERGE):
-  at long contexts the attention no longer ends with a fence, an atomic and a last cluster's merge
-  (kernels.xmerge_defines).
+- xmerge: in the batch-1 plan for long contexts, each attention hands its cluster partials to the o projection that
+  reads its output, which merges them while it loads x (plugins/rope_kv_attention.cu ATTN_XMERGE, plugins/qmv1.cuh
+  QMV1_XMERGE): the attention no longer ends with a fence, an atomic and a last cluster's merge
+  (kernels.xmerge_defines). The step is captured twice, and each replay takes the graph of its position: within
+  one attention cluster's keys the plain one (the pair's merge code costs the o projection 0.5-2% there), beyond
+  them the xmerge one (+5-7% at context 4096; docs/perf-notes.md v8).
 - defines ({op: {define: value}}) and pdl_skip (ops launched without PDL): experiments.
 - skip (ops, or parts of node names such as 'down_proj', not launched at all): a timing diagnostic (what a family
   costs inside the step); results are wrong.
@@ -136,10 +138,18 @@ class CudaBackend:
             dims["hidden"] = c.hidden
         return dims
 
-    def plan(self, m: int, last_only: bool = False) -> list[Launch]:
+    def long_context(self, position: int) -> bool:
+        """Whether a one-token step at `position` takes the xmerge plan: its attention has more than one cluster per
+        kv head (keys per cluster as the pair is built), and the tuning pairs them."""
+        keys = self.tuning["defines"].get("rope_kv_attention", {}).get("ATTN_CLUSTER_KEYS", XMERGE_CLUSTER_KEYS)
+        return bool(self.tuning["xmerge"]) and position + 1 > keys
+
+    def plan(self, m: int, last_only: bool = False, long_context: bool = False) -> list[Launch]:
         """Resolve every node of the graph into a launch for a step of m tokens (cached). With last_only (prompt
-        prefill), the head (final norm, lm_head, argmax) runs on the last token's row only: logits row 0."""
-        key = (m, last_only)
+        prefill), the head (final norm, lm_head, argmax) runs on the last token's row only: logits row 0. With
+        long_context (m = 1, see long_context()), the xmerge pairs."""
+        xmerge = m == 1 and long_context and self.tuning["xmerge"]
+        key = (m, last_only, xmerge)
         if key in self._plans:
             return self._plans[key]
         gemm = m >= GEMM_MIN_M
@@ -164,7 +174,7 @@ class CudaBackend:
             if "QMV1" in defines:
                 dims |= qmv1_dims(defines)
             nodes.append((node, op, attrs, dims, defines, head))
-        extra = self._link_xmerge(nodes) if m == 1 and self.tuning["xmerge"] else {}
+        extra = self._link_xmerge(nodes) if xmerge else {}
         launches = []
         for node, op, attrs, dims, defines, head in nodes:
             kern = self._kernel(op, defines)
@@ -222,12 +232,12 @@ class CudaBackend:
                 Launch(node.name, "prefill_attention", self._kernel("prefill_attention", defines), b,
                        [q_rot, k_cache, v_cache, positions, slots, *b.scalars, outs[0]])]
 
-    def run_plan(self, m: int, advance: bool = False, last_only: bool = False):
+    def run_plan(self, m: int, advance: bool = False, last_only: bool = False, long_context: bool = False):
         """Enqueue the plan on self.stream; decode steps (matvec plans) as programmatic dependent launches, all but
         the first: it starts after everything before the step, which lets kernels read the step's inputs and the
         KV-cache rows of earlier steps before their pdl_wait() (plugins/pdl.cuh)."""
         pdl = m < GEMM_MIN_M and self.tuning["pdl"]
-        launches = [x for x in self.plan(m, last_only)
+        launches = [x for x in self.plan(m, last_only, long_context)
                     if (advance or x.op != "decode_advance") and not self._skipped(x)]
         for j, launch in enumerate(launches):
             launch.kernel.launch(launch.cfg, launch.args, self.stream,
@@ -236,14 +246,16 @@ class CudaBackend:
     def _skipped(self, launch: Launch) -> bool:
         return any(s == launch.op or s in launch.node for s in self.tuning["skip"])
 
-    def decode_graph(self, m: int = 1):
-        """The whole decode step for m tokens captured once into a CUDA graph (advancing itself)."""
-        if m not in self._graphs:
-            self.plan(m)
-            self.run_plan(m, advance=False)  # warm-up outside capture: module loads, lazy initialisation
+    def decode_graph(self, m: int = 1, long_context: bool = False):
+        """The whole decode step for m tokens captured once into a CUDA graph (advancing itself); for m = 1 one graph
+        per plan (long_context: the xmerge one, where the tuning has it)."""
+        key = (m, m == 1 and long_context and bool(self.tuning["xmerge"]))
+        if key not in self._graphs:
+            self.plan(m, long_context=key[1])
+            self.run_plan(m, advance=False, long_context=key[1])  # warm-up outside capture: module loads, lazy init
             self.stream.synchronize()
-            self._graphs[m] = cr.capture(self.stream, lambda: self.run_plan(m, advance=True))
-        return self._graphs[m]
+            self._graphs[key] = cr.capture(self.stream, lambda: self.run_plan(m, advance=True, long_context=key[1]))
+        return self._graphs[key]
 
     def close(self):
         """Free device memory now (buffers are shared between aliases, so free each once)."""
@@ -268,7 +280,7 @@ class CudaBackend:
             raise ValueError(f"{m} tokens exceed max_tokens={self.max_tokens}")
         self._set_inputs(ids, positions, slots)
         if m == 1:
-            self.decode_graph(1).launch(self.stream)
+            self.decode_graph(1, self.long_context(int(positions[0]))).launch(self.stream)
         else:
             self.run_plan(m)
         return self.buffers["logits"].download(self.stream, rows=m)
@@ -293,9 +305,8 @@ class CudaBackend:
         """Yield n greedy tokens after `first_token`: each is one replay of the self-advancing CUDA graph; the host
         only reads the 8-byte argmax to stream it."""
         self._set_inputs([first_token], [self.pos], [0])
-        g = self.decode_graph(1)
         for _ in range(n):
-            g.launch(self.stream)
+            self.decode_graph(1, self.long_context(self.pos)).launch(self.stream)
             tok = int(self.buffers["next_token"].download(self.stream, rows=1).reshape(-1)[0])
             self.pos += 1
             yield tok
