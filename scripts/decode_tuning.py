@@ -234,7 +234,7 @@ def main():
     times = {(n, c): [] for n in names for c in contexts}
     for _ in range(a.rounds):
         for name in names:
-            be._graphs = graphs[name]
+            be.tuning, be._graphs = tunings[name], graphs[name]  # the tuning picks its graph per position
             for ctx in contexts:
                 times[name, ctx].append(time_decode(be, ctx, 1, a.tokens, cr))
     for row in out["variants"]:
