@@ -21,18 +21,22 @@ __device__ __forceinline__ uint32_t cluster_addr(uint32_t a, uint32_t rank) {  /
 // the calling block's receiving mbarrier: one arrival (this call) and `bytes` of pushes complete its phase 0
 __device__ __forceinline__ void push_bar_init(uint64_t* bar, uint32_t bytes) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(smem_addr(bar)) : "memory");
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(smem_addr(bar)), "r"(bytes) : "memory");
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+                 :: "r"(smem_addr(bar)), "r"(bytes) : "memory");
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
 }
 // every thread of every block: after push_bar_init (the relaxed arrive carries no data; the fence above orders
 // the initialization), and cluster_wait() before the first push, once all receivers are initialized
-__device__ __forceinline__ void cluster_arrive_relaxed() { asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory"); }
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+}
 __device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
 
 // value(s) into `dst` of block `rank` (a local shared-memory variable's address there), counted by that block's bar
 __device__ __forceinline__ void push(const void* dst, uint32_t v, const uint64_t* bar, uint32_t rank) {
     asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];"
-                 :: "r"(cluster_addr(smem_addr(dst), rank)), "r"(v), "r"(cluster_addr(smem_addr(bar), rank)) : "memory");
+                 :: "r"(cluster_addr(smem_addr(dst), rank)), "r"(v), "r"(cluster_addr(smem_addr(bar), rank))
+                 : "memory");
 }
 __device__ __forceinline__ void push4(const void* dst, uint4 v, const uint64_t* bar, uint32_t rank) {  // 16-aligned
     asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];"

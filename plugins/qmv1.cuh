@@ -2,18 +2,19 @@
 // matmuls such as the lm_head) for Q4_K / Q6_K weights: built with -DQMV1=1 -DQMV1_K=<k> -DQMV1_KW=<warps per row
 // pair> -DQMV1_G=<groups per block> -DQMV1_MINB=<blocks per SM> -DQMV1_PD=<groups in flight per warp>
 // [-DQMV1_NBW=<superblocks per warp>] (toolchain/kernels.py decode_core), launched by the cuda backend for m = 1.
-// docs/perf-notes.md "v5" to "v7" have the measurements that led here (k as a constant, one butterfly for both
+// docs/perf-notes.md "v5" to "v8" have the measurements that led here (k as a constant, one butterfly for both
 // rows: +6% on the whole step; a shared-memory ring instead of register buffers: -9%; shorter k parts for
-// ffn_down and the fused QKV: +1.4% and +1.3%).
+// ffn_down and the fused QKV: +1.4% and +1.3%; gate/up in 10-warp blocks: +1.2-1.7%).
 //
 // - A group is 2 weight rows that meet the same x (2 consecutive rows; rms_norm_swiglu: gate row r and up row r).
 //   KW warps share a group, each owning <= NBW superblocks of k (default 6: 1536 elements); G groups run side by
 //   side in a block. The layouts are toolchain/kernels.py's (decode_core): one warp of 6 per group and 8 warps per
-//   block for k <= 1536; ffn_down 9 warps of 4 and 2 groups, one 18-warp block per SM; the fused QKV 3 warps of 2
-//   and 4 groups. A warp's 2 x 8 x NBW units (16 qs bytes of one row each) are NBW / 2 tasks per lane, fixed for
-//   the whole kernel, so each lane's addresses and x offsets are computed once.
+//   block for k <= 1536 (Q4_K gate/up: 10); ffn_down 9 warps of 4 and 2 groups, one 18-warp block per SM; the fused
+//   QKV 3 warps of 2 and 4 groups. A warp's 2 x 8 x NBW units (16 qs bytes of one row each) are NBW / 2 tasks per
+//   lane, fixed for the whole kernel, so each lane's addresses and x offsets are computed once.
 // - Weights go straight from HBM into registers (16-byte loads; Q6_K's 2-aligned blocks through aligned words and
-//   funnel shifts), the next group's while the current one is decoded. The first group's loads are issued before
+//   funnel shifts; 8 words per task, 10 where the build has Q6_K rows), the next group's while the current one is
+//   decoded. The first group's loads are issued before
 //   pdl_wait(): with programmatic dependent launch they overlap the previous kernel's tail.
 // - x is quantized once per block into shared memory (int16, a scale and a sum per 16 elements, RMSNorm first for
 //   the fused norms), as in qmv.cuh; dot products in dp2a.
@@ -99,8 +100,9 @@ template <> struct Task<Q4K> {  // w: header (d, dmin, 12 scale bytes) then the 
         w[0] = h.x; w[1] = h.y; w[2] = h.z; w[3] = h.w; w[4] = q.x; w[5] = q.y; w[6] = q.z; w[7] = q.w;
     }
     // sum over the unit's 32 elements of weight * x (x = xq * d16 per 16 elements, s16 = sum of xq)
-    template <int N> static __device__ __forceinline__ float dot(const uint32_t (&w)[N], int u, int e0,
-                                                                 const int16_t* xq, const float* d16, const float* s16) {
+    template <int N>
+    static __device__ __forceinline__ float dot(const uint32_t (&w)[N], int u, int e0, const int16_t* xq,
+                                                const float* d16, const float* s16) {
         const int p = u >> 1, h = u & 1, el = e0 + 64 * p + 16 * h, eh = el + 32;
         uint32_t sc, mn;
         qmv::q4k_scale_min2(w[1], w[2], w[3], p, sc, mn);
@@ -138,8 +140,9 @@ template <> struct Task<Q6K> {  // unit u = (hf, jj, a) as qmv.cuh's Unit<Q6K>; 
         w[8] = ldg8(blk + s) | (ldg8(blk + s + 4) << 8);
         w[9] = ldg16bits(blk + 208);
     }
-    template <int N> static __device__ __forceinline__ float dot(const uint32_t (&w)[N], int u, int e0,
-                                                                 const int16_t* xq, const float* d16, const float* s16) {
+    template <int N>
+    static __device__ __forceinline__ float dot(const uint32_t (&w)[N], int u, int e0, const int16_t* xq,
+                                                const float* d16, const float* s16) {
         const int hf = u >> 2, jj = (u >> 1) & 1, a = u & 1;
         const int el = e0 + 128 * hf + 32 * jj + 16 * a, eh = el + 64;
         const uint32_t shl = 4u - 2u * (uint32_t)jj, shr = 2u * (uint32_t)jj;
@@ -359,7 +362,8 @@ __device__ __forceinline__ void run(const qmv::Args& a) {
 #pragma unroll
         for (int j = 0; j < NV; ++j) {
             const int i = threadIdx.x + j * THREADS;
-            xv[j] = i < (k >> 2) ? xmerge4<QMV1_XMERGE, QMV1_XM_D>(a.xpart, k, i, xm_n) : make_float4(0.f, 0.f, 0.f, 0.f);
+            xv[j] = i < (k >> 2) ? xmerge4<QMV1_XMERGE, QMV1_XM_D>(a.xpart, k, i, xm_n)
+                                 : make_float4(0.f, 0.f, 0.f, 0.f);
         }
 #pragma unroll
         for (int j = 0; j < NV; ++j) quantize4(threadIdx.x + j * THREADS, xv[j]);

@@ -26,8 +26,9 @@
 // Merge: warps -> block (shared memory) -> cluster (distributed shared memory, each rank merges 1/8 of the
 // elements: every rank pushes each rank its share with st.async, counted by that rank's mbarrier, so no cluster
 // barrier with its GPU-wide memory fence (MEMBAR.ALL.GPU, twice per launch with cluster.sync) sits on the path;
-// ATTN_PUSH=0 is the cluster.sync + remote-load merge) -> clusters (only when C_act > 1: rank partials to a module-global scratch; the last cluster to arrive,
-// found by an atomic counter that it resets, merges them and writes out). The scratch belongs to the module:
+// ATTN_PUSH=0 is the cluster.sync + remote-load merge) -> clusters (only when C_act > 1: rank partials to a
+// module-global scratch; the last cluster to arrive, found by an atomic counter that it resets, merges them and
+// writes out). The scratch belongs to the module:
 // launches of one module must not overlap in time (both runtimes order them on one stream).
 // With ATTN_XMERGE, m = 1 and C_act > 1 there is no cross-cluster step here: cluster c writes its partial to slot c
 // of xpart (numerators in `out`'s order, then a (max, sum) pair per head) and the consumer, the o projection's
