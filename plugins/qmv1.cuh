@@ -25,6 +25,7 @@
 //   numerators and a (max, sum) pair per head each), with the attention's own merge arithmetic.
 #pragma once
 #include "qmv.cuh"
+#include "softmax_merge.cuh"
 
 namespace qmv1 {
 using namespace ggml;
@@ -170,17 +171,11 @@ struct __align__(16) Smem {
     float red[NWARP];
 };
 
-__device__ __forceinline__ float ex2(float x) {  // as rope_kv_attention.cu's: the merge must give the same bits
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-
 // x[4i .. 4i + 3] from the attention's first n partial slots (QMV1_XMERGE): numerators weighted by 2^(max - overall
 // max), summed in slot order, over the same-weighted sums (rope_kv_attention.cu's last-arriver merge, term for term)
 template <int S, int HD>
 __device__ __forceinline__ float4 xmerge4(const float* xpart, int k, int i, int n) {
-    const int e = 4 * i, h = e / HD, str = (k + 2 * (k / HD) + 3) / 4 * 4;
+    const int e = 4 * i, h = e / HD, str = xmerge_slot_floats(k / HD, HD);
     float mc[S], dc[S];
     float4 nc[S];
 #pragma unroll
@@ -200,8 +195,8 @@ __device__ __forceinline__ float4 xmerge4(const float* xpart, int k, int i, int 
     float dd = 0.f;
 #pragma unroll
     for (int c = 0; c < S; ++c) {
-        if (mc[c] == -INFINITY) continue;  // beyond n, or a cluster without keys (weight 0 there too)
-        const float wt = ex2(mc[c] - mx);
+        if (c >= n) continue;  // no partial there (nothing was loaded)
+        const float wt = merge_weight(mc[c], mx);
         nn.x = fmaf(wt, nc[c].x, nn.x);
         nn.y = fmaf(wt, nc[c].y, nn.y);
         nn.z = fmaf(wt, nc[c].z, nn.z);

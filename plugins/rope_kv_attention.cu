@@ -49,6 +49,7 @@
 
 #include "cluster_push.cuh"
 #include "pdl.cuh"
+#include "softmax_merge.cuh"
 
 #if !defined(N_HEADS) || !defined(N_KV_HEADS) || !defined(HEAD_DIM) || !defined(ROPE_THETA)
 #error "rope_kv_attention needs -DN_HEADS=.. -DN_KV_HEADS=.. -DHEAD_DIM=.. -DROPE_THETA=.."
@@ -95,7 +96,7 @@ static_assert(G <= 8, "at most 8 query heads per kv head (mma rows 0..7 hi, 8..1
 static_assert(D == 64 || D == 128, "HEAD_DIM must be 64 or 128");
 static_assert(PF_PIECE % KSTEP == 0 && THREADS % 32 == 0 && THREADS <= 1024, "shapes");
 constexpr int QPT = (G * D + THREADS - 1) / THREADS;   // q values loaded per thread
-constexpr int XSTR = (H * D + 2 * H + 3) / 4 * 4;      // floats per xpart slot (16-byte multiple), as qmv1.cuh's
+constexpr int XSTR = xmerge_slot_floats(H, D);         // floats per xpart slot
 
 
 // inv_freq[j] = theta^(-2j/D), the float32 exponent as numpy forms it, evaluated at compile time in double and
@@ -152,12 +153,6 @@ __device__ __forceinline__ uint4 ld_kv(const __half* p) {
 #endif
 }
 
-
-__device__ __forceinline__ float ex2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
 
 __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
     const __half2 h = __halves2half2(__float2half_rn(lo), __float2half_rn(hi));
@@ -316,7 +311,7 @@ __device__ __forceinline__ void merge_block(BlockMerge& s, const float (&o)[NNT]
 #pragma unroll
         for (int w = 0; w < NW; ++w) {
             const float mw = s.wm[w][gg];
-            const float wt = mw == -INFINITY ? 0.f : ex2(mw - M);
+            const float wt = merge_weight(mw, M);
             num = fmaf(wt, s.wO[w][gg][tt][sl], num);
             den = fmaf(wt, s.wl[w][gg], den);
         }
@@ -632,7 +627,7 @@ rope_kv_attention(const float* q, const float* k, const float* v,  // earlier ke
         for (int q2 = 0; q2 < NS; ++q2) M = fmaxf(M, mq[q2]);
 #pragma unroll
         for (int q2 = 0; q2 < NS; ++q2) {
-            const float wt = mq[q2] == -INFINITY ? 0.f : ex2(mq[q2] - M);
+            const float wt = merge_weight(mq[q2], M);
             num = fmaf(wt, oq[q2], num);
             den = fmaf(wt, lq[q2], den);
         }
@@ -680,7 +675,7 @@ rope_kv_attention(const float* q, const float* k, const float* v,  // earlier ke
     for (int cc = 0; cc < C_act; ++cc) {
         const float* pc = &g_part[i][kvh][cc][r][0][0];
         const float mc = __ldcg(pc + ME + tid);
-        const float wt = mc == -INFINITY ? 0.f : ex2(mc - Mx);
+        const float wt = merge_weight(mc, Mx);
         nn = fmaf(wt, __ldcg(pc + tid), nn);
         dd = fmaf(wt, __ldcg(pc + 2 * ME + tid), dd);
     }

@@ -138,11 +138,14 @@ class CudaBackend:
             dims["hidden"] = c.hidden
         return dims
 
+    def _xmerge_keys(self) -> int:
+        """Keys per attention cluster in the xmerge pair: the tuning's attention define, else the pair's default."""
+        return int(self.tuning["defines"].get("rope_kv_attention", {}).get("ATTN_CLUSTER_KEYS", XMERGE_CLUSTER_KEYS))
+
     def long_context(self, position: int) -> bool:
         """Whether a one-token step at `position` takes the xmerge plan: its attention has more than one cluster per
-        kv head (keys per cluster as the pair is built), and the tuning pairs them."""
-        keys = self.tuning["defines"].get("rope_kv_attention", {}).get("ATTN_CLUSTER_KEYS", XMERGE_CLUSTER_KEYS)
-        return bool(self.tuning["xmerge"]) and position + 1 > keys
+        kv head, and the tuning pairs them."""
+        return bool(self.tuning["xmerge"]) and position + 1 > self._xmerge_keys()
 
     def plan(self, m: int, last_only: bool = False, long_context: bool = False) -> list[Launch]:
         """Resolve every node of the graph into a launch for a step of m tokens (cached). With last_only (prompt
@@ -199,8 +202,8 @@ class CudaBackend:
 
     def _link_xmerge(self, nodes) -> dict[str, list]:
         """Batch-1 plan: pair each attention with the o projection that alone reads its output, where that one runs
-        on the decode core (matmul_add with QMV1); both builds get their xmerge defines (in place; keys per cluster
-        as the tuning's attention defines say, else kernels.XMERGE_CLUSTER_KEYS). Returns the extra arguments of
+        on the decode core (matmul_add with QMV1); both builds get their xmerge defines (in place, with
+        _xmerge_keys() keys per cluster). Returns the extra arguments of
         the paired nodes by name: the partials buffer, and for the o projection the step's positions too."""
         readers: dict[str, list] = {}
         for rec in nodes:
@@ -213,7 +216,7 @@ class CudaBackend:
                 continue
             users = readers.get(node.output[0], [])
             if len(users) == 1 and users[0][1] == "matmul_add" and "QMV1" in users[0][4]:
-                attn, o_proj = xmerge_defines(attrs, defines.get("ATTN_CLUSTER_KEYS", XMERGE_CLUSTER_KEYS))
+                attn, o_proj = xmerge_defines(attrs, self._xmerge_keys())
                 defines.update(attn)
                 users[0][4].update(o_proj)
                 extra[node.name], extra[users[0][0].name] = [xpart], [xpart, positions]
