@@ -86,10 +86,10 @@ def load_gguf(path: str | os.PathLike) -> GGUFModel:
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file; run `qtrt fetch` or pass --model PATH to a Qwen2.5 GGUF")
     try:
-        from gguf import GGUFReader
+        from .gguf_file import GGUFFile, GGUFFormatError
 
-        reader = GGUFReader(path, "r")
-    except Exception as e:  # gguf raises ValueError/struct errors/IndexError on truncated or foreign files
+        reader = GGUFFile(path)
+    except (GGUFFormatError, OSError) as e:  # malformed, truncated or foreign files (GGUFFormatError), unreadable ones (OSError)
         raise UserError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); re-download it") from None
     arch = _field(reader, "general.architecture", path)
     if arch not in ARCHITECTURES:
@@ -101,7 +101,7 @@ def load_gguf(path: str | os.PathLike) -> GGUFModel:
     size = os.path.getsize(path)
     for t in reader.tensors:
         tname = t.tensor_type.name
-        shape = tuple(int(s) for s in reversed([int(x) for x in t.shape]))
+        shape = tuple(reversed(t.shape))
         if tname not in BLOCK:
             raise UserError(f"{path}: tensor {t.name} has ggml type {tname}, which is not supported "
                             f"(supported: {', '.join(BLOCK)})")
@@ -109,8 +109,7 @@ def load_gguf(path: str | os.PathLike) -> GGUFModel:
             raise UserError(f"{path}: tensor {t.name} extends past the end of the file; the file is truncated, re-download it")
         if t.n_bytes != row_bytes(tname, shape[-1]) * int(np.prod(shape[:-1], dtype=np.int64)):
             raise UserError(f"{path}: tensor {t.name} holds {t.n_bytes} bytes, not what {tname} {shape} needs")
-        data = np.asarray(t.data).reshape(-1).view(np.uint8)
-        tensors[t.name] = Tensor(t.name, tname, shape, data)
+        tensors[t.name] = Tensor(t.name, tname, shape, t.data)
     if "token_embd.weight" not in tensors:
         raise UserError(f"{path}: tensor token_embd.weight is missing; the file is incomplete")
     vocab = tensors["token_embd.weight"].shape[0]
