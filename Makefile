@@ -7,12 +7,14 @@ PROMPT  ?= Write a Python function that checks whether a number is prime.
 ONNX    ?= out/onnx
 PLAN    ?= out/model.plan
 
-.PHONY: venv model run test export engine kernels bench golden clean
+.PHONY: venv model run chat test export engine kernels prebuilt bench golden clean
 
 venv: $(VENV)/.done
 $(VENV)/.done: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	@# the GPU path (cuda-python) wherever the NVIDIA driver sees a GPU; the kernels ship prebuilt (toolchain/prebuilt)
+	if nvidia-smi -L >/dev/null 2>&1; then $(BIN)/pip install -q --disable-pip-version-check -e '.[cuda]'; fi
 	touch $@
 
 model: venv
@@ -20,6 +22,9 @@ model: venv
 
 run: venv model
 	$(BIN)/qtrt generate --model $(MODEL) --chat --prompt "$(PROMPT)" --max-new-tokens 96
+
+chat: venv model
+	$(BIN)/qtrt chat --model $(MODEL)
 
 test: venv model
 	$(BIN)/python -m pytest -ra -q
@@ -32,6 +37,10 @@ engine: export
 
 kernels: venv
 	$(BIN)/python -m toolchain.kernels
+
+# the cubins the package ships for both real models (rebuild after changing plugins/; tests/test_prebuilt.py checks)
+prebuilt: venv
+	$(BIN)/python -m toolchain.kernels --prebuilt
 
 bench: venv
 	$(BIN)/qtrt bench

@@ -32,6 +32,7 @@ import numpy as np
 import onnx
 
 from . import cuda_runtime as cr
+from .errors import UserError, check_range, check_token_ids
 from .fusion import fuse
 from .gguf_model import GGUFModel
 from .graph import build_model_graph, node_attrs
@@ -64,16 +65,22 @@ class CudaBackend:
     name = "cuda"
 
     def __init__(self, model: GGUFModel, max_context: int, n_slots: int = 1, max_tokens: int = 64,
-                 fused: bool = True, tuning: dict | None = None):
+                 fused: bool = True, tuning: dict | None = None, progress=None,
+                 prepare: bool = False):
         self.model, self.cfg = model, model.config
         self.max_context, self.n_slots, self.max_tokens = max_context, n_slots, max_tokens
         self.tuning = {**TUNING, **(tuning or {})}
-        cr.init()
+        from .progress import QUIET
+
+        progress = progress or QUIET
+        with progress.stage("starting CUDA"):
+            cr.init()
         self.stream = cr.Stream()
         graph, arrays = build_model_graph(model)
         self.onnx = fuse(graph) if fused else graph  # decode steps: few launches per layer
         self.onnx_prefill = graph  # many tokens: unfused, so each projection can be a tensor-core GEMM
-        self.weights = {name: cr.DeviceBuffer.from_numpy(a) for name, a in arrays.items()}
+        self.weights = {name: cr.DeviceBuffer.from_numpy(arrays[name])
+                        for name in progress.bar(list(arrays), text="uploading weights", unit="tensor")}
         c = self.cfg
         cache_shape = (n_slots, c.n_kv_heads, max_context, c.head_dim)
         self.buffers: dict[str, cr.DeviceBuffer] = dict(self.weights)
@@ -97,6 +104,9 @@ class CudaBackend:
         self._plans: dict[int, list[Launch]] = {}
         self._graphs: dict[int, object] = {}
         self.pos = 0
+        if prepare:
+            with progress.stage("loading kernels and capturing the decode step"):
+                self.decode_graph(1)
 
     # -- planning ---------------------------------------------------------------------------------------------
     def _value_widths(self) -> dict[str, tuple[int, type]]:
@@ -268,8 +278,9 @@ class CudaBackend:
         self._graphs.clear()
 
     # -- the backend interface (toolchain/decoder.py) ------------------------------------------------------------
-    def reset(self):
-        self.pos = 0
+    def reset(self, pos: int = 0):
+        """Continue at `pos` (slot 0): cache rows from there on are overwritten by what is fed next."""
+        self.pos = pos
 
     def _set_inputs(self, ids, positions, slots):
         self.buffers["token_ids"].upload(np.asarray(ids, np.int32), self.stream)
@@ -281,6 +292,9 @@ class CudaBackend:
         m = len(ids)
         if m > self.max_tokens:
             raise ValueError(f"{m} tokens exceed max_tokens={self.max_tokens}")
+        ids = check_token_ids(ids, self.cfg.vocab)  # no kernel may index outside its tensors because of a request
+        check_range(positions, self.max_context, "position")
+        check_range(slots, self.n_slots, "slot")
         self._set_inputs(ids, positions, slots)
         if m == 1:
             self.decode_graph(1, self.long_context(int(positions[0]))).launch(self.stream)
@@ -289,9 +303,9 @@ class CudaBackend:
         return self.buffers["logits"].download(self.stream, rows=m)
 
     def forward(self, ids) -> np.ndarray:
-        ids = list(ids)
+        ids = check_token_ids(ids, self.cfg.vocab)
         if self.pos + len(ids) > self.max_context:
-            raise ValueError("context full")
+            raise UserError(f"{self.pos + len(ids)} tokens do not fit the context of {self.max_context}")
         logits = None
         for s in range(0, len(ids), self.max_tokens):  # prompt prefill in chunks of max_tokens
             chunk = ids[s:s + self.max_tokens]

@@ -35,7 +35,7 @@ def driver():
         try:
             from cuda.bindings import driver as d
         except ImportError as e:  # pragma: no cover - depends on the machine
-            raise RuntimeError("cuda-python is not installed (pip install 'cuda-python>=12.6')") from e
+            raise RuntimeError("cuda-python is not installed (pip install -e '.[cuda]')") from e
         _drv = d
     return _drv
 
@@ -56,16 +56,30 @@ def check(result, what: str = "CUDA call"):
     return vals[0] if len(vals) == 1 else vals
 
 
-def gpu_available() -> bool:
-    """True if cuda-python imports and a CUDA device is present."""
+def gpu_problem() -> str | None:
+    """Why the GPU path cannot run here, in one line (None when cuda-python imports and sees a CUDA device)."""
     try:
         d = driver()
-        if d.cuInit(0)[0] != d.CUresult.CUDA_SUCCESS:
-            return False
+    except RuntimeError as e:
+        return f"{e}; `make run` installs it where nvidia-smi finds a GPU"
+    except Exception as e:  # noqa: BLE001 - a broken install must not become a traceback
+        return f"cuda-python does not import ({type(e).__name__}: {e})"
+    try:
+        err = d.cuInit(0)[0]
+        if err != d.CUresult.CUDA_SUCCESS:
+            name = d.cuGetErrorName(err)[1]
+            return f"no usable NVIDIA GPU (cuInit: {name.decode() if isinstance(name, bytes) else err})"
         err, n = d.cuDeviceGetCount()
-        return err == d.CUresult.CUDA_SUCCESS and n > 0
-    except Exception:
-        return False
+    except Exception as e:  # noqa: BLE001 - e.g. libcuda.so missing: cuda-python's DynamicLibNotFoundError
+        return f"the NVIDIA driver library could not be loaded ({type(e).__name__}: {e})"
+    if err != d.CUresult.CUDA_SUCCESS or n == 0:
+        return "no CUDA device found"
+    return None
+
+
+def gpu_available() -> bool:
+    """True if cuda-python imports and a CUDA device is present."""
+    return gpu_problem() is None
 
 
 available = gpu_available

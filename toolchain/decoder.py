@@ -11,7 +11,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, check_token_ids
 
 
 @dataclass(frozen=True)
@@ -53,11 +53,11 @@ def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
 @dataclass
 class Generation:
     prompt_ids: list[int]
-    ids: list[int]
-    text: str
+    ids: list[int]  # the new tokens, without a final stop token
+    text: str  # their text, cut before a stop string
     prefill_s: float
     decode_s: float
-    finish_reason: str
+    finish_reason: str  # "stop" (stop token or string), "length" (max_new_tokens or the context's end)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -71,19 +71,21 @@ class CpuBackend:
 
     name = "cpu"
 
-    def __init__(self, model, max_context: int):
+    def __init__(self, model, max_context: int, progress=None):
         from .reference import ReferenceModel
 
-        self.ref = ReferenceModel(model)
+        self.ref = ReferenceModel(model, progress=progress)
         self.max_context = max_context
-        self.reset()
-
-    def reset(self):
         self.cache = self.ref.new_cache(self.max_context)
         self.pos = 0
 
+    def reset(self, pos: int = 0):
+        """Continue at `pos`: cache rows from there on are overwritten by what is fed next."""
+        self.pos = pos
+
     def forward(self, ids) -> np.ndarray:
         """Logits of the last of `ids`, appended at the current position."""
+        ids = check_token_ids(ids, self.ref.cfg.vocab)
         logits = self.ref.forward(ids, self.pos, self.cache)
         self.pos += len(ids)
         return logits[-1]
@@ -92,116 +94,288 @@ class CpuBackend:
 BACKENDS = ("cpu", "cuda", "tensorrt")
 
 
+def trt_cache_dir(gguf_path) -> "Path":
+    """Where the tensorrt backend keeps the export and plan it builds for a GGUF: <gguf dir>/<stem>.trt/."""
+    from pathlib import Path
+
+    g = Path(gguf_path)
+    return g.with_name(g.stem + ".trt")
+
+
 def existing_plan(gguf_path) -> str | None:
     """A TensorRT plan for this model: $QTRT_PLAN, or one `qtrt`'s TensorRT backend built beside the GGUF."""
     import os
-    from pathlib import Path
 
     if os.environ.get("QTRT_PLAN"):
         return os.environ["QTRT_PLAN"]
-    g = Path(gguf_path)
-    plans = sorted(g.with_name(g.stem + ".trt").glob("model-ctx*.plan"))
+    plans = sorted(trt_cache_dir(gguf_path).glob("model-ctx*.plan"))
     return str(plans[-1]) if plans else None
 
 
-def available_backend(gguf_path=None) -> str:
-    """The best backend that can run here: tensorrt when it imports, a GPU is present and a plan exists; else cuda
-    when cuda-python sees a GPU; else cpu."""
-    try:
-        from . import cuda_runtime
+def backend_problem(name: str) -> str | None:
+    """Why `name` cannot run here (one line), or None. Cheap: no model, no kernels."""
+    if name == "cpu":
+        return None
+    from . import cuda_runtime
 
-        gpu = cuda_runtime.gpu_available()
-    except Exception:
-        gpu = False
-    if not gpu:
-        return "cpu"
+    problem = cuda_runtime.gpu_problem()
+    if problem or name == "cuda":
+        return problem
     try:
         import tensorrt  # noqa: F401
-
-        if gguf_path is not None and existing_plan(gguf_path):
-            return "tensorrt"
     except ImportError:
-        pass
-    return "cuda"
+        return ("TensorRT is not installed (pip install 'qwen-trt[tensorrt]' on a machine with an NVIDIA GPU); "
+                "--backend cuda runs the same kernels without it")
+    return None
+
+
+def choose_backend(requested: str, gguf_path=None) -> tuple[str, str]:
+    """(backend, why) for --backend `requested`: auto takes tensorrt where it imports, a GPU is present and a plan
+    exists, else cuda where a GPU is present, else cpu. An explicit backend that cannot run is a UserError, raised
+    before any work."""
+    if requested not in ("auto",) + BACKENDS:
+        raise UserError(f"--backend {requested}: unknown; choose one of auto, {', '.join(BACKENDS)}")
+    if requested != "auto":
+        problem = backend_problem(requested)
+        if problem:
+            raise UserError(f"--backend {requested}: {problem}")
+        return requested, "--backend " + requested
+    problem = backend_problem("cuda")
+    if problem:
+        return "cpu", f"auto: {problem}"
+    from . import cuda_runtime
+
+    gpu = cuda_runtime.device_name()
+    if gguf_path is not None and backend_problem("tensorrt") is None and existing_plan(gguf_path):
+        return "tensorrt", f"auto: {gpu}, TensorRT and the plan {existing_plan(gguf_path)}"
+    return "cuda", f"auto: {gpu}"
+
+
+def available_backend(gguf_path=None) -> str:
+    """The backend --backend auto runs here (choose_backend without the reason)."""
+    return choose_backend("auto", gguf_path)[0]
+
+
+class StopStrings:
+    """Cuts streamed text at the first stop string: push(piece) returns the text that is safe to show (a tail that
+    could still begin a stop string is held back) and whether a stop string was found."""
+
+    def __init__(self, stops=()):
+        self.stops = [s for s in stops if s]
+        self.held = ""
+        self.stopped = False
+
+    def push(self, piece: str) -> str:
+        if not self.stops:
+            return piece
+        text = self.held + piece
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.held, self.stopped = "", True
+            return text[:cut]
+        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        self.held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep]
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 class Decoder:
-    def __init__(self, model, tokenizer, backend, max_context: int):
+    """Tokenization, sampling, stop tokens and strings, context limits and timing, once for all backends.
+
+    The decoder remembers which tokens its backend's KV cache holds (`cached_ids`); with reuse_prefix=True a new
+    prompt that starts with them is prefilled from where they end (a chat's next turn re-reads nothing)."""
+
+    def __init__(self, model, tokenizer, backend, max_context: int, backend_reason: str = ""):
         self.model, self.tokenizer, self.backend, self.max_context = model, tokenizer, backend, max_context
+        self.backend_reason = backend_reason
+        self.cached_ids: list[int] = []
+
+    @staticmethod
+    def check_max_context(max_context, model_context: int) -> int:
+        if max_context is None:
+            return min(4096, model_context)
+        if not 2 <= max_context <= model_context:
+            raise UserError(f"--max-context {max_context}: must be between 2 and the model's context length "
+                            f"{model_context}")
+        return int(max_context)
 
     @classmethod
-    def load(cls, model, backend: str = "auto", max_context: int | None = None) -> "Decoder":
+    def open(cls, model, max_context: int | None = None, progress=None) -> "Decoder":
+        """Read the GGUF and its tokenizer (fast): a decoder with no backend yet, which can already tokenize and
+        check prompts. start_backend() then does the slow part."""
         from .fetch import resolve_model
         from .gguf_model import GGUFModel, load_gguf
+        from .progress import QUIET
         from .tokenizer import Tokenizer
 
-        gm = model if isinstance(model, GGUFModel) else load_gguf(resolve_model(None if model is None else str(model)))
-        max_context = max_context or min(4096, gm.config.context_length)
-        if max_context < 2 or max_context > gm.config.context_length:
-            raise UserError(f"--max-context {max_context}: must be between 2 and the model's context "
-                            f"length {gm.config.context_length}")
-        backend = available_backend(gm.path) if backend == "auto" else backend
-        if backend == "cpu":
-            be = CpuBackend(gm, max_context)
-        elif backend == "cuda":
+        progress = progress or QUIET
+        if isinstance(model, GGUFModel):
+            gm = model
+        else:
+            path = resolve_model(None if model is None else str(model))
+            with progress.stage(f"reading {path.name}"):
+                gm = load_gguf(path)
+        max_context = cls.check_max_context(max_context, gm.config.context_length)
+        with progress.stage("loading the tokenizer"):
+            tok = Tokenizer.from_gguf(gm.reader)
+        return cls(gm, tok, None, max_context)
+
+    def start_backend(self, backend: str = "auto", progress=None, why: str | None = None) -> "Decoder":
+        """Build the backend (`auto` or a name; choose_backend's error if it cannot run here). `why`: the reason of an
+        earlier choose_backend call that already picked `backend`."""
+        from .progress import QUIET
+
+        progress = progress or QUIET
+        name, reason = (backend, why) if why else choose_backend(backend, self.model.path)
+        if name == "cpu":
+            self.backend = CpuBackend(self.model, self.max_context, progress=progress)
+        elif name == "cuda":
             from .cuda_backend import CudaBackend
 
-            be = CudaBackend(gm, max_context)
-        elif backend == "tensorrt":
+            self.backend = CudaBackend(self.model, self.max_context, progress=progress, prepare=True)
+        else:
             from .trt.runtime import TensorRTBackend
 
-            be = TensorRTBackend(gm, max_context, plan=existing_plan(gm.path))
-        else:
-            raise UserError(f"--backend {backend}: unknown; choose one of {', '.join(BACKENDS)}")
-        return cls(gm, Tokenizer.from_gguf(gm.reader), be, max_context)
+            self.backend = TensorRTBackend(self.model, self.max_context, plan=existing_plan(self.model.path))
+        self.backend_reason = reason
+        self.cached_ids = []
+        return self
 
-    def encode_prompt(self, prompt, chat: bool = False) -> list[int]:
+    @classmethod
+    def load(cls, model, backend: str = "auto", max_context: int | None = None, progress=None) -> "Decoder":
+        """open() then start_backend(): the whole load. An unknown or unavailable backend fails before the model
+        is read."""
+        if backend != "auto":
+            choose_backend(backend)
+        return cls.open(model, max_context, progress).start_backend(backend, progress)
+
+    def room(self, ids) -> int:
+        """New tokens that fit after a prompt of `ids` (every one but the last is fed back into the cache); a UserError
+        when there is no room."""
+        room = self.max_context - len(ids)
+        if room < 1:
+            raise UserError(f"the prompt has {len(ids)} tokens, which leaves no room in the context of "
+                            f"{self.max_context}: shorten the prompt or raise --max-context (model maximum "
+                            f"{self.model.config.context_length})")
+        return room
+
+    def encode_prompt(self, prompt, chat: bool = False, system: str | None = None) -> list[int]:
+        """Token ids of a prompt: text (wrapped in the chat template with chat=True or a system message), a list of
+        messages ({"role", "content"} dicts, always templated), or token ids (checked against the vocabulary)."""
         if isinstance(prompt, str):
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
-            ids = self.tokenizer.encode(text)
-        else:
-            ids = [int(i) for i in prompt]
+            if chat or system is not None:
+                msgs = ([{"role": "system", "content": system}] if system is not None else [])
+                prompt = msgs + [{"role": "user", "content": prompt}]
+            else:
+                ids = self.tokenizer.encode(prompt)
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt))
+        elif not isinstance(prompt, str):
+            ids = check_token_ids(list(prompt), self.model.config.vocab)
         if not ids:
             raise UserError("the prompt is empty: give at least one token of text")
         return ids
 
+    def reset(self):
+        """Forget what the KV cache holds (the next prompt is prefilled from position 0)."""
+        self.cached_ids = []
+        self.backend.reset()
+
     def stream(self, prompt, max_new_tokens: int = 64, sampling: Sampling = Sampling(), chat: bool = False,
-               stats: dict | None = None) -> Iterator[int]:
-        """Yield new token ids as they are produced; `stats` (if given) receives timings and the finish reason."""
-        ids = self.encode_prompt(prompt, chat)
+               stats: dict | None = None, system: str | None = None, reuse_prefix: bool = False) -> Iterator[int]:
+        """Yield the new token ids as they are produced (the last one may be a stop token). `stats` (if given)
+        receives the prompt ids, timings, the seed and the finish reason ("stop", or "length": max_new_tokens or
+        the context's end, stats["context_full"] then True). Generation stops at the end of the context rather than
+        failing; only a prompt that leaves no room is an error."""
+        ids = self.encode_prompt(prompt, chat, system)
         if max_new_tokens < 1:
             raise UserError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
-        if len(ids) + max_new_tokens > self.max_context:
-            raise UserError(f"the prompt has {len(ids)} tokens; with {max_new_tokens} new tokens that exceeds the "
-                            f"context of {self.max_context}: shorten the prompt, lower --max-new-tokens or raise "
-                            f"--max-context (model maximum {self.model.config.context_length})")
+        n_new = min(max_new_tokens, self.room(ids))
         stats = {} if stats is None else stats
-        stats.update(prompt_ids=ids, finish_reason="length")
-        rng = np.random.default_rng(sampling.seed)
-        self.backend.reset()
+        seed = sampling.seed if sampling.seed is not None or sampling.greedy else int(np.random.SeedSequence().entropy % 2**31)
+        stats.update(prompt_ids=ids, finish_reason="length", seed=seed, context_full=n_new < max_new_tokens,
+                     decode_s=0.0)
+        rng = np.random.default_rng(seed)
+        # prefix reuse: keep the cached tokens the prompt starts with; feed at least one token to get logits
+        keep = min(_common_prefix(self.cached_ids, ids), len(ids) - 1) if reuse_prefix else 0
+        stats["reused_tokens"] = keep
+        self.cached_ids = []  # unknown until the prefill returns (an error mid-way leaves nothing trusted)
+        self.backend.reset(keep)
         t0 = time.perf_counter()
-        logits = self.backend.forward(ids)
+        logits = self.backend.forward(ids[keep:])
+        self.cached_ids = list(ids)
         tok = sample(logits, sampling, rng)
         stats["prefill_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         if sampling.greedy and hasattr(self.backend, "greedy"):  # device-side argmax, self-advancing CUDA graph
-            rest = self.backend.greedy(tok, max_new_tokens - 1)
+            rest = self.backend.greedy(tok, n_new - 1)
         else:
-            rest = (None for _ in range(max_new_tokens - 1))
-        for n in range(max_new_tokens):
-            yield tok
-            stats["decode_s"] = time.perf_counter() - t1
-            if tok in self.tokenizer.stop_token_ids:
-                stats["finish_reason"] = "stop"
-                return
-            if n + 1 == max_new_tokens:
-                return
-            nxt = next(rest)
-            tok = nxt if nxt is not None else sample(self.backend.forward([tok]), sampling, rng)
+            rest = (None for _ in range(n_new - 1))
+        try:
+            for n in range(n_new):
+                yield tok
+                stats["decode_s"] = time.perf_counter() - t1
+                if tok in self.tokenizer.stop_token_ids:
+                    stats["finish_reason"] = "stop"
+                    return
+                if n + 1 == n_new:
+                    return
+                self.cached_ids.append(tok)  # the next step feeds it
+                nxt = next(rest)
+                tok = nxt if nxt is not None else sample(self.backend.forward([tok]), sampling, rng)
+        except GeneratorExit:  # closed at a yield: the cache holds exactly cached_ids
+            raise
+        except BaseException:  # e.g. Ctrl-C inside a step: the last token may or may not be in the cache
+            self.cached_ids = self.cached_ids[:-1]
+            raise
+        finally:
+            rest.close()
 
-    def generate(self, prompt, max_new_tokens: int = 64, sampling: Sampling = Sampling(), chat: bool = False) -> Generation:
+    def stream_text(self, prompt, max_new_tokens: int = 64, sampling: Sampling = Sampling(), chat: bool = False,
+                    stats: dict | None = None, stop=(), system: str | None = None,
+                    reuse_prefix: bool = False) -> Iterator[str]:
+        """Yield the new text as it becomes complete (UTF-8 characters split across tokens are held back), cut before
+        the first of the `stop` strings; stats["ids"] collects the new token ids (without a stop token)."""
+        from .tokenizer import StreamDecoder
+
+        stats = {} if stats is None else stats
+        stats["ids"] = []
+        sd, cut = StreamDecoder(self.tokenizer), StopStrings(stop)
+        gen = self.stream(prompt, max_new_tokens, sampling, chat, stats, system, reuse_prefix)
+        try:
+            for t in gen:
+                if t in self.tokenizer.stop_token_ids:
+                    break
+                stats["ids"].append(t)
+                piece = cut.push(sd.push(t))
+                if piece:
+                    yield piece
+                if cut.stopped:
+                    stats["finish_reason"] = "stop"
+                    return
+            tail = cut.push(sd.flush())
+            if cut.stopped:
+                stats["finish_reason"] = "stop"
+            tail += "" if cut.stopped else cut.flush()
+            if tail:
+                yield tail
+        finally:
+            gen.close()
+
+    def generate(self, prompt, max_new_tokens: int = 64, sampling: Sampling = Sampling(), chat: bool = False,
+                 stop=(), system: str | None = None) -> Generation:
         stats: dict = {}
-        out = list(self.stream(prompt, max_new_tokens, sampling, chat, stats))
-        text_ids = [t for t in out if t not in self.tokenizer.stop_token_ids]
-        return Generation(stats["prompt_ids"], out, self.tokenizer.decode(text_ids), stats["prefill_s"],
-                          stats.get("decode_s", 0.0), stats["finish_reason"])
+        text = "".join(self.stream_text(prompt, max_new_tokens, sampling, chat, stats, stop, system))
+        return Generation(stats["prompt_ids"], stats["ids"], text, stats["prefill_s"], stats["decode_s"],
+                          stats["finish_reason"], {"seed": stats["seed"], "context_full": stats["context_full"]})

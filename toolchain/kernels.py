@@ -348,25 +348,48 @@ def _define_text(value) -> str:
     return str(value)
 
 
-def compile_kernel(op: str, defines: dict | None = None, fmt: str = "ptx", arch: str = "sm_90") -> bytes:
-    """PTX (fmt='ptx') or cubin (fmt='cubin') of the file holding `op`, for `arch`, with -D `defines`.
+PREBUILT = Path(__file__).resolve().parent / "prebuilt"  # cubins of both real models' builds (`make prebuilt`)
 
-    Cached under build/kernels/ by a hash of the source, the plugin headers, the defines, fmt, arch and the nvcc
-    version, so the 4 ops of one family share one compilation."""
-    if fmt not in ("ptx", "cubin"):
-        raise UserError(f"fmt must be 'ptx' or 'cubin', got {fmt!r}")
-    src = source_file(op)
-    nvcc = nvcc_path()
-    if nvcc is None:
-        raise UserError("nvcc not found (set NVCC or CUDA_HOME, or put it on PATH); it is needed to build the CUDA kernels")
-    defs = {str(k): _define_text(v) for k, v in (defines or {}).items()}
+
+def _source_key(src: Path, defs: dict, fmt: str, arch: str) -> str:
+    """Hash of what a build is made of: the source, every plugin header, the defines, the format and the arch."""
     h = hashlib.sha256()
     h.update(src.read_bytes())
     for hdr in sorted(PLUGINS.glob("*.cuh")):
         h.update(hdr.name.encode() + b"\0" + hdr.read_bytes())
     h.update(repr(sorted(defs.items())).encode())
-    h.update(f"{fmt}|{arch}|{_nvcc_version(nvcc)}".encode())
-    key = f"{src.stem}-{h.hexdigest()[:20]}"
+    h.update(f"{fmt}|{arch}".encode())
+    return f"{src.stem}-{h.hexdigest()[:20]}"
+
+
+def prebuilt_path(op: str, defines: dict | None = None, fmt: str = "cubin", arch: str = "sm_90") -> Path:
+    """Where the shipped build of (op, defines) lives; it exists for every build of the two real models."""
+    defs = {str(k): _define_text(v) for k, v in (defines or {}).items()}
+    return PREBUILT / f"{_source_key(source_file(op), defs, fmt, arch)}.{fmt}"
+
+
+def compile_kernel(op: str, defines: dict | None = None, fmt: str = "ptx", arch: str = "sm_90",
+                   prebuilt: bool = True) -> bytes:
+    """PTX (fmt='ptx') or cubin (fmt='cubin') of the file holding `op`, for `arch`, with -D `defines`.
+
+    A cubin shipped under toolchain/prebuilt/ for exactly these sources and defines is used as it is (no compiler
+    needed: a machine with only the NVIDIA driver runs the real models, and the first run compiles nothing).
+    Anything else is built with nvcc and cached under build/kernels/ by the same hash plus the nvcc version, so the
+    4 ops of one family share one compilation."""
+    if fmt not in ("ptx", "cubin"):
+        raise UserError(f"fmt must be 'ptx' or 'cubin', got {fmt!r}")
+    src = source_file(op)
+    defs = {str(k): _define_text(v) for k, v in (defines or {}).items()}
+    key = _source_key(src, defs, fmt, arch)
+    shipped = PREBUILT / f"{key}.{fmt}"
+    if prebuilt and shipped.is_file():
+        return shipped.read_bytes()
+    nvcc = nvcc_path()
+    if nvcc is None:
+        raise UserError(f"no prebuilt kernel for {op} with {defs or 'no defines'} (a model layout other than the two "
+                        "real Qwen2.5-Coder files, or changed kernel sources) and nvcc was not found: install the CUDA "
+                        "toolkit, or set NVCC / CUDA_HOME")
+    key = f"{key}-{hashlib.sha256(_nvcc_version(nvcc).encode()).hexdigest()[:8]}"
     CACHE.mkdir(parents=True, exist_ok=True)
     out = CACHE / f"{key}.{fmt}"
     if out.exists():
@@ -383,6 +406,15 @@ def compile_kernel(op: str, defines: dict | None = None, fmt: str = "ptx", arch:
         raise UserError(f"nvcc failed to compile {src.name} for {op} (exit {res.returncode}); log: {log}")
     os.replace(tmp, out)  # atomic: concurrent builders never see a partial file
     return out.read_bytes()
+
+
+def real_model_builds() -> list[tuple[str, dict]]:
+    """(op, defines) of every kernel build the two real models use: the general and the decode builds."""
+    out = {}
+    for model in MODEL_ATTRS:
+        for op, d in [(op, defines_for(op, attrs)) for op, attrs in specializations(model)] + decode_specializations(model):
+            out[(op, tuple(sorted(d.items())))] = (op, d)
+    return list(out.values())
 
 
 # Attribute sets of the two real models (toolchain/layouts.json): every specialization `make kernels` (and CI)
@@ -455,20 +487,29 @@ def decode_specializations(model: dict) -> list[tuple[str, dict]]:
 
 def _main():
     """`make kernels` / `python -m toolchain.kernels`: compile every op (cubin for sm_90, and PTX) for both real
-    models' specializations and print nvcc's resource usage (registers, spills, shared memory) per file."""
+    models' specializations and print nvcc's resource usage (registers, spills, shared memory) per file.
+    `--prebuilt` (`make prebuilt`): write their cubins to toolchain/prebuilt/ instead, the set the package ships."""
     import re
     import sys
 
     failed = 0
-    for model in MODEL_ATTRS:
-        builds = [(op, defines_for(op, attrs)) for op, attrs in specializations(model)]
-        for op, defines in builds + decode_specializations(model):
-            for fmt in ("cubin", "ptx"):
-                try:
-                    compile_kernel(op, defines, fmt=fmt)
-                except UserError as e:
-                    print(f"FAILED {op} {defines}: {e}", file=sys.stderr)
-                    failed += 1
+    ship = "--prebuilt" in sys.argv[1:]
+    if ship:
+        for old in PREBUILT.glob("*.cubin"):
+            old.unlink()
+        PREBUILT.mkdir(exist_ok=True)
+    for op, defines in real_model_builds():
+        for fmt in ("cubin",) if ship else ("cubin", "ptx"):
+            try:
+                image = compile_kernel(op, defines, fmt=fmt, prebuilt=False)
+            except UserError as e:
+                print(f"FAILED {op} {defines}: {e}", file=sys.stderr)
+                failed += 1
+                continue
+            if ship:
+                prebuilt_path(op, defines, fmt).write_bytes(image)
+    if ship:
+        (PREBUILT / "NVCC_VERSION").write_text(_nvcc_version(nvcc_path()).splitlines()[-1] + "\n")
     for log in sorted(CACHE.glob("*.log")):
         usage = re.findall(r"Used \d+ registers[^\n]*", log.read_text())
         if usage:

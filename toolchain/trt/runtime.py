@@ -14,7 +14,7 @@ import numpy as np
 
 from . import import_tensorrt
 from .shape_rules import CACHE_PREFIXES, TOKEN_INPUTS
-from ..errors import UserError
+from ..errors import UserError, check_token_ids
 
 
 def device_ptr(x) -> int | None:
@@ -307,6 +307,7 @@ class TensorRTBackend:
             raise UserError(f"{plan}: built for a context of {self.runner.max_context}, below --max-context "
                             f"{max_context}; rebuild with `qtrt engine --max-context {max_context}`")
         self.max_context = max_context
+        self.vocab = model.config.vocab
         self.reset()
 
     @staticmethod
@@ -314,20 +315,30 @@ class TensorRTBackend:
         from ..export import export_model
         from .engine import build_engine
 
+        from ..decoder import trt_cache_dir
+
         gguf = Path(model.path)
-        root = gguf.with_name(gguf.stem + ".trt")
+        root = trt_cache_dir(gguf)
         plan = root / f"model-ctx{max_context}.plan"
         if not plan.is_file() or plan.stat().st_mtime < gguf.stat().st_mtime:
-            export_model(str(gguf), str(root / "onnx"))
-            build_engine(root / "onnx", plan, max_context, max_batch_tokens, timing_cache=root / "timing.cache")
+            made = not root.exists()
+            try:
+                export_model(str(gguf), str(root / "onnx"))
+                build_engine(root / "onnx", plan, max_context, max_batch_tokens, timing_cache=root / "timing.cache")
+            except BaseException:
+                if made:  # a failed build leaves nothing behind (only what this call created is removed)
+                    import shutil
+
+                    shutil.rmtree(root, ignore_errors=True)
+                raise
         return str(plan)
 
-    def reset(self):
-        self.pos = 0
+    def reset(self, pos: int = 0):
+        self.pos = pos
 
     def forward(self, ids) -> np.ndarray:
         """Logits of the last of `ids`, appended at the current position (slot 0), in steps of the plan's size."""
-        ids = np.asarray(ids, np.int32).reshape(-1)
+        ids = np.asarray(check_token_ids(ids, self.vocab), np.int32).reshape(-1)
         logits = None
         for s in range(0, len(ids), self.runner.max_batch_tokens):
             chunk = ids[s:s + self.runner.max_batch_tokens]
