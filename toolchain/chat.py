@@ -53,8 +53,8 @@ class Chat:
 
     def stats_line(self) -> str:
         s = self.last
-        if not s.get("prompt_ids"):
-            return "no answer yet"
+        if "prefill_s" not in s:
+            return "no answer yet (or the last one was stopped during its prompt)"
         n = len(s.get("ids", []))
         tps = (n - 1) / s["decode_s"] if n > 1 and s.get("decode_s") else 0.0
         return (f"[{self.decoder.backend.name}] prompt {len(s['prompt_ids'])} tokens ({s['reused_tokens']} reused "

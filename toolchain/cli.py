@@ -34,6 +34,8 @@ _midline = False  # generated text is on screen without its newline (an interrup
 
 def _write(text: str):
     global _midline
+    if text:  # before writing: an interrupt may land between the write and the next line
+        _midline = True
     sys.stdout.write(text)
     sys.stdout.flush()
     _midline = not text.endswith("\n") if text else _midline

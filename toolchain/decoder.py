@@ -356,6 +356,7 @@ class Decoder:
         try:
             for t in gen:
                 if t in self.tokenizer.stop_token_ids:
+                    stats["finish_reason"] = "stop"
                     break
                 stats["ids"].append(t)
                 piece = cut.push(sd.push(t))

@@ -69,7 +69,8 @@ def _verified(path: Path, src: ModelSource) -> bool:
 
 def fetch(name: str = DEFAULT_MODEL, dest: Path | None = None, progress: bool = True) -> Path:
     if name not in MODELS:
-        raise UserError(f"unknown model '{name}'; known models: {', '.join(MODELS)} (or pass --model PATH to a GGUF)")
+        raise UserError(f"unknown model '{name}'; known models: {', '.join(MODELS)} (other commands also take a "
+                        "path to a GGUF file)")
     src = MODELS[name]
     dest = Path(dest or models_dir())
     dest.mkdir(parents=True, exist_ok=True)
