@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Everything the GPU proves, in one call on the lent H100 (the device tool runs this from the repo root):
 #   env -> kernels (nvcc, every op) -> tests (kernel + whole-model GPU tests) -> sanitizer -> bench
+# With the real GGUF assembled under $QTRT_MODELS_DIR there: STAGES="chat ttft" (qtrt chat through a pseudo-terminal on
+# the cuda backend; time to first token against LLAMA_CLI="<llama.cpp command template>", scripts/ttft.py).
 # Logs and JSON go to $OUT (the device tool brings that folder back). STAGES="tests bench" runs a subset;
 # TESTS="tests/x.py ..." narrows the tests stage; STAGES=tuning times the decode tunings (scripts/decode_tuning.py).
 set -uo pipefail
@@ -31,6 +33,8 @@ for s in $STAGES; do
     sanitizer) run sanitizer compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/sanitize_step.py ;;
     tuning) run tuning python3 scripts/decode_tuning.py ${TUNING_ARGS:-} ;;
     bench) run bench python3 -m toolchain.cli bench -o "$OUT" ${BENCH_ARGS:-} ;;
+    chat) run chat env QTRT_CHAT_TRANSCRIPT="$OUT/chat-transcript.txt" python3 -m pytest -p no:cacheprovider -v -rs tests/test_chat.py -k gpu ;;
+    ttft) run ttft python3 scripts/ttft.py --model "$QTRT_MODELS_DIR/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf" --runs ${RUNS:-5} --no-compiler --drop-caches ${LLAMA_CLI:+--llama "$LLAMA_CLI"} -o "$OUT/ttft.json" ;;
     generate) run generate bash -c "python3 -m toolchain.cli generate --model $SYNTH --backend cuda --prompt 'hello world' --max-new-tokens 32 --json && python3 -m toolchain.cli generate --model $SYNTH --backend cpu --prompt 'hello world' --max-new-tokens 32 --json" ;;
   esac
 done
