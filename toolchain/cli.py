@@ -127,7 +127,8 @@ def _open_decoder(a, progress, prompt_check=None):
 
     path = resolve_model(a.model)
     backend, why = choose_backend(a.backend, path)
-    dec = Decoder.open(path, a.max_context, progress)
+    prestart = backend if backend == "cuda" and os.environ.get("QTRT_PRESTART", "1") != "0" else None
+    dec = Decoder.open(path, a.max_context, progress, prestart=prestart)
     result = prompt_check(dec) if prompt_check else None
     if not a.quiet:
         print(f"qtrt: backend {backend} ({why})", file=sys.stderr)
@@ -168,7 +169,7 @@ def cmd_generate(a):
                           "prompt_ids": stats["prompt_ids"], "ids": new, "new_tokens": len(new), "text": "".join(pieces),
                           "tokens": [dec.tokenizer.decode([t]) for t in new], "finish_reason": stats["finish_reason"],
                           "context_full": stats["context_full"], "seed": stats["seed"], "prefill_s": stats["prefill_s"],
-                          "tokens_per_s": tps}))
+                          "tokens_per_s": tps, "startup_s": progress.times}))
         return
     _write("\n")
     if stats["context_full"]:

@@ -70,15 +70,16 @@ class CudaBackend:
         self.model, self.cfg = model, model.config
         self.max_context, self.n_slots, self.max_tokens = max_context, n_slots, max_tokens
         self.tuning = {**TUNING, **(tuning or {})}
-        from .progress import QUIET
+        from .progress import quiet
 
-        progress = progress or QUIET
+        progress = progress or quiet()
         with progress.stage("starting CUDA"):
             cr.init()
         self.stream = cr.Stream()
-        graph, arrays = build_model_graph(model)
-        self.onnx = fuse(graph) if fused else graph  # decode steps: few launches per layer
-        self.onnx_prefill = graph  # many tokens: unfused, so each projection can be a tensor-core GEMM
+        with progress.stage("building the step graphs"):
+            graph, arrays = build_model_graph(model)
+            self.onnx = fuse(graph) if fused else graph  # decode steps: few launches per layer
+            self.onnx_prefill = graph  # many tokens: unfused, so each projection can be a tensor-core GEMM
         self.weights = {name: cr.DeviceBuffer.from_numpy(arrays[name])
                         for name in progress.bar(list(arrays), text="uploading weights", unit="tensor")}
         c = self.cfg
@@ -92,7 +93,8 @@ class CudaBackend:
         self.buffers["token_ids"] = cr.DeviceBuffer.zeros((max_tokens,), np.int32)
         self.buffers["positions"] = cr.DeviceBuffer.zeros((max_tokens,), np.int32)
         self.buffers["slots"] = cr.DeviceBuffer.zeros((max_tokens,), np.int32)
-        self.widths = self._value_widths()
+        with progress.stage("shape inference"):
+            self.widths = self._value_widths()
         self.buffers["prefill.q_rot"] = cr.DeviceBuffer.zeros((max_tokens, c.q_dim), np.float32)
         # the attention's cluster partials for its consumer (xmerge): one slot per cluster of a kv head
         self.buffers["attn.xpart"] = cr.DeviceBuffer.zeros(
@@ -269,6 +271,10 @@ class CudaBackend:
             self.stream.synchronize()
             self._graphs[key] = cr.capture(self.stream, lambda: self.run_plan(m, advance=True, long_context=key[1]))
         return self._graphs[key]
+
+    def bind_thread(self):
+        """Make this backend's CUDA context current on the calling thread (after a start on another thread)."""
+        cr.init()
 
     def close(self):
         """Free device memory now (buffers are shared between aliases, so free each once)."""

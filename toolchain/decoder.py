@@ -200,6 +200,7 @@ class Decoder:
         self.model, self.tokenizer, self.backend, self.max_context = model, tokenizer, backend, max_context
         self.backend_reason = backend_reason
         self.cached_ids: list[int] = []
+        self._pending = None  # a backend being started in a thread (open(prestart=...))
 
     @staticmethod
     def check_max_context(max_context, model_context: int) -> int:
@@ -211,34 +212,67 @@ class Decoder:
         return int(max_context)
 
     @classmethod
-    def open(cls, model, max_context: int | None = None, progress=None) -> "Decoder":
+    def open(cls, model, max_context: int | None = None, progress=None, prestart: str | None = None) -> "Decoder":
         """Read the GGUF and its tokenizer (fast): a decoder with no backend yet, which can already tokenize and
-        check prompts. start_backend() then does the slow part."""
+        check prompts. start_backend() then does the slow part. prestart="cuda" (a backend choose_backend already
+        accepted) begins that part in a thread as soon as the weights are mapped, while the tokenizer loads: the
+        backend's time is mostly the driver's and the device's, so the two overlap."""
         from .fetch import resolve_model
         from .gguf_model import GGUFModel, load_gguf
-        from .progress import QUIET
+        from .progress import quiet
         from .tokenizer import Tokenizer
 
-        progress = progress or QUIET
+        progress = progress or quiet()
         if isinstance(model, GGUFModel):
             gm = model
         else:
             path = resolve_model(None if model is None else str(model))
             with progress.stage(f"reading {path.name}"):
                 gm = load_gguf(path)
-        max_context = cls.check_max_context(max_context, gm.config.context_length)
+        dec = cls(gm, None, None, cls.check_max_context(max_context, gm.config.context_length))
+        if prestart == "cuda":
+            dec._prestart_cuda()
         with progress.stage("loading the tokenizer"):
-            tok = Tokenizer.from_gguf(gm.reader)
-        return cls(gm, tok, None, max_context)
+            dec.tokenizer = Tokenizer.from_gguf(gm.reader)
+        return dec
+
+    def _prestart_cuda(self):
+        import threading
+
+        from .cuda_backend import CudaBackend
+        from .progress import quiet
+
+        box = {"progress": quiet()}  # the thread's own stage times (merged by start_backend); the terminal shows one
+
+        def work():
+            try:
+                box["backend"] = CudaBackend(self.model, self.max_context, progress=box["progress"], prepare=True)
+            except BaseException as e:  # noqa: BLE001 - re-raised on the main thread by start_backend
+                box["error"] = e
+
+        thread = threading.Thread(target=work, name="qtrt-cuda-start", daemon=True)
+        thread.start()
+        self._pending = ("cuda", thread, box)
 
     def start_backend(self, backend: str = "auto", progress=None, why: str | None = None) -> "Decoder":
         """Build the backend (`auto` or a name; choose_backend's error if it cannot run here). `why`: the reason of an
         earlier choose_backend call that already picked `backend`."""
-        from .progress import QUIET
+        from .progress import quiet
 
-        progress = progress or QUIET
+        progress = progress or quiet()
         name, reason = (backend, why) if why else choose_backend(backend, self.model.path)
-        if name == "cpu":
+        pending = getattr(self, "_pending", None)
+        self._pending = None
+        if pending and pending[0] == name:
+            _, thread, box = pending
+            with progress.stage("starting the cuda backend"):
+                thread.join()
+            progress.times.update({f"cuda: {k}": v for k, v in box["progress"].times.items()})
+            if "error" in box:
+                raise box["error"]
+            self.backend = box["backend"]
+            self.backend.bind_thread()
+        elif name == "cpu":
             self.backend = CpuBackend(self.model, self.max_context, progress=progress)
         elif name == "cuda":
             from .cuda_backend import CudaBackend
@@ -259,6 +293,7 @@ class Decoder:
         if backend != "auto":
             choose_backend(backend)
         return cls.open(model, max_context, progress).start_backend(backend, progress)
+
 
     def room(self, ids) -> int:
         """New tokens that fit after a prompt of `ids` (every one but the last is fed back into the cache); a UserError

@@ -22,17 +22,17 @@ from . import __version__
 from .errors import UserError
 from .gguf_model import GGUFModel, load_gguf
 from .graph import attach_initializers, build_layer_graph, build_model_graph, op_histogram
-from .progress import QUIET, Progress
+from .progress import Progress, quiet
 
 WEIGHTS_FILE = "weights.bin"
 ALIGN = 64
 
 
-def write_weights(arrays: dict, path: Path, progress: Progress = QUIET) -> dict:
+def write_weights(arrays: dict, path: Path, progress: Progress | None = None) -> dict:
     """Write every array into one file; return {name: (location, offset)} for attach_initializers."""
     where, off = {}, 0
     with open(path, "wb") as f:
-        for name in progress.bar(sorted(arrays), text="writing weights.bin", unit="tensor"):
+        for name in (progress or quiet()).bar(sorted(arrays), text="writing weights.bin", unit="tensor"):
             pad = -off % ALIGN
             f.write(b"\0" * pad)
             off += pad

@@ -19,6 +19,7 @@ class Progress:
         if enabled is None:
             enabled = os.environ.get("QTRT_PROGRESS") == "1" or (hasattr(self.stream, "isatty") and self.stream.isatty())
         self.enabled = bool(enabled) and os.environ.get("QTRT_PROGRESS") != "0"
+        self.times: dict[str, float] = {}  # seconds per stage and bar, shown or not (`generate --json` reports them)
 
     def _line(self, text: str):
         self.stream.write("\r\033[K" + text)
@@ -27,23 +28,27 @@ class Progress:
     @contextlib.contextmanager
     def stage(self, text: str):
         """A step without a count: its name while it runs; erased when done."""
-        if not self.enabled:
-            yield
-            return
         t0 = time.perf_counter()
-        self._line(f"qtrt: {text}...")
+        if self.enabled:
+            self._line(f"qtrt: {text}...")
         try:
             yield
         finally:
-            self._line(f"qtrt: {text}... {time.perf_counter() - t0:.1f} s")
-            self._line("")
+            self.times[text] = round(time.perf_counter() - t0, 4)
+            if self.enabled:
+                self._line(f"qtrt: {text}... {self.times[text]:.1f} s")
+                self._line("")
 
     def bar(self, iterable, total: int | None = None, text: str = "", unit: str = "it", scale: bool = False):
         """Iterate with a progress bar (tqdm, erased at the end)."""
         from tqdm import tqdm
 
-        return tqdm(iterable, total=total, desc=f"qtrt: {text}", unit=unit, unit_scale=scale, leave=False,
-                    disable=not self.enabled, file=self.stream, mininterval=0.2, dynamic_ncols=True)
+        t0 = time.perf_counter()
+        yield from tqdm(iterable, total=total, desc=f"qtrt: {text}", unit=unit, unit_scale=scale, leave=False,
+                        disable=not self.enabled, file=self.stream, mininterval=0.2, dynamic_ncols=True)
+        self.times[text] = round(time.perf_counter() - t0, 4)
 
 
-QUIET = Progress(enabled=False)
+def quiet() -> Progress:
+    """A silent Progress (still timing its stages)."""
+    return Progress(enabled=False)

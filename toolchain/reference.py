@@ -31,11 +31,11 @@ class Layer:
 
 class ReferenceModel:
     def __init__(self, model: GGUFModel, progress=None):
-        from .progress import QUIET
+        from .progress import quiet
 
         self.cfg = model.config
         self.model = model
-        self.layers = [Layer(model, i) for i in (progress or QUIET).bar(range(self.cfg.n_layers),
+        self.layers = [Layer(model, i) for i in (progress or quiet()).bar(range(self.cfg.n_layers),
                                                                         text="dequantizing layers", unit="layer")]
         self.output_norm = _dense(model.tensors["output_norm.weight"])
         self.lm_head = _dense(model.output).T.copy()  # [hidden, vocab]

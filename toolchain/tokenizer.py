@@ -15,7 +15,6 @@ from functools import lru_cache
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
-from gguf import GGUFValueType
 
 from .errors import UserError
 
@@ -56,8 +55,10 @@ def _field(reader, key: str, default=None):
     field = reader.fields.get(key)
     if field is None:
         return default
-    if hasattr(field, "contents"):  # gguf >= 0.11
+    if hasattr(field, "contents"):  # toolchain.gguf_file, gguf-py >= 0.11
         return field.contents()
+    from gguf import GGUFValueType  # older gguf-py readers
+
     values = [field.parts[i] for i in field.data]
     values = [bytes(v).decode("utf-8") if field.types[-1] == GGUFValueType.STRING else v.tolist()[0] for v in values]
     return values if field.types[0] == GGUFValueType.ARRAY else values[0]
