@@ -80,3 +80,8 @@ def pytest_collection_modifyitems(config, items):
                 ok = False
             if not ok:
                 item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU with cuda-python (see scripts/device_check.sh)"))
+            elif "real_model" not in item.keywords:
+                from toolchain.kernels import nvcc_path
+
+                if nvcc_path() is None:  # synthetic layouts have no prebuilt kernels (toolchain/prebuilt)
+                    item.add_marker(pytest.mark.skip(reason="needs nvcc: its synthetic layouts' kernels are not prebuilt"))

@@ -17,16 +17,32 @@ def _dense(t):
 
 
 class Layer:
+    """One layer's weights, dequantized. Matrices keep the file's [out, in] layout and are used transposed (x @ W.T:
+    BLAS reads them either way), so no transposed copy is ever made: the load peaks at the weights' own size."""
+
     def __init__(self, model: GGUFModel, i: int):
         w = lambda n: _dense(model.layer(i, n))  # noqa: E731
         b = lambda n: _dense(model.bias(i, n))  # noqa: E731
         self.attn_norm, self.ffn_norm = w("attn_norm"), w("ffn_norm")
         # q, k and v share their input: one [q+k+v, hidden] matrix makes one matmul per token.
-        self.wqkv = np.concatenate([w("attn_q"), w("attn_k"), w("attn_v")]).T.copy()
+        self.wqkv = np.concatenate([w("attn_q"), w("attn_k"), w("attn_v")]).T
         self.bqkv = np.concatenate([b("attn_q"), b("attn_k"), b("attn_v")])
-        self.wo = w("attn_output").T.copy()
-        self.wgate_up = np.concatenate([w("ffn_gate"), w("ffn_up")]).T.copy()
-        self.wdown = w("ffn_down").T.copy()
+        self.wo = w("attn_output").T
+        self.wgate_up = np.concatenate([w("ffn_gate"), w("ffn_up")]).T
+        self.wdown = w("ffn_down").T
+
+
+def _release_pages(model: GGUFModel):
+    """Drop the file's pages from this process's memory once everything is dequantized (they stay in the OS page
+    cache; the embedding rows read later fault back in on demand): ~1.1 GB less resident for the 1.5B."""
+    mapping = getattr(model.reader, "_map", None)
+    if mapping is not None and hasattr(mapping, "madvise"):
+        import mmap
+
+        try:
+            mapping.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass
 
 
 class ReferenceModel:
@@ -38,7 +54,8 @@ class ReferenceModel:
         self.layers = [Layer(model, i) for i in (progress or quiet()).bar(range(self.cfg.n_layers),
                                                                         text="dequantizing layers", unit="layer")]
         self.output_norm = _dense(model.tensors["output_norm.weight"])
-        self.lm_head = _dense(model.output).T.copy()  # [hidden, vocab]
+        self.lm_head = _dense(model.output).T  # [hidden, vocab], a view
+        _release_pages(model)
 
     def new_cache(self, max_len: int):
         c = self.cfg
