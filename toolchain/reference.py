@@ -1,7 +1,10 @@
 """CPU reference decoder for Qwen2 (float32 numpy): the model every other backend is compared with.
 
-Kept short on purpose (gpt-fast's model.py is the model): weights are dequantized once to float32, the KV cache is
-float32, and the layer is written out in full. It is proven against Hugging Face transformers (tests/golden).
+Kept short on purpose (gpt-fast's model.py is the model): the layer is written out in full, the KV cache is float32.
+Its projections are `Dense` (weights dequantized once to float32: the exact reference, proven against Hugging Face
+transformers in tests/golden) or `Quantized` (weights left in their ggml blocks and decoded row by row inside each
+matmul by toolchain/cpu_kernels.c: the same decoded values, float32 sums in another order; 1.1 GB instead of 6.2 GB
+for the 1.5B, and what the `cpu` backend runs where a C compiler is present).
 """
 from __future__ import annotations
 
@@ -16,20 +19,44 @@ def _dense(t):
     return dequantize(t.data, t.ggml_type, t.shape).astype(np.float32, copy=False)
 
 
-class Layer:
-    """One layer's weights, dequantized. Matrices keep the file's [out, in] layout and are used transposed (x @ W.T:
-    BLAS reads them either way), so no transposed copy is ever made: the load peaks at the weights' own size."""
+class Dense:
+    """Projection by float32 weights: the file's [out, in] rows of each part stacked, used transposed (x @ W.T: BLAS
+    reads them either way, so no transposed copy is ever made)."""
 
-    def __init__(self, model: GGUFModel, i: int):
-        w = lambda n: _dense(model.layer(i, n))  # noqa: E731
+    def __init__(self, parts):
+        self.w = np.concatenate([_dense(t) for t in parts]) if len(parts) > 1 else _dense(parts[0])
+
+    def __call__(self, x):
+        return x @ self.w.T
+
+
+class Quantized:
+    """Projection straight from the raw blocks of each part (toolchain/cpu_kernels.py); outputs concatenated."""
+
+    def __init__(self, parts):
+        from . import cpu_kernels
+
+        self.parts, self._matmul = parts, cpu_kernels.matmul
+
+    def __call__(self, x):
+        ys = [self._matmul(x, t) for t in self.parts]
+        return ys[0] if len(ys) == 1 else np.concatenate(ys, axis=1)
+
+
+WEIGHTS = {"dense": Dense, "quantized": Quantized}
+
+
+class Layer:
+    def __init__(self, model: GGUFModel, i: int, proj=Dense):
+        w = lambda n: model.layer(i, n)  # noqa: E731
         b = lambda n: _dense(model.bias(i, n))  # noqa: E731
-        self.attn_norm, self.ffn_norm = w("attn_norm"), w("ffn_norm")
-        # q, k and v share their input: one [q+k+v, hidden] matrix makes one matmul per token.
-        self.wqkv = np.concatenate([w("attn_q"), w("attn_k"), w("attn_v")]).T
+        self.attn_norm, self.ffn_norm = _dense(w("attn_norm")), _dense(w("ffn_norm"))
+        # q, k and v share their input: one [q+k+v] projection per token (gate and up likewise).
+        self.qkv = proj([w("attn_q"), w("attn_k"), w("attn_v")])
         self.bqkv = np.concatenate([b("attn_q"), b("attn_k"), b("attn_v")])
-        self.wo = w("attn_output").T
-        self.wgate_up = np.concatenate([w("ffn_gate"), w("ffn_up")]).T
-        self.wdown = w("ffn_down").T
+        self.o = proj([w("attn_output")])
+        self.gate_up = proj([w("ffn_gate"), w("ffn_up")])
+        self.down = proj([w("ffn_down")])
 
 
 def _release_pages(model: GGUFModel):
@@ -46,16 +73,21 @@ def _release_pages(model: GGUFModel):
 
 
 class ReferenceModel:
-    def __init__(self, model: GGUFModel, progress=None):
+    def __init__(self, model: GGUFModel, progress=None, weights: str = "dense"):
+        """weights: "dense" (float32, the exact reference) or "quantized" (raw blocks, needs cpu_kernels)."""
         from .progress import quiet
 
         self.cfg = model.config
         self.model = model
-        self.layers = [Layer(model, i) for i in (progress or quiet()).bar(range(self.cfg.n_layers),
-                                                                        text="dequantizing layers", unit="layer")]
+        self.weights = weights
+        proj = WEIGHTS[weights]
+        text = "dequantizing layers" if weights == "dense" else "preparing layers"
+        self.layers = [Layer(model, i, proj) for i in (progress or quiet()).bar(range(self.cfg.n_layers),
+                                                                              text=text, unit="layer")]
         self.output_norm = _dense(model.tensors["output_norm.weight"])
-        self.lm_head = _dense(model.output).T  # [hidden, vocab], a view
-        _release_pages(model)
+        self.lm_head = proj([model.output])
+        if weights == "dense":
+            _release_pages(model)
 
     def new_cache(self, max_len: int):
         c = self.cfg
@@ -68,7 +100,7 @@ class ReferenceModel:
         start, end = int(pos[0]), int(pos[-1]) + 1
         group = c.n_heads // c.n_kv_heads
         h = ops.rms_norm(x, L.attn_norm, c.rms_eps)
-        qkv = h @ L.wqkv + L.bqkv
+        qkv = L.qkv(h) + L.bqkv
         q, k, v = np.split(qkv, [c.q_dim, c.q_dim + c.kv_dim], axis=1)
         q = ops.rope(q.reshape(m, c.n_heads, c.head_dim), pos, c.head_dim, c.rope_theta)
         k = ops.rope(k.reshape(m, c.n_kv_heads, c.head_dim), pos, c.head_dim, c.rope_theta)
@@ -80,13 +112,14 @@ class ReferenceModel:
         p = np.exp(s - s.max(-1, keepdims=True))
         p /= p.sum(-1, keepdims=True)
         attn = np.einsum("hmt,htd->mhd", p, vals).reshape(m, c.q_dim)
-        x = x + attn @ L.wo
+        x = x + L.o(attn)
         h = ops.rms_norm(x, L.ffn_norm, c.rms_eps)
-        gate, up = np.split(h @ L.wgate_up, 2, axis=1)
-        return x + ops.swiglu(gate, up) @ L.wdown
+        gate, up = np.split(L.gate_up(h), 2, axis=1)
+        return x + L.down(ops.swiglu(gate, up))
 
-    def forward(self, tokens, start_pos: int, cache: np.ndarray) -> np.ndarray:
-        """Run tokens at positions start_pos.. and return their logits [m, vocab]; fills cache in place."""
+    def forward(self, tokens, start_pos: int, cache: np.ndarray, last_only: bool = False) -> np.ndarray:
+        """Run tokens at positions start_pos.. and return their logits [m, vocab] (last_only: the last token's only,
+        [1, vocab]: a prompt needs no more); fills cache in place."""
         c = self.cfg
         tokens = np.asarray(tokens, dtype=np.int64)
         m = len(tokens)
@@ -98,4 +131,4 @@ class ReferenceModel:
         mask = np.where(pos[:, None] >= np.arange(start_pos + m)[None, :], 0.0, -np.inf).astype(np.float32)  # causal
         for li, L in enumerate(self.layers):
             x = self.layer_forward(L, x, pos, cache[li], mask)
-        return ops.rms_norm(x, self.output_norm, c.rms_eps) @ self.lm_head
+        return self.lm_head(ops.rms_norm(x[-1:] if last_only else x, self.output_norm, c.rms_eps))
