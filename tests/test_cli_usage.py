@@ -150,7 +150,7 @@ def test_startup_progress_and_backend_line(tiny, tmp_path):
     r = subprocess.run([sys.executable, "-m", "toolchain.cli", "generate", "--model", str(tiny), "--prompt", "hi",
                         "--max-new-tokens", "2", "--backend", "cpu"], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
-    for stage in ("reading", "tokenizer", "dequantizing layers", "qtrt: backend cpu (--backend cpu)"):
+    for stage in ("reading", "tokenizer", "preparing layers", "qtrt: backend cpu (--backend cpu)"):
         assert stage in r.stderr, (stage, r.stderr)
     r = subprocess.run([sys.executable, "-m", "toolchain.cli", "export", str(tiny), "-o", str(tmp_path / "o")],
                        capture_output=True, text=True, env=env)
