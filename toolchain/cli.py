@@ -127,8 +127,7 @@ def _open_decoder(a, progress, prompt_check=None):
 
     path = resolve_model(a.model)
     backend, why = choose_backend(a.backend, path)
-    prestart = backend if backend == "cuda" and os.environ.get("QTRT_PRESTART", "1") != "0" else None
-    dec = Decoder.open(path, a.max_context, progress, prestart=prestart)
+    dec = Decoder.open(path, a.max_context, progress)
     result = prompt_check(dec) if prompt_check else None
     if not a.quiet:
         print(f"qtrt: backend {backend} ({why})", file=sys.stderr)

@@ -272,10 +272,6 @@ class CudaBackend:
             self._graphs[key] = cr.capture(self.stream, lambda: self.run_plan(m, advance=True, long_context=key[1]))
         return self._graphs[key]
 
-    def bind_thread(self):
-        """Make this backend's CUDA context current on the calling thread (after a start on another thread)."""
-        cr.init()
-
     def close(self):
         """Free device memory now (buffers are shared between aliases, so free each once)."""
         for buf in {id(b): b for b in self.buffers.values()}.values():

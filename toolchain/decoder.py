@@ -218,7 +218,6 @@ class Decoder:
         self.model, self.tokenizer, self.backend, self.max_context = model, tokenizer, backend, max_context
         self.backend_reason = backend_reason
         self.cached_ids: list[int] = []
-        self._pending = None  # a backend being started in a thread (open(prestart=...))
 
     @staticmethod
     def check_max_context(max_context, model_context: int) -> int:
@@ -230,11 +229,11 @@ class Decoder:
         return int(max_context)
 
     @classmethod
-    def open(cls, model, max_context: int | None = None, progress=None, prestart: str | None = None) -> "Decoder":
+    def open(cls, model, max_context: int | None = None, progress=None) -> "Decoder":
         """Read the GGUF and its tokenizer (fast): a decoder with no backend yet, which can already tokenize and
-        check prompts. start_backend() then does the slow part. prestart="cuda" (a backend choose_backend already
-        accepted) begins that part in a thread as soon as the weights are mapped, while the tokenizer loads: the
-        backend's time is mostly the driver's and the device's, so the two overlap."""
+        check prompts. start_backend() then does the slow part. (Starting the cuda backend in a thread while the
+        tokenizer loads gained nothing on the H100: the two contend for the interpreter; device run 5 of
+        2026-12-05.)"""
         from .fetch import resolve_model
         from .gguf_model import GGUFModel, load_gguf
         from .progress import quiet
@@ -248,29 +247,9 @@ class Decoder:
             with progress.stage(f"reading {path.name}"):
                 gm = load_gguf(path)
         dec = cls(gm, None, None, cls.check_max_context(max_context, gm.config.context_length))
-        if prestart == "cuda":
-            dec._prestart_cuda()
         with progress.stage("loading the tokenizer"):
             dec.tokenizer = Tokenizer.from_gguf(gm.reader)
         return dec
-
-    def _prestart_cuda(self):
-        import threading
-
-        from .cuda_backend import CudaBackend
-        from .progress import quiet
-
-        box = {"progress": quiet()}  # the thread's own stage times (merged by start_backend); the terminal shows one
-
-        def work():
-            try:
-                box["backend"] = CudaBackend(self.model, self.max_context, progress=box["progress"], prepare=True)
-            except BaseException as e:  # noqa: BLE001 - re-raised on the main thread by start_backend
-                box["error"] = e
-
-        thread = threading.Thread(target=work, name="qtrt-cuda-start", daemon=True)
-        thread.start()
-        self._pending = ("cuda", thread, box)
 
     def start_backend(self, backend: str = "auto", progress=None, why: str | None = None) -> "Decoder":
         """Build the backend (`auto` or a name; choose_backend's error if it cannot run here). `why`: the reason of an
@@ -279,18 +258,7 @@ class Decoder:
 
         progress = progress or quiet()
         name, reason = (backend, why) if why else choose_backend(backend, self.model.path)
-        pending = getattr(self, "_pending", None)
-        self._pending = None
-        if pending and pending[0] == name:
-            _, thread, box = pending
-            with progress.stage("starting the cuda backend"):
-                thread.join()
-            progress.times.update({f"cuda: {k}": v for k, v in box["progress"].times.items()})
-            if "error" in box:
-                raise box["error"]
-            self.backend = box["backend"]
-            self.backend.bind_thread()
-        elif name == "cpu":
+        if name == "cpu":
             self.backend = CpuBackend(self.model, self.max_context, progress=progress)
         elif name == "cuda":
             from .cuda_backend import CudaBackend
