@@ -46,3 +46,31 @@ def test_malformed_headers_fail_clearly(synth_gguf, tmp_path):
         p.write_bytes(data)
         with pytest.raises(GGUFFormatError):
             GGUFFile(p)
+
+
+def test_header_cache_is_only_an_accelerator(synth_gguf, tmp_path, monkeypatch):
+    """A cached header gives what a fresh parse gives; a changed file, a corrupt or an unwritable cache means a
+    fresh parse, never a wrong answer or an error."""
+    import shutil
+
+    monkeypatch.setenv("QTRT_GGUF_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "m.gguf"
+    shutil.copy(synth_gguf(**TINY), src)
+
+    def summary(f):
+        return ([(k, v.contents()) for k, v in f.fields.items()],
+                [(t.name, t.tensor_type.value, t.shape, t.data_offset, t.n_bytes, t.data.tobytes()) for t in f.tensors])
+
+    fresh = summary(GGUFFile(src, cache=False))
+    assert summary(GGUFFile(src)) == fresh  # writes the cache
+    (entry,) = (tmp_path / "cache").iterdir()
+    assert summary(GGUFFile(src)) == fresh  # reads it
+    data = bytearray(src.read_bytes())  # the file changes (another vocabulary token): the entry is stale
+    pos = data.index(b"<|im_end|>")
+    data[pos + 2:pos + 4] = b"IM"
+    src.write_bytes(bytes(data))
+    assert summary(GGUFFile(src)) == summary(GGUFFile(src, cache=False)) != fresh
+    entry.write_bytes(b"not marshal data")
+    assert summary(GGUFFile(src)) == summary(GGUFFile(src, cache=False))
+    monkeypatch.setenv("QTRT_GGUF_CACHE", "/proc/qtrt-no-such-dir")
+    assert summary(GGUFFile(src)) == summary(GGUFFile(src, cache=False))
