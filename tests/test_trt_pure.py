@@ -551,3 +551,98 @@ def test_runner_and_plugins_without_tensorrt(tmp_path):
         with pytest.raises(UserError) as e:
             call()
         assert str(e.value) == TRT_MISSING and "\n" not in str(e.value)
+
+
+# -- runtime and builder defects found by the review against the 11.4 sources (issue 16) --------------------------
+
+class _Buf:
+    def __init__(self, ptr):
+        self.ptr = ptr
+
+
+class _Kernel:
+    def __init__(self):
+        self.calls = []
+
+    def launch(self, cfg, args, stream):
+        self.calls.append(list(args))
+
+
+def _bare_runner(monkeypatch):
+    from toolchain.trt.runtime import TensorRTRunner
+
+    r = object.__new__(TensorRTRunner)  # no plan or TensorRT: only what _advance and _run_graph touch
+    kernel = _Kernel()
+    r.names = ["token_ids", "positions", "slots", "next_token"]
+    r.buf = {"next_token": _Buf(100), "token_ids": _Buf(200), "positions": _Buf(300)}
+    r.cr = type("CR", (), {"load_op": staticmethod(lambda op: kernel)})
+    r.stream, r._stream_int, r.graph, r.use_graph = None, 0, None, True
+    return r, kernel
+
+
+def test_advance_follows_rebound_buffers(monkeypatch):
+    """_advance launched with the token/position addresses of its first use; after _bind() replaced those buffers it
+    wrote to the old ones."""
+    r, kernel = _bare_runner(monkeypatch)
+    r._advance()
+    r.buf["token_ids"], r.buf["positions"] = _Buf(201), _Buf(301)  # what _bind() does
+    r._advance()
+    assert kernel.calls[0][0] == 100 and kernel.calls[0][-2:] == [200, 300]
+    assert kernel.calls[1][-2:] == [201, 301]
+
+
+def test_invalidated_capture_falls_back_with_a_message(monkeypatch, capsys):
+    """A capture that cuStreamEndCapture reports as invalidated (a RuntimeError from our checked call) must not
+    escape: the step already ran plainly, and the runner goes on without graphs, saying so once."""
+    import contextlib
+
+    r, kernel = _bare_runner(monkeypatch)
+
+    class Stream:
+        def synchronize(self):
+            pass
+
+        @contextlib.contextmanager
+        def capture(self):
+            yield object()
+            raise RuntimeError("cuStreamEndCapture failed: CUDA_ERROR_STREAM_CAPTURE_INVALIDATED")
+
+    class Ctx:
+        runs = 0
+
+        def execute_async_v3(self, stream):
+            Ctx.runs += 1
+            return True
+
+    r.stream = Stream()
+    r._run_graph(Ctx())
+    assert Ctx.runs == 2 and r.use_graph is False and r.graph is None
+    assert len(kernel.calls) == 2  # the plain step's advance, and the recorded one
+    err = capsys.readouterr().err
+    assert "cannot be captured" in err and "CAPTURE_INVALIDATED" in err
+
+
+def test_timing_cache_is_returned_to_be_kept_alive(tmp_path, capsys):
+    """The cache handed to set_timing_cache must outlive the build: attach_timing_cache returns the one in use,
+    also when the file's cache is refused and a new one replaces it."""
+    from toolchain.trt.engine import attach_timing_cache
+
+    class Config:
+        def __init__(self, accept):
+            self.accept, self.made, self.set = accept, [], []
+
+        def create_timing_cache(self, blob):
+            self.made.append(("cache", blob))
+            return self.made[-1]
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            self.set.append(cache)
+            return self.accept or cache[1] == b""
+
+    path = tmp_path / "timing.cache"
+    path.write_bytes(b"old")
+    ok = Config(accept=True)
+    assert attach_timing_cache(ok, path) is ok.set[-1] == ("cache", b"old")
+    refused = Config(accept=False)
+    kept = attach_timing_cache(refused, path)
+    assert kept is refused.set[-1] and kept == ("cache", b"") and "does not match" in capsys.readouterr().err

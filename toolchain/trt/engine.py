@@ -108,6 +108,20 @@ def _set_flag(config, trt, name: str) -> bool:
     return True
 
 
+def attach_timing_cache(config, cache_path: Path):
+    """Give the builder config a timing cache from `cache_path` (or a new one if it is absent or from another GPU /
+    TensorRT) and return it: the caller must keep it alive until the build finishes (ITimingCache's docstring: the
+    config holds no reference of its own)."""
+    blob = cache_path.read_bytes() if cache_path.is_file() else b""
+    cache = config.create_timing_cache(blob)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):  # a cache from another GPU/TensorRT
+        print(f"[trt] {cache_path}: timing cache does not match this GPU or TensorRT; starting a new one",
+              file=sys.stderr)
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    return cache
+
+
 def build_engine(onnx_dir, plan_path, max_context: int, max_batch_tokens: int, timing_cache=None,
                  progress: bool = True, n_slots: int = 1, plugin_weights: str = "int8") -> dict:
     """Parse <onnx_dir>/model.onnx with the qtrt plugins, build with a decode (m=1) and a prefill
@@ -171,15 +185,10 @@ def build_engine(onnx_dir, plan_path, max_context: int, max_batch_tokens: int, t
         config.progress_monitor = monitor
 
     cache_path = Path(timing_cache) if timing_cache else None
-    if cache_path is not None:
-        blob = cache_path.read_bytes() if cache_path.is_file() else b""
-        cache = config.create_timing_cache(blob)
-        if not config.set_timing_cache(cache, ignore_mismatch=False):  # a cache from another GPU/TensorRT
-            print(f"[trt] {cache_path}: timing cache does not match this GPU or TensorRT; starting a new one",
-                  file=sys.stderr)
-            config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    cache = attach_timing_cache(config, cache_path) if cache_path is not None else None  # alive until the build ends
 
     plan = builder.build_serialized_network(network, config)
+    del cache
     if plan is None:
         raise RuntimeError("TensorRT failed to build the engine; its log above says why")
     _atomic_write(plan_path, plan)

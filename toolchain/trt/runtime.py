@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -217,9 +218,13 @@ class TensorRTRunner:
         try:
             with self.stream.capture() as graph:
                 if not ctx.execute_async_v3(self._stream_int):
-                    raise _NoCapture
+                    raise _NoCapture("execute_async_v3 returned False under capture")
                 self._advance()
-        except _NoCapture:  # something in the plan cannot be captured: run without graphs from now on
+        except (_NoCapture, RuntimeError) as e:  # e.g. the enqueue invalidated the capture (cuStreamEndCapture)
+            # Nothing of the capture ran (it only records), and this step already ran plainly above: go on without
+            # graphs, saying why once.
+            print(f"qtrt: the TensorRT decode step cannot be captured into a CUDA graph ({e}); running it without "
+                  "graphs", file=sys.stderr)
             self.use_graph = False
             return
         self.graph = graph
@@ -229,14 +234,14 @@ class TensorRTRunner:
         is a self-advancing decode step exactly as in the cuda backend (toolchain/cuda_backend.py)."""
         if not {"next_token", "token_ids", "positions"} <= set(self.names):
             return
-        if getattr(self, "_advance_launch", None) is None:
+        if getattr(self, "_advance_kernel", None) is None:
             from ..kernels import launch_config
 
-            kernel = self.cr.load_op("decode_advance")
-            cfg = launch_config("decode_advance", {"m": 1})
-            args = [self.buf["next_token"].ptr, *cfg.scalars, self.buf["token_ids"].ptr, self.buf["positions"].ptr]
-            self._advance_launch = lambda: kernel.launch(cfg, args, self.stream)
-        self._advance_launch()
+            self._advance_kernel = (self.cr.load_op("decode_advance"), launch_config("decode_advance", {"m": 1}))
+        kernel, cfg = self._advance_kernel
+        # the buffers' addresses as they are now: _bind() may have replaced any of them since the last step
+        kernel.launch(cfg, [self.buf["next_token"].ptr, *cfg.scalars, self.buf["token_ids"].ptr,
+                            self.buf["positions"].ptr], self.stream)
 
     def replay_decode(self) -> int:
         """One more decode step from the device-resident token and position (after a decode `infer`): replays
