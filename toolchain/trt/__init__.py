@@ -8,7 +8,7 @@ from __future__ import annotations
 from ..errors import UserError
 
 TRT_MISSING = ("TensorRT is not installed: pip install 'qwen-trt[tensorrt]' "
-               "(needs an NVIDIA GPU and TensorRT >= 10.8)")
+               "(needs an NVIDIA GPU and TensorRT 11.4 or newer)")
 
 
 def import_tensorrt():

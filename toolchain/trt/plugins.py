@@ -132,7 +132,7 @@ def register_all() -> list:
 
     if not (hasattr(trtp, "aot_impl") and hasattr(trtp, "KernelLaunchParams")):  # _export.py: IS_AOT_ENABLED
         raise UserError(f"TensorRT {getattr(trt, '__version__', '?')} has no ahead-of-time Python plugins "
-                        "(tensorrt.plugin.aot_impl): TensorRT >= 10.8 is needed")
+                        "(tensorrt.plugin.aot_impl): this code is written for TensorRT 11.4 (docs/tensorrt.md)")
     ops = TrtOps(trtp)
     for op in MATMUL_OPS:
         _register_matmul(trt, trtp, ops, op)
