@@ -283,7 +283,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    global _midline
     try:
         a = build_parser().parse_args(argv)
         return a.fn(a) or 0

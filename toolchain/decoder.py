@@ -112,8 +112,8 @@ class CpuBackend:
 BACKENDS = ("cpu", "cuda", "tensorrt")
 
 
-def trt_cache_dir(gguf_path) -> "Path":
-    """Where the tensorrt backend keeps the export and plan it builds for a GGUF: <gguf dir>/<stem>.trt/."""
+def trt_cache_dir(gguf_path):
+    """Where the tensorrt backend keeps the export and plan it builds for a GGUF: <gguf dir>/<stem>.trt/ (a Path)."""
     from pathlib import Path
 
     g = Path(gguf_path)
@@ -279,7 +279,6 @@ class Decoder:
         if backend != "auto":
             choose_backend(backend)
         return cls.open(model, max_context, progress).start_backend(backend, progress)
-
 
     def room(self, ids) -> int:
         """New tokens that fit after a prompt of `ids` (every one but the last is fed back into the cache); a UserError
