@@ -7,7 +7,7 @@ PROMPT  ?= Write a Python function that checks whether a number is prime.
 ONNX    ?= out/onnx
 PLAN    ?= out/model.plan
 
-.PHONY: venv model run chat test export engine kernels prebuilt bench golden clean
+.PHONY: venv model run chat serve test export engine kernels prebuilt bench golden clean
 
 venv: $(VENV)/.done
 $(VENV)/.done: pyproject.toml
@@ -25,6 +25,9 @@ run: venv model
 
 chat: venv model
 	$(BIN)/qtrt chat --model $(MODEL)
+
+serve: venv model
+	$(BIN)/qtrt serve --model $(MODEL) --host 127.0.0.1 --port $(or $(PORT),8000)
 
 test: venv model
 	$(BIN)/python -m pytest -ra -q

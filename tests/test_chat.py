@@ -10,11 +10,10 @@ import re
 import sys
 import time
 
+import pexpect
 import pytest
 
 from conftest import require_real
-
-pexpect = pytest.importorskip("pexpect")
 
 
 def drive_chat(model_path, backend: str, transcript=None) -> dict:

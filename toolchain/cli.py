@@ -189,6 +189,46 @@ def cmd_chat(a):
     return repl(Chat(dec, a.system, sampling, a.max_new_tokens, a.stop))
 
 
+def cmd_serve(a):
+    import ipaddress
+
+    from .engine import Engine
+    from .progress import Progress
+    from .server import serve
+
+    if a.slots < 1:
+        raise UserError(f"--slots {a.slots}: must be at least 1")
+    if not 0 < a.port < 65536:
+        raise UserError(f"--port {a.port}: must be between 1 and 65535")
+    if a.max_tokens_limit < 1:
+        raise UserError(f"--max-tokens-limit {a.max_tokens_limit}: must be at least 1")
+    if a.max_context is not None and a.max_context < 2:
+        raise UserError(f"--max-context {a.max_context}: must be at least 2")
+    progress = Progress(False if a.quiet else None)
+    from .decoder import Decoder, choose_backend
+    from .fetch import resolve_model
+
+    path = resolve_model(a.model)
+    backend, why = choose_backend(a.backend, path)
+    dec = Decoder.open(path, a.max_context, progress)
+    if not a.quiet:
+        print(f"qtrt: backend {backend} ({why})", file=sys.stderr)
+    dec.start_backend(backend, progress, why, slots=a.slots)
+    engine = Engine(dec, slots=a.slots)
+    try:
+        loopback = ipaddress.ip_address(a.host).is_loopback
+    except ValueError:
+        loopback = a.host == "localhost"
+    if not a.quiet:
+        print(f"qtrt: serving {a.model_name or path.stem} on http://{a.host}:{a.port}/v1 with {a.slots} slots, "
+              f"context {dec.max_context}{'' if loopback else ' (reachable from other machines)'}"
+              f"{', API key required' if a.api_key else ''}", file=sys.stderr)
+    try:
+        serve(engine, a.model_name or path.stem, a.host, a.port, a.api_key, a.max_tokens_limit)
+    finally:
+        engine.close()
+
+
 def cmd_export(a):
     from .export import export_model
     from .fetch import resolve_model
@@ -256,6 +296,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = add("chat", cmd_chat, "interactive chat that keeps its KV cache between turns")
     _generation_options(s, 512)
+
+    s = add("serve", cmd_serve, "OpenAI-compatible HTTP server (continuous batching over --slots sequences)")
+    s.add_argument("--model", help="GGUF path or known model name (default: qwen2.5-coder-1.5b, fetched if missing)")
+    s.add_argument("--model-name", help="the model id clients send and /v1/models lists (default: the file's stem)")
+    s.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda", "tensorrt"),
+                   help="auto: cuda where a GPU is present, else cpu")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (loopback only by default)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port")
+    s.add_argument("--slots", type=int, default=4, help="sequences served at once (each with its own KV cache)")
+    s.add_argument("--max-context", type=int, help="KV cache length per slot (default: min(4096, the model's))")
+    s.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
+    s.add_argument("--api-key", help="require this key (Authorization: Bearer KEY or X-Api-Key)")
+    s.add_argument("--quiet", action="store_true", help="no start-up progress or banner on stderr")
 
     s = add("export", cmd_export, "write one ONNX graph per layer plus model.onnx")
     s.add_argument("model", nargs="?", help="GGUF path or known model name (default: qwen2.5-coder-1.5b)")

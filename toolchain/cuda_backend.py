@@ -289,8 +289,8 @@ class CudaBackend:
         self.buffers["positions"].upload(np.asarray(positions, np.int32), self.stream)
         self.buffers["slots"].upload(np.asarray(slots, np.int32), self.stream)
 
-    def step(self, ids, positions, slots) -> np.ndarray:
-        """Run one step of len(ids) tokens (any slots/positions) and return logits [m, vocab]."""
+    def step(self, ids, positions, slots, rows=None) -> np.ndarray:
+        """Run one step of len(ids) tokens (any slots/positions) and return the logits of `rows` (default all)."""
         m = len(ids)
         if m > self.max_tokens:
             raise ValueError(f"{m} tokens exceed max_tokens={self.max_tokens}")
@@ -302,7 +302,12 @@ class CudaBackend:
             self.decode_graph(1, self.long_context(int(positions[0]))).launch(self.stream)
         else:
             self.run_plan(m)
-        return self.buffers["logits"].download(self.stream, rows=m)
+        if rows is not None and not len(rows):
+            self.stream.synchronize()
+            return np.zeros((0, self.cfg.vocab), np.float32)
+        last = m if rows is None else max(rows) + 1  # download only up to the last row asked for
+        logits = self.buffers["logits"].download(self.stream, rows=last)
+        return logits if rows is None else logits[list(rows)]
 
     def forward(self, ids) -> np.ndarray:
         ids = check_token_ids(ids, self.cfg.vocab)

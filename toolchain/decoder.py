@@ -12,7 +12,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import UserError, check_token_ids
+from .errors import UserError, check_range, check_token_ids
 
 
 @dataclass(frozen=True)
@@ -83,12 +83,13 @@ class CpuBackend:
 
     name = "cpu"
 
-    def __init__(self, model, max_context: int, progress=None, weights: str | None = None):
+    def __init__(self, model, max_context: int, progress=None, weights: str | None = None, n_slots: int = 1):
         from .reference import ReferenceModel
 
         self.ref = ReferenceModel(model, progress=progress, weights=weights or cpu_weights())
-        self.max_context = max_context
-        self.cache = self.ref.new_cache(self.max_context)
+        self.max_context, self.n_slots = max_context, n_slots
+        self.caches = [self.ref.new_cache(self.max_context) for _ in range(n_slots)]  # one per sequence slot
+        self.cache = self.caches[0]  # forward() runs slot 0
         self.pos = 0
 
     def reset(self, pos: int = 0):
@@ -107,6 +108,29 @@ class CpuBackend:
             logits = self.ref.forward(chunk, self.pos, self.cache, last_only=True)
             self.pos += len(chunk)
         return logits[-1]
+
+    def step(self, ids, positions, slots, rows=None) -> np.ndarray:
+        """One step of tokens from any slots (toolchain/engine.py): each run of consecutive rows of one slot must
+        have consecutive positions (a prompt chunk or one decode token). Returns the logits of `rows` (default all),
+        [len(rows), vocab]."""
+        ids = check_token_ids(ids, self.ref.cfg.vocab)
+        positions, slots = [int(p) for p in positions], [int(s) for s in slots]
+        check_range(slots, self.n_slots, "slot")
+        check_range(positions, self.max_context, "position")
+        want = set(range(len(ids))) if rows is None else set(rows)
+        out: dict[int, np.ndarray] = {}
+        i = 0
+        while i < len(ids):
+            j = i + 1
+            while j < len(ids) and slots[j] == slots[i] and positions[j] == positions[j - 1] + 1:
+                j += 1
+            logits = self.ref.forward(ids[i:j], positions[i], self.caches[slots[i]])
+            for k in range(i, j):
+                if k in want:
+                    out[k] = logits[k - i]
+            i = j
+        order = sorted(want) if rows is None else list(rows)
+        return np.stack([out[k] for k in order]) if order else np.zeros((0, self.ref.cfg.vocab), np.float32)
 
 
 BACKENDS = ("cpu", "cuda", "tensorrt")
@@ -251,19 +275,24 @@ class Decoder:
             dec.tokenizer = Tokenizer.from_gguf(gm.reader)
         return dec
 
-    def start_backend(self, backend: str = "auto", progress=None, why: str | None = None) -> "Decoder":
-        """Build the backend (`auto` or a name; choose_backend's error if it cannot run here). `why`: the reason of an
-        earlier choose_backend call that already picked `backend`."""
+    def start_backend(self, backend: str = "auto", progress=None, why: str | None = None,
+                      slots: int = 1) -> "Decoder":
+        """Build the backend (`auto` or a name; choose_backend's error if it cannot run here) with `slots` KV-cache
+        slots (sequences at once, toolchain/engine.py). `why`: the reason of an earlier choose_backend call that
+        already picked `backend`."""
         from .progress import quiet
 
         progress = progress or quiet()
         name, reason = (backend, why) if why else choose_backend(backend, self.model.path)
         if name == "cpu":
-            self.backend = CpuBackend(self.model, self.max_context, progress=progress)
+            self.backend = CpuBackend(self.model, self.max_context, progress=progress, n_slots=slots)
         elif name == "cuda":
             from .cuda_backend import CudaBackend
 
-            self.backend = CudaBackend(self.model, self.max_context, progress=progress, prepare=True)
+            self.backend = CudaBackend(self.model, self.max_context, n_slots=slots, progress=progress, prepare=True)
+        elif slots > 1:
+            raise UserError(f"--slots {slots}: the tensorrt backend runs one sequence at a time; use --backend cuda "
+                            "(the same kernels) to serve several")
         else:
             from .trt.runtime import TensorRTBackend
 
@@ -279,6 +308,26 @@ class Decoder:
         if backend != "auto":
             choose_backend(backend)
         return cls.open(model, max_context, progress).start_backend(backend, progress)
+
+    def generate_many(self, prompts, max_new_tokens: int = 64, sampling: Sampling = Sampling(),
+                      chat: bool = False) -> list[Generation]:
+        """Generate for many prompts at once (continuous batching over the backend's slots, toolchain/engine.py):
+        one Generation per prompt, in order. Texts are cut at no stop string (use the engine for that)."""
+        from .engine import Engine, Params
+
+        ids = [self.encode_prompt(p, chat) for p in prompts]
+        for i in ids:
+            self.room(i)
+        engine = Engine(self, slots=max(1, min(len(ids), getattr(self.backend, "n_slots", 1))))
+        try:
+            t0 = time.perf_counter()
+            handles = engine.generate_many(ids, Params(max_tokens=max_new_tokens, sampling=sampling))
+            elapsed = time.perf_counter() - t0
+        finally:
+            engine.close()
+            self.cached_ids = []  # the engine used the cache's slots
+        return [Generation(i, h.ids, self.tokenizer.decode(h.ids), h.stats.get("ttft_s") or 0.0, elapsed,
+                           h.finish_reason or "error") for i, h in zip(ids, handles)]
 
     def room(self, ids) -> int:
         """New tokens that fit after a prompt of `ids` (every one but the last is fed back into the cache); a UserError

@@ -1,0 +1,132 @@
+"""The engine (toolchain/engine.py) on the cpu backend: under load (staggered arrivals, different prompt lengths,
+cancellations, more requests than slots) every request gets exactly the tokens it gets alone; slots are freed;
+prefix reuse keeps whole chunks and changes nothing; bad input is refused at submit."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from conftest import TINY
+from toolchain.decoder import CpuBackend, Decoder, Sampling
+from toolchain.engine import Engine, Params
+from toolchain.errors import UserError
+
+CTX = 512
+
+
+@pytest.fixture(scope="module")
+def tiny(synth_gguf):
+    return synth_gguf(**TINY)
+
+
+def _engine(tiny, slots=4, chunk=32):
+    dec = Decoder.open(str(tiny), CTX)
+    dec.backend = CpuBackend(dec.model, CTX, n_slots=slots)
+    return Engine(dec, slots=slots, prefill_chunk=chunk)
+
+
+def _alone(tiny, prompt, params):
+    eng = _engine(tiny)
+    try:
+        (h,) = eng.generate_many([prompt], params)
+        return h.ids, h.finish_reason
+    finally:
+        eng.close()
+
+
+def test_under_load_every_request_gets_its_tokens_alone(tiny):
+    rng = np.random.default_rng()
+    # distinct first tokens (no shared prefixes), lengths across chunk boundaries, some sampled with seeds
+    prompts = [[int(100 + i)] + list(map(int, rng.integers(0, TINY["vocab"], int(n))))
+               for i, n in enumerate(rng.integers(1, 90, 16))]
+    params = [Params(max_tokens=int(rng.integers(4, 20)),
+                      sampling=Sampling() if i % 3 else Sampling(temperature=0.8, top_p=0.9, seed=i))
+              for i in range(16)]
+    cancel = {3, 7, 12}
+    eng = _engine(tiny)
+    handles = [None] * 16
+
+    def client(i):
+        time.sleep(0.003 * i)  # staggered arrivals
+        handles[i] = eng.submit(prompts[i], params[i])
+        for n, event in enumerate(handles[i]):
+            if i in cancel and n == 1:
+                eng.abort(handles[i].id)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    status = eng.status()
+    eng.close()
+    assert status["busy_slots"] == 0 and status["queue"] == 0 and status["requests_finished"] == 16
+    for i in range(16):
+        h = handles[i]
+        if i in cancel:
+            assert h.finish_reason in ("abort", "length", "stop")
+            continue
+        ids, reason = _alone(tiny, prompts[i], params[i])
+        assert (h.ids, h.finish_reason) == (ids, reason), i
+
+
+def test_prefix_reuse_keeps_whole_chunks_and_changes_nothing(tiny):
+    rng = np.random.default_rng()
+    base = list(map(int, rng.integers(0, TINY["vocab"], 70)))
+    eng = _engine(tiny, slots=1)
+    try:
+        (first,) = eng.generate_many([base], Params(max_tokens=5))
+        follow = base + first.ids + [7, 8, 9]
+        (second,) = eng.generate_many([follow], Params(max_tokens=6))
+    finally:
+        eng.close()
+    assert second.stats["reused_tokens"] == 64  # two whole chunks of 32 of the 70 + 5 cached tokens
+    assert second.ids == _alone(tiny, follow, Params(max_tokens=6))[0]
+
+
+def test_more_requests_than_slots_wait_in_the_queue(tiny):
+    eng = _engine(tiny, slots=1)
+    try:
+        hs = [eng.submit([5 + i, 6, 7], Params(max_tokens=8)) for i in range(3)]
+        seen_queue = eng.status()["queue"]
+        for h in hs:
+            list(h)
+    finally:
+        eng.close()
+    assert seen_queue >= 1 and all(h.finish_reason == "length" and len(h.ids) == 8 for h in hs)
+
+
+def test_generation_stops_at_the_context_end(tiny):
+    eng = _engine(tiny, slots=1)
+    try:
+        (h,) = eng.generate_many([list(range(1, CTX - 3))], Params(max_tokens=50))
+    finally:
+        eng.close()
+    assert h.finish_reason == "length" and len(h.ids) == 4
+
+
+@pytest.mark.parametrize("prompt,word", [([TINY["vocab"]], "vocabulary"), ([-1], "vocabulary"), ([], "empty"),
+                                         (list(range(1, CTX + 1)), "context")])
+def test_bad_requests_are_refused_at_submit(tiny, prompt, word):
+    eng = _engine(tiny, slots=1)
+    try:
+        with pytest.raises(UserError, match=word):
+            eng.submit(prompt, Params())
+        assert eng.status()["requests_total"] == 0
+    finally:
+        eng.close()
+    with pytest.raises(UserError, match="max_tokens"):
+        Params(max_tokens=0)
+
+
+def test_decoder_generate_many_equals_generate(tiny):
+    dec = Decoder.open(str(tiny), CTX)
+    dec.backend = CpuBackend(dec.model, CTX, n_slots=3)
+    prompts = ["one two", "three four five six", "seven"]
+    many = dec.generate_many(prompts, max_new_tokens=10)
+    for p, g in zip(prompts, many):
+        single = dec.generate(p, max_new_tokens=10)
+        assert g.ids == single.ids and g.text == single.text

@@ -1,0 +1,311 @@
+"""Many requests at once over one backend: slots, a queue, continuous batching, chunked prefill, prefix reuse.
+
+    engine = Engine(decoder, slots=4)               # a Decoder whose backend has at least `slots` KV-cache slots
+    handle = engine.submit(prompt_ids, Params(max_tokens=64, sampling=Sampling(...)))
+    for event in handle: ...                        # or `async for event in handle` (asyncio-friendly)
+    engine.abort(handle.id); engine.close()
+
+Three parts, as in vLLM and llama-server (docs: ../shared/docs/serving.md):
+- `Scheduler.schedule()` only decides which tokens run next: one decode row per generating request first, then prompt
+  chunks of prefilling requests in the remaining row budget (a long prompt advances at most `prefill_chunk` tokens a
+  step, so it never stalls running streams for more than one chunk). Chunks start at multiples of `prefill_chunk`
+  and prefix reuse keeps whole chunks, so a prompt is computed in the same pieces whatever else runs.
+- `Engine` owns requests, slots and the loop (a thread): it admits requests into free slots (the slot whose cached
+  tokens share the longest prefix with the prompt, llama.cpp's prompt cache: those tokens are not recomputed), runs
+  the step on the backend, samples, retires requests (stop token, max_tokens, context end, abort) and frees their slots.
+- The backend only runs steps: `step(ids, positions, slots, rows) -> logits of those rows` (cpu and cuda backends).
+
+Events are (kind, payload): ("token", id) for each new token, then ("done", finish_reason) with finish_reason "stop",
+"length" or "abort"; ("error", message) if the step failed.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .decoder import Sampling, _common_prefix, sample
+from .errors import UserError, check_token_ids
+
+
+@dataclass(frozen=True)
+class Params:
+    max_tokens: int = 64
+    sampling: Sampling = Sampling()
+
+    def __post_init__(self):
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise UserError(f"max_tokens {self.max_tokens!r}: must be an integer >= 1")
+
+
+class RequestHandle:
+    """The caller's side of a request: iterate (sync or async) over its events."""
+
+    def __init__(self, rid: str):
+        self.id = rid
+        self._q: queue.Queue = queue.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._aq: asyncio.Queue | None = None
+        self.ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.stats: dict = {}
+
+    def _emit(self, event):
+        if event[0] == "token":
+            self.ids.append(event[1])
+        elif event[0] == "done":
+            self.finish_reason = event[1]
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._aq.put_nowait, event)
+        else:
+            self._q.put(event)
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop):
+        """Deliver events to this asyncio loop from now on (call before the first event, i.e. at submit)."""
+        self._loop, self._aq = loop, asyncio.Queue()
+
+    def __iter__(self):
+        while True:
+            event = self._q.get()
+            yield event
+            if event[0] in ("done", "error"):
+                return
+
+    async def __aiter__(self):
+        while True:
+            event = await self._aq.get()
+            yield event
+            if event[0] in ("done", "error"):
+                return
+
+
+@dataclass
+class Request:
+    id: str
+    prompt: list[int]
+    params: Params
+    handle: RequestHandle
+    rng: np.random.Generator
+    slot: int | None = None
+    computed: int = 0  # prompt tokens in the slot's cache
+    generated: list[int] = field(default_factory=list)
+    aborted: bool = False
+    reused: int = 0  # prompt tokens found in the slot's cache at admission
+    t_submit: float = field(default_factory=time.perf_counter)
+    t_first: float | None = None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.computed < len(self.prompt)
+
+
+@dataclass
+class Row:
+    token: int
+    position: int
+    slot: int
+    request: Request | None  # the request whose next token this row's logits give (None: mid-prompt row)
+
+
+class Scheduler:
+    """Which tokens run in the next step (and nothing else)."""
+
+    def __init__(self, max_rows: int, prefill_chunk: int):
+        self.max_rows, self.prefill_chunk = max_rows, prefill_chunk
+
+    def schedule(self, running: list[Request]) -> list[Row]:
+        rows: list[Row] = []
+        for r in running:  # decode rows first: every generating stream gets its token each step
+            if not r.prefilling and r.generated:
+                rows.append(Row(r.generated[-1], len(r.prompt) + len(r.generated) - 1, r.slot, r))
+        for r in running:  # then prompt chunks, oldest first, in the budget left
+            if not r.prefilling:
+                continue
+            # chunks on fixed boundaries (multiples of prefill_chunk): a prompt is computed in the same pieces
+            # whatever else runs, so on the cpu backend its tokens are exactly those it gets alone
+            n = min(self.prefill_chunk - r.computed % self.prefill_chunk, len(r.prompt) - r.computed)
+            if n > self.max_rows - len(rows):
+                continue  # waits for a step with room for the whole chunk
+            for j in range(n):
+                pos = r.computed + j
+                last = pos == len(r.prompt) - 1
+                rows.append(Row(r.prompt[pos], pos, r.slot, r if last else None))
+        return rows
+
+
+class Engine:
+    def __init__(self, decoder, slots: int = 4, prefill_chunk: int = 32, max_rows: int | None = None):
+        be = decoder.backend
+        if not hasattr(be, "step"):
+            raise UserError(f"the {be.name} backend runs one sequence at a time: serve with --backend cuda or cpu")
+        if getattr(be, "n_slots", 1) < slots:
+            raise UserError(f"--slots {slots}: the {be.name} backend was built with {getattr(be, 'n_slots', 1)} "
+                            "KV-cache slots")
+        self.decoder, self.backend, self.n_slots = decoder, be, slots
+        self.max_context = decoder.max_context
+        self.vocab = decoder.model.config.vocab
+        self.stop_ids = decoder.tokenizer.stop_token_ids
+        max_rows = max_rows or getattr(be, "max_tokens", 64)
+        if slots >= max_rows:
+            raise UserError(f"--slots {slots}: a step holds {max_rows} tokens; use fewer slots")
+        # a whole chunk always fits beside one decode row per slot: no prompt can starve
+        self.scheduler = Scheduler(max_rows, max(1, min(prefill_chunk, max_rows - slots)))
+        self.slot_tokens: list[list[int]] = [[] for _ in range(slots)]  # what each slot's cache holds
+        self.slot_owner: list[Request | None] = [None] * slots
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self._inbox: queue.Queue = queue.Queue()
+        self._submitted = 0  # submits not yet drained into `waiting` (under _lock: two threads count them)
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._wake = threading.Event()
+        self._closed = False
+        self.metrics = {"requests_total": 0, "requests_finished": 0, "tokens_generated": 0, "prompt_tokens": 0,
+                        "prompt_tokens_reused": 0, "steps": 0, "step_seconds": 0.0, "prefill_tokens": 0}
+        self._thread = threading.Thread(target=self._loop, name="qtrt-engine", daemon=True)
+        self._thread.start()
+
+    # -- the caller's side (any thread) ----------------------------------------------------------------------------
+    def submit(self, prompt_ids, params: Params = Params(), loop: asyncio.AbstractEventLoop | None = None
+               ) -> RequestHandle:
+        """Queue a request; its tokens are checked here (a UserError names the problem, nothing is queued)."""
+        if self._closed:
+            raise RuntimeError("the engine is closed")
+        ids = check_token_ids(list(prompt_ids), self.vocab)
+        if not ids:
+            raise UserError("the prompt is empty: give at least one token")
+        if len(ids) >= self.max_context:
+            raise UserError(f"the prompt has {len(ids)} tokens, which leaves no room in the context of "
+                            f"{self.max_context}")
+        handle = RequestHandle(f"req-{next(self._ids)}")
+        if loop is not None:
+            handle.bind_loop(loop)
+        seed = params.sampling.seed
+        req = Request(handle.id, ids, params, handle, np.random.default_rng(seed))
+        with self._lock:
+            self._submitted += 1
+        self._inbox.put(("submit", req))
+        self._wake.set()
+        return handle
+
+    def abort(self, request_id: str):
+        """Stop a request (a client went away, a stop string was seen): its slot is freed before the next step."""
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def generate_many(self, prompts, params: Params = Params()) -> list[RequestHandle]:
+        """Run many prompts concurrently and wait for all: their handles, with .ids and .finish_reason."""
+        handles = [self.submit(p, params) for p in prompts]
+        for h in handles:
+            for _ in h:
+                pass
+        return handles
+
+    def status(self) -> dict:
+        return {"slots": self.n_slots, "busy_slots": sum(o is not None for o in self.slot_owner),
+                "queue": len(self.waiting) + self._submitted, **self.metrics}
+
+    def close(self):
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    # -- the engine thread --------------------------------------------------------------------------------------------
+    def _loop(self):
+        while not self._closed:
+            self._drain()
+            self._admit()
+            if not self.running:
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                self._step()
+            except Exception as e:  # noqa: BLE001 - a failed step fails its requests, the engine goes on
+                for r in list(self.running):
+                    self._finish(r, None, error=f"{type(e).__name__}: {e}")
+
+    def _drain(self):
+        while True:
+            try:
+                kind, x = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "submit":
+                self.waiting.append(x)
+                with self._lock:
+                    self._submitted -= 1
+                self.metrics["requests_total"] += 1
+            else:
+                for r in self.waiting + self.running:
+                    if r.id == x:
+                        r.aborted = True
+                for r in [r for r in self.waiting if r.aborted]:
+                    self.waiting.remove(r)
+                    r.handle._emit(("done", "abort"))
+                for r in [r for r in self.running if r.aborted]:
+                    self._finish(r, "abort")
+
+    def _admit(self):
+        """Waiting requests into free slots, FCFS; each takes the free slot sharing the longest prefix with it."""
+        while self.waiting:
+            free = [s for s in range(self.n_slots) if self.slot_owner[s] is None]
+            if not free:
+                return
+            r = self.waiting.pop(0)
+            best = max(free, key=lambda s: _common_prefix(self.slot_tokens[s], r.prompt))
+            # reuse whole chunks only (their cache rows were computed in exactly the pieces this prompt would use),
+            # and leave at least one token to compute: its logits give the first new token
+            chunk = self.scheduler.prefill_chunk
+            keep = min(_common_prefix(self.slot_tokens[best], r.prompt), len(r.prompt) - 1) // chunk * chunk
+            r.slot, r.computed, r.reused = best, keep, keep
+            self.slot_owner[best] = r
+            self.slot_tokens[best] = r.prompt[:keep]
+            self.metrics["prompt_tokens"] += len(r.prompt)
+            self.metrics["prompt_tokens_reused"] += keep
+            self.running.append(r)
+
+    def _step(self):
+        rows = self.scheduler.schedule(self.running)
+        emit = [i for i, row in enumerate(rows) if row.request is not None]
+        t0 = time.perf_counter()
+        logits = self.backend.step([row.token for row in rows], [row.position for row in rows],
+                                   [row.slot for row in rows], rows=emit)
+        self.metrics["steps"] += 1
+        self.metrics["step_seconds"] += time.perf_counter() - t0
+        for row in rows:  # the cache now holds these tokens
+            toks = self.slot_tokens[row.slot]
+            del toks[row.position:]
+            toks.append(row.token)
+            owner = self.slot_owner[row.slot]
+            if owner is not None and owner.prefilling:
+                owner.computed = max(owner.computed, row.position + 1)
+                self.metrics["prefill_tokens"] += 1
+        for i, li in zip(emit, logits):
+            r = rows[i].request
+            tok = sample(li, r.params.sampling, r.rng)
+            r.generated.append(tok)
+            r.t_first = r.t_first or time.perf_counter()
+            self.metrics["tokens_generated"] += 1
+            if tok in self.stop_ids:
+                self._finish(r, "stop")
+                continue
+            r.handle._emit(("token", tok))
+            # the next step feeds this token at position len(prompt) + len(generated) - 1: it must fit the cache
+            if len(r.generated) >= r.params.max_tokens or len(r.prompt) + len(r.generated) >= self.max_context:
+                self._finish(r, "length")
+
+    def _finish(self, r: Request, reason: str | None, error: str | None = None):
+        if r in self.running:
+            self.running.remove(r)
+        if r.slot is not None and self.slot_owner[r.slot] is r:
+            self.slot_owner[r.slot] = None
+        r.handle.stats = {"prompt_tokens": len(r.prompt), "reused_tokens": r.reused,
+                          "ttft_s": (r.t_first - r.t_submit) if r.t_first else None}
+        self.metrics["requests_finished"] += 1
+        r.handle._emit(("error", error) if error else ("done", reason))
