@@ -163,3 +163,16 @@ def test_openai_client_against_the_real_0_5b():
                                                 max_tokens=24).choices[0] for q in questions]
         assert [c.message.content for c in together] == [c.message.content for c in alone]
         assert _health(url) == {"status": "ok", "slots": 4, "busy_slots": 0, "queue": 0}
+
+
+def test_soak_none_lost_no_slot_leak(tiny_server):
+    """scripts/load_test.py (bounded: 80 streaming requests from 6 clients, staggered, prompts of 7 lengths, plus one
+    long prompt while they run): every request completes, none is lost, and the slots and queue are empty after."""
+    r = subprocess.run([sys.executable, "scripts/load_test.py", "--url", tiny_server, "--clients", "6", "--requests",
+                        "80", "--max-tokens", "16", "--long-prompt", "600", "--seconds", "240", "-o", "/dev/null"],
+                       capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    report = json.loads(r.stdout)
+    assert report["completed"] == report["sent"] == 80 and report["lost"] == 0 and report["failed"] == 0
+    assert report["health_after"] == {"status": "ok", "slots": 2, "busy_slots": 0, "queue": 0}
+    assert report["long_prompt"]["ttft_s"] > 0

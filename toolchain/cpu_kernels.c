@@ -12,6 +12,8 @@
 #include <string.h>
 
 enum { T_Q4_K = 0, T_Q6_K = 1, T_Q5_0 = 2, T_Q8_0 = 3 };
+// Below this many weights a matrix is done on the calling thread: waking the team costs more than it saves.
+#define PAR_MIN (1L << 20)
 
 static float f16(const uint8_t *p) {
     uint16_t h = (uint16_t)(p[0] | (p[1] << 8));
@@ -114,7 +116,7 @@ static void deq_row(const uint8_t *w, int k, int type, float *o) {
 
 void qt_dequant(const uint8_t *w, long n, int k, int type, float *out) {
     const size_t rb = (size_t)k / block_elems(type) * block_bytes(type);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n * (long)k >= PAR_MIN)
     for (long r = 0; r < n; r++) deq_row(w + (size_t)r * rb, k, type, out + (size_t)r * k);
 }
 
@@ -139,7 +141,7 @@ int qt_matmul(const float *x, int m, int k, const uint8_t *w, long n, int type, 
     if (m > MAXT) return 2;
     const size_t rb = (size_t)k / block_elems(type) * block_bytes(type);
     int failed = 0;
-#pragma omp parallel
+#pragma omp parallel if (n * (long)k >= PAR_MIN)
     {
         float *row = (float *)malloc(sizeof(float) * (size_t)k);
         if (!row) {

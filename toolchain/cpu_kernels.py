@@ -63,6 +63,8 @@ def _library():
             (cache / f"cpu_kernels-{key}.log").write_text(res.stdout + res.stderr)
             return None
         os.replace(tmp, lib)  # atomic: a concurrent build never loads a partial file
+    # idle OpenMP threads sleep instead of spinning: they share the cores with numpy's BLAS threads between calls
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     so = ctypes.CDLL(str(lib))
     so.qt_dequant.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     so.qt_dequant.restype = None
