@@ -35,8 +35,10 @@ class Sampling:
         return self.temperature == 0
 
 
-def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
-    """Temperature, then top-k, then top-p (nucleus) over what remains, as llama.cpp and HF order them."""
+def sample_reference(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
+    """Temperature, then top-k, then top-p (nucleus) over what remains, as llama.cpp and HF order them. The plain
+    definition (a full sort of the vocabulary, ~18 ms for Qwen's 151,936 tokens on 2 cores): `sample` is tested
+    against it."""
     if s.greedy:
         return int(np.argmax(logits))
     z = logits.astype(np.float64) / s.temperature
@@ -49,6 +51,53 @@ def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
         keep = int(np.searchsorted(np.cumsum(p), s.top_p) + 1)
         order, p = order[:keep], p[:keep] / p[:keep].sum()
     return int(order[rng.choice(len(order), p=p)])
+
+
+SAMPLE_CANDIDATES = 1024  # the most likely tokens sorted on the fast path; the rest only when they matter
+
+
+def _draw(p: np.ndarray, u: float) -> int:
+    """Index drawn from weights p by the uniform u, as numpy's Generator.choice(len(p), p=p) does (cdf, searchsorted
+    right)."""
+    cdf = np.cumsum(p)
+    cdf /= cdf[-1]
+    return int(np.searchsorted(cdf, u, side="right"))
+
+
+def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
+    """sample_reference without sorting the vocabulary: only the SAMPLE_CANDIDATES most likely tokens (or top-k) are
+    sorted (argpartition, O(vocab)), and the rest is needed only when the nucleus or the drawn uniform reaches past
+    them, which falls back to the full sort. Same order (ties by token id), same single uniform per draw as
+    Generator.choice: the same token as the reference except where float sums in another order move a boundary."""
+    if s.greedy:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / s.temperature
+    vocab = len(z)
+    c = min(vocab, s.top_k or SAMPLE_CANDIDATES)
+    if c < vocab:
+        part = np.argpartition(-z, c - 1)[:c]
+        part = np.union1d(part, np.flatnonzero(z == z[part].min()))  # ties at the cut: the stable sort's first ones
+    else:
+        part = np.arange(vocab)
+    cand = part[np.lexsort((part, -z[part]))][: s.top_k or None]  # descending z, ties by id
+    zmax = z[cand[0]]
+    p = np.exp(z[cand] - zmax)
+    whole = bool(s.top_k) or len(cand) == vocab  # the candidates are everything that can be drawn
+    p /= p.sum() if whole else np.exp(z - zmax).sum()
+    if s.top_p < 1:
+        cums = np.cumsum(p)
+        if cums[-1] < s.top_p and not whole:
+            return sample_reference(logits, s, rng)  # the nucleus is wider than the candidates
+        keep = int(np.searchsorted(cums, s.top_p) + 1)
+        return int(cand[_draw(p[:keep] / p[:keep].sum(), rng.random())])
+    u = rng.random()
+    if whole:
+        return int(cand[_draw(p, u)])
+    if u < np.cumsum(p)[-1] * (1 - 1e-12):  # the draw lands among the candidates (cdf over the whole vocabulary)
+        cdf = np.cumsum(p)
+        return int(cand[np.searchsorted(cdf, u, side="right")])
+    order = np.argsort(-z, kind="stable")  # the tail matters: the whole sorted vocabulary, the same uniform
+    return int(order[_draw(np.exp(z[order] - zmax), u)])
 
 
 @dataclass
