@@ -176,3 +176,14 @@ def test_soak_none_lost_no_slot_leak(tiny_server):
     assert report["completed"] == report["sent"] == 80 and report["lost"] == 0 and report["failed"] == 0
     assert report["health_after"] == {"status": "ok", "slots": 2, "busy_slots": 0, "queue": 0}
     assert report["long_prompt"]["ttft_s"] > 0
+
+
+def test_port_in_use_is_one_line_before_the_model_loads(tmp_path):
+    """The address is bound first: a busy port is a one-line error, exit 2, even with a model that does not exist."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "toolchain.cli", "serve", "--model", str(tmp_path / "absent.gguf"),
+                            "--port", str(port)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--port" in r.stderr and "absent" not in r.stderr

@@ -119,9 +119,10 @@ def _check_common(a):
     return _sampling(a)
 
 
-def _open_decoder(a, progress, prompt_check=None):
+def _open_decoder(a, progress, prompt_check=None, slots: int = 1):
     """Resolve the model, check the backend can run (before any slow work), read the GGUF and tokenizer, run
-    `prompt_check(decoder)` (prompt length against the context), then say which backend runs and why, and start it."""
+    `prompt_check(decoder)` (prompt length against the context), then say which backend runs and why, and start it
+    with `slots` KV-cache slots."""
     from .decoder import Decoder, choose_backend
     from .fetch import resolve_model
 
@@ -131,7 +132,7 @@ def _open_decoder(a, progress, prompt_check=None):
     result = prompt_check(dec) if prompt_check else None
     if not a.quiet:
         print(f"qtrt: backend {backend} ({why})", file=sys.stderr)
-    dec.start_backend(backend, progress, why)
+    dec.start_backend(backend, progress, why, slots=slots)
     return dec, result
 
 
@@ -194,7 +195,7 @@ def cmd_serve(a):
 
     from .engine import Engine
     from .progress import Progress
-    from .server import serve
+    from .server import bind, serve
 
     if a.slots < 1:
         raise UserError(f"--slots {a.slots}: must be at least 1")
@@ -204,29 +205,25 @@ def cmd_serve(a):
         raise UserError(f"--max-tokens-limit {a.max_tokens_limit}: must be at least 1")
     if a.max_context is not None and a.max_context < 2:
         raise UserError(f"--max-context {a.max_context}: must be at least 2")
-    progress = Progress(False if a.quiet else None)
-    from .decoder import Decoder, choose_backend
-    from .fetch import resolve_model
-
-    path = resolve_model(a.model)
-    backend, why = choose_backend(a.backend, path)
-    dec = Decoder.open(path, a.max_context, progress)
-    if not a.quiet:
-        print(f"qtrt: backend {backend} ({why})", file=sys.stderr)
-    dec.start_backend(backend, progress, why, slots=a.slots)
-    engine = Engine(dec, slots=a.slots)
+    sock = bind(a.host, a.port)
     try:
-        loopback = ipaddress.ip_address(a.host).is_loopback
-    except ValueError:
-        loopback = a.host == "localhost"
-    if not a.quiet:
-        print(f"qtrt: serving {a.model_name or path.stem} on http://{a.host}:{a.port}/v1 with {a.slots} slots, "
-              f"context {dec.max_context}{'' if loopback else ' (reachable from other machines)'}"
-              f"{', API key required' if a.api_key else ''}", file=sys.stderr)
-    try:
-        serve(engine, a.model_name or path.stem, a.host, a.port, a.api_key, a.max_tokens_limit)
+        dec, _ = _open_decoder(a, Progress(False if a.quiet else None), slots=a.slots)
+        engine = Engine(dec, slots=a.slots)
+        try:
+            loopback = ipaddress.ip_address(a.host).is_loopback
+        except ValueError:
+            loopback = a.host == "localhost"
+        name = a.model_name or os.path.splitext(os.path.basename(dec.model.path))[0]
+        if not a.quiet:
+            print(f"qtrt: serving {name} on http://{a.host}:{a.port}/v1 with {a.slots} slots, context "
+                  f"{dec.max_context}{'' if loopback else ' (reachable from other machines)'}"
+                  f"{', API key required' if a.api_key else ''}", file=sys.stderr)
+        try:
+            serve(engine, name, sock, a.api_key, a.max_tokens_limit)
+        finally:
+            engine.close()
     finally:
-        engine.close()
+        sock.close()
 
 
 def cmd_export(a):

@@ -304,9 +304,27 @@ class Server:
             self.engine.abort(handle.id)
 
 
-def serve(engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_tokens_limit: int = 4096, log_level: str = "warning"):
+def bind(host: str, port: int):
+    """The listening socket, bound before the model loads: an address in use or unknown is a one-line UserError at
+    once, and uvicorn is handed this very socket (no window for another process to take the port)."""
+    import socket
+
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(info[0], socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(info[4])
+        sock.listen(128)
+    except OSError as e:  # socket.gaierror included
+        raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); choose another "
+                        "--port, or a --host of this machine") from None
+    return sock
+
+
+def serve(engine: Engine, model_name: str, sock, api_key: str | None = None, max_tokens_limit: int = 4096,
+          log_level: str = "warning"):
+    """Serve on the bound socket `sock` (bind()) until interrupted."""
     import uvicorn
 
     app = Server(engine, model_name, api_key, max_tokens_limit).app()
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
