@@ -568,7 +568,7 @@ class _Kernel:
         self.calls.append(list(args))
 
 
-def _bare_runner(monkeypatch):
+def _bare_runner():
     from toolchain.trt.runtime import TensorRTRunner
 
     r = object.__new__(TensorRTRunner)  # no plan or TensorRT: only what _advance and _run_graph touch
@@ -583,7 +583,7 @@ def _bare_runner(monkeypatch):
 def test_advance_follows_rebound_buffers(monkeypatch):
     """_advance launched with the token/position addresses of its first use; after _bind() replaced those buffers it
     wrote to the old ones."""
-    r, kernel = _bare_runner(monkeypatch)
+    r, kernel = _bare_runner()
     r._advance()
     r.buf["token_ids"], r.buf["positions"] = _Buf(201), _Buf(301)  # what _bind() does
     r._advance()
@@ -596,7 +596,7 @@ def test_invalidated_capture_falls_back_with_a_message(monkeypatch, capsys):
     escape: the step already ran plainly, and the runner goes on without graphs, saying so once."""
     import contextlib
 
-    r, kernel = _bare_runner(monkeypatch)
+    r, kernel = _bare_runner()
 
     class Stream:
         def synchronize(self):

@@ -93,8 +93,8 @@ def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
     u = rng.random()
     if whole:
         return int(cand[_draw(p, u)])
-    if u < np.cumsum(p)[-1] * (1 - 1e-12):  # the draw lands among the candidates (cdf over the whole vocabulary)
-        cdf = np.cumsum(p)
+    cdf = np.cumsum(p)  # over the whole vocabulary's mass
+    if u < cdf[-1] * (1 - 1e-12):  # the draw lands among the candidates
         return int(cand[np.searchsorted(cdf, u, side="right")])
     order = np.argsort(-z, kind="stable")  # the tail matters: the whole sorted vocabulary, the same uniform
     return int(order[_draw(np.exp(z[order] - zmax), u)])
@@ -195,8 +195,6 @@ def trt_cache_dir(gguf_path):
 
 def existing_plan(gguf_path) -> str | None:
     """A TensorRT plan for this model: $QTRT_PLAN, or one `qtrt`'s TensorRT backend built beside the GGUF."""
-    import os
-
     if os.environ.get("QTRT_PLAN"):
         return os.environ["QTRT_PLAN"]
     plans = sorted(trt_cache_dir(gguf_path).glob("model-ctx*.plan"))
@@ -237,8 +235,9 @@ def choose_backend(requested: str, gguf_path=None) -> tuple[str, str]:
     from . import cuda_runtime
 
     gpu = cuda_runtime.device_name()
-    if gguf_path is not None and backend_problem("tensorrt") is None and existing_plan(gguf_path):
-        return "tensorrt", f"auto: {gpu}, TensorRT and the plan {existing_plan(gguf_path)}"
+    plan = existing_plan(gguf_path) if gguf_path is not None else None
+    if plan and backend_problem("tensorrt") is None:
+        return "tensorrt", f"auto: {gpu}, TensorRT and the plan {plan}"
     return "cuda", f"auto: {gpu}"
 
 
@@ -354,9 +353,8 @@ class Decoder:
     def load(cls, model, backend: str = "auto", max_context: int | None = None, progress=None) -> "Decoder":
         """open() then start_backend(): the whole load. An unknown or unavailable backend fails before the model
         is read."""
-        if backend != "auto":
-            choose_backend(backend)
-        return cls.open(model, max_context, progress).start_backend(backend, progress)
+        why = choose_backend(backend)[1] if backend != "auto" else None  # auto needs the file (a plan beside it)
+        return cls.open(model, max_context, progress).start_backend(backend, progress, why)
 
     def generate_many(self, prompts, max_new_tokens: int = 64, sampling: Sampling = Sampling(),
                       chat: bool = False) -> list[Generation]:

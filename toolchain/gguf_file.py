@@ -81,8 +81,8 @@ class TensorInfo:
 
 
 class _Cursor:
-    def __init__(self, buf, path: str):
-        self.buf, self.pos, self.path = buf, 0, path
+    def __init__(self, buf):
+        self.buf, self.pos = buf, 0
 
     def take(self, n: int) -> bytes:
         end = self.pos + n
@@ -126,7 +126,7 @@ class _Cursor:
         if vt != _ValueType.ARRAY:
             return self.unpack(_SCALAR[vt])
         etype, count = self.unpack("<I"), self.unpack("<Q")
-        if etype in _NUMPY.keys() and etype != _ValueType.ARRAY:
+        if etype in _NUMPY:
             dt = np.dtype(_NUMPY[_ValueType(etype)])
             return np.frombuffer(self.take(count * dt.itemsize), dt).tolist()
         if etype == _ValueType.STRING:  # the vocabulary and merges: 300k strings, so one tight loop
@@ -202,7 +202,7 @@ class GGUFFile:
             pass
 
     def _parse(self):
-        cur = _Cursor(self._map, self.path)  # mmap slices are bytes
+        cur = _Cursor(self._map)  # mmap slices are bytes
         if cur.take(4) != GGUF_MAGIC:
             raise GGUFFormatError("no GGUF magic at the start of the file")
         version = cur.unpack("<I")

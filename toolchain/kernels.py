@@ -362,10 +362,13 @@ def _source_key(src: Path, defs: dict, fmt: str, arch: str) -> str:
     return f"{src.stem}-{h.hexdigest()[:20]}"
 
 
+def _defines_text(defines: dict | None) -> dict:
+    return {str(k): _define_text(v) for k, v in (defines or {}).items()}
+
+
 def prebuilt_path(op: str, defines: dict | None = None, fmt: str = "cubin", arch: str = "sm_90") -> Path:
     """Where the shipped build of (op, defines) lives; it exists for every build of the two real models."""
-    defs = {str(k): _define_text(v) for k, v in (defines or {}).items()}
-    return PREBUILT / f"{_source_key(source_file(op), defs, fmt, arch)}.{fmt}"
+    return PREBUILT / f"{_source_key(source_file(op), _defines_text(defines), fmt, arch)}.{fmt}"
 
 
 def compile_kernel(op: str, defines: dict | None = None, fmt: str = "ptx", arch: str = "sm_90",
@@ -378,10 +381,8 @@ def compile_kernel(op: str, defines: dict | None = None, fmt: str = "ptx", arch:
     4 ops of one family share one compilation."""
     if fmt not in ("ptx", "cubin"):
         raise UserError(f"fmt must be 'ptx' or 'cubin', got {fmt!r}")
-    src = source_file(op)
-    defs = {str(k): _define_text(v) for k, v in (defines or {}).items()}
-    key = _source_key(src, defs, fmt, arch)
-    shipped = PREBUILT / f"{key}.{fmt}"
+    src, defs = source_file(op), _defines_text(defines)
+    shipped = prebuilt_path(op, defines, fmt, arch)
     if prebuilt and shipped.is_file():
         return shipped.read_bytes()
     nvcc = nvcc_path()
@@ -389,7 +390,7 @@ def compile_kernel(op: str, defines: dict | None = None, fmt: str = "ptx", arch:
         raise UserError(f"no prebuilt kernel for {op} with {defs or 'no defines'} (a model layout other than the two "
                         "real Qwen2.5-Coder files, or changed kernel sources) and nvcc was not found: install the CUDA "
                         "toolkit, or set NVCC / CUDA_HOME")
-    key = f"{key}-{hashlib.sha256(_nvcc_version(nvcc).encode()).hexdigest()[:8]}"
+    key = f"{shipped.stem}-{hashlib.sha256(_nvcc_version(nvcc).encode()).hexdigest()[:8]}"
     CACHE.mkdir(parents=True, exist_ok=True)
     out = CACHE / f"{key}.{fmt}"
     if out.exists():
