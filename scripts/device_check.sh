@@ -5,13 +5,15 @@
 # the cuda backend; time to first token against LLAMA_CLI="<llama.cpp command template>", scripts/ttft.py).
 # Logs and JSON go to $OUT (the device tool brings that folder back). STAGES="tests bench" runs a subset;
 # TESTS="tests/x.py ..." narrows the tests stage; STAGES=tuning times the decode tunings (scripts/decode_tuning.py).
+# STAGES="serve engine": the openai client and the soak against qtrt serve --backend cuda with the real 1.5B, and the
+# engine's overhead against the raw batched step (scripts/engine_bench.py; ENGINE_MODEL to use the real GGUF).
 set -uo pipefail
 OUT=${OUT:-out/device}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export QTRT_KERNEL_CACHE=/tmp/qtrt-kernels QTRT_BENCH_DIR=/tmp
 if ls .whl/*.whl >/dev/null 2>&1; then  # packages the GPU image lacks (gguf), carried as wheels
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
 STAGES=${STAGES:-"env kernels tests sanitizer bench generate"}
 SYNTH=/tmp/qwen2.5-coder-1.5b-synthetic.gguf  # written by the bench / sanitizer stages (synthetic weights)
@@ -35,6 +37,8 @@ for s in $STAGES; do
     bench) run bench python3 -m toolchain.cli bench -o "$OUT" ${BENCH_ARGS:-} ;;
     chat) run chat env QTRT_CHAT_TRANSCRIPT="$OUT/chat-transcript.txt" python3 -m pytest -p no:cacheprovider -v -rs tests/test_chat.py -k gpu ;;
     ttft) run ttft python3 scripts/ttft.py --model "$QTRT_MODELS_DIR/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf" --runs ${RUNS:-5} --no-compiler --drop-caches ${LLAMA_CLI:+--llama "$LLAMA_CLI"} -o "$OUT/ttft.json" ;;
+    serve) run serve env QTRT_SERVE_TRANSCRIPT="$OUT/serve-transcript.txt" QTRT_LOAD_REPORT="$OUT/soak.json" python3 -m pytest -p no:cacheprovider -v -rs tests/test_server.py -k cuda ;;
+    engine) run engine python3 scripts/engine_bench.py --model "${ENGINE_MODEL:-synthetic:qwen2.5-coder-1.5b}" ${ENGINE_ARGS:-} -o "$OUT/engine.json" ;;
     generate) run generate bash -c "python3 -m toolchain.cli generate --model $SYNTH --backend cuda --prompt 'hello world' --max-new-tokens 32 --json && python3 -m toolchain.cli generate --model $SYNTH --backend cpu --prompt 'hello world' --max-new-tokens 32 --json" ;;
   esac
 done

@@ -1,7 +1,7 @@
 """Load against a running `qtrt serve` (127.0.0.1 only): N concurrent streaming clients, bounded in count and time.
 
 Each client sends streaming chat or completion requests one after another (staggered starts, prompts of different
-lengths, greedy), and the run reports what users feel and what operators watch:
+lengths, greedy, or every other one sampled with --sampled), and the run reports what users feel and what operators watch:
 - requests sent, completed, failed (a failed or lost request is an error: exit 1);
 - aggregate generated tokens/s, time to first token and inter-token latency (p50 / p99);
 - optionally the first-token time of one long prompt sent while the others run (--long-prompt N tokens), and the
@@ -37,11 +37,13 @@ def _rss_kb(pid: int | None) -> int | None:
     return None
 
 
-def stream_one(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> dict:
+def stream_one(client: httpx.Client, url: str, prompt: str, max_tokens: int, sampled: bool = False) -> dict:
     t0 = time.perf_counter()
     stamps, text = [], []
-    with client.stream("POST", url + "/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens,
-                                                              "stream": True, "temperature": 0}) as r:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0}
+    if sampled:
+        body |= {"temperature": 0.7, "top_p": 0.9}
+    with client.stream("POST", url + "/v1/completions", json=body) as r:
         if r.status_code != 200:
             return {"ok": False, "status": r.status_code, "body": r.read().decode()[:300]}
         for line in r.iter_lines():
@@ -74,6 +76,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=600, help="stop sending after this long (bounded)")
     ap.add_argument("--long-prompt", type=int, default=0, help="also send one prompt of about this many tokens")
+    ap.add_argument("--sampled", action="store_true", help="every other request samples (temperature 0.7, top-p 0.9)")
     ap.add_argument("--pid", type=int, help="the server's pid, for its resident memory before and after")
     ap.add_argument("-o", "--output", default="load.json")
     a = ap.parse_args()
@@ -95,7 +98,7 @@ def main():
                     sent[0] += 1
                 prompt = " ".join(WORDS[(n + j) % len(WORDS)] for j in range(8 + 13 * (n % 7)))
                 try:
-                    r = stream_one(c, a.url, f"Request {n}: {prompt}", a.max_tokens)
+                    r = stream_one(c, a.url, f"Request {n}: {prompt}", a.max_tokens, a.sampled and n % 2 == 1)
                 except httpx.HTTPError as e:
                     r = {"ok": False, "error": f"{type(e).__name__}: {e}"}
                 with lock:

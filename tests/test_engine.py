@@ -130,3 +130,75 @@ def test_decoder_generate_many_equals_generate(tiny):
     for p, g in zip(prompts, many):
         single = dec.generate(p, max_new_tokens=10)
         assert g.ids == single.ids and g.text == single.text
+
+
+TIE = 2e-2  # greedy: below this top-2 logit margin the batched and batch-1 kernels may pick either token
+EDGE = 5e-3  # sampled: a uniform this close to a boundary of the kept set's cdf may land on either side
+
+
+def _near_tie_where_they_part(be, prompt, s, seed, a, b) -> str | None:
+    """None if the runs a and b of one request agree, or part where the step's logits (recomputed on the backend,
+    slot 0) leave the choice to rounding; else why not."""
+    from toolchain.sampling import kept_tokens, uniform
+
+    k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    if a == b:
+        return None
+    seq = prompt + a[:k]
+    for i in range(0, len(seq), 64):  # prefill the sequence into slot 0, the last row's logits
+        chunk = seq[i:i + 64]
+        logits = be.step(chunk, list(range(i, i + len(chunk))), [0] * len(chunk), rows=[len(chunk) - 1])[0]
+    if s.greedy:
+        top = np.sort(logits)[-2:]
+        return None if top[1] - top[0] < TIE else f"parts at {k} with a top-2 margin of {top[1] - top[0]:.4f}"
+    _, p = kept_tokens(logits, s, seq)
+    gap = float(np.min(np.abs(np.cumsum(p) - uniform(seed, len(seq) - 1))))
+    return None if gap < EDGE else f"parts at {k}, its uniform {gap:.4f} from every cdf boundary"
+
+
+@pytest.mark.gpu
+def test_under_load_on_cuda_every_request_gets_its_tokens_alone(synth_gguf):
+    """The engine on the cuda backend with device-side sampling (synthetic 1.5B layout, Qwen's vocabulary): 16
+    requests (greedy and seeded sampled with penalties, staggered, prompts across chunk boundaries) under load get the
+    tokens they get alone, up to the first near-tie: alone runs steps of one token, under load the batched kernels
+    sum in another order."""
+    from toolchain.cuda_backend import CudaBackend
+
+    path = synth_gguf("qwen2.5-coder-1.5b", seed=3)
+    dec = Decoder.open(str(path), 1024)
+    dec.backend = CudaBackend(dec.model, 1024, n_slots=8, max_tokens=64)
+    rng = np.random.default_rng()
+    prompts = [[int(100 + i)] + list(map(int, rng.integers(0, 151936, int(n))))
+               for i, n in enumerate(rng.integers(1, 90, 16))]
+    params = [Params(max_tokens=int(rng.integers(8, 24)),
+                     sampling=Sampling() if i % 2 else Sampling(0.8, 40, 0.9, seed=i, repetition_penalty=1.1))
+              for i in range(16)]
+    try:
+        eng = Engine(dec, slots=8)
+        handles = [None] * 16
+
+        def client(i):
+            time.sleep(0.002 * i)
+            handles[i] = eng.submit(prompts[i], params[i])
+            for _ in handles[i]:
+                pass
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert eng.status()["busy_slots"] == 0
+        eng.close()
+        alone = Engine(dec, slots=8)
+        runs = [alone.generate_many([prompts[i]], params[i])[0] for i in range(16)]
+        again = alone.generate_many([prompts[0]], params[0])[0]
+        alone.close()
+        assert again.ids == runs[0].ids  # a seeded request alone: the same tokens twice
+        assert all(h.finish_reason in ("stop", "length") for h in handles)
+        why = {i: _near_tie_where_they_part(dec.backend, prompts[i], params[i].sampling, i, runs[i].ids,
+                                            handles[i].ids) for i in range(16)}
+        assert not any(why.values()), why
+        assert sum(runs[i].ids == handles[i].ids for i in range(16)) >= 8
+    finally:
+        dec.backend.close()

@@ -90,12 +90,18 @@ def load_model(spec: str, workdir: Path):
     return load_gguf(resolve_model(spec))
 
 
-def time_decode(be, ctx: int, m: int, tokens: int, cr) -> float:
+SAMPLED = {"temperature": 0.7, "top_p": 0.9}  # issue 14's sampled-decode setting
+
+
+def time_decode(be, ctx: int, m: int, tokens: int, cr, sampling=None) -> float:
     """Seconds per decode step of m tokens (m sequences in slots 0..m-1 at position ctx), graph replays (the graph
-    of position ctx: CudaBackend.long_context)."""
+    of position ctx: CudaBackend.long_context). With `sampling`, every slot samples on the device with it."""
     be.pos = ctx
+    if sampling is not None:
+        for slot in range(m):
+            be.set_sampling(slot, sampling, 1234 + slot, [0] * (ctx + 1), ctx)
     be._set_inputs(np.zeros(m, np.int32), np.full(m, ctx), np.arange(m))
-    g = be.decode_graph(m, be.long_context(ctx))
+    g = be.decode_graph(m, be.long_context(ctx), sampled=sampling is not None)
     g.launch(be.stream)
     be.stream.synchronize()
     be._set_inputs(np.zeros(m, np.int32), np.full(m, ctx), np.arange(m))
@@ -112,12 +118,12 @@ def time_prefill(be, m: int, cr, reps: int = 5) -> float:
 
 
 def kernel_breakdown(be, cr, reps: int = 20, m: int = 1, last_only: bool = False,
-                     ctx: int | None = None) -> dict[str, float]:
+                     ctx: int | None = None, sampled: bool = False) -> dict[str, float]:
     """Microseconds per step by kernel family: the family's launches of one step (m tokens) captured alone into a
     CUDA graph and replayed (events around single launches would mostly time the events themselves). With ctx, the
     m tokens sit at position ctx (slots 0..m-1) before each family (decode_advance moves them on): the attention's
     time depends on it."""
-    plan = be.plan(m, last_only, long_context=ctx is not None and be.long_context(ctx))
+    plan = be.plan(m, last_only, long_context=ctx is not None and be.long_context(ctx), sampled=m if sampled else 0)
     out = {}
     for op in sorted({launch.op for launch in plan}):
         if ctx is not None:
@@ -207,6 +213,15 @@ def run_bench(a):
             anchor = LLAMA_CPP_ANCHORS.get(tg_name(ctx))
             if anchor:
                 row["vs_llama_cpp_same_depth"] = round((1 / s) / anchor, 2)
+            if fused:  # the same step with the device sampler (issue 14: >= 97% of greedy)
+                from .sampling import Sampling
+
+                ss = time_decode(be, ctx, 1, a.tokens, cr, Sampling(**SAMPLED))
+                row |= {"sampled": SAMPLED, "sampled_tok_s": round(1 / ss, 1), "sampled_vs_greedy": round(s / ss, 3)}
+                print(f"         ctx {ctx:5d} sampled {SAMPLED}: {1 / ss:8.1f} tok/s, {s / ss:.3f} of greedy")
+                sk = kernel_breakdown(be, cr, ctx=ctx, sampled=True)
+                row["sampled_kernels_us"] = {k: v for k, v in sk.items() if k in ("apply_penalties", "sample_tokens")}
+                print(f"         sampler kernels (us): {row['sampled_kernels_us']}")
             results["decode"].append(row)
             depth = f" ({row['vs_llama_cpp_same_depth']:.2f}x at depth {ctx})" if anchor else ""
             print(f"{row['graph']:8s} ctx {ctx:5d}: {row['tok_s']:8.1f} tok/s  {row['us_per_token']:7.1f} us/token  "

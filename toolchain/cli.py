@@ -103,7 +103,8 @@ def _read_text(path: str, what: str) -> str:
 def _sampling(a):
     from .decoder import Sampling
 
-    return Sampling(a.temperature, a.top_k, a.top_p, a.seed)
+    return Sampling(a.temperature, a.top_k, a.top_p, a.seed, a.min_p, a.repeat_penalty, a.presence_penalty,
+                    a.frequency_penalty)
 
 
 def _check_common(a):
@@ -253,9 +254,17 @@ def _generation_options(s, max_new_tokens: int):
     s.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
                    help="most new tokens per answer; generation also stops at the end of the context")
     s.add_argument("--max-context", type=int, help="KV cache length in tokens (default: min(4096, the model's))")
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the fastest path on the GPU)")
+    s.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy; sampling runs on the GPU too (cuda backend)")
     s.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
     s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set with this probability")
+    s.add_argument("--min-p", type=float, default=0.0,
+                   help="keep tokens at least this fraction as likely as the most likely one (0 = off)")
+    s.add_argument("--repeat-penalty", type=float, default=1.0,
+                   help="divide the logits of the last 64 tokens by this (1 = off; llama.cpp's --repeat-penalty)")
+    s.add_argument("--presence-penalty", type=float, default=0.0, help="subtract from tokens of the last 64 (0 = off)")
+    s.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="subtract this times their count from tokens of the last 64 (0 = off)")
     s.add_argument("--seed", type=int, help="sampling seed (default: a fresh one, reported in --json)")
     s.add_argument("--stop", action="append", default=[], metavar="STRING",
                    help="stop when the text contains STRING (repeatable); the text ends before it")

@@ -80,8 +80,8 @@ class CudaBackend:
             graph, arrays = build_model_graph(model)
             self.onnx = fuse(graph) if fused else graph  # decode steps: few launches per layer
             self.onnx_prefill = graph  # many tokens: unfused, so each projection can be a tensor-core GEMM
-        self.weights = {name: cr.DeviceBuffer.from_numpy(arrays[name])
-                        for name in progress.bar(list(arrays), text="uploading weights", unit="tensor")}
+        self.weights = cr.upload_many(((name, arrays[name]) for name in
+                                       progress.bar(list(arrays), text="uploading weights", unit="tensor")), self.stream)
         c = self.cfg
         cache_shape = (n_slots, c.n_kv_heads, max_context, c.head_dim)
         self.buffers: dict[str, cr.DeviceBuffer] = dict(self.weights)
@@ -104,7 +104,8 @@ class CudaBackend:
                 self.buffers[name] = cr.DeviceBuffer.zeros((max_tokens, width), dtype)
         self._modules: dict = {}
         self._plans: dict[int, list[Launch]] = {}
-        self._graphs: dict[int, object] = {}
+        self._graphs: dict[tuple, object] = {}
+        self._sampler = None
         self.pos = 0
         if prepare:
             with progress.stage("loading kernels and capturing the decode step"):
@@ -159,12 +160,15 @@ class CudaBackend:
         kv head, and the tuning pairs them."""
         return bool(self.tuning["xmerge"]) and position + 1 > self._xmerge_keys()
 
-    def plan(self, m: int, last_only: bool = False, long_context: bool = False) -> list[Launch]:
+    def plan(self, m: int, last_only: bool = False, long_context: bool = False, sampled: int = 0) -> list[Launch]:
         """Resolve every node of the graph into a launch for a step of m tokens (cached). With last_only (prompt
         prefill), the head (final norm, lm_head, argmax) runs on the last token's row only: logits row 0. With
-        long_context (m = 1, see long_context()), the xmerge pairs."""
+        long_context (m = 1, see long_context()), the xmerge pairs. With sampled = n, the device sampler's passes
+        around the argmax (toolchain/device_sampler.py) for the first n entries of its row list."""
         xmerge = m == 1 and long_context and self.tuning["xmerge"]
-        key = (m, last_only, xmerge)
+        key = (m, last_only, xmerge, sampled)
+        if sampled and last_only:
+            raise ValueError("a sampled plan computes the logits of every row (last_only=False)")
         if key in self._plans:
             return self._plans[key]
         gemm = m >= GEMM_MIN_M
@@ -203,7 +207,15 @@ class CudaBackend:
                 launches += self._prefill_attention(node, attrs, dims, ins, outs)
                 continue
             args = ins + list(cfg.scalars) + outs + extra.get(node.name, [])
+            tail = []
+            if sampled and op == "argmax":  # penalties on the logits before it, the draw on its result after it
+                b = self.buffers
+                pen, draw = self.sampler.launches(sampled, b["logits"].ptr, b["next_token"].ptr, b["slots"].ptr,
+                                                  b["positions"].ptr)
+                launches.append(Launch(*pen))
+                tail = [Launch(*draw)]
             launches.append(Launch(node.name, op, kern, cfg, args))
+            launches += tail
         advance = self._kernel("decode_advance", {})
         cfg = launch_config("decode_advance", {"m": m})
         launches.append(Launch("advance", "decode_advance", advance, cfg,
@@ -247,12 +259,13 @@ class CudaBackend:
                 Launch(node.name, "prefill_attention", self._kernel("prefill_attention", defines), b,
                        [q_rot, k_cache, v_cache, positions, slots, *b.scalars, outs[0]])]
 
-    def run_plan(self, m: int, advance: bool = False, last_only: bool = False, long_context: bool = False):
+    def run_plan(self, m: int, advance: bool = False, last_only: bool = False, long_context: bool = False,
+                 sampled: int = 0):
         """Enqueue the plan on self.stream; decode steps (matvec plans) as programmatic dependent launches, all but
         the first: it starts after everything before the step, which lets kernels read the step's inputs and the
         KV-cache rows of earlier steps before their pdl_wait() (plugins/pdl.cuh)."""
         pdl = m < GEMM_MIN_M and self.tuning["pdl"]
-        launches = [x for x in self.plan(m, last_only, long_context)
+        launches = [x for x in self.plan(m, last_only, long_context, sampled)
                     if (advance or x.op != "decode_advance") and not self._skipped(x)]
         for j, launch in enumerate(launches):
             launch.kernel.launch(launch.cfg, launch.args, self.stream,
@@ -261,19 +274,35 @@ class CudaBackend:
     def _skipped(self, launch: Launch) -> bool:
         return any(s == launch.op or s in launch.node for s in self.tuning["skip"])
 
-    def decode_graph(self, m: int = 1, long_context: bool = False):
-        """The whole decode step for m tokens captured once into a CUDA graph (advancing itself); for m = 1 one graph
-        per plan (long_context: the xmerge one, where the tuning has it)."""
-        key = (m, m == 1 and long_context and bool(self.tuning["xmerge"]))
+    def decode_graph(self, m: int = 1, long_context: bool = False, sampled: bool = False, advance: bool = True):
+        """The whole decode step for m tokens captured once into a CUDA graph (advancing itself, unless not
+        `advance`); for m = 1 one graph per plan (long_context: the xmerge one, where the tuning has it). sampled:
+        with the device sampler over all m rows."""
+        key = (m, m == 1 and long_context and bool(self.tuning["xmerge"]), sampled, advance)
+        n = m if sampled else 0
         if key not in self._graphs:
-            self.plan(m, long_context=key[1])
-            self.run_plan(m, advance=False, long_context=key[1])  # warm-up outside capture: module loads, lazy init
-            self.stream.synchronize()
-            self._graphs[key] = cr.capture(self.stream, lambda: self.run_plan(m, advance=True, long_context=key[1]))
+            if sampled:
+                self.sampler.set_rows(np.arange(m), self.stream)
+            self.plan(m, long_context=key[1], sampled=n)
+            self.run_plan(m, advance=False, long_context=key[1], sampled=n)  # warm-up outside capture: module
+            self.stream.synchronize()  # loads, lazy init
+            self._graphs[key] = cr.capture(
+                self.stream, lambda: self.run_plan(m, advance=advance, long_context=key[1], sampled=n))
         return self._graphs[key]
+
+    @property
+    def sampler(self):
+        """The device sampler (created at first use: a greedy-only decoder never loads its kernels)."""
+        if self._sampler is None:
+            from .device_sampler import DeviceSampler
+
+            self._sampler = DeviceSampler(self.cfg.vocab, self.n_slots, self.max_tokens)
+        return self._sampler
 
     def close(self):
         """Free device memory now (buffers are shared between aliases, so free each once)."""
+        if self._sampler is not None:
+            self._sampler.free()
         for buf in {id(b): b for b in self.buffers.values()}.values():
             buf.free()
         self.buffers.clear()
@@ -309,6 +338,34 @@ class CudaBackend:
         logits = self.buffers["logits"].download(self.stream, rows=last)
         return logits if rows is None else logits[list(rows)]
 
+    def set_sampling(self, slot: int, sampling, seed: int, tokens, position: int):
+        """The request now in `slot` samples on the device with these settings (DeviceSampler.set_slot)."""
+        self.sampler.set_slot(slot, sampling, seed, tokens, position, self.stream)
+
+    def step_tokens(self, ids, positions, slots, rows) -> np.ndarray:
+        """step() with the draw on the device: the sampled next token of each of `rows` (int64), by the settings
+        set_sampling gave each row's slot. A step whose every row is sampled (decode rows only) and m < GEMM_MIN_M
+        replays a captured graph per m."""
+        m = len(ids)
+        if m > self.max_tokens:
+            raise ValueError(f"{m} tokens exceed max_tokens={self.max_tokens}")
+        ids = check_token_ids(ids, self.cfg.vocab)
+        check_range(positions, self.max_context, "position")
+        check_range(slots, self.n_slots, "slot")
+        rows = [int(r) for r in rows]
+        if not rows:
+            return self.step(ids, positions, slots, rows).astype(np.int64)[:, 0]
+        self._set_inputs(ids, positions, slots)
+        if rows == list(range(m)) and m < GEMM_MIN_M:
+            self.sampler.set_rows(rows, self.stream)
+            self.decode_graph(m, m == 1 and self.long_context(int(positions[0])), sampled=True,
+                              advance=False).launch(self.stream)
+        else:
+            self.sampler.set_rows(rows, self.stream)
+            self.run_plan(m, sampled=len(rows))
+        toks = self.buffers["next_token"].download(self.stream, rows=m).reshape(-1)
+        return toks[rows]
+
     def forward(self, ids) -> np.ndarray:
         ids = check_token_ids(ids, self.cfg.vocab)
         if self.pos + len(ids) > self.max_context:
@@ -331,6 +388,17 @@ class CudaBackend:
         self._set_inputs([first_token], [self.pos], [0])
         for _ in range(n):
             self.decode_graph(1, self.long_context(self.pos)).launch(self.stream)
+            tok = int(self.buffers["next_token"].download(self.stream, rows=1).reshape(-1)[0])
+            self.pos += 1
+            yield tok
+
+    def sampled(self, first_token: int, n: int, sampling, seed: int, tokens):
+        """Yield n tokens sampled on the device after `first_token` (the last of `tokens`, the sequence so far):
+        each is one replay of the self-advancing graph with the device sampler (slot 0)."""
+        self.set_sampling(0, sampling, seed, tokens, self.pos)
+        self._set_inputs([first_token], [self.pos], [0])
+        for _ in range(n):
+            self.decode_graph(1, self.long_context(self.pos), sampled=True).launch(self.stream)
             tok = int(self.buffers["next_token"].download(self.stream, rows=1).reshape(-1)[0])
             self.pos += 1
             yield tok

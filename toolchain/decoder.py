@@ -13,91 +13,7 @@ from typing import Iterator
 import numpy as np
 
 from .errors import UserError, check_range, check_token_ids
-
-
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0
-    seed: int | None = None
-
-    def __post_init__(self):
-        if not (self.temperature >= 0 and np.isfinite(self.temperature)):
-            raise UserError(f"--temperature {self.temperature}: must be a finite number >= 0 (0 means greedy)")
-        if self.top_k < 0:
-            raise UserError(f"--top-k {self.top_k}: must be >= 0 (0 disables top-k)")
-        if not (0 < self.top_p <= 1):
-            raise UserError(f"--top-p {self.top_p}: must be in (0, 1]")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-def sample_reference(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
-    """Temperature, then top-k, then top-p (nucleus) over what remains, as llama.cpp and HF order them. The plain
-    definition (a full sort of the vocabulary, ~18 ms for Qwen's 151,936 tokens on 2 cores): `sample` is tested
-    against it."""
-    if s.greedy:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / s.temperature
-    order = np.argsort(-z, kind="stable")
-    if s.top_k:
-        order = order[: s.top_k]
-    p = np.exp(z[order] - z[order[0]])
-    p /= p.sum()
-    if s.top_p < 1:
-        keep = int(np.searchsorted(np.cumsum(p), s.top_p) + 1)
-        order, p = order[:keep], p[:keep] / p[:keep].sum()
-    return int(order[rng.choice(len(order), p=p)])
-
-
-SAMPLE_CANDIDATES = 1024  # the most likely tokens sorted on the fast path; the rest only when they matter
-
-
-def _draw(p: np.ndarray, u: float) -> int:
-    """Index drawn from weights p by the uniform u, as numpy's Generator.choice(len(p), p=p) does (cdf, searchsorted
-    right)."""
-    cdf = np.cumsum(p)
-    cdf /= cdf[-1]
-    return int(np.searchsorted(cdf, u, side="right"))
-
-
-def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
-    """sample_reference without sorting the vocabulary: only the SAMPLE_CANDIDATES most likely tokens (or top-k) are
-    sorted (argpartition, O(vocab)), and the rest is needed only when the nucleus or the drawn uniform reaches past
-    them, which falls back to the full sort. Same order (ties by token id), same single uniform per draw as
-    Generator.choice: the same token as the reference except where float sums in another order move a boundary."""
-    if s.greedy:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / s.temperature
-    vocab = len(z)
-    c = min(vocab, s.top_k or SAMPLE_CANDIDATES)
-    if c < vocab:
-        part = np.argpartition(-z, c - 1)[:c]
-        part = np.union1d(part, np.flatnonzero(z == z[part].min()))  # ties at the cut: the stable sort's first ones
-    else:
-        part = np.arange(vocab)
-    cand = part[np.lexsort((part, -z[part]))][: s.top_k or None]  # descending z, ties by id
-    zmax = z[cand[0]]
-    p = np.exp(z[cand] - zmax)
-    whole = bool(s.top_k) or len(cand) == vocab  # the candidates are everything that can be drawn
-    p /= p.sum() if whole else np.exp(z - zmax).sum()
-    if s.top_p < 1:
-        cums = np.cumsum(p)
-        if cums[-1] < s.top_p and not whole:
-            return sample_reference(logits, s, rng)  # the nucleus is wider than the candidates
-        keep = int(np.searchsorted(cums, s.top_p) + 1)
-        return int(cand[_draw(p[:keep] / p[:keep].sum(), rng.random())])
-    u = rng.random()
-    if whole:
-        return int(cand[_draw(p, u)])
-    cdf = np.cumsum(p)  # over the whole vocabulary's mass
-    if u < cdf[-1] * (1 - 1e-12):  # the draw lands among the candidates
-        return int(cand[np.searchsorted(cdf, u, side="right")])
-    order = np.argsort(-z, kind="stable")  # the tail matters: the whole sorted vocabulary, the same uniform
-    return int(order[_draw(np.exp(z[order] - zmax), u)])
+from .sampling import Sampling, draw_rng, sample, sample_reference  # noqa: F401 - the API's names
 
 
 @dataclass
@@ -419,10 +335,9 @@ class Decoder:
             raise UserError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
         n_new = min(max_new_tokens, self.room(ids))
         stats = {} if stats is None else stats
-        seed = sampling.seed if sampling.seed is not None or sampling.greedy else int(np.random.SeedSequence().entropy % 2**31)
+        seed = sampling.seed if sampling.seed is not None or sampling.greedy else int(np.random.SeedSequence().entropy % 2**63)
         stats.update(prompt_ids=ids, finish_reason="length", seed=seed, context_full=n_new < max_new_tokens,
                      decode_s=0.0)
-        rng = np.random.default_rng(seed)
         # prefix reuse: keep the cached tokens the prompt starts with; feed at least one token to get logits
         keep = min(_common_prefix(self.cached_ids, ids), len(ids) - 1) if reuse_prefix else 0
         stats["reused_tokens"] = keep
@@ -431,11 +346,14 @@ class Decoder:
         t0 = time.perf_counter()
         logits = self.backend.forward(ids[keep:])
         self.cached_ids = list(ids)
-        tok = sample(logits, sampling, rng)
+        # each draw's uniform comes from (seed, position of its logits): the same on every backend (sampling.py)
+        tok = sample(logits, sampling, draw_rng(seed or 0, len(ids) - 1), ids)
         stats["prefill_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        if sampling.greedy and hasattr(self.backend, "greedy"):  # device-side argmax, self-advancing CUDA graph
-            rest = self.backend.greedy(tok, n_new - 1)
+        if sampling.greedy and not sampling.penalized and hasattr(self.backend, "greedy"):
+            rest = self.backend.greedy(tok, n_new - 1)  # device-side argmax, self-advancing CUDA graph
+        elif hasattr(self.backend, "sampled"):  # device-side sampling in the same graph
+            rest = self.backend.sampled(tok, n_new - 1, sampling, seed or 0, ids + [tok])
         else:
             rest = (None for _ in range(n_new - 1))
         try:
@@ -449,7 +367,10 @@ class Decoder:
                     return
                 self.cached_ids.append(tok)  # the next step feeds it
                 nxt = next(rest)
-                tok = nxt if nxt is not None else sample(self.backend.forward([tok]), sampling, rng)
+                if nxt is None:
+                    logits = self.backend.forward([tok])
+                    nxt = sample(logits, sampling, draw_rng(seed or 0, len(self.cached_ids) - 1), self.cached_ids)
+                tok = nxt
         except GeneratorExit:  # closed at a yield: the cache holds exactly cached_ids
             raise
         except BaseException:  # e.g. Ctrl-C inside a step: the last token may or may not be in the cache

@@ -13,7 +13,10 @@ Three parts, as in vLLM and llama-server (docs: ../shared/docs/serving.md):
 - `Engine` owns requests, slots and the loop (a thread): it admits requests into free slots (the slot whose cached
   tokens share the longest prefix with the prompt, llama.cpp's prompt cache: those tokens are not recomputed), runs
   the step on the backend, samples, retires requests (stop token, max_tokens, context end, abort) and frees their slots.
-- The backend only runs steps: `step(ids, positions, slots, rows) -> logits of those rows` (cpu and cuda backends).
+- The backend only runs steps: `step(ids, positions, slots, rows) -> logits of those rows` (cpu and cuda backends),
+  sampled here on the host; or, where it samples on the device (cuda), `set_sampling(slot, ...)` when a request takes
+  a slot and `step_tokens(ids, positions, slots, rows) -> the sampled tokens of those rows`. Both draw from the same
+  definition with the same uniform per (seed, position) (toolchain/sampling.py).
 
 Events are (kind, payload): ("token", id) for each new token, then ("done", finish_reason) with finish_reason "stop",
 "length" or "abort"; ("error", message) if the step failed.
@@ -29,7 +32,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .decoder import Sampling, _common_prefix, sample
+from .decoder import _common_prefix
+from .sampling import Sampling, draw_rng, sample
 from .errors import UserError, check_token_ids
 
 
@@ -90,7 +94,7 @@ class Request:
     prompt: list[int]
     params: Params
     handle: RequestHandle
-    rng: np.random.Generator
+    seed: int  # the draws' uniforms: (seed, position) (toolchain/sampling.py)
     slot: int | None = None
     computed: int = 0  # prompt tokens in the slot's cache
     generated: list[int] = field(default_factory=list)
@@ -148,6 +152,7 @@ class Engine:
                             "KV-cache slots")
         self.decoder, self.backend, self.n_slots = decoder, be, slots
         self.max_context = decoder.max_context
+        self.device_sampling = hasattr(be, "step_tokens")
         self.vocab = decoder.model.config.vocab
         self.stop_ids = decoder.tokenizer.stop_token_ids
         max_rows = max_rows or getattr(be, "max_tokens", 64)
@@ -186,7 +191,8 @@ class Engine:
         if loop is not None:
             handle.bind_loop(loop)
         seed = params.sampling.seed
-        req = Request(handle.id, ids, params, handle, np.random.default_rng(seed))
+        seed = int(np.random.SeedSequence().entropy % 2**63) if seed is None else seed
+        req = Request(handle.id, ids, params, handle, seed)
         with self._lock:
             self._submitted += 1
         self._inbox.put(("submit", req))
@@ -268,14 +274,24 @@ class Engine:
             self.slot_tokens[best] = r.prompt[:keep]
             self.metrics["prompt_tokens"] += len(r.prompt)
             self.metrics["prompt_tokens_reused"] += keep
+            if self.device_sampling:
+                self.backend.set_sampling(best, r.params.sampling, r.seed, r.prompt, len(r.prompt) - 1)
             self.running.append(r)
 
     def _step(self):
         rows = self.scheduler.schedule(self.running)
         emit = [i for i, row in enumerate(rows) if row.request is not None]
         t0 = time.perf_counter()
-        logits = self.backend.step([row.token for row in rows], [row.position for row in rows],
-                                   [row.slot for row in rows], rows=emit)
+        args = [row.token for row in rows], [row.position for row in rows], [row.slot for row in rows]
+        if self.device_sampling:
+            drawn = [int(t) for t in self.backend.step_tokens(*args, rows=emit)]
+        else:
+            logits = self.backend.step(*args, rows=emit)
+            drawn = []
+            for i, li in zip(emit, logits):
+                r = rows[i].request
+                history = r.prompt + r.generated if r.params.sampling.penalized else ()
+                drawn.append(sample(li, r.params.sampling, draw_rng(r.seed, rows[i].position), history))
         self.metrics["steps"] += 1
         self.metrics["step_seconds"] += time.perf_counter() - t0
         for row in rows:  # the cache now holds these tokens
@@ -286,9 +302,8 @@ class Engine:
             if owner is not None and owner.prefilling:
                 owner.computed = max(owner.computed, row.position + 1)
                 self.metrics["prefill_tokens"] += 1
-        for i, li in zip(emit, logits):
+        for i, tok in zip(emit, drawn):
             r = rows[i].request
-            tok = sample(li, r.params.sampling, r.rng)
             r.generated.append(tok)
             r.t_first = r.t_first or time.perf_counter()
             self.metrics["tokens_generated"] += 1

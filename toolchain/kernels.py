@@ -53,6 +53,9 @@ _FAMILY = {
     "argmax": "argmax",
     "rope_kv_attention": "rope_kv_attention",
     "decode_advance": "decode_advance",  # runtime-only: lets a captured CUDA graph advance tokens and positions
+    # runtime-only: device-side sampling in the decode step (penalties before the argmax, the draw after it)
+    "apply_penalties": "sampling",
+    "sample_tokens": "sampling",
     **{op: op for op in FUSED_OPS},
     **{op: "quant_gemm" for op in GEMM_OPS},  # prompt prefill (m >= 32): tensor cores, same ABI as the matmuls
     # prompt prefill of one slot: the attention node as RoPE+append then tiled causal attention (runtime-only pair)
@@ -74,6 +77,9 @@ MATMUL_MAX_BLOCKS = QMV_SMS * QMV_BLOCKS_PER_SM  # one resident wave; rounds str
 QMV_MAX_SPLIT, QMV_MIN_SPLIT_ELEMS = 3, 512
 ATTN_SPLITS, ATTN_THREADS = 8, 256
 ARGMAX_SPLITS, ARGMAX_THREADS = 8, 512
+# plugins/sampling.cu: a row's logits over a cluster of SAMPLE_SPLITS blocks, SAMPLE_PER per thread in registers
+SAMPLE_SPLITS, SAMPLE_THREADS, SAMPLE_PER, PENALTY_THREADS = 8, 1024, 20, 64
+SAMPLE_MAX_VOCAB = SAMPLE_SPLITS * SAMPLE_THREADS * SAMPLE_PER
 
 
 @dataclass(frozen=True)
@@ -320,6 +326,10 @@ def launch_config(op: str, dims: dict, ops=INT_OPS) -> LaunchConfig:
                             (m, _dim(dims, "n_slots"), _dim(dims, "max_seq", "max_seq_len")))
     if op == "decode_advance":
         return LaunchConfig((ops.cdiv(m, 256), 1, 1), (256, 1, 1), 0, (m,))
+    if op == "apply_penalties":
+        return LaunchConfig((m, 1, 1), (PENALTY_THREADS, 1, 1), 0, (m, _dim(dims, "vocab")))
+    if op == "sample_tokens":
+        return LaunchConfig((SAMPLE_SPLITS, m, 1), (SAMPLE_THREADS, 1, 1), 0, (m, _dim(dims, "vocab")))
 
     raise AssertionError(op)
 

@@ -20,7 +20,7 @@ from .tokenizer import StreamDecoder
 
 ACCEPTED = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
             "seed", "stop", "stream", "stream_options", "n", "user", "logprobs", "presence_penalty",
-            "frequency_penalty"}
+            "frequency_penalty", "repetition_penalty", "min_p"}
 
 
 class BadRequest(Exception):
@@ -144,9 +144,15 @@ class Server:
             raise BadRequest("only n = 1 is supported", "n")
         if body.get("logprobs") not in (None, False, 0):
             raise BadRequest("logprobs are not supported yet", "logprobs")
-        for k in ("presence_penalty", "frequency_penalty"):
-            if body.get(k) not in (None, 0, 0.0):
-                raise BadRequest(f"{k} is not supported yet", k)
+        floats = {}
+        for k, lo, hi, default in (("presence_penalty", -2, 2, 0.0), ("frequency_penalty", -2, 2, 0.0),
+                                   ("repetition_penalty", 1e-6, 10, 1.0), ("min_p", 0, 1, 0.0)):
+            v = body.get(k)
+            v = default if v is None else v
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+                raise BadRequest(f"{k} must be a number in [{0 if lo == 1e-6 else lo}, {hi}]"
+                                 + (" and above 0" if lo == 1e-6 else ""), k)
+            floats[k] = float(v)
         key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
         max_tokens = body.get(key, 256 if chat else 16)
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= self.max_tokens_limit:
@@ -179,7 +185,8 @@ class Server:
                              f"{self.engine.max_context}", "messages" if chat else "prompt", 400,
                              "context_length_exceeded")
         try:
-            params = Params(max_tokens=min(max_tokens, room), sampling=Sampling(float(t), top_k, float(top_p), seed))
+            params = Params(max_tokens=min(max_tokens, room),
+                            sampling=Sampling(float(t), top_k, float(top_p), seed, **floats))
         except UserError as e:
             raise BadRequest(str(e)) from None
         return ids, params, stop, body.get("stream", False)
