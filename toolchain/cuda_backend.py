@@ -90,9 +90,12 @@ class CudaBackend:
                 buf = cr.DeviceBuffer.zeros(cache_shape, np.float16)
                 self.buffers[f"{kind}_cache.{i}"] = buf
                 self.buffers[f"L{i}.{kind}_cache_out"] = buf  # the attention op updates the cache in place
-        self.buffers["token_ids"] = cr.DeviceBuffer.zeros((max_tokens,), np.int32)
-        self.buffers["positions"] = cr.DeviceBuffer.zeros((max_tokens,), np.int32)
-        self.buffers["slots"] = cr.DeviceBuffer.zeros((max_tokens,), np.int32)
+        # the step's inputs in one allocation, so one copy sets them (_set_inputs)
+        self.buffers["step_inputs"] = cr.DeviceBuffer.zeros((3, max_tokens), np.int32)
+        for k, name in enumerate(("token_ids", "positions", "slots")):
+            self.buffers[name] = cr.DeviceView(self.buffers["step_inputs"], 4 * k * max_tokens, 4 * max_tokens,
+                                               (max_tokens,), np.int32)
+        self._host_inputs = np.zeros((3, max_tokens), np.int32)
         with progress.stage("shape inference"):
             self.widths = self._value_widths()
         self.buffers["prefill.q_rot"] = cr.DeviceBuffer.zeros((max_tokens, c.q_dim), np.float32)
@@ -106,6 +109,7 @@ class CudaBackend:
         self._plans: dict[int, list[Launch]] = {}
         self._graphs: dict[tuple, object] = {}
         self._sampler = None
+        self._pinned, self._pin_next = None, 0  # launch_decode's two host buffers of tokens
         self.pos = 0
         if prepare:
             with progress.stage("loading kernels and capturing the decode step"):
@@ -303,6 +307,9 @@ class CudaBackend:
         """Free device memory now (buffers are shared between aliases, so free each once)."""
         if self._sampler is not None:
             self._sampler.free()
+        for p in self._pinned or ():
+            p.free()
+        self._pinned = None
         for buf in {id(b): b for b in self.buffers.values()}.values():
             buf.free()
         self.buffers.clear()
@@ -314,9 +321,15 @@ class CudaBackend:
         self.pos = pos
 
     def _set_inputs(self, ids, positions, slots):
-        self.buffers["token_ids"].upload(np.asarray(ids, np.int32), self.stream)
-        self.buffers["positions"].upload(np.asarray(positions, np.int32), self.stream)
-        self.buffers["slots"].upload(np.asarray(slots, np.int32), self.stream)
+        """One copy of the step's token ids, positions and slots (rows beyond len(ids) are never read), ordered on
+        the stream; the host array lives on, so nothing waits for it."""
+        h, m = self._host_inputs, len(ids)
+        h[0, :m], h[1, :m], h[2, :m] = ids, positions, slots
+        self.buffers["step_inputs"].upload(h, self.stream, wait=False)
+
+    def bind_thread(self):
+        """Make the backend's CUDA context current on the calling thread (the engine's loop runs in its own)."""
+        cr.init()
 
     def step(self, ids, positions, slots, rows=None) -> np.ndarray:
         """Run one step of len(ids) tokens (any slots/positions) and return the logits of `rows` (default all)."""
@@ -365,6 +378,40 @@ class CudaBackend:
             self.run_plan(m, sampled=len(rows))
         toks = self.buffers["next_token"].download(self.stream, rows=m).reshape(-1)
         return toks[rows]
+
+    def can_pipeline(self, m: int) -> bool:
+        """Whether a decode step of m rows can run as launch_decode (a captured, self-advancing graph)."""
+        return m < GEMM_MIN_M
+
+    def launch_decode(self, m: int, position: int, ids=None, positions=None, slots=None):
+        """Enqueue a decode step of m rows, every row sampled on the device, and an asynchronous copy of its tokens;
+        returns a ticket for read_tokens. With ids/positions/slots the step's inputs are set (the first step of a
+        run); without, the step is fed by the one before it on the device (decode_advance: each row's drawn token,
+        its position + 1), so it can be launched before the host has read that one. `position`: the first row's
+        (which graph, for m = 1: long_context)."""
+        if ids is not None:
+            ids = check_token_ids(ids, self.cfg.vocab)
+            check_range(positions, self.max_context, "position")
+            check_range(slots, self.n_slots, "slot")
+            self._set_inputs(ids, positions, slots)
+            self.sampler.set_rows(list(range(m)), self.stream)
+        elif position >= self.max_context:
+            raise ValueError(f"position {position} is beyond the context of {self.max_context}")
+        self.decode_graph(m, m == 1 and self.long_context(position), sampled=True).launch(self.stream)
+        if self._pinned is None:
+            self._pinned = [cr.PinnedArray((self.max_tokens,), np.int64) for _ in range(2)]
+            self._pinned_events = [cr.Event(), cr.Event()]
+        k = self._pin_next
+        self._pin_next ^= 1
+        self._pinned[k].copy_from_device(self.buffers["next_token"].ptr, m * 8, self.stream)
+        self._pinned_events[k].record(self.stream)
+        return k, m
+
+    def read_tokens(self, ticket) -> np.ndarray:
+        """The tokens of a launch_decode step (waits for it)."""
+        k, m = ticket
+        self._pinned_events[k].synchronize()
+        return self._pinned[k].array[:m].copy()
 
     def forward(self, ids) -> np.ndarray:
         ids = check_token_ids(ids, self.cfg.vocab)

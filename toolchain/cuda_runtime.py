@@ -149,9 +149,10 @@ class DeviceBuffer:
     def empty(cls, nbytes: int) -> "DeviceBuffer":
         return cls(nbytes)
 
-    def upload(self, a: np.ndarray, stream=None, offset: int = 0):
-        """Host -> device, at byte `offset`. With a stream the copy is ordered on it but waited for (a may be a
-        temporary)."""
+    def upload(self, a: np.ndarray, stream=None, offset: int = 0, wait: bool = True):
+        """Host -> device, at byte `offset`. With a stream the copy is ordered on it and waited for (a may be a
+        temporary), unless not `wait`: from pageable memory the driver has staged the bytes when the call returns,
+        so a caller that keeps `a` alive may go on at once."""
         a = np.ascontiguousarray(a)
         if offset < 0 or offset + a.nbytes > self.nbytes:
             raise ValueError(f"upload of {a.nbytes} bytes at {offset} into a buffer of {self.nbytes}")
@@ -161,7 +162,8 @@ class DeviceBuffer:
         else:
             check(d.cuMemcpyHtoDAsync(self.ptr + offset, a.ctypes.data, a.nbytes, stream.handle),
                   "cuMemcpyHtoDAsync")
-            stream.synchronize()
+            if wait:
+                stream.synchronize()
 
     def download(self, *args, stream=None, rows=None, shape=None, dtype=None) -> np.ndarray:
         """download(shape, dtype), download(stream, rows=m) or download(): device -> host, synchronous
@@ -215,6 +217,45 @@ class DeviceBuffer:
                 _drv.cuMemFree(self.ptr)
         except Exception:
             pass
+
+
+class PinnedArray:
+    """Page-locked host memory as a numpy array (`.array`): the target of asynchronous device-to-host copies."""
+
+    def __init__(self, shape, dtype):
+        import ctypes
+
+        init()
+        self.nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        self.ptr = int(check(driver().cuMemHostAlloc(self.nbytes, 0), "cuMemHostAlloc"))
+        raw = np.ctypeslib.as_array(ctypes.cast(self.ptr, ctypes.POINTER(ctypes.c_uint8)), shape=(self.nbytes,))
+        self.array = raw.view(dtype).reshape(shape)
+
+    def copy_from_device(self, src: int, nbytes: int, stream: "Stream"):
+        """Enqueue a copy of nbytes from device address src into the array's start, on `stream`."""
+        check(driver().cuMemcpyDtoHAsync(self.ptr, int(src), int(nbytes), stream.handle), "cuMemcpyDtoHAsync")
+
+    def free(self):
+        if self.ptr:
+            driver().cuMemFreeHost(self.ptr)
+            self.ptr = 0
+            self.array = None
+
+
+class DeviceView(DeviceBuffer):
+    """`nbytes` of another DeviceBuffer from byte `offset`: no memory of its own (free() only forgets it)."""
+
+    def __init__(self, base: DeviceBuffer, offset: int, nbytes: int, shape=None, dtype=None):
+        self.base, self.nbytes = base, int(nbytes)
+        self.ptr = base.ptr + int(offset)
+        self.shape = tuple(shape) if shape is not None else (self.nbytes,)
+        self.dtype = np.dtype(dtype) if dtype is not None else np.dtype(np.uint8)
+
+    def free(self):
+        self.ptr = 0
+
+    def __del__(self):
+        pass
 
 
 def _addr(x) -> int:

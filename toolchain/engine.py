@@ -153,6 +153,8 @@ class Engine:
         self.decoder, self.backend, self.n_slots = decoder, be, slots
         self.max_context = decoder.max_context
         self.device_sampling = hasattr(be, "step_tokens")
+        self.pipelined = hasattr(be, "launch_decode")  # decode steps back to back (_step_pipelined)
+        self._inflight = None  # (rows, ticket, t0) of a launched decode step not read yet
         self.vocab = decoder.model.config.vocab
         self.stop_ids = decoder.tokenizer.stop_token_ids
         max_rows = max_rows or getattr(be, "max_tokens", 64)
@@ -223,16 +225,18 @@ class Engine:
 
     # -- the engine thread --------------------------------------------------------------------------------------------
     def _loop(self):
+        getattr(self.backend, "bind_thread", lambda: None)()  # e.g. the CUDA context, current per thread
         while not self._closed:
             self._drain()
             self._admit()
-            if not self.running:
+            if not self.running and self._inflight is None:
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
             try:
                 self._step()
             except Exception as e:  # noqa: BLE001 - a failed step fails its requests, the engine goes on
+                self._inflight = None
                 for r in list(self.running):
                     self._finish(r, None, error=f"{type(e).__name__}: {e}")
 
@@ -279,10 +283,16 @@ class Engine:
             self.running.append(r)
 
     def _step(self):
+        if self._inflight is not None:
+            return self._step_pipelined()
         rows = self.scheduler.schedule(self.running)
         emit = [i for i, row in enumerate(rows) if row.request is not None]
         t0 = time.perf_counter()
         args = [row.token for row in rows], [row.position for row in rows], [row.slot for row in rows]
+        if self.pipelined and rows and len(emit) == len(rows) and self.backend.can_pipeline(len(rows)):
+            # decode rows only: launch and return; the next _step speculates the step after it before reading it
+            self._inflight = (rows, self.backend.launch_decode(len(rows), args[1][0], *args), t0)
+            return
         if self.device_sampling:
             drawn = [int(t) for t in self.backend.step_tokens(*args, rows=emit)]
         else:
@@ -292,6 +302,31 @@ class Engine:
                 r = rows[i].request
                 history = r.prompt + r.generated if r.params.sampling.penalized else ()
                 drawn.append(sample(li, r.params.sampling, draw_rng(r.seed, rows[i].position), history))
+        self._apply(rows, emit, drawn, t0)
+
+    def _step_pipelined(self):
+        """Decode steps back to back (vLLM's async scheduling): while step t runs, step t + 1 of the same rows is
+        launched, fed on the device (each row's drawn token, its position + 1), before the host reads step t's
+        tokens; so the GPU never waits for the host's bookkeeping. Speculation stops when the rows change: a request
+        admitted, finished or aborted, or the context's end; a row whose request finished at step t has its step
+        t + 1 token discarded (its cache row past the end is never reused: slot_tokens does not list it)."""
+        rows, ticket, t0 = self._inflight
+        live = [row.request in self.running for row in rows]
+        nxt = None
+        if all(live) and len(self.running) == len(rows) and all(row.position + 2 < self.max_context for row in rows):
+            nrows = [Row(-1, row.position + 1, row.slot, row.request) for row in rows]  # token: known after step t
+            nxt = (nrows, self.backend.launch_decode(len(nrows), nrows[0].position), time.perf_counter())
+        drawn = [int(t) for t in self.backend.read_tokens(ticket)]
+        self._inflight = nxt
+        keep = [i for i, row in enumerate(rows) if row.request in self.running and row.request.slot == row.slot]
+        for i in keep:
+            if rows[i].token == -1:  # a speculated row was fed the token its request drew at the step before
+                rows[i].token = rows[i].request.generated[-1]
+        self._apply([rows[i] for i in keep], list(range(len(keep))), [drawn[i] for i in keep], t0)
+
+    def _apply(self, rows: list[Row], emit: list[int], drawn: list[int], t0: float):
+        """The host's side of a finished step: the slots' cached tokens, the prompts' progress, the drawn tokens
+        (events, stop tokens, max_tokens, the context's end)."""
         self.metrics["steps"] += 1
         self.metrics["step_seconds"] += time.perf_counter() - t0
         for row in rows:  # the cache now holds these tokens
