@@ -45,7 +45,12 @@ constexpr int SPLITS = 8, THREADS = 1024, PER = 20, NB = 2048, CAP = 2048, HIST 
 // more than CAP tokens before it) / the whole cut bin kept (the coarse edge)
 constexpr int MODE_SORTED = 0, MODE_EDGE = 1, MODE_COARSE = 2;
 
-__device__ __forceinline__ float rel_prob(float z, float zmax, float invT) { return fminf(__expf((z - zmax) * invT), 1.f); }
+// x = exp((z - zmax) / T) in [0, 1]; NaN (a NaN logit or maximum) gives 0: never drawn (fminf alone would make it 1)
+__device__ __forceinline__ float rel_prob(float z, float zmax, float invT) {
+    const float x = __expf((z - zmax) * invT);
+    return x > 0.f ? fminf(x, 1.f) : 0.f;
+}
+constexpr float MASS_SCALE = 1099511627776.0f;  // 2^40: the fixed-point masses of the edge refinement
 
 __device__ __forceinline__ float word_f(const int* p, int i) { return __int_as_float(p[i]); }
 
@@ -164,6 +169,8 @@ struct SampleShared {
     float total;              // rank 0: the whole vocabulary's mass (sum of x)
     int cut, n_cand, mode;    // the histogram's decision (written by rank 0 into every rank): MODE_*
     int n_before;             // rank 0: tokens in the bins before the cut bin
+    unsigned long long w_before, pthr;  // rank 0, edge refinement: their fixed-point mass; top_p x the total's
+    unsigned long long uscratch64[32];
     float z_last;             // mode EDGE: the last kept token of the cut bin (logit, id), in every rank
     int id_last;
 };
@@ -217,6 +224,101 @@ __device__ int draw_in_order(const float (&e)[PER], double u, int lo, SampleShar
         for (int j = PER - 1; j >= 0 && pick < 0; --j)
             if (e[j] > 0.f) pick = j;
     return lo + threadIdx.x + pick * THREADS;
+}
+
+// Edge mode with top-p: the lower-bound masses put the cut bin at or after the true one. Recount the masses exactly
+// (fixed point, 2^-40 per unit of x: order-independent sums), and find the true cut bin, the tokens and the mass
+// before it (rank 0), and whether its own tokens fit the sort (else the coarse edge). Rare: a nucleus of more than
+// CAP tokens; its 64-bit shared atomics are the price.
+__device__ void refine_edge(const float (&e)[PER], float topp, SampleShared& sh, cg::cluster_group& cluster,
+                            unsigned rank) {
+    unsigned long long* mass = reinterpret_cast<unsigned long long*>(sh.xs);  // NB of them (xs: CAP doubles)
+    for (int b = threadIdx.x; b < NB; b += THREADS) mass[b] = 0;
+    __syncthreads();
+    unsigned long long ovm = 0;
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+        if (e[j] > 0.f) {
+            const int b = bin_of(e[j]);
+            const unsigned long long w = (unsigned long long)__float2ull_rn(e[j] * MASS_SCALE);
+            if (b == NB - 1) ovm += w;
+            else atomicAdd(&mass[b], w);
+        }
+    }
+    ovm = block_sum(ovm, sh.uscratch64);
+    if (threadIdx.x == 0) mass[NB - 1] += ovm;
+    cluster.sync();  // every rank's masses are complete
+    if (rank == 0) {
+        constexpr int BPT = NB / THREADS;
+        unsigned c[BPT];
+        unsigned long long w[BPT];
+        unsigned tc = 0;
+        unsigned long long tw = 0;
+        for (int q = 0; q < BPT; ++q) {
+            const int b = threadIdx.x * BPT + q;
+            c[q] = 0;
+            w[q] = 0;
+            for (int r = 0; r < SPLITS; ++r) {
+                c[q] += cluster.map_shared_rank(sh.cnt, r)[b];
+                w[q] += cluster.map_shared_rank(mass, r)[b];
+            }
+            tc += c[q];
+            tw += w[q];
+        }
+        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        unsigned ic = tc;
+        unsigned long long iw = tw;
+        for (int o = 1; o < 32; o <<= 1) {
+            const unsigned nc = __shfl_up_sync(0xffffffffu, ic, o);
+            const unsigned long long nw = __shfl_up_sync(0xffffffffu, iw, o);
+            if (lane >= o) { ic += nc; iw += nw; }
+        }
+        __shared__ unsigned wc[32];
+        __shared__ unsigned long long ww[32];
+        if (lane == 31) { wc[warp] = ic; ww[warp] = iw; }
+        const int old_cut = sh.cut;
+        __syncthreads();
+        unsigned bc = 0;
+        unsigned long long bw = 0, total = 0;
+        for (int q = 0; q < THREADS / 32; ++q) {
+            total += ww[q];
+            if (q < warp) { bc += wc[q]; bw += ww[q]; }
+        }
+        const unsigned long long pthr = (unsigned long long)((double)topp * (double)total);
+        unsigned ec = bc + ic - tc;
+        unsigned long long ew = bw + iw - tw;
+        for (int q = 0; q < BPT; ++q) {
+            const int b = threadIdx.x * BPT + q;
+            if (b <= old_cut && ew < pthr && ew + w[q] >= pthr) atomicMin(&sh.cut, b);
+            ec += c[q];
+            ew += w[q];
+        }
+        __syncthreads();
+        ec = bc + ic - tc;
+        ew = bw + iw - tw;
+        for (int q = 0; q < BPT; ++q) {
+            const int b = threadIdx.x * BPT + q;
+            if (b == sh.cut) {
+                sh.n_before = (int)ec;
+                sh.w_before = ew;
+                sh.pthr = pthr;
+                sh.n_cand = (int)(ec + c[q]);
+            }
+            ec += c[q];
+            ew += w[q];
+        }
+        __syncthreads();
+        const int mode = sh.n_cand - sh.n_before <= CAP ? MODE_EDGE : MODE_COARSE;
+        __syncthreads();
+        if (threadIdx.x < SPLITS) {
+            SampleShared* dst = cluster.map_shared_rank(&sh, threadIdx.x);
+            dst->cut = sh.cut;
+            dst->mode = mode;
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) sh.n_cand = 0;
+    }
+    cluster.sync();  // the refined decision is everywhere
 }
 
 // bitonic sort of rank 0's n candidates: first the larger logit, then the smaller id (the reference's order)
@@ -279,7 +381,7 @@ sample_tokens(const float* logits, const int* rows, const int* slots, const int*
         float x = 0.f;
         if (i < hi) {
             x = rel_prob(z[i], zmax, invT);
-            if (!(x > 0.f) || (!filter && x < minp)) x = 0.f;  // NaN or underflow: never drawn
+            if (!filter && x < minp) x = 0.f;
         }
         e[j] = x;
     }
@@ -335,7 +437,9 @@ sample_tokens(const float* logits, const int* rows, const int* slots, const int*
             __shared__ double ww[32];
             if (lane == 31) { wc[warp] = ic; ww[warp] = iw; }
             if (threadIdx.x == 0) {
-                sh.cut = NB - 1;
+                // min-p keeps no token past its bin: a bound too, unless top-k's set (whose mass normalizes top-p)
+                // reaches past it
+                sh.cut = minp > 0.f && topk == 0 ? bin_of(minp) : NB - 1;
                 float total = 0.f;
                 for (int r = 0; r < SPLITS; ++r) total += sh.part[r];
                 sh.total = total;
@@ -375,6 +479,7 @@ sample_tokens(const float* logits, const int* rows, const int* slots, const int*
             if (threadIdx.x == 0) sh.n_cand = 0;  // from here on: the gather's counter
         }
         cluster.sync();  // the decision is everywhere; rank 0's counter is zero
+        if (sh.mode == MODE_EDGE && topk == 0) refine_edge(e, topp, sh, cluster, rank);
         const int cut = sh.cut, mode = sh.mode;
         if (mode == MODE_COARSE) {
 #pragma unroll
@@ -383,11 +488,9 @@ sample_tokens(const float* logits, const int* rows, const int* slots, const int*
             tok = draw_in_order(e, u, lo, sh, cluster, rank);
         } else {
             SampleShared* root = cluster.map_shared_rank(&sh, 0);
-            float before = 0.f;  // mode EDGE: the exact mass of this thread's tokens before the cut bin
 #pragma unroll
             for (int j = 0; j < PER; ++j) {
                 const int b = e[j] > 0.f ? bin_of(e[j]) : NB;
-                if (b < cut) before += e[j];
                 if (mode == MODE_SORTED ? b <= cut : b == cut) {
                     const int i = lo + threadIdx.x + j * THREADS;
                     const int at = atomicAdd(&root->n_cand, 1);
@@ -395,11 +498,7 @@ sample_tokens(const float* logits, const int* rows, const int* slots, const int*
                     root->cand_i[at] = i;
                 }
             }
-            if (mode == MODE_EDGE && topk == 0) {
-                before = block_sum(before, sh.fscratch);
-                if (threadIdx.x == 0) root->part[rank] = before;
-            }
-            cluster.sync();  // the candidates (and the masses before the cut bin) are in rank 0
+            cluster.sync();  // the candidates are in rank 0
             if (rank == 0) sort_candidates(sh, sh.n_cand);
             if (mode == MODE_EDGE) {
                 if (rank == 0 && threadIdx.x == 0) {  // how many of the cut bin's tokens the cut keeps, in order
@@ -407,13 +506,11 @@ sample_tokens(const float* logits, const int* rows, const int* slots, const int*
                     int keep = n;
                     if (topk > 0) {
                         keep = max(1, min(n, topk - sh.n_before));
-                    } else {
-                        double cum = 0.0;
-                        for (int r = 0; r < SPLITS; ++r) cum += (double)sh.part[r];
-                        const double pthr = (double)topp * (double)sh.total;
+                    } else {  // refine_edge's fixed-point masses: the bin's own tokens in order
+                        unsigned long long cum = sh.w_before;
                         for (int a = 0; a < n; ++a) {
-                            cum += (double)rel_prob(sh.cand_z[a], zmax, invT);
-                            if (cum >= pthr) { keep = a + 1; break; }
+                            cum += (unsigned long long)__float2ull_rn(rel_prob(sh.cand_z[a], zmax, invT) * MASS_SCALE);
+                            if (cum >= sh.pthr) { keep = a + 1; break; }
                         }
                     }
                     for (int r = 0; r < SPLITS; ++r) {

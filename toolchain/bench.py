@@ -100,6 +100,7 @@ def time_decode(be, ctx: int, m: int, tokens: int, cr, sampling=None) -> float:
     if sampling is not None:
         for slot in range(m):
             be.set_sampling(slot, sampling, 1234 + slot, [0] * (ctx + 1), ctx)
+        be.sampler.set_rows(range(m), be.stream)
     be._set_inputs(np.zeros(m, np.int32), np.full(m, ctx), np.arange(m))
     g = be.decode_graph(m, be.long_context(ctx), sampled=sampling is not None)
     g.launch(be.stream)

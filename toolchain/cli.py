@@ -133,7 +133,9 @@ def _open_decoder(a, progress, prompt_check=None, slots: int = 1):
     result = prompt_check(dec) if prompt_check else None
     if not a.quiet:
         print(f"qtrt: backend {backend} ({why})", file=sys.stderr)
-    dec.start_backend(backend, progress, why, slots=slots)
+    sampling = getattr(a, "temperature", 0) > 0 or getattr(a, "repeat_penalty", 1) != 1 \
+        or getattr(a, "presence_penalty", 0) != 0 or getattr(a, "frequency_penalty", 0) != 0
+    dec.start_backend(backend, progress, why, slots=slots, sampled=sampling)
     return dec, result
 
 

@@ -66,7 +66,7 @@ class CudaBackend:
 
     def __init__(self, model: GGUFModel, max_context: int, n_slots: int = 1, max_tokens: int = 64,
                  fused: bool = True, tuning: dict | None = None, progress=None,
-                 prepare: bool = False):
+                 prepare: bool = False, prepare_sampled: bool = False):
         self.model, self.cfg = model, model.config
         self.max_context, self.n_slots, self.max_tokens = max_context, n_slots, max_tokens
         self.tuning = {**TUNING, **(tuning or {})}
@@ -114,6 +114,8 @@ class CudaBackend:
         if prepare:
             with progress.stage("loading kernels and capturing the decode step"):
                 self.decode_graph(1)
+                if prepare_sampled:  # the step with the device sampler, before the first token's clock starts
+                    self.decode_graph(1, sampled=True)
 
     # -- planning ---------------------------------------------------------------------------------------------
     def _value_widths(self) -> dict[str, tuple[int, type]]:
@@ -288,8 +290,13 @@ class CudaBackend:
             if sampled:
                 self.sampler.set_rows(np.arange(m), self.stream)
             self.plan(m, long_context=key[1], sampled=n)
-            self.run_plan(m, advance=False, long_context=key[1], sampled=n)  # warm-up outside capture: module
-            self.stream.synchronize()  # loads, lazy init
+            # warm-up outside capture (module loads, lazy init): it recomputes what the step will, but its draws
+            # write the penalty rings one entry ahead, so those are put back
+            rings = self.sampler.history.download(self.stream) if sampled else None
+            self.run_plan(m, advance=False, long_context=key[1], sampled=n)
+            self.stream.synchronize()
+            if sampled:
+                self.sampler.history.upload(rings, self.stream)
             self._graphs[key] = cr.capture(
                 self.stream, lambda: self.run_plan(m, advance=advance, long_context=key[1], sampled=n))
         return self._graphs[key]
@@ -383,12 +390,13 @@ class CudaBackend:
         """Whether a decode step of m rows can run as launch_decode (a captured, self-advancing graph)."""
         return m < GEMM_MIN_M
 
-    def launch_decode(self, m: int, position: int, ids=None, positions=None, slots=None):
+    def launch_decode(self, m: int, position: int, ids=None, positions=None, slots=None, sample: bool = True):
         """Enqueue a decode step of m rows, every row sampled on the device, and an asynchronous copy of its tokens;
         returns a ticket for read_tokens. With ids/positions/slots the step's inputs are set (the first step of a
         run); without, the step is fed by the one before it on the device (decode_advance: each row's drawn token,
         its position + 1), so it can be launched before the host has read that one. `position`: the first row's
-        (which graph, for m = 1: long_context)."""
+        (which graph, for m = 1: long_context). sample=False: every row is greedy without penalties, the step
+        without the sampler (the plain argmax graph)."""
         if ids is not None:
             ids = check_token_ids(ids, self.cfg.vocab)
             check_range(positions, self.max_context, "position")
@@ -397,7 +405,7 @@ class CudaBackend:
             self.sampler.set_rows(list(range(m)), self.stream)
         elif position >= self.max_context:
             raise ValueError(f"position {position} is beyond the context of {self.max_context}")
-        self.decode_graph(m, m == 1 and self.long_context(position), sampled=True).launch(self.stream)
+        self.decode_graph(m, m == 1 and self.long_context(position), sampled=sample).launch(self.stream)
         if self._pinned is None:
             self._pinned = [cr.PinnedArray((self.max_tokens,), np.int64) for _ in range(2)]
             self._pinned_events = [cr.Event(), cr.Event()]
@@ -443,6 +451,7 @@ class CudaBackend:
         """Yield n tokens sampled on the device after `first_token` (the last of `tokens`, the sequence so far):
         each is one replay of the self-advancing graph with the device sampler (slot 0)."""
         self.set_sampling(0, sampling, seed, tokens, self.pos)
+        self.sampler.set_rows([0], self.stream)
         self._set_inputs([first_token], [self.pos], [0])
         for _ in range(n):
             self.decode_graph(1, self.long_context(self.pos), sampled=True).launch(self.stream)

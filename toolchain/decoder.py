@@ -240,10 +240,11 @@ class Decoder:
         return dec
 
     def start_backend(self, backend: str = "auto", progress=None, why: str | None = None,
-                      slots: int = 1) -> "Decoder":
+                      slots: int = 1, sampled: bool = False) -> "Decoder":
         """Build the backend (`auto` or a name; choose_backend's error if it cannot run here) with `slots` KV-cache
         slots (sequences at once, toolchain/engine.py). `why`: the reason of an earlier choose_backend call that
-        already picked `backend`."""
+        already picked `backend`. `sampled`: the caller will sample (cuda: the sampled step is captured now, not at
+        the second token)."""
         from .progress import quiet
 
         progress = progress or quiet()
@@ -253,7 +254,8 @@ class Decoder:
         elif name == "cuda":
             from .cuda_backend import CudaBackend
 
-            self.backend = CudaBackend(self.model, self.max_context, n_slots=slots, progress=progress, prepare=True)
+            self.backend = CudaBackend(self.model, self.max_context, n_slots=slots, progress=progress, prepare=True,
+                                       prepare_sampled=sampled)
         elif slots > 1:
             raise UserError(f"--slots {slots}: the tensorrt backend runs one sequence at a time; use --backend cuda "
                             "(the same kernels) to serve several")

@@ -116,6 +116,11 @@ class Row:
     request: Request | None  # the request whose next token this row's logits give (None: mid-prompt row)
 
 
+def _sampled(rows: list[Row]) -> bool:
+    """Whether a step's rows need the sampler (a request that samples or has penalties), or only the argmax."""
+    return any(not r.request.params.sampling.greedy or r.request.params.sampling.penalized for r in rows)
+
+
 class Scheduler:
     """Which tokens run in the next step (and nothing else)."""
 
@@ -291,7 +296,8 @@ class Engine:
         args = [row.token for row in rows], [row.position for row in rows], [row.slot for row in rows]
         if self.pipelined and rows and len(emit) == len(rows) and self.backend.can_pipeline(len(rows)):
             # decode rows only: launch and return; the next _step speculates the step after it before reading it
-            self._inflight = (rows, self.backend.launch_decode(len(rows), args[1][0], *args), t0)
+            self._inflight = (rows, self.backend.launch_decode(len(rows), args[1][0], *args, sample=_sampled(rows)),
+                              t0)
             return
         if self.device_sampling:
             drawn = [int(t) for t in self.backend.step_tokens(*args, rows=emit)]
@@ -315,7 +321,8 @@ class Engine:
         nxt = None
         if all(live) and len(self.running) == len(rows) and all(row.position + 2 < self.max_context for row in rows):
             nrows = [Row(-1, row.position + 1, row.slot, row.request) for row in rows]  # token: known after step t
-            nxt = (nrows, self.backend.launch_decode(len(nrows), nrows[0].position), time.perf_counter())
+            nxt = (nrows, self.backend.launch_decode(len(nrows), nrows[0].position, sample=_sampled(nrows)),
+                   time.perf_counter())
         drawn = [int(t) for t in self.backend.read_tokens(ticket)]
         self._inflight = nxt
         keep = [i for i, row in enumerate(rows) if row.request in self.running and row.request.slot == row.slot]
