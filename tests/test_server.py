@@ -83,7 +83,8 @@ def tiny_server(synth_gguf):
     ({"prompt": [TINY["vocab"] + 5]}, 400, "prompt"),
     ({"prompt": "word " * 9000}, 400, "prompt"),
     ({"prompt": "hi", "n": 2}, 400, "n"),
-    ({"prompt": "hi", "logprobs": 2}, 400, "logprobs"),
+    ({"prompt": "hi", "logprobs": 99}, 400, "logprobs"),
+    ({"prompt": "hi", "top_logprobs": 2}, 400, "top_logprobs"),
     ({"prompt": "hi", "best_of": 3}, 400, "best_of"),
     ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({}, 400, "prompt"),
@@ -92,6 +93,47 @@ def test_bad_requests_get_a_4xx_naming_the_field(tiny_server, body, status, para
     code, err = _post(tiny_server, "/v1/completions", body)
     assert code == status and err["error"]["param"] == param and err["error"]["message"], err
     assert _health(tiny_server)["status"] == "ok"
+
+
+def test_logprobs_are_the_models_log_softmax(tiny_server, synth_gguf):
+    """Completions with logprobs (the official client, streamed and not) and chat with top_logprobs: every token's
+    log-probability and its alternatives equal a float64 log-softmax of the reference decoder's logits for the same
+    tokens, computed here independently; the streamed entries equal the non-streamed ones."""
+    import numpy as np
+
+    from toolchain.decoder import CpuBackend, Decoder
+
+    client = openai.OpenAI(base_url=tiny_server + "/v1", api_key="unused")
+    rng = np.random.default_rng()
+    prompt = list(map(int, rng.integers(0, TINY["vocab"], 40)))
+    done = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, logprobs=3)
+    lp = done.choices[0].logprobs
+    streamed = [c.choices[0].logprobs for c in client.completions.create(model="tiny", prompt=prompt, max_tokens=6,
+                                                                          logprobs=3, stream=True)]
+    flat = [x for c in streamed if c is not None for x in c.token_logprobs]
+    assert flat == lp.token_logprobs and len(flat) == done.usage.completion_tokens
+    dec = Decoder.open(str(synth_gguf(**dict(TINY, context_length=8192))), 512)
+    dec.backend = CpuBackend(dec.model, 512)
+    logits = dec.backend.forward(prompt)
+    for k, (got, top) in enumerate(zip(lp.token_logprobs, lp.top_logprobs)):
+        z = logits.astype(np.float64)
+        ref = z - (z.max() + np.log(np.exp(z - z.max()).sum()))
+        tok = int(np.argmax(ref))  # greedy: the drawn token is the argmax
+        assert abs(got - ref[tok]) < 1e-4, (k, got, ref[tok])
+        best = np.argsort(-ref, kind="stable")[:3]
+        assert np.allclose(sorted(top.values(), reverse=True), ref[best], atol=1e-4)
+        assert lp.tokens[k] == dec.tokenizer.decode([tok])
+        logits = dec.backend.forward([tok])
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}],
+                                          max_tokens=4, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    for c in content:
+        assert len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob
+        assert c.logprob <= 0 and abs(c.logprob - c.top_logprobs[0].logprob) < 1e-9  # greedy: the top one
+    plain = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}],
+                                           max_tokens=4)
+    assert plain.choices[0].logprobs is None
 
 
 def test_bad_chat_messages_and_unknown_routes(tiny_server):

@@ -523,6 +523,71 @@ def test_exported_custom_nodes_carry_exactly_the_plugin_attributes(tmp_path):
     assert {R.ATTENTION_OP, R.SWIGLU_OP} <= seen
 
 
+def test_prepared_export_has_no_uint8_and_int8_feeds_only_plugins(tmp_path):
+    """Issue 16, risk 4, on a whole exported model (synthetic 0.5B layout, 2 layers): after prepare_onnx no UINT8
+    initializer remains, every INT8 initializer feeds only qtrt plugins, and the weight bytes are those of the
+    export (inline bytes equal, external data still points at the same file, offset and length, which is unchanged
+    on disk); an initializer shared by a plugin and a standard op is refused rather than retyped."""
+    pytest.importorskip("gguf")
+    import hashlib
+
+    import onnx
+
+    from toolchain.export import export_model
+    from toolchain.synth import layout, write_synthetic_gguf
+    from toolchain.trt.engine import prepare_onnx
+    from toolchain.trt.shape_rules import CUSTOM_OPS
+
+    cfg, types_ = layout("qwen2.5-coder-0.5b", n_layers=2, vocab=1024, context_length=64)
+    gguf = write_synthetic_gguf(tmp_path / "m.gguf", cfg, types_, seed=0)
+    export_model(str(gguf), str(tmp_path / "onnx"))
+    path = tmp_path / "onnx" / "model.onnx"
+    before = onnx.load(str(path), load_external_data=False)
+    data = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "onnx").iterdir()}
+    model, facts = prepare_onnx(path)
+    uint8 = [t.name for t in before.graph.initializer if t.data_type == onnx.TensorProto.UINT8]
+    assert uint8 and facts["retyped_uint8_initializers"] == len(uint8)
+    assert not [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.UINT8]
+    consumers = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, set()).add(n.op_type)
+    old = {t.name: t for t in before.graph.initializer}
+    for t in model.graph.initializer:
+        if t.data_type != onnx.TensorProto.INT8:
+            continue
+        assert consumers[t.name] <= set(CUSTOM_OPS), (t.name, consumers[t.name])
+        assert t.raw_data == old[t.name].raw_data
+        assert [(e.key, e.value) for e in t.external_data] == [(e.key, e.value) for e in old[t.name].external_data]
+    assert data == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "onnx").iterdir()}
+    # poisoned: the embedding table also read by a standard op
+    w = next(t.name for t in before.graph.initializer if t.data_type == onnx.TensorProto.UINT8)
+    before.graph.node.append(onnx.helper.make_node("Identity", [w], ["leak"], name="leak"))
+    onnx.save(before, str(tmp_path / "onnx" / "shared.onnx"))
+    with pytest.raises(UserError, match="both a qtrt plugin and a standard op"):
+        prepare_onnx(tmp_path / "onnx" / "shared.onnx")
+
+
+def test_no_plugin_launch_asks_for_dynamic_shared_memory():
+    """Risk 5: the AOT path cannot raise the 48 KB limit; the export has no GEMM plugin, and every plugin launch at
+    the profiles' token counts (decode 1; prefill 1, 128, 512) asks for no dynamic shared memory."""
+    from toolchain.kernels import GEMM_OPS, MODEL_ATTRS, launch_config
+
+    assert not set(R.CUSTOM_OPS) & set(GEMM_OPS)
+    model = MODEL_ATTRS[0]
+    for op in R.CUSTOM_OPS:
+        for m in (1, 128, 512):
+            if op in R.MATMUL_OPS:
+                dims = {"m": m, "k": model["hidden"], "n": model["ffn"]}
+            elif op in R.GATHER_OPS:
+                dims = {"m": m, "hidden": model["hidden"]}
+            elif op == R.ATTENTION_OP:
+                dims = {"m": m, "n_heads": model["n_heads"], "n_slots": 1, "max_seq": 4096}
+            else:
+                dims = {"m": m, "numel": m * model["ffn"]}
+            assert launch_config(op, dims).shared_mem == 0, (op, m)
+
+
 # --- without TensorRT ----------------------------------------------------------------------------------------------
 
 @pytest.mark.skipif(_have_tensorrt(), reason="TensorRT is installed here")

@@ -386,6 +386,12 @@ class CudaBackend:
         toks = self.buffers["next_token"].download(self.stream, rows=m).reshape(-1)
         return toks[rows]
 
+    def last_logits(self, rows) -> np.ndarray:
+        """The logits of `rows` of the last step as its draw saw them (after the device penalties), [len(rows),
+        vocab]: for the requests that ask for log-probabilities."""
+        rows = [int(r) for r in rows]
+        return self.buffers["logits"].download(self.stream, rows=max(rows) + 1)[rows]
+
     def can_pipeline(self, m: int) -> bool:
         """Whether a decode step of m rows can run as launch_decode (a captured, self-advancing graph)."""
         return m < GEMM_MIN_M

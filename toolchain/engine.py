@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .decoder import _common_prefix
-from .sampling import Sampling, draw_rng, sample
+from .sampling import MAX_LOGPROBS, Sampling, apply_penalties, draw_rng, sample, token_logprobs
 from .errors import UserError, check_token_ids
 
 
@@ -41,10 +41,13 @@ from .errors import UserError, check_token_ids
 class Params:
     max_tokens: int = 64
     sampling: Sampling = Sampling()
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely (sampling.py)
 
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise UserError(f"max_tokens {self.max_tokens!r}: must be an integer >= 1")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise UserError(f"logprobs {self.logprobs!r}: must be an integer in [0, {MAX_LOGPROBS}]")
 
 
 class RequestHandle:
@@ -56,6 +59,7 @@ class RequestHandle:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._aq: asyncio.Queue | None = None
         self.ids: list[int] = []
+        self.logprobs: list[dict] = []  # one per token event, when the request asked (set before the event)
         self.finish_reason: str | None = None
         self.stats: dict = {}
 
@@ -294,13 +298,17 @@ class Engine:
         emit = [i for i, row in enumerate(rows) if row.request is not None]
         t0 = time.perf_counter()
         args = [row.token for row in rows], [row.position for row in rows], [row.slot for row in rows]
-        if self.pipelined and rows and len(emit) == len(rows) and self.backend.can_pipeline(len(rows)):
+        want = [i for i in emit if rows[i].request.params.logprobs is not None]
+        if self.pipelined and rows and len(emit) == len(rows) and not want and self.backend.can_pipeline(len(rows)):
             # decode rows only: launch and return; the next _step speculates the step after it before reading it
             self._inflight = (rows, self.backend.launch_decode(len(rows), args[1][0], *args, sample=_sampled(rows)),
                               t0)
             return
+        seen = {}  # row -> the logits its draw started from (after the penalties), for the rows that want logprobs
         if self.device_sampling:
             drawn = [int(t) for t in self.backend.step_tokens(*args, rows=emit)]
+            if want:
+                seen = dict(zip(want, self.backend.last_logits(want)))
         else:
             logits = self.backend.step(*args, rows=emit)
             drawn = []
@@ -308,6 +316,12 @@ class Engine:
                 r = rows[i].request
                 history = r.prompt + r.generated if r.params.sampling.penalized else ()
                 drawn.append(sample(li, r.params.sampling, draw_rng(r.seed, rows[i].position), history))
+                if r.params.logprobs is not None:
+                    seen[i] = apply_penalties(li, history, r.params.sampling)
+        for i, tok in zip(emit, drawn):
+            if i in seen and tok not in self.stop_ids:  # one entry per token event
+                r = rows[i].request
+                r.handle.logprobs.append(token_logprobs(seen[i], tok, r.params.logprobs))
         self._apply(rows, emit, drawn, t0)
 
     def _step_pipelined(self):

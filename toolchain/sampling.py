@@ -194,3 +194,22 @@ def history_window(tokens, position: int) -> np.ndarray:
     for p in range(max(0, position - PENALTY_WINDOW + 1), position + 1):
         ring[p % PENALTY_WINDOW] = tokens[p]
     return ring
+
+
+MAX_LOGPROBS = 20  # alternatives per token, OpenAI's top_logprobs limit
+
+
+def token_logprobs(logits: np.ndarray, token: int, top: int = 0) -> dict:
+    """Log-probabilities a request asked for, of the distribution the draw starts from: the model's softmax after
+    the penalties, before temperature and the cuts (so they do not depend on the sampling settings). Returns
+    {"token": id, "logprob": float, "top": [(id, logprob), ...]} with the `top` most likely tokens, most likely
+    first (ties by id)."""
+    z = np.asarray(logits, np.float64)
+    zmax = z.max()
+    lse = zmax + np.log(np.exp(z - zmax).sum())
+    out = {"token": int(token), "logprob": float(z[token] - lse), "top": []}
+    if top:
+        part = np.argpartition(-z, top - 1)[:top]
+        part = part[np.lexsort((part, -z[part]))]
+        out["top"] = [(int(i), float(z[i] - lse)) for i in part]
+    return out

@@ -14,13 +14,14 @@ import time
 import uuid
 
 from .decoder import Sampling, StopStrings
+from .sampling import MAX_LOGPROBS
 from .engine import Engine, Params
 from .errors import UserError
 from .tokenizer import StreamDecoder
 
 ACCEPTED = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
             "seed", "stop", "stream", "stream_options", "n", "user", "logprobs", "presence_penalty",
-            "frequency_penalty", "repetition_penalty", "min_p"}
+            "frequency_penalty", "repetition_penalty", "min_p", "top_logprobs"}
 
 
 class BadRequest(Exception):
@@ -142,8 +143,7 @@ class Server:
                              404, "model_not_found")
         if body.get("n", 1) != 1:
             raise BadRequest("only n = 1 is supported", "n")
-        if body.get("logprobs") not in (None, False, 0):
-            raise BadRequest("logprobs are not supported yet", "logprobs")
+        logprobs = self._logprobs(body, chat)
         floats = {}
         for k, lo, hi, default in (("presence_penalty", -2, 2, 0.0), ("frequency_penalty", -2, 2, 0.0),
                                    ("repetition_penalty", 1e-6, 10, 1.0), ("min_p", 0, 1, 0.0)):
@@ -186,10 +186,52 @@ class Server:
                              "context_length_exceeded")
         try:
             params = Params(max_tokens=min(max_tokens, room),
-                            sampling=Sampling(float(t), top_k, float(top_p), seed, **floats))
+                            sampling=Sampling(float(t), top_k, float(top_p), seed, **floats), logprobs=logprobs)
         except UserError as e:
             raise BadRequest(str(e)) from None
         return ids, params, stop, body.get("stream", False)
+
+    @staticmethod
+    def _logprobs(body: dict, chat: bool) -> int | None:
+        """How many alternatives per token the request wants with its log-probabilities (None: none). Chat:
+        logprobs true/false and top_logprobs 0-20; completions: logprobs 0-20 (OpenAI's legacy field)."""
+        lp = body.get("logprobs")
+        if chat:
+            top = body.get("top_logprobs")
+            if lp is not None and not isinstance(lp, bool):
+                raise BadRequest("logprobs must be true or false", "logprobs")
+            if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_LOGPROBS):
+                raise BadRequest(f"top_logprobs must be an integer between 0 and {MAX_LOGPROBS}", "top_logprobs")
+            if top is not None and not lp:
+                raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
+            return (top or 0) if lp else None
+        if body.get("top_logprobs") is not None:
+            raise BadRequest("top_logprobs belongs to chat completions; completions take logprobs: N", "top_logprobs")
+        if lp is None:
+            return None
+        if isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= MAX_LOGPROBS:
+            raise BadRequest(f"logprobs must be an integer between 0 and {MAX_LOGPROBS}", "logprobs")
+        return lp
+
+    def _logprob_format(self, entries: list[dict], chat: bool, offset: int = 0) -> dict:
+        """OpenAI's logprobs object of these tokens: chat's {content: [...]}, or completions' parallel lists
+        (text_offset counts characters from `offset`)."""
+        def text(i):
+            return self.tokenizer.decode([i])
+
+        if chat:
+            return {"content": [{"token": text(e["token"]), "logprob": e["logprob"],
+                                 "bytes": list(self.tokenizer.token_bytes(e["token"])),
+                                 "top_logprobs": [{"token": text(i), "logprob": lp,
+                                                   "bytes": list(self.tokenizer.token_bytes(i))} for i, lp in e["top"]]}
+                                for e in entries]}
+        tokens = [text(e["token"]) for e in entries]
+        offsets, at = [], offset
+        for t in tokens:
+            offsets.append(at)
+            at += len(t)
+        return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [{text(i): lp for i, lp in e["top"]} for e in entries], "text_offset": offsets}
 
     def _prompt_ids(self, body: dict, chat: bool) -> list[int]:
         vocab = self.engine.vocab
@@ -239,12 +281,15 @@ class Server:
         created = int(time.time())
         pieces = self._text(handle, stop)
         if stream:
-            return StreamingResponse(self._sse(pieces, handle, rid, created, chat), media_type="text/event-stream")
-        text, finish = [], "length"
+            return StreamingResponse(self._sse(pieces, handle, rid, created, chat, params.logprobs is not None),
+                                     media_type="text/event-stream")
+        text, finish, entries = [], "length", []
         try:
             async for kind, value in pieces:
                 if kind == "text":
                     text.append(value)
+                elif kind == "logprob":
+                    entries.append(value)
                 else:
                     finish = value
         finally:
@@ -254,17 +299,24 @@ class Server:
         usage = {"prompt_tokens": len(ids), "completion_tokens": len(handle.ids),
                  "total_tokens": len(ids) + len(handle.ids)}
         content = "".join(text)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}
-                  if chat else {"index": 0, "text": content, "finish_reason": finish, "logprobs": None})
+        lp = self._logprob_format(entries, chat) if params.logprobs is not None else None
+        choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish,
+                   "logprobs": lp}
+                  if chat else {"index": 0, "text": content, "finish_reason": finish, "logprobs": lp})
         return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
                              "created": created, "model": self.model_name, "choices": [choice], "usage": usage})
 
     async def _text(self, handle, stop):
         """("text", piece)... then ("finish", reason): the engine's tokens as text, cut at a stop string (which
-        aborts the request: its slot is freed)."""
+        aborts the request: its slot is freed); ("logprob", entry) before each token's text where the request asked
+        for log-probabilities."""
         sd, cut = StreamDecoder(self.tokenizer), StopStrings(stop)
+        n = 0
         async for kind, value in handle:
             if kind == "token":
+                if n < len(handle.logprobs):  # the request asked for them: set before its token event
+                    yield "logprob", handle.logprobs[n]
+                n += 1
                 piece = cut.push(sd.push(value))
                 if piece:
                     yield "text", piece
@@ -283,15 +335,21 @@ class Server:
                 yield "finish", "error"
                 return
 
-    async def _sse(self, pieces, handle, rid, created, chat):
+    async def _sse(self, pieces, handle, rid, created, chat, logprobs: bool = False):
         kind_name = "chat.completion.chunk" if chat else "text_completion"
+        pending, offset = [], [0]  # log-probabilities of the tokens since the last frame; characters sent
 
         def frame(delta_text=None, finish=None, role=False):
+            lp = None
+            if logprobs and pending:
+                lp = self._logprob_format(pending, chat, offset[0])
+                pending.clear()
+            offset[0] += len(delta_text or "")
             if chat:
                 delta = {"role": "assistant", "content": ""} if role else ({"content": delta_text} if delta_text else {})
-                choice = {"index": 0, "delta": delta, "finish_reason": finish}
+                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": lp}
             else:
-                choice = {"index": 0, "text": delta_text or "", "finish_reason": finish, "logprobs": None}
+                choice = {"index": 0, "text": delta_text or "", "finish_reason": finish, "logprobs": lp}
             return "data: " + json.dumps({"id": rid, "object": kind_name, "created": created,
                                           "model": self.model_name, "choices": [choice]}) + "\n\n"
 
@@ -299,7 +357,9 @@ class Server:
             if chat:
                 yield frame(role=True)
             async for kind, value in pieces:
-                if kind == "text":
+                if kind == "logprob":
+                    pending.append(value)
+                elif kind == "text":
                     yield frame(value)
                 elif value == "error":
                     yield "data: " + json.dumps({"error": {"message": "the generation failed on the server",

@@ -47,6 +47,12 @@ def prepare_onnx(model_path: Path, plugin_weights: str = "int8"):
                         "the unfused `qtrt export` output")
     custom = [n for n in g.node if n.op_type in CUSTOM_OPS]
     plugin_inputs = {i for n in custom for i in n.input}
+    standard_inputs = {i for n in g.node if n.op_type not in CUSTOM_OPS for i in n.input}
+    shared = sorted(t.name for t in g.initializer if t.data_type == onnx.TensorProto.UINT8
+                    and t.name in plugin_inputs and t.name in standard_inputs)
+    if plugin_weights == "int8" and shared:  # INT8 would change what the standard op reads
+        raise UserError(f"{model_path}: UINT8 initializers {', '.join(shared[:3])} feed both a qtrt plugin and a "
+                        "standard op; export each use its own initializer")
     retyped = 0
     weight_bytes = 0
     for t in g.initializer:
