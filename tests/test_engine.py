@@ -73,6 +73,18 @@ def test_under_load_every_request_gets_its_tokens_alone(tiny):
         assert (h.ids, h.finish_reason) == (ids, reason), i
 
 
+def test_cpu_step_computes_the_head_of_the_asked_rows_only(tiny):
+    """CpuBackend.step's logits of some rows (the head run on those alone) equal those rows of a step that computes
+    every row's logits, on a fresh cache each time."""
+    rng = np.random.default_rng()
+    ids = list(map(int, rng.integers(0, TINY["vocab"], 40)))
+    dec = Decoder.open(str(tiny), CTX)
+    full = CpuBackend(dec.model, CTX, n_slots=2).step(ids, list(range(40)), [1] * 40)
+    some = CpuBackend(dec.model, CTX, n_slots=2).step(ids, list(range(40)), [1] * 40, rows=[39, 7, 20])
+    np.testing.assert_allclose(some, full[[39, 7, 20]], rtol=1e-5, atol=1e-5)
+    assert CpuBackend(dec.model, CTX, n_slots=2).step(ids, list(range(40)), [1] * 40, rows=[]).shape == (0, TINY["vocab"])
+
+
 def test_prefix_reuse_keeps_whole_chunks_and_changes_nothing(tiny):
     rng = np.random.default_rng()
     base = list(map(int, rng.integers(0, TINY["vocab"], 70)))

@@ -89,10 +89,12 @@ class CpuBackend:
             j = i + 1
             while j < len(ids) and slots[j] == slots[i] and positions[j] == positions[j - 1] + 1:
                 j += 1
-            logits = self.ref.forward(ids[i:j], positions[i], self.caches[slots[i]])
-            for k in range(i, j):
-                if k in want:
-                    out[k] = logits[k - i]
+            need = [k for k in range(i, j) if k in want]  # the head (lm_head: 151,936 rows) only where asked
+            if need:
+                logits = self.ref.forward(ids[i:j], positions[i], self.caches[slots[i]], rows=[k - i for k in need])
+                out.update(zip(need, logits))
+            else:
+                self.ref.forward(ids[i:j], positions[i], self.caches[slots[i]], rows=[])
             i = j
         order = sorted(want) if rows is None else list(rows)
         return np.stack([out[k] for k in order]) if order else np.zeros((0, self.ref.cfg.vocab), np.float32)

@@ -117,9 +117,9 @@ class ReferenceModel:
         gate, up = np.split(L.gate_up(h), 2, axis=1)
         return x + L.down(ops.swiglu(gate, up))
 
-    def forward(self, tokens, start_pos: int, cache: np.ndarray, last_only: bool = False) -> np.ndarray:
+    def forward(self, tokens, start_pos: int, cache: np.ndarray, last_only: bool = False, rows=None) -> np.ndarray:
         """Run tokens at positions start_pos.. and return their logits [m, vocab] (last_only: the last token's only,
-        [1, vocab]: a prompt needs no more); fills cache in place."""
+        [1, vocab]: a prompt needs no more; rows: those tokens' only, in that order); fills cache in place."""
         c = self.cfg
         tokens = np.asarray(tokens, dtype=np.int64)
         m = len(tokens)
@@ -131,4 +131,10 @@ class ReferenceModel:
         mask = np.where(pos[:, None] >= np.arange(start_pos + m)[None, :], 0.0, -np.inf).astype(np.float32)  # causal
         for li, L in enumerate(self.layers):
             x = self.layer_forward(L, x, pos, cache[li], mask)
-        return self.lm_head(ops.rms_norm(x[-1:] if last_only else x, self.output_norm, c.rms_eps))
+        if last_only:
+            x = x[-1:]
+        elif rows is not None:
+            if not len(rows):
+                return np.zeros((0, c.vocab), np.float32)
+            x = x[np.asarray(rows, np.int64)]
+        return self.lm_head(ops.rms_norm(x, self.output_norm, c.rms_eps))
