@@ -138,10 +138,14 @@ def test_decoder_generate_many_equals_generate(tiny):
     dec = Decoder.open(str(tiny), CTX)
     dec.backend = CpuBackend(dec.model, CTX, n_slots=3)
     prompts = ["one two", "three four five six", "seven"]
+    t0 = time.perf_counter()
     many = dec.generate_many(prompts, max_new_tokens=10)
+    elapsed = time.perf_counter() - t0
     for p, g in zip(prompts, many):
         single = dec.generate(p, max_new_tokens=10)
         assert g.ids == single.ids and g.text == single.text
+        # each its own timing: from its first token to its end, within the whole call
+        assert 0 < g.decode_s <= elapsed and 0 < g.prefill_s <= elapsed
 
 
 TIE = 2e-2  # greedy: below this top-2 logit margin the batched and batch-1 kernels may pick either token

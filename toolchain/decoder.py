@@ -293,7 +293,8 @@ class Decoder:
         finally:
             engine.close()
             self.cached_ids = []  # the engine used the cache's slots
-        return [Generation(i, h.ids, self.tokenizer.decode(h.ids), h.stats.get("ttft_s") or 0.0, elapsed,
+        return [Generation(i, h.ids, self.tokenizer.decode(h.ids), h.stats.get("ttft_s") or 0.0,
+                           h.stats.get("decode_s") or elapsed,
                            h.finish_reason or "error") for i, h in zip(ids, handles)]
 
     def room(self, ids) -> int:

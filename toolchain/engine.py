@@ -377,6 +377,7 @@ class Engine:
         if r.slot is not None and self.slot_owner[r.slot] is r:
             self.slot_owner[r.slot] = None
         r.handle.stats = {"prompt_tokens": len(r.prompt), "reused_tokens": r.reused,
-                          "ttft_s": (r.t_first - r.t_submit) if r.t_first else None}
+                          "ttft_s": (r.t_first - r.t_submit) if r.t_first else None,
+                          "decode_s": (time.perf_counter() - r.t_first) if r.t_first else 0.0}
         self.metrics["requests_finished"] += 1
         r.handle._emit(("error", error) if error else ("done", reason))
