@@ -194,23 +194,26 @@ __device__ int draw_in_order(const float (&e)[PER], double u, int lo, SampleShar
     }
     if (last < 0) return -2;
     const float target = (float)(u * (double)total);
-    float before = 0.f;
     int b = last;
+    float acc = 0.f;
     for (int r = 0; r < SPLITS; ++r) {
-        if (sh.part[r] > 0.f && target < before + sh.part[r]) { b = r; break; }
-        before += sh.part[r];
+        if (sh.part[r] > 0.f && target < acc + sh.part[r]) { b = r; break; }
+        acc += sh.part[r];
     }
     if ((int)rank != b) return -1;
+    float before = 0.f;  // the chosen block's start, summed in the same order
+    for (int r = 0; r < b; ++r) before += sh.part[r];
     const float tl = target - before;
     const float excl = block_exclusive_scan(tsum, sh.fscratch);
-    // the last thread with mass takes a target past the block's sum (rounding)
-    __shared__ int last_thread;
-    if (threadIdx.x == 0) last_thread = -1;
+    // exactly one owner, whatever the scan's rounding: the last thread with mass whose range starts at or below the
+    // target (else the first thread with mass)
+    __shared__ int owner, first;
+    if (threadIdx.x == 0) { owner = -1; first = THREADS; }
     __syncthreads();
-    if (tsum > 0.f) atomicMax(&last_thread, (int)threadIdx.x);
+    if (tsum > 0.f && tl >= excl) atomicMax(&owner, (int)threadIdx.x);
+    if (tsum > 0.f) atomicMin(&first, (int)threadIdx.x);
     __syncthreads();
-    const bool mine = tsum > 0.f && tl >= excl && (tl < excl + tsum || (int)threadIdx.x == last_thread);
-    if (!mine) return -1;
+    if ((int)threadIdx.x != (owner >= 0 ? owner : first)) return -1;
     float c = excl;
     int pick = -1;
 #pragma unroll
@@ -513,10 +516,10 @@ sample_tokens(const float* logits, const int* rows, const int* slots, const int*
                             if (cum >= sh.pthr) { keep = a + 1; break; }
                         }
                     }
-                    for (int r = 0; r < SPLITS; ++r) {
+                    for (int r = 0; r < SPLITS; ++r) {  // an empty cut bin keeps none of its (no) tokens
                         SampleShared* dst = cluster.map_shared_rank(&sh, r);
-                        dst->z_last = sh.cand_z[keep - 1];
-                        dst->id_last = sh.cand_i[keep - 1];
+                        dst->z_last = n > 0 ? sh.cand_z[keep - 1] : INFINITY;
+                        dst->id_last = n > 0 ? sh.cand_i[keep - 1] : -1;
                     }
                 }
                 cluster.sync();  // every rank knows the last kept token of the cut bin

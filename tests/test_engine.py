@@ -221,3 +221,56 @@ def test_under_load_on_cuda_every_request_gets_its_tokens_alone(synth_gguf):
         assert sum(runs[i].ids == handles[i].ids for i in range(16)) >= 8
     finally:
         dec.backend.close()
+
+
+class _FailingAdmission(CpuBackend):
+    """A cpu backend that samples "on the device" (set_sampling + step_tokens, drawn with the host sampler) and
+    fails to take one request's settings, as a device upload could."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.settings = {}
+
+    def set_sampling(self, slot, sampling, seed, tokens, position):
+        from toolchain.sampling import device_params
+
+        device_params(sampling, seed)  # what the cuda backend packs: must not raise for any valid Sampling
+        if seed == 666:
+            raise RuntimeError("the device refused this request's settings")
+        self.settings[slot] = (sampling, seed)
+
+    def step_tokens(self, ids, positions, slots, rows):
+        from toolchain.sampling import draw_rng, sample
+
+        logits = self.step(ids, positions, slots, rows)
+        return [sample(li, *self.settings[slots[r]][:1], draw_rng(self.settings[slots[r]][1], positions[r]))
+                for r, li in zip(rows, logits)]
+
+
+def _events(handle, timeout=60):
+    """A handle's events, failing (not hanging) if they do not end in time (a dead engine thread ends none)."""
+    out = []
+    t = threading.Thread(target=lambda: out.extend(handle), daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"{handle.id}: no end of events in {timeout} s"
+    return out
+
+
+def test_a_request_whose_admission_fails_fails_alone(tiny):
+    """One request's settings cannot be set (seed 666 here; a top_k beyond int32 once killed the engine thread):
+    it ends with an error event, the others complete, the engine keeps serving."""
+    dec = Decoder.open(str(tiny), CTX)
+    dec.backend = _FailingAdmission(dec.model, CTX, n_slots=2)
+    eng = Engine(dec, slots=2)
+    try:
+        huge = eng.submit([5, 6, 7], Params(max_tokens=4, sampling=Sampling(0.7, 3_000_000_000, seed=1)))
+        bad = eng.submit([8, 9], Params(max_tokens=4, sampling=Sampling(0.7, seed=666)))
+        good = eng.submit([10, 11, 12], Params(max_tokens=4))
+        assert _events(bad)[-1][0] == "error"
+        assert _events(huge)[-1] == ("done", "length") and len(huge.ids) == 4
+        assert _events(good)[-1][0] == "done" and good.ids
+        later = eng.submit([1, 2], Params(max_tokens=2))
+        assert _events(later)[-1][0] == "done" and eng.status()["busy_slots"] == 0
+    finally:
+        eng.close()

@@ -136,6 +136,27 @@ def test_logprobs_are_the_models_log_softmax(tiny_server, synth_gguf):
     assert plain.choices[0].logprobs is None
 
 
+def test_logprobs_stop_with_the_text_a_stop_string_cuts(tiny_server):
+    """The tokens whose text a stop string cut have no log-probabilities: the tokens listed spell a prefix of the
+    returned text, which ends before the stop string."""
+    client = openai.OpenAI(base_url=tiny_server + "/v1", api_key="unused")
+    free = client.completions.create(model="tiny", prompt="one two three", max_tokens=24).choices[0].text
+    stop = free[len(free) // 2:len(free) // 2 + 3]
+    assert stop and stop in free
+    for stream in (False, True):
+        if stream:
+            chunks = list(client.completions.create(model="tiny", prompt="one two three", max_tokens=24, stop=[stop],
+                                                    logprobs=1, stream=True))
+            text = "".join(c.choices[0].text for c in chunks)
+            tokens = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+        else:
+            done = client.completions.create(model="tiny", prompt="one two three", max_tokens=24, stop=[stop],
+                                             logprobs=1)
+            text, tokens = done.choices[0].text, done.choices[0].logprobs.tokens
+        assert text == free[:free.find(stop)], stream
+        assert text.startswith("".join(tokens)) and stop not in "".join(tokens), (stream, tokens, text)
+
+
 def test_bad_chat_messages_and_unknown_routes(tiny_server):
     code, err = _post(tiny_server, "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]})
     assert code == 400 and err["error"]["param"] == "messages[0]"

@@ -236,13 +236,13 @@ class Engine:
     def _loop(self):
         getattr(self.backend, "bind_thread", lambda: None)()  # e.g. the CUDA context, current per thread
         while not self._closed:
-            self._drain()
-            self._admit()
-            if not self.running and self._inflight is None:
-                self._wake.wait(0.05)
-                self._wake.clear()
-                continue
             try:
+                self._drain()
+                self._admit()
+                if not self.running and self._inflight is None:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    continue
                 self._step()
             except Exception as e:  # noqa: BLE001 - a failed step fails its requests, the engine goes on
                 self._inflight = None
@@ -288,7 +288,11 @@ class Engine:
             self.metrics["prompt_tokens"] += len(r.prompt)
             self.metrics["prompt_tokens_reused"] += keep
             if self.device_sampling:
-                self.backend.set_sampling(best, r.params.sampling, r.seed, r.prompt, len(r.prompt) - 1)
+                try:
+                    self.backend.set_sampling(best, r.params.sampling, r.seed, r.prompt, len(r.prompt) - 1)
+                except Exception as e:  # noqa: BLE001 - this request fails alone; the engine goes on
+                    self._finish(r, None, error=f"{type(e).__name__}: {e}")
+                    continue
             self.running.append(r)
 
     def _step(self):

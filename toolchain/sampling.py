@@ -180,7 +180,7 @@ def device_params(s: Sampling, seed: int) -> np.ndarray:
     f = np.array([s.temperature, 0, s.top_p, s.min_p, s.repetition_penalty, s.presence_penalty, s.frequency_penalty],
                  np.float32).view(np.int32)
     w[:7] = f
-    w[1] = s.top_k
+    w[1] = min(int(s.top_k), 2**31 - 1)  # beyond any vocabulary: the same as no cut
     w[7] = int(s.penalized)
     seed = int(seed) % 2**64
     w[8:10] = np.array([seed & 0xFFFFFFFF, seed >> 32], np.uint32).view(np.int32)

@@ -311,22 +311,31 @@ class Server:
         aborts the request: its slot is freed); ("logprob", entry) before each token's text where the request asked
         for log-probabilities."""
         sd, cut = StreamDecoder(self.tokenizer), StopStrings(stop)
-        n = 0
+        n, held = 0, []  # log-probabilities of tokens whose text the stop-string cut still holds back
         async for kind, value in handle:
             if kind == "token":
                 if n < len(handle.logprobs):  # the request asked for them: set before its token event
-                    yield "logprob", handle.logprobs[n]
+                    held.append(handle.logprobs[n])
                 n += 1
                 piece = cut.push(sd.push(value))
-                if piece:
-                    yield "text", piece
-                if cut.stopped:
+                if cut.stopped:  # the held tokens made the stop string: their text is cut, so are they
+                    if piece:
+                        yield "text", piece
                     self.engine.abort(handle.id)
                     yield "finish", "stop"
                     return
+                if piece and not cut.held:
+                    for entry in held:
+                        yield "logprob", entry
+                    held.clear()
+                if piece:
+                    yield "text", piece
             elif kind == "done":
                 tail = cut.push(sd.flush())
                 tail += "" if cut.stopped else cut.flush()
+                if not cut.stopped:
+                    for entry in held:
+                        yield "logprob", entry
                 if tail:
                     yield "text", tail
                 yield "finish", "stop" if cut.stopped else ("length" if value == "abort" else value)
