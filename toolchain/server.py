@@ -216,8 +216,12 @@ class Server:
     def _logprob_format(self, entries: list[dict], chat: bool, offset: int = 0) -> dict:
         """OpenAI's logprobs object of these tokens: chat's {content: [...]}, or completions' parallel lists
         (text_offset counts characters from `offset`)."""
-        def text(i):
-            return self.tokenizer.decode([i])
+        def text(i):  # a token's text; where its bytes are not UTF-8 alone, OpenAI's "bytes:\\xNN..." (unique keys)
+            raw = self.tokenizer.token_bytes(i)
+            try:
+                return raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
         if chat:
             return {"content": [{"token": text(e["token"]), "logprob": e["logprob"],
