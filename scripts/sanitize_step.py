@@ -1,7 +1,9 @@
 """A full decode step of the 1.5B layout (synthetic weights) for compute-sanitizer: a 40-token prompt prefill
 (tensor-core GEMMs + tiled prefill attention), three self-advancing CUDA-graph decode replays, two more at position
 2100 (two attention clusters per kv head: the cluster pushes and the o projection's merge of their partials), a
-5-token step on the matvec path; fused and unfused graphs. Exits non-zero on any CUDA error."""
+5-token step on the matvec path; the device sampler (plugins/sampling.cu: penalties, top-k/top-p/min-p, a wide
+nucleus, temperature alone) in a sampled graph and in steps that sample some rows; fused and unfused graphs. Exits
+non-zero on any CUDA error."""
 import sys
 import tempfile
 from pathlib import Path
@@ -10,6 +12,7 @@ import numpy as np
 
 from toolchain.cuda_backend import CudaBackend
 from toolchain.gguf_model import load_gguf
+from toolchain.sampling import Sampling
 from toolchain.synth import layout, write_synthetic_gguf
 
 path = Path(tempfile.gettempdir()) / "qwen2.5-coder-1.5b-synthetic.gguf"
@@ -24,6 +27,11 @@ for fused in (True, False):
     be.pos = 2100
     toks += list(be.greedy(toks[-1], 2))
     be.step(np.arange(5) * 7, np.arange(50, 55), np.ones(5))
+    mixed = Sampling(0.8, 40, 0.9, seed=3, min_p=0.02, repetition_penalty=1.2, frequency_penalty=0.3)
+    toks += list(be.sampled(toks[-1], 3, mixed, 3, [7] * be.pos + [toks[-1]]))
+    for slot, s in ((0, Sampling(1.5, 0, 0.95, seed=4)), (1, Sampling(1.0, seed=5))):  # wide nucleus; temperature
+        be.set_sampling(slot, s, 11 + slot, [9] * 60, 49)
+    toks += [int(t) for t in be.step_tokens(np.arange(5) * 7, np.arange(50, 55), [0, 0, 1, 1, 1], rows=[1, 4])]
     assert np.isfinite(logits).all(), "non-finite logits"
     print(f"fused={fused}: step ok, tokens {toks}")
     be.close()
