@@ -229,6 +229,19 @@ __device__ int draw_in_order(const float (&e)[PER], double u, int lo, SampleShar
     return lo + threadIdx.x + pick * THREADS;
 }
 
+// Rank 0, every thread (after a __syncthreads that makes sh.cut and the counts final): the cut bin and `mode` into
+// every rank's shared memory, then rank 0's candidate counter zeroed for the gather that follows.
+__device__ void broadcast_decision(int mode, SampleShared& sh, cg::cluster_group& cluster) {
+    __syncthreads();  // every thread has read the counts that chose `mode`
+    if (threadIdx.x < SPLITS) {
+        SampleShared* dst = cluster.map_shared_rank(&sh, threadIdx.x);
+        dst->cut = sh.cut;
+        dst->mode = mode;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) sh.n_cand = 0;  // from here on: the gather's counter
+}
+
 // Edge mode with top-p: the lower-bound masses put the cut bin at or after the true one. Recount the masses exactly
 // (fixed point, 2^-40 per unit of x: order-independent sums), and find the true cut bin, the tokens and the mass
 // before it (rank 0), and whether its own tokens fit the sort (else the coarse edge). Rare: a nucleus of more than
@@ -311,15 +324,7 @@ __device__ void refine_edge(const float (&e)[PER], float topp, SampleShared& sh,
             ew += w[q];
         }
         __syncthreads();
-        const int mode = sh.n_cand - sh.n_before <= CAP ? MODE_EDGE : MODE_COARSE;
-        __syncthreads();
-        if (threadIdx.x < SPLITS) {
-            SampleShared* dst = cluster.map_shared_rank(&sh, threadIdx.x);
-            dst->cut = sh.cut;
-            dst->mode = mode;
-        }
-        __syncthreads();
-        if (threadIdx.x == 0) sh.n_cand = 0;
+        broadcast_decision(sh.n_cand - sh.n_before <= CAP ? MODE_EDGE : MODE_COARSE, sh, cluster);
     }
     cluster.sync();  // the refined decision is everywhere
 }
@@ -470,16 +475,10 @@ sample_tokens(const float* logits, const int* rows, const int* slots, const int*
                 ec += c[q];
             }
             __syncthreads();
-            const int mode = sh.n_cand <= CAP ? MODE_SORTED
-                           : sh.n_cand - sh.n_before <= CAP && ((topk > 0) != (topp < 1.f)) ? MODE_EDGE : MODE_COARSE;
-            __syncthreads();
-            if (threadIdx.x < SPLITS) {
-                SampleShared* dst = cluster.map_shared_rank(&sh, threadIdx.x);
-                dst->cut = sh.cut;
-                dst->mode = mode;
-            }
-            __syncthreads();
-            if (threadIdx.x == 0) sh.n_cand = 0;  // from here on: the gather's counter
+            broadcast_decision(sh.n_cand <= CAP ? MODE_SORTED
+                               : sh.n_cand - sh.n_before <= CAP && ((topk > 0) != (topp < 1.f)) ? MODE_EDGE
+                                                                                               : MODE_COARSE,
+                               sh, cluster);
         }
         cluster.sync();  // the decision is everywhere; rank 0's counter is zero
         if (sh.mode == MODE_EDGE && topk == 0) refine_edge(e, topp, sh, cluster, rank);

@@ -268,55 +268,6 @@ def _addr(x) -> int:
     return int(x)
 
 
-def upload_many(items, stream: "Stream", staging: int = 32 << 20) -> dict:
-    """{name: DeviceBuffer} of (name, array) items, copied through two pinned staging buffers: the host copies the
-    next piece into one while the DMA engine reads the other (a pageable cuMemcpyHtoD runs at about 4 GB/s on the
-    H100 machines; pinned transfers at PCIe speed). Items may be a lazy iterable (a progress bar). Set
-    QTRT_UPLOAD=pageable for the plain per-array copies (the comparison scripts/ttft.py makes)."""
-    import ctypes
-    import os
-
-    if os.environ.get("QTRT_UPLOAD") == "pageable":
-        return {name: DeviceBuffer.from_numpy(a) for name, a in items}
-    d = driver()
-    init()
-    host = [check(d.cuMemHostAlloc(staging, 0), "cuMemHostAlloc") for _ in range(2)]
-    views = [np.ctypeslib.as_array(ctypes.cast(int(h), ctypes.POINTER(ctypes.c_uint8)), shape=(staging,))
-             for h in host]
-    done = [Event(), Event()]
-    pending = [False, False]
-    out, k, fill = {}, 0, 0  # staging buffer k holds `fill` bytes of copies not yet waited for
-
-    def take(n):  # room for n bytes in the current staging buffer, switching to the other one when full
-        nonlocal k, fill
-        if fill + n > staging:
-            done[k].record(stream)
-            pending[k], k, fill = True, k ^ 1, 0
-        if pending[k] and fill == 0:
-            done[k].synchronize()  # the DMA has read what this buffer held
-            pending[k] = False
-        at = fill
-        fill += n
-        return at
-
-    try:
-        for name, a in items:
-            a = np.ascontiguousarray(a)
-            buf = out[name] = DeviceBuffer(a.nbytes, a.shape, a.dtype)
-            src = a.reshape(-1).view(np.uint8)
-            for off in range(0, src.nbytes, staging):
-                n = min(staging, src.nbytes - off)
-                at = take(n)
-                views[k][at:at + n] = src[off:off + n]
-                check(d.cuMemcpyHtoDAsync(buf.ptr + off, int(host[k]) + at, n, stream.handle), "cuMemcpyHtoDAsync")
-        stream.synchronize()
-    finally:
-        stream.synchronize()
-        for h in host:
-            d.cuMemFreeHost(h)
-    return out
-
-
 def memcpy_dtod(dst, src, nbytes: int, stream=None):
     check(driver().cuMemcpyDtoDAsync(_addr(dst), _addr(src), int(nbytes), _stream_handle(stream)), "cuMemcpyDtoD")
 
