@@ -6,20 +6,12 @@
 // scratch, one launch. Each block pushes its pair into rank 0 (plugins/cluster_push.cuh: no cluster.sync).
 #include <stdint.h>
 
+#include "argmax_order.cuh"
 #include "cluster_push.cuh"
 #include "pdl.cuh"
 
 constexpr int SPLITS = 8, THREADS = 512;  // 1024 measured slower (5.8 vs 5.3 us)
 
-__device__ __forceinline__ bool better(float v, int i, float bv, int bi) {
-    const bool vn = isnan(v), bn = isnan(bv);
-    if (vn || bn) return vn && (!bn || i < bi);
-    return v > bv || (v == bv && i < bi);
-}
-
-__device__ __forceinline__ void take(float v, int i, float& bv, int& bi) {
-    if (better(v, i, bv, bi)) { bv = v; bi = i; }
-}
 
 extern "C" __global__ void __cluster_dims__(SPLITS, 1, 1) __launch_bounds__(THREADS)
 argmax(const float* logits, int m, int vocab, long long* __restrict__ out) {

@@ -5,6 +5,9 @@
 # the cuda backend; time to first token against LLAMA_CLI="<llama.cpp command template>", scripts/ttft.py).
 # Logs and JSON go to $OUT (the device tool brings that folder back). STAGES="tests bench" runs a subset;
 # TESTS="tests/x.py ..." narrows the tests stage; STAGES=tuning times the decode tunings (scripts/decode_tuning.py).
+# STAGES=usergen: `qtrt generate` greedy vs sampled, 400 tokens, with the real 1.5B (the user path of issue 14's ratio).
+# STAGES=sampler: the device sampler's time and phases by logits shape and settings (scripts/sampler_phases.py;
+# SAMPLER_BASE=path/to/sampling.cu times that build beside this one).
 # STAGES="serve engine": the openai client and the soak against qtrt serve --backend cuda with the real 1.5B, and the
 # engine's overhead against the raw batched step (scripts/engine_bench.py; ENGINE_MODEL to use the real GGUF).
 set -uo pipefail
@@ -33,6 +36,24 @@ for s in $STAGES; do
     kernels) run kernels python3 -m toolchain.kernels ;;
     tests) run tests python3 -m pytest -p no:cacheprovider -v -rs ${TESTS:-tests/test_kernels_gpu.py tests/test_gemm_gpu.py tests/test_prefill_attention_gpu.py tests/test_cuda_backend.py} ;;
     sanitizer) run sanitizer compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/sanitize_step.py ;;
+    sampler) run sampler bash -c 'if [ -n "${SAMPLER_BASE:-}" ]; then nvcc -cubin -arch=sm_90 -O3 -std=c++17 -Iplugins "$SAMPLER_BASE" -o /tmp/sampler-base.cubin || exit 1; fi; python3 scripts/sampler_phases.py ${SAMPLER_BASE:+--cubin /tmp/sampler-base.cubin} ${SAMPLER_FUSED:+--cubin-fused} --json "$OUT/sampler.json"' ;;
+    usergen) run usergen python3 - "$QTRT_MODELS_DIR/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf" "$OUT/usergen.json" <<'USERGEN'
+import json, subprocess, sys  # the user path: qtrt generate, 400 tokens, greedy vs sampled (T 0.7, top-p 0.9), 3 rounds
+model, out = sys.argv[1:]
+base = [sys.executable, "-m", "toolchain.cli", "generate", "--model", model, "--backend", "cuda", "--prompt",
+        "Write a quicksort in Python with comments.", "--max-new-tokens", "400", "--seed", "7", "--json"]
+runs = {"greedy": [], "sampled": []}
+for _ in range(3):
+    for mode, extra in (("greedy", []), ("sampled", ["--temperature", "0.7", "--top-p", "0.9"])):
+        r = json.loads(subprocess.run(base + extra, capture_output=True, text=True, check=True).stdout)
+        runs[mode].append({k: r[k] for k in ("tokens_per_s", "new_tokens", "finish_reason", "prefill_s", "startup_s")})
+        print(mode, round(r["tokens_per_s"], 1), r["new_tokens"], flush=True)
+best = {m: max(x["tokens_per_s"] for x in v) for m, v in runs.items()}
+summary = {"runs": runs, "best_tok_s": best, "sampled_vs_greedy": round(best["sampled"] / best["greedy"], 3)}
+json.dump(summary, open(out, "w"), indent=1)
+print("sampled / greedy (best of 3):", summary["sampled_vs_greedy"])
+USERGEN
+    ;;
     tuning) run tuning python3 scripts/decode_tuning.py ${TUNING_ARGS:-} ;;
     bench) run bench python3 -m toolchain.cli bench -o "$OUT" ${BENCH_ARGS:-} ;;
     chat) run chat env QTRT_CHAT_TRANSCRIPT="$OUT/chat-transcript.txt" python3 -m pytest -p no:cacheprovider -v -rs tests/test_chat.py -k gpu ;;

@@ -2,8 +2,8 @@
 (tensor-core GEMMs + tiled prefill attention), three self-advancing CUDA-graph decode replays, two more at position
 2100 (two attention clusters per kv head: the cluster pushes and the o projection's merge of their partials), a
 5-token step on the matvec path; the device sampler (plugins/sampling.cu: penalties, top-k/top-p/min-p, a wide
-nucleus, temperature alone) in a sampled graph and in steps that sample some rows; fused and unfused graphs. Exits
-non-zero on any CUDA error."""
+nucleus, temperature alone) in a sampled graph and in steps that sample some rows, and its log-probabilities; fused
+and unfused graphs. Exits non-zero on any CUDA error."""
 import sys
 import tempfile
 from pathlib import Path
@@ -12,7 +12,7 @@ import numpy as np
 
 from toolchain.cuda_backend import CudaBackend
 from toolchain.gguf_model import load_gguf
-from toolchain.sampling import Sampling
+from toolchain.sampling import Sampling, Tail
 from toolchain.synth import layout, write_synthetic_gguf
 
 path = Path(tempfile.gettempdir()) / "qwen2.5-coder-1.5b-synthetic.gguf"
@@ -32,6 +32,13 @@ for fused in (True, False):
     for slot, s in ((0, Sampling(1.5, 0, 0.95, seed=4)), (1, Sampling(1.0, seed=5))):  # wide nucleus; temperature
         be.set_sampling(slot, s, 11 + slot, [9] * 60, 49)
     toks += [int(t) for t in be.step_tokens(np.arange(5) * 7, np.arange(50, 55), [0, 0, 1, 1, 1], rows=[1, 4])]
+    # the log-probabilities pass, in a plan (rows of a mixed step) and in a captured decode graph
+    drawn = [int(t) for t in be.step_tokens(np.arange(5) * 7, np.arange(50, 55), [0, 0, 1, 1, 1], rows=[1, 4],
+                                            tail=Tail(logprobs=True))]
+    lps = be.last_logprobs(drawn, [5, 20])
+    drawn = [int(t) for t in be.step_tokens([3, 4], [60, 61], [0, 1], rows=[0, 1], tail=Tail(False, True, True))]
+    lps += be.last_logprobs(drawn, [20, 0])
+    assert all(len(r["top"]) == k for r, k in zip(lps, [5, 20, 20, 0])), lps
     assert np.isfinite(logits).all(), "non-finite logits"
     print(f"fused={fused}: step ok, tokens {toks}")
     be.close()

@@ -223,6 +223,48 @@ def test_under_load_on_cuda_every_request_gets_its_tokens_alone(synth_gguf):
         dec.backend.close()
 
 
+@pytest.mark.gpu
+def test_device_logprobs_through_the_engine_on_cuda(synth_gguf):
+    """Requests asking for logprobs on the cuda engine (the device's logprobs pass; decode steps launched ahead, with
+    and without draw and penalties): one record per token event, each equal to a float64 log-softmax (sampling.
+    token_logprobs, after the host's penalties) of the backend's own logits for the same sequence, from one step
+    over the whole sequence (other kernels: within 2e-2); a request without logprobs gets none."""
+    from toolchain.cuda_backend import CudaBackend
+    from toolchain.sampling import apply_penalties, token_logprobs
+
+    path = synth_gguf("qwen2.5-coder-1.5b", seed=3)
+    dec = Decoder.open(str(path), 1024)
+    dec.backend = CudaBackend(dec.model, 1024, n_slots=4, max_tokens=64)
+    rng = np.random.default_rng()
+    prompts = [list(map(int, rng.integers(0, 151936, n))) for n in (5, 17, 30, 9)]
+    params = [Params(max_tokens=10, logprobs=5),
+              Params(max_tokens=10, logprobs=0, sampling=Sampling(0.8, 0, 0.9, seed=2)),
+              Params(max_tokens=10, logprobs=20, sampling=Sampling(0.9, 40, seed=3, repetition_penalty=1.3)),
+              Params(max_tokens=10)]
+    try:
+        eng = Engine(dec, slots=4)
+        handles = [eng.submit(p, q) for p, q in zip(prompts, params)]
+        for h in handles:
+            for _ in h:
+                pass
+        eng.close()
+        assert handles[3].logprobs == []
+        for prompt, q, h in zip(prompts[:3], params[:3], handles[:3]):
+            events = [t for t in h.ids if t not in dec.tokenizer.stop_token_ids]
+            assert len(h.logprobs) == len(events) > 0
+            seq = prompt + h.ids
+            logits = dec.backend.step(seq[:-1], list(range(len(seq) - 1)), [0] * (len(seq) - 1))
+            for k, rec in enumerate(h.logprobs):
+                at = len(prompt) - 1 + k
+                z = apply_penalties(logits[at], seq[:at + 1], q.sampling)
+                want = token_logprobs(z, seq[at + 1], q.logprobs)
+                assert rec["token"] == seq[at + 1] and abs(rec["logprob"] - want["logprob"]) < 2e-2, (k, rec, want)
+                assert len(rec["top"]) == q.logprobs
+                assert np.allclose([v for _, v in rec["top"]], [v for _, v in want["top"]], atol=2e-2)
+    finally:
+        dec.backend.close()
+
+
 class _FailingAdmission(CpuBackend):
     """A cpu backend that samples "on the device" (set_sampling + step_tokens, drawn with the host sampler) and
     fails to take one request's settings, as a device upload could."""
@@ -239,7 +281,7 @@ class _FailingAdmission(CpuBackend):
             raise RuntimeError("the device refused this request's settings")
         self.settings[slot] = (sampling, seed)
 
-    def step_tokens(self, ids, positions, slots, rows):
+    def step_tokens(self, ids, positions, slots, rows, tail=None):
         from toolchain.sampling import draw_rng, sample
 
         logits = self.step(ids, positions, slots, rows)

@@ -13,6 +13,7 @@ import pytest
 
 from toolchain import kernels as K
 from toolchain.errors import UserError
+from toolchain.sampling import PARAM_WORDS
 
 ATTRS = {  # the two Qwen2.5 models: heads / kv heads / head dim / rope theta, and the RMSNorm epsilon
     "1.5B": dict(n_heads=12, n_kv_heads=2, head_dim=128, rope_theta=1e6, epsilon=1e-6),
@@ -199,7 +200,9 @@ def test_nothing_but_weights_before_griddepcontrol_wait(op, defines):
     (marked .L2::128B, SASS LTC128B); kernels without weights load nothing there. (ptxas once moved __ldg loads of x
     above the wait, where they read x before its producer had written it.) rope_kv_attention's one-token path has a
     second wait after its position and first K/V loads (data of earlier steps, plugins/pdl.cuh); the first wait in
-    the code is the other path's. The xmerge o projection reads the step's position there too (one 32-bit load)."""
+    the code is the other path's. The xmerge o projection reads the step's position there too (one 32-bit load).
+    The sampler's kernels read the host's inputs there (rows, slots, a slot's parameter words: written before the
+    step's first kernel and by no kernel), plain 32-bit loads, at most 2 + PARAM_WORDS of them."""
     image = K.compile_kernel(op, defines, fmt="cubin")
     path = K.CACHE / f"sass-check-{K.kernel_name(op)}.cubin"
     path.write_bytes(image)
@@ -213,6 +216,9 @@ def test_nothing_but_weights_before_griddepcontrol_wait(op, defines):
     waits = [i for i, x in enumerate(ins) if x.startswith("ACQBULK")]
     assert waits, f"{op}: no griddepcontrol.wait"
     before = [x for x in ins[:waits[0]] if re.search(r"\b(LDG|LDGSTS|LD)\.", x)]  # global loads and cp.async
+    if op in ("sample_tokens", "token_logprobs"):
+        assert len(before) <= 2 + PARAM_WORDS and all(re.match(r"LDG\.E R", x) for x in before), before
+        before = []
     if op not in WEIGHT_OPS or op.endswith("_gather"):
         assert not before, f"{op}: loads before the wait: {before}"
     if defines.get("QMV1_XMERGE"):  # the o projection of the xmerge pair reads the step's position (qmv1.cuh)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from toolchain.sampling import PENALTY_WINDOW, Sampling, draw_rng, history_window, kept_tokens, sample_reference
+from toolchain.sampling import (MAX_LOGPROBS, PENALTY_WINDOW, Sampling, Tail, apply_penalties, draw_rng,
+                                history_window, kept_tokens, sample_reference, token_logprobs)
 
 pytestmark = pytest.mark.gpu
 VOCAB = 151936
@@ -24,7 +25,8 @@ ROWS = 8
 
 
 class Harness:
-    """The three launches of a sampled step's tail (penalties, argmax, draw) over logits the test uploads."""
+    """The launches of a sampled step's tail (penalties, the draw with its own argmax, logprobs; the argmax kernel
+    where there is no draw) over logits the test uploads."""
 
     def __init__(self):
         from toolchain import cuda_runtime as cr
@@ -41,8 +43,9 @@ class Harness:
         self.argmax = cr.load_op("argmax", {})
         self.launch_config = launch_config
 
-    def run(self, logits, settings, positions, rows=None, histories=None):
-        """Sample rows (default all) of `logits` [m, VOCAB]; settings: (Sampling, seed) per row, row r in slot r."""
+    def run(self, logits, settings, positions, rows=None, histories=None, tail=Tail()):
+        """Sample rows (default all) of `logits` [m, VOCAB]; settings: (Sampling, seed) per row, row r in slot r;
+        `tail`: the sampler's passes (with logprobs: read them with logprobs())."""
         m = len(logits)
         rows = list(range(m)) if rows is None else rows
         for r in range(m):
@@ -54,14 +57,23 @@ class Harness:
         self.positions.upload(np.asarray(positions, np.int32), self.stream)
         self.next_token.fill_u8(0xFF, self.stream)  # poisoned: every sampled row must be written
         self.sampler.set_rows(rows, self.stream)
-        pen, draw = self.sampler.launches(len(rows), self.logits.ptr, self.next_token.ptr, self.slots.ptr,
-                                          self.positions.ptr)
+        before, after = self.sampler.launches(len(rows), self.logits.ptr, self.next_token.ptr, self.slots.ptr,
+                                              self.positions.ptr, tail)
         cfg = self.launch_config("argmax", {"m": m, "vocab": VOCAB})
-        pen[2].launch(pen[3], pen[4], self.stream)
-        self.argmax.launch(cfg, [self.logits.ptr, *cfg.scalars, self.next_token.ptr], self.stream)
-        draw[2].launch(draw[3], draw[4], self.stream)
+        for x in before:
+            x[2].launch(x[3], x[4], self.stream)
+        if not tail.draw:  # as in the step's plan: the draw takes the argmax itself
+            self.argmax.launch(cfg, [self.logits.ptr, *cfg.scalars, self.next_token.ptr], self.stream)
+        for x in after:
+            x[2].launch(x[3], x[4], self.stream)
         toks = self.next_token.download(self.stream, rows=m).reshape(-1)
         return toks[rows]
+
+    def logprobs(self, tokens, tops):
+        return self.sampler.read_logprobs(tokens, tops, self.stream)
+
+    def penalized_logits(self, m):
+        return self.logits.download(self.stream, rows=m)
 
     def ring(self, slot):
         return self.sampler.history.download(self.stream).reshape(-1, PENALTY_WINDOW)[slot]
@@ -215,3 +227,55 @@ def test_penalty_ring_of_a_prompt(harness):
     toks = list(range(1000, 1100))
     ring = history_window(toks, 99)
     assert sorted(ring.tolist()) == list(range(1036, 1100))
+
+
+def _check_records(got, z, token, top, tol=1e-4):
+    """A device record against token_logprobs over logits z (float64): the token's logprob, and at each rank the
+    reference's value, by a token whose own reference logprob is that value (near-equal logits may swap)."""
+    want = token_logprobs(z, token, top)
+    zd = np.asarray(z, np.float64)
+    lse = zd.max() + np.log(np.exp(zd - zd.max()).sum())
+    assert got["token"] == want["token"] == token
+    assert abs(got["logprob"] - want["logprob"]) < tol, (got["logprob"], want["logprob"])
+    assert len(got["top"]) == len(want["top"]) == top
+    assert len({i for i, _ in got["top"]}) == top  # distinct tokens
+    for rank, ((i, v), (_, w)) in enumerate(zip(got["top"], want["top"])):
+        assert abs(v - w) < tol and abs((zd[i] - lse) - w) < tol, (rank, i, v, w)
+
+
+@pytest.mark.parametrize("s", [Sampling(), Sampling(0.7, 0, 0.9), Sampling(0.9, 20, 0.8, repetition_penalty=1.3,
+                                                                           presence_penalty=0.5)], ids=str)
+def test_device_logprobs_are_the_reference_log_softmax(harness, s):
+    """token_logprobs (the pass after the draw) against sampling.token_logprobs in float64 on the same logits after
+    the same penalties: the drawn token's logprob and the 20 most likely (ids and values), fresh logits per row,
+    greedy, sampled and penalized rows, some rows of a batch only."""
+    assert MAX_LOGPROBS == 20
+    rng = np.random.default_rng()
+    for trial in range(3):
+        logits = lm_logits(rng)
+        positions = [int(x) for x in rng.integers(64, 4000, ROWS)]
+        hists = [list(map(int, rng.integers(0, VOCAB, p + 1))) for p in positions]
+        for r in range(ROWS):
+            hists[r][-5:] = [int(t) for t in np.argsort(logits[r])[-5:]]
+        rows = list(range(ROWS)) if trial != 1 else [1, 4, 6]
+        tops = [int(x) for x in rng.integers(0, MAX_LOGPROBS + 1, len(rows))]
+        got_t = harness.run(logits, [(s, int(x)) for x in rng.integers(0, 2**63, ROWS)], positions, rows=rows,
+                            histories=hists, tail=Tail(penalties=s.penalized, logprobs=True))
+        recs = harness.logprobs([int(t) for t in got_t], tops)
+        for k, r in enumerate(rows):
+            _check_records(recs[k], apply_penalties(logits[r], hists[r], s), int(got_t[k]), tops[k])
+
+
+def test_device_logprobs_of_near_flat_logits_stay_within_their_bin(harness):
+    """More tokens than the gather holds share the cut's bin (near-flat logits): the listed logprobs are within the
+    documented 1/16 nat of the true top 20, the drawn token's logprob exact."""
+    rng = np.random.default_rng()
+    logits = (rng.standard_normal((ROWS, VOCAB)) * 0.001).astype(np.float32)
+    toks = harness.run(logits, [(Sampling(), 1)] * ROWS, [3] * ROWS, tail=Tail(False, False, True))
+    recs = harness.logprobs([int(t) for t in toks], [20] * ROWS)
+    for r in range(ROWS):
+        want = token_logprobs(logits[r], int(toks[r]), 20)
+        assert abs(recs[r]["logprob"] - want["logprob"]) < 1e-4
+        assert len(recs[r]["top"]) == 20
+        for (_, v), (_, w) in zip(recs[r]["top"], want["top"]):
+            assert w - 1 / 16 - 1e-4 <= v <= w + 1e-4, (v, w)

@@ -5,6 +5,7 @@ the field while the server keeps serving, the API key, a client that disconnects
 from __future__ import annotations
 
 import json
+import math
 import socket
 import subprocess
 import sys
@@ -268,6 +269,16 @@ def _client_session(url, exact: bool, transcript=None) -> list[str]:
     log.append(f"sampled (T 0.8, top-p 0.9, seed 1234) alone -> {first!r}; beside 3 others -> {beside[0]!r}")
     if exact:
         assert beside[0] == first, log
+    # log-probabilities (the device's pass on cuda), streamed and not: the same; greedy tokens are their top one
+    lp = client.completions.create(model=model, prompt="def add(a, b):", max_tokens=8, logprobs=3).choices[0].logprobs
+    flat = [x for c in client.completions.create(model=model, prompt="def add(a, b):", max_tokens=8, logprobs=3,
+                                                 stream=True) if c.choices[0].logprobs
+            for x in c.choices[0].logprobs.token_logprobs]
+    assert len(lp.token_logprobs) == len(lp.top_logprobs) > 0 and flat == lp.token_logprobs, (flat, lp)
+    for got, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert len(top) == 3 and got <= 0 and abs(got - max(top.values())) < 1e-6
+        assert sum(math.exp(v) for v in top.values()) <= 1 + 1e-5
+    log.append(f"logprobs=3 'def add(a, b):' -> {list(zip(lp.tokens, [round(x, 4) for x in lp.token_logprobs]))}")
     code, err = _post(url, "/v1/completions", {"prompt": "hi", "top_p": 0})
     assert code == 400 and err["error"]["param"] == "top_p"
     log.append(f"bad request top_p 0 -> {code} {err['error']['message']!r}")

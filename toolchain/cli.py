@@ -126,6 +126,7 @@ def _open_decoder(a, progress, prompt_check=None, slots: int = 1):
     with `slots` KV-cache slots."""
     from .decoder import Decoder, choose_backend
     from .fetch import resolve_model
+    from .sampling import Tail
 
     path = resolve_model(a.model)
     backend, why = choose_backend(a.backend, path)
@@ -133,9 +134,10 @@ def _open_decoder(a, progress, prompt_check=None, slots: int = 1):
     result = prompt_check(dec) if prompt_check else None
     if not a.quiet:
         print(f"qtrt: backend {backend} ({why})", file=sys.stderr)
-    sampling = getattr(a, "temperature", 0) > 0 or getattr(a, "repeat_penalty", 1) != 1 \
-        or getattr(a, "presence_penalty", 0) != 0 or getattr(a, "frequency_penalty", 0) != 0
-    dec.start_backend(backend, progress, why, slots=slots, sampled=sampling)
+    penalized = getattr(a, "repeat_penalty", 1) != 1 or getattr(a, "presence_penalty", 0) != 0 \
+        or getattr(a, "frequency_penalty", 0) != 0
+    sampled = Tail(penalties=penalized) if getattr(a, "temperature", 0) > 0 or penalized else False
+    dec.start_backend(backend, progress, why, slots=slots, sampled=sampled)
     return dec, result
 
 

@@ -35,9 +35,11 @@ from . import cuda_runtime as cr
 from .errors import UserError, check_range, check_token_ids
 from .fusion import fuse
 from .gguf_model import GGUFModel
+from .device_sampler import parse_logprobs, tail_of
 from .graph import build_model_graph, node_attrs
-from .kernels import (FUSED_OPS, MATMUL_OPS, XMERGE_CLUSTER_KEYS, decode_build, defines_for, launch_config, qmv1_dims,
-                      xmerge_defines, xmerge_slot_floats)
+from .kernels import (FUSED_OPS, LOGPROB_WORDS, MATMUL_OPS, XMERGE_CLUSTER_KEYS, decode_build, defines_for,
+                      launch_config, qmv1_dims, xmerge_defines, xmerge_slot_floats)
+from .sampling import Tail
 
 # ONNX op_type -> kernel op (standard ops map to our kernels; custom ops share their names).
 KERNEL_OF = {"RMSNormalization": "rms_norm", "Add": "add", "ArgMax": "argmax"}
@@ -110,13 +112,14 @@ class CudaBackend:
         self._plans: dict[int, list[Launch]] = {}
         self._graphs: dict[tuple, object] = {}
         self._sampler = None
-        self._pinned, self._pin_next = None, 0  # launch_decode's two host buffers of tokens
+        self._pinned, self._pinned_lp, self._pin_next = None, None, 0  # launch_decode's two host buffers of tokens
+        # (and of logprob records)
         self.pos = 0
         if prepare:
             with progress.stage("loading kernels and capturing the decode step"):
                 self.decode_graph(1)
                 if prepare_sampled:  # the step with the device sampler, before the first token's clock starts
-                    self.decode_graph(1, sampled=True)
+                    self.decode_graph(1, sampled=prepare_sampled)
 
     # -- planning ---------------------------------------------------------------------------------------------
     def _value_widths(self) -> dict[str, tuple[int, type]]:
@@ -167,13 +170,14 @@ class CudaBackend:
         kv head, and the tuning pairs them."""
         return bool(self.tuning["xmerge"]) and position + 1 > self._xmerge_keys()
 
-    def plan(self, m: int, last_only: bool = False, long_context: bool = False, sampled: int = 0) -> list[Launch]:
+    def plan(self, m: int, last_only: bool = False, long_context: bool = False, sampled: int = 0,
+             tail: Tail = Tail()) -> list[Launch]:
         """Resolve every node of the graph into a launch for a step of m tokens (cached). With last_only (prompt
         prefill), the head (final norm, lm_head, argmax) runs on the last token's row only: logits row 0. With
-        long_context (m = 1, see long_context()), the xmerge pairs. With sampled = n, the device sampler's passes
-        around the argmax (toolchain/device_sampler.py) for the first n entries of its row list."""
+        long_context (m = 1, see long_context()), the xmerge pairs. With sampled = n, `tail`'s device sampler
+        passes around the argmax (toolchain/device_sampler.py) for the first n entries of its row list."""
         xmerge = m == 1 and long_context and self.tuning["xmerge"]
-        key = (m, last_only, xmerge, sampled)
+        key = (m, last_only, xmerge, sampled, tail if sampled else None)
         if sampled and last_only:
             raise ValueError("a sampled plan computes the logits of every row (last_only=False)")
         if key in self._plans:
@@ -214,15 +218,17 @@ class CudaBackend:
                 launches += self._prefill_attention(node, attrs, dims, ins, outs)
                 continue
             args = ins + list(cfg.scalars) + outs + extra.get(node.name, [])
-            tail = []
-            if sampled and op == "argmax":  # penalties on the logits before it, the draw on its result after it
+            if sampled and op == "argmax":  # penalties on the logits before it, the draw and logprobs after it
                 b = self.buffers
-                pen, draw = self.sampler.launches(sampled, b["logits"].ptr, b["next_token"].ptr, b["slots"].ptr,
-                                                  b["positions"].ptr)
-                launches.append(Launch(*pen))
-                tail = [Launch(*draw)]
+                before, after = self.sampler.launches(sampled, b["logits"].ptr, b["next_token"].ptr,
+                                                      b["slots"].ptr, b["positions"].ptr, tail)
+                # the draw takes the argmax itself (greedy rows: the same bits): this launch goes, where it runs
+                launches += [Launch(*x) for x in before]
+                if not tail.draw:
+                    launches.append(Launch(node.name, op, kern, cfg, args))
+                launches += [Launch(*x) for x in after]
+                continue
             launches.append(Launch(node.name, op, kern, cfg, args))
-            launches += tail
         advance = self._kernel("decode_advance", {})
         cfg = launch_config("decode_advance", {"m": m})
         launches.append(Launch("advance", "decode_advance", advance, cfg,
@@ -267,12 +273,12 @@ class CudaBackend:
                        [q_rot, k_cache, v_cache, positions, slots, *b.scalars, outs[0]])]
 
     def run_plan(self, m: int, advance: bool = False, last_only: bool = False, long_context: bool = False,
-                 sampled: int = 0):
+                 sampled: int = 0, tail: Tail = Tail()):
         """Enqueue the plan on self.stream; decode steps (matvec plans) as programmatic dependent launches, all but
         the first: it starts after everything before the step, which lets kernels read the step's inputs and the
         KV-cache rows of earlier steps before their pdl_wait() (plugins/pdl.cuh)."""
         pdl = m < GEMM_MIN_M and self.tuning["pdl"]
-        launches = [x for x in self.plan(m, last_only, long_context, sampled)
+        launches = [x for x in self.plan(m, last_only, long_context, sampled, tail)
                     if (advance or x.op != "decode_advance") and not self._skipped(x)]
         for j, launch in enumerate(launches):
             launch.kernel.launch(launch.cfg, launch.args, self.stream,
@@ -281,25 +287,27 @@ class CudaBackend:
     def _skipped(self, launch: Launch) -> bool:
         return any(s == launch.op or s in launch.node for s in self.tuning["skip"])
 
-    def decode_graph(self, m: int = 1, long_context: bool = False, sampled: bool = False, advance: bool = True):
+    def decode_graph(self, m: int = 1, long_context: bool = False, sampled=False, advance: bool = True):
         """The whole decode step for m tokens captured once into a CUDA graph (advancing itself, unless not
         `advance`); for m = 1 one graph per plan (long_context: the xmerge one, where the tuning has it). sampled:
-        with the device sampler over all m rows."""
-        key = (m, m == 1 and long_context and bool(self.tuning["xmerge"]), sampled, advance)
-        n = m if sampled else 0
+        the device sampler's passes over all m rows (a Tail; True: penalties and draw; False: the argmax alone)."""
+        tail = tail_of(sampled)
+        key = (m, m == 1 and long_context and bool(self.tuning["xmerge"]), tail, advance)
+        n = m if tail else 0
         if key not in self._graphs:
-            if sampled:
+            if tail:
                 self.sampler.set_rows(np.arange(m), self.stream)
-            self.plan(m, long_context=key[1], sampled=n)
+            self.plan(m, long_context=key[1], sampled=n, tail=tail or Tail())
             # warm-up outside capture (module loads, lazy init): it recomputes what the step will, but its draws
             # write the penalty rings one entry ahead, so those are put back
-            rings = self.sampler.history.download(self.stream) if sampled else None
-            self.run_plan(m, advance=False, long_context=key[1], sampled=n)
+            rings = self.sampler.history.download(self.stream) if tail and tail.draw else None
+            self.run_plan(m, advance=False, long_context=key[1], sampled=n, tail=tail or Tail())
             self.stream.synchronize()
-            if sampled:
+            if rings is not None:
                 self.sampler.history.upload(rings, self.stream)
             self._graphs[key] = cr.capture(
-                self.stream, lambda: self.run_plan(m, advance=advance, long_context=key[1], sampled=n))
+                self.stream, lambda: self.run_plan(m, advance=advance, long_context=key[1], sampled=n,
+                                                   tail=tail or Tail()))
         return self._graphs[key]
 
     @property
@@ -315,9 +323,9 @@ class CudaBackend:
         """Free device memory now (buffers are shared between aliases, so free each once)."""
         if self._sampler is not None:
             self._sampler.free()
-        for p in self._pinned or ():
+        for p in (self._pinned or []) + (self._pinned_lp or []):
             p.free()
-        self._pinned = None
+        self._pinned = self._pinned_lp = None
         for buf in {id(b): b for b in self.buffers.values()}.values():
             buf.free()
         self.buffers.clear()
@@ -369,60 +377,76 @@ class CudaBackend:
         """The request now in `slot` samples on the device with these settings (DeviceSampler.set_slot)."""
         self.sampler.set_slot(slot, sampling, seed, tokens, position, self.stream)
 
-    def step_tokens(self, ids, positions, slots, rows) -> np.ndarray:
+    def step_tokens(self, ids, positions, slots, rows, tail=True) -> np.ndarray:
         """step() with the draw on the device: the sampled next token of each of `rows` (int64), by the settings
-        set_sampling gave each row's slot. A step whose every row is sampled (decode rows only) and m < GEMM_MIN_M
-        replays a captured graph per m."""
+        set_sampling gave each row's slot, with `tail`'s passes (sampled= of decode_graph; None: the argmax). A
+        step whose every row is sampled (decode rows only) and m < GEMM_MIN_M replays a captured graph per m."""
+        tail = tail_of(tail)
         rows = [int(r) for r in rows]
         if not rows:
             return self.step(ids, positions, slots, rows).astype(np.int64)[:, 0]
         m = self._set_checked_inputs(ids, positions, slots)
-        self.sampler.set_rows(rows, self.stream)
+        if tail:
+            self.sampler.set_rows(rows, self.stream)
         if rows == list(range(m)) and m < GEMM_MIN_M:
-            self.decode_graph(m, m == 1 and self.long_context(int(positions[0])), sampled=True,
+            self.decode_graph(m, m == 1 and self.long_context(int(positions[0])), sampled=tail or False,
                               advance=False).launch(self.stream)
         else:
-            self.run_plan(m, sampled=len(rows))
+            self.run_plan(m, sampled=len(rows) if tail else 0, tail=tail or Tail())
         toks = self.buffers["next_token"].download(self.stream, rows=m).reshape(-1)
         return toks[rows]
 
-    def last_logits(self, rows) -> np.ndarray:
-        """The logits of `rows` of the last step as its draw saw them (after the device penalties), [len(rows),
-        vocab]: for the requests that ask for log-probabilities."""
-        rows = [int(r) for r in rows]
-        return self.buffers["logits"].download(self.stream, rows=max(rows) + 1)[rows]
+    def last_logprobs(self, tokens, tops) -> list[dict]:
+        """The log-probability records (sampling.token_logprobs' form) of the last step_tokens' rows, computed on
+        the device (its tail had logprobs): their drawn tokens and how many alternatives each asks for."""
+        return self.sampler.read_logprobs(tokens, tops, self.stream)
 
     def can_pipeline(self, m: int) -> bool:
         """Whether a decode step of m rows can run as launch_decode (a captured, self-advancing graph)."""
         return m < GEMM_MIN_M
 
-    def launch_decode(self, m: int, position: int, ids=None, positions=None, slots=None, sample: bool = True):
+    def launch_decode(self, m: int, position: int, ids=None, positions=None, slots=None, sample=True):
         """Enqueue a decode step of m rows, every row sampled on the device, and an asynchronous copy of its tokens;
         returns a ticket for read_tokens. With ids/positions/slots the step's inputs are set (the first step of a
         run); without, the step is fed by the one before it on the device (decode_advance: each row's drawn token,
         its position + 1), so it can be launched before the host has read that one. `position`: the first row's
-        (which graph, for m = 1: long_context). sample=False: every row is greedy without penalties, the step
-        without the sampler (the plain argmax graph)."""
+        (which graph, for m = 1: long_context). sample: the step's sampler passes (sampled= of decode_graph);
+        False: every row is greedy without penalties or logprobs, the plain argmax graph. With logprobs in it, the
+        rows' records are copied too (read_logprobs)."""
+        tail = tail_of(sample)
         if ids is not None:
             self._set_checked_inputs(ids, positions, slots)
             self.sampler.set_rows(list(range(m)), self.stream)
         elif position >= self.max_context:
             raise ValueError(f"position {position} is beyond the context of {self.max_context}")
-        self.decode_graph(m, m == 1 and self.long_context(position), sampled=sample).launch(self.stream)
+        self.decode_graph(m, m == 1 and self.long_context(position), sampled=tail or False).launch(self.stream)
         if self._pinned is None:
             self._pinned = [cr.PinnedArray((self.max_tokens,), np.int64) for _ in range(2)]
+            self._pinned_lp = [cr.PinnedArray((self.max_tokens, LOGPROB_WORDS), np.int32) for _ in range(2)]
             self._pinned_events = [cr.Event(), cr.Event()]
         k = self._pin_next
         self._pin_next ^= 1
         self._pinned[k].copy_from_device(self.buffers["next_token"].ptr, m * 8, self.stream)
+        lp = bool(tail and tail.logprobs)
+        if lp:
+            self._pinned_lp[k].copy_from_device(self.sampler.logprobs.ptr, m * LOGPROB_WORDS * 4, self.stream)
         self._pinned_events[k].record(self.stream)
-        return k, m
+        return k, m, lp
 
     def read_tokens(self, ticket) -> np.ndarray:
         """The tokens of a launch_decode step (waits for it)."""
-        k, m = ticket
+        k, m, _ = ticket
         self._pinned_events[k].synchronize()
         return self._pinned[k].array[:m].copy()
+
+    def read_logprobs(self, ticket, tokens, tops) -> list[dict]:
+        """The log-probability records of a launch_decode step whose tail had logprobs (after read_tokens), one per
+        row: its drawn token and how many alternatives it asks for."""
+        k, m, lp = ticket
+        if not lp:
+            raise ValueError("this step was launched without logprobs")
+        words = self._pinned_lp[k].array[:m]
+        return [parse_logprobs(w, t, n) for w, t, n in zip(words, tokens, tops)]
 
     def forward(self, ids) -> np.ndarray:
         ids = check_token_ids(ids, self.cfg.vocab)
@@ -445,9 +469,10 @@ class CudaBackend:
         only reads the 8-byte argmax to stream it."""
         return self._replay(first_token, n, sampled=False)
 
-    def _replay(self, first_token: int, n: int, sampled: bool):
+    def _replay(self, first_token: int, n: int, sampled):
         """Yield n tokens after `first_token` (slot 0), each one replay of the self-advancing graph (with the device
-        sampler or without); the host reads only the 8-byte token to stream it."""
+        sampler's passes, sampled= of decode_graph, or without); the host reads only the 8-byte token to stream
+        it."""
         self._set_inputs([first_token], [self.pos], [0])
         for _ in range(n):
             self.decode_graph(1, self.long_context(self.pos), sampled=sampled).launch(self.stream)
@@ -457,7 +482,8 @@ class CudaBackend:
 
     def sampled(self, first_token: int, n: int, sampling, seed: int, tokens):
         """Yield n tokens sampled on the device after `first_token` (the last of `tokens`, the sequence so far):
-        each is one replay of the self-advancing graph with the device sampler (slot 0)."""
+        each is one replay of the self-advancing graph with the device sampler (slot 0; its penalty pass only if
+        the settings have penalties)."""
         self.set_sampling(0, sampling, seed, tokens, self.pos)
         self.sampler.set_rows([0], self.stream)
-        return self._replay(first_token, n, sampled=True)
+        return self._replay(first_token, n, sampled=Tail(penalties=sampling.penalized))

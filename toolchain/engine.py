@@ -15,8 +15,10 @@ Three parts, as in vLLM and llama-server (docs: ../shared/docs/serving.md):
   the step on the backend, samples, retires requests (stop token, max_tokens, context end, abort) and frees their slots.
 - The backend only runs steps: `step(ids, positions, slots, rows) -> logits of those rows` (cpu and cuda backends),
   sampled here on the host; or, where it samples on the device (cuda), `set_sampling(slot, ...)` when a request takes
-  a slot and `step_tokens(ids, positions, slots, rows) -> the sampled tokens of those rows`. Both draw from the same
-  definition with the same uniform per (seed, position) (toolchain/sampling.py).
+  a slot, `step_tokens(ids, positions, slots, rows, tail) -> the sampled tokens of those rows` (tail: which of the
+  sampler's passes the step needs, sampling.Tail) and `last_logprobs` for the requests that ask; decode steps may
+  also be launched ahead (`launch_decode`, `read_tokens`, `read_logprobs`). Both draw from the same definition with
+  the same uniform per (seed, position) (toolchain/sampling.py).
 
 Events are (kind, payload): ("token", id) for each new token, then ("done", finish_reason) with finish_reason "stop",
 "length" or "abort"; ("error", message) if the step failed.
@@ -33,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .decoder import _common_prefix
-from .sampling import MAX_LOGPROBS, Sampling, apply_penalties, draw_rng, sample, token_logprobs
+from .sampling import MAX_LOGPROBS, Sampling, Tail, apply_penalties, draw_rng, sample, token_logprobs
 from .errors import UserError, check_token_ids
 
 
@@ -120,9 +122,10 @@ class Row:
     request: Request | None  # the request whose next token this row's logits give (None: mid-prompt row)
 
 
-def _sampled(rows: list[Row]) -> bool:
-    """Whether a step's rows need the sampler (a request that samples or has penalties), or only the argmax."""
-    return any(not r.request.params.sampling.greedy or r.request.params.sampling.penalized for r in rows)
+def _tail(rows: list[Row]) -> Tail | None:
+    """The device sampler's passes a step's emitting rows need (penalties, draw, logprobs: sampling.Tail), or None
+    where the argmax alone serves them."""
+    return Tail.of((r.request.params.sampling, r.request.params.logprobs is not None) for r in rows)
 
 
 class Scheduler:
@@ -302,31 +305,38 @@ class Engine:
         emit = [i for i, row in enumerate(rows) if row.request is not None]
         t0 = time.perf_counter()
         args = [row.token for row in rows], [row.position for row in rows], [row.slot for row in rows]
-        want = [i for i in emit if rows[i].request.params.logprobs is not None]
-        if self.pipelined and rows and len(emit) == len(rows) and not want and self.backend.can_pipeline(len(rows)):
+        want = any(rows[i].request.params.logprobs is not None for i in emit)
+        tail = _tail([rows[i] for i in emit])
+        if self.pipelined and rows and len(emit) == len(rows) and self.backend.can_pipeline(len(rows)):
             # decode rows only: launch and return; the next _step speculates the step after it before reading it
-            self._inflight = (rows, self.backend.launch_decode(len(rows), args[1][0], *args, sample=_sampled(rows)),
+            self._inflight = (rows, self.backend.launch_decode(len(rows), args[1][0], *args, sample=tail or False),
                               t0)
             return
-        seen = {}  # row -> the logits its draw started from (after the penalties), for the rows that want logprobs
+        records = [None] * len(emit)  # the logprob record of each emitting row, where its request asks
         if self.device_sampling:
-            drawn = [int(t) for t in self.backend.step_tokens(*args, rows=emit)]
+            drawn = [int(t) for t in self.backend.step_tokens(*args, rows=emit, tail=tail)]
             if want:
-                seen = dict(zip(want, self.backend.last_logits(want)))
+                records = self.backend.last_logprobs(drawn, [rows[i].request.params.logprobs or 0 for i in emit])
         else:
             logits = self.backend.step(*args, rows=emit)
             drawn = []
-            for i, li in zip(emit, logits):
+            for k, (i, li) in enumerate(zip(emit, logits)):
                 r = rows[i].request
                 history = r.prompt + r.generated if r.params.sampling.penalized else ()
                 drawn.append(sample(li, r.params.sampling, draw_rng(r.seed, rows[i].position), history))
                 if r.params.logprobs is not None:
-                    seen[i] = apply_penalties(li, history, r.params.sampling)
-        for i, tok in zip(emit, drawn):
-            if i in seen and tok not in self.stop_ids:  # one entry per token event
-                r = rows[i].request
-                r.handle.logprobs.append(token_logprobs(seen[i], tok, r.params.logprobs))
+                    records[k] = token_logprobs(apply_penalties(li, history, r.params.sampling), drawn[-1],
+                                                r.params.logprobs)
+        self._keep_logprobs(rows, emit, drawn, records)
         self._apply(rows, emit, drawn, t0)
+
+    def _keep_logprobs(self, rows: list[Row], emit: list[int], drawn: list[int], records: list):
+        """Each emitting row's logprob record onto its request, where the request asks: one entry per token event
+        (none for a stop token)."""
+        for i, tok, rec in zip(emit, drawn, records):
+            r = rows[i].request
+            if r.params.logprobs is not None and tok not in self.stop_ids:
+                r.handle.logprobs.append(rec)
 
     def _step_pipelined(self):
         """Decode steps back to back (vLLM's async scheduling): while step t runs, step t + 1 of the same rows is
@@ -339,7 +349,7 @@ class Engine:
         nxt = None
         if all(live) and len(self.running) == len(rows) and all(row.position + 2 < self.max_context for row in rows):
             nrows = [Row(-1, row.position + 1, row.slot, row.request) for row in rows]  # token: known after step t
-            nxt = (nrows, self.backend.launch_decode(len(nrows), nrows[0].position, sample=_sampled(nrows)),
+            nxt = (nrows, self.backend.launch_decode(len(nrows), nrows[0].position, sample=_tail(nrows) or False),
                    time.perf_counter())
         drawn = [int(t) for t in self.backend.read_tokens(ticket)]
         self._inflight = nxt
@@ -347,6 +357,9 @@ class Engine:
         for i in keep:
             if rows[i].token == -1:  # a speculated row was fed the token its request drew at the step before
                 rows[i].token = rows[i].request.generated[-1]
+        if any(rows[i].request.params.logprobs is not None for i in keep):
+            records = self.backend.read_logprobs(ticket, drawn, [row.request.params.logprobs or 0 for row in rows])
+            self._keep_logprobs(rows, keep, [drawn[i] for i in keep], [records[i] for i in keep])
         self._apply([rows[i] for i in keep], list(range(len(keep))), [drawn[i] for i in keep], t0)
 
     def _apply(self, rows: list[Row], emit: list[int], drawn: list[int], t0: float):

@@ -53,9 +53,11 @@ _FAMILY = {
     "argmax": "argmax",
     "rope_kv_attention": "rope_kv_attention",
     "decode_advance": "decode_advance",  # runtime-only: lets a captured CUDA graph advance tokens and positions
-    # runtime-only: device-side sampling in the decode step (penalties before the argmax, the draw after it)
+    # runtime-only: device-side sampling in the decode step (penalties before the argmax, the draw after it, the
+    # log-probabilities after the draw where a request asks)
     "apply_penalties": "sampling",
     "sample_tokens": "sampling",
+    "token_logprobs": "sampling",
     **{op: op for op in FUSED_OPS},
     **{op: "quant_gemm" for op in GEMM_OPS},  # prompt prefill (m >= 32): tensor cores, same ABI as the matmuls
     # prompt prefill of one slot: the attention node as RoPE+append then tiled causal attention (runtime-only pair)
@@ -80,6 +82,8 @@ ARGMAX_SPLITS, ARGMAX_THREADS = 8, 512
 # plugins/sampling.cu: a row's logits over a cluster of SAMPLE_SPLITS blocks, SAMPLE_PER per thread in registers
 SAMPLE_SPLITS, SAMPLE_THREADS, SAMPLE_PER, PENALTY_THREADS = 8, 1024, 20, 64
 SAMPLE_MAX_VOCAB = SAMPLE_SPLITS * SAMPLE_THREADS * SAMPLE_PER
+LOGPROB_TOP = 20  # token_logprobs: the most likely tokens listed per row (sampling.MAX_LOGPROBS)
+LOGPROB_WORDS = 2 + 2 * LOGPROB_TOP  # int32 words per row: token's logprob, count, (id, logprob) pairs
 
 
 @dataclass(frozen=True)
@@ -328,7 +332,7 @@ def launch_config(op: str, dims: dict, ops=INT_OPS) -> LaunchConfig:
         return LaunchConfig((ops.cdiv(m, 256), 1, 1), (256, 1, 1), 0, (m,))
     if op == "apply_penalties":
         return LaunchConfig((m, 1, 1), (PENALTY_THREADS, 1, 1), 0, (m, _dim(dims, "vocab")))
-    if op == "sample_tokens":
+    if op in ("sample_tokens", "token_logprobs"):
         return LaunchConfig((SAMPLE_SPLITS, m, 1), (SAMPLE_THREADS, 1, 1), 0, (m, _dim(dims, "vocab")))
 
     raise AssertionError(op)

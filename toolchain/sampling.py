@@ -199,6 +199,26 @@ def history_window(tokens, position: int) -> np.ndarray:
 MAX_LOGPROBS = 20  # alternatives per token, OpenAI's top_logprobs limit
 
 
+@dataclass(frozen=True)
+class Tail:
+    """Which of the sampler's passes a step runs: the penalties (before the argmax; they need the draw pass, which
+    keeps the penalty rings), the draw (greedy rows keep the argmax), the log-probabilities. A step with none of
+    them is the plain argmax step. One captured graph per (step, Tail): a batch without penalties does not pay for
+    their pass, one without logprobs not for theirs."""
+    penalties: bool = True
+    draw: bool = True
+    logprobs: bool = False
+
+    @classmethod
+    def of(cls, rows) -> "Tail | None":
+        """The Tail a step of requests needs, from (Sampling, wants logprobs) per row; None: the argmax alone."""
+        rows = list(rows)
+        penalties = any(s.penalized for s, _ in rows)
+        draw = penalties or any(not s.greedy for s, _ in rows)
+        logprobs = any(lp for _, lp in rows)
+        return cls(penalties, draw, logprobs) if draw or logprobs else None
+
+
 def token_logprobs(logits: np.ndarray, token: int, top: int = 0) -> dict:
     """Log-probabilities a request asked for, of the distribution the draw starts from: the model's softmax after
     the penalties, before temperature and the cuts (so they do not depend on the sampling settings). Returns
