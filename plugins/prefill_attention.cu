@@ -5,6 +5,8 @@
 //   prefill_attention(q_rot, k_cache, v_cache, positions, slots, int m, int n_slots, int max_seq, out)
 //       grid (cdiv(m, 16), N_HEADS), block (128): causal GQA attention of 16 queries x one head per block over the
 //       cache (after the append, so the step's tokens see each other), float32 online softmax.
+// Rows no backend lets through are guarded, not computed: the append skips a token whose slot or position is outside
+// the cache, the attention reads no key past max_seq and a tile whose slot is outside [0, n_slots) does nothing.
 //
 // Why a second path: the decode kernel (rope_kv_attention.cu) is built for one query per token and spends its
 // time on latency; with m = 512 it runs 512 x n_kv clusters and dominated prefill (21.5 of 33 ms). Here a block
@@ -47,6 +49,7 @@ extern "C" __global__ void __launch_bounds__(128) rope_kv_append(
     pdl_wait();
     if (t >= m) return;
     const int pos = positions[t], slot = slots[t];
+    if (slot < 0 || slot >= n_slots || pos < 0 || pos >= max_seq) return;  // no backend lets such a row through
     for (int idx = threadIdx.x; idx < (N_HEADS + N_KV_HEADS) * HALF; idx += blockDim.x) {
         const int h = idx / HALF, j = idx % HALF;
         float s, c;
@@ -80,8 +83,10 @@ extern "C" __global__ void __launch_bounds__(128) prefill_attention(
     const int t0 = blockIdx.x * QT, h = blockIdx.y, kvh = h / GROUP;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int slot = slots[t0];
-    int last = 0;  // keys needed by this tile: up to its largest position
+    if (slot < 0 || slot >= n_slots) return;  // no backend lets such a tile through: read nothing, write nothing
+    int last = 0;  // keys needed by this tile: up to its largest position (within the cache, whatever it is given)
     for (int i = 0; i < QT && t0 + i < m; ++i) last = max(last, positions[t0 + i]);
+    last = min(last, max_seq - 1);
     for (int idx = threadIdx.x; idx < QT * D; idx += blockDim.x) {
         const int i = idx / D, d = idx % D;
         Qs[i][d] = t0 + i < m ? q_rot[(size_t)(t0 + i) * QD + h * D + d] * rsqrtf((float)D) : 0.f;

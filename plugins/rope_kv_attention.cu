@@ -3,7 +3,9 @@
 //                       const __half* k_cache_in, const __half* v_cache_in,   // [n_slots, KVH, max_seq, D]
 //                       const int* positions [m], const int* slots [m], int m, int n_slots, int max_seq,
 //                       float* out [m, H*D], __half* k_cache_out, __half* v_cache_out)
-// The *_in and *_out caches are the same memory (updated in place).
+// The *_in and *_out caches are the same memory (updated in place). A token whose slot is outside [0, n_slots) or whose
+// position is outside [0, max_seq) (every backend refuses it before any kernel runs) is skipped: its clusters read
+// and write nothing, its out row is left as it was (a guard against memory corruption, not a result).
 // Compile-time: N_HEADS, N_KV_HEADS, HEAD_DIM (64 or 128), ROPE_THETA; N_HEADS / N_KV_HEADS <= 8.
 // Launch (toolchain/kernels.py): grid (NS = 8, N_HEADS, m), block (ATTN_THREADS = 256), cluster (8, 1, 1) compiled
 // in. Tuning knobs (-D, defaults below): ATTN_CLUSTER_KEYS, ATTN_NBUF, ATTN_PF_KEYS, ATTN_LDMODE, ATTN_EARLY.
@@ -375,6 +377,10 @@ rope_kv_attention(const float* q, const float* k, const float* v,  // earlier ke
     if (!early) pdl_wait();
 
     const int pos = positions[i], slot = slots[i], T = pos + 1;
+    if (slot < 0 || slot >= n_slots || pos < 0 || pos >= max_seq) {  // no backend lets such a row through: the
+        if (early) pdl_wait();                                       // cluster reads and writes nothing of it
+        return;
+    }
     const int C_act = m <= MSCR ? min(G, max(1, (T + ATTN_CLUSTER_KEYS - 1) / ATTN_CLUSTER_KEYS)) : 1;
     if (c >= C_act) {                             // the whole cluster leaves (c is uniform over it)
         if (early) pdl_wait();

@@ -3,7 +3,9 @@
 2100 (two attention clusters per kv head: the cluster pushes and the o projection's merge of their partials), a
 5-token step on the matvec path; the device sampler (plugins/sampling.cu: penalties, top-k/top-p/min-p, a wide
 nucleus, temperature alone) in a sampled graph and in steps that sample some rows, and its log-probabilities; fused
-and unfused graphs. Exits non-zero on any CUDA error."""
+and unfused graphs; then rows with a slot or position outside the cache, which every backend refuses before any kernel
+runs, given to the kernels directly (their guards read and write nothing of such rows). Exits non-zero on any CUDA
+error."""
 import sys
 import tempfile
 from pathlib import Path
@@ -39,6 +41,16 @@ for fused in (True, False):
     drawn = [int(t) for t in be.step_tokens([3, 4], [60, 61], [0, 1], rows=[0, 1], tail=Tail(False, True, True))]
     lps += be.last_logprobs(drawn, [20, 0])
     assert all(len(r["top"]) == k for r, k in zip(lps, [5, 20, 20, 0])), lps
+    # rows no backend lets through (their checks skipped here: _set_inputs), for the kernels' own guards: a slot or
+    # position outside the cache in a one-token step, a two-token step and a prompt prefill; memcheck must stay clean
+    for ids, positions, slots in (([5], [2112 + 9], [0]), ([5, 6], [-4, 30], [0, 7]), ([5, 6], [3, 4], [-1, 1])):
+        be._set_inputs(np.array(ids), np.array(positions), np.array(slots))
+        be.run_plan(len(ids))
+    be._set_inputs(np.arange(40) * 7, np.arange(2100, 2140), np.full(40, 5))  # a prompt chunk: slot 5 of 2
+    be.run_plan(40, last_only=True)
+    be._set_inputs(np.arange(40) * 7, np.arange(2100, 2140), np.zeros(40))  # slot 0, positions past 2112
+    be.run_plan(40, last_only=True)
+    be.stream.synchronize()
     assert np.isfinite(logits).all(), "non-finite logits"
     print(f"fused={fused}: step ok, tokens {toks}")
     be.close()
