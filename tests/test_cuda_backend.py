@@ -121,6 +121,33 @@ def test_batched_slots_equal_separate_runs(synth, backend):
         assert rel_err(batched[s], single[0]) < 1e-3, s
 
 
+def test_a_mixed_step_equals_its_rows_alone(synth, backend):
+    """What the engine runs under load: one step of a 32-token prompt chunk of one slot beside decode rows of three
+    others (m = 35: the GEMM plan with the decode attention, several tokens of one slot in the step) = the chunk in a
+    step of its own and each decode row in a step of its own (batch-1 builds: ~1e-4 apart, test above)."""
+    model, _ = synth
+    rng = np.random.default_rng()
+    prompts = [rng.integers(0, model.config.vocab, n).tolist() for n in (40, 5, 9, 17)]
+
+    def prefill():  # slot 0: its first 8 tokens; slots 1-3: all but their last token
+        backend.step(prompts[0][:8], np.arange(8), np.zeros(8))
+        for s in (1, 2, 3):
+            p = prompts[s]
+            backend.step(p[:-1], np.arange(len(p) - 1), np.full(len(p) - 1, s))
+
+    prefill()
+    ids = prompts[0][8:40] + [prompts[s][-1] for s in (1, 2, 3)]
+    positions = list(range(8, 40)) + [len(prompts[s]) - 1 for s in (1, 2, 3)]
+    mixed = backend.step(ids, positions, [0] * 32 + [1, 2, 3]).copy()
+    prefill()
+    chunk = backend.step(prompts[0][8:40], np.arange(8, 40), np.zeros(32))
+    errs = [rel_err(mixed[j], chunk[j]) for j in range(32)]
+    for k, s in enumerate((1, 2, 3)):
+        single = backend.step([prompts[s][-1]], [len(prompts[s]) - 1], [s])
+        errs.append(rel_err(mixed[32 + k], single[0]))
+    assert max(errs) < 1e-3, [round(e, 6) for e in errs]
+
+
 def test_long_prompt_prefill(synth, backend):
     """A 90-token prompt in one step: tensor-core GEMMs and the tiled prefill attention (m >= GEMM_MIN_M)."""
     from toolchain.cuda_backend import GEMM_MIN_M
