@@ -157,7 +157,7 @@ TIE = 2e-2  # greedy: below this top-2 logit margin the batched and batch-1 kern
 def _near_tie_where_they_part(be, prompt, s, seed, a, b) -> str | None:
     """None if the runs a and b of one request agree, or part where the step's logits (recomputed on the backend,
     slot 0) leave the choice to rounding; else why not."""
-    from toolchain.sampling import kept_tokens, uniform
+    from toolchain.sampling import draw_rng, kept_tokens, sample_reference, uniform
 
     k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     if a == b:
@@ -166,13 +166,17 @@ def _near_tie_where_they_part(be, prompt, s, seed, a, b) -> str | None:
     for i in range(0, len(seq), 64):  # prefill the sequence into slot 0, the last row's logits
         chunk = seq[i:i + 64]
         logits = be.step(chunk, list(range(i, i + len(chunk))), [0] * len(chunk), rows=[len(chunk) - 1])[0]
+    # which run the recomputed logits side with (for the next one to look at a failure)
+    want = sample_reference(logits, s, draw_rng(seed, len(seq) - 1), seq)
+    runs = f"alone {a[k] if k < len(a) else None}, under load {b[k] if k < len(b) else None}, recomputed {want}"
     if s.greedy:
         top = np.sort(logits)[-2:]
-        return None if top[1] - top[0] < TIE else f"parts at {k} with a top-2 margin of {top[1] - top[0]:.4f}"
+        return None if top[1] - top[0] < TIE else f"parts at {k} with a top-2 margin of {top[1] - top[0]:.4f} ({runs})"
     _, p = kept_tokens(logits, s, seq)
     gap = float(np.min(np.abs(np.cumsum(p) - uniform(seed, len(seq) - 1))))
     edge = TIE / (2 * s.temperature)
-    return None if gap < edge else f"parts at {k}, its uniform {gap:.4f} from every cdf boundary (> {edge:.4f})"
+    return None if gap < edge else (f"parts at {k}, its uniform {gap:.4f} from every cdf boundary (> {edge:.4f}; "
+                                    f"{runs})")
 
 
 @pytest.mark.gpu
