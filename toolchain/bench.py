@@ -124,7 +124,7 @@ def kernel_breakdown(be, cr, reps: int = 20, m: int = 1, last_only: bool = False
     """Microseconds per step by kernel family: the family's launches of one step (m tokens) captured alone into a
     CUDA graph and replayed (events around single launches would mostly time the events themselves). With ctx, the
     m tokens sit at position ctx (slots 0..m-1) before each family (decode_advance moves them on): the attention's
-    time depends on it. sampled: the device sampler's passes (a sampling.Tail) after the argmax."""
+    time depends on it. sampled: the device sampler's passes (a sampling.Tail) at the argmax."""
     plan = be.plan(m, last_only, long_context=ctx is not None and be.long_context(ctx), sampled=m if sampled else 0,
                    tail=sampled or Tail())
     out = {}

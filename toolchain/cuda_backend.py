@@ -175,7 +175,8 @@ class CudaBackend:
         """Resolve every node of the graph into a launch for a step of m tokens (cached). With last_only (prompt
         prefill), the head (final norm, lm_head, argmax) runs on the last token's row only: logits row 0. With
         long_context (m = 1, see long_context()), the xmerge pairs. With sampled = n, `tail`'s device sampler
-        passes around the argmax (toolchain/device_sampler.py) for the first n entries of its row list."""
+        passes at the argmax (toolchain/device_sampler.py; the draw replaces it) for the first n entries of its row
+        list."""
         xmerge = m == 1 and long_context and self.tuning["xmerge"]
         key = (m, last_only, xmerge, sampled, tail if sampled else None)
         if sampled and last_only:
