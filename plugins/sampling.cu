@@ -27,8 +27,9 @@
 // - without top-k and top-p (temperature and min-p): an inverse-CDF draw over the kept tokens in a fixed order
 //   (rank, thread, element): the exact distribution, no sort. Sums in a fixed tree: the same bits on every run.
 // - with top-k or top-p: a histogram of counts of x over NB bins (64 per factor of 2, by the float's bits: exactly
-//   monotone), merged over the cluster, gives the bin where the top-k count or a lower bound of the top-p mass
-//   (count x the bin's lower edge, against top_p x the exact sum of x: both make a superset) is reached. Then:
+//   monotone), merged over the cluster, gives the bin where the top-k count is reached (with top-k: top-p then
+//   applies within that set, whose mass normalizes it, as in the reference) or a lower bound of the top-p mass
+//   (top-p alone: count x the bin's lower edge, against top_p x the exact sum of x; both make a superset). Then:
 //   SORTED: the tokens up to that bin, at most CAP, are gathered in rank 0, sorted by (logit descending, id
 //   ascending) as the reference orders them, and the reference's cuts and draw run on them in double (the same
 //   token as the reference for the same uniform).
@@ -711,10 +712,17 @@ sample_tokens(const float* logits, const int* rows, const int* slots, const int*
         TRACE(4);
         float total = 0.f;
         for (int r = 0; r < SPLITS; ++r) total += sh.part[r];
-        decide_cut(sh, cluster, topk, topp, minp, total);
+        // with top-k, top-p is taken within the top-k set (its mass normalizes it: reference_draw), so the cut is
+        // the k-th token's: the whole set is gathered (a cut by top_p x the whole vocabulary's mass could come
+        // first and leave part of the set out, its mass then too small)
+        decide_cut(sh, cluster, topk, topk > 0 ? 1.f : topp, minp, total);
         const int n_cand = sh.n_before + sh.n_cut;
         int mode = n_cand <= CAP ? MODE_SORTED
                    : sh.n_cut <= CAP && ((topk > 0) != (topp < 1.f)) ? MODE_EDGE : MODE_COARSE;
+        if (mode == MODE_COARSE && topk > 0 && topp < 1.f) {  // the coarse edge: bounded by top-p over the whole
+            __syncthreads();                                 // vocabulary too (the documented approximation)
+            decide_cut(sh, cluster, topk, topp, minp, total);
+        }
         TRACE(5);
         if (mode == MODE_EDGE && topk == 0) {
             refine_edge(e, topp, sh, cluster);

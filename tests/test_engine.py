@@ -156,8 +156,9 @@ TIE = 2e-2  # greedy: below this top-2 logit margin the batched and batch-1 kern
 
 def _near_tie_where_they_part(be, prompt, s, seed, a, b) -> str | None:
     """None if the runs a and b of one request agree, or part where the step's logits (recomputed on the backend,
-    slot 0) leave the choice to rounding; else why not."""
-    from toolchain.sampling import draw_rng, kept_tokens, sample_reference, uniform
+    slot 0) leave the choice to rounding (a near-tie of the top two, of a cdf boundary, or of the kept set's edge);
+    else why not."""
+    from toolchain.sampling import apply_penalties, draw_rng, kept_tokens, sample_reference, uniform
 
     k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     if a == b:
@@ -172,9 +173,23 @@ def _near_tie_where_they_part(be, prompt, s, seed, a, b) -> str | None:
     if s.greedy:
         top = np.sort(logits)[-2:]
         return None if top[1] - top[0] < TIE else f"parts at {k} with a top-2 margin of {top[1] - top[0]:.4f} ({runs})"
+    # rounding of the logits moves the draw's cdf boundaries by about TIE / (2 T); it can also change the kept set
+    # itself (then every boundary moves, by up to the joining token's mass): where the k-th and the next token are
+    # that close, or where the top-k set's cumulative mass passes top_p that close to a token's edge
+    edge = TIE / (2 * s.temperature)
+    z = apply_penalties(logits, seq, s).astype(np.float64)
+    order = np.argsort(-z, kind="stable")
+    if s.top_k and len(order) > s.top_k and z[order[s.top_k - 1]] - z[order[s.top_k]] < TIE:
+        return None
+    top = order[: s.top_k] if s.top_k else order
+    q = np.exp((z[top] - z[top[0]]) / s.temperature)
+    c = np.cumsum(q / q.sum())
+    if s.top_p < 1:
+        j = int(np.searchsorted(c, s.top_p))
+        if min(c[j] - s.top_p if j < len(c) else 1.0, s.top_p - c[j - 1] if j > 0 else 1.0) < edge:
+            return None
     _, p = kept_tokens(logits, s, seq)
     gap = float(np.min(np.abs(np.cumsum(p) - uniform(seed, len(seq) - 1))))
-    edge = TIE / (2 * s.temperature)
     return None if gap < edge else (f"parts at {k}, its uniform {gap:.4f} from every cdf boundary (> {edge:.4f}; "
                                     f"{runs})")
 

@@ -124,6 +124,29 @@ def test_top_k_top_p_draw_the_reference_token(harness, s):
     assert same >= total - 1, (same, total, wide)
 
 
+def test_top_p_within_top_k_is_normalized_by_the_whole_top_k_set(harness):
+    """With top-k and top-p together, top-p's threshold is top_p x the mass of the top-k set (the reference's order:
+    top-k, then top-p among those). A row where top_p x the whole vocabulary's mass is reached before the k-th token:
+    a kernel that gathered only up to there would normalize by too small a mass and never draw token 3 (the
+    reference keeps 4 tokens and draws token 3 about a quarter of the time). Same token as the reference per draw."""
+    z = np.full(VOCAB, -100.0, np.float32)
+    z[0], z[1:6], z[6:206] = 10.0, 10.0 + np.log(0.9), 10.0 + np.log(0.01)
+    s = Sampling(1.0, 40, 0.5)
+    assert len(kept_tokens(z, s)[0]) == 4
+    rng = np.random.default_rng()
+    logits = np.repeat(z[None], ROWS, 0)
+    same = total = 0
+    drawn = set()
+    for k in range(40):
+        seeds = [int(x) for x in rng.integers(0, 2**63, ROWS)]
+        got = harness.run(logits, [(s, sd) for sd in seeds], [k] * ROWS)
+        for r in range(ROWS):
+            same += int(got[r]) == sample_reference(z, s, draw_rng(seeds[r], k))
+            total += 1
+            drawn.add(int(got[r]))
+    assert same >= total - 1 and 3 in drawn, (same, total, sorted(drawn))
+
+
 def test_wide_nucleus_keeps_exactly_the_reference_set(harness):
     """Top-p over a broad body (thousands of kept tokens, the device's edge mode): every draw is in the reference's
     kept set, and over many draws the drawn tokens' mass matches the set's (a coarse edge would leak past it)."""
