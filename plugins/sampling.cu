@@ -796,7 +796,8 @@ sample_tokens(const float* logits, const int* rows, const int* slots, const int*
 // of zmax - z (bins of 1/16 nat up to 128 nats, then one for the rest) picks the bin of the LOGPROB_TOP-th token
 // (decide_cut), the tokens up to it are gathered into rank 0 and sorted. Should the tokens up to that bin be more
 // than CAP (near-flat logits), some of that bin's are left out: the listed ones are then within 1/16 nat of the
-// true ones (documented).
+// true ones (documented), and which of the bin's tokens are listed follows the gather's order (it may differ from run
+// to run; the drawn token's own logprob does not).
 constexpr int LOGPROB_TOP = 20, LP_WORDS = 2 + 2 * LOGPROB_TOP;
 
 // the logprob histogram's bin of a logit (NB: none, for -inf and NaN)
