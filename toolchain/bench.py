@@ -103,7 +103,7 @@ def time_decode(be, ctx: int, m: int, tokens: int, cr, sampling=None) -> float:
             be.set_sampling(slot, sampling, 1234 + slot, [0] * (ctx + 1), ctx)
         be.sampler.set_rows(range(m), be.stream)
     be._set_inputs(np.zeros(m, np.int32), np.full(m, ctx), np.arange(m))
-    g = be.decode_graph(m, be.long_context(ctx), sampled=Tail(penalties=sampling.penalized) if sampling else False)
+    g = be.decode_graph(m, be.long_context(ctx), Tail(penalties=sampling.penalized) if sampling else None)
     g.launch(be.stream)
     be.stream.synchronize()
     be._set_inputs(np.zeros(m, np.int32), np.full(m, ctx), np.arange(m))
@@ -120,13 +120,12 @@ def time_prefill(be, m: int, cr, reps: int = 5) -> float:
 
 
 def kernel_breakdown(be, cr, reps: int = 20, m: int = 1, last_only: bool = False,
-                     ctx: int | None = None, sampled=None) -> dict[str, float]:
+                     ctx: int | None = None, tail: Tail | None = None) -> dict[str, float]:
     """Microseconds per step by kernel family: the family's launches of one step (m tokens) captured alone into a
     CUDA graph and replayed (events around single launches would mostly time the events themselves). With ctx, the
     m tokens sit at position ctx (slots 0..m-1) before each family (decode_advance moves them on): the attention's
-    time depends on it. sampled: the device sampler's passes (a sampling.Tail) at the argmax."""
-    plan = be.plan(m, last_only, long_context=ctx is not None and be.long_context(ctx), sampled=m if sampled else 0,
-                   tail=sampled or Tail())
+    time depends on it. tail: the device sampler's passes at the argmax."""
+    plan = be.plan(m, last_only, long_context=ctx is not None and be.long_context(ctx), tail=tail)
     out = {}
     for op in sorted({launch.op for launch in plan}):
         if ctx is not None:
@@ -222,7 +221,7 @@ def run_bench(a):
                 ss = time_decode(be, ctx, 1, a.tokens, cr, Sampling(**SAMPLED))
                 row |= {"sampled": SAMPLED, "sampled_tok_s": round(1 / ss, 1), "sampled_vs_greedy": round(s / ss, 3)}
                 print(f"         ctx {ctx:5d} sampled {SAMPLED}: {1 / ss:8.1f} tok/s, {s / ss:.3f} of greedy")
-                sk = kernel_breakdown(be, cr, ctx=ctx, sampled=Tail(penalties=True, logprobs=True))
+                sk = kernel_breakdown(be, cr, ctx=ctx, tail=Tail(penalties=True, logprobs=True))
                 row["sampled_kernels_us"] = {k: v for k, v in sk.items()
                                              if k in ("apply_penalties", "sample_tokens", "token_logprobs")}
                 print(f"         sampler kernels (us): {row['sampled_kernels_us']}")

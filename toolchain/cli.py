@@ -136,7 +136,7 @@ def _open_decoder(a, progress, prompt_check=None, slots: int = 1):
         print(f"qtrt: backend {backend} ({why})", file=sys.stderr)
     penalized = getattr(a, "repeat_penalty", 1) != 1 or getattr(a, "presence_penalty", 0) != 0 \
         or getattr(a, "frequency_penalty", 0) != 0
-    sampled = Tail(penalties=penalized) if getattr(a, "temperature", 0) > 0 or penalized else False
+    sampled = Tail(penalties=penalized) if getattr(a, "temperature", 0) > 0 or penalized else None
     dec.start_backend(backend, progress, why, slots=slots, sampled=sampled)
     return dec, result
 

@@ -35,7 +35,7 @@ from . import cuda_runtime as cr
 from .errors import UserError, check_range, check_token_ids
 from .fusion import fuse
 from .gguf_model import GGUFModel
-from .device_sampler import parse_logprobs, tail_of
+from .device_sampler import parse_logprobs
 from .graph import build_model_graph, node_attrs
 from .kernels import (FUSED_OPS, LOGPROB_WORDS, MATMUL_OPS, XMERGE_CLUSTER_KEYS, decode_build, defines_for,
                       launch_config, qmv1_dims, xmerge_defines, xmerge_slot_floats)
@@ -68,7 +68,7 @@ class CudaBackend:
 
     def __init__(self, model: GGUFModel, max_context: int, n_slots: int = 1, max_tokens: int = 64,
                  fused: bool = True, tuning: dict | None = None, progress=None,
-                 prepare: bool = False, prepare_sampled: bool = False):
+                 prepare: bool = False, prepare_sampled: Tail | None = None):
         self.model, self.cfg = model, model.config
         self.max_context, self.n_slots, self.max_tokens = max_context, n_slots, max_tokens
         self.tuning = {**TUNING, **(tuning or {})}
@@ -119,7 +119,7 @@ class CudaBackend:
             with progress.stage("loading kernels and capturing the decode step"):
                 self.decode_graph(1)
                 if prepare_sampled:  # the step with the device sampler, before the first token's clock starts
-                    self.decode_graph(1, sampled=prepare_sampled)
+                    self.decode_graph(1, tail=prepare_sampled)
 
     # -- planning ---------------------------------------------------------------------------------------------
     def _value_widths(self) -> dict[str, tuple[int, type]]:
@@ -170,16 +170,17 @@ class CudaBackend:
         kv head, and the tuning pairs them."""
         return bool(self.tuning["xmerge"]) and position + 1 > self._xmerge_keys()
 
-    def plan(self, m: int, last_only: bool = False, long_context: bool = False, sampled: int = 0,
-             tail: Tail = Tail()) -> list[Launch]:
+    def plan(self, m: int, last_only: bool = False, long_context: bool = False, tail: Tail | None = None,
+             sampled: int = 0) -> list[Launch]:
         """Resolve every node of the graph into a launch for a step of m tokens (cached). With last_only (prompt
         prefill), the head (final norm, lm_head, argmax) runs on the last token's row only: logits row 0. With
-        long_context (m = 1, see long_context()), the xmerge pairs. With sampled = n, `tail`'s device sampler
-        passes at the argmax (toolchain/device_sampler.py; the draw replaces it) for the first n entries of its row
-        list."""
+        long_context (m = 1, see long_context()), the xmerge pairs. With a `tail`, its device sampler passes at the
+        argmax (toolchain/device_sampler.py; the draw replaces it) for the first `sampled` entries of its row list
+        (default: m)."""
         xmerge = m == 1 and long_context and self.tuning["xmerge"]
-        key = (m, last_only, xmerge, sampled, tail if sampled else None)
-        if sampled and last_only:
+        sampled = (sampled or m) if tail else 0
+        key = (m, last_only, xmerge, tail, sampled)
+        if tail and last_only:
             raise ValueError("a sampled plan computes the logits of every row (last_only=False)")
         if key in self._plans:
             return self._plans[key]
@@ -219,7 +220,7 @@ class CudaBackend:
                 launches += self._prefill_attention(node, attrs, dims, ins, outs)
                 continue
             args = ins + list(cfg.scalars) + outs + extra.get(node.name, [])
-            if sampled and op == "argmax":  # penalties on the logits before it, the draw and logprobs after it
+            if tail and op == "argmax":  # penalties on the logits before it, the draw and logprobs after it
                 b = self.buffers
                 before, after = self.sampler.launches(sampled, b["logits"].ptr, b["next_token"].ptr,
                                                       b["slots"].ptr, b["positions"].ptr, tail)
@@ -274,12 +275,12 @@ class CudaBackend:
                        [q_rot, k_cache, v_cache, positions, slots, *b.scalars, outs[0]])]
 
     def run_plan(self, m: int, advance: bool = False, last_only: bool = False, long_context: bool = False,
-                 sampled: int = 0, tail: Tail = Tail()):
+                 tail: Tail | None = None, sampled: int = 0):
         """Enqueue the plan on self.stream; decode steps (matvec plans) as programmatic dependent launches, all but
         the first: it starts after everything before the step, which lets kernels read the step's inputs and the
         KV-cache rows of earlier steps before their pdl_wait() (plugins/pdl.cuh)."""
         pdl = m < GEMM_MIN_M and self.tuning["pdl"]
-        launches = [x for x in self.plan(m, last_only, long_context, sampled, tail)
+        launches = [x for x in self.plan(m, last_only, long_context, tail, sampled)
                     if (advance or x.op != "decode_advance") and not self._skipped(x)]
         for j, launch in enumerate(launches):
             launch.kernel.launch(launch.cfg, launch.args, self.stream,
@@ -288,27 +289,23 @@ class CudaBackend:
     def _skipped(self, launch: Launch) -> bool:
         return any(s == launch.op or s in launch.node for s in self.tuning["skip"])
 
-    def decode_graph(self, m: int = 1, long_context: bool = False, sampled=False, advance: bool = True):
+    def decode_graph(self, m: int = 1, long_context: bool = False, tail: Tail | None = None, advance: bool = True):
         """The whole decode step for m tokens captured once into a CUDA graph (advancing itself, unless not
-        `advance`); for m = 1 one graph per plan (long_context: the xmerge one, where the tuning has it). sampled:
-        the device sampler's passes over all m rows (a Tail; True: penalties and draw; False: the argmax alone)."""
-        tail = tail_of(sampled)
+        `advance`); for m = 1 one graph per plan (long_context: the xmerge one, where the tuning has it). tail: the
+        device sampler's passes over all m rows (None: the argmax alone)."""
         key = (m, m == 1 and long_context and bool(self.tuning["xmerge"]), tail, advance)
-        n = m if tail else 0
         if key not in self._graphs:
             if tail:
                 self.sampler.set_rows(np.arange(m), self.stream)
-            self.plan(m, long_context=key[1], sampled=n, tail=tail or Tail())
             # warm-up outside capture (module loads, lazy init): it recomputes what the step will, but its draws
             # write the penalty rings one entry ahead, so those are put back
             rings = self.sampler.history.download(self.stream) if tail and tail.draw else None
-            self.run_plan(m, advance=False, long_context=key[1], sampled=n, tail=tail or Tail())
+            self.run_plan(m, advance=False, long_context=key[1], tail=tail)
             self.stream.synchronize()
             if rings is not None:
                 self.sampler.history.upload(rings, self.stream)
             self._graphs[key] = cr.capture(
-                self.stream, lambda: self.run_plan(m, advance=advance, long_context=key[1], sampled=n,
-                                                   tail=tail or Tail()))
+                self.stream, lambda: self.run_plan(m, advance=advance, long_context=key[1], tail=tail))
         return self._graphs[key]
 
     @property
@@ -378,11 +375,10 @@ class CudaBackend:
         """The request now in `slot` samples on the device with these settings (DeviceSampler.set_slot)."""
         self.sampler.set_slot(slot, sampling, seed, tokens, position, self.stream)
 
-    def step_tokens(self, ids, positions, slots, rows, tail=True) -> np.ndarray:
+    def step_tokens(self, ids, positions, slots, rows, tail: Tail | None = Tail()) -> np.ndarray:
         """step() with the draw on the device: the sampled next token of each of `rows` (int64), by the settings
-        set_sampling gave each row's slot, with `tail`'s passes (sampled= of decode_graph; None: the argmax). A
-        step whose every row is sampled (decode rows only) and m < GEMM_MIN_M replays a captured graph per m."""
-        tail = tail_of(tail)
+        set_sampling gave each row's slot, with `tail`'s passes (None: the argmax alone). A step whose every row is
+        sampled (decode rows only) and m < GEMM_MIN_M replays a captured graph per m."""
         rows = [int(r) for r in rows]
         if not rows:
             return self.step(ids, positions, slots, rows).astype(np.int64)[:, 0]
@@ -390,10 +386,10 @@ class CudaBackend:
         if tail:
             self.sampler.set_rows(rows, self.stream)
         if rows == list(range(m)) and m < GEMM_MIN_M:
-            self.decode_graph(m, m == 1 and self.long_context(int(positions[0])), sampled=tail or False,
+            self.decode_graph(m, m == 1 and self.long_context(int(positions[0])), tail,
                               advance=False).launch(self.stream)
         else:
-            self.run_plan(m, sampled=len(rows) if tail else 0, tail=tail or Tail())
+            self.run_plan(m, tail=tail, sampled=len(rows))
         toks = self.buffers["next_token"].download(self.stream, rows=m).reshape(-1)
         return toks[rows]
 
@@ -406,21 +402,21 @@ class CudaBackend:
         """Whether a decode step of m rows can run as launch_decode (a captured, self-advancing graph)."""
         return m < GEMM_MIN_M
 
-    def launch_decode(self, m: int, position: int, ids=None, positions=None, slots=None, sample=True):
+    def launch_decode(self, m: int, position: int, ids=None, positions=None, slots=None,
+                      tail: Tail | None = Tail()):
         """Enqueue a decode step of m rows, every row sampled on the device, and an asynchronous copy of its tokens;
         returns a ticket for read_tokens. With ids/positions/slots the step's inputs are set (the first step of a
         run); without, the step is fed by the one before it on the device (decode_advance: each row's drawn token,
         its position + 1), so it can be launched before the host has read that one. `position`: the first row's
-        (which graph, for m = 1: long_context). sample: the step's sampler passes (sampled= of decode_graph);
-        False: every row is greedy without penalties or logprobs, the plain argmax graph. With logprobs in it, the
-        rows' records are copied too (read_logprobs)."""
-        tail = tail_of(sample)
+        (which graph, for m = 1: long_context). tail: the step's sampler passes; None: every row is greedy without
+        penalties or logprobs, the plain argmax graph. With logprobs in it, the rows' records are copied too
+        (read_logprobs)."""
         if ids is not None:
             self._set_checked_inputs(ids, positions, slots)
             self.sampler.set_rows(list(range(m)), self.stream)
         elif position >= self.max_context:
             raise ValueError(f"position {position} is beyond the context of {self.max_context}")
-        self.decode_graph(m, m == 1 and self.long_context(position), sampled=tail or False).launch(self.stream)
+        self.decode_graph(m, m == 1 and self.long_context(position), tail).launch(self.stream)
         if self._pinned is None:
             self._pinned = [cr.PinnedArray((self.max_tokens,), np.int64) for _ in range(2)]
             self._pinned_lp = [cr.PinnedArray((self.max_tokens, LOGPROB_WORDS), np.int32) for _ in range(2)]
@@ -468,15 +464,14 @@ class CudaBackend:
     def greedy(self, first_token: int, n: int):
         """Yield n greedy tokens after `first_token`: each is one replay of the self-advancing CUDA graph; the host
         only reads the 8-byte argmax to stream it."""
-        return self._replay(first_token, n, sampled=False)
+        return self._replay(first_token, n, None)
 
-    def _replay(self, first_token: int, n: int, sampled):
+    def _replay(self, first_token: int, n: int, tail: Tail | None):
         """Yield n tokens after `first_token` (slot 0), each one replay of the self-advancing graph (with the device
-        sampler's passes, sampled= of decode_graph, or without); the host reads only the 8-byte token to stream
-        it."""
+        sampler's passes `tail`, or without); the host reads only the 8-byte token to stream it."""
         self._set_inputs([first_token], [self.pos], [0])
         for _ in range(n):
-            self.decode_graph(1, self.long_context(self.pos), sampled=sampled).launch(self.stream)
+            self.decode_graph(1, self.long_context(self.pos), tail).launch(self.stream)
             tok = int(self.buffers["next_token"].download(self.stream, rows=1).reshape(-1)[0])
             self.pos += 1
             yield tok
@@ -487,4 +482,4 @@ class CudaBackend:
         the settings have penalties)."""
         self.set_sampling(0, sampling, seed, tokens, self.pos)
         self.sampler.set_rows([0], self.stream)
-        return self._replay(first_token, n, sampled=Tail(penalties=sampling.penalized))
+        return self._replay(first_token, n, Tail(penalties=sampling.penalized))

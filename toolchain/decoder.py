@@ -242,11 +242,11 @@ class Decoder:
         return dec
 
     def start_backend(self, backend: str = "auto", progress=None, why: str | None = None,
-                      slots: int = 1, sampled=False) -> "Decoder":
+                      slots: int = 1, sampled=None) -> "Decoder":
         """Build the backend (`auto` or a name; choose_backend's error if it cannot run here) with `slots` KV-cache
         slots (sequences at once, toolchain/engine.py). `why`: the reason of an earlier choose_backend call that
-        already picked `backend`. `sampled`: the caller will sample (cuda: the sampled step, with these passes of the
-        device sampler, a sampling.Tail or True, is captured now, not at the second token)."""
+        already picked `backend`. `sampled`: the caller will sample with these passes of the device sampler (a
+        sampling.Tail; cuda: that step is captured now, not at the second token)."""
         from .progress import quiet
 
         progress = progress or quiet()

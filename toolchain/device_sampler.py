@@ -17,13 +17,6 @@ from .kernels import LOGPROB_TOP, LOGPROB_WORDS, SAMPLE_MAX_VOCAB, launch_config
 from .sampling import PARAM_WORDS, PENALTY_WINDOW, Sampling, Tail, device_params, history_window
 
 
-def tail_of(sampled) -> "Tail | None":
-    """sampled as the backends take it: a Tail, True (penalties and draw), or False / None (the argmax alone)."""
-    if isinstance(sampled, Tail):
-        return sampled
-    return Tail() if sampled else None
-
-
 def parse_logprobs(words: np.ndarray, token: int, top: int) -> dict:
     """One row's LOGPROB_WORDS int32 words (plugins/sampling.cu token_logprobs) as sampling.token_logprobs returns
     them: {"token", "logprob", "top": [(id, logprob), ...][:top]}."""

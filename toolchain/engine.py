@@ -305,17 +305,16 @@ class Engine:
         emit = [i for i, row in enumerate(rows) if row.request is not None]
         t0 = time.perf_counter()
         args = [row.token for row in rows], [row.position for row in rows], [row.slot for row in rows]
-        want = any(rows[i].request.params.logprobs is not None for i in emit)
         tail = _tail([rows[i] for i in emit])
         if self.pipelined and rows and len(emit) == len(rows) and self.backend.can_pipeline(len(rows)):
             # decode rows only: launch and return; the next _step speculates the step after it before reading it
-            self._inflight = (rows, self.backend.launch_decode(len(rows), args[1][0], *args, sample=tail or False),
+            self._inflight = (rows, self.backend.launch_decode(len(rows), args[1][0], *args, tail=tail),
                               t0)
             return
         records = [None] * len(emit)  # the logprob record of each emitting row, where its request asks
         if self.device_sampling:
             drawn = [int(t) for t in self.backend.step_tokens(*args, rows=emit, tail=tail)]
-            if want:
+            if tail and tail.logprobs:
                 records = self.backend.last_logprobs(drawn, [rows[i].request.params.logprobs or 0 for i in emit])
         else:
             logits = self.backend.step(*args, rows=emit)
@@ -349,7 +348,7 @@ class Engine:
         nxt = None
         if all(live) and len(self.running) == len(rows) and all(row.position + 2 < self.max_context for row in rows):
             nrows = [Row(-1, row.position + 1, row.slot, row.request) for row in rows]  # token: known after step t
-            nxt = (nrows, self.backend.launch_decode(len(nrows), nrows[0].position, sample=_tail(nrows) or False),
+            nxt = (nrows, self.backend.launch_decode(len(nrows), nrows[0].position, tail=_tail(nrows)),
                    time.perf_counter())
         drawn = [int(t) for t in self.backend.read_tokens(ticket)]
         self._inflight = nxt

@@ -65,7 +65,7 @@ class Sampling:
 
 def uniform(seed: int, position: int) -> float:
     """The draw's uniform in [0, 1) for the logits at `position` of a request with `seed` (module docstring)."""
-    return float(np.random.Generator(np.random.Philox(key=int(seed), counter=int(position))).random())
+    return float(draw_rng(seed, position).random())
 
 
 def draw_rng(seed: int, position: int) -> np.random.Generator:

@@ -216,19 +216,23 @@ class Server:
     def _logprob_format(self, entries: list[dict], chat: bool, offset: int = 0) -> dict:
         """OpenAI's logprobs object of these tokens: chat's {content: [...]}, or completions' parallel lists
         (text_offset counts characters from `offset`)."""
-        def text(i):  # a token's text; where its bytes are not UTF-8 alone, OpenAI's "bytes:\\xNN..." (unique keys)
+        def spelled(i):  # a token's (text, bytes); where the bytes are not UTF-8 alone, OpenAI's "bytes:\\xNN..." text
             raw = self.tokenizer.token_bytes(i)
             try:
-                return raw.decode("utf-8")
+                return raw.decode("utf-8"), raw
             except UnicodeDecodeError:
-                return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+                return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), raw
+
+        def text(i):  # (distinct tokens get distinct texts: top_logprobs' keys)
+            return spelled(i)[0]
+
+        def chat_entry(i, lp):
+            t, raw = spelled(i)
+            return {"token": t, "logprob": lp, "bytes": list(raw)}
 
         if chat:
-            return {"content": [{"token": text(e["token"]), "logprob": e["logprob"],
-                                 "bytes": list(self.tokenizer.token_bytes(e["token"])),
-                                 "top_logprobs": [{"token": text(i), "logprob": lp,
-                                                   "bytes": list(self.tokenizer.token_bytes(i))} for i, lp in e["top"]]}
-                                for e in entries]}
+            return {"content": [{**chat_entry(e["token"], e["logprob"]),
+                                 "top_logprobs": [chat_entry(i, lp) for i, lp in e["top"]]} for e in entries]}
         tokens = [text(e["token"]) for e in entries]
         offsets, at = [], offset
         for t in tokens:
