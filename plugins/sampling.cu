@@ -39,6 +39,8 @@
 //   COARSE (more than CAP tokens in the cut bin itself: a flat distribution, or top-k and top-p together over
 //   thousands of tokens): the draw is over every token up to and including the bin, the edge resolved to 1/64 of
 //   a factor of 2 (documented approximation).
+// - before any of that, a row whose argmax alone reaches top_p (1 / sum(x) >= top_p, with a margin: the common
+//   case in code) or with top-k 1 takes the argmax, decided after the first cluster barrier (no histogram).
 // The draw's uniform is Philox4x64-10(key = seed, counter = (position + 1, 0, 0, 0)), word 0 >> 11, times 2^-53:
 // numpy's Generator(Philox(key=seed, counter=position)).random() (toolchain/sampling.py).
 #include <cooperative_groups.h>
@@ -231,8 +233,10 @@ struct SampleShared {
     float dpart[SPLITS];      // draw_in_order's: every rank's kept mass
     float arg_v[SPLITS];      // sample_tokens: every rank's argmax (value, index)
     int arg_i[SPLITS];
+    float mass[SPLITS];       // and, where top-p may keep the argmax alone, its sum of exp((z - that max) / T)
     float fscratch[32];
     unsigned uscratch[32];
+    float sscratch[32];       // the warps' sums of exp((z - the warp's max) / T) (the peaked rows' test)
     unsigned long long uscan[32];
     int gathered;             // rank 0: the gather's counter (zeroed before the first cluster barrier)
     int gathered_cut;         // token_logprobs, rank 0: the cut bin's own tokens, placed after those before it
@@ -642,33 +646,64 @@ sample_tokens(const float* logits, const int* rows, const int* slots, const int*
 #pragma unroll
     for (int j = 0; j < PER; ++j)
         if (elem(lo, j) < hi) take(e[j], elem(lo, j), bv, bi);
+    // Peaked rows (code: most tokens) keep only the argmax under top-p: when its probability 1 / sum(x) reaches
+    // top_p, the reference's nucleus is that token alone, whatever else top-k and min-p say. The sum rides along
+    // the argmax's reduction: each warp sums exp((z - the warp's max) / T), the block and then the cluster rescale
+    // those sums to their maxima, so such a row is decided after the first cluster barrier, with no histogram.
+    const bool may_peak = T > 0.f && topp < 1.f;
     const int pos = positions[row];
     // the row's argmax over the cluster: warps, the block (warp 0), then every rank's pair into every rank
     for (int o = 16; o > 0; o >>= 1)
         take(__shfl_xor_sync(0xffffffffu, bv, o), __shfl_xor_sync(0xffffffffu, bi, o), bv, bi);
-    if ((threadIdx.x & 31) == 0) { sh.fscratch[threadIdx.x >> 5] = bv; sh.uscratch[threadIdx.x >> 5] = bi; }
+    float ws = 0.f;  // (a NaN maximum makes it NaN: never the shortcut)
+    if (may_peak && bv > -INFINITY) {
+#pragma unroll
+        for (int j = 0; j < PER; ++j) ws += __expf((e[j] - bv) * invT);
+        ws = warp_sum(ws);
+    }
+    if ((threadIdx.x & 31) == 0) {
+        const int w = threadIdx.x >> 5;
+        sh.fscratch[w] = bv; sh.uscratch[w] = bi; sh.sscratch[w] = ws;
+    }
     __syncthreads();
     if (threadIdx.x < 32) {
         bv = sh.fscratch[threadIdx.x];
         bi = (int)sh.uscratch[threadIdx.x];
+        const float wmax = bv;
         for (int o = 16; o > 0; o >>= 1)
             take(__shfl_xor_sync(0xffffffffu, bv, o), __shfl_xor_sync(0xffffffffu, bi, o), bv, bi);
+        if (may_peak) {
+            ws = sh.sscratch[threadIdx.x];
+            ws = warp_sum(ws > 0.f ? ws * __expf((wmax - bv) * invT) : ws);
+        }
     }
     cluster_wait();  // every block of the cluster has started
     if (threadIdx.x < SPLITS) {
         SampleShared* dst = cluster.map_shared_rank(&sh, threadIdx.x);
         dst->arg_v[rank] = bv;
         dst->arg_i[rank] = bi;
+        dst->mass[rank] = ws;
     }
     cluster.sync();  // every rank's pair everywhere
     float zmax = sh.arg_v[0];
     int amax = sh.arg_i[0];
     for (int r = 1; r < SPLITS; ++r) take(sh.arg_v[r], sh.arg_i[r], zmax, amax);  // rank order, as the ranges
-    if (!(T > 0.f)) {  // greedy: the argmax (of the penalized logits)
+    bool alone = !(T > 0.f) || topk == 1;  // greedy, or top-k 1: the argmax (of the penalized logits)
+    if (may_peak && !alone) {
+        float sum = 0.f;
+        for (int r = 0; r < SPLITS; ++r)
+            sum += sh.mass[r] > 0.f ? sh.mass[r] * __expf((sh.arg_v[r] - zmax) * invT) : sh.mass[r];
+        // the full path keeps the argmax alone when 1 >= top_p x (its own float sum of x); this sum rounds
+        // differently (~1e-6 relative), so only a clear margin decides here (a NaN sum never does)
+        alone = (double)topp * (double)sum * (1.0 + 1e-4) <= 1.0;
+    }
+    if (alone) {
         if (rank == 0 && threadIdx.x == 0) {
             next_token[row] = amax;
             ring[(pos + 1) % HIST] = amax;
         }
+        TRACE(1);
+        TRACE_VALUE(14, 2);
         return;
     }
     const double u = philox_uniform(seed, (uint64_t)pos);

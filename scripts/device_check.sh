@@ -5,7 +5,8 @@
 # the cuda backend; time to first token against LLAMA_CLI="<llama.cpp command template>", scripts/ttft.py).
 # Logs and JSON go to $OUT (the device tool brings that folder back). STAGES="tests bench" runs a subset;
 # TESTS="tests/x.py ..." narrows the tests stage; STAGES=tuning times the decode tunings (scripts/decode_tuning.py).
-# STAGES=usergen: `qtrt generate` greedy vs sampled, 400 tokens, with the real 1.5B (the user path of issue 14's ratio).
+# STAGES=usergen: `qtrt generate` greedy vs sampled in turn, 400 tokens, ROUNDS=5, with the real 1.5B (issue 14's ratio
+# on the user path).
 # STAGES=sampler: the device sampler's time and phases by logits shape and settings (scripts/sampler_phases.py;
 # SAMPLER_BASE=path/to/sampling.cu times that build beside this one).
 # STAGES="serve engine": the openai client and the soak against qtrt serve --backend cuda with the real 1.5B, and the
@@ -38,20 +39,22 @@ for s in $STAGES; do
     sanitizer) run sanitizer compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/sanitize_step.py ;;
     sampler) run sampler bash -c 'if [ -n "${SAMPLER_BASE:-}" ]; then nvcc -cubin -arch=sm_90 -O3 -std=c++17 -Iplugins "$SAMPLER_BASE" -o /tmp/sampler-base.cubin || exit 1; fi; python3 scripts/sampler_phases.py ${SAMPLER_BASE:+--cubin /tmp/sampler-base.cubin} ${SAMPLER_FUSED:+--cubin-fused} --json "$OUT/sampler.json"' ;;
     usergen) run usergen python3 - "$QTRT_MODELS_DIR/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf" "$OUT/usergen.json" <<'USERGEN'
-import json, subprocess, sys  # the user path: qtrt generate, 400 tokens, greedy vs sampled (T 0.7, top-p 0.9), 3 rounds
+import json, subprocess, sys  # the user path: qtrt generate, 400 tokens, greedy vs sampled (T 0.7, top-p 0.9), in turn
 model, out = sys.argv[1:]
 base = [sys.executable, "-m", "toolchain.cli", "generate", "--model", model, "--backend", "cuda", "--prompt",
         "Write a quicksort in Python with comments.", "--max-new-tokens", "400", "--seed", "7", "--json"]
 runs = {"greedy": [], "sampled": []}
-for _ in range(3):
+for _ in range(int(__import__("os").environ.get("ROUNDS", "5"))):
     for mode, extra in (("greedy", []), ("sampled", ["--temperature", "0.7", "--top-p", "0.9"])):
         r = json.loads(subprocess.run(base + extra, capture_output=True, text=True, check=True).stdout)
         runs[mode].append({k: r[k] for k in ("tokens_per_s", "new_tokens", "finish_reason", "prefill_s", "startup_s")})
         print(mode, round(r["tokens_per_s"], 1), r["new_tokens"], flush=True)
 best = {m: max(x["tokens_per_s"] for x in v) for m, v in runs.items()}
-summary = {"runs": runs, "best_tok_s": best, "sampled_vs_greedy": round(best["sampled"] / best["greedy"], 3)}
+pairs = sorted(s["tokens_per_s"] / g["tokens_per_s"] for g, s in zip(runs["greedy"], runs["sampled"]))
+summary = {"runs": runs, "best_tok_s": best, "sampled_vs_greedy": round(best["sampled"] / best["greedy"], 3),
+           "pairs": [round(r, 3) for r in pairs], "median_pair": round(pairs[len(pairs) // 2], 3)}
 json.dump(summary, open(out, "w"), indent=1)
-print("sampled / greedy (best of 3):", summary["sampled_vs_greedy"])
+print("sampled / greedy: best of each", summary["sampled_vs_greedy"], "pairs", summary["pairs"])
 USERGEN
     ;;
     tuning) run tuning python3 scripts/decode_tuning.py ${TUNING_ARGS:-} ;;

@@ -6,6 +6,8 @@ several shapes and settings, and, from a -DSAMPLER_TRACE=1 build, clock64() stam
 Each timing is the step's sampler tail, 20 back to back in a captured graph, per step: this build's sample_tokens
 (which takes the row's argmax itself), or for --cubin (an older build of sample_tokens, e.g. the last commit's,
 compiled with nvcc by hand, which reads the argmax kernel's result) the argmax kernel and the draw; same run.
+A row's in_order: -1 no top-k / top-p, 0 sorted candidates, 1 drawn in index order (edge modes), 2 the argmax
+alone (a peaked row under top-p, or top-k 1: decided at the first cluster barrier).
 """
 from __future__ import annotations
 

@@ -124,7 +124,7 @@ def test_batched_slots_equal_separate_runs(synth, backend):
 def test_a_mixed_step_equals_its_rows_alone(synth, backend):
     """What the engine runs under load: one step of a 32-token prompt chunk of one slot beside decode rows of three
     others (m = 35: the GEMM plan with the decode attention, several tokens of one slot in the step) = the chunk in a
-    step of its own and each decode row in a step of its own (batch-1 builds: ~1e-4 apart, test above)."""
+    step of its own and each decode row in a step of its own."""
     model, _ = synth
     rng = np.random.default_rng()
     prompts = [rng.integers(0, model.config.vocab, n).tolist() for n in (40, 5, 9, 17)]
@@ -145,7 +145,11 @@ def test_a_mixed_step_equals_its_rows_alone(synth, backend):
     for k, s in enumerate((1, 2, 3)):
         single = backend.step([prompts[s][-1]], [len(prompts[s]) - 1], [s])
         errs.append(rel_err(mixed[32 + k], single[0]))
-    assert max(errs) < 1e-3, [round(e, 6) for e in errs]
+    # the chunk rows run the same GEMMs either way (the first six printed 0.0 on the H100); a decode row beside the chunk runs the
+    # tensor-core GEMM (float16 activations), alone the batch-1 matvec (int8 activations per 16): measured
+    # 1.2e-3 and 1.6e-3 apart on the H100 (2026-12-05), the GEMM's own bound against the reference is 5e-3 (above);
+    # a wrong slot or position gives errors of order 1
+    assert max(errs[:32]) < 1e-3 and max(errs) < 5e-3, [round(e, 6) for e in errs]
 
 
 def test_long_prompt_prefill(synth, backend):

@@ -147,6 +147,40 @@ def test_top_p_within_top_k_is_normalized_by_the_whole_top_k_set(harness):
     assert same >= total - 1 and 3 in drawn, (same, total, sorted(drawn))
 
 
+@pytest.mark.parametrize("s", [Sampling(0.7, 0, 0.9), Sampling(0.7, 40, 0.9, min_p=0.05), Sampling(1.2, 1)],
+                         ids=str)
+def test_a_row_whose_argmax_reaches_top_p_around_the_boundary(harness, s):
+    """The kernel's shortcut for peaked rows (the argmax's probability reaches top_p, or top-k 1: the argmax alone,
+    decided before any histogram) against the reference on both sides of top_p: the argmax's probability at
+    0.99, 1 + 5e-5 (inside the shortcut's margin: the full path decides), 1.001 and 1.05 times top_p, a second
+    token that the nucleus keeps below the boundary, a random body, the two tokens anywhere in the row. The same
+    token as the reference per draw; below the boundary the second token is drawn too (a shortcut taken there
+    would never draw it)."""
+    rng = np.random.default_rng()
+    top_p = s.top_p if s.top_p < 1 else 0.9
+    for ratio in (0.99, 1 + 5e-5, 1.001, 1.05):
+        logits = np.empty((ROWS, VOCAB), np.float32)
+        for r in range(ROWS):
+            w = np.exp(rng.standard_normal(VOCAB) * 0.3)
+            w *= 0.04 / w.sum()  # the body's mass, relative to the argmax's 1
+            a, b = rng.choice(VOCAB, 2, replace=False)
+            w[a] = 1.0
+            w[b] = 0.0
+            w[b] = 1 / (ratio * top_p) - w.sum()  # the argmax's probability: ratio x top_p
+            logits[r] = (np.log(w) * s.temperature).astype(np.float32)
+        same = total = other = 0
+        for k in range(25):
+            seeds = [int(x) for x in rng.integers(0, 2**63, ROWS)]
+            got = harness.run(logits, [(s, sd) for sd in seeds], [k] * ROWS)
+            for r in range(ROWS):
+                same += int(got[r]) == sample_reference(logits[r], s, draw_rng(seeds[r], k))
+                other += int(got[r]) != int(np.argmax(logits[r]))
+                total += 1
+        assert same >= total - 1, (ratio, same, total)
+        if len(kept_tokens(logits[0], s)[0]) > 1:  # (with top-k 40, its set's mass normalizes: one token kept)
+            assert other > 0, ratio
+
+
 def test_wide_nucleus_keeps_exactly_the_reference_set(harness):
     """Top-p over a broad body (thousands of kept tokens, the device's edge mode): every draw is in the reference's
     kept set, and over many draws the drawn tokens' mass matches the set's (a coarse edge would leak past it)."""
