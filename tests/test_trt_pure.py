@@ -711,3 +711,92 @@ def test_timing_cache_is_returned_to_be_kept_alive(tmp_path, capsys):
     refused = Config(accept=False)
     kept = attach_timing_cache(refused, path)
     assert kept is refused.set[-1] and kept == ("cache", b"") and "does not match" in capsys.readouterr().err
+
+
+# --- the engine over the tensorrt backend, TensorRT stood in for by the numpy reference -----------------------------
+
+class _ReferencePlan:
+    """What TensorRTBackend needs of a TensorRTRunner (infer of token_ids / positions / slots -> logits of every
+    row; n_slots, max_context, max_batch_tokens), computed by the numpy reference with its own caches; a small plan
+    size, so the backend must cut steps into pieces. Records every feed."""
+
+    def __init__(self, model, max_context, n_slots, max_batch_tokens=5):
+        from toolchain.decoder import CpuBackend
+
+        self.ref = CpuBackend(model, max_context, n_slots=n_slots)
+        self.max_context, self.n_slots, self.max_batch_tokens = max_context, n_slots, max_batch_tokens
+        self.feeds = []
+
+    def infer(self, feed, outputs=None):
+        assert set(feed) == {"token_ids", "positions", "slots"} and outputs == ["logits"]
+        assert 1 <= len(feed["token_ids"]) <= self.max_batch_tokens
+        assert all(a.dtype == np.int32 for a in feed.values())
+        self.feeds.append({k: v.copy() for k, v in feed.items()})
+        return {"logits": self.ref.step(feed["token_ids"], feed["positions"], feed["slots"])}
+
+
+def test_the_engine_runs_on_the_tensorrt_backend(synth_gguf, monkeypatch):
+    """Decoder.start_backend("tensorrt", slots=3) over a stand-in plan: the engine serves 5 requests (3 slots, a queue,
+    prompt chunks cut into plan-sized pieces beside decode rows) with the tokens the cpu backend's engine gives them;
+    ids, slots and positions outside the plan are refused before any step runs; a plan with fewer slots than asked
+    is refused with a one-line error naming `qtrt engine --slots`."""
+    from conftest import TINY
+    from toolchain.decoder import CpuBackend, Decoder
+    from toolchain.engine import Engine, Params
+    from toolchain.trt import runtime
+
+    ctx = 256
+    path = str(synth_gguf(**TINY))
+    plans = []
+
+    def plan(p):  # TensorRTRunner(plan) -> the stand-in
+        model = Decoder.open(path, ctx).model
+        plans.append(_ReferencePlan(model, ctx, n_slots=3))
+        return plans[-1]
+
+    monkeypatch.setattr(runtime, "TensorRTRunner", plan)
+    monkeypatch.setenv("QTRT_PLAN", "stand-in.plan")
+    dec = Decoder.open(path, ctx)
+    dec.start_backend("tensorrt", why="a stand-in plan", slots=3)
+    assert dec.backend.name == "tensorrt" and dec.backend.n_slots == 3
+    rng = np.random.default_rng()
+    prompts = [[int(50 + i)] + list(map(int, rng.integers(0, TINY["vocab"], int(n))))
+               for i, n in enumerate(rng.integers(3, 40, 5))]
+    params = Params(max_tokens=6)
+    eng = Engine(dec, slots=3, prefill_chunk=8)
+    got = [h.ids for h in eng.generate_many(prompts, params)]
+    eng.close()
+    ref = Decoder.open(path, ctx)
+    ref.backend = CpuBackend(ref.model, ctx, n_slots=3)
+    eng = Engine(ref, slots=3, prefill_chunk=8)
+    want = [h.ids for h in eng.generate_many(prompts, params)]
+    eng.close()
+    assert got == want
+    feeds = plans[0].feeds
+    assert {int(s) for f in feeds for s in f["slots"]} == {0, 1, 2}
+    assert any(len(f["token_ids"]) == 5 for f in feeds)  # a chunk of 8 cut at the plan's 5
+    n = len(feeds)
+    for bad, why in ((([TINY["vocab"]], [0], [0]), "vocabulary"), (([1], [0], [3]), "slot 3"),
+                     (([1], [ctx], [0]), f"position {ctx}"), (([1], [-1], [0]), "position -1")):
+        with pytest.raises(UserError, match=why):
+            dec.backend.step(*bad)
+    assert len(feeds) == n  # nothing reached the plan
+
+    monkeypatch.setattr(runtime, "TensorRTRunner", lambda p: _ReferencePlan(dec.model, ctx, n_slots=1))
+    with pytest.raises(UserError, match=r"1 KV-cache slot\(s\), below --slots 3; rebuild with `qtrt engine --slots 3`"):
+        Decoder.open(path, ctx).start_backend("tensorrt", why="a stand-in plan", slots=3)
+
+
+def test_an_existing_plan_is_chosen_by_its_slots(tmp_path, monkeypatch):
+    from toolchain.decoder import existing_plan, trt_cache_dir
+
+    monkeypatch.delenv("QTRT_PLAN", raising=False)
+    gguf = tmp_path / "m.gguf"
+    d = trt_cache_dir(gguf)
+    d.mkdir()
+    assert existing_plan(gguf) is None
+    (d / "model-ctx4096.plan").write_bytes(b"")
+    assert existing_plan(gguf) == str(d / "model-ctx4096.plan") and existing_plan(gguf, 2) is None
+    (d / "model-ctx4096-s8.plan").write_bytes(b"")
+    assert existing_plan(gguf, 8) == existing_plan(gguf, 2) == str(d / "model-ctx4096-s8.plan")
+    assert existing_plan(gguf, 9) is None

@@ -242,7 +242,7 @@ def cmd_engine(a):
     from .trt.engine import build_engine
 
     summary = build_engine(a.onnx_dir, a.output, max_context=a.max_context, max_batch_tokens=a.max_batch_tokens,
-                           timing_cache=a.timing_cache)
+                           timing_cache=a.timing_cache, n_slots=a.slots)
     print(json.dumps(summary, indent=1))
 
 
@@ -331,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", default="out/model.plan", help="plan file to write")
     s.add_argument("--max-context", type=int, default=4096, help="KV cache length the plan serves")
     s.add_argument("--max-batch-tokens", type=int, default=512, help="most tokens in one step")
+    s.add_argument("--slots", type=int, default=1, help="KV-cache slots: sequences served at once (qtrt serve)")
     s.add_argument("--timing-cache", default="out/timing.cache", help="TensorRT timing cache file")
 
     s = add("bench", cmd_bench, "decode tokens/s on the GPU against the measured bandwidth roofline")

@@ -111,11 +111,15 @@ def trt_cache_dir(gguf_path):
     return g.with_name(g.stem + ".trt")
 
 
-def existing_plan(gguf_path) -> str | None:
-    """A TensorRT plan for this model: $QTRT_PLAN, or one `qtrt`'s TensorRT backend built beside the GGUF."""
+def existing_plan(gguf_path, n_slots: int = 1) -> str | None:
+    """A TensorRT plan for this model: $QTRT_PLAN, or one `qtrt`'s TensorRT backend built beside the GGUF with at
+    least n_slots KV-cache slots (model-ctx<C>.plan: one; model-ctx<C>-s<n>.plan: n)."""
+    import re
+
     if os.environ.get("QTRT_PLAN"):
         return os.environ["QTRT_PLAN"]
-    plans = sorted(trt_cache_dir(gguf_path).glob("model-ctx*.plan"))
+    plans = [p for p in sorted(trt_cache_dir(gguf_path).glob("model-ctx*.plan"))
+             if int((re.search(r"-s(\d+)\.plan$", p.name) or [None, 1])[1]) >= n_slots]
     return str(plans[-1]) if plans else None
 
 
@@ -258,13 +262,11 @@ class Decoder:
 
             self.backend = CudaBackend(self.model, self.max_context, n_slots=slots, progress=progress, prepare=True,
                                        prepare_sampled=sampled)
-        elif slots > 1:
-            raise UserError(f"--slots {slots}: the tensorrt backend runs one sequence at a time; use --backend cuda "
-                            "(the same kernels) to serve several")
         else:
             from .trt.runtime import TensorRTBackend
 
-            self.backend = TensorRTBackend(self.model, self.max_context, plan=existing_plan(self.model.path))
+            self.backend = TensorRTBackend(self.model, self.max_context, plan=existing_plan(self.model.path, slots),
+                                           n_slots=slots)
         self.backend_reason = reason
         self.cached_ids = []
         return self

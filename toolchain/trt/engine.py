@@ -140,6 +140,8 @@ def build_engine(onnx_dir, plan_path, max_context: int, max_batch_tokens: int, t
         raise UserError(f"--max-context {max_context}: must be at least 2")
     if max_batch_tokens < 1:
         raise UserError(f"--max-batch-tokens {max_batch_tokens}: must be at least 1")
+    if n_slots < 1:
+        raise UserError(f"--slots {n_slots}: must be at least 1")
     trt = import_tensorrt()
     from .plugins import register_all
 

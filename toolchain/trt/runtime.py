@@ -15,7 +15,7 @@ import numpy as np
 
 from . import import_tensorrt
 from .shape_rules import CACHE_PREFIXES, TOKEN_INPUTS
-from ..errors import UserError, check_token_ids
+from ..errors import UserError, check_range, check_token_ids
 
 
 def device_ptr(x) -> int | None:
@@ -120,6 +120,7 @@ class TensorRTRunner:
                     c.set_input_shape(n, self.shape[n])
         caches = [n for n in self.inputs if n.startswith(CACHE_PREFIXES)]
         self.max_context = self.shape[caches[0]][2] if caches else None
+        self.n_slots = self.shape[caches[0]][0] if caches else 1  # caches [n_slots, kv_heads, max_seq, head_dim]
         self.use_graph = use_graph
         self.graph = None
         self._cur_m = [None] * n_prof
@@ -297,26 +298,35 @@ class _Bound:
 
 
 class TensorRTBackend:
-    """The decoder's backend interface (reset / forward(ids) -> last logits) over a TensorRTRunner.
+    """The decoder's backend interfaces over a TensorRTRunner: one sequence (reset / forward(ids) -> last logits /
+    greedy) and the engine's steps of tokens from any slots (step), as the cpu backend's.
 
-    The plan: `plan`, else $QTRT_PLAN, else <gguf dir>/<stem>.trt/model-ctx<max_context>.plan, exported and built
-    on first use (minutes) and reused while newer than the GGUF.
+    The plan: `plan`, else $QTRT_PLAN, else <gguf dir>/<stem>.trt/model-ctx<max_context>[-s<n_slots>].plan, exported
+    and built on first use (minutes) and reused while newer than the GGUF.
     """
 
     name = "tensorrt"
 
-    def __init__(self, model, max_context: int, plan=None, max_batch_tokens: int = 512):
-        plan = plan or os.environ.get("QTRT_PLAN") or self._build(model, max_context, max_batch_tokens)
+    def __init__(self, model, max_context: int, plan=None, max_batch_tokens: int = 512, n_slots: int = 1):
+        plan = plan or os.environ.get("QTRT_PLAN") or self._build(model, max_context, max_batch_tokens, n_slots)
         self.runner = TensorRTRunner(plan)
         if self.runner.max_context is not None and self.runner.max_context < max_context:
             raise UserError(f"{plan}: built for a context of {self.runner.max_context}, below --max-context "
                             f"{max_context}; rebuild with `qtrt engine --max-context {max_context}`")
+        if self.runner.n_slots < n_slots:
+            raise UserError(f"{plan}: built with {self.runner.n_slots} KV-cache slot(s), below --slots {n_slots}; "
+                            f"rebuild with `qtrt engine --slots {n_slots}`")
         self.max_context = max_context
+        self.n_slots = self.runner.n_slots
         self.vocab = model.config.vocab
         self.reset()
 
     @staticmethod
-    def _build(model, max_context, max_batch_tokens) -> str:
+    def plan_name(max_context: int, n_slots: int = 1) -> str:
+        return f"model-ctx{max_context}" + (f"-s{n_slots}" if n_slots > 1 else "") + ".plan"
+
+    @staticmethod
+    def _build(model, max_context, max_batch_tokens, n_slots=1) -> str:
         from ..export import export_model
         from .engine import build_engine
 
@@ -324,12 +334,13 @@ class TensorRTBackend:
 
         gguf = Path(model.path)
         root = trt_cache_dir(gguf)
-        plan = root / f"model-ctx{max_context}.plan"
+        plan = root / TensorRTBackend.plan_name(max_context, n_slots)
         if not plan.is_file() or plan.stat().st_mtime < gguf.stat().st_mtime:
             made = not root.exists()
             try:
                 export_model(str(gguf), str(root / "onnx"))
-                build_engine(root / "onnx", plan, max_context, max_batch_tokens, timing_cache=root / "timing.cache")
+                build_engine(root / "onnx", plan, max_context, max_batch_tokens, timing_cache=root / "timing.cache",
+                             n_slots=n_slots)
             except BaseException:
                 if made:  # a failed build leaves nothing behind (only what this call created is removed)
                     import shutil
@@ -353,6 +364,27 @@ class TensorRTBackend:
             logits = out["logits"][-1]
             self.pos += len(chunk)
         return logits
+
+    def step(self, ids, positions, slots, rows=None) -> np.ndarray:
+        """One step of tokens from any slots (toolchain/engine.py; CpuBackend.step's contract): each token at its own
+        slot and position, in plan-sized pieces. Returns the logits of `rows` (default all), [len(rows), vocab].
+        Ids, slots and positions are checked here: no kernel gets one outside its tensors."""
+        ids = np.asarray(check_token_ids(ids, self.vocab), np.int32).reshape(-1)
+        positions = np.asarray([int(p) for p in positions], np.int32)
+        slots = np.asarray([int(s) for s in slots], np.int32)
+        check_range(slots.tolist(), self.n_slots, "slot")
+        check_range(positions.tolist(), self.max_context, "position")
+        order = list(range(len(ids))) if rows is None else [int(r) for r in rows]
+        out = np.zeros((len(order), self.vocab), np.float32)
+        where = {r: k for k, r in enumerate(order)}
+        step = self.runner.max_batch_tokens
+        for s in range(0, len(ids), step):
+            got = self.runner.infer({"token_ids": ids[s:s + step], "positions": positions[s:s + step],
+                                     "slots": slots[s:s + step]}, outputs=["logits"])["logits"]
+            for j in range(len(got)):
+                if s + j in where:
+                    out[where[s + j]] = got[j]
+        return out
 
     def greedy(self, first_token: int, n: int):
         """Yield n greedy tokens after `first_token`; after the first step the captured graph advances token and
