@@ -5,6 +5,7 @@
 # the cuda backend; time to first token against LLAMA_CLI="<llama.cpp command template>", scripts/ttft.py).
 # Logs and JSON go to $OUT (the device tool brings that folder back). STAGES="tests bench" runs a subset;
 # TESTS="tests/x.py ..." narrows the tests stage; STAGES=tuning times the decode tunings (scripts/decode_tuning.py).
+# STAGES=prefill: `qtrt generate` of a ~500- and a ~3,000-token prompt, --batch-size 64 vs 512 (first-token time).
 # STAGES=usergen: `qtrt generate` greedy vs sampled in turn, 400 tokens, ROUNDS=5, with the real 1.5B (issue 14's ratio
 # on the user path).
 # STAGES=sampler: the device sampler's time and phases by logits shape and settings (scripts/sampler_phases.py;
@@ -56,6 +57,27 @@ summary = {"runs": runs, "best_tok_s": best, "sampled_vs_greedy": round(best["sa
 json.dump(summary, open(out, "w"), indent=1)
 print("sampled / greedy: best of each", summary["sampled_vs_greedy"], "pairs", summary["pairs"])
 USERGEN
+    ;;
+    prefill) run prefill python3 - "$QTRT_MODELS_DIR/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf" "$OUT/prefill.json" <<'PREFILL'
+import json, os, subprocess, sys, tempfile  # the user path's prefill: qtrt generate of a long prompt, by --batch-size
+model, out = sys.argv[1:]
+code = "".join(open(os.path.join("toolchain", n)).read() for n in sorted(os.listdir("toolchain")) if n.endswith(".py"))
+rows = []
+for chars in (2000, 12000):
+    path = os.path.join(tempfile.mkdtemp(), "prompt.txt")
+    open(path, "w").write(code[:chars])
+    for b in (64, 512):
+        best = None
+        for _ in range(3):
+            r = json.loads(subprocess.run([sys.executable, "-m", "toolchain.cli", "generate", "--model", model,
+                                           "--backend", "cuda", "--file", path, "--max-new-tokens", "1", "--json",
+                                           "--batch-size", str(b)], capture_output=True, text=True, check=True).stdout)
+            best = r["prefill_s"] if best is None else min(best, r["prefill_s"])
+        n = len(r["prompt_ids"])
+        rows.append({"prompt_tokens": n, "batch_size": b, "prefill_s": round(best, 4), "tok_s": round(n / best, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+json.dump(rows, open(out, "w"), indent=1)
+PREFILL
     ;;
     tuning) run tuning python3 scripts/decode_tuning.py ${TUNING_ARGS:-} ;;
     bench) run bench python3 -m toolchain.cli bench -o "$OUT" ${BENCH_ARGS:-} ;;

@@ -130,10 +130,19 @@ def test_tensorrt_backend_without_tensorrt_writes_nothing(tiny, tmp_path):
                                        (("--prompt", "x", "--backend", "gpu"), "--backend"),
                                        (("--prompt", "x", "--max-context", "0"), "--max-context"),
                                        (("--prompt", "x", "--top-p", "0"), "--top-p"),
+                                       (("--prompt", "x", "--batch-size", "16"), "--batch-size"),
                                        ((), "--prompt"), (("--prompt", "x", "--file", "y"), "exactly one")])
 def test_arguments_are_checked_before_the_model(args, word, tmp_path):
     """The model path does not exist: an argument error that names the argument was found first."""
     r = qtrt("generate", "--model", tmp_path / "absent.gguf", *args)
+    assert_user_error(r, word)
+    assert "absent.gguf" not in r.stderr
+
+
+@pytest.mark.parametrize("args,word", [(("--batch-size", "9000"), "--batch-size"),
+                                       (("--slots", "64", "--batch-size", "64"), "--slots 64")])
+def test_serve_arguments_are_checked_before_the_model(args, word, tmp_path):
+    r = qtrt("serve", "--model", tmp_path / "absent.gguf", "--port", "1", *args)
     assert_user_error(r, word)
     assert "absent.gguf" not in r.stderr
 

@@ -99,6 +99,25 @@ def test_prefix_reuse_keeps_whole_chunks_and_changes_nothing(tiny):
     assert second.ids == _alone(tiny, follow, Params(max_tokens=6))[0]
 
 
+def test_larger_chunks_still_reuse_multiples_of_32(tiny):
+    """A device backend's chunks (256 there; 64 here, on the cpu reference): prefix reuse keeps multiples of 32
+    tokens, not of the chunk; the reused request then gets the tokens it gets alone (pieces differ there, so this
+    compares greedy tokens of a random tiny model: equal unless a near-tie)."""
+    rng = np.random.default_rng()
+    base = list(map(int, rng.integers(0, TINY["vocab"], 110)))
+    dec = Decoder.open(str(tiny), CTX)
+    dec.backend = CpuBackend(dec.model, CTX, n_slots=1)
+    eng = Engine(dec, slots=1, prefill_chunk=64, max_rows=128)
+    try:
+        assert eng.scheduler.prefill_chunk == 64
+        (first,) = eng.generate_many([base], Params(max_tokens=3))
+        (second,) = eng.generate_many([base[:100] + [1, 2, 3]], Params(max_tokens=6))
+    finally:
+        eng.close()
+    assert second.stats["reused_tokens"] == 96  # 100 shared tokens: three multiples of 32 (one chunk of 64 before)
+    assert second.ids == _alone(tiny, base[:100] + [1, 2, 3], Params(max_tokens=6))[0]
+
+
 def test_more_requests_than_slots_wait_in_the_queue(tiny):
     eng = _engine(tiny, slots=1)
     try:

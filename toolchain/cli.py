@@ -113,11 +113,17 @@ def _check_common(a):
         raise UserError(f"--max-new-tokens {a.max_new_tokens}: must be at least 1")
     if a.max_context is not None and a.max_context < 2:
         raise UserError(f"--max-context {a.max_context}: must be at least 2 (the model's context length at most)")
+    _check_batch_size(a)
     if a.system is not None:
         a.system = _utf8(a.system, "--system")
     for s in a.stop:
         _utf8(s, "--stop")
     return _sampling(a)
+
+
+def _check_batch_size(a):
+    if not 32 <= a.batch_size <= 8192:
+        raise UserError(f"--batch-size {a.batch_size}: must be between 32 and 8192 tokens")
 
 
 def _open_decoder(a, progress, prompt_check=None, slots: int = 1):
@@ -137,7 +143,7 @@ def _open_decoder(a, progress, prompt_check=None, slots: int = 1):
     penalized = getattr(a, "repeat_penalty", 1) != 1 or getattr(a, "presence_penalty", 0) != 0 \
         or getattr(a, "frequency_penalty", 0) != 0
     sampled = Tail(penalties=penalized) if getattr(a, "temperature", 0) > 0 or penalized else None
-    dec.start_backend(backend, progress, why, slots=slots, sampled=sampled)
+    dec.start_backend(backend, progress, why, slots=slots, sampled=sampled, batch_size=a.batch_size)
     return dec, result
 
 
@@ -210,6 +216,9 @@ def cmd_serve(a):
         raise UserError(f"--max-tokens-limit {a.max_tokens_limit}: must be at least 1")
     if a.max_context is not None and a.max_context < 2:
         raise UserError(f"--max-context {a.max_context}: must be at least 2")
+    _check_batch_size(a)
+    if a.slots >= a.batch_size:
+        raise UserError(f"--slots {a.slots}: a step holds --batch-size {a.batch_size} tokens; use fewer slots")
     sock = bind(a.host, a.port)
     try:
         dec, _ = _open_decoder(a, Progress(False if a.quiet else None), slots=a.slots)
@@ -252,12 +261,21 @@ def cmd_bench(a):
     run_bench(a)
 
 
+def _batch_size_option(s):
+    from .decoder import BATCH_SIZE
+
+    s.add_argument("-b", "--batch-size", type=int, default=BATCH_SIZE,
+                   help="most tokens in one step on the GPU: prompts are prefilled in pieces of this size "
+                        f"(default {BATCH_SIZE})")
+
+
 def _generation_options(s, max_new_tokens: int):
     s.add_argument("--model", help="GGUF path or known model name (default: qwen2.5-coder-1.5b, fetched if missing)")
     s.add_argument("--system", help="system message (implies the chat template)")
     s.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
                    help="most new tokens per answer; generation also stops at the end of the context")
     s.add_argument("--max-context", type=int, help="KV cache length in tokens (default: min(4096, the model's))")
+    _batch_size_option(s)
     s.add_argument("--temperature", type=float, default=0.0,
                    help="0 = greedy; sampling runs on the GPU too (cuda backend)")
     s.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
@@ -316,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000, help="TCP port")
     s.add_argument("--slots", type=int, default=4, help="sequences served at once (each with its own KV cache)")
     s.add_argument("--max-context", type=int, help="KV cache length per slot (default: min(4096, the model's))")
+    _batch_size_option(s)
     s.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
     s.add_argument("--api-key", help="require this key (Authorization: Bearer KEY or X-Api-Key)")
     s.add_argument("--quiet", action="store_true", help="no start-up progress or banner on stderr")

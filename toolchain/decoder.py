@@ -103,6 +103,13 @@ class CpuBackend:
 BACKENDS = ("cpu", "cuda", "tensorrt")
 
 
+# The cuda backend's most tokens in one step (its activation buffers are sized for it: ~0.6 GB at 512 with Qwen's
+# vocabulary, mostly the logits): a prompt is prefilled in pieces of this size. Each step of 32 or more tokens is
+# launched op by op (~370 launches, ~6 ms of the host's time), so pieces of 64 left a long prompt launch-bound
+# (4,300 tok/s for 3k tokens, issue 15); 512 is llama.cpp's ubatch.
+BATCH_SIZE = 512
+
+
 def trt_cache_dir(gguf_path):
     """Where the tensorrt backend keeps the export and plan it builds for a GGUF: <gguf dir>/<stem>.trt/ (a Path)."""
     from pathlib import Path
@@ -246,11 +253,12 @@ class Decoder:
         return dec
 
     def start_backend(self, backend: str = "auto", progress=None, why: str | None = None,
-                      slots: int = 1, sampled=None) -> "Decoder":
+                      slots: int = 1, sampled=None, batch_size: int = BATCH_SIZE) -> "Decoder":
         """Build the backend (`auto` or a name; choose_backend's error if it cannot run here) with `slots` KV-cache
         slots (sequences at once, toolchain/engine.py). `why`: the reason of an earlier choose_backend call that
         already picked `backend`. `sampled`: the caller will sample with these passes of the device sampler (a
-        sampling.Tail; cuda: that step is captured now, not at the second token)."""
+        sampling.Tail; cuda: that step is captured now, not at the second token). `batch_size`: the most tokens
+        of one step on the cuda backend (llama.cpp's --batch-size): a prompt is prefilled in pieces of this size."""
         from .progress import quiet
 
         progress = progress or quiet()
@@ -261,7 +269,7 @@ class Decoder:
             from .cuda_backend import CudaBackend
 
             self.backend = CudaBackend(self.model, self.max_context, n_slots=slots, progress=progress, prepare=True,
-                                       prepare_sampled=sampled)
+                                       prepare_sampled=sampled, max_tokens=batch_size)
         else:
             from .trt.runtime import TensorRTBackend
 

@@ -8,8 +8,9 @@
 Three parts, as in vLLM and llama-server (docs: ../shared/docs/serving.md):
 - `Scheduler.schedule()` only decides which tokens run next: one decode row per generating request first, then prompt
   chunks of prefilling requests in the remaining row budget (a long prompt advances at most `prefill_chunk` tokens a
-  step, so it never stalls running streams for more than one chunk). Chunks start at multiples of `prefill_chunk`
-  and prefix reuse keeps whole chunks, so a prompt is computed in the same pieces whatever else runs.
+  step, so it never stalls running streams for more than one chunk). Chunks end at multiples of `prefill_chunk` and
+  prefix reuse keeps multiples of REUSE_ALIGN tokens, so past its reused part a prompt is computed in the same
+  pieces whatever else runs.
 - `Engine` owns requests, slots and the loop (a thread): it admits requests into free slots (the slot whose cached
   tokens share the longest prefix with the prompt, llama.cpp's prompt cache: those tokens are not recomputed), runs
   the step on the backend, samples, retires requests (stop token, max_tokens, context end, abort) and frees their slots.
@@ -128,6 +129,15 @@ def _tail(rows: list[Row]) -> Tail | None:
     return Tail.of((r.request.params.sampling, r.request.params.logprobs is not None) for r in rows)
 
 
+# Prompt chunks. Prefix reuse keeps multiples of REUSE_ALIGN tokens; a chunk runs up to the next multiple of the
+# chunk size, so a prompt is computed in the same pieces whatever else runs once past its reused part (on the cpu
+# reference, where both are 32, exactly those it gets alone: the bit-exact concurrency test). Device backends take
+# larger chunks: their steps of 32 or more tokens are launched op by op (~6 ms of the host's time each), so a prompt
+# in pieces of 32 was launch-bound; a chunk of 256 stalls the running streams for one step of ~10 ms.
+REUSE_ALIGN = 32
+DEVICE_PREFILL_CHUNK = 256
+
+
 class Scheduler:
     """Which tokens run in the next step (and nothing else)."""
 
@@ -155,7 +165,7 @@ class Scheduler:
 
 
 class Engine:
-    def __init__(self, decoder, slots: int = 4, prefill_chunk: int = 32, max_rows: int | None = None):
+    def __init__(self, decoder, slots: int = 4, prefill_chunk: int | None = None, max_rows: int | None = None):
         be = decoder.backend
         if not hasattr(be, "step"):
             raise UserError(f"the {be.name} backend runs one sequence at a time: serve with --backend cuda or cpu")
@@ -173,6 +183,7 @@ class Engine:
         if slots >= max_rows:
             raise UserError(f"--slots {slots}: a step holds {max_rows} tokens; use fewer slots")
         # a whole chunk always fits beside one decode row per slot: no prompt can starve
+        prefill_chunk = prefill_chunk or (REUSE_ALIGN if be.name == "cpu" else DEVICE_PREFILL_CHUNK)
         self.scheduler = Scheduler(max_rows, max(1, min(prefill_chunk, max_rows - slots)))
         self.slot_tokens: list[list[int]] = [[] for _ in range(slots)]  # what each slot's cache holds
         self.slot_owner: list[Request | None] = [None] * slots
@@ -281,10 +292,11 @@ class Engine:
                 return
             r = self.waiting.pop(0)
             best = max(free, key=lambda s: _common_prefix(self.slot_tokens[s], r.prompt))
-            # reuse whole chunks only (their cache rows were computed in exactly the pieces this prompt would use),
-            # and leave at least one token to compute: its logits give the first new token
-            chunk = self.scheduler.prefill_chunk
-            keep = min(_common_prefix(self.slot_tokens[best], r.prompt), len(r.prompt) - 1) // chunk * chunk
+            # reuse multiples of REUSE_ALIGN only (on the cpu reference whole chunks: their cache rows were computed
+            # in exactly the pieces this prompt would use), and leave at least one token to compute: its logits
+            # give the first new token
+            align = min(REUSE_ALIGN, self.scheduler.prefill_chunk)
+            keep = min(_common_prefix(self.slot_tokens[best], r.prompt), len(r.prompt) - 1) // align * align
             r.slot, r.computed, r.reused = best, keep, keep
             self.slot_owner[best] = r
             self.slot_tokens[best] = r.prompt[:keep]
