@@ -763,7 +763,7 @@ def test_the_engine_runs_on_the_tensorrt_backend(synth_gguf, monkeypatch):
     prompts = [[int(50 + i)] + list(map(int, rng.integers(0, TINY["vocab"], int(n))))
                for i, n in enumerate(rng.integers(3, 40, 5))]
     params = Params(max_tokens=6)
-    eng = Engine(dec, slots=3, prefill_chunk=8)
+    eng = Engine(dec, slots=3, prefill_chunk=8, max_rows=16)  # steps larger than the plan's 5 tokens
     got = [h.ids for h in eng.generate_many(prompts, params)]
     eng.close()
     ref = Decoder.open(path, ctx)

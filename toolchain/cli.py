@@ -265,8 +265,8 @@ def _batch_size_option(s):
     from .decoder import BATCH_SIZE
 
     s.add_argument("-b", "--batch-size", type=int, default=BATCH_SIZE,
-                   help="most tokens in one step on the GPU: prompts are prefilled in pieces of this size "
-                        f"(default {BATCH_SIZE})")
+                   help="most tokens in one step on the GPU: prompts are prefilled in pieces of this size; "
+                        f"GPU memory for activations grows with it (~2.6 GB at 512 for the 1.5B) (default {BATCH_SIZE})")
 
 
 def _generation_options(s, max_new_tokens: int):

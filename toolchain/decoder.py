@@ -103,10 +103,12 @@ class CpuBackend:
 BACKENDS = ("cpu", "cuda", "tensorrt")
 
 
-# The cuda backend's most tokens in one step (its activation buffers are sized for it: ~0.6 GB at 512 with Qwen's
-# vocabulary, mostly the logits): a prompt is prefilled in pieces of this size. Each step of 32 or more tokens is
-# launched op by op (~370 launches, ~6 ms of the host's time), so pieces of 64 left a long prompt launch-bound
-# (4,300 tok/s for 3k tokens, issue 15); 512 is llama.cpp's ubatch.
+# The cuda backend's most tokens in one step: a prompt is prefilled in pieces of this size. Each step of 32 or more
+# tokens is launched op by op (~370 launches, ~6 ms of the host's time), so pieces of 64 left a long prompt
+# launch-bound (4,000 tok/s for 3.5k tokens; 16,000 at 512, bench/results/device-2026-12-05d); 512 is llama.cpp's
+# ubatch. The cost is memory: the activation buffers are sized for it, one per intermediate value of the graphs
+# (5.1 MB a token for the 1.5B: 2.6 GB at 512, 0.3 GB at 64); sharing buffers between values whose lifetimes do not
+# overlap would cut that to a few of them.
 BATCH_SIZE = 512
 
 

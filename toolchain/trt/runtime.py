@@ -318,6 +318,7 @@ class TensorRTBackend:
                             f"rebuild with `qtrt engine --slots {n_slots}`")
         self.max_context = max_context
         self.n_slots = self.runner.n_slots
+        self.max_tokens = self.runner.max_batch_tokens  # the engine's rows per step (step() cuts larger ones)
         self.vocab = model.config.vocab
         self.reset()
 
