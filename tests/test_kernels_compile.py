@@ -227,3 +227,7 @@ def test_nothing_but_weights_before_griddepcontrol_wait(op, defines):
         before.remove(position[0])
     for x in before:
         assert "LDGSTS" in x or "LTC128B" in x, f"{op} {defines}: a load of something else than weights: {x}"
+    # and no kernel writes global memory before the wait: a kernel's writes then follow every earlier kernel's
+    # reads, which lets activations share bytes (the cuda backend's share_activations, toolchain/buffer_plan.py)
+    writes = [x for x in ins[:waits[0]] if re.search(r"\b(STG|ST|RED|ATOM|ATOMG)\.", x)]
+    assert not writes, f"{op} {defines}: global writes before the wait: {writes}"

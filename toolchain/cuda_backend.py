@@ -23,6 +23,10 @@ times the variants):
 - defines ({op: {define: value}}) and pdl_skip (ops launched without PDL): experiments.
 - skip (ops, or parts of node names such as 'down_proj', not launched at all): a timing diagnostic (what a family
   costs inside the step); results are wrong.
+- share_activations: the intermediate values live in one pool, values never alive at the same time sharing bytes
+  (toolchain/buffer_plan.py: 58 MB instead of 2.3 GB for the 1.5B at max_tokens 512). Safe by plugins/pdl.cuh's
+  contract (every kernel writes only after its pdl_wait, so a kernel's writes follow every earlier kernel's reads);
+  off until the GPU suite has run with it.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from . import cuda_runtime as cr
+from . import buffer_plan, cuda_runtime as cr
 from .errors import UserError, check_range, check_token_ids
 from .fusion import fuse
 from .gguf_model import GGUFModel
@@ -51,7 +55,7 @@ GEMM_MIN_M = 32
 HEAD_NODES = ("final_norm", "lm_head", "argmax")
 F32 = np.float32
 TUNING = {"pdl": True, "m1": True, "qmv1": True, "plain": True, "xmerge": True, "defines": {}, "pdl_skip": (),
-          "skip": ()}
+          "skip": (), "share_activations": False}
 
 
 @dataclass
@@ -105,9 +109,7 @@ class CudaBackend:
         # the attention's cluster partials for its consumer (xmerge): one slot per cluster of a kv head
         self.buffers["attn.xpart"] = cr.DeviceBuffer.zeros(
             (c.n_heads // c.n_kv_heads, xmerge_slot_floats(c.n_heads, c.head_dim)), np.float32)
-        for name, (width, dtype) in self.widths.items():
-            if name not in self.buffers:
-                self.buffers[name] = cr.DeviceBuffer.zeros((max_tokens, width), dtype)
+        self._allocate_activations()
         self._modules: dict = {}
         self._plans: dict[int, list[Launch]] = {}
         self._graphs: dict[tuple, object] = {}
@@ -120,6 +122,22 @@ class CudaBackend:
                 self.decode_graph(1)
                 if prepare_sampled:  # the step with the device sampler, before the first token's clock starts
                     self.decode_graph(1, tail=prepare_sampled)
+
+    def _allocate_activations(self):
+        """A buffer of max_tokens rows for every value of the graphs not allocated yet; with the tuning's
+        share_activations, the intermediate ones as views into one pool (toolchain/buffer_plan.py)."""
+        rows = self.max_tokens
+        todo = {n: wd for n, wd in self.widths.items() if n not in self.buffers}
+        sizes = {n: rows * w * np.dtype(d).itemsize for n, (w, d) in todo.items()}
+        offsets = {}
+        if self.tuning["share_activations"]:
+            total, offsets = buffer_plan.share([self.onnx.graph, self.onnx_prefill.graph], sizes)
+            self.buffers["activations"] = pool = cr.DeviceBuffer.zeros((total,), np.uint8)
+            for n, at in offsets.items():
+                self.buffers[n] = cr.DeviceView(pool, at, sizes[n], (rows, todo[n][0]), todo[n][1])
+        for n, (width, dtype) in todo.items():
+            if n not in offsets:  # graph outputs (logits, next_token): read after the step
+                self.buffers[n] = cr.DeviceBuffer.zeros((rows, width), dtype)
 
     # -- planning ---------------------------------------------------------------------------------------------
     def _value_widths(self) -> dict[str, tuple[int, type]]:
