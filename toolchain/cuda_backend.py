@@ -25,11 +25,13 @@ times the variants):
   costs inside the step); results are wrong.
 - share_activations: the intermediate values live in one pool, values never alive at the same time sharing bytes
   (toolchain/buffer_plan.py: 58 MB instead of 2.3 GB for the 1.5B at max_tokens 512). Safe by plugins/pdl.cuh's
-  contract (every kernel writes only after its pdl_wait, so a kernel's writes follow every earlier kernel's reads);
-  off until the GPU suite has run with it.
+  contract (every kernel writes only after its pdl_wait, so a kernel's writes follow every earlier kernel's reads;
+  tests/test_kernels_compile.py checks the SASS); off until the GPU suite has run with it (QTRT_SHARE_ACTIVATIONS=1
+  turns it on: `QTRT_SHARE_ACTIVATIONS=1 STAGES="tests sanitizer" scripts/device_check.sh`).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,7 +57,7 @@ GEMM_MIN_M = 32
 HEAD_NODES = ("final_norm", "lm_head", "argmax")
 F32 = np.float32
 TUNING = {"pdl": True, "m1": True, "qmv1": True, "plain": True, "xmerge": True, "defines": {}, "pdl_skip": (),
-          "skip": (), "share_activations": False}
+          "skip": (), "share_activations": os.environ.get("QTRT_SHARE_ACTIVATIONS") == "1"}
 
 
 @dataclass
