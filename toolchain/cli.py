@@ -261,12 +261,14 @@ def cmd_bench(a):
     run_bench(a)
 
 
-def _batch_size_option(s):
+def _batch_size_option(s, serve: bool = False):
     from .decoder import BATCH_SIZE
 
+    trade = ("; each step holds at most this many tokens, so a smaller value shortens the pause running streams "
+             "see while a long prompt is prefilled" if serve else "")
     s.add_argument("-b", "--batch-size", type=int, default=BATCH_SIZE,
-                   help="most tokens in one step on the GPU: prompts are prefilled in pieces of this size; "
-                        f"GPU memory for activations grows with it (~2.6 GB at 512 for the 1.5B) (default {BATCH_SIZE})")
+                   help="most tokens in one step on the GPU: prompts are prefilled in pieces of this size"
+                        f"{trade}; GPU memory for activations grows with it (~2.6 GB at 512 for the 1.5B)")
 
 
 def _generation_options(s, max_new_tokens: int):
@@ -334,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000, help="TCP port")
     s.add_argument("--slots", type=int, default=4, help="sequences served at once (each with its own KV cache)")
     s.add_argument("--max-context", type=int, help="KV cache length per slot (default: min(4096, the model's))")
-    _batch_size_option(s)
+    _batch_size_option(s, serve=True)
     s.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
     s.add_argument("--api-key", help="require this key (Authorization: Bearer KEY or X-Api-Key)")
     s.add_argument("--quiet", action="store_true", help="no start-up progress or banner on stderr")
