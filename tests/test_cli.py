@@ -169,11 +169,12 @@ def test_backend_choice_without_gpu(tmp_path, monkeypatch):
 FAKE_LLAMA_BENCH = """#!/usr/bin/env python3
 import json, sys
 args = sys.argv[1:]
-assert args[args.index("-o") + 1] == "json" and args[args.index("-p") + 1] == "512"
+assert args[args.index("-o") + 1] == "json"
 if "{fail}" == "1":
     print("ggml_cuda_init: no CUDA devices", file=sys.stderr)
     sys.exit(3)
-rows = [dict(n_prompt=512, n_gen=0, n_depth=0, avg_ts=26000.5), dict(n_prompt=0, n_gen=128, n_depth=0, avg_ts=553.25)]
+rows = [dict(n_prompt=int(p), n_gen=0, n_depth=0, avg_ts=26000.5 + int(p)) for p in args[args.index("-p") + 1].split(",")]
+rows += [dict(n_prompt=0, n_gen=128, n_depth=0, avg_ts=553.25)]
 rows += [dict(n_prompt=0, n_gen=128, n_depth=int(d), avg_ts=496.0) for d in args[args.index("-d") + 1].split(",") if d != "0"]
 print(json.dumps(rows) if "{garbage}" != "1" else "| model | size |")
 """
@@ -191,13 +192,33 @@ def test_llama_bench_side_by_side(tmp_path):
     from toolchain.bench import llama_bench, side_by_side
 
     got = llama_bench(_fake_llama_bench(tmp_path), tmp_path / "m.gguf")
-    assert got == {"pp512": 26000.5, "tg128": 553.25, "tg128@d4096": 496.0}
+    assert got == {"pp512": 26512.5, "tg128": 553.25, "tg128@d4096": 496.0}
     results = {"llama_bench": got, "prefill": [{"graph": "fused", "m": 512, "tok_s": 33000.0}],
                "decode": [{"graph": "fused", "context": 128, "tok_s": 1100.0},
                           {"graph": "fused", "context": 4096, "tok_s": 992.0},
                           {"graph": "unfused", "context": 128, "tok_s": 700.0}]}
     lines = side_by_side(results)
     assert len(lines) == 3 and "1.99x" in lines[1] and "2.00x" in lines[2] and lines[0].split()[0] == "pp512"
+
+
+def test_llama_bench_prompts_are_compared_on_the_user_path(tmp_path):
+    """--prompts: llama-bench runs pp of each length; our figure for ppN is the whole prompt through qtrt generate's
+    path (results['prompts']) where timed, not the one-step prefill."""
+    from toolchain.bench import llama_bench, side_by_side
+
+    got = llama_bench(_fake_llama_bench(tmp_path), tmp_path / "m.gguf", prompts=(512, 4096, 16384))
+    assert {k: v for k, v in got.items() if k.startswith("pp")} == {"pp512": 26512.5, "pp4096": 30096.5,
+                                                                      "pp16384": 42384.5}
+    results = {"llama_bench": got, "decode": [], "prefill": [{"graph": "fused", "m": 512, "tok_s": 33000.0}],
+               "prompts": [{"tokens": 512, "tok_s": 13256.25}, {"tokens": 4096, "tok_s": 15048.25}]}
+    lines = {line.split()[0]: line for line in side_by_side(results)}
+    assert sorted(lines) == ["pp4096", "pp512"] and "0.50x" in lines["pp512"] and "0.50x" in lines["pp4096"]
+
+
+@pytest.mark.parametrize("args,flag", [(("--prompts", "512,x"), "--prompts"), (("--batches", "0"), "--batches"),
+                                       (("--contexts", ""), "--contexts")])
+def test_bench_sizes_are_checked_before_the_gpu(args, flag):
+    assert_user_error(qtrt("bench", *args), flag)
 
 
 @pytest.mark.parametrize("case,words", [("missing", "no llama-bench executable"), ("fail", "exited with 3"),

@@ -112,6 +112,20 @@ def time_decode(be, ctx: int, m: int, tokens: int, cr, sampling=None) -> float:
     return ms / 1e3 / tokens
 
 
+def time_prompt(be, n: int, cr, reps: int = 3) -> float:
+    """Seconds to the first token's logits of an n-token prompt through the path `qtrt generate` takes
+    (CudaBackend.forward: pieces of its max_tokens, slot 0 from position 0), best of reps."""
+    ids = np.random.default_rng(n).integers(0, be.cfg.vocab, n).tolist()
+    best = float("inf")
+    for _ in range(reps):
+        be.reset(0)
+        be.stream.synchronize()
+        t0 = time.perf_counter()
+        be.forward(ids)  # reads the last logits: the prefill has finished when it returns
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def time_prefill(be, m: int, cr, reps: int = 5) -> float:
     """Seconds for one prompt prefill step of m tokens (slot 0, positions 0..m-1), head on the last token only."""
     be._set_inputs(np.zeros(m, np.int32), np.arange(m), np.zeros(m))
@@ -143,11 +157,12 @@ def check_llama_bench(path: str):
         raise UserError(f"{path}: no llama-bench executable there; pass the path of a built llama-bench binary")
 
 
-def llama_bench(path: str, gguf: str, depths=(0, 4096)) -> dict:
-    """Run a llama-bench binary on the same GGUF (pp512, tg128 at each depth; its JSON output) and return
-    {"pp512": tok/s, "tg128": tok/s, "tg128@d4096": tok/s, ...}."""
+def llama_bench(path: str, gguf: str, depths=(0, 4096), prompts=(512,)) -> dict:
+    """Run a llama-bench binary on the same GGUF (pp of each prompt length and tg128, at each depth; its JSON output)
+    and return {"pp512": tok/s, "pp4096": tok/s, "tg128": tok/s, "tg128@d4096": tok/s, ...}."""
     check_llama_bench(path)
-    cmd = [path, "-m", str(gguf), "-p", "512", "-n", "128", "-d", ",".join(map(str, depths)), "-fa", "on", "-o", "json"]
+    cmd = [path, "-m", str(gguf), "-p", ",".join(map(str, prompts)), "-n", "128", "-d", ",".join(map(str, depths)),
+           "-fa", "on", "-o", "json"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["no output"])[-1]
@@ -167,22 +182,34 @@ def side_by_side(results: dict) -> list[str]:
     lb = results.get("llama_bench", {})
     ours = {tg_name(r["context"]): r["tok_s"] for r in results["decode"] if r["graph"] == "fused"}
     ours |= {f"pp{r['m']}": r["tok_s"] for r in results.get("prefill", []) if r["graph"] == "fused"}
+    ours |= {f"pp{r['tokens']}": r["tok_s"] for r in results.get("prompts", [])}  # the user path, where timed
     return [f"  {k:14s} qwen-trt {ours[k]:9.1f} tok/s   llama.cpp {v:9.1f} tok/s   {ours[k] / v:.2f}x"
             for k, v in lb.items() if k in ours]
+
+
+def sizes_arg(text: str, flag: str) -> list[int]:
+    """A comma-separated list of positive sizes from the command line (one-line error otherwise)."""
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        raise UserError(f"{flag} {text!r}: give positive whole numbers separated by commas, e.g. 512,4096")
+    return out
 
 
 def run_bench(a):
     from . import cuda_runtime as cr
 
+    contexts, batches = sizes_arg(a.contexts, "--contexts"), sizes_arg(a.batches, "--batches")
+    prompts = sizes_arg(a.prompts, "--prompts") if getattr(a, "prompts", "") else []
     if getattr(a, "compare_llama_bench", None):
         check_llama_bench(a.compare_llama_bench)  # before the GPU work, not after it
     if not cr.gpu_available():
         raise UserError("qtrt bench needs an NVIDIA GPU with cuda-python (pip install 'qwen-trt[cuda]')")
-    from .cuda_backend import CudaBackend
+    from .cuda_backend import GEMM_MIN_M, CudaBackend
 
     pp_anchor = LLAMA_CPP_ANCHORS["pp512"]
-    contexts = [int(x) for x in a.contexts.split(",")]
-    batches = [int(x) for x in a.batches.split(",")]
     workdir = Path(os.environ.get("QTRT_BENCH_DIR", tempfile.gettempdir()))
     model = load_model(a.model, workdir)
     cr.init()
@@ -194,7 +221,7 @@ def run_bench(a):
                            "llama.cpp tg128 @4096 tok/s": LLAMA_CPP_ANCHORS["tg128@d4096"],
                            "llama.cpp pp512 tok/s": LLAMA_CPP_ANCHORS["pp512"]},
                "decode": [], "batched": [], "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    max_ctx = max(contexts + [a.prefill]) + a.tokens + 8
+    max_ctx = max(contexts + [a.prefill] + prompts) + a.tokens + 8
     modes = (True, False)  # fused graph first: it is what the decoder runs
     for fused in modes:
         be = CudaBackend(model, max_context=max_ctx, n_slots=max(batches), max_tokens=max(batches + [a.prefill]),
@@ -205,6 +232,16 @@ def run_bench(a):
                                                   "vs_llama_cpp_pp512": round(a.prefill / s / pp_anchor, 2)})
         print(f"{'fused' if fused else 'unfused':8s} prefill {a.prefill}: {a.prefill / s:9.1f} tok/s "
               f"({s * 1e3:.2f} ms, {a.prefill / s / pp_anchor:.2f}x llama.cpp pp512)")
+        if fused == modes[0]:  # the user path: a whole prompt to its first token's logits, in pieces of a step
+            for n in prompts:
+                s = time_prompt(be, n, cr)
+                results.setdefault("prompts", []).append({"tokens": n, "pieces_of": be.max_tokens,
+                                                          "s": round(s, 4), "tok_s": round(n / s, 1)})
+                print(f"prompt of {n:6d} tokens to its first token: {s * 1e3:8.1f} ms, {n / s:9.1f} tok/s "
+                      f"(pieces of {be.max_tokens})")
+            results["crossover"] = {"matvec_decode_below_m": GEMM_MIN_M, "tensor_core_gemm_from_m": GEMM_MIN_M}
+            print(f"kernels by step size: m < {GEMM_MIN_M} the decode matvec cores, m >= {GEMM_MIN_M} the tensor-core "
+                  "GEMMs (toolchain/cuda_backend.py GEMM_MIN_M)")
         for ctx in contexts:
             if fused:  # greedy and sampled steps alternate: the GPU's clock drifts by ~2% between runs; a first
                 from .sampling import Sampling  # pair warms both (it ran ~1% low, bench/results/device-2026-12-05d)
@@ -252,7 +289,8 @@ def run_bench(a):
                 print(f"batched m={m:2d}: {m / s:9.1f} tok/s aggregate ({s * 1e6:.1f} us/step)")
         be.close()
     if getattr(a, "compare_llama_bench", None):
-        results["llama_bench"] = llama_bench(a.compare_llama_bench, model.path)
+        results["llama_bench"] = llama_bench(a.compare_llama_bench, model.path,
+                                             prompts=sorted(set([a.prefill] + prompts)))
         print("side by side, same GGUF, same GPU, same run:\n" + "\n".join(side_by_side(results)))
     print(f"copy bandwidth {results['copy_bandwidth_GBps']} GB/s on {results['device']}")
     per_ctx = results["kernels_us_per_token"]["fused" if modes[0] else "unfused"]

@@ -361,7 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--contexts", default="128,1024,4096", help="decode contexts to time (comma-separated)")
     s.add_argument("--batches", default="1", help="batched decode sizes m (comma-separated)")
     s.add_argument("--tokens", type=int, default=128, help="decode steps timed per context")
-    s.add_argument("--prefill", type=int, default=512, help="prompt length of the prefill measurement")
+    s.add_argument("--prefill", type=int, default=512, help="tokens of the one prefill step timed")
+    s.add_argument("--prompts", default="512,4096,16384",
+                   help="prompt lengths timed to their first token through qtrt generate's path, in pieces of the "
+                        "largest step (comma-separated; '' for none)")
     s.add_argument("--compare-llama-bench", metavar="PATH", help="also run this llama-bench binary on the same GGUF")
     s.add_argument("-o", "--output", default="bench/results", help="directory for the JSON and the plot")
     return p
