@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .sampling import Tail
+from .sampling import Sampling, Tail
 
 
 # llama.cpp on the lent H100 with the 1.5B Q4_K_M layout (issue 6), named as llama_bench() names its results
@@ -244,8 +244,7 @@ def run_bench(a):
                   "GEMMs (toolchain/cuda_backend.py GEMM_MIN_M)")
         for ctx in contexts:
             if fused:  # greedy and sampled steps alternate: the GPU's clock drifts by ~2% between runs; a first
-                from .sampling import Sampling  # pair warms both (it ran ~1% low, bench/results/device-2026-12-05d)
-
+                # pair warms both (it ran ~1% low, bench/results/device-2026-12-05d)
                 pairs = [(time_decode(be, ctx, 1, a.tokens, cr), time_decode(be, ctx, 1, a.tokens, cr,
                                                                               Sampling(**SAMPLED)))
                          for _ in range(SAMPLED_ROUNDS + 1)][1:]

@@ -6,7 +6,7 @@ of the fused decode graph and the unfused prefill graph is 5.1 MB a token for th
 a value is alive only from the node that writes it to the last node that reads it, a few nodes of one layer. Both
 graphs run on one stream, one at a time, each in node order (a plan's extra launches sit at their node's place), so
 two values may share bytes unless their lifetimes overlap in either graph. First fit, largest first, over that
-conflict relation; `check` verifies a layout by walking the graphs, independently of how it was made.
+conflict relation (tests/test_buffer_plan.py verifies layouts by executing the graphs on a model of memory).
 
 What must never share: graph inputs and outputs (the step's inputs, the KV caches, logits and next_token, read by
 the host, the sampler and the next step) and anything in `keep`.
@@ -57,13 +57,3 @@ def share(graphs, sizes: dict[str, int], keep=()) -> tuple[int, dict[str, int]]:
         offsets[v] = at
     return max((offsets[v] + sizes[v] for v in offsets), default=0), offsets
 
-
-def check(graphs, sizes: dict[str, int], offsets: dict[str, int]) -> None:
-    """Walk each graph in node order: at every node, the values alive there (written before and read at or after
-    it, its own outputs included) occupy disjoint bytes. Raises AssertionError naming the first clash."""
-    for g in graphs:
-        life = {v: s for v, s in lifetimes(g).items() if v in offsets}
-        for n, node in enumerate(g.node):
-            alive = sorted((offsets[v], offsets[v] + sizes[v], v) for v, (a, b) in life.items() if a <= n <= b)
-            for (lo1, hi1, v1), (lo2, hi2, v2) in zip(alive, alive[1:]):
-                assert hi1 <= lo2, f"{g.name}, node {n} ({node.name}): {v1} and {v2} overlap"

@@ -38,7 +38,7 @@ import numpy as np
 import onnx
 
 from . import buffer_plan, cuda_runtime as cr
-from .errors import UserError, check_range, check_token_ids
+from .errors import UserError, check_step, check_token_ids
 from .fusion import fuse
 from .gguf_model import GGUFModel
 from .device_sampler import parse_logprobs
@@ -367,9 +367,7 @@ class CudaBackend:
         m = len(ids)
         if m > self.max_tokens:
             raise ValueError(f"{m} tokens exceed max_tokens={self.max_tokens}")
-        ids = check_token_ids(ids, self.cfg.vocab)
-        check_range(positions, self.max_context, "position")
-        check_range(slots, self.n_slots, "slot")
+        ids = check_step(ids, positions, slots, self.cfg.vocab, self.max_context, self.n_slots)
         self._set_inputs(ids, positions, slots)
         return m
 

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import UserError, check_range, check_token_ids
+from .errors import UserError, check_step, check_token_ids
 from .sampling import Sampling, draw_rng, sample, sample_reference  # noqa: F401 - the API's names
 
 
@@ -47,6 +47,9 @@ class CpuBackend:
     """The reference decoder (toolchain/reference.py) behind the backend interface."""
 
     name = "cpu"
+    # the engine's prompt chunk here (toolchain/engine.py): that of prefix reuse, so a prompt is computed in exactly the
+    # pieces it gets alone (the bit-exact concurrency test); device backends take the engine's larger default
+    prompt_chunk = 32
 
     def __init__(self, model, max_context: int, progress=None, weights: str | None = None, n_slots: int = 1):
         from .reference import ReferenceModel
@@ -78,10 +81,8 @@ class CpuBackend:
         """One step of tokens from any slots (toolchain/engine.py): each run of consecutive rows of one slot must
         have consecutive positions (a prompt chunk or one decode token). Returns the logits of `rows` (default all),
         [len(rows), vocab]."""
-        ids = check_token_ids(ids, self.ref.cfg.vocab)
         positions, slots = [int(p) for p in positions], [int(s) for s in slots]
-        check_range(slots, self.n_slots, "slot")
-        check_range(positions, self.max_context, "position")
+        ids = check_step(ids, positions, slots, self.ref.cfg.vocab, self.max_context, self.n_slots)
         want = set(range(len(ids))) if rows is None else set(rows)
         out: dict[int, np.ndarray] = {}
         i = 0
@@ -120,9 +121,15 @@ def trt_cache_dir(gguf_path):
     return g.with_name(g.stem + ".trt")
 
 
+def plan_name(max_context: int, n_slots: int = 1) -> str:
+    """The file name of a plan the tensorrt backend builds in trt_cache_dir: model-ctx<C>.plan for one KV-cache slot,
+    model-ctx<C>-s<n>.plan for n."""
+    return f"model-ctx{max_context}" + (f"-s{n_slots}" if n_slots > 1 else "") + ".plan"
+
+
 def existing_plan(gguf_path, n_slots: int = 1) -> str | None:
-    """A TensorRT plan for this model: $QTRT_PLAN, or one `qtrt`'s TensorRT backend built beside the GGUF with at
-    least n_slots KV-cache slots (model-ctx<C>.plan: one; model-ctx<C>-s<n>.plan: n)."""
+    """A TensorRT plan for this model: $QTRT_PLAN, or one `qtrt`'s TensorRT backend built beside the GGUF (plan_name)
+    with at least n_slots KV-cache slots."""
     import re
 
     if os.environ.get("QTRT_PLAN"):

@@ -131,9 +131,10 @@ def _tail(rows: list[Row]) -> Tail | None:
 
 # Prompt chunks. Prefix reuse keeps multiples of REUSE_ALIGN tokens; a chunk runs up to the next multiple of the
 # chunk size, so a prompt is computed in the same pieces whatever else runs once past its reused part (on the cpu
-# reference, where both are 32, exactly those it gets alone: the bit-exact concurrency test). Device backends take
-# larger chunks: their steps of 32 or more tokens are launched op by op (~6 ms of the host's time each), so a prompt
-# in pieces of 32 was launch-bound. Measured (H100, real 1.5B, 8 streams beside a 2,000-token prompt): its first
+# reference, whose `prompt_chunk` is 32 too, exactly those it gets alone: the bit-exact concurrency test). Device
+# backends take larger chunks (DEVICE_PREFILL_CHUNK, unless a backend names its own `prompt_chunk`): their steps of
+# 32 or more tokens are launched op by op (~6 ms of the host's time each), so a prompt in pieces of 32 was
+# launch-bound. Measured (H100, real 1.5B, 8 streams beside a 2,000-token prompt): its first
 # token 0.889 -> 0.282 s with chunks of 256, the streams' largest gap 25 -> 44 ms (bench/results/device-2026-12-05d).
 REUSE_ALIGN = 32
 DEVICE_PREFILL_CHUNK = 256
@@ -184,7 +185,7 @@ class Engine:
         if slots >= max_rows:
             raise UserError(f"--slots {slots}: a step holds {max_rows} tokens; use fewer slots")
         # a whole chunk always fits beside one decode row per slot: no prompt can starve
-        prefill_chunk = prefill_chunk or (REUSE_ALIGN if be.name == "cpu" else DEVICE_PREFILL_CHUNK)
+        prefill_chunk = prefill_chunk or getattr(be, "prompt_chunk", DEVICE_PREFILL_CHUNK)
         self.scheduler = Scheduler(max_rows, max(1, min(prefill_chunk, max_rows - slots)))
         self.slot_tokens: list[list[int]] = [[] for _ in range(slots)]  # what each slot's cache holds
         self.slot_owner: list[Request | None] = [None] * slots

@@ -31,3 +31,12 @@ def check_range(values, upper: int, what: str) -> None:
     bad = np.flatnonzero((arr < 0) | (arr >= upper))
     if bad.size:
         raise UserError(f"{what} {int(arr[bad[0]])} at index {int(bad[0])} is outside [0, {upper})")
+
+
+def check_step(ids, positions, slots, vocab: int, max_context: int, n_slots: int) -> list[int]:
+    """The checks every backend's step makes before any kernel runs: token ids in the vocabulary, positions in the
+    context, slots among the KV-cache slots. Returns the ids as a list of ints."""
+    ids = check_token_ids(ids, vocab)
+    check_range(positions, max_context, "position")
+    check_range(slots, n_slots, "slot")
+    return ids

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import import_tensorrt
 from .shape_rules import CACHE_PREFIXES, TOKEN_INPUTS
-from ..errors import UserError, check_range, check_token_ids
+from ..errors import UserError, check_step, check_token_ids
 
 
 def device_ptr(x) -> int | None:
@@ -323,19 +323,15 @@ class TensorRTBackend:
         self.reset()
 
     @staticmethod
-    def plan_name(max_context: int, n_slots: int = 1) -> str:
-        return f"model-ctx{max_context}" + (f"-s{n_slots}" if n_slots > 1 else "") + ".plan"
-
-    @staticmethod
     def _build(model, max_context, max_batch_tokens, n_slots=1) -> str:
         from ..export import export_model
         from .engine import build_engine
 
-        from ..decoder import trt_cache_dir
+        from ..decoder import plan_name, trt_cache_dir
 
         gguf = Path(model.path)
         root = trt_cache_dir(gguf)
-        plan = root / TensorRTBackend.plan_name(max_context, n_slots)
+        plan = root / plan_name(max_context, n_slots)
         if not plan.is_file() or plan.stat().st_mtime < gguf.stat().st_mtime:
             made = not root.exists()
             try:
@@ -370,11 +366,9 @@ class TensorRTBackend:
         """One step of tokens from any slots (toolchain/engine.py; CpuBackend.step's contract): each token at its own
         slot and position, in plan-sized pieces. Returns the logits of `rows` (default all), [len(rows), vocab].
         Ids, slots and positions are checked here: no kernel gets one outside its tensors."""
-        ids = np.asarray(check_token_ids(ids, self.vocab), np.int32).reshape(-1)
         positions = np.asarray([int(p) for p in positions], np.int32)
         slots = np.asarray([int(s) for s in slots], np.int32)
-        check_range(slots.tolist(), self.n_slots, "slot")
-        check_range(positions.tolist(), self.max_context, "position")
+        ids = np.asarray(check_step(ids, positions, slots, self.vocab, self.max_context, self.n_slots), np.int32)
         order = list(range(len(ids))) if rows is None else [int(r) for r in rows]
         out = np.zeros((len(order), self.vocab), np.float32)
         where = {r: k for k, r in enumerate(order)}
