@@ -7,6 +7,14 @@
 // position is outside [0, max_seq) (every backend refuses it before any kernel runs) is skipped: its clusters read
 // and write nothing, its out row is left as it was (a guard against memory corruption, not a result).
 // Compile-time: N_HEADS, N_KV_HEADS, HEAD_DIM (64 or 128), ROPE_THETA; N_HEADS / N_KV_HEADS <= 8.
+// Builds for TensorRT (issue 16; toolchain/kernels.py defines_for(..., clusters=False), the `rope_kv_attention_addr`
+// op): ATTN_CLUSTER=0 needs no cluster launch: each block of the same grid is a "cluster" of one (cluster index
+// (y % G) * 8 + blockIdx.x, up to 8 G per kv head, ATTN_CLUSTER_KEYS 256 keys each), its block partial is the
+// cluster's, and clusters merge through the global scratch as below. ATTN_ADDR=1 names the kernel
+// rope_kv_attention_addr and takes the layer's caches by address: `const unsigned long long* cache_addr` [2] (device
+// addresses of the k and v cache) in place of the four cache pointers, so the cache is never a TensorRT network
+// input or output:
+//     rope_kv_attention_addr(q, k, v, cache_addr, positions, slots, m, n_slots, max_seq, out)
 // Launch (toolchain/kernels.py): grid (NS = 8, N_HEADS, m), block (ATTN_THREADS = 256), cluster (8, 1, 1) compiled
 // in. Tuning knobs (-D, defaults below): ATTN_CLUSTER_KEYS, ATTN_NBUF, ATTN_PF_KEYS, ATTN_LDMODE, ATTN_EARLY.
 // ATTN_XMERGE=1 (the cuda backend's batch-1 plan only) appends a parameter `float* xpart` [G][XSTR] and, for m = 1
@@ -56,8 +64,18 @@
 #if !defined(N_HEADS) || !defined(N_KV_HEADS) || !defined(HEAD_DIM) || !defined(ROPE_THETA)
 #error "rope_kv_attention needs -DN_HEADS=.. -DN_KV_HEADS=.. -DHEAD_DIM=.. -DROPE_THETA=.."
 #endif
+#ifndef ATTN_CLUSTER
+#define ATTN_CLUSTER 1          // 0: no thread-block cluster (TensorRT's launcher): clusters of one block
+#endif
+#ifndef ATTN_ADDR
+#define ATTN_ADDR 0             // 1: the caches by address (rope_kv_attention_addr)
+#endif
 #ifndef ATTN_CLUSTER_KEYS
+#if ATTN_CLUSTER
 #define ATTN_CLUSTER_KEYS 2048  // one more cluster (8 blocks) per this many keys of context, up to G
+#else
+#define ATTN_CLUSTER_KEYS 256   // one more block per this many keys, up to 8 G (a cluster's block had 2048 / 8)
+#endif
 #endif
 #ifndef ATTN_NBUF
 #define ATTN_NBUF 2             // key steps in flight per warp (registers)
@@ -79,6 +97,9 @@
 #endif
 #ifndef ATTN_PUSH
 #define ATTN_PUSH 1             // cluster merge: 1 ranks push partials (st.async + mbarrier), 0 cluster.sync + loads
+#endif
+#if !ATTN_CLUSTER && ATTN_XMERGE
+#error "ATTN_XMERGE pairs the cluster build with its consumer: not with ATTN_CLUSTER=0"
 #endif
 
 namespace cg = cooperative_groups;
@@ -326,32 +347,55 @@ __device__ __forceinline__ void merge_block(BlockMerge& s, const float (&o)[NNT]
     __syncthreads();
 }
 
-constexpr int NS = 8;                  // blocks per cluster (portable maximum)
+constexpr int GX = 8;                  // grid x (toolchain/kernels.py ATTN_SPLITS)
+constexpr int NS = ATTN_CLUSTER ? GX : 1;   // blocks per cluster (8: the portable maximum)
+constexpr int CMAX = ATTN_CLUSTER ? G : G * GX;   // clusters per (token, kv head)
 constexpr int MSCR = 16;               // steps of at most this many tokens may spread a token over clusters
 constexpr int DS = D / NS;             // elements per head merged by one cluster rank
 constexpr int ME = G * DS;             // elements merged by one cluster rank
+constexpr int EPT = (ME + THREADS - 1) / THREADS;   // of them per thread (1 with clusters)
 constexpr int E_MAX = 8;               // step entries per block range kept in shared memory
-static_assert(ME <= THREADS, "one merged element per thread");
+static_assert(!ATTN_CLUSTER || ME <= THREADS, "one merged element per thread");
 static_assert(ME % 4 == 0, "16-byte pushes");
 struct PushIn {                        // what a rank receives from each rank q (ATTN_PUSH)
     float o[NS][ME];                   // q's block numerators of this rank's elements
     float m[NS][G], l[NS][G];          // q's block max and sum of every head
 };
 constexpr unsigned PUSH_BYTES = sizeof(PushIn);
-__device__ float g_part[MSCR][KVH][G][NS][3][ME];  // cross-cluster partials (m <= MSCR): O, max, sum per element
+__device__ float g_part[MSCR][KVH][CMAX][NS][3][ME];  // cross-cluster partials (m <= MSCR): O, max, sum
 __device__ unsigned int g_count[MSCR][KVH][NS];    // arrivals per (token, kv head, rank); reset by the last
 
-extern "C" __global__ void __cluster_dims__(NS, 1, 1) __launch_bounds__(THREADS, 1)
-rope_kv_attention(const float* q, const float* k, const float* v,  // earlier kernels' outputs: no .nc loads
-                  const __half* k_cache_in, const __half* v_cache_in, const int* positions,
-                  const int* slots, int m, int n_slots, int max_seq, float* __restrict__ out,
-                  __half* k_cache, __half* v_cache
-#if ATTN_XMERGE
-                  , float* __restrict__ xpart
+#if ATTN_CLUSTER
+#define ATTN_CLUSTER_DIMS __cluster_dims__(NS, 1, 1)
+#else
+#define ATTN_CLUSTER_DIMS
 #endif
-                  ) {
+#if ATTN_ADDR
+#define ATTN_KERNEL rope_kv_attention_addr
+#define ATTN_CACHE_IN const unsigned long long* __restrict__ cache_addr
+#define ATTN_CACHE_OUT
+#else
+#define ATTN_KERNEL rope_kv_attention
+#define ATTN_CACHE_IN const __half* k_cache_in, const __half* v_cache_in
+#define ATTN_CACHE_OUT , __half* k_cache, __half* v_cache
+#endif
+
+extern "C" __global__ void ATTN_CLUSTER_DIMS __launch_bounds__(THREADS, 1)
+ATTN_KERNEL(const float* q, const float* k, const float* v,  // earlier kernels' outputs: no .nc loads
+            ATTN_CACHE_IN, const int* positions, const int* slots, int m, int n_slots, int max_seq,
+            float* __restrict__ out ATTN_CACHE_OUT
+#if ATTN_XMERGE
+            , float* __restrict__ xpart
+#endif
+            ) {
 #if !ATTN_XMERGE
     float* const xpart = nullptr;
+#endif
+#if ATTN_ADDR  // written by the host before the step (like positions): readable before pdl_wait()
+    __half* const k_cache = reinterpret_cast<__half*>(cache_addr[0]);
+    __half* const v_cache = reinterpret_cast<__half*>(cache_addr[1]);
+    const __half* const k_cache_in = k_cache;
+    const __half* const v_cache_in = v_cache;
 #endif
     __shared__ float2 cs[D / 2];                  // (cos, sin) of this token's position, pair j
     __shared__ float qraw[G][D];                  // the group's q rows before RoPE
@@ -360,14 +404,16 @@ rope_kv_attention(const float* q, const float* k, const float* v,  // earlier ke
     __shared__ __align__(16) __half vst[E_MAX][D];
     __shared__ int list_pos[THREADS], list_j[THREADS], list_n, e_lo, e_hi, last_flag;
     __shared__ BlockMerge mb;                     // this block's partial (read by the cluster)
-#if ATTN_PUSH
+#if ATTN_CLUSTER && ATTN_PUSH
     __shared__ __align__(16) PushIn pin;          // the cluster's partials of this rank's elements
     __shared__ __align__(8) uint64_t pin_bar;     // counts their bytes
 #endif
 
-    const int r = blockIdx.x, y = blockIdx.y, i = blockIdx.z;
+    const int y = blockIdx.y, i = blockIdx.z;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-    const int kvh = y / G, c = y % G;
+    const int kvh = y / G;
+    const int r = ATTN_CLUSTER ? blockIdx.x : 0;                          // rank in the cluster
+    const int c = ATTN_CLUSTER ? y % G : (y % G) * GX + blockIdx.x;      // the cluster
     pdl_launch_dependents();
     // q, k and v come from the kernel just before: read after pdl_wait() (plain loads: pdl.cuh). A one-token step
     // (ATTN_EARLY) reads its position, slot and first K/V steps before the wait: they were written before this
@@ -377,17 +423,18 @@ rope_kv_attention(const float* q, const float* k, const float* v,  // earlier ke
     if (!early) pdl_wait();
 
     const int pos = positions[i], slot = slots[i], T = pos + 1;
-    if (slot < 0 || slot >= n_slots || pos < 0 || pos >= max_seq) {  // no backend lets such a row through: the
-        if (early) pdl_wait();                                       // cluster reads and writes nothing of it
+    if (slot < 0 || slot >= n_slots || pos < 0 || pos >= max_seq     // no backend lets such a row through: the
+        || (ATTN_ADDR && (k_cache == nullptr || v_cache == nullptr))) {  // cluster reads and writes nothing of it
+        if (early) pdl_wait();               // (nor of null cache addresses: a TensorRT builder's dummy inputs)
         return;
     }
-    const int C_act = m <= MSCR ? min(G, max(1, (T + ATTN_CLUSTER_KEYS - 1) / ATTN_CLUSTER_KEYS)) : 1;
+    const int C_act = m <= MSCR ? min(CMAX, max(1, (T + ATTN_CLUSTER_KEYS - 1) / ATTN_CLUSTER_KEYS)) : 1;
     if (c >= C_act) {                             // the whole cluster leaves (c is uniform over it)
         if (early) pdl_wait();
         return;
     }
 
-#if ATTN_PUSH
+#if ATTN_CLUSTER && ATTN_PUSH
     if (tid == 0) push_bar_init(&pin_bar, PUSH_BYTES);   // plugins/cluster_push.cuh
     cluster_arrive_relaxed();                     // waited for before the pushes
 #endif
@@ -594,7 +641,11 @@ rope_kv_attention(const float* q, const float* k, const float* v,  // earlier ke
 
     merge_block(mb, o, m_run, l_run, tid);
 
-    const int f = r * ME + tid, gg = f / D, u = f % D;   // rank r merges elements r*ME .. +ME
+    // This rank's merged elements e = tid + j THREADS (j < EPT, e < ME), the cluster's numerator, max and sum of
+    // each: element f = r ME + e of the head-major lane-slot layout (head gg = f / D, u = f % D).
+    float num[EPT], den[EPT], M[EPT];
+#if ATTN_CLUSTER
+    const int f = r * ME + tid, gg = f / D;
 #if ATTN_PUSH
     cluster_wait();                               // every rank's mbarrier is initialized
     for (int e = tid; e < NS * (ME / 4); e += THREADS) {          // rank q2's share of this block's numerators
@@ -610,7 +661,7 @@ rope_kv_attention(const float* q, const float* k, const float* v,  // earlier ke
     cg::cluster_group cluster = cg::this_cluster();
     cluster.sync();                               // all block partials visible cluster-wide
 #endif
-    float num = 0.f, den = 0.f, M = -INFINITY;
+    num[0] = 0.f, den[0] = 0.f, M[0] = -INFINITY;
     if (tid < ME) {
         float mq[NS], lq[NS], oq[NS];
 #if ATTN_PUSH
@@ -630,38 +681,55 @@ rope_kv_attention(const float* q, const float* k, const float* v,  // earlier ke
         }
 #endif
 #pragma unroll
-        for (int q2 = 0; q2 < NS; ++q2) M = fmaxf(M, mq[q2]);
+        for (int q2 = 0; q2 < NS; ++q2) M[0] = fmaxf(M[0], mq[q2]);
 #pragma unroll
         for (int q2 = 0; q2 < NS; ++q2) {
-            const float wt = merge_weight(mq[q2], M);
-            num = fmaf(wt, oq[q2], num);
-            den = fmaf(wt, lq[q2], den);
+            const float wt = merge_weight(mq[q2], M[0]);
+            num[0] = fmaf(wt, oq[q2], num[0]);
+            den[0] = fmaf(wt, lq[q2], den[0]);
         }
     }
 #if !ATTN_PUSH
     cluster.sync();                               // remote reads done: shared memory may go
 #endif
+#else  // a cluster of one block: its partial is the cluster's
+#pragma unroll
+    for (int j = 0; j < EPT; ++j) {
+        const int e = tid + j * THREADS;
+        num[j] = e < ME ? mb.bO[e] : 0.f;
+        M[j] = e < ME ? mb.bm[e / D] : -INFINITY;
+        den[j] = e < ME ? mb.bl[e / D] : 0.f;
+    }
+#endif
     float* orow = out + ((size_t)i * H + kvh * G) * D;
-    const int d = slot_dim(u / SLOTS, u % SLOTS);
     if (ATTN_XMERGE && one && C_act > 1) {        // the consumer merges the slots (see "Merge")
+        const int e = r * ME + tid, hh = e / D, u = e % D;
         if (tid < ME) {
-            xpart[(size_t)c * XSTR + (kvh * G + gg) * D + d] = num;
+            xpart[(size_t)c * XSTR + (kvh * G + hh) * D + slot_dim(u / SLOTS, u % SLOTS)] = num[0];
             if (u == 0) {                         // the head's (max, sum) pair
-                xpart[(size_t)c * XSTR + H * D + 2 * (kvh * G + gg)] = M;
-                xpart[(size_t)c * XSTR + H * D + 2 * (kvh * G + gg) + 1] = den;
+                xpart[(size_t)c * XSTR + H * D + 2 * (kvh * G + hh)] = M[0];
+                xpart[(size_t)c * XSTR + H * D + 2 * (kvh * G + hh) + 1] = den[0];
             }
         }
         return;
     }
     if (C_act == 1) {
-        if (tid < ME) orow[gg * D + d] = num / den;
+#pragma unroll
+        for (int j = 0; j < EPT; ++j) {
+            const int e = tid + j * THREADS, fe = r * ME + e, u = fe % D;
+            if (e < ME) orow[(fe / D) * D + slot_dim(u / SLOTS, u % SLOTS)] = num[j] / den[j];
+        }
         return;
     }
     float* part = &g_part[i][kvh][c][r][0][0];
-    if (tid < ME) {
-        part[tid] = num;
-        part[ME + tid] = M;
-        part[2 * ME + tid] = den;
+#pragma unroll
+    for (int j = 0; j < EPT; ++j) {
+        const int e = tid + j * THREADS;
+        if (e < ME) {
+            part[e] = num[j];
+            part[ME + e] = M[j];
+            part[2 * ME + e] = den[j];
+        }
     }
     __syncthreads();
     if (tid == 0) {
@@ -674,17 +742,21 @@ rope_kv_attention(const float* q, const float* k, const float* v,  // earlier ke
         }
     }
     __syncthreads();
-    if (!last_flag || tid >= ME) return;
-    float Mx = -INFINITY;
-    for (int cc = 0; cc < C_act; ++cc) Mx = fmaxf(Mx, __ldcg(&g_part[i][kvh][cc][r][1][tid]));
-    float nn = 0.f, dd = 0.f;
-    for (int cc = 0; cc < C_act; ++cc) {
-        const float* pc = &g_part[i][kvh][cc][r][0][0];
-        const float mc = __ldcg(pc + ME + tid);
-        const float wt = merge_weight(mc, Mx);
-        nn = fmaf(wt, __ldcg(pc + tid), nn);
-        dd = fmaf(wt, __ldcg(pc + 2 * ME + tid), dd);
+    if (!last_flag) return;
+#pragma unroll
+    for (int j = 0; j < EPT; ++j) {
+        const int e = tid + j * THREADS, fe = r * ME + e, u = fe % D;
+        if (e >= ME) break;
+        float Mx = -INFINITY;
+        for (int cc = 0; cc < C_act; ++cc) Mx = fmaxf(Mx, __ldcg(&g_part[i][kvh][cc][r][1][e]));
+        float nn = 0.f, dd = 0.f;
+        for (int cc = 0; cc < C_act; ++cc) {
+            const float* pc = &g_part[i][kvh][cc][r][0][0];
+            const float mc = __ldcg(pc + ME + e);
+            const float wt = merge_weight(mc, Mx);
+            nn = fmaf(wt, __ldcg(pc + e), nn);
+            dd = fmaf(wt, __ldcg(pc + 2 * ME + e), dd);
+        }
+        orow[(fe / D) * D + slot_dim(u / SLOTS, u % SLOTS)] = nn / dd;
     }
-    orow[gg * D + d] = nn / dd;
 }
-

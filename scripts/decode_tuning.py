@@ -28,7 +28,7 @@ from toolchain.bench import bytes_per_token, copy_bandwidth, launch_timing, load
 from toolchain.cuda_backend import CudaBackend  # noqa: E402
 
 OFF = {"pdl": False, "m1": False, "qmv1": False, "plain": True, "xmerge": False, "defines": {}, "pdl_skip": (),
-       "skip": ()}
+       "skip": (), "clusters": True, "cache_by_address": False, "share_activations": False}
 DEFAULT = {"m1": True, "qmv1": True, "pdl": True, "xmerge": True}
 
 
@@ -53,6 +53,10 @@ VARIANTS = {
     "qmv1": {"m1": True, "qmv1": True},
     "qmv1+pdl": DEFAULT,
     "control": dict(DEFAULT),  # the default again: the run's noise floor
+    # issue 16: the kernel builds TensorRT's plugins get (no cluster launch, the cache by address; general core) on
+    # this graph, against "baseline" (the same builds with their clusters), and the default without clusters
+    "tensorrt_builds": {"clusters": False, "cache_by_address": True},
+    "no_clusters": {**DEFAULT, "clusters": False},
     # ffn_down (k = 8960) layouts before v7: 6 warps of 6 superblocks per row pair, 12-warp blocks (v6) or 2 blocks
     # of 6 warps per SM (v5)
     "down_v6": {**DEFAULT, "defines": {"matmul_add@8960": layout(6, 6, 2, 1)}},

@@ -3,16 +3,17 @@
 2100 (two attention clusters per kv head: the cluster pushes and the o projection's merge of their partials), a
 5-token step on the matvec path; the device sampler (plugins/sampling.cu: penalties, top-k/top-p/min-p, a wide
 nucleus, temperature alone) in a sampled graph and in steps that sample some rows, and its log-probabilities; fused
-and unfused graphs; then rows with a slot or position outside the cache, which every backend refuses before any kernel
-runs, given to the kernels directly (their guards read and write nothing of such rows). Exits non-zero on any CUDA
-error."""
+and unfused graphs, and the unfused graph on TensorRT's builds (no clusters, the KV cache by address: issue 16); then
+rows with a token id outside the vocabulary or a slot or position outside the cache, which every backend refuses
+before any kernel runs, given to the kernels directly (their guards read and write nothing of such rows). Exits
+non-zero on any CUDA error."""
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from toolchain.cuda_backend import CudaBackend
+from toolchain.cuda_backend import TENSORRT_BUILDS, CudaBackend
 from toolchain.gguf_model import load_gguf
 from toolchain.sampling import Sampling, Tail
 from toolchain.synth import layout, write_synthetic_gguf
@@ -22,8 +23,8 @@ if not path.exists():
     cfg, types = layout("qwen2.5-coder-1.5b")
     write_synthetic_gguf(path, cfg, types, seed=1)
 model = load_gguf(path)
-for fused in (True, False):
-    be = CudaBackend(model, max_context=2112, n_slots=2, max_tokens=48, fused=fused)
+for fused, tuning in ((True, None), (False, None), (False, TENSORRT_BUILDS)):
+    be = CudaBackend(model, max_context=2112, n_slots=2, max_tokens=48, fused=fused, tuning=tuning)
     logits = be.forward(np.arange(40) * 1000 + 7)
     toks = list(be.greedy(int(np.argmax(logits)), 3))
     be.pos = 2100
@@ -43,7 +44,9 @@ for fused in (True, False):
     assert all(len(r["top"]) == k for r, k in zip(lps, [5, 20, 20, 0])), lps
     # rows no backend lets through (their checks skipped here: _set_inputs), for the kernels' own guards: a slot or
     # position outside the cache in a one-token step, a two-token step and a prompt prefill; memcheck must stay clean
-    for ids, positions, slots in (([5], [2112 + 9], [0]), ([5, 6], [-4, 30], [0, 7]), ([5, 6], [3, 4], [-1, 1])):
+    vocab = model.config.vocab
+    for ids, positions, slots in (([5], [2112 + 9], [0]), ([5, 6], [-4, 30], [0, 7]), ([5, 6], [3, 4], [-1, 1]),
+                                  ([vocab], [3], [0]), ([-1, 2**31 - 1], [3, 4], [0, 1])):
         be._set_inputs(np.array(ids), np.array(positions), np.array(slots))
         be.run_plan(len(ids))
     be._set_inputs(np.arange(40) * 7, np.arange(2100, 2140), np.full(40, 5))  # a prompt chunk: slot 5 of 2
@@ -52,6 +55,6 @@ for fused in (True, False):
     be.run_plan(40, last_only=True)
     be.stream.synchronize()
     assert np.isfinite(logits).all(), "non-finite logits"
-    print(f"fused={fused}: step ok, tokens {toks}")
+    print(f"fused={fused} tuning={tuning}: step ok, tokens {toks}")
     be.close()
 sys.exit(0)

@@ -24,11 +24,20 @@ def synth(synth_gguf):
     return model, cached(("ref-synth-1.5b",), lambda: ReferenceModel(model))
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["fused", "unfused"])
+@pytest.fixture(scope="module", params=["fused", "unfused", "tensorrt_builds"])
 def backend(synth, request):
-    from toolchain.cuda_backend import CudaBackend
+    """The cuda backend three ways: its fused graph, the 13-op graph, and the 13-op graph on the very kernel builds
+    TensorRT's plugins get (issue 16: no cluster launch, the KV cache by address; cuda_backend.TENSORRT_BUILDS)."""
+    from toolchain.cuda_backend import TENSORRT_BUILDS, CudaBackend
 
-    be = CudaBackend(synth[0], max_context=4200, n_slots=4, max_tokens=96, fused=request.param)
+    tuning = TENSORRT_BUILDS if request.param == "tensorrt_builds" else None
+    be = CudaBackend(synth[0], max_context=4200, n_slots=4, max_tokens=96, fused=request.param == "fused",
+                     tuning=tuning)
+    if tuning:  # what the plans launch is what TensorRT would: no cluster build, the attention by address
+        ops = {x.op for m in (1, 4, 96) for x in be.plan(m)}
+        assert "rope_kv_attention_addr" in ops and "rope_kv_attention" not in ops and not ops & {"q4k_gemm", "q6k_gemm"}
+        assert all("KSPLIT" not in dict(d) and dict(d).get("ATTN_CLUSTER", 0) == 0 and "QMV1" not in dict(d)
+                   for op, d in be._modules if op != "argmax"), sorted(be._modules)
     yield be
     be.close()
 

@@ -74,3 +74,21 @@ def test_header_cache_is_only_an_accelerator(synth_gguf, tmp_path, monkeypatch):
     assert summary(GGUFFile(src)) == summary(GGUFFile(src, cache=False))
     monkeypatch.setenv("QTRT_GGUF_CACHE", "/proc/qtrt-no-such-dir")
     assert summary(GGUFFile(src)) == summary(GGUFFile(src, cache=False))
+
+
+def test_tensor_data_is_every_tensor_in_one_region(synth_gguf):
+    """GGUFModel.tensor_data(), what the cuda backend copies to the GPU in one call: one view of the file holding
+    every tensor at its offset from the first (as gguf-py reads them), and nothing the tensors do not span."""
+    from toolchain.gguf_model import load_gguf
+
+    path = synth_gguf(**TINY)
+    model, ref = load_gguf(path), gguf.GGUFReader(path)
+    region = model.tensor_data()
+    first = min(int(t.data_offset) for t in ref.tensors)
+    assert region.nbytes == max(int(t.data_offset) + int(t.n_bytes) for t in ref.tensors) - first
+    raw = np.fromfile(path, np.uint8)
+    assert np.array_equal(region, raw[first:first + region.nbytes])
+    for t in ref.tensors:
+        off = int(t.data_offset) - first
+        assert np.array_equal(region[off:off + int(t.n_bytes)], np.asarray(t.data).reshape(-1).view(np.uint8)), t.name
+        assert model.tensors[t.name].data.ctypes.data - region.ctypes.data == off, t.name

@@ -31,7 +31,7 @@ def _cases():
     seen, out = set(), []
     for model in K.MODEL_ATTRS:
         builds = [(op, K.defines_for(op, attrs)) for op, attrs in K.specializations(model)]
-        for op, d in builds + K.decode_specializations(model):
+        for op, d in builds + K.decode_specializations(model) + K.tensorrt_builds(model):
             key = (op, tuple(sorted(d.items())))
             if key not in seen:
                 seen.add(key)
@@ -62,6 +62,35 @@ def test_compiles(op, defines, fmt):
         assert re.search(rb"\.entry\s+" + K.kernel_name(op).encode() + rb"\s*\(", image), op
     else:
         assert image.startswith(b"\x7fELF") and K.kernel_name(op).encode() in image
+
+
+# what PTX may not hold for TensorRT's launcher (grid, block and shared memory only: issue 16, risk 1): a required or
+# explicit cluster shape, cluster special registers, cluster barriers, or distributed shared memory
+CLUSTER_PTX = re.compile(rb"\.reqnctapercluster|\.explicitcluster|\.maxclusterrank|%cluster|barrier\.cluster|"
+                         rb"\bmapa\b|::cluster")
+
+
+@needs_nvcc
+@pytest.mark.parametrize("model", K.MODEL_ATTRS, ids=lambda m: m["model"])
+def test_every_ptx_handed_to_tensorrt_needs_no_cluster(model):
+    """The PTX of every plugin of the TensorRT export (toolchain/trt/plugins.py ptx_for) launches without a cluster;
+    the same check finds the clusters of the cuda backend's own builds (so it can fail)."""
+    from toolchain.trt import plugins
+
+    ops = {}
+    for op, attrs in K.specializations(model):
+        if op == "rope_kv_attention":
+            op, attrs = "rope_kv_attention_addr", dict(attrs, n_slots=1, max_seq_len=4096)
+        if op in K.TENSORRT_PLUGIN_OPS:
+            ops[(op, tuple(sorted(K.defines_for(op, attrs, clusters=False).items())))] = (op, attrs)
+    assert {op for op, _ in ops} >= {"rope_kv_attention_addr", "swiglu"} and len(ops) >= 5
+    for op, attrs in ops.values():
+        ptx = plugins.ptx_for(op, attrs)
+        assert re.search(rb"\.entry\s+" + K.kernel_name(op).encode() + rb"\s*\(", ptx), op
+        assert not CLUSTER_PTX.findall(ptx), (op, sorted(set(CLUSTER_PTX.findall(ptx))))
+    attn = K.compile_kernel("rope_kv_attention", K.defines_for("rope_kv_attention", model), fmt="ptx")
+    split = K.compile_kernel("q4k_matmul", {"KSPLIT": 3}, fmt="ptx")
+    assert CLUSTER_PTX.findall(attn) and CLUSTER_PTX.findall(split)
 
 
 @needs_nvcc
@@ -202,7 +231,8 @@ def test_nothing_but_weights_before_griddepcontrol_wait(op, defines):
     second wait after its position and first K/V loads (data of earlier steps, plugins/pdl.cuh); the first wait in
     the code is the other path's. The xmerge o projection reads the step's position there too (one 32-bit load).
     The sampler's kernels read the host's inputs there (rows, slots, a slot's parameter words: written before the
-    step's first kernel and by no kernel), plain 32-bit loads, at most 2 + PARAM_WORDS of them."""
+    step's first kernel and by no kernel), plain 32-bit loads, at most 2 + PARAM_WORDS of them. The by-address
+    attention (TensorRT's) reads its two cache addresses there, also the host's input (two 64-bit loads)."""
     image = K.compile_kernel(op, defines, fmt="cubin")
     path = K.CACHE / f"sass-check-{K.kernel_name(op)}.cubin"
     path.write_bytes(image)
@@ -219,6 +249,10 @@ def test_nothing_but_weights_before_griddepcontrol_wait(op, defines):
     if op in ("sample_tokens", "token_logprobs"):
         assert len(before) <= 2 + PARAM_WORDS and all(re.match(r"LDG\.E R", x) for x in before), before
         before = []
+    if op == "rope_kv_attention_addr":  # the two cache addresses: the host's input, like the position
+        addr = [x for x in before if re.match(r"LDG\.E\.64(\.CONSTANT)? R", x)]
+        assert len(addr) <= 2, addr
+        before = [x for x in before if x not in addr]
     if op not in WEIGHT_OPS or op.endswith("_gather"):
         assert not before, f"{op}: loads before the wait: {before}"
     if defines.get("QMV1_XMERGE"):  # the o projection of the xmerge pair reads the step's position (qmv1.cuh)

@@ -41,15 +41,16 @@ def kernel(op, defines=()):
     return cr.load_op(op, dict(defines))
 
 
-def run(op, inputs, outputs, dims, defines=()):
-    """Upload inputs, poison outputs ((shape, dtype) pairs), launch once, download outputs."""
+def run(op, inputs, outputs, dims, defines=(), clusters=True):
+    """Upload inputs, poison outputs ((shape, dtype) pairs), launch once (launch_config's grid for `clusters`),
+    download outputs."""
     bufs = [cr.DeviceBuffer.from_array(a) if isinstance(a, np.ndarray) else a for a in inputs]
     outs = []
     for shape, dtype in outputs:
         b = cr.DeviceBuffer(int(np.prod(shape)) * np.dtype(dtype).itemsize)
         b.fill_u32(NAN) if np.dtype(dtype) == np.float32 else b.fill_u8(0xFF)
         outs.append(b)
-    kernel(op, defines).launch_op(K.launch_config(op, dims), bufs, outs)
+    kernel(op, defines).launch_op(K.launch_config(op, dims, clusters=clusters), bufs, outs)
     cr.synchronize()
     res = [b.download(s, d) for b, (s, d) in zip(outs, outputs)]
     for b in bufs + outs:
@@ -194,6 +195,19 @@ def test_matmul_generic_build(t, n, k, m):
     assert np.isfinite(y).all() and rel < QMV_TOL, f"rel err {rel} ({seed})"
 
 
+@pytest.mark.parametrize("t,n,k,m", [("Q4_K", 1536, 8960, 1), ("Q6_K", 151936, 1536, 1), ("Q5_0", 896, 4864, 17),
+                                     ("Q4_K", 8960, 1536, 64), ("Q8_0", 128, 896, 5)])
+def test_matmul_tensorrt_build(t, n, k, m):
+    """The build and grid TensorRT's plugins get (issue 16, risk 1: clusters=False, no k-split cluster)."""
+    rng, seed = _rng()
+    w = random_weights(rng, t, n, k)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    defines = tuple(sorted(K.defines_for(MATMUL[t], dict(in_features=k, out_features=n), clusters=False).items()))
+    (y,) = run(MATMUL[t], [x, w, None], [((m, n), np.float32)], dict(m=m, n=n, k=k), defines, clusters=False)
+    rel, _ = rel_err(y, matmul_ref(x, w, None, t, n, k))
+    assert np.isfinite(y).all() and rel < QMV_TOL, f"rel err {rel} ({seed})"
+
+
 def test_matmul_outliers():
     """int16 x with one scale per 32 values: a 100x outlier in every block costs its 31 neighbours precision, the
     result stays inside the 1e-3 budget."""
@@ -230,9 +244,25 @@ def test_gather(t, hidden, vocab):
     rng, seed = _rng()
     w = random_weights(rng, t, vocab, hidden)
     ids = np.array([0, vocab - 1, 7, int(rng.integers(vocab)), 7], np.int32)
-    (y,) = run(GATHER[t], [w, ids], [((len(ids), hidden), np.float32)], dict(m=len(ids), hidden=hidden))
+    (y,) = run(GATHER[t], [w, ids], [((len(ids), hidden), np.float32)], dict(m=len(ids), hidden=hidden, vocab=vocab))
     ref = deq(np.ascontiguousarray(w[ids]), t, (len(ids), hidden))
     assert np.array_equal(y.view(np.uint32), ref.view(np.uint32)), f"{t} not bit-exact ({seed})"
+
+
+@pytest.mark.parametrize("t", list(GATHER))
+def test_gather_ids_outside_the_vocabulary_read_nothing(t):
+    """Issue 16: an id the backends would refuse (-1, vocab, a huge one) reads nothing past the table and leaves a
+    NaN row; the rows beside it are unchanged (compute-sanitizer's run of scripts/sanitize_step.py covers the
+    reads)."""
+    rng, seed = _rng()
+    hidden, vocab = (1536, 1000) if t in ("Q4_K", "Q6_K") else (896, 1000)
+    w = random_weights(rng, t, vocab, hidden)
+    ids = np.array([-1, 3, vocab, 2**31 - 1, vocab - 1], np.int32)
+    (y,) = run(GATHER[t], [w, ids], [((len(ids), hidden), np.float32)], dict(m=len(ids), hidden=hidden, vocab=vocab))
+    good = np.array([1, 4])
+    assert np.isnan(y[[0, 2, 3]]).all(), f"rows of bad ids must be NaN ({seed})"
+    ref = deq(np.ascontiguousarray(w[ids[good]]), t, (len(good), hidden))
+    assert np.array_equal(y[good].view(np.uint32), ref.view(np.uint32)), f"{t} good rows ({seed})"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -467,6 +497,7 @@ ATTN_CASES = {  # name: (slots, positions)
     "decode_pos8191": ([1], [8191]),
     "decode_pos127": ([1], [127]),      # one cluster, every block's range full
     "decode_pos2048": ([2], [2048]),    # two clusters (ATTN_CLUSTER_KEYS = 2048): the cross-cluster merge
+    "prefill300_at40": ([0] * 300, list(range(40, 340))),   # m > MSCR and > the block's 256 threads
 }
 
 
@@ -487,8 +518,9 @@ def attention_case(rng, a, slots, positions, n_slots, max_seq):
                 ref=ref, kc_ref=kc_ref, vc_ref=vc_ref)
 
 
-def run_attention(c, defines: dict):
-    """Launch rope_kv_attention (build `defines`) on attention_case c: (out, k cache, v cache) as numpy."""
+def run_attention(c, defines: dict, op: str = "rope_kv_attention"):
+    """Launch rope_kv_attention (build `defines`) on attention_case c: (out, k cache, v cache) as numpy. With op
+    rope_kv_attention_addr the caches go by address: an int64 [2] buffer of their device addresses."""
     a, slots, positions, n_slots, max_seq = (c[x] for x in ("a", "slots", "positions", "n_slots", "max_seq"))
     h, d, m = a["n_heads"], a["head_dim"], len(slots)
     kcb, vcb = cr.DeviceBuffer.from_array(c["kc"]), cr.DeviceBuffer.from_array(c["vc"])
@@ -498,13 +530,18 @@ def run_attention(c, defines: dict):
     pb, sb = cr.DeviceBuffer.from_array(positions), cr.DeviceBuffer.from_array(slots)
     ob = cr.DeviceBuffer(m * h * d * 4)
     ob.fill_u32(NAN)
-    kernel("rope_kv_attention", tuple(sorted(defines.items()))).launch_op(
-        K.launch_config("rope_kv_attention", dims), [*ins, kcb, vcb, pb, sb], [ob, kcb, vcb])
+    cfg = K.launch_config(op, dims, clusters=defines.get("ATTN_CLUSTER", 1) != 0)
+    extra = []
+    if op == "rope_kv_attention_addr":
+        extra = [cr.DeviceBuffer.from_array(np.array([kcb.ptr, vcb.ptr], np.uint64))]
+        kernel(op, tuple(sorted(defines.items()))).launch_op(cfg, [*ins, *extra, pb, sb], [ob])
+    else:
+        kernel(op, tuple(sorted(defines.items()))).launch_op(cfg, [*ins, kcb, vcb, pb, sb], [ob, kcb, vcb])
     cr.synchronize()
     out = ob.download((m, h * d), np.float32)
     kc_dev = kcb.download(c["kc"].shape, np.float16)
     vc_dev = vcb.download(c["vc"].shape, np.float16)
-    for b in (*ins, pb, sb, ob, kcb, vcb):
+    for b in (*ins, *extra, pb, sb, ob, kcb, vcb):
         b.free()
     return out, kc_dev, vc_dev
 
@@ -525,18 +562,26 @@ def test_attention_push_merge_equals_cluster_sync(model, case):
         assert np.array_equal(x, y), f"{what} differs ({seed})"
 
 
+# builds: the cuda backend's (a cluster of 8 blocks), and TensorRT's (issue 16: no cluster launch; the caches by
+# address as the TensorRT export passes them)
+ATTN_BUILDS = {"cluster": ("rope_kv_attention", True), "no_cluster": ("rope_kv_attention", False),
+               "tensorrt": ("rope_kv_attention_addr", False)}
+
+
+@pytest.mark.parametrize("build", list(ATTN_BUILDS))
 @pytest.mark.parametrize("case", list(ATTN_CASES))
 @pytest.mark.parametrize("model", list(ATTN))
-def test_rope_kv_attention(model, case):
+def test_rope_kv_attention(model, case, build):
     rng, seed = _rng()
     a = ATTN[model]
     c = attention_case(rng, a, ATTN_CASES[case][0], ATTN_CASES[case][1], 3, 8192)
     slots, positions = c["slots"], c["positions"]
     k, kc, vc, kc_ref, vc_ref, ref = (c[x] for x in ("k", "kc", "vc", "kc_ref", "vc_ref", "ref"))
 
-    out, kc_dev, vc_dev = run_attention(c, K.defines_for("rope_kv_attention", a))
+    op, clusters = ATTN_BUILDS[build]
+    out, kc_dev, vc_dev = run_attention(c, K.defines_for(op, a, clusters=clusters), op)
     rel, mx = rel_err(out, ref)
-    print(f"attention {model} {case}: rel {rel:.2e} max abs {mx:.2e} ({seed})")
+    print(f"attention {model} {case} {build}: rel {rel:.2e} max abs {mx:.2e} ({seed})")
     assert np.isfinite(out).all(), f"unwritten outputs ({seed})"
     assert rel < 2e-3, f"rel err {rel} ({seed})"
     written = np.zeros(kc.shape[:3], bool)

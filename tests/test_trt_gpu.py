@@ -50,7 +50,7 @@ def test_build_summary(built):
     gguf, plan, s, d = built
     assert plan.is_file() and s["plan_bytes"] == plan.stat().st_size
     assert (d / "timing.cache").is_file()
-    assert s["plugins"]["rope_kv_attention"] == 2 and s["plugins"]["swiglu"] == 2
+    assert s["plugins"]["rope_kv_attention_addr"] == 2 and s["plugins"]["swiglu"] == 2
     assert s["plugin_layers"] >= sum(s["plugins"].values())
     assert s["plan_bytes"] > 0.9 * s["weights_bytes"]  # the weights live in the plan
     assert len(s["profiles"]) == 2

@@ -1,5 +1,6 @@
 """The TensorRT layer without TensorRT: shape rules, launch parameters (ints and symbolic), plugin signatures against
 the op table, the ONNX preparation, and the CLI's answer when TensorRT is missing."""
+import contextlib
 import inspect
 import re
 import sys
@@ -112,6 +113,8 @@ def _int_case(op, m):
         cache = (1, 2, 64, 128)
         return ([(m, 1536), (m, 256), (m, 256), cache, cache, (m,), (m,)], dict(ATTN),
                 [(m, 1536), cache, cache])
+    if op == R.ATTENTION_ADDR_OP:  # the same geometry as above, from the attributes
+        return [(m, 1536), (m, 256), (m, 256), (2,), (m,), (m,)], dict(ATTN, max_seq_len=64, n_slots=1), [(m, 1536)]
     return [(m, 8960), (m, 8960)], {}, [(m, 8960)]
 
 
@@ -134,6 +137,7 @@ def test_output_shapes_pass_symbolic_dims_through(op):
 
 
 @pytest.mark.parametrize("op,bad", [("q8_0_matmul", 1), ("q4k_matmul", 2), ("rope_kv_attention", 3),
+                                    ("rope_kv_attention_addr", 3), ("rope_kv_attention_addr", 0),
                                     ("swiglu", 1), ("q6k_gather", 0)])
 def test_check_shapes_names_the_mismatch(op, bad):
     shapes, attrs, _ = _int_case(op, 3)
@@ -147,6 +151,26 @@ def test_attention_aliases_its_caches():
     s = R.SCHEMAS[R.ATTENTION_OP]
     assert {s.outputs[o]: s.inputs[i] for o, i in s.aliases} == {"k_cache_out": "k_cache", "v_cache_out": "v_cache"}
     assert all(s.output_dtypes[o] is None for o, _ in s.aliases)
+
+
+def test_attention_by_address_schema():
+    """The TensorRT network's attention: the export's inputs with the two caches replaced by one int64 [2] input of
+    their addresses, one float32 output, no aliases; the cache geometry (n_slots, max_seq_len) from attributes, the
+    same launch dims as the export's attention with caches of that shape; every plugin op has no aliases."""
+    s, old = R.SCHEMAS[R.ATTENTION_ADDR_OP], R.SCHEMAS[R.ATTENTION_OP]
+    assert s.inputs == ("q", "k", "v", "cache_addr", "positions", "slots") and s.outputs == ("out",)
+    assert s.output_dtypes == ("float32",) and not s.aliases
+    assert dict(s.attrs) == {**dict(old.attrs), "n_slots": int}
+    assert R.ATTENTION_OP not in R.PLUGIN_OPS and R.ATTENTION_ADDR_OP not in R.EXPORT_OPS
+    assert not [op for op in R.PLUGIN_OPS if R.SCHEMAS[op].aliases]
+    for m in (1, 9):
+        shapes, attrs, _ = _int_case(R.ATTENTION_ADDR_OP, m)
+        cache = (3, 2, 100, 128)
+        attrs.update(n_slots=3, max_seq_len=100)
+        old_shapes = [shapes[0], shapes[1], shapes[2], cache, cache, shapes[4], shapes[5]]
+        assert R.launch_dims(R.ATTENTION_ADDR_OP, shapes, attrs) == R.launch_dims(R.ATTENTION_OP, old_shapes, ATTN)
+    with pytest.raises(ValueError, match="cache_addr must be"):
+        R.check_shapes(R.ATTENTION_ADDR_OP, [(1, 1536), (1, 256), (1, 256), (1, 2), (1,), (1,)], attrs)
 
 
 # --- launch parameters -------------------------------------------------------------------------------------------
@@ -209,6 +233,8 @@ def _m_inputs(op):
         return {1}
     if op == R.ATTENTION_OP:
         return {0, 1, 2, 5, 6}
+    if op == R.ATTENTION_ADDR_OP:
+        return {0, 1, 2, 4, 5}
     return {0, 1} if op == R.SWIGLU_OP else {0}
 
 
@@ -245,31 +271,18 @@ def test_schemas_match_docs_ops_md():
 
 
 def test_schemas_match_graph_custom_ops():
-    """toolchain.graph.CUSTOM_OPS is what the exporter writes: same ops, inputs, outputs, attribute names and types."""
+    """toolchain.graph.CUSTOM_OPS is what the exporter writes: same ops, inputs, outputs, attribute names and types
+    (the attention by address is TensorRT's alone: prepare_onnx makes it, the exporter never does)."""
     graph = pytest.importorskip("toolchain.graph")
     import onnx
 
     A = onnx.defs.OpSchema.AttrType
-    assert set(R.CUSTOM_OPS) <= set(graph.CUSTOM_OPS)
+    assert set(R.EXPORT_OPS) <= set(graph.CUSTOM_OPS) and R.ATTENTION_ADDR_OP not in graph.CUSTOM_OPS
     assert graph.PLUGIN_NAMESPACE == R.NAMESPACE and set(graph.PARSER_ATTRS) <= set(R.ROUTING_ATTRS)
-    for op in R.CUSTOM_OPS:
+    for op in R.EXPORT_OPS:
         (ins, outs, attrs), s = graph.CUSTOM_OPS[op], R.SCHEMAS[op]
         assert [n for n, _ in ins] == list(s.inputs) and [n for n, _ in outs] == list(s.outputs), op
         assert {n: {A.INT: int, A.FLOAT: float}[t] for n, t in attrs.items()} == dict(s.attrs), op
-
-
-def test_cache_outputs_map_to_their_inputs():
-    from toolchain.trt.runtime import aliased_input_by_name
-
-    inputs = ["token_ids", "k_cache.0", "v_cache.0", "k_cache.11", "v_cache.11"]
-    assert aliased_input_by_name("L11.k_cache_out", inputs) == "k_cache.11"
-    assert aliased_input_by_name("L0.v_cache_out", inputs) == "v_cache.0"
-    assert aliased_input_by_name("v_cache_out.11", inputs) == "v_cache.11"
-    assert aliased_input_by_name("L3.k_cache_out", inputs) is None
-    assert aliased_input_by_name("logits", inputs) is None
-    graph = pytest.importorskip("toolchain.graph")
-    if hasattr(graph, "cache_output_name"):
-        assert aliased_input_by_name(graph.cache_output_name(11, "k"), inputs) == "k_cache.11"
 
 
 class _FakeDesc:
@@ -333,8 +346,8 @@ def fake_trt(monkeypatch):
     trt.plugin = trtp
     kernels = types.ModuleType("toolchain.kernels")
 
-    def launch_config(op, dims, ops):
-        rec["launch"].append((op, dims))
+    def launch_config(op, dims, ops, clusters=True):
+        rec["launch"].append((op, dims, clusters))
         m = dims["m"]
         return types.SimpleNamespace(grid=(ops.cdiv(m, 4), 2, np.int64(1)), block=(128, 1, 1), shared_mem=0,
                                      scalars=(m, np.int32(7)))
@@ -344,8 +357,8 @@ def fake_trt(monkeypatch):
         return b"// ptx"
 
     kernels.__dict__.update(launch_config=launch_config, compile_kernel=compile_kernel,
-                            kernel_name=lambda op: f"qtrt_{op}", defines_for=lambda op, attrs: dict(sorted(
-                                (k.upper(), v) for k, v in attrs.items() if k != "layer")))
+                            kernel_name=lambda op: f"qtrt_{op}", defines_for=lambda op, attrs, clusters=True: dict(
+                                sorted((k.upper(), v) for k, v in attrs.items() if k != "layer"), CLUSTERS=clusters))
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setitem(sys.modules, "tensorrt.plugin", trtp)
     monkeypatch.setitem(sys.modules, "toolchain.kernels", kernels)
@@ -361,10 +374,11 @@ def fake_trt(monkeypatch):
 
 def test_plugin_signatures_match_the_op_table(fake_trt):
     ids = plugins.register_all()
-    assert sorted(ids) == sorted(f"qtrt::{op}" for op in R.CUSTOM_OPS)
+    assert sorted(ids) == sorted(f"qtrt::{op}" for op in R.PLUGIN_OPS)
+    assert sorted(fake_trt["register"]) == sorted(fake_trt["aot"]) == sorted(ids)  # nothing else registered
     assert plugins.register_all() == ids  # idempotent
     table = _docs_table()
-    for op in R.CUSTOM_OPS:
+    for op in R.PLUGIN_OPS:
         s, row = R.SCHEMAS[op], table[op]
         assert (list(s.inputs), dict(s.attrs)) == (row["inputs"], row["attrs"]), op
         reg = inspect.signature(fake_trt["register"][f"qtrt::{op}"])
@@ -381,7 +395,7 @@ def test_plugin_signatures_match_the_op_table(fake_trt):
         assert all(aot.parameters[n].annotation == reg.parameters[n].annotation for n in reg.parameters)
 
 
-@pytest.mark.parametrize("op", R.CUSTOM_OPS)
+@pytest.mark.parametrize("op", R.PLUGIN_OPS)
 def test_plugin_description_and_aot_impl(fake_trt, op):
     plugins.register_all()
     shapes, attrs, expected = _int_case(op, 5)
@@ -390,50 +404,52 @@ def test_plugin_description_and_aot_impl(fake_trt, op):
              for i, s in enumerate(shapes)]
     out = fake_trt["register"][f"qtrt::{op}"](*descs, **attrs)
     out = out if isinstance(out, tuple) else (out,)
-    s = R.SCHEMAS[op]
+    assert len(out) == len(R.SCHEMAS[op].outputs)
     for i, d in enumerate(out):
-        if i in s.alias_of:
-            assert d.get_aliased() is descs[s.alias_of[i]]
-        else:
-            assert d.dtype == "float32" and d.get_aliased() is None
+        assert d.dtype == "float32" and d.get_aliased() is None  # no aliased plugin I/O (issue 16, risk 2)
         assert tuple(_ev(v, m=5) for v in d.shape_expr) == expected[i]
 
     # aot_impl is called positionally with every attribute (get_launch_params in _plugin_class.py)
     name, ptx, params, extra = fake_trt["aot"][f"qtrt::{op}"](*descs, *attrs.values(), out, 0)
     assert (name, ptx) == (f"qtrt_{op}", b"// ptx")
     assert fake_trt["compile"][-1][2:] == ("ptx", "sm_90")
+    assert fake_trt["compile"][-1][1]["CLUSTERS"] is False  # builds without clusters (issue 16, risk 1)
     assert all(type(v).__name__ == "SymInt32" for v in extra.items)  # not bare SymIntExpr
     assert [_ev(v.v, m=9) for v in extra.items] == [9, 7]
     assert all(type(params.__dict__[f]).__name__ == "SymInt32" for f in ("grid_x", "block_x", "shared_mem"))
     assert _ev(params.grid_x.v, m=9) == 3 and params.grid_z.v == 1
-    op_dims = fake_trt["launch"][-1][1]
-    assert _ev(op_dims["m"], m=9) == 9
+    _, op_dims, clusters = fake_trt["launch"][-1]
+    assert _ev(op_dims["m"], m=9) == 9 and clusters is False
+    if op == R.ATTENTION_ADDR_OP:  # the cache geometry from the attributes
+        assert (op_dims["n_slots"], op_dims["max_seq"]) == (attrs["n_slots"], attrs["max_seq_len"])
 
 
 def test_one_ptx_per_attribute_set(fake_trt):
     """Layers differ only in `layer`, which the kernels ignore: all layers share one compile."""
     plugins.register_all()
-    shapes, attrs, _ = _int_case(R.ATTENTION_OP, 1)
+    shapes, attrs, _ = _int_case(R.ATTENTION_ADDR_OP, 1)
     descs = [_FakeDesc(s, "x") for s in shapes]
     for layer in range(4):
         a = dict(attrs, layer=layer)
-        fake_trt["aot"]["qtrt::rope_kv_attention"](*descs, *a.values(), (), 0)
+        fake_trt["aot"]["qtrt::rope_kv_attention_addr"](*descs, *a.values(), (), 0)
     assert len(fake_trt["compile"]) == 1
 
 
 # --- optimization profiles --------------------------------------------------------------------------------------
 
 def test_profiles_decode_and_prefill():
-    inputs = {"token_ids": (-1,), "positions": (-1,), "slots": (-1,), "k_cache.0": (-1, 2, -1, 128),
-              "v_cache.0": (1, 2, 4096, 128)}
-    dec, pre = R.profile_shapes(inputs, max_context=4096, max_batch_tokens=512)
+    """The rewritten network's inputs (prepare_onnx): token inputs [m], kv_addr.{i} static int64 [2]; a cache as a
+    network input is refused, as is any other dynamic input."""
+    inputs = {"token_ids": (-1,), "positions": (-1,), "slots": (-1,), "kv_addr.0": (2,), "kv_addr.1": (2,)}
+    dec, pre = R.profile_shapes(inputs, max_batch_tokens=512)
     assert dec["token_ids"] == ((1,), (1,), (1,))
     assert pre["positions"] == ((1,), (128,), (512,))
-    assert dec["k_cache.0"] == pre["k_cache.0"] == ((1, 2, 4096, 128),) * 3
-    assert "v_cache.0" not in dec  # static: no profile entry
-    assert len(R.profile_shapes(inputs, 64, 1)) == 1
+    assert set(dec) == set(pre) == set(R.TOKEN_INPUTS)  # static: no profile entry for the addresses
+    assert len(R.profile_shapes(inputs, 1)) == 1
     with pytest.raises(ValueError, match="weird"):
-        R.profile_shapes({"weird": (-1, 3)}, 64, 8)
+        R.profile_shapes({"weird": (-1, 3)}, 8)
+    with pytest.raises(ValueError, match="k_cache.0: a KV cache as a network input"):
+        R.profile_shapes({**inputs, "k_cache.0": (1, 2, 64, 128)}, 8)
 
 
 # --- ONNX preparation -------------------------------------------------------------------------------------------
@@ -575,17 +591,17 @@ def test_no_plugin_launch_asks_for_dynamic_shared_memory():
 
     assert not set(R.CUSTOM_OPS) & set(GEMM_OPS)
     model = MODEL_ATTRS[0]
-    for op in R.CUSTOM_OPS:
+    for op in R.PLUGIN_OPS:
         for m in (1, 128, 512):
             if op in R.MATMUL_OPS:
                 dims = {"m": m, "k": model["hidden"], "n": model["ffn"]}
             elif op in R.GATHER_OPS:
-                dims = {"m": m, "hidden": model["hidden"]}
-            elif op == R.ATTENTION_OP:
+                dims = {"m": m, "hidden": model["hidden"], "vocab": 151936}
+            elif op == R.ATTENTION_ADDR_OP:
                 dims = {"m": m, "n_heads": model["n_heads"], "n_slots": 1, "max_seq": 4096}
             else:
                 dims = {"m": m, "numel": m * model["ffn"]}
-            assert launch_config(op, dims).shared_mem == 0, (op, m)
+            assert launch_config(op, dims, clusters=False).shared_mem == 0, (op, m)
 
 
 # --- without TensorRT ----------------------------------------------------------------------------------------------
@@ -749,7 +765,8 @@ def test_the_engine_runs_on_the_tensorrt_backend(synth_gguf, monkeypatch):
     path = str(synth_gguf(**TINY))
     plans = []
 
-    def plan(p):  # TensorRTRunner(plan) -> the stand-in
+    def plan(p, cache_shape=None):  # TensorRTRunner(plan, cache_shape) -> the stand-in
+        assert cache_shape is None  # "stand-in.plan": no summary beside it, not a plan_name
         model = Decoder.open(path, ctx).model
         plans.append(_ReferencePlan(model, ctx, n_slots=3))
         return plans[-1]
@@ -782,7 +799,7 @@ def test_the_engine_runs_on_the_tensorrt_backend(synth_gguf, monkeypatch):
             dec.backend.step(*bad)
     assert len(feeds) == n  # nothing reached the plan
 
-    monkeypatch.setattr(runtime, "TensorRTRunner", lambda p: _ReferencePlan(dec.model, ctx, n_slots=1))
+    monkeypatch.setattr(runtime, "TensorRTRunner", lambda p, cache_shape: _ReferencePlan(dec.model, ctx, n_slots=1))
     with pytest.raises(UserError, match=r"1 KV-cache slot\(s\), below --slots 3; rebuild with `qtrt engine --slots 3`"):
         Decoder.open(path, ctx).start_backend("tensorrt", why="a stand-in plan", slots=3)
 
@@ -800,3 +817,435 @@ def test_an_existing_plan_is_chosen_by_its_slots(tmp_path, monkeypatch):
     (d / "model-ctx4096-s8.plan").write_bytes(b"")
     assert existing_plan(gguf, 8) == existing_plan(gguf, 2) == str(d / "model-ctx4096-s8.plan")
     assert existing_plan(gguf, 9) is None
+
+
+# --- the KV cache by address (issue 16, risk 2): prepare_onnx on a real export, the runner over a stand-in engine ---
+
+@pytest.fixture(scope="module")
+def tiny_export(synth_gguf, tmp_path_factory):
+    """`qtrt export` of the small synthetic model (conftest TINY: 2 layers): (gguf path, model.onnx path)."""
+    pytest.importorskip("gguf")
+    from conftest import TINY
+    from toolchain.export import export_model
+
+    gguf = synth_gguf(**TINY)
+    out = tmp_path_factory.mktemp("tiny-export") / "onnx"
+    export_model(str(gguf), str(out), progress=False)
+    return str(gguf), out / "model.onnx"
+
+
+def _attrs(node):
+    from toolchain.graph import node_attrs
+
+    return node_attrs(node)
+
+
+def test_prepare_onnx_passes_the_kv_cache_by_address(tiny_export):
+    """Every attention node of a real export becomes rope_kv_attention_addr reading kv_addr.{layer} (INT64 [2], a
+    graph input feeding exactly that node) with n_slots / max_seq_len as asked; no graph input or output is a cache;
+    every other node, the node order and count, and every initializer (but the UINT8 -> INT8 retype) are unchanged;
+    the graph is still wired (each node input produced before it); the facts say so."""
+    import onnx
+
+    from toolchain.trt.engine import prepare_onnx
+
+    _, path = tiny_export
+    before = onnx.load(str(path), load_external_data=False)
+    model, facts = prepare_onnx(path, n_slots=3, max_context=48)
+    g, old = model.graph, before.graph
+    layers = [_attrs(n)["layer"] for n in old.node if n.op_type == R.ATTENTION_OP]
+    assert layers == [0, 1] and len(g.node) == len(old.node)
+    for a, b in zip(old.node, g.node):
+        if a.op_type != R.ATTENTION_OP:
+            assert a == b, a.name
+            continue
+        i = _attrs(a)["layer"]
+        assert (b.op_type, b.domain, b.name) == (R.ATTENTION_ADDR_OP, a.domain, a.name)
+        assert list(b.input) == [*a.input[:3], f"kv_addr.{i}", *a.input[5:]]
+        assert list(b.output) == [a.output[0]]
+        assert _attrs(b) == {**_attrs(a), "max_seq_len": 48, "n_slots": 3}
+        assert set(_attrs(b)) - set(R.ROUTING_ATTRS) == set(dict(R.SCHEMAS[R.ATTENTION_ADDR_OP].attrs))
+    cache = lambda name: name.startswith(R.CACHE_PREFIXES) or "cache_out" in name  # noqa: E731
+    assert not [x.name for x in (*g.input, *g.output, *g.value_info) if cache(x.name)]
+    assert [x.name for x in g.output] == [x.name for x in old.output if not cache(x.name)]
+    assert [x for x in g.input if not x.name.startswith("kv_addr.")] == [x for x in old.input if not cache(x.name)]
+    for i in layers:
+        x = next(x for x in g.input if x.name == f"kv_addr.{i}")
+        assert x.type.tensor_type.elem_type == onnx.TensorProto.INT64
+        assert [d.dim_value for d in x.type.tensor_type.shape.dim] == [2]
+        readers = [n for n in g.node if f"kv_addr.{i}" in n.input]
+        assert len(readers) == 1 and readers[0].op_type == R.ATTENTION_ADDR_OP and _attrs(readers[0])["layer"] == i
+    assert len([x for x in g.input if x.name.startswith("kv_addr.")]) == len(layers)
+    assert len(g.initializer) == len(old.initializer)
+    for a, b in zip(old.initializer, g.initializer):
+        retyped = (a.data_type, b.data_type) == (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)
+        assert retyped or a.data_type == b.data_type, a.name
+        b2 = onnx.TensorProto()
+        b2.CopyFrom(b)
+        b2.data_type = a.data_type
+        assert a == b2, a.name
+    known = {x.name for x in g.input} | {t.name for t in g.initializer}
+    for n in g.node:
+        assert set(n.input) <= known, (n.name, set(n.input) - known)
+        known |= set(n.output)
+    assert {x.name for x in g.output} <= known
+    from conftest import TINY
+
+    hd = TINY["hidden"] // TINY["n_heads"]
+    assert facts["kv_cache"] == "by address" and facts["cache_shape"] == [3, TINY["n_kv_heads"], 48, hd]
+    assert facts["plugins"][R.ATTENTION_ADDR_OP] == 2 and R.ATTENTION_OP not in facts["plugins"]
+    assert set(facts["plugins"]) <= set(R.PLUGIN_OPS)
+    # without max_context: the export's max_seq_len (the model's context)
+    _, facts = prepare_onnx(path)
+    assert facts["cache_shape"] == [1, TINY["n_kv_heads"], TINY["context_length"], hd]
+
+
+@pytest.mark.parametrize("reader", ["k_cache.1", "L0.v_cache_out"])
+def test_prepare_onnx_refuses_another_reader_of_a_cache(tiny_export, tmp_path, reader):
+    """A cache read by anything but its attention node cannot leave the network: a one-line UserError naming it."""
+    import onnx
+
+    _, path = tiny_export
+    model = onnx.load(str(path), load_external_data=False)
+    model.graph.node.append(onnx.helper.make_node("Identity", [reader], ["peek"], name="peek"))
+    (tmp_path / "weights.bin").symlink_to(path.parent / "weights.bin")
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    from toolchain.trt.engine import prepare_onnx
+
+    with pytest.raises(UserError, match=rf"{re.escape(reader)} \(node peek\)"):
+        prepare_onnx(tmp_path / "model.onnx")
+
+
+# A stand-in for TensorRT and the CUDA driver: "device" memory is host numpy memory at its real host address, so an
+# address the runner writes into kv_addr.{i} finds the buffer it names. The stand-in engine runs the prepared graph
+# (prepare_onnx's output) with the numpy reference ops; its attention reads the two cache addresses from kv_addr.{i}
+# at run time, as the kernel does. A captured "graph" replays closures whose tensor addresses were fixed at capture.
+
+_LIVE: dict[int, np.ndarray] = {}  # address -> the host bytes behind it
+
+
+def _at(ptr, shape, dtype):
+    """The array at device address `ptr` (a buffer's start); refuses to read past the buffer."""
+    mem = _LIVE[int(ptr)]
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    assert n <= mem.nbytes, f"{n} bytes at {ptr:#x}: past the {mem.nbytes}-byte buffer"
+    return mem[:n].view(dtype).reshape(shape)
+
+
+class _FakeBuffer:
+    """cr.DeviceBuffer's surface, in host memory."""
+
+    def __init__(self, nbytes, shape=None, dtype=None):
+        self.nbytes, self.shape, self.dtype = int(nbytes), shape, dtype
+        self.mem = np.zeros(max(self.nbytes, 1), np.uint8)
+        self.ptr = self.mem.ctypes.data
+        _LIVE[self.ptr] = self.mem
+
+    def upload(self, a, stream=None, offset=0, wait=True):
+        a = np.ascontiguousarray(a)
+        self.mem[offset:offset + a.nbytes] = a.reshape(-1).view(np.uint8)
+
+    def download(self, shape=None, dtype=None, rows=None, stream=None):
+        shape = tuple(shape) if rows is None else (rows, *shape[1:])
+        return _at(self.ptr, shape, dtype).copy()
+
+    def fill_u8(self, value, stream=None):
+        self.mem[:] = value
+
+    def free(self):
+        _LIVE.pop(self.ptr, None)
+
+
+class _FakeStream:
+    def __init__(self):
+        self.handle, self.recording = 7, None
+
+    def synchronize(self):
+        pass
+
+    def enqueue(self, fn):
+        (self.recording.append if self.recording is not None else lambda f: f())(fn)
+
+    @contextlib.contextmanager
+    def capture(self):
+        graph = types.SimpleNamespace(ops=[])
+        graph.launch = lambda stream: [fn() for fn in graph.ops]
+        self.recording = graph.ops
+        try:
+            yield graph
+        finally:
+            self.recording = None
+
+
+def _fake_cr(stream):
+    import ctypes
+
+    class Advance:  # decode_advance: token_ids <- next_token, positions += 1 (plugins/decode_advance.cu)
+        def launch(self, cfg, args, s):
+            nxt, tok, pos = args[0], args[-2], args[-1]  # fixed at launch, as a captured kernel's parameters
+            s.enqueue(lambda: (np.copyto(_at(tok, (1,), np.int32), _at(nxt, (1,), np.int64), casting="unsafe"),
+                               _at(pos, (1,), np.int32).__iadd__(1)))
+
+    driver = types.SimpleNamespace(cuMemcpyHtoDAsync=lambda dst, src, n, s: ctypes.memmove(dst, src, n),
+                                   cuMemcpyDtoHAsync=lambda dst, src, n, s: ctypes.memmove(dst, src, n),
+                                   cuMemsetD8Async=lambda dst, v, n, s: ctypes.memset(dst, v, n))
+    return types.SimpleNamespace(Stream=lambda: stream, DeviceBuffer=_FakeBuffer, load_op=lambda op: Advance(),
+                                 driver=lambda: driver, check=lambda r, what: r)
+
+
+class _StandInEngine:
+    """ICudaEngine's surface over a prepared ONNX graph (TensorRT's network), with the profiles of
+    shape_rules.profile_shapes; its contexts run the graph with the numpy reference ops."""
+
+    def __init__(self, model, arrays, max_batch_tokens):
+        from onnx import helper
+
+        g = model.graph
+        self.model, self.arrays = model, arrays
+        self.io = {}
+        for x, mode in [(x, "in") for x in g.input] + [(x, "out") for x in g.output]:
+            t = x.type.tensor_type
+            self.io[x.name] = (mode, np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)),
+                               tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim))
+        self.names = list(self.io)
+        ins = {n: s for n, (mode, _, s) in self.io.items() if mode == "in"}
+        self.profiles = R.profile_shapes(ins, max_batch_tokens)
+        self.num_io_tensors, self.num_optimization_profiles = len(self.names), len(self.profiles)
+        self.contexts = []
+
+    def get_tensor_name(self, i):
+        return self.names[i]
+
+    def get_tensor_mode(self, n):
+        return self.io[n][0]
+
+    def get_tensor_dtype(self, n):
+        return self.io[n][1]
+
+    def get_tensor_shape(self, n):
+        return self.io[n][2]
+
+    def get_tensor_profile_shape(self, n, p):
+        return list(self.profiles[p][n])
+
+    def create_execution_context(self):
+        self.contexts.append(_StandInContext(self))
+        return self.contexts[-1]
+
+
+class _StandInContext:
+    def __init__(self, engine):
+        self.e, self.addr, self.shapes, self.runs = engine, {}, {}, 0
+
+    def set_optimization_profile_async(self, p, stream):
+        self.profile = p
+
+    def set_input_shape(self, n, shape):
+        self.shapes[n] = tuple(shape)
+
+    def set_tensor_address(self, n, ptr):
+        assert n in self.e.io, n  # only the plan's own tensors have addresses
+        self.addr[n] = int(ptr)
+
+    def get_tensor_shape(self, n):
+        if n in self.shapes:
+            return self.shapes[n]
+        m = self.shapes["token_ids"][0]
+        return tuple(m if d == -1 else d for d in self.e.io[n][2])
+
+    def execute_async_v3(self, stream_handle):
+        addr = dict(self.addr)  # fixed now: a captured launch keeps these addresses
+        shapes = {n: self.get_tensor_shape(n) for n in self.e.names}
+        self.runs += 1
+        _STREAM.enqueue(lambda: self._run(addr, shapes))
+        return True
+
+    def _run(self, addr, shapes):
+        from toolchain import ops
+        from toolchain.runners import run_node
+
+        env = dict(self.e.arrays)
+        env.update({n: _at(addr[n], shapes[n], dt).copy() for n, (mode, dt, _) in self.e.io.items() if mode == "in"})
+        for node in self.e.model.graph.node:
+            ins, a = [env[i] for i in node.input], _attrs(node)
+            if node.op_type == R.ATTENTION_ADDR_OP:  # the caches at the addresses in kv_addr.{i}, now
+                q, k, v, words, pos, slots = ins
+                cache = (a["n_slots"], a["n_kv_heads"], a["max_seq_len"], a["head_dim"])
+                kc, vc = (_at(int(w), cache, np.float16) for w in words.view(np.uint64))
+                outs = [ops.rope_kv_attention(q, k, v, kc, vc, pos, slots, n_heads=a["n_heads"],
+                                              n_kv_heads=a["n_kv_heads"], head_dim=a["head_dim"],
+                                              rope_theta=a["rope_theta"])[0]]
+            else:
+                outs = run_node(node.op_type, ins, a)
+            env.update(zip(node.output, outs))
+        for n, (mode, dt, _) in self.e.io.items():
+            if mode == "out":
+                _at(addr[n], shapes[n], dt)[...] = env[n]
+
+
+_STREAM = _FakeStream()
+
+
+@pytest.fixture
+def stand_in_plan(tiny_export, tmp_path, monkeypatch):
+    """plan(name, n_slots, max_context, max_batch_tokens) -> a plan file whose engine is the stand-in over
+    prepare_onnx(tiny export); TensorRT and cuda_runtime replaced in toolchain.trt.runtime."""
+    import onnx
+    from onnx import numpy_helper
+
+    from toolchain.trt import runtime
+    from toolchain.trt.engine import prepare_onnx
+
+    _, path = tiny_export
+    full = onnx.load(str(path))
+    arrays = {t.name: numpy_helper.to_array(t) for t in full.graph.initializer}  # the export's UINT8 bytes
+    engines = {}
+
+    def make(name="model.plan", n_slots=2, max_context=64, max_batch_tokens=8):
+        model, _ = prepare_onnx(path, n_slots=n_slots, max_context=max_context)
+        plan = tmp_path / name
+        plan.write_bytes(b"stand-in")
+        engines[plan.read_bytes()] = _StandInEngine(model, arrays, max_batch_tokens)
+        return plan
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            pass
+
+    trt = types.SimpleNamespace(
+        __version__="stand-in", Logger=Logger, TensorIOMode=types.SimpleNamespace(INPUT="in", OUTPUT="out"),
+        nptype=lambda d: d, Runtime=lambda logger: types.SimpleNamespace(deserialize_cuda_engine=engines.get))
+    cr = _fake_cr(_STREAM)
+    monkeypatch.setattr(runtime, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(toolchain, "cuda_runtime", cr, raising=False)
+    monkeypatch.setitem(sys.modules, "toolchain.cuda_runtime", cr)
+    yield make
+    _STREAM.recording = None
+
+
+def _reference_steps(tiny_export, n_slots, max_seq, steps):
+    """Logits of each step (feeds of token_ids / positions / slots) by the ONNX contract: the export's graph with
+    explicit caches (NumpyRunner), caches carried from step to step."""
+    import onnx
+    from onnx import numpy_helper
+
+    from toolchain.decoder import Decoder
+    from toolchain.runners import NumpyRunner, new_caches
+
+    gguf, path = tiny_export
+    full = onnx.load(str(path))
+    runner = NumpyRunner(full, {t.name: numpy_helper.to_array(t) for t in full.graph.initializer})
+    caches = new_caches(Decoder.open(gguf, max_seq).model.config, n_slots, max_seq)
+    out = []
+    for feed in steps:
+        got = runner.infer({**{k: np.asarray(v, np.int32) for k, v in feed.items()}, **caches})
+        caches = {f"{kind}_cache.{i}": got[f"L{i}.{kind}_cache_out"] for i in range(2) for kind in "kv"}
+        out.append(got["logits"])
+    return out, caches
+
+
+def test_runner_owns_the_caches_and_passes_their_addresses(stand_in_plan, tiny_export):
+    """TensorRTRunner over the stand-in plan: it allocates k_cache.{i} / v_cache.{i} itself at cache_shape (no plan
+    tensor is a cache), writes their addresses into kv_addr.{i}; prefill and decode steps (the decode replayed from
+    a captured graph) give the logits of the ONNX contract's numpy runner and leave the same caches; binding a
+    caller's cache rewrites only that layer's address words and the captured graph stays and writes there."""
+    from conftest import TINY
+    from toolchain.trt.runtime import TensorRTRunner
+
+    shape = (2, TINY["n_kv_heads"], 64, TINY["hidden"] // TINY["n_heads"])
+    r = TensorRTRunner(stand_in_plan(), cache_shape=shape)
+    assert r.caches == ["k_cache.0", "v_cache.0", "k_cache.1", "v_cache.1"]
+    assert not [n for n in r.names if n.startswith(R.CACHE_PREFIXES)] and (r.n_slots, r.max_context) == (2, 64)
+    for i in range(2):
+        k, v = r.buf[f"k_cache.{i}"], r.buf[f"v_cache.{i}"]
+        assert k in r._owned and v in r._owned and r.read(f"k_cache.{i}").shape == shape
+        assert r.read(f"kv_addr.{i}").tolist() == [k.ptr, v.ptr]
+        assert all(c.addr[f"kv_addr.{i}"] == r.buf[f"kv_addr.{i}"].ptr for c in r.contexts)
+
+    rng = np.random.default_rng(3)
+    steps = [{"token_ids": rng.integers(0, TINY["vocab"], 6), "positions": np.arange(6), "slots": np.full(6, 1)}]
+    steps += [{"token_ids": [int(rng.integers(0, TINY["vocab"]))], "positions": [p], "slots": [1]} for p in (6, 7, 8)]
+    want, caches = _reference_steps(tiny_export, 2, 64, steps)
+    for feed, ref in zip(steps, want):
+        got = r.infer({k: np.asarray(v, np.int32) for k, v in feed.items()}, outputs=["logits"])["logits"]
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    # the first decode step ran plainly and was captured; the other two were replays of the graph
+    assert r.graph is not None and r.contexts[r.decode].runs == 2
+    for name, c in caches.items():
+        np.testing.assert_allclose(r.read(name).astype(np.float32), c.astype(np.float32), atol=1e-3)
+    assert not r.read("k_cache.0")[0].any() and r.read("k_cache.0")[1, :, :9].any()
+
+    # bind a caller's cache for layer 1 (a copy of the runner's): only kv_addr.1 changes, the graph stays
+    old = {n: r.buf[n].ptr for n in r.caches}
+    mine = _FakeBuffer(r.buf["k_cache.1"].nbytes)
+    mine.upload(r.read("k_cache.1"))
+    before = r.read("k_cache.1")
+    graph = r.graph
+    tok = r.read("next_token", rows=1).reshape(-1)  # replay_decode goes on from the device's token and position
+    r.infer({"k_cache.1": mine, "token_ids": tok.astype(np.int32), "positions": np.array([9], np.int32),
+             "slots": np.array([1], np.int32)}, outputs=["logits"])
+    assert r.graph is graph and r.buf["k_cache.1"].ptr == mine.ptr
+    assert r.read("kv_addr.1").tolist() == [mine.ptr, old["v_cache.1"]]
+    assert r.read("kv_addr.0").tolist() == [old["k_cache.0"], old["v_cache.0"]]
+    assert _at(mine.ptr, shape, np.float16)[1, :, 9].any()  # the replayed step wrote the caller's cache
+    np.testing.assert_array_equal(_at(old["k_cache.1"], shape, np.float16), before)  # and not the old one
+    with pytest.raises(ValueError, match="v_cache.0: a device buffer of"):
+        r.infer({"v_cache.0": _FakeBuffer(mine.nbytes - 2), "token_ids": np.ones(1, np.int32),
+                 "positions": np.ones(1, np.int32), "slots": np.ones(1, np.int32)})
+    r.zero_caches()
+    assert not _at(mine.ptr, shape, np.float16).any() and not r.read("v_cache.0").any()
+    r.close()
+
+
+def test_runner_refuses_unknown_cache_shapes_and_old_plans(stand_in_plan, tmp_path):
+    """A plan taking caches by address with no cache_shape (and no summary beside it or plan_name) is a clear
+    error; plan_cache_shape reads build_engine's summary when it describes the plan, else the plan's name."""
+    from toolchain.trt.engine import plan_info_path
+    from toolchain.trt.runtime import TensorRTRunner, plan_cache_shape
+
+    plan = stand_in_plan("x.plan")
+    with pytest.raises(UserError, match="shape is unknown"):
+        TensorRTRunner(plan)
+    cfg = types.SimpleNamespace(n_kv_heads=2, head_dim=64)
+    assert plan_cache_shape(plan, cfg) is None
+    plan_info_path(plan).write_text(f'{{"cache_shape": [3, 2, 32, 64], "plan_bytes": {plan.stat().st_size}}}')
+    assert plan_cache_shape(plan) == (3, 2, 32, 64)
+    assert TensorRTRunner(plan).buf["v_cache.1"].shape == (3, 2, 32, 64)
+    plan_info_path(plan).write_text('{"cache_shape": [3, 2, 32, 64], "plan_bytes": 1}')  # another plan's
+    assert plan_cache_shape(plan) is None
+    assert plan_cache_shape(tmp_path / "model-ctx4096-s8.plan", cfg) == (8, 2, 4096, 64)
+    assert plan_cache_shape(tmp_path / "model-ctx512.plan", cfg) == (1, 2, 512, 64)
+
+
+def test_tensorrt_backend_over_the_stand_in_runner(stand_in_plan, tiny_export):
+    """TensorRTBackend with a plan named as the backend names its builds (model-ctx64-s2.plan): the runner's caches
+    get the plan's shape from the model and the name; forward in plan-sized pieces and greedy (replayed graph, the
+    stand-in decode_advance) give the ONNX contract's logits and tokens."""
+    from conftest import TINY
+    from toolchain.decoder import Decoder
+    from toolchain.trt.runtime import TensorRTBackend
+
+    gguf, _ = tiny_export
+    plan = stand_in_plan("model-ctx64-s2.plan", n_slots=2, max_context=64, max_batch_tokens=4)
+    model = Decoder.open(gguf, 64).model
+    b = TensorRTBackend(model, 48, plan=str(plan), n_slots=2)
+    assert b.runner.buf["k_cache.0"].shape == (2, TINY["n_kv_heads"], 64, TINY["hidden"] // TINY["n_heads"])
+    assert (b.n_slots, b.runner.max_context) == (2, 64)
+    prompt = [5, 77, 300, 9, 12, 1000, 44]  # two plan steps: 4 + 3
+    steps = [{"token_ids": prompt[:4], "positions": range(4), "slots": [0] * 4},
+             {"token_ids": prompt[4:], "positions": range(4, 7), "slots": [0] * 3}]
+    want, _ = _reference_steps(tiny_export, 2, 64, steps)
+    np.testing.assert_allclose(b.forward(prompt), want[-1][-1], rtol=1e-5, atol=1e-5)
+    first = int(np.argmax(want[-1][-1]))
+    tokens = list(b.greedy(first, 4))
+    ref_tokens, feed, pos = [], [first], 7
+    while len(ref_tokens) < 4:
+        steps.append({"token_ids": feed, "positions": [pos], "slots": [0]})
+        logits, _ = _reference_steps(tiny_export, 2, 64, steps)
+        feed, pos = [int(np.argmax(logits[-1][-1]))], pos + 1
+        ref_tokens.append(feed[0])
+    assert tokens == ref_tokens
+    with pytest.raises(UserError, match="built for a context of 64"):
+        TensorRTBackend(model, 128, plan=str(plan), n_slots=2)

@@ -136,7 +136,7 @@ def _open_decoder(a, progress, prompt_check=None, slots: int = 1):
 
     path = resolve_model(a.model)
     backend, why = choose_backend(a.backend, path)
-    dec = Decoder.open(path, a.max_context, progress)
+    dec = Decoder.open(path, a.max_context, progress, backend=backend)
     result = prompt_check(dec) if prompt_check else None
     if not a.quiet:
         print(f"qtrt: backend {backend} ({why})", file=sys.stderr)

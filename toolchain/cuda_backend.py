@@ -57,7 +57,13 @@ GEMM_MIN_M = 32
 HEAD_NODES = ("final_norm", "lm_head", "argmax")
 F32 = np.float32
 TUNING = {"pdl": True, "m1": True, "qmv1": True, "plain": True, "xmerge": True, "defines": {}, "pdl_skip": (),
-          "skip": (), "share_activations": os.environ.get("QTRT_SHARE_ACTIVATIONS") == "1"}
+          "skip": (), "share_activations": os.environ.get("QTRT_SHARE_ACTIVATIONS") == "1",
+          "clusters": True, "cache_by_address": False}
+# The kernels TensorRT's plugins get (toolchain/trt/plugins.py, issue 16), run here to prove them on the GPU: no
+# thread-block cluster launch (so no cluster k-split, no xmerge pair and no prefill GEMM, whose split-K is a cluster),
+# the attention with the caches by address (rope_kv_attention_addr), the general matvec core at every m. With
+# fused=False the step is then the TensorRT export's kernel for kernel (the argmax, a standard op there, stays ours).
+TENSORRT_BUILDS = {"clusters": False, "cache_by_address": True, "qmv1": False, "m1": False, "xmerge": False}
 
 
 @dataclass
@@ -74,8 +80,12 @@ class CudaBackend:
 
     def __init__(self, model: GGUFModel, max_context: int, n_slots: int = 1, max_tokens: int = 64,
                  fused: bool = True, tuning: dict | None = None, progress=None,
-                 prepare: bool = False, prepare_sampled: Tail | None = None):
+                 prepare: bool = False, prepare_sampled: Tail | None = None,
+                 weights_upload: cr.BackgroundUpload | None = None):
+        """`weights_upload`: the model's tensor data already on its way to the GPU (upload_weights(), started by
+        the caller before its other start-up work); by default it starts here, beside the graph building."""
         self.model, self.cfg = model, model.config
+        upload = weights_upload or cr.upload_weights(model)
         self.max_context, self.n_slots, self.max_tokens = max_context, n_slots, max_tokens
         self.tuning = {**TUNING, **(tuning or {})}
         from .progress import quiet
@@ -88,12 +98,15 @@ class CudaBackend:
             graph, arrays = build_model_graph(model)
             self.onnx = fuse(graph) if fused else graph  # decode steps: few launches per layer
             self.onnx_prefill = graph  # many tokens: unfused, so each projection can be a tensor-core GEMM
-        # (a pinned, double-buffered upload measured no faster on the H100, 0.24-0.26 s: the file's pages set the pace)
-        self.weights = {name: cr.DeviceBuffer.from_numpy(arrays[name])
-                        for name in progress.bar(list(arrays), text="uploading weights", unit="tensor")}
+        with progress.stage("uploading weights"):
+            self.weights, region = self._weights_on_device(arrays, upload)
+        if upload is not None:
+            progress.times["weights copy (beside the above)"] = upload.seconds
         c = self.cfg
         cache_shape = (n_slots, c.n_kv_heads, max_context, c.head_dim)
         self.buffers: dict[str, cr.DeviceBuffer] = dict(self.weights)
+        if region is not None:
+            self.buffers["weights.region"] = region  # freed by close()
         for i in range(c.n_layers):
             for kind in "kv":
                 buf = cr.DeviceBuffer.zeros(cache_shape, np.float16)
@@ -124,6 +137,21 @@ class CudaBackend:
                 self.decode_graph(1)
                 if prepare_sampled:  # the step with the device sampler, before the first token's clock starts
                     self.decode_graph(1, tail=prepare_sampled)
+
+    @staticmethod
+    def _weights_on_device(arrays: dict, upload) -> tuple[dict, object]:
+        """Device buffers of the graph's weights: views into the uploaded region for the arrays that lie in it at a
+        16-byte multiple (kernels load 16 bytes at a time), their own copies for the rest (e.g. zero biases).
+        Returns them and the region's buffer (None without an upload)."""
+        region = upload.result() if upload is not None else None
+        out = {}
+        for name, a in arrays.items():
+            off = a.ctypes.data - upload.host.ctypes.data if region is not None else -1
+            if 0 <= off and off + a.nbytes <= upload.host.nbytes and off % 16 == 0 and a.flags.c_contiguous:
+                out[name] = cr.DeviceView(region, off, a.nbytes, a.shape, a.dtype)
+            else:
+                out[name] = cr.DeviceBuffer.from_numpy(a)
+        return out, region
 
     def _allocate_activations(self):
         """A buffer of max_tokens rows for every value of the graphs not allocated yet; with the tuning's
@@ -171,7 +199,7 @@ class CudaBackend:
             dims["hidden"] = c.hidden
         elif op in ("add", "swiglu"):
             dims["numel"] = m * self.widths[node.output[0]][0]
-        elif op == "argmax":
+        elif op == "argmax" or op.endswith("_gather"):
             dims["vocab"] = c.vocab
         elif op.endswith("_matmul") or op == "matmul_add":
             dims["n"], dims["k"] = attrs["out_features"], attrs["in_features"]
@@ -188,7 +216,11 @@ class CudaBackend:
     def long_context(self, position: int) -> bool:
         """Whether a one-token step at `position` takes the xmerge plan: its attention has more than one cluster per
         kv head, and the tuning pairs them."""
-        return bool(self.tuning["xmerge"]) and position + 1 > self._xmerge_keys()
+        return self._xmerge() and position + 1 > self._xmerge_keys()
+
+    def _xmerge(self) -> bool:
+        """Whether the tuning pairs attention and o projection (only the cluster builds have the partials)."""
+        return bool(self.tuning["xmerge"]) and bool(self.tuning["clusters"])
 
     def plan(self, m: int, last_only: bool = False, long_context: bool = False, tail: Tail | None = None,
              sampled: int = 0) -> list[Launch]:
@@ -197,14 +229,15 @@ class CudaBackend:
         long_context (m = 1, see long_context()), the xmerge pairs. With a `tail`, its device sampler passes at the
         argmax (toolchain/device_sampler.py; the draw replaces it) for the first `sampled` entries of its row list
         (default: m)."""
-        xmerge = m == 1 and long_context and self.tuning["xmerge"]
+        xmerge = m == 1 and long_context and self._xmerge()
         sampled = (sampled or m) if tail else 0
         key = (m, last_only, xmerge, tail, sampled)
         if tail and last_only:
             raise ValueError("a sampled plan computes the logits of every row (last_only=False)")
         if key in self._plans:
             return self._plans[key]
-        gemm = m >= GEMM_MIN_M
+        clusters = self.tuning["clusters"]
+        gemm = m >= GEMM_MIN_M and clusters
         nodes = []  # (node, op, attrs, dims, defines, head) of every node, then the launches
         for node in (self.onnx_prefill if gemm else self.onnx).graph.node:
             head = last_only and node.name in HEAD_NODES
@@ -217,10 +250,13 @@ class CudaBackend:
             dims = self._dims(node, op, attrs, 1 if head else m)
             if gemm and not head and op in GEMM_OF:
                 op = GEMM_OF[op]
-            defines = defines_for(op, attrs)
+            if op == "rope_kv_attention" and self.tuning["cache_by_address"]:
+                op = "rope_kv_attention_addr"
+            defines = defines_for(op, attrs, clusters)
             k = dims.get("k", dims.get("hidden"))
             if m == 1 and op in MATMUL_OPS + FUSED_OPS:
-                defines = decode_build(op, attrs, k, self.tuning["qmv1"], self.tuning["m1"], self.tuning["plain"])
+                defines = decode_build(op, attrs, k, self.tuning["qmv1"], self.tuning["m1"], self.tuning["plain"],
+                                       clusters)
             # tuning defines per op, or per op@k for one projection shape only (e.g. matmul_add@1536)
             defines |= self.tuning["defines"].get(op, {}) | self.tuning["defines"].get(f"{op}@{k}", {})
             if "QMV1" in defines:
@@ -230,12 +266,14 @@ class CudaBackend:
         launches = []
         for node, op, attrs, dims, defines, head in nodes:
             kern = self._kernel(op, defines)
-            cfg = launch_config(op, dims)
+            cfg = launch_config(op, dims, clusters=clusters)
             ins = [self.buffers[i].ptr for i in node.input]
             if head and node.name == HEAD_NODES[0]:  # read the last token's hidden row
                 width, dtype = self.widths[node.input[0]]
                 ins[0] += (m - 1) * width * np.dtype(dtype).itemsize
             outs = [self.buffers[o].ptr for o in node.output]
+            if op == "rope_kv_attention_addr":  # q, k, v, the caches' addresses, positions, slots -> out
+                ins, outs = ins[:3] + [self._cache_addresses(node.input[3], node.input[4])] + ins[5:], outs[:1]
             if op == "rope_kv_attention" and gemm and last_only:  # one slot's prompt: the tiled prefill pair
                 launches += self._prefill_attention(node, attrs, dims, ins, outs)
                 continue
@@ -258,6 +296,15 @@ class CudaBackend:
                                 self.buffers["positions"].ptr]))
         self._plans[key] = launches
         return launches
+
+    def _cache_addresses(self, k_cache: str, v_cache: str) -> int:
+        """Device address of an int64 [2] holding the two caches' addresses (rope_kv_attention_addr's input, as the
+        TensorRT runner keeps one per layer)."""
+        name = f"{k_cache}+{v_cache}.addr"
+        if name not in self.buffers:
+            addr = np.array([self.buffers[k_cache].ptr, self.buffers[v_cache].ptr], np.uint64)
+            self.buffers[name] = cr.DeviceBuffer.from_numpy(addr)
+        return self.buffers[name].ptr
 
     def _link_xmerge(self, nodes) -> dict[str, list]:
         """Batch-1 plan: pair each attention with the o projection that alone reads its output, where that one runs
@@ -313,7 +360,7 @@ class CudaBackend:
         """The whole decode step for m tokens captured once into a CUDA graph (advancing itself, unless not
         `advance`); for m = 1 one graph per plan (long_context: the xmerge one, where the tuning has it). tail: the
         device sampler's passes over all m rows (None: the argmax alone)."""
-        key = (m, m == 1 and long_context and bool(self.tuning["xmerge"]), tail, advance)
+        key = (m, m == 1 and long_context and self._xmerge(), tail, advance)
         if key not in self._graphs:
             if tail:
                 self.sampler.set_rows(np.arange(m), self.stream)

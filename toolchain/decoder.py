@@ -228,6 +228,7 @@ class Decoder:
         self.model, self.tokenizer, self.backend, self.max_context = model, tokenizer, backend, max_context
         self.backend_reason = backend_reason
         self.cached_ids: list[int] = []
+        self.weights_upload = None  # open(backend="cuda"): the weights' copy under way, for start_backend
 
     @staticmethod
     def check_max_context(max_context, model_context: int) -> int:
@@ -239,11 +240,13 @@ class Decoder:
         return int(max_context)
 
     @classmethod
-    def open(cls, model, max_context: int | None = None, progress=None) -> "Decoder":
+    def open(cls, model, max_context: int | None = None, progress=None, backend: str | None = None) -> "Decoder":
         """Read the GGUF and its tokenizer (fast): a decoder with no backend yet, which can already tokenize and
-        check prompts. start_backend() then does the slow part. (Starting the cuda backend in a thread while the
-        tokenizer loads gained nothing on the H100: the two contend for the interpreter; device run 5 of
-        2026-12-05.)"""
+        check prompts. start_backend() then does the slow part. With backend "cuda" (already chosen), the weights'
+        copy to the GPU starts first, on a thread (cuda_runtime.upload_weights): the driver runs it without the
+        interpreter lock, beside the tokenizer and the step graphs. (Starting the whole cuda backend in a thread
+        gained nothing on the H100: its graph building and per-tensor uploads contend with the tokenizer for the
+        lock; device run 5 of 2026-12-05.)"""
         from .fetch import resolve_model
         from .gguf_model import GGUFModel, load_gguf
         from .progress import quiet
@@ -257,6 +260,10 @@ class Decoder:
             with progress.stage(f"reading {path.name}"):
                 gm = load_gguf(path)
         dec = cls(gm, None, None, cls.check_max_context(max_context, gm.config.context_length))
+        if backend == "cuda":
+            from . import cuda_runtime
+
+            dec.weights_upload = cuda_runtime.upload_weights(gm)
         with progress.stage("loading the tokenizer"):
             dec.tokenizer = Tokenizer.from_gguf(gm.reader)
         return dec
@@ -278,7 +285,9 @@ class Decoder:
             from .cuda_backend import CudaBackend
 
             self.backend = CudaBackend(self.model, self.max_context, n_slots=slots, progress=progress, prepare=True,
-                                       prepare_sampled=sampled, max_tokens=batch_size)
+                                       prepare_sampled=sampled, max_tokens=batch_size,
+                                       weights_upload=self.weights_upload)
+            self.weights_upload = None
         else:
             from .trt.runtime import TensorRTBackend
 
@@ -293,7 +302,7 @@ class Decoder:
         """open() then start_backend(): the whole load. An unknown or unavailable backend fails before the model
         is read."""
         why = choose_backend(backend)[1] if backend != "auto" else None  # auto needs the file (a plan beside it)
-        return cls.open(model, max_context, progress).start_backend(backend, progress, why)
+        return cls.open(model, max_context, progress, backend).start_backend(backend, progress, why)
 
     def generate_many(self, prompts, max_new_tokens: int = 64, sampling: Sampling = Sampling(),
                       chat: bool = False) -> list[Generation]:

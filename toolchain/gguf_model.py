@@ -61,6 +61,18 @@ class GGUFModel:
     def layer(self, i: int, name: str) -> Tensor:
         return self.tensors[f"blk.{i}.{name}.weight"]
 
+    def tensor_data(self):
+        """All tensors' bytes as one uint8 view of the file's memory map (first tensor's start to last tensor's end),
+        or None when the tensors are not views of one mapping: what a backend copies to the GPU in one call."""
+        arrays = [t.data for t in self.tensors.values()]
+        base = arrays[0].base if arrays else None
+        if not isinstance(base, np.ndarray) or any(a.base is not base for a in arrays):
+            return None
+        addr = base.ctypes.data
+        lo = min(a.ctypes.data - addr for a in arrays)
+        hi = max(a.ctypes.data - addr + a.nbytes for a in arrays)
+        return base[lo:hi]
+
     def bias(self, i: int, name: str) -> Tensor | None:
         return self.tensors.get(f"blk.{i}.{name}.bias")
 

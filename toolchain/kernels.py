@@ -52,6 +52,9 @@ _FAMILY = {
     "swiglu": "elementwise",
     "argmax": "argmax",
     "rope_kv_attention": "rope_kv_attention",
+    # the TensorRT export's attention: the same kernel with the layer's KV cache passed by address (an int64 [2]
+    # input of device addresses, ATTN_ADDR) instead of as cache tensors; written in place, never an output
+    "rope_kv_attention_addr": "rope_kv_attention",
     "decode_advance": "decode_advance",  # runtime-only: lets a captured CUDA graph advance tokens and positions
     # runtime-only: device-side sampling in the decode step (penalties before the argmax, the draw after it, the
     # log-probabilities after the draw where a request asks)
@@ -64,6 +67,8 @@ _FAMILY = {
     **{op: "prefill_attention" for op in PREFILL_ATTENTION_OPS},
 }
 KERNEL_OPS: tuple[str, ...] = tuple(_FAMILY)
+TENSORRT_ONLY_OPS = ("rope_kv_attention_addr",)  # not in the cuda backend's default plans (tensorrt_builds)
+ATTENTION_OPS = ("rope_kv_attention", "rope_kv_attention_addr")
 
 # ggml type name -> (block elements, block bytes, the C++ type name of plugins/ggml_blocks.cuh used in -D defines)
 GGML_TYPES = {"Q4_K": (256, 144, "Q4K"), "Q6_K": (256, 210, "Q6K"), "Q5_0": (32, 22, "Q50"), "Q8_0": (32, 34, "Q80")}
@@ -204,11 +209,12 @@ def qmv1_dims(defines: dict) -> dict:
     return {"qmv1_kw": int(defines["QMV1_KW"]), "qmv1_g": int(defines["QMV1_G"]), "qmv1_minb": int(defines["QMV1_MINB"])}
 
 
-def decode_build(op: str, attrs: dict, k: int, core: bool = True, m1: bool = True, plain: bool = True) -> dict:
+def decode_build(op: str, attrs: dict, k: int, core: bool = True, m1: bool = True, plain: bool = True,
+                 clusters: bool = True) -> dict:
     """Defines of the batch-1 (decode) build of a projection: the decode core where it applies (decode_core), else
     the general core without its multi-token body (QMV_M1). The flags switch either off, plain=False keeps the plain
-    matmuls (lm_head) on the general core (scripts/decode_tuning.py)."""
-    d = defines_for(op, attrs)
+    matmuls (lm_head) on the general core (scripts/decode_tuning.py); clusters as in defines_for."""
+    d = defines_for(op, attrs, clusters)
     extra = decode_core(op, attrs, k) if core and (plain or op not in MATMUL_OPS) else {}
     if extra:
         return {key: v for key, v in d.items() if key != "KSPLIT"} | extra
@@ -243,18 +249,26 @@ def _qmv1_groups(op: str, dims: dict) -> int:
     return int(dims["ffn"])
 
 
-def defines_for(op: str, attrs: dict) -> dict:
-    """Compile-time defines of the op's specialization from its ONNX attributes (TensorRT does not serialize them)."""
+def defines_for(op: str, attrs: dict, clusters: bool = True) -> dict:
+    """Compile-time defines of the op's specialization from its ONNX attributes (TensorRT does not serialize them).
+    clusters=False: a build that needs no thread-block cluster launch (issue 16, risk 1: TensorRT's AOT launcher
+    takes grid, block and shared memory only): the matmuls without their cluster k-split, the attention with one
+    block per key range (ATTN_CLUSTER=0, merged across blocks through global memory)."""
     _check_op(op)
-    if op in ("rope_kv_attention",) + PREFILL_ATTENTION_OPS:
-        return {"N_HEADS": int(attrs["n_heads"]), "N_KV_HEADS": int(attrs["n_kv_heads"]),
-                "HEAD_DIM": int(attrs["head_dim"]), "ROPE_THETA": float(attrs["rope_theta"])}
+    if op in ATTENTION_OPS + PREFILL_ATTENTION_OPS:
+        d = {"N_HEADS": int(attrs["n_heads"]), "N_KV_HEADS": int(attrs["n_kv_heads"]),
+             "HEAD_DIM": int(attrs["head_dim"]), "ROPE_THETA": float(attrs["rope_theta"])}
+        if op == "rope_kv_attention_addr":
+            d["ATTN_ADDR"] = 1
+        if not clusters and op in ATTENTION_OPS:
+            d["ATTN_CLUSTER"] = 0
+        return d
     if op == "rms_norm":
         return {"RMS_EPS": float(attrs.get("epsilon", 1e-6))}
     if op in MATMUL_OPS or op == "matmul_add":
         t = MATMUL_TYPE[op] if op in MATMUL_OPS else _type_name(attrs["w_type"])
         d = {} if op in MATMUL_OPS else {"W_TYPE": _type_define(t)}
-        if "in_features" in attrs and "out_features" in attrs:
+        if clusters and "in_features" in attrs and "out_features" in attrs:
             c = matmul_split(attrs["out_features"], attrs["in_features"], t)
             if c > 1:
                 d["KSPLIT"] = c
@@ -275,10 +289,11 @@ def _dim(dims: dict, *names):
     raise KeyError(f"launch_config needs one of {names} in dims, got {sorted(dims)}")
 
 
-def launch_config(op: str, dims: dict, ops=INT_OPS) -> LaunchConfig:
+def launch_config(op: str, dims: dict, ops=INT_OPS, clusters: bool = True) -> LaunchConfig:
     """Grid, block, shared memory and scalar arguments of one launch. `dims`: the node's int dims (m, n, k, hidden,
     vocab, numel, n_slots, max_seq) and attributes (n_heads, ...); only m may be symbolic (with a symbolic `ops`):
-    weight shapes (n, k, hidden, q_dim, kv_dim, ffn) are static ints."""
+    weight shapes (n, k, hidden, q_dim, kv_dim, ffn) are static ints. clusters=False: the grid of the build
+    defines_for(..., clusters=False) (no k-split cluster in a matmul's grid; the attention's grid is the same)."""
     _check_op(op)
     m = dims.get("m")
     if "qmv1_kw" in dims:  # batch-1 build of a fused projection (decode_core, qmv1_dims): groups of 2 rows, G per
@@ -294,7 +309,8 @@ def launch_config(op: str, dims: dict, ops=INT_OPS) -> LaunchConfig:
     if op in MATMUL_OPS or op == "matmul_add":
         n, k = int(_dim(dims, "n", "out_features")), int(_dim(dims, "k", "in_features"))
         t = MATMUL_TYPE[op] if op in MATMUL_OPS else _type_name(dims["w_type"])
-        c = matmul_split(n, k, t)  # the kernel's KSPLIT (defines_for); a kernel built without it accepts this grid
+        c = matmul_split(n, k, t) if clusters else 1  # the kernel's KSPLIT (defines_for); a kernel built without it
+        # accepts any grid
         return LaunchConfig((qmv_grid_x(-(-n // 2), QMV_WARPS, c), ops.cdiv(m, QMV_TOKENS_PER_BLOCK), 1),
                             (QMV_THREADS, 1, 1), 0, (m, n, k))
     if op == "rope_kv_append":
@@ -317,7 +333,7 @@ def launch_config(op: str, dims: dict, ops=INT_OPS) -> LaunchConfig:
                             (QMV_THREADS, 1, 1), 0, (m, hidden, ffn))
     if op in GATHER_OPS:
         hidden = _dim(dims, "hidden")
-        return LaunchConfig((ops.cdiv(hidden, 256), m, 1), (256, 1, 1), 0, (m, hidden))
+        return LaunchConfig((ops.cdiv(hidden, 256), m, 1), (256, 1, 1), 0, (m, hidden, _dim(dims, "vocab")))
     if op == "rms_norm":
         return LaunchConfig((m, 1, 1), (256, 1, 1), 0, (m, _dim(dims, "hidden")))
     if op in ("add", "swiglu"):
@@ -325,7 +341,7 @@ def launch_config(op: str, dims: dict, ops=INT_OPS) -> LaunchConfig:
         return LaunchConfig((ops.cdiv(numel, 1024), 1, 1), (256, 1, 1), 0, (numel,))
     if op == "argmax":
         return LaunchConfig((ARGMAX_SPLITS, m, 1), (ARGMAX_THREADS, 1, 1), 0, (m, _dim(dims, "vocab")))
-    if op == "rope_kv_attention":
+    if op in ATTENTION_OPS:
         return LaunchConfig((ATTN_SPLITS, _dim(dims, "n_heads"), m), (ATTN_THREADS, 1, 1), 0,
                             (m, _dim(dims, "n_slots"), _dim(dims, "max_seq", "max_seq_len")))
     if op == "decode_advance":
@@ -469,7 +485,7 @@ def specializations(model: dict, build=None) -> list[tuple[str, dict]]:
         specs[(op, tuple(sorted(build(op, attrs).items())))] = (op, attrs)
 
     for op in KERNEL_OPS:
-        if op not in MATMUL_OPS and op not in FUSED_OPS:
+        if op not in MATMUL_OPS and op not in FUSED_OPS and op not in TENSORRT_ONLY_OPS:
             add(op, **{k: model[k] for k in ("n_heads", "n_kv_heads", "head_dim", "rope_theta", "epsilon")})
     mm = {v: k for k, v in MATMUL_TYPE.items()}
     for q, k, v, o, gate, up, down in model["layer_types"]:
@@ -500,6 +516,21 @@ def decode_specializations(model: dict) -> list[tuple[str, dict]]:
     return out + pairs
 
 
+TENSORRT_PLUGIN_OPS = (*MATMUL_OPS, *GATHER_OPS, "rope_kv_attention_addr", "swiglu")
+
+
+def tensorrt_builds(model: dict) -> list[tuple[str, dict]]:
+    """(op, defines) of every PTX the TensorRT plugins of a real model get (toolchain/trt/plugins.py ptx_for):
+    the unfused graph's custom ops, built with clusters=False."""
+    out = {}
+    for op, attrs in specializations(model, lambda op, a: defines_for(op, a, clusters=False)):
+        if op in TENSORRT_PLUGIN_OPS or op == "rope_kv_attention":
+            op = "rope_kv_attention_addr" if op == "rope_kv_attention" else op
+            d = defines_for(op, attrs, clusters=False)
+            out[(op, tuple(sorted(d.items())))] = (op, d)
+    return list(out.values())
+
+
 def _main():
     """`make kernels` / `python -m toolchain.kernels`: compile every op (cubin for sm_90, and PTX) for both real
     models' specializations and print nvcc's resource usage (registers, spills, shared memory) per file.
@@ -513,8 +544,9 @@ def _main():
         for old in PREBUILT.glob("*.cubin"):
             old.unlink()
         PREBUILT.mkdir(exist_ok=True)
-    for op, defines in real_model_builds():
-        for fmt in ("cubin",) if ship else ("cubin", "ptx"):
+    trt = [] if ship else [(op, d, ("ptx",)) for model in MODEL_ATTRS for op, d in tensorrt_builds(model)]
+    for op, defines, fmts in [(op, d, ("cubin",) if ship else ("cubin", "ptx")) for op, d in real_model_builds()] + trt:
+        for fmt in fmts:
             try:
                 image = compile_kernel(op, defines, fmt=fmt, prebuilt=False)
             except UserError as e:

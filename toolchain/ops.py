@@ -69,7 +69,8 @@ def rope_kv_attention(q, k, v, k_cache, v_cache, positions, slots, *, n_heads, n
     """RoPE on q and k, append k/v to the float16 cache at (slot, position), then causal GQA attention.
 
     Returns (out [m, n_heads*head_dim], k_cache, v_cache); the caches are updated in place and returned, mirroring
-    the CUDA kernel and the TensorRT plugin, whose cache outputs alias their inputs.
+    the CUDA kernel, whose cache outputs alias their inputs. (The TensorRT export passes the caches by address
+    instead, rope_kv_attention_addr: same semantics, docs/ops.md.)
     """
     m = q.shape[0]
     positions = np.asarray(positions).reshape(-1).astype(np.int64)

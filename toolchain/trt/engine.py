@@ -4,6 +4,8 @@ TensorRT API per the 11.4 bindings wheel (`strings tensorrt_bindings/tensorrt.so
 """
 from __future__ import annotations
 
+import copy
+import json
 import os
 import sys
 import threading
@@ -12,8 +14,16 @@ from collections import Counter
 from pathlib import Path
 
 from . import import_tensorrt
-from .shape_rules import CUSTOM_OPS, NAMESPACE, profile_shapes
+from .shape_rules import (ATTENTION_ADDR_OP, ATTENTION_OP, CACHE_PREFIXES, CUSTOM_OPS, KV_ADDR_PREFIX, NAMESPACE,
+                          kv_addr_name, profile_shapes)
 from ..errors import UserError
+
+
+def plan_info_path(plan) -> Path:
+    """<plan>.json: build_engine's summary beside the plan. The runner reads the KV-cache shape from it
+    (runtime.plan_cache_shape): the plan's attention plugins take the caches by address, so their shape is nowhere
+    in the plan's I/O, and caches of another shape would be written out of bounds."""
+    return Path(f"{plan}.json")
 
 
 def _atomic_write(path: Path, data) -> None:
@@ -28,7 +38,7 @@ def _atomic_write(path: Path, data) -> None:
             tmp.unlink()
 
 
-def prepare_onnx(model_path: Path, plugin_weights: str = "int8"):
+def prepare_onnx(model_path: Path, plugin_weights: str = "int8", n_slots: int = 1, max_context: int | None = None):
     """The ModelProto to hand to TensorRT's parser (external data stays on disk) plus facts for the summary.
 
     TensorRT's ONNX parser converts every UINT8 initializer that feeds a non-Q/DQ node to INT32, value by value
@@ -36,6 +46,10 @@ def prepare_onnx(model_path: Path, plugin_weights: str = "int8"):
     INT32"): our raw GGUF blocks would become four times larger and unreadable as bytes. With plugin_weights="int8"
     the UINT8 initializers feeding qtrt plugins are retyped INT8 — the same bytes, only the element type changes —
     and the kernels read them through a byte pointer as before. "uint8" leaves them untouched.
+
+    The KV cache goes by address (issue 16, risk 2; `_caches_by_address`): each rope_kv_attention node becomes a
+    rope_kv_attention_addr node reading int64 kv_addr.{layer} [2], and the caches leave the network's inputs and
+    outputs. max_context (the caches' length; default the export's max_seq_len) and n_slots become attributes.
     """
     import onnx
 
@@ -70,9 +84,65 @@ def prepare_onnx(model_path: Path, plugin_weights: str = "int8"):
     if missing:
         raise UserError(f"{model_path}: nodes {', '.join(missing)} lack plugin_namespace=\"{NAMESPACE}\"; "
                         "re-export with this version of qtrt")
-    return model, {"plugins": dict(sorted(Counter(n.op_type for n in custom).items())),
+    cache_shape = _caches_by_address(model_path, g, n_slots, max_context)
+    return model, {"plugins": dict(sorted(Counter(n.op_type for n in g.node if n.op_type in CUSTOM_OPS).items())),
                    "weights_bytes": weight_bytes, "retyped_uint8_initializers": retyped,
+                   "kv_cache": "by address" if cache_shape else None, "cache_shape": cache_shape,
                    "onnx_inputs": [i.name for i in g.input], "onnx_outputs": [o.name for o in g.output]}
+
+
+def _caches_by_address(model_path, g, n_slots: int, max_context: int | None) -> list[int] | None:
+    """Rewrite graph `g` in place for TensorRT: every rope_kv_attention node (caches k_cache.{i} / v_cache.{i} in,
+    L{i}.k_cache_out / v_cache_out out, aliased) becomes rope_kv_attention_addr with input kv_addr.{i}, int64 [2]:
+    the device addresses of layer i's caches, which the runner owns (runtime.TensorRTRunner) and the kernel writes
+    in place. Why: TensorRT may copy aliased network I/O (two whole caches per layer per step) or reject overlapping
+    addresses; TensorRT-LLM's attention plugin takes its cache by pointer the same way. The exported ONNX contract
+    (the cache as explicit graph state) is untouched on disk. Node order, names and every other node stay as they
+    are. Returns the cache shape [n_slots, n_kv_heads, max_context, head_dim] (None without attention nodes)."""
+    from onnx import TensorProto, helper
+
+    graph_inputs = {i.name for i in g.input}
+    caches, shape = {}, None  # cache tensor -> the node that owns it
+    for idx, n in enumerate(g.node):
+        if n.op_type != ATTENTION_OP:
+            continue
+        a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+        i = a["layer"]
+        q, k, v, kc, vc, pos, slots = n.input
+        if (kc, vc) != (f"k_cache.{i}", f"v_cache.{i}") or not {kc, vc} <= graph_inputs:
+            raise UserError(f"{model_path}: node {n.name} (layer {i}) reads caches {kc}, {vc}; the TensorRT export "
+                            f"needs graph inputs k_cache.{i} and v_cache.{i} (the model.onnx of `qtrt export`)")
+        if kc in caches:
+            raise UserError(f"{model_path}: nodes {caches[kc]} and {n.name} both attend over layer {i}'s cache")
+        ctx = int(max_context or a["max_seq_len"])
+        if shape and shape[2] != ctx:
+            raise UserError(f"{model_path}: attention nodes disagree on the context ({shape[2]} and {ctx})")
+        shape = [int(n_slots), int(a["n_kv_heads"]), ctx, int(a["head_dim"])]
+        for t in (kc, vc, *n.output[1:]):
+            caches[t] = n.name
+        a.update(max_seq_len=ctx, n_slots=int(n_slots))
+        g.node[idx].CopyFrom(helper.make_node(ATTENTION_ADDR_OP, [q, k, v, kv_addr_name(i), pos, slots],
+                                              [n.output[0]], name=n.name, domain=n.domain, **a))
+    if not caches:
+        return None
+    left = [f"{t} (node {n.name})" for n in g.node for t in (*n.input, *n.output) if t in caches]
+    left += [f"graph input {x.name}" for x in g.input if x.name.startswith(CACHE_PREFIXES) and x.name not in caches]
+    if left:  # a cache read or written by anything but its attention node cannot move out of the network
+        raise UserError(f"{model_path}: the TensorRT export passes the KV cache by address, but {', '.join(left)} "
+                        "still uses a cache")
+    inputs = []
+    for x in g.input:
+        if x.name.startswith("k_cache."):  # kv_addr.{i} takes the place of k_cache.{i}; v_cache.{i} goes
+            inputs.append(helper.make_tensor_value_info(KV_ADDR_PREFIX + x.name[len("k_cache."):], TensorProto.INT64,
+                                                        [2]))
+        elif x.name not in caches:
+            inputs.append(copy.deepcopy(x))  # copies: the repeated fields are cleared below
+    outputs = [copy.deepcopy(x) for x in g.output if x.name not in caches]
+    value_info = [copy.deepcopy(x) for x in g.value_info if x.name not in caches]
+    for field, new in ((g.input, inputs), (g.output, outputs), (g.value_info, value_info)):
+        del field[:]
+        field.extend(new)
+    return shape
 
 
 def _progress_monitor(trt):
@@ -147,13 +217,13 @@ def build_engine(onnx_dir, plan_path, max_context: int, max_batch_tokens: int, t
 
     t0 = time.perf_counter()
     register_all()
-    model, facts = prepare_onnx(model_path, plugin_weights)
+    model, facts = prepare_onnx(model_path, plugin_weights, n_slots=n_slots, max_context=max_context)
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0
     # 11.4: STRONGLY_TYPED is "always enabled ... retained for API compatibility but ignored"; on 10.x it makes the
-    # ONNX types (f32 activations, f16 cache) the engine's types. PREFER_AOT_PYTHON_PLUGINS picks aot_impl where a
+    # ONNX types (f32 activations, int8 weights) the engine's types. PREFER_AOT_PYTHON_PLUGINS picks aot_impl where a
     # plugin has both implementations (ours have only AOT, so it is a statement of intent).
     for name in ("STRONGLY_TYPED", "PREFER_AOT_PYTHON_PLUGINS"):
         f = getattr(trt.NetworkDefinitionCreationFlag, name, None)
@@ -169,24 +239,18 @@ def build_engine(onnx_dir, plan_path, max_context: int, max_batch_tokens: int, t
 
     inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
     try:
-        profiles = profile_shapes(inputs, max_context, max_batch_tokens, n_slots)
+        profiles = profile_shapes(inputs, max_batch_tokens)
     except ValueError as e:
         raise UserError(f"{model_path}: {e}") from None
 
-    caches = [s for n, s in inputs.items() if n.startswith("k_cache.") and len(s) == 4]
-    if caches and caches[0][2] > 0:  # a static cache length is the engine's context, whatever was asked
-        max_context = caches[0][2]
     config = builder.create_builder_config()
     for prof in (x for x in profiles if x):  # a fully static network needs no profile
         p = builder.create_optimization_profile()
         for name, (mn, opt, mx) in prof.items():
             p.set_shape(name, mn, opt, mx)
         config.add_optimization_profile(p)
-    # Plugin outputs aliased to inputs (the KV cache update) need this preview feature: the NVIDIA sample
-    # samples/python/aliased_io_plugin sets it; 11.4 docstring "Allows plugin I/O to be aliased".
-    feature = getattr(trt.PreviewFeature, "ALIASED_PLUGIN_IO_10_03", None)
-    if feature is not None:
-        config.set_preview_feature(feature, True)
+    # No PreviewFeature.ALIASED_PLUGIN_IO_10_03: no plugin output aliases an input any more, since the KV cache
+    # reaches the attention plugin by address (prepare_onnx) and is neither a network input nor an output.
     monitor = None
     if progress and hasattr(trt, "IProgressMonitor"):
         monitor = _progress_monitor(trt)  # must outlive the build
@@ -204,7 +268,7 @@ def build_engine(onnx_dir, plan_path, max_context: int, max_batch_tokens: int, t
         _atomic_write(cache_path, config.get_timing_cache().serialize())
 
     layer_types = Counter(str(network.get_layer(i).type).split(".")[-1] for i in range(network.num_layers))
-    return {
+    summary = {
         "plan": str(plan_path),
         "plan_bytes": plan_path.stat().st_size,
         "weights_bytes": facts["weights_bytes"],
@@ -217,5 +281,10 @@ def build_engine(onnx_dir, plan_path, max_context: int, max_batch_tokens: int, t
         "profiles": [{k: [list(s) for s in v] for k, v in prof.items()} for prof in profiles],
         "max_context": max_context,
         "max_batch_tokens": max_batch_tokens,
+        "n_slots": n_slots,
+        "kv_cache": facts["kv_cache"],
+        "cache_shape": facts["cache_shape"],
         "timing_cache": str(cache_path) if cache_path else None,
     }
+    _atomic_write(plan_info_path(plan_path), json.dumps(summary, indent=1).encode())
+    return summary

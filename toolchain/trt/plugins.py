@@ -16,8 +16,8 @@ import os
 from typing import Tuple, Union
 
 from . import import_tensorrt
-from .shape_rules import (ATTENTION_OP, GATHER_OPS, MATMUL_OPS, NAMESPACE, SCHEMAS, SWIGLU_OP, launch_dims,
-                          output_shapes)
+from .shape_rules import (ATTENTION_ADDR_OP, GATHER_OPS, MATMUL_OPS, NAMESPACE, PLUGIN_OPS, SCHEMAS, SWIGLU_OP,
+                          launch_dims, output_shapes)
 from ..errors import UserError
 
 _REGISTERED: list = []
@@ -85,23 +85,19 @@ def ptx_for(op: str, attrs: dict) -> bytes:
     """PTX of op's kernel specialised for attrs (one compile per distinct define set, e.g. once for all layers)."""
     from .. import kernels
 
-    defines = kernels.defines_for(op, attrs)
+    defines = kernels.defines_for(op, attrs, clusters=False)  # TensorRT launches no clusters (issue 16, risk 1)
     return _ptx(op, tuple(sorted(defines.items())), target_arch())
 
 
 def describe(trt, trtp, op: str, descs, attrs: dict):
-    """Output TensorDescs: new float32 tensors, or `inp.aliased()` for outputs updated in place. aliased() marks the
-    output as sharing the input's buffer; the plugin reports it through get_aliased_input (_plugin_class.py,
-    get_output_data_types builds aliased_map from TensorDesc.get_aliased())."""
+    """Output TensorDescs: new tensors of the schema's dtypes. No plugin output aliases an input: the KV cache, the
+    one state updated in place, reaches the attention plugin by address (rope_kv_attention_addr, issue 16 risk 2),
+    so TensorRT never sees aliased plugin I/O."""
     s = SCHEMAS[op]
+    assert not s.aliases, f"{op}: aliased outputs are not a TensorRT plugin's"
     shapes = output_shapes(op, [d.shape_expr for d in descs], attrs)
-    out = []
-    for i, shape in enumerate(shapes):
-        j = s.alias_of.get(i)
-        if j is not None:
-            out.append(descs[j].aliased())
-        else:
-            out.append(trtp.from_shape_expr(tuple(_int(d) for d in shape), dtype=getattr(trt, s.output_dtypes[i])))
+    out = [trtp.from_shape_expr(tuple(_int(d) for d in shape), dtype=getattr(trt, s.output_dtypes[i]))
+           for i, shape in enumerate(shapes)]
     return out[0] if len(out) == 1 else tuple(out)
 
 
@@ -112,7 +108,8 @@ def aot_result(trtp, ops, op: str, descs, attrs: dict):
     raises TypeError otherwise (_plugin_class.py), and SymIntExprs.__setitem__ wraps ints as SymIntExpr, so wrap."""
     from .. import kernels
 
-    lc = kernels.launch_config(op, launch_dims(op, [d.shape_expr for d in descs], attrs), ops=ops)
+    lc = kernels.launch_config(op, launch_dims(op, [d.shape_expr for d in descs], attrs), ops=ops,
+                                clusters=False)
     params = trtp.KernelLaunchParams()  # fields accept int | IDimensionExpr | SymInt32 (_tensor.py)
     params.grid_x, params.grid_y, params.grid_z = (_int(v) for v in lc.grid)
     params.block_x, params.block_y, params.block_z = (_int(v) for v in lc.block)
@@ -124,7 +121,8 @@ def aot_result(trtp, ops, op: str, descs, attrs: dict):
 
 
 def register_all() -> list:
-    """Register qtrt::<op> (description + AOT implementation) for every custom op; idempotent. Returns the ids."""
+    """Register qtrt::<op> (description + AOT implementation) for every op TensorRT gets (shape_rules.PLUGIN_OPS:
+    the export's ops, with the attention by address in place of rope_kv_attention); idempotent. Returns the ids."""
     if _REGISTERED:
         return list(_REGISTERED)
     trt = import_tensorrt()
@@ -140,7 +138,7 @@ def register_all() -> list:
         _register_gather(trt, trtp, ops, op)
     _register_attention(trt, trtp, ops)
     _register_swiglu(trt, trtp, ops)
-    _REGISTERED.extend(plugin_id(op) for op in SCHEMAS)
+    _REGISTERED.extend(plugin_id(op) for op in PLUGIN_OPS)
     return list(_REGISTERED)
 
 
@@ -180,24 +178,25 @@ def _register_gather(trt, trtp, ops, op):
 def _register_attention(trt, trtp, ops):
     Desc = trtp.TensorDesc
     AotResult = Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]
-    op = ATTENTION_OP
+    op = ATTENTION_ADDR_OP
 
-    # Three outputs: the return annotation's arity is the plugin's output count (_validate.py, _parse_register_return).
+    # cache_addr: int64 [2], the device addresses of this layer's k and v caches (owned by runtime.TensorRTRunner);
+    # the kernel writes the caches in place, so the plugin's only output is `out`.
     @trtp.register(plugin_id(op))
-    def attention_desc(q: Desc, k: Desc, v: Desc, k_cache: Desc, v_cache: Desc, positions: Desc, slots: Desc,
+    def attention_desc(q: Desc, k: Desc, v: Desc, cache_addr: Desc, positions: Desc, slots: Desc,
                        n_heads: int, n_kv_heads: int, head_dim: int, rope_theta: float, layer: int,
-                       max_seq_len: int) -> Tuple[Desc, Desc, Desc]:
+                       max_seq_len: int, n_slots: int) -> Desc:
         attrs = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, rope_theta=rope_theta, layer=layer,
-                     max_seq_len=max_seq_len)
-        return describe(trt, trtp, op, (q, k, v, k_cache, v_cache, positions, slots), attrs)
+                     max_seq_len=max_seq_len, n_slots=n_slots)
+        return describe(trt, trtp, op, (q, k, v, cache_addr, positions, slots), attrs)
 
     @trtp.aot_impl(plugin_id(op))
-    def attention_aot(q: Desc, k: Desc, v: Desc, k_cache: Desc, v_cache: Desc, positions: Desc, slots: Desc,
+    def attention_aot(q: Desc, k: Desc, v: Desc, cache_addr: Desc, positions: Desc, slots: Desc,
                       n_heads: int, n_kv_heads: int, head_dim: int, rope_theta: float, layer: int, max_seq_len: int,
-                      outputs: Tuple[Desc, Desc, Desc], tactic: int) -> AotResult:
+                      n_slots: int, outputs: Tuple[Desc], tactic: int) -> AotResult:
         attrs = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, rope_theta=rope_theta, layer=layer,
-                     max_seq_len=max_seq_len)
-        return aot_result(trtp, ops, op, (q, k, v, k_cache, v_cache, positions, slots), attrs)
+                     max_seq_len=max_seq_len, n_slots=n_slots)
+        return aot_result(trtp, ops, op, (q, k, v, cache_addr, positions, slots), attrs)
 
 
 def _register_swiglu(trt, trtp, ops):

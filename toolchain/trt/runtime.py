@@ -1,4 +1,5 @@
-"""Run a qtrt plan: fixed device buffers, the KV cache updated in place, decode steps replayed as a CUDA graph.
+"""Run a qtrt plan: fixed device buffers, the KV cache owned here and passed to the plan by address, decode steps
+replayed as a CUDA graph.
 
 `TensorRTRunner.infer(feed) -> outputs` is the low-level contract; `TensorRTBackend` adapts it to the decoder.
 TensorRT API per the 11.4 bindings wheel; CUDA through toolchain.cuda_runtime (cuda-python's driver API, the
@@ -6,6 +7,7 @@ primary context that TensorRT's runtime-API calls share). See docs/tensorrt.md.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -14,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import import_tensorrt
-from .shape_rules import CACHE_PREFIXES, TOKEN_INPUTS
+from .shape_rules import CACHE_PREFIXES, KV_ADDR_PREFIX, TOKEN_INPUTS
 from ..errors import UserError, check_step, check_token_ids
 
 
@@ -31,19 +33,26 @@ def device_ptr(x) -> int | None:
     return int(cai["data"][0]) if cai else None
 
 
-def aliased_input_by_name(out: str, inputs) -> str | None:
-    """The cache input that output `out` updates in place, from the exporter's names: L{i}.k_cache_out /
-    L{i}.v_cache_out (toolchain.graph.cache_output_name) or k_cache_out.{i} for inputs k_cache.{i} / v_cache.{i}."""
-    m = re.fullmatch(r"L(\d+)\.([kv])_cache_out", out)
-    if m:
-        i, kind = m.groups()
-    else:
-        m = re.fullmatch(r"([kv])_cache_out\.(\d+)", out)
-        if not m:
-            return None
-        kind, i = m.groups()
-    cand = f"{kind}_cache.{i}"
-    return cand if cand in inputs else None
+def plan_cache_shape(plan, config=None) -> tuple[int, int, int, int] | None:
+    """The KV-cache shape (n_slots, n_kv_heads, max_context, head_dim) a plan was built for, which the runner must
+    allocate exactly (the attention plugins take the caches by address with the plan's n_slots and max_seq_len baked
+    in, so caches of another shape would be written out of bounds): build_engine's summary beside the plan
+    (engine.plan_info_path) when it describes this file (same size), else the plan's name as the tensorrt backend
+    gives it (decoder.plan_name: model-ctx<C>[-s<N>].plan) with `config`'s n_kv_heads and head_dim; None when
+    neither says."""
+    from .engine import plan_info_path
+
+    plan, info = Path(plan), plan_info_path(plan)
+    try:
+        s = json.loads(info.read_text())
+        if s.get("cache_shape") and plan.is_file() and s.get("plan_bytes") == plan.stat().st_size:
+            return tuple(int(d) for d in s["cache_shape"])
+    except (OSError, ValueError):
+        pass
+    m = re.fullmatch(r"model-ctx(\d+)(?:-s(\d+))?\.plan", plan.name)
+    if m and config is not None:
+        return int(m[2] or 1), int(config.n_kv_heads), int(m[1]), int(config.head_dim)
+    return None
 
 
 class _NoCapture(Exception):
@@ -53,13 +62,18 @@ class _NoCapture(Exception):
 class TensorRTRunner:
     """One plan, one stream, one execution context per optimization profile, one device buffer per I/O tensor.
 
-    infer(feed): numpy arrays are copied into the runner's buffers; device buffers are bound by address. Outputs that
-    alias an input (L{i}.k_cache_out / v_cache_out) are bound to the input's address, so the cache stays on the
-    device between calls and is never copied unless asked (`read`). Decode steps (m = 1) run through a CUDA graph
-    captured after one plain execute_async_v3; inputs change only in the contents of fixed buffers.
+    infer(feed): numpy arrays are copied into the runner's buffers; device buffers are bound by address. Decode
+    steps (m = 1) run through a CUDA graph captured after one plain execute_async_v3; inputs change only in the
+    contents of fixed buffers.
+
+    The KV cache is the runner's, not the plan's I/O (issue 16, risk 2): for each kv_addr.{i} input (int64 [2]) the
+    runner allocates k_cache.{i} and v_cache.{i} (float16 `cache_shape` = (n_slots, n_kv_heads, max_context,
+    head_dim); default: plan_cache_shape(plan)) and writes their two device addresses into kv_addr.{i} once; the
+    attention plugin reads them there and updates the caches in place. The names k_cache.{i} / v_cache.{i} work as
+    before for `read`, `zero_caches` and as feed keys.
     """
 
-    def __init__(self, plan_path, use_graph: bool = True):
+    def __init__(self, plan_path, use_graph: bool = True, cache_shape=None):
         trt = self.trt = import_tensorrt()
         from .. import cuda_runtime as cr
 
@@ -81,7 +95,15 @@ class TensorRTRunner:
         self.inputs = [n for n in self.names if e.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in self.names if n not in self.inputs]
         self.dtype = {n: np.dtype(trt.nptype(e.get_tensor_dtype(n))) for n in self.names}
-        self.alias = {o: i for o in self.outputs if (i := self._aliased_input(o))}
+        if any(n.startswith(CACHE_PREFIXES) for n in self.names):
+            raise UserError(f"{plan_path}: this plan takes the KV cache as network input/output (built before the "
+                            "cache went by address, issue 16); rebuild it with `qtrt engine`")
+        self.layers = sorted(int(n[len(KV_ADDR_PREFIX):]) for n in self.inputs if n.startswith(KV_ADDR_PREFIX))
+        cache_shape = cache_shape or plan_cache_shape(plan_path)
+        if self.layers and cache_shape is None:
+            raise UserError(f"{plan_path}: the plan takes its KV caches by address, and their shape is unknown (no "
+                            f"{plan_path.name}.json from `qtrt engine` beside it, no cache_shape given): rebuild it "
+                            "with `qtrt engine`")
         self._dynamic = [n for n in self.inputs if -1 in tuple(e.get_tensor_shape(n))]
 
         # Profiles: the decode one has max m == 1, the prefill one the largest max m.
@@ -98,7 +120,7 @@ class TensorRTRunner:
                 ctx.set_optimization_profile_async(p, self._stream_int)
             self.contexts.append(ctx)
 
-        # Buffers at the largest shapes any profile allows; caches at their (fixed) profile shape.
+        # Buffers at the largest shapes any profile allows, and the caches (no plan tensors) at cache_shape.
         ctx = self.contexts[self.prefill]
         self.shape = {}
         for n in self.inputs:
@@ -107,20 +129,28 @@ class TensorRTRunner:
                 ctx.set_input_shape(n, self.shape[n])
         for n in self.outputs:
             self.shape[n] = tuple(ctx.get_tensor_shape(n))
+        bad = [n for n in self.inputs if n.startswith(KV_ADDR_PREFIX)
+               and (self.shape[n] != (2,) or self.dtype[n] != np.int64)]
+        if bad:
+            raise UserError(f"{plan_path}: inputs {', '.join(bad)} are not int64 [2] (a k and a v cache address)")
+        if self.layers and len(cache_shape) != 4:
+            raise ValueError(f"cache_shape {cache_shape}: want (n_slots, n_kv_heads, max_context, head_dim)")
+        self.caches = [f"{kind}_cache.{i}" for i in self.layers for kind in "kv"]
+        for n in self.caches:
+            self.shape[n], self.dtype[n] = tuple(int(d) for d in cache_shape), np.dtype(np.float16)
         self.buf = {n: cr.DeviceBuffer(int(np.prod(self.shape[n])) * self.dtype[n].itemsize, self.shape[n],
-                                       self.dtype[n]) for n in self.names if n not in self.alias}
+                                       self.dtype[n]) for n in (*self.names, *self.caches)}
         self._owned = list(self.buf.values())
-        for o, i in self.alias.items():
-            self.buf[o] = self.buf[i]
         for c in self.contexts:
             for n in self.names:
                 c.set_tensor_address(n, self.buf[n].ptr)
             for n in self._dynamic:
-                if n not in TOKEN_INPUTS:  # caches: one fixed shape; token inputs: set per step
+                if n not in TOKEN_INPUTS:  # inputs of one fixed shape; token inputs: set per step
                     c.set_input_shape(n, self.shape[n])
-        caches = [n for n in self.inputs if n.startswith(CACHE_PREFIXES)]
-        self.max_context = self.shape[caches[0]][2] if caches else None
-        self.n_slots = self.shape[caches[0]][0] if caches else 1  # caches [n_slots, kv_heads, max_seq, head_dim]
+        for i in self.layers:
+            self._write_addresses(i)
+        self.max_context = int(cache_shape[2]) if self.layers else None
+        self.n_slots = int(cache_shape[0]) if self.layers else 1
         self.use_graph = use_graph
         self.graph = None
         self._cur_m = [None] * n_prof
@@ -133,44 +163,50 @@ class TensorRTRunner:
             return s, s, s
         return [tuple(d) for d in e.get_tensor_profile_shape(name, p)]
 
-    def _aliased_input(self, out: str) -> str | None:
-        f = getattr(self.engine, "get_aliased_input_tensor", None)  # 11.4: "the input ... aliased with this output"
-        name = f(out) if f else None
-        if name:
-            return name
-        return aliased_input_by_name(out, self.inputs)
-
     # --- state -------------------------------------------------------------------------------------------------
 
     def zero_caches(self):
-        for n in self.inputs:
-            if n.startswith(CACHE_PREFIXES):
-                self.buf[n].fill_u8(0, self.stream)
+        for n in self.caches:
+            self.buf[n].fill_u8(0, self.stream)
         self.stream.synchronize()
+
+    def _write_addresses(self, layer: int):
+        """kv_addr.{layer} <- the device addresses of k_cache.{layer} and v_cache.{layer} (the kernel's
+        `cache_addr`: two 64-bit words, k then v). Ordered on the runner's stream, so a step already enqueued still
+        sees the old addresses and every later one the new."""
+        words = np.array([self.buf[f"k_cache.{layer}"].ptr, self.buf[f"v_cache.{layer}"].ptr], np.uint64)
+        self.buf[f"{KV_ADDR_PREFIX}{layer}"].upload(words.view(np.int64), self.stream)
 
     def read(self, name: str, rows: int | None = None) -> np.ndarray:
         """Copy a tensor's buffer (its first `rows` along axis 0, default all) to the host."""
         return self.buf[name].download(shape=self.shape[name], dtype=self.dtype[name], rows=rows, stream=self.stream)
 
     def _bind(self, name: str, value):
-        """Bind a caller's device buffer (anything with a device address) to input `name` and the outputs that alias
-        it; the captured graph, if any, is dropped and captured again at the next decode step."""
+        """Bind a caller's device buffer (anything with a device address) to input `name`.
+
+        A cache (k_cache.{i} / v_cache.{i}) is no tensor of the plan: binding one rewrites the two address words in
+        kv_addr.{i}, and the captured CUDA graph stays valid, because the attention kernel reads the cache's address
+        from that device memory at run time, not from the graph's recorded kernel parameters (those hold only
+        kv_addr.{i}'s own, unchanged, address). Any other input changes a tensor address recorded in the graph: the
+        graph is dropped and captured again at the next decode step."""
         ptr = device_ptr(value)
-        self.buf[name] = _Bound(ptr, value, int(np.prod(self.shape[name])) * self.dtype[name].itemsize)
-        names = [name, *[o for o, i in self.alias.items() if i == name]]
-        for o in names[1:]:
-            self.buf[o] = self.buf[name]
+        nbytes = int(np.prod(self.shape[name])) * self.dtype[name].itemsize
+        if int(getattr(value, "nbytes", nbytes)) < nbytes:  # a kernel would write past its end
+            raise ValueError(f"{name}: a device buffer of {value.nbytes} bytes; the plan uses {nbytes}")
+        self.buf[name] = _Bound(ptr, value, nbytes)
+        if name in self.caches:
+            self._write_addresses(int(name.split(".", 1)[1]))
+            return
         for c in self.contexts:
-            for n in names:
-                c.set_tensor_address(n, ptr)
+            c.set_tensor_address(name, ptr)
         self.graph = None
 
     # --- execution -----------------------------------------------------------------------------------------------
 
     def infer(self, feed: dict, outputs=None) -> dict:
         """Run one step. feed: name -> numpy array (copied in) or device buffer (bound); token_ids/positions/slots
-        are required, caches optional (resident otherwise). Returns name -> numpy array for `outputs` (default: all
-        outputs that are not caches), cut to the step's m rows."""
+        are required, caches (k_cache.{i} / v_cache.{i}) optional (the runner's own otherwise). Returns name -> numpy
+        array for `outputs` (default: all outputs), cut to the step's m rows."""
         tok = next(n for n in TOKEN_INPUTS if n in self.inputs)
         if tok not in feed:
             raise KeyError(f"feed needs {', '.join(n for n in TOKEN_INPUTS if n in self.inputs)}")
@@ -180,8 +216,8 @@ class TensorRTRunner:
         p = self.decode if m == 1 else self.prefill
         ctx = self.contexts[p]
         for name, value in feed.items():
-            if name not in self.inputs:
-                raise KeyError(f"{name}: not an input of this plan ({', '.join(self.inputs)})")
+            if name not in self.inputs and name not in self.caches:
+                raise KeyError(f"{name}: not an input of this plan ({', '.join(self.inputs + self.caches)})")
             ptr = device_ptr(value)
             if ptr is not None:
                 if ptr != self.buf[name].ptr:
@@ -204,7 +240,7 @@ class TensorRTRunner:
             raise RuntimeError("TensorRT execute_async_v3 failed; its log above says why")
         return {name: self.buf[name].download(shape=tuple(ctx.get_tensor_shape(name)), dtype=self.dtype[name],
                                               stream=self.stream)
-                for name in outputs or [o for o in self.outputs if o not in self.alias]}
+                for name in outputs or self.outputs}
 
     def _run_graph(self, ctx):
         if self.graph is not None:
@@ -309,7 +345,9 @@ class TensorRTBackend:
 
     def __init__(self, model, max_context: int, plan=None, max_batch_tokens: int = 512, n_slots: int = 1):
         plan = plan or os.environ.get("QTRT_PLAN") or self._build(model, max_context, max_batch_tokens, n_slots)
-        self.runner = TensorRTRunner(plan)
+        # the caches are the runner's, in the plan's geometry (its summary or its name), not the one asked for here:
+        # the checks below compare the two
+        self.runner = TensorRTRunner(plan, cache_shape=plan_cache_shape(plan, model.config))
         if self.runner.max_context is not None and self.runner.max_context < max_context:
             raise UserError(f"{plan}: built for a context of {self.runner.max_context}, below --max-context "
                             f"{max_context}; rebuild with `qtrt engine --max-context {max_context}`")

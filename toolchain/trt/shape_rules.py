@@ -22,8 +22,13 @@ ROUTING_ATTRS = ("plugin_namespace", "plugin_version", "aot")
 MATMUL_OPS = tuple(MATMUL_OP.values())
 GATHER_OPS = tuple(GATHER_OP.values())
 ATTENTION_OP = "rope_kv_attention"
+# The TensorRT export's attention (issue 16, risk 2): the same kernel with the layer's KV cache passed by address,
+# an int64 [2] input of device addresses; engine.prepare_onnx rewrites every ATTENTION_OP node into it.
+ATTENTION_ADDR_OP = "rope_kv_attention_addr"
 SWIGLU_OP = "swiglu"
-CUSTOM_OPS = MATMUL_OPS + GATHER_OPS + (ATTENTION_OP, SWIGLU_OP)
+EXPORT_OPS = MATMUL_OPS + GATHER_OPS + (ATTENTION_OP, SWIGLU_OP)  # what `qtrt export` writes (the ONNX contract)
+PLUGIN_OPS = MATMUL_OPS + GATHER_OPS + (ATTENTION_ADDR_OP, SWIGLU_OP)  # what TensorRT gets: the qtrt:: plugins
+CUSTOM_OPS = EXPORT_OPS + (ATTENTION_ADDR_OP,)  # every op with a schema here
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,15 @@ SCHEMAS[ATTENTION_OP] = Schema(
     ("float32", None, None),
     aliases=((1, 3), (2, 4)),
 )
+# max_seq_len here is the cache length the runner allocates (engine.prepare_onnx sets it to --max-context), and
+# n_slots the cache's slots: no cache shape is visible to this plugin, so both come as attributes.
+SCHEMAS[ATTENTION_ADDR_OP] = Schema(
+    ("q", "k", "v", "cache_addr", "positions", "slots"),
+    ("out",),
+    (("n_heads", int), ("n_kv_heads", int), ("head_dim", int), ("rope_theta", float), ("layer", int),
+     ("max_seq_len", int), ("n_slots", int)),
+    ("float32",),
+)
 SCHEMAS[SWIGLU_OP] = Schema(("gate", "up"), ("y",), (), ("float32",))
 
 
@@ -66,6 +80,8 @@ def output_shapes(op: str, shapes, attrs: dict) -> list[tuple]:
     if op == ATTENTION_OP:
         q, k_cache, v_cache = shapes[0], shapes[3], shapes[4]
         return [(q[0], q[1]), tuple(k_cache), tuple(v_cache)]
+    if op == ATTENTION_ADDR_OP:
+        return [(shapes[0][0], shapes[0][1])]
     if op == SWIGLU_OP:
         return [tuple(shapes[0])]
     raise KeyError(f"unknown custom op {op!r}; known: {', '.join(CUSTOM_OPS)}")
@@ -76,12 +92,15 @@ def launch_dims(op: str, shapes, attrs: dict) -> dict:
     values as dims (ints here, shape expressions inside TensorRT)."""
     if op in MATMUL_OPS:
         return {"m": shapes[0][0], "k": attrs["in_features"], "n": attrs["out_features"]}
-    if op in GATHER_OPS:
-        return {"m": shapes[1][0], "hidden": attrs["hidden"]}
+    if op in GATHER_OPS:  # vocab: the table's rows, for the kernel's bound on token ids (issue 16)
+        return {"m": shapes[1][0], "hidden": attrs["hidden"], "vocab": shapes[0][0]}
     if op == ATTENTION_OP:
         k_cache = shapes[3]
         return {"m": shapes[0][0], "n_heads": attrs["n_heads"], "n_kv_heads": attrs["n_kv_heads"],
                 "head_dim": attrs["head_dim"], "n_slots": k_cache[0], "max_seq": k_cache[2]}
+    if op == ATTENTION_ADDR_OP:  # no cache shape to read: the cache geometry is in the attributes
+        return {"m": shapes[0][0], "n_heads": attrs["n_heads"], "n_kv_heads": attrs["n_kv_heads"],
+                "head_dim": attrs["head_dim"], "n_slots": attrs["n_slots"], "max_seq": attrs["max_seq_len"]}
     if op == SWIGLU_OP:
         m, f = shapes[0][0], shapes[0][1]
         return {"m": m, "f": f, "numel": m * f}  # expression on the left: ShapeExpr has no __rmul__
@@ -118,6 +137,16 @@ def check_shapes(op: str, shapes, attrs: dict) -> None:
         need(tuple(vc) == tuple(kc), "v_cache must have k_cache's shape")
         need(tuple(pos) == (m,) and tuple(slots) == (m,), "positions and slots must be [m]")
         need(h % kvh == 0, "n_heads must be a multiple of n_kv_heads")
+    elif op == ATTENTION_ADDR_OP:
+        q, k, v, addr, pos, slots = shapes
+        h, kvh, d = attrs["n_heads"], attrs["n_kv_heads"], attrs["head_dim"]
+        m = q[0]
+        need(tuple(q) == (m, h * d), f"q must be [m, n_heads*head_dim={h * d}]")
+        need(tuple(k) == (m, kvh * d) and tuple(v) == (m, kvh * d), f"k and v must be [m, {kvh * d}]")
+        need(tuple(addr) == (2,), "cache_addr must be [2] (the k and v caches' device addresses)")
+        need(tuple(pos) == (m,) and tuple(slots) == (m,), "positions and slots must be [m]")
+        need(h % kvh == 0, "n_heads must be a multiple of n_kv_heads")
+        need(attrs["n_slots"] >= 1 and attrs["max_seq_len"] >= 1, "n_slots and max_seq_len must be at least 1")
     elif op == SWIGLU_OP:
         need(len(shapes[0]) == 2 and tuple(shapes[0]) == tuple(shapes[1]), "gate and up must be equal [m, f]")
 
@@ -125,38 +154,35 @@ def check_shapes(op: str, shapes, attrs: dict) -> None:
 # --- optimization profiles ------------------------------------------------------------------------------------
 
 TOKEN_INPUTS = ("token_ids", "positions", "slots")  # [m]
-CACHE_PREFIXES = ("k_cache.", "v_cache.")  # [n_slots, n_kv_heads, max_seq, head_dim]
+CACHE_PREFIXES = ("k_cache.", "v_cache.")  # the ONNX contract's caches [n_slots, n_kv_heads, max_seq, head_dim]
+KV_ADDR_PREFIX = "kv_addr."  # TensorRT network input kv_addr.{i}: int64 [2], layer i's k and v cache addresses
 
 
-def profile_shapes(inputs: dict[str, tuple[int, ...]], max_context: int, max_batch_tokens: int,
-                   n_slots: int = 1) -> list[dict[str, tuple[tuple, tuple, tuple]]]:
+def kv_addr_name(layer: int) -> str:
+    return f"{KV_ADDR_PREFIX}{layer}"
+
+
+def profile_shapes(inputs: dict[str, tuple[int, ...]],
+                   max_batch_tokens: int) -> list[dict[str, tuple[tuple, tuple, tuple]]]:
     """(min, opt, max) per dynamic network input (-1 dims) for two profiles: decode (m = 1) and prefill (m up to
-    max_batch_tokens). Only the decode profile when max_batch_tokens is 1. Static dims stay as they are."""
+    max_batch_tokens). Only the decode profile when max_batch_tokens is 1. Static inputs (kv_addr.{i}: int64 [2])
+    get no entry. The only dynamic axis is the token inputs' m: the caches are no network inputs (engine.prepare_onnx
+    passes them by address), so a cache input here is refused."""
     if max_batch_tokens < 1:
         raise ValueError(f"max_batch_tokens {max_batch_tokens}: must be at least 1")
-    if max_context < 1:
-        raise ValueError(f"max_context {max_context}: must be at least 1")
     ranges = [(1, 1, 1)]
     if max_batch_tokens > 1:
         ranges.append((1, min(max_batch_tokens, 128), max_batch_tokens))
     profiles: list[dict] = [{} for _ in ranges]
     for name, shape in inputs.items():
         shape = tuple(int(d) for d in shape)
+        if name.startswith(CACHE_PREFIXES):
+            raise ValueError(f"network input {name}: a KV cache as a network input; the TensorRT network takes it by "
+                             "address (engine.prepare_onnx)")
         if all(d >= 0 for d in shape):
             continue
+        if name not in TOKEN_INPUTS or len(shape) != 1:
+            raise ValueError(f"network input {name} {list(shape)}: no rule for its dynamic axes")
         for prof, (lo, opt, hi) in zip(profiles, ranges):
-            mn, op, mx = [], [], []
-            for axis, d in enumerate(shape):
-                if d >= 0:
-                    v = (d, d, d)
-                elif name in TOKEN_INPUTS and axis == 0:
-                    v = (lo, opt, hi)
-                elif name.startswith(CACHE_PREFIXES) and axis == 0:
-                    v = (n_slots,) * 3
-                elif name.startswith(CACHE_PREFIXES) and axis == 2:
-                    v = (max_context,) * 3
-                else:
-                    raise ValueError(f"network input {name} {list(shape)}: no rule for dynamic axis {axis}")
-                mn.append(v[0]), op.append(v[1]), mx.append(v[2])
-            prof[name] = (tuple(mn), tuple(op), tuple(mx))
+            prof[name] = ((lo,), (opt,), (hi,))
     return profiles
