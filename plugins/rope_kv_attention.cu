@@ -9,7 +9,7 @@
 // Compile-time: N_HEADS, N_KV_HEADS, HEAD_DIM (64 or 128), ROPE_THETA; N_HEADS / N_KV_HEADS <= 8.
 // Builds for TensorRT (issue 16; toolchain/kernels.py defines_for(..., clusters=False), the `rope_kv_attention_addr`
 // op): ATTN_CLUSTER=0 needs no cluster launch: each block of the same grid is a "cluster" of one (cluster index
-// (y % G) * 8 + blockIdx.x, up to 8 G per kv head, ATTN_CLUSTER_KEYS 256 keys each), its block partial is the
+// (y % G) * 8 + blockIdx.x, up to 16 per kv head, ATTN_CLUSTER_KEYS 256 keys each), its block partial is the
 // cluster's, and clusters merge through the global scratch as below. ATTN_ADDR=1 names the kernel
 // rope_kv_attention_addr and takes the layer's caches by address: `const unsigned long long* cache_addr` [2] (device
 // addresses of the k and v cache) in place of the four cache pointers, so the cache is never a TensorRT network
@@ -74,7 +74,7 @@
 #if ATTN_CLUSTER
 #define ATTN_CLUSTER_KEYS 2048  // one more cluster (8 blocks) per this many keys of context, up to G
 #else
-#define ATTN_CLUSTER_KEYS 256   // one more block per this many keys, up to 8 G (a cluster's block had 2048 / 8)
+#define ATTN_CLUSTER_KEYS 256   // one more block per this many keys, up to CMAX (a cluster's block had 2048 / 8)
 #endif
 #endif
 #ifndef ATTN_NBUF
@@ -349,7 +349,9 @@ __device__ __forceinline__ void merge_block(BlockMerge& s, const float (&o)[NNT]
 
 constexpr int GX = 8;                  // grid x (toolchain/kernels.py ATTN_SPLITS)
 constexpr int NS = ATTN_CLUSTER ? GX : 1;   // blocks per cluster (8: the portable maximum)
-constexpr int CMAX = ATTN_CLUSTER ? G : G * GX;   // clusters per (token, kv head)
+// clusters per (token, kv head); without clusters at most 16 blocks (4,096 keys at 256 each, more keys per block
+// beyond), which keeps the merge scratch below (per module) at 4.7 MB for the 1.5B instead of 14
+constexpr int CMAX = ATTN_CLUSTER ? G : (G * GX < 16 ? G * GX : 16);
 constexpr int MSCR = 16;               // steps of at most this many tokens may spread a token over clusters
 constexpr int DS = D / NS;             // elements per head merged by one cluster rank
 constexpr int ME = G * DS;             // elements merged by one cluster rank
@@ -361,7 +363,9 @@ struct PushIn {                        // what a rank receives from each rank q 
     float o[NS][ME];                   // q's block numerators of this rank's elements
     float m[NS][G], l[NS][G];          // q's block max and sum of every head
 };
+#if ATTN_CLUSTER && ATTN_PUSH
 constexpr unsigned PUSH_BYTES = sizeof(PushIn);
+#endif
 __device__ float g_part[MSCR][KVH][CMAX][NS][3][ME];  // cross-cluster partials (m <= MSCR): O, max, sum
 __device__ unsigned int g_count[MSCR][KVH][NS];    // arrivals per (token, kv head, rank); reset by the last
 

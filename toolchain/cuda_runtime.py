@@ -18,6 +18,7 @@ on first use, so `import toolchain.cuda_runtime` works on machines without it.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import threading
@@ -258,6 +259,7 @@ class BackgroundUpload:
         self.host, self.buffer, self.error, self.seconds = host, None, None, None
         self._thread = threading.Thread(target=self._copy, name="qtrt-upload", daemon=True)
         self._thread.start()
+        atexit.register(self._thread.join)  # a process that fails meanwhile exits after the copy, not during it
 
     def _copy(self):
         t0 = time.perf_counter()
