@@ -77,14 +77,9 @@ def test_every_ptx_handed_to_tensorrt_needs_no_cluster(model):
     the same check finds the clusters of the cuda backend's own builds (so it can fail)."""
     from toolchain.trt import plugins
 
-    ops = {}
-    for op, attrs in K.specializations(model):
-        if op == "rope_kv_attention":
-            op, attrs = "rope_kv_attention_addr", dict(attrs, n_slots=1, max_seq_len=4096)
-        if op in K.TENSORRT_PLUGIN_OPS:
-            ops[(op, tuple(sorted(K.defines_for(op, attrs, clusters=False).items())))] = (op, attrs)
+    ops = K.tensorrt_specializations(model)
     assert {op for op, _ in ops} >= {"rope_kv_attention_addr", "swiglu"} and len(ops) >= 5
-    for op, attrs in ops.values():
+    for op, attrs in ops:
         ptx = plugins.ptx_for(op, attrs)
         assert re.search(rb"\.entry\s+" + K.kernel_name(op).encode() + rb"\s*\(", ptx), op
         assert not CLUSTER_PTX.findall(ptx), (op, sorted(set(CLUSTER_PTX.findall(ptx))))

@@ -109,7 +109,7 @@ BACKENDS = ("cpu", "cuda", "tensorrt")
 # launch-bound (4,000 tok/s for 3.5k tokens; 16,000 at 512, bench/results/device-2026-12-05d); 512 is llama.cpp's
 # ubatch. The cost is memory: the activation buffers are sized for it, one per intermediate value of the graphs
 # (5.1 MB a token for the 1.5B: 2.6 GB at 512, 0.3 GB at 64); sharing buffers between values whose lifetimes do not
-# overlap would cut that to a few of them.
+# overlap (toolchain/buffer_plan.py, the cuda tuning share_activations: 58 MB at 512) waits for its GPU run.
 BATCH_SIZE = 512
 
 
@@ -127,15 +127,21 @@ def plan_name(max_context: int, n_slots: int = 1) -> str:
     return f"model-ctx{max_context}" + (f"-s{n_slots}" if n_slots > 1 else "") + ".plan"
 
 
+def parse_plan_name(name: str) -> tuple[int, int] | None:
+    """(max_context, n_slots) from a plan_name, or None for another name."""
+    import re
+
+    m = re.fullmatch(r"model-ctx(\d+)(?:-s(\d+))?\.plan", name)
+    return (int(m[1]), int(m[2] or 1)) if m else None
+
+
 def existing_plan(gguf_path, n_slots: int = 1) -> str | None:
     """A TensorRT plan for this model: $QTRT_PLAN, or one `qtrt`'s TensorRT backend built beside the GGUF (plan_name)
     with at least n_slots KV-cache slots."""
-    import re
-
     if os.environ.get("QTRT_PLAN"):
         return os.environ["QTRT_PLAN"]
     plans = [p for p in sorted(trt_cache_dir(gguf_path).glob("model-ctx*.plan"))
-             if int((re.search(r"-s(\d+)\.plan$", p.name) or [None, 1])[1]) >= n_slots]
+             if (parse_plan_name(p.name) or (0, 1))[1] >= n_slots]
     return str(plans[-1]) if plans else None
 
 

@@ -519,16 +519,21 @@ def decode_specializations(model: dict) -> list[tuple[str, dict]]:
 TENSORRT_PLUGIN_OPS = (*MATMUL_OPS, *GATHER_OPS, "rope_kv_attention_addr", "swiglu")
 
 
-def tensorrt_builds(model: dict) -> list[tuple[str, dict]]:
-    """(op, defines) of every PTX the TensorRT plugins of a real model get (toolchain/trt/plugins.py ptx_for):
-    the unfused graph's custom ops, built with clusters=False."""
+def tensorrt_specializations(model: dict) -> list[tuple[str, dict]]:
+    """(op, ONNX attributes) of every plugin the TensorRT export of a real model holds: the unfused graph's custom
+    ops, the attention by address (as engine.prepare_onnx rewrites it), one per distinct clusters=False build."""
     out = {}
-    for op, attrs in specializations(model, lambda op, a: defines_for(op, a, clusters=False)):
-        if op in TENSORRT_PLUGIN_OPS or op == "rope_kv_attention":
-            op = "rope_kv_attention_addr" if op == "rope_kv_attention" else op
-            d = defines_for(op, attrs, clusters=False)
-            out[(op, tuple(sorted(d.items())))] = (op, d)
+    for op, attrs in specializations(model):
+        if op == "rope_kv_attention":
+            op, attrs = "rope_kv_attention_addr", dict(attrs, n_slots=1, max_seq_len=4096)
+        if op in TENSORRT_PLUGIN_OPS:
+            out[(op, tuple(sorted(defines_for(op, attrs, clusters=False).items())))] = (op, attrs)
     return list(out.values())
+
+
+def tensorrt_builds(model: dict) -> list[tuple[str, dict]]:
+    """(op, defines) of every PTX the TensorRT plugins of a real model get (toolchain/trt/plugins.py ptx_for)."""
+    return [(op, defines_for(op, attrs, clusters=False)) for op, attrs in tensorrt_specializations(model)]
 
 
 def _main():

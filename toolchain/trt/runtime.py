@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -49,9 +48,11 @@ def plan_cache_shape(plan, config=None) -> tuple[int, int, int, int] | None:
             return tuple(int(d) for d in s["cache_shape"])
     except (OSError, ValueError):
         pass
-    m = re.fullmatch(r"model-ctx(\d+)(?:-s(\d+))?\.plan", plan.name)
-    if m and config is not None:
-        return int(m[2] or 1), int(config.n_kv_heads), int(m[1]), int(config.head_dim)
+    from ..decoder import parse_plan_name
+
+    named = parse_plan_name(plan.name)
+    if named and config is not None:
+        return named[1], int(config.n_kv_heads), named[0], int(config.head_dim)
     return None
 
 

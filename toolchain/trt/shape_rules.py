@@ -127,26 +127,21 @@ def check_shapes(op: str, shapes, attrs: dict) -> None:
         elems, nbytes = BLOCK[TYPE_OF_OP[op]]
         need(len(w) == 2 and w[1] == hidden // elems * nbytes, f"w must be [vocab, row_bytes of hidden={hidden}]")
         need(len(ids) == 1, "ids must be [m]")
-    elif op == ATTENTION_OP:
-        q, k, v, kc, vc, pos, slots = shapes
+    elif op in (ATTENTION_OP, ATTENTION_ADDR_OP):  # the same rows; the caches as tensors, or their addresses
+        (q, k, v), (pos, slots) = shapes[:3], shapes[-2:]
         h, kvh, d = attrs["n_heads"], attrs["n_kv_heads"], attrs["head_dim"]
         m = q[0]
         need(tuple(q) == (m, h * d), f"q must be [m, n_heads*head_dim={h * d}]")
         need(tuple(k) == (m, kvh * d) and tuple(v) == (m, kvh * d), f"k and v must be [m, {kvh * d}]")
-        need(len(kc) == 4 and kc[1] == kvh and kc[3] == d, f"k_cache must be [n_slots, {kvh}, max_seq, {d}]")
-        need(tuple(vc) == tuple(kc), "v_cache must have k_cache's shape")
         need(tuple(pos) == (m,) and tuple(slots) == (m,), "positions and slots must be [m]")
         need(h % kvh == 0, "n_heads must be a multiple of n_kv_heads")
-    elif op == ATTENTION_ADDR_OP:
-        q, k, v, addr, pos, slots = shapes
-        h, kvh, d = attrs["n_heads"], attrs["n_kv_heads"], attrs["head_dim"]
-        m = q[0]
-        need(tuple(q) == (m, h * d), f"q must be [m, n_heads*head_dim={h * d}]")
-        need(tuple(k) == (m, kvh * d) and tuple(v) == (m, kvh * d), f"k and v must be [m, {kvh * d}]")
-        need(tuple(addr) == (2,), "cache_addr must be [2] (the k and v caches' device addresses)")
-        need(tuple(pos) == (m,) and tuple(slots) == (m,), "positions and slots must be [m]")
-        need(h % kvh == 0, "n_heads must be a multiple of n_kv_heads")
-        need(attrs["n_slots"] >= 1 and attrs["max_seq_len"] >= 1, "n_slots and max_seq_len must be at least 1")
+        if op == ATTENTION_OP:
+            kc, vc = shapes[3:5]
+            need(len(kc) == 4 and kc[1] == kvh and kc[3] == d, f"k_cache must be [n_slots, {kvh}, max_seq, {d}]")
+            need(tuple(vc) == tuple(kc), "v_cache must have k_cache's shape")
+        else:
+            need(tuple(shapes[3]) == (2,), "cache_addr must be [2] (the k and v caches' device addresses)")
+            need(attrs["n_slots"] >= 1 and attrs["max_seq_len"] >= 1, "n_slots and max_seq_len must be at least 1")
     elif op == SWIGLU_OP:
         need(len(shapes[0]) == 2 and tuple(shapes[0]) == tuple(shapes[1]), "gate and up must be equal [m, f]")
 
