@@ -624,6 +624,21 @@ def test_engine_without_tensorrt_is_one_line_exit_2(tmp_path, capsys):
     assert not (tmp_path / "m.plan").exists()
 
 
+def test_engine_never_overwrites_a_file_it_did_not_write(tmp_path, capsys):
+    """<plan>.json is build_engine's summary: a file of that name that is not one is refused before any work, with
+    one line and exit 2, and left as it was (TensorRT or not)."""
+    from toolchain.cli import main
+
+    (tmp_path / "model.onnx").write_bytes(b"")
+    notes = tmp_path / "m.plan.json"
+    for text in ("my notes", '{"plan": "elsewhere"}'):
+        notes.write_text(text)
+        rc = main(["engine", str(tmp_path), "-o", str(tmp_path / "m.plan"), "--timing-cache", str(tmp_path / "t")])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and "m.plan.json: exists and is not a plan summary" in err, err
+        assert notes.read_text() == text and not (tmp_path / "m.plan").exists()
+
+
 @pytest.mark.skipif(_have_tensorrt(), reason="TensorRT is installed here")
 def test_runner_and_plugins_without_tensorrt(tmp_path):
     from toolchain.trt.runtime import TensorRTRunner

@@ -26,6 +26,15 @@ def plan_info_path(plan) -> Path:
     return Path(f"{plan}.json")
 
 
+def _is_plan_info(path: Path) -> bool:
+    """Whether `path` is a summary build_engine wrote (a JSON object naming its plan and cache shape)."""
+    try:
+        s = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(s, dict) and {"plan", "cache_shape"} <= s.keys()
+
+
 def _atomic_write(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -212,6 +221,10 @@ def build_engine(onnx_dir, plan_path, max_context: int, max_batch_tokens: int, t
         raise UserError(f"--max-batch-tokens {max_batch_tokens}: must be at least 1")
     if n_slots < 1:
         raise UserError(f"--slots {n_slots}: must be at least 1")
+    info = plan_info_path(plan_path)
+    if info.exists() and not _is_plan_info(info):  # never overwrite what we did not write
+        raise UserError(f"{info}: exists and is not a plan summary written by `qtrt engine`; move it or choose "
+                        "another -o")
     trt = import_tensorrt()
     from .plugins import register_all
 
