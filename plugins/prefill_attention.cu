@@ -3,15 +3,23 @@
 //   rope_kv_append   (q, k, v, positions, slots, int m, int n_slots, int max_seq, q_rot, k_cache, v_cache)
 //       grid (m), block (128): RoPE on q and k, k/v appended to the float16 cache, rotated q to q_rot.
 //   prefill_attention(q_rot, k_cache, v_cache, positions, slots, int m, int n_slots, int max_seq, out)
-//       grid (cdiv(m, 16), N_HEADS), block (128): causal GQA attention of 16 queries x one head per block over the
-//       cache (after the append, so the step's tokens see each other), float32 online softmax.
+//       grid (cdiv(m * GROUP, PA_ROWS), N_KV_HEADS), block (32 * PA_WARPS): causal GQA attention on tensor cores.
 // Rows no backend lets through are guarded, not computed: the append skips a token whose slot or position is outside
 // the cache, the attention reads no key past max_seq and a tile whose slot is outside [0, n_slots) does nothing.
 //
 // Why a second path: the decode kernel (rope_kv_attention.cu) is built for one query per token and spends its
-// time on latency; with m = 512 it runs 512 x n_kv clusters and dominated prefill (21.5 of 33 ms). Here a block
-// stages 32 keys of K and V in shared memory once and uses them for 16 queries; lane l of a warp scores key l for
-// the warp's 4 queries (rows padded to D+1 floats: conflict-free), then each lane accumulates 4 of the D outputs.
+// time on latency; with m = 512 it runs 512 x n_kv clusters and dominated prefill (21.5 of 33 ms).
+// prefill_attention is FlashAttention-2's loop on mma.sync.m16n8k16 (fp16 operands, fp32 accumulators):
+// - Rows are (token, q head of the kv head) pairs, row = token * GROUP + head % GROUP: the GROUP query heads that
+//   share a kv head share every K/V tile a block loads (GQA packing, as FlashInfer's prefill does). A block holds
+//   PA_ROWS = 16 * PA_WARPS rows of one kv head; each warp 16 rows, its Q fragments in registers for the whole loop
+//   (q_rot * log2(e) / sqrt(D) in fp16: the softmax runs in base 2).
+// - Keys go in tiles of BK: K and V rows copied global -> shared with cp.async (row stride D + 8 halves: ldmatrix
+//   rows on distinct banks), double-buffered (tile j + 1 in flight while j is computed); keys past the block's
+//   last position are zero-filled. S = Q K^T from ldmatrix fragments of K; the causal mask per row; online softmax
+//   per row (max and sum over the quad of lanes holding it); P re-packed from the S accumulators into A fragments
+//   (no shared-memory round trip); O += P V from ldmatrix.trans fragments of V; O / sum at the end.
+// Accuracy: Q and P rounded to fp16 (the cache is fp16 already): ~5e-4 relative, like the prefill GEMMs.
 // Precondition (the runtime guarantees it): all tokens of the step are in one slot; a tile's keys are those of its
 // first token's slot. Compile-time: N_HEADS, N_KV_HEADS, HEAD_DIM, ROPE_THETA (as for rope_kv_attention).
 #include <cuda_fp16.h>
@@ -33,8 +41,10 @@
 #endif
 
 constexpr int D = HEAD_DIM, HALF = D / 2, QD = N_HEADS * D, KVD = N_KV_HEADS * D, GROUP = N_HEADS / N_KV_HEADS;
-constexpr int QT = 16, KC = 32, WARPS = 4, QPW = QT / WARPS, DPL = D / 32;  // queries/block, keys/chunk, per warp
-static_assert(D % 32 == 0 && QT % WARPS == 0, "head_dim must be a multiple of 32");
+#ifndef PA_WARPS
+#define PA_WARPS 4  // warps per block of prefill_attention, 16 rows each (toolchain/kernels.py: PREFILL_ROWS_PER_BLOCK)
+#endif
+static_assert(D % 32 == 0, "head_dim must be a multiple of 32");
 
 __device__ __forceinline__ float inv_freq(int j) {  // theta^(-2j/D), rounded once from double like numpy's float32 table
     return (float)pow((double)ROPE_THETA, -2.0 * (double)j / (double)D);
@@ -73,104 +83,176 @@ extern "C" __global__ void __launch_bounds__(128) rope_kv_append(
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128) prefill_attention(
+namespace pa {
+constexpr int WARPS = PA_WARPS, ROWS = 16 * WARPS, BK = 32, KS = D + 8;  // rows per block, keys per tile, row stride
+
+__device__ __forceinline__ void cp_async16_zfill(void* dst, const void* src, bool ok) {  // 16 bytes, zeros if !ok
+    const uint32_t s = (uint32_t)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(ok ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+    const uint32_t s = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void* p) {
+    const uint32_t s = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+}
+// c += a (16 x 16, row) * b (16 x 8, col), fp16 in, fp32 accumulators
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+}
+}  // namespace pa
+
+extern "C" __global__ void __launch_bounds__(32 * PA_WARPS) prefill_attention(
     const float* __restrict__ q_rot, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
     const int* __restrict__ positions, const int* __restrict__ slots, int m, int n_slots, int max_seq,
     float* __restrict__ out) {
-    __shared__ float Ks[KC][D + 1], Vs[KC][D + 1], Qs[QT][D];
+    using namespace pa;
+    __shared__ __align__(16) __half Ks[2][BK][KS], Vs[2][BK][KS];
     pdl_launch_dependents();
     pdl_wait();
-    const int t0 = blockIdx.x * QT, h = blockIdx.y, kvh = h / GROUP;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int slot = slots[t0];
+    const int r0 = blockIdx.x * ROWS, kvh = blockIdx.y, rows = m * GROUP;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const int slot = slots[r0 / GROUP];
     if (slot < 0 || slot >= n_slots) return;  // no backend lets such a tile through: read nothing, write nothing
-    int last = 0;  // keys needed by this tile: up to its largest position (within the cache, whatever it is given)
-    for (int i = 0; i < QT && t0 + i < m; ++i) last = max(last, positions[t0 + i]);
+    int last = 0;  // keys needed by this block: up to its largest position (within the cache, whatever it is given)
+    for (int t = r0 / GROUP; t < m && t * GROUP < r0 + ROWS; ++t) last = max(last, positions[t]);
     last = min(last, max_seq - 1);
-    for (int idx = threadIdx.x; idx < QT * D; idx += blockDim.x) {
-        const int i = idx / D, d = idx % D;
-        Qs[i][d] = t0 + i < m ? q_rot[(size_t)(t0 + i) * QD + h * D + d] * rsqrtf((float)D) : 0.f;
-    }
-    int qpos[QPW];
-    float mx[QPW], sum[QPW], acc[QPW][DPL];
-#pragma unroll
-    for (int i = 0; i < QPW; ++i) {
-        const int t = t0 + warp * QPW + i;
-        qpos[i] = t < m ? positions[t] : -1;  // -1: no key passes the mask, the row is never written
-        mx[i] = -INFINITY;
-        sum[i] = 0.f;
-#pragma unroll
-        for (int e = 0; e < DPL; ++e) acc[i][e] = 0.f;
-    }
     const __half* kb = k_cache + ((size_t)slot * N_KV_HEADS + kvh) * max_seq * D;
     const __half* vb = v_cache + ((size_t)slot * N_KV_HEADS + kvh) * max_seq * D;
-    for (int c0 = 0; c0 <= last; c0 += KC) {
-        __syncthreads();  // previous chunk fully used (and Qs written, first time)
-        for (int idx = threadIdx.x; idx < KC * D / 8; idx += blockDim.x) {  // 16-byte loads of 8 halves
-            const int key = idx / (D / 8), d8 = (idx % (D / 8)) * 8;
-            uint4 kr = make_uint4(0, 0, 0, 0), vr = make_uint4(0, 0, 0, 0);
-            if (c0 + key <= last) {
-                kr = *reinterpret_cast<const uint4*>(kb + (size_t)(c0 + key) * D + d8);
-                vr = *reinterpret_cast<const uint4*>(vb + (size_t)(c0 + key) * D + d8);
-            }
-            const __half2* k2 = reinterpret_cast<const __half2*>(&kr);
-            const __half2* v2 = reinterpret_cast<const __half2*>(&vr);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const float2 kf = __half22float2(k2[e]), vf = __half22float2(v2[e]);
-                Ks[key][d8 + 2 * e] = kf.x;
-                Ks[key][d8 + 2 * e + 1] = kf.y;
-                Vs[key][d8 + 2 * e] = vf.x;
-                Vs[key][d8 + 2 * e + 1] = vf.y;
-            }
+    auto load_tile = [&](int j, int buf) {  // keys [j * BK, j * BK + BK) of K and V, zeros past `last`
+        constexpr int CH = D / 8;  // 16-byte chunks per row
+        for (int i = threadIdx.x; i < BK * CH; i += 32 * WARPS) {
+            const int key = i / CH, d8 = (i % CH) * 8, kk = j * BK + key;
+            const bool ok = kk <= last;
+            const size_t off = (size_t)(ok ? kk : 0) * D + d8;
+            cp_async16_zfill(&Ks[buf][key][d8], kb + off, ok);
+            cp_async16_zfill(&Vs[buf][key][d8], vb + off, ok);
         }
-        __syncthreads();
-        float s[QPW];
+        asm volatile("cp.async.commit_group;\n" ::: "memory");
+    };
+    const int ntiles = last / BK + 1;
+    load_tile(0, 0);
+
+    // this lane's two rows (g and g + 8 of the warp's 16): position (-1: masked everywhere, never written), pointers
+    int qpos[2];
+    size_t qoff[2];
 #pragma unroll
-        for (int i = 0; i < QPW; ++i) s[i] = 0.f;
-        const float* qw = &Qs[warp * QPW][0];
-#pragma unroll 8
-        for (int d = 0; d < D; ++d) {
-            const float kv = Ks[lane][d];
+    for (int h = 0; h < 2; ++h) {
+        const int r = r0 + 16 * warp + g + 8 * h, t = r / GROUP, head = kvh * GROUP + r % GROUP;
+        qpos[h] = r < rows ? min(positions[t], max_seq - 1) : -1;
+        qoff[h] = (size_t)t * QD + (size_t)head * D;
+    }
+    const float qs = 1.4426950408889634f * rsqrtf((float)D);  // log2(e) / sqrt(D): scores in base 2
+    uint32_t qa[D / 16][4];  // A fragments of Q: rows g / g + 8, columns 16kk + 2c (+8)
 #pragma unroll
-            for (int i = 0; i < QPW; ++i) s[i] = fmaf(qw[i * D + d], kv, s[i]);
-        }
-        float p[QPW];
+    for (int kk = 0; kk < D / 16; ++kk) {
 #pragma unroll
-        for (int i = 0; i < QPW; ++i) {
-            const bool ok = c0 + lane <= qpos[i];
-            float cm = ok ? s[i] : -INFINITY;
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) cm = fmaxf(cm, __shfl_xor_sync(0xffffffffu, cm, o));
-            const float nm = fmaxf(mx[i], cm);
-            const float scale = nm == -INFINITY ? 1.f : __expf(mx[i] - nm);
-            p[i] = ok ? __expf(s[i] - nm) : 0.f;
-            float ps = p[i];
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) ps += __shfl_xor_sync(0xffffffffu, ps, o);
-            sum[i] = sum[i] * scale + ps;
-            mx[i] = nm;
-#pragma unroll
-            for (int e = 0; e < DPL; ++e) acc[i][e] *= scale;
-        }
-        for (int key = 0; key < KC; ++key) {
-            float vv[DPL];
-#pragma unroll
-            for (int e = 0; e < DPL; ++e) vv[e] = Vs[key][lane + 32 * e];
-#pragma unroll
-            for (int i = 0; i < QPW; ++i) {
-                const float pk = __shfl_sync(0xffffffffu, p[i], key);
-#pragma unroll
-                for (int e = 0; e < DPL; ++e) acc[i][e] = fmaf(pk, vv[e], acc[i][e]);
-            }
+        for (int i = 0; i < 4; ++i) {
+            const int h = i & 1, col = 16 * kk + 2 * c + 8 * (i >> 1);
+            float2 v = make_float2(0.f, 0.f);
+            if (qpos[h] >= 0) v = *reinterpret_cast<const float2*>(q_rot + qoff[h] + col);
+            qa[kk][i] = pack_half2(v.x * qs, v.y * qs);
         }
     }
+    float o[D / 8][4];
 #pragma unroll
-    for (int i = 0; i < QPW; ++i) {
-        const int t = t0 + warp * QPW + i;
-        if (t >= m) continue;
-        const float r = 1.f / sum[i];
+    for (int nd = 0; nd < D / 8; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.f;
+    float mx[2] = {-INFINITY, -INFINITY}, sum[2] = {0.f, 0.f};  // running max (base 2) and this lane's partial sum
+
+    for (int j = 0; j < ntiles; ++j) {
+        const int buf = j & 1;
+        if (j + 1 < ntiles) {
+            load_tile(j + 1, buf ^ 1);  // the buffer computed at j - 1: every warp left it at the barrier below
+            asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+        } else {
+            asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+        }
+        __syncthreads();
+        // S = Q K^T over the tile's BK keys: BK / 8 n-tiles of 8 keys
+        float s[BK / 8][4];
 #pragma unroll
-        for (int e = 0; e < DPL; ++e) out[(size_t)t * QD + h * D + lane + 32 * e] = acc[i][e] * r;
+        for (int nt = 0; nt < BK / 8; ++nt) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk += 2) {  // one ldmatrix.x4: B of k-chunks kk and kk + 1
+                uint32_t b[4];
+                ldsm_x4(b, &Ks[buf][nt * 8 + (lane & 7)][16 * kk + 8 * (lane >> 3)]);
+                mma16816(s[nt], qa[kk], b[0], b[1]);
+                mma16816(s[nt], qa[kk + 1], b[2], b[3]);
+            }
+        }
+        // causal mask and online softmax, rows g (h = 0: s[][0..1]) and g + 8 (h = 1: s[][2..3])
+        float scale[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float tm = -INFINITY;
+#pragma unroll
+            for (int nt = 0; nt < BK / 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int key = j * BK + nt * 8 + 2 * c + e;
+                    float& v = s[nt][2 * h + e];
+                    v = key <= qpos[h] ? v : -INFINITY;
+                    tm = fmaxf(tm, v);
+                }
+            tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, 1));
+            tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, 2));
+            const float nm = fmaxf(mx[h], tm), base = nm == -INFINITY ? 0.f : nm;
+            scale[h] = exp2f(mx[h] - base);  // 0 while nothing was seen (mx = -inf), 1 while the max holds
+            mx[h] = nm;
+            float ps = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < BK / 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    float& v = s[nt][2 * h + e];
+                    v = exp2f(v - base);
+                    ps += v;
+                }
+            sum[h] = sum[h] * scale[h] + ps;
+        }
+#pragma unroll
+        for (int nd = 0; nd < D / 8; ++nd) {
+            o[nd][0] *= scale[0]; o[nd][1] *= scale[0];
+            o[nd][2] *= scale[1]; o[nd][3] *= scale[1];
+        }
+        // O += P V: P's A fragments straight from the S accumulators, 16 keys per k-step
+#pragma unroll
+        for (int ks = 0; ks < BK / 16; ++ks) {
+            const uint32_t pa[4] = {pack_half2(s[2 * ks][0], s[2 * ks][1]), pack_half2(s[2 * ks][2], s[2 * ks][3]),
+                                    pack_half2(s[2 * ks + 1][0], s[2 * ks + 1][1]),
+                                    pack_half2(s[2 * ks + 1][2], s[2 * ks + 1][3])};
+#pragma unroll
+            for (int nd = 0; nd < D / 8; nd += 2) {  // one ldmatrix.x4.trans: B of d-tiles nd and nd + 1
+                uint32_t b[4];
+                ldsm_x4_t(b, &Vs[buf][16 * ks + (lane & 7) + 8 * ((lane >> 3) & 1)][8 * nd + 8 * (lane >> 4)]);
+                mma16816(o[nd], pa, b[0], b[1]);
+                mma16816(o[nd + 1], pa, b[2], b[3]);
+            }
+        }
+        __syncthreads();  // every warp is done with buf before the next iteration refills it
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float l = sum[h];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        if (qpos[h] < 0) continue;
+        const float r = 1.f / l;
+        float* y = out + qoff[h];
+#pragma unroll
+        for (int nd = 0; nd < D / 8; ++nd)
+            *reinterpret_cast<float2*>(y + 8 * nd + 2 * c) = make_float2(o[nd][2 * h] * r, o[nd][2 * h + 1] * r);
     }
 }

@@ -20,7 +20,7 @@ ATTRS = {  # the two Qwen2.5 models: heads / kv heads / head dim / rope theta, a
     "0.5B": dict(n_heads=14, n_kv_heads=2, head_dim=64, rope_theta=1e6, epsilon=1e-6),
 }
 DIMS = dict(m=3, n=8960, k=1536, hidden=1536, vocab=151936, numel=3 * 8960, n_slots=4, max_seq=4096, n_heads=12,
-            q_dim=1536, kv_dim=256, ffn=8960, w_type="Q4_K")
+            n_kv_heads=2, q_dim=1536, kv_dim=256, ffn=8960, w_type="Q4_K")
 
 needs_nvcc = pytest.mark.skipif(K.nvcc_path() is None, reason="nvcc not found (needed to compile the CUDA kernels)")
 

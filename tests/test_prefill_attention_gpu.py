@@ -10,11 +10,15 @@ from toolchain import ops
 
 pytestmark = pytest.mark.gpu
 SHAPES = {"1.5B": dict(n_heads=12, n_kv_heads=2, head_dim=128, rope_theta=1e6),
-          "0.5B": dict(n_heads=14, n_kv_heads=2, head_dim=64, rope_theta=1e6)}
+          "0.5B": dict(n_heads=14, n_kv_heads=2, head_dim=64, rope_theta=1e6),
+          "3B": dict(n_heads=16, n_kv_heads=2, head_dim=128, rope_theta=1e6),  # 8 query heads per kv head
+          "7B": dict(n_heads=28, n_kv_heads=4, head_dim=128, rope_theta=1e6)}
 
 
+# rows are (token, q head) pairs packed 64 to a block and keys come in tiles of 32: m = 1, odd m and tile edges, a
+# prompt piece deep into the cache
 @pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("start,m", [(0, 100), (37, 64), (300, 33)])
+@pytest.mark.parametrize("start,m", [(0, 100), (37, 64), (300, 33), (0, 1), (31, 17), (2990, 512)])
 def test_prefill_pair_matches_contract(shape, start, m):
     a = SHAPES[shape]
     H, KV, D = a["n_heads"], a["n_kv_heads"], a["head_dim"]

@@ -41,7 +41,7 @@ FUSED_OPS = ("rms_norm_qkv", "matmul_add", "rms_norm_swiglu")  # toolchain/fusio
 # compile-time cluster of 2 (grid z), dynamic shared memory per format (above 48 KB: the runtime raises the limit).
 GEMM_OPS = ("q4k_gemm", "q6k_gemm")
 PREFILL_ATTENTION_OPS = ("rope_kv_append", "prefill_attention")
-PREFILL_QUERIES_PER_BLOCK = 16
+PREFILL_ROWS_PER_BLOCK = 64  # prefill_attention: (token, q head) rows per block, 16 per warp (PA_WARPS)
 GEMM_ROWS, GEMM_TOKENS, GEMM_THREADS = 96, 128, 256
 GEMM_SMEM = {"q4k_gemm": 70656, "q6k_gemm": 89088}
 _FAMILY = {
@@ -316,7 +316,9 @@ def launch_config(op: str, dims: dict, ops=INT_OPS, clusters: bool = True) -> La
     if op == "rope_kv_append":
         return LaunchConfig((m, 1, 1), (128, 1, 1), 0, (m, _dim(dims, "n_slots"), _dim(dims, "max_seq", "max_seq_len")))
     if op == "prefill_attention":
-        return LaunchConfig((ops.cdiv(m, PREFILL_QUERIES_PER_BLOCK), _dim(dims, "n_heads"), 1), (128, 1, 1), 0,
+        group = int(_dim(dims, "n_heads")) // int(_dim(dims, "n_kv_heads"))  # rows = (token, q head of a kv head)
+        return LaunchConfig((ops.cdiv(m * group, PREFILL_ROWS_PER_BLOCK), _dim(dims, "n_kv_heads"), 1),
+                            (PREFILL_ROWS_PER_BLOCK * 2, 1, 1), 0,
                             (m, _dim(dims, "n_slots"), _dim(dims, "max_seq", "max_seq_len")))
     if op in GEMM_OPS:
         n, k = int(_dim(dims, "n", "out_features")), int(_dim(dims, "k", "in_features"))
