@@ -18,6 +18,11 @@
 //   pdl_wait(): with programmatic dependent launch they overlap the previous kernel's tail.
 // - x is quantized once per block into shared memory (int16, a scale and a sum per 16 elements, RMSNorm first for
 //   the fused norms), as in qmv.cuh; dot products in dp2a.
+// - QMV1_MT=<tokens> (batched decode, 1 < m < the GEMM's threshold): a block computes its rows for MT tokens at
+//   once (grid.y = cdiv(m, MT)): each weight is loaded and decoded once and meets the MT tokens' x, quantized side by
+//   side in shared memory (dynamic: MT x ~2.25 bytes per element of k, plus the scales; toolchain/kernels.py
+//   qmv1_smem_bytes mirrors Smem and the kernel traps if it is given less). The x loads of all MT tokens are in
+//   flight together. Not with QMV1_XMERGE.
 // - QMV1_XMERGE=<slots> (the o projection after rope_kv_attention's ATTN_XMERGE build; QMV1_XM_D = head dim,
 //   QMV1_XM_CK = the attention's ATTN_CLUSTER_KEYS): the attention's clusters per kv head, C = ceil(T / CK) at most
 //   <slots>, follow from the step's position, read before pdl_wait() like the attention does (an input of the step,
@@ -43,6 +48,9 @@ using qmv::Kind;
 #ifndef QMV1_XMERGE
 #define QMV1_XMERGE 0  // attention partial slots merged into x (0: x is read as it is)
 #endif
+#ifndef QMV1_MT
+#define QMV1_MT 1  // tokens per block (see above)
+#endif
 #ifndef QMV1_NBW
 #define QMV1_NBW 6  // superblocks of k per warp at most (even: 2 rows x 8 units x NBW = 32 x U tasks per lane)
 #endif
@@ -56,6 +64,9 @@ constexpr int KW = QMV1_KW;            // warps per group (k split)
 constexpr int G = QMV1_G;              // groups per block side by side (toolchain/kernels.py decode_core)
 constexpr int NWARP = KW * G, THREADS = 32 * NWARP;
 constexpr int KMAX = 256 * NBW * KW;   // largest k this build takes
+constexpr int MT = QMV1_MT;            // tokens per block
+constexpr int XQS = KMAX * 9 / 8, D16S = KMAX / 16;  // per token in shared memory: int16 x (qmv::xphys), scales
+static_assert(MT >= 1 && (MT == 1 || !QMV1_XMERGE), "QMV1_MT > 1 does not take QMV1_XMERGE");
 template <class F> struct Words { static constexpr int value = std::is_same<F, Q6K>::value ? 10 : 8; };  // per task
 
 // Weight loads are volatile asm so that the compiler issues them where they are written (a group ahead), never next to
@@ -100,24 +111,30 @@ template <> struct Task<Q4K> {  // w: header (d, dmin, 12 scale bytes) then the 
         const uint4 q = ldg16(blk + 16 + 16 * u);
         w[0] = h.x; w[1] = h.y; w[2] = h.z; w[3] = h.w; w[4] = q.x; w[5] = q.y; w[6] = q.z; w[7] = q.w;
     }
-    // sum over the unit's 32 elements of weight * x (x = xq * d16 per 16 elements, s16 = sum of xq)
+    // sum over the unit's 32 elements of weight * x (x = xq * d16 per 16 elements, s16 = sum of xq), for each of
+    // the MT tokens (x of token t at xq + t * XQS, its scales at d16 / s16 + t * D16S): the weights decoded once
     template <int N>
-    static __device__ __forceinline__ float dot(const uint32_t (&w)[N], int u, int e0, const int16_t* xq,
-                                                const float* d16, const float* s16) {
+    static __device__ __forceinline__ void dot(const uint32_t (&w)[N], int u, int e0, const int16_t* xq,
+                                               const float* d16, const float* s16, float (&out)[MT]) {
         const int p = u >> 1, h = u & 1, el = e0 + 64 * p + 16 * h, eh = el + 32;
         uint32_t sc, mn;
         qmv::q4k_scale_min2(w[1], w[2], w[3], p, sc, mn);
         const float d = half_bits_to_float(w[0]), dm = half_bits_to_float(w[0] >> 16);
         const uint32_t lo[4] = {w[4] & 0x0F0F0F0Fu, w[5] & 0x0F0F0F0Fu, w[6] & 0x0F0F0F0Fu, w[7] & 0x0F0F0F0Fu};
         const uint32_t hi[4] = {w[4] & 0xF0F0F0F0u, w[5] & 0xF0F0F0F0u, w[6] & 0xF0F0F0F0u, w[7] & 0xF0F0F0F0u};
-        const uint4 xa = *reinterpret_cast<const uint4*>(xq + qmv::xphys(el));
-        const uint4 xb = *reinterpret_cast<const uint4*>(xq + qmv::xphys(el + 8));
-        const uint4 ya = *reinterpret_cast<const uint4*>(xq + qmv::xphys(eh));
-        const uint4 yb = *reinterpret_cast<const uint4*>(xq + qmv::xphys(eh + 8));
-        const float fl = (float)qmv::dot16<false>(lo, xa, xb, 0), fh = (float)qmv::dot16<false>(hi, ya, yb, 0);
         const float c0 = d * qmv::small_u2f(sc & 0xFFu), c1 = d * qmv::small_u2f(sc >> 8) * 0.0625f;
         const float m0 = dm * qmv::small_u2f(mn & 0xFFu), m1 = dm * qmv::small_u2f(mn >> 8);
-        return d16[el >> 4] * fmaf(c0, fl, -m0 * s16[el >> 4]) + d16[eh >> 4] * fmaf(c1, fh, -m1 * s16[eh >> 4]);
+#pragma unroll
+        for (int t = 0; t < MT; ++t) {
+            const int16_t* xt = xq + t * XQS;
+            const float *dt = d16 + t * D16S, *st = s16 + t * D16S;
+            const uint4 xa = *reinterpret_cast<const uint4*>(xt + qmv::xphys(el));
+            const uint4 xb = *reinterpret_cast<const uint4*>(xt + qmv::xphys(el + 8));
+            const uint4 ya = *reinterpret_cast<const uint4*>(xt + qmv::xphys(eh));
+            const uint4 yb = *reinterpret_cast<const uint4*>(xt + qmv::xphys(eh + 8));
+            const float fl = (float)qmv::dot16<false>(lo, xa, xb, 0), fh = (float)qmv::dot16<false>(hi, ya, yb, 0);
+            out[t] = dt[el >> 4] * fmaf(c0, fl, -m0 * st[el >> 4]) + dt[eh >> 4] * fmaf(c1, fh, -m1 * st[eh >> 4]);
+        }
     }
 };
 
@@ -142,8 +159,8 @@ template <> struct Task<Q6K> {  // unit u = (hf, jj, a) as qmv.cuh's Unit<Q6K>; 
         w[9] = ldg16bits(blk + 208);
     }
     template <int N>
-    static __device__ __forceinline__ float dot(const uint32_t (&w)[N], int u, int e0, const int16_t* xq,
-                                                const float* d16, const float* s16) {
+    static __device__ __forceinline__ void dot(const uint32_t (&w)[N], int u, int e0, const int16_t* xq,
+                                               const float* d16, const float* s16, float (&out)[MT]) {
         const int hf = u >> 2, jj = (u >> 1) & 1, a = u & 1;
         const int el = e0 + 128 * hf + 32 * jj + 16 * a, eh = el + 64;
         const uint32_t shl = 4u - 2u * (uint32_t)jj, shr = 2u * (uint32_t)jj;
@@ -153,22 +170,28 @@ template <> struct Task<Q6K> {  // unit u = (hf, jj, a) as qmv.cuh's Unit<Q6K>; 
             lo[i] = (w[i] & 0x0F0F0F0Fu) | ((w[4 + i] << shl) & 0x30303030u);
             hi[i] = ((w[i] >> 4) & 0x0F0F0F0Fu) | ((w[4 + i] >> shr) & 0x30303030u);
         }
-        const uint4 xa = *reinterpret_cast<const uint4*>(xq + qmv::xphys(el));
-        const uint4 xb = *reinterpret_cast<const uint4*>(xq + qmv::xphys(el + 8));
-        const uint4 ya = *reinterpret_cast<const uint4*>(xq + qmv::xphys(eh));
-        const uint4 yb = *reinterpret_cast<const uint4*>(xq + qmv::xphys(eh + 8));
         const float d = half_bits_to_float(w[9]);
-        const float fl = (float)qmv::dot16<false>(lo, xa, xb, 0) - 32.f * s16[el >> 4];
-        const float fh = (float)qmv::dot16<false>(hi, ya, yb, 0) - 32.f * s16[eh >> 4];
-        return d * ((float)(int8_t)(w[8] & 0xFFu) * d16[el >> 4] * fl + (float)(int8_t)(w[8] >> 8) * d16[eh >> 4] * fh);
+        const float sl = (float)(int8_t)(w[8] & 0xFFu), sh = (float)(int8_t)(w[8] >> 8);
+#pragma unroll
+        for (int t = 0; t < MT; ++t) {
+            const int16_t* xt = xq + t * XQS;
+            const float *dt = d16 + t * D16S, *st = s16 + t * D16S;
+            const uint4 xa = *reinterpret_cast<const uint4*>(xt + qmv::xphys(el));
+            const uint4 xb = *reinterpret_cast<const uint4*>(xt + qmv::xphys(el + 8));
+            const uint4 ya = *reinterpret_cast<const uint4*>(xt + qmv::xphys(eh));
+            const uint4 yb = *reinterpret_cast<const uint4*>(xt + qmv::xphys(eh + 8));
+            const float fl = (float)qmv::dot16<false>(lo, xa, xb, 0) - 32.f * st[el >> 4];
+            const float fh = (float)qmv::dot16<false>(hi, ya, yb, 0) - 32.f * st[eh >> 4];
+            out[t] = d * (sl * dt[el >> 4] * fl + sh * dt[eh >> 4] * fh);
+        }
     }
 };
 
-struct __align__(16) Smem {
-    int16_t xq[KMAX * 9 / 8];
-    float d16[KMAX / 16], s16[KMAX / 16];
-    float part[2][G][KW][2];  // per iteration parity: each k part's sums of the group's 2 rows
-    float red[NWARP];
+struct __align__(16) Smem {  // toolchain/kernels.py qmv1_smem_bytes: the same sizes
+    int16_t xq[MT][XQS];
+    float d16[MT][D16S], s16[MT][D16S];
+    float part[2][G][KW][2][MT];  // per iteration parity: each k part's sums of the group's 2 rows, per token
+    float red[MT][NWARP];
 };
 
 // x[4i .. 4i + 3] from the attention's first n partial slots (QMV1_XMERGE): numerators weighted by 2^(max - overall
@@ -208,11 +231,21 @@ __device__ __forceinline__ float4 xmerge4(const float* xpart, int k, int i, int 
 
 template <class F> struct KQuant { static constexpr bool value = std::is_same<F, Q4K>::value || std::is_same<F, Q6K>::value; };
 
-// m must be 1 (the backend uses these builds for its batch-1 plan only); any grid works, kernels.py's balances it.
+// tokens blockIdx.y * MT .. + MT - 1 (those < m); any grid.x works, kernels.py's balances it.
 template <Kind K, class F0, class F1, class F2>
 __device__ __forceinline__ void run(const qmv::Args& a) {
     static_assert(KQuant<F0>::value && KQuant<F1>::value && KQuant<F2>::value, "qmv1: Q4_K / Q6_K weights only");
+#if QMV1_MT > 1  // MT tokens of x: dynamic shared memory (beyond 48 KB for long k), its size checked
+    extern __shared__ __align__(16) uint8_t qmv1_dyn[];
+    Smem& sm = *reinterpret_cast<Smem*>(qmv1_dyn);
+    {
+        uint32_t have;
+        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(have));
+        if (have < sizeof(Smem)) __trap();  // launched with less than the build needs: a launcher bug
+    }
+#else
     __shared__ Smem sm;
+#endif
     constexpr bool NORM = K == qmv::QKV || K == qmv::SWIGLU;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, kw = warp % KW, gw = warp / KW;
 #ifdef QMV1_K
@@ -221,6 +254,7 @@ __device__ __forceinline__ void run(const qmv::Args& a) {
     const int k = a.k, nb = k / 256;
 #endif
     pdl_launch_dependents();
+    const int t0 = blockIdx.y * MT;  // this block's first token
 
     // groups: QKV lists q, k, v row pairs; SWIGLU pairs gate row r with up row r; ADD / PLAIN row pairs
     const int ng0 = K == qmv::SWIGLU ? a.n[0] : (a.n[0] + 1) >> 1;
@@ -238,8 +272,17 @@ __device__ __forceinline__ void run(const qmv::Args& a) {
         t_ok[i] = t < 2 * per_row;
         const int r = t_ok[i] && t >= per_row ? 1 : 0, rem = t_ok[i] ? t - r * per_row : 0;
         t_row[i] = r;
-        t_u[i] = rem & 7;
-        t_off[i] = j0 + (rem >> 3);   // superblock index in the row
+        // tasks 16q .. 16q + 15 are units 0-7 of superblocks 2q and 2q + 1, ordered so that each 8 lanes (one
+        // phase of a 16-byte shared-memory load) read x at 8 distinct bank groups: units 0-3 of both superblocks,
+        // then units 4-7 (unit u's x starts 9p + 2h groups in, p = u / 2, h = u % 2, and a superblock is 36 groups:
+        // 8 units of one superblock would hit 4 groups twice). A lone last superblock keeps the plain order.
+        int u = rem & 7, sb = rem >> 3;
+        if (2 * (rem >> 4) + 1 < nbw) {
+            u = (rem & 3) | ((rem >> 1) & 4);
+            sb = 2 * (rem >> 4) + ((rem >> 2) & 1);
+        }
+        t_u[i] = u;
+        t_off[i] = j0 + sb;           // superblock index in the row
         t_e[i] = 256 * t_off[i];      // its first element
     }
 
@@ -301,7 +344,7 @@ __device__ __forceinline__ void run(const qmv::Args& a) {
     // x -> int16 in shared memory, a scale and a sum per 16 elements (after the RMSNorm for the fused norms). The
     // fused norms keep their few float4s of x (and of the norm weight) in registers from the sum of squares on:
     // one round trip to L2 instead of two.
-    auto quantize4 = [&](int i, float4 v) {  // float4 i of x; all threads call it together (shuffles)
+    auto quantize4 = [&](int t, int i, float4 v) {  // float4 i of token t's x; all threads together (shuffles)
         float am = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
         am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, 1));
         am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, 2));
@@ -311,44 +354,54 @@ __device__ __forceinline__ void run(const qmv::Args& a) {
         int s4 = q0 + q1 + q2 + q3;
         s4 += __shfl_xor_sync(0xffffffffu, s4, 1);
         s4 += __shfl_xor_sync(0xffffffffu, s4, 2);
-        if (i < (k >> 2)) {
+        if (t < MT && i < (k >> 2)) {
             const int e = 4 * i;
-            *reinterpret_cast<uint2*>(sm.xq + qmv::xphys(e)) =
+            *reinterpret_cast<uint2*>(sm.xq[t] + qmv::xphys(e)) =
                 make_uint2(((uint32_t)q0 & 0xFFFFu) | ((uint32_t)q1 << 16), ((uint32_t)q2 & 0xFFFFu) | ((uint32_t)q3 << 16));
             if ((i & 3) == 0) {
-                sm.s16[e >> 4] = (float)s4;
-                sm.d16[e >> 4] = am * (1.f / 32767.f);
+                sm.s16[t][e >> 4] = (float)s4;
+                sm.d16[t][e >> 4] = am * (1.f / 32767.f);
             }
         }
     };
-    const float4* x4 = reinterpret_cast<const float4*>(a.x);
-    if (NORM) {
-        constexpr int NV = (KMAX / 4 + THREADS - 1) / THREADS;  // float4s per thread (hidden <= KMAX)
-        float4 xv[NV], nv[NV];
-        float ss = 0.f;
+    const int kq = k >> 2;  // float4s of one token's x
+    const float4* x4 = reinterpret_cast<const float4*>(a.x) + (size_t)t0 * kq;
+    if (NORM) {  // every token's x loads in flight at once, one barrier for all the sums of squares
+        constexpr int NV = (KMAX / 4 + THREADS - 1) / THREADS;  // float4s per thread and token (hidden <= KMAX)
+        float4 xv[MT][NV], nv[NV];
+        float ss[MT];
 #pragma unroll
         for (int j = 0; j < NV; ++j) {
             const int i = threadIdx.x + j * THREADS;
-            xv[j] = nv[j] = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (i < (k >> 2)) {
-                xv[j] = ld_produced(x4 + i);
-                nv[j] = __ldg(reinterpret_cast<const float4*>(a.norm_w) + i);
-            }
-            ss += xv[j].x * xv[j].x + xv[j].y * xv[j].y + xv[j].z * xv[j].z + xv[j].w * xv[j].w;
+            nv[j] = i < kq ? __ldg(reinterpret_cast<const float4*>(a.norm_w) + i) : make_float4(0.f, 0.f, 0.f, 0.f);
         }
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-        if (lane == 0) sm.red[warp] = ss;
+        for (int t = 0; t < MT; ++t) {
+            ss[t] = 0.f;
+#pragma unroll
+            for (int j = 0; j < NV; ++j) {
+                const int i = threadIdx.x + j * THREADS;
+                xv[t][j] = i < kq && t0 + t < a.m ? ld_produced(x4 + t * kq + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+                ss[t] += xv[t][j].x * xv[t][j].x + xv[t][j].y * xv[t][j].y + xv[t][j].z * xv[t][j].z +
+                         xv[t][j].w * xv[t][j].w;
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) ss[t] += __shfl_xor_sync(0xffffffffu, ss[t], o);
+            if (lane == 0) sm.red[t][warp] = ss[t];
+        }
         __syncthreads();
-        float tot = 0.f;
 #pragma unroll
-        for (int i = 0; i < NWARP; ++i) tot += sm.red[i];
-        const float ir = 1.f / sqrtf(tot / (float)k + (float)(RMS_EPS));  // x * (1/rs): within an ulp of x / rs
+        for (int t = 0; t < MT; ++t) {
+            float tot = 0.f;
 #pragma unroll
-        for (int j = 0; j < NV; ++j) {
-            const float4 v = xv[j], g = nv[j];
-            quantize4(threadIdx.x + j * THREADS,
-                      make_float4(v.x * ir * g.x, v.y * ir * g.y, v.z * ir * g.z, v.w * ir * g.w));
+            for (int i = 0; i < NWARP; ++i) tot += sm.red[t][i];
+            const float ir = 1.f / sqrtf(tot / (float)k + (float)(RMS_EPS));  // x * (1/rs): within an ulp of x / rs
+#pragma unroll
+            for (int j = 0; j < NV; ++j) {
+                const float4 v = xv[t][j], g = nv[j];
+                quantize4(t, threadIdx.x + j * THREADS,
+                          make_float4(v.x * ir * g.x, v.y * ir * g.y, v.z * ir * g.z, v.w * ir * g.w));
+            }
         }
     } else if (xm_n > 1) {  // x merged from the attention's partials (k <= KMAX: every float4's loads at once)
 #if QMV1_XMERGE
@@ -361,19 +414,22 @@ __device__ __forceinline__ void run(const qmv::Args& a) {
                                  : make_float4(0.f, 0.f, 0.f, 0.f);
         }
 #pragma unroll
-        for (int j = 0; j < NV; ++j) quantize4(threadIdx.x + j * THREADS, xv[j]);
+        for (int j = 0; j < NV; ++j) quantize4(0, threadIdx.x + j * THREADS, xv[j]);
 #endif
-    } else {  // long x (ffn_down): XB float4s per thread in flight at a time
+    } else {  // long x (ffn_down), or MT tokens one after the other: XB float4s per thread in flight at a time
         constexpr int XB = 6;
-        for (int base = 0; base < (k >> 2); base += XB * THREADS) {  // uniform trip count: the shuffles are safe
-            float4 v[XB];
+        for (int base = 0; base < MT * kq; base += XB * THREADS) {  // uniform trip count: the shuffles are safe
+            float4 v[XB];  // flat index f = t * kq + i: the 4 lanes of a 16-element group share t (k % 16 == 0)
 #pragma unroll
             for (int j = 0; j < XB; ++j) {
-                const int i = base + j * THREADS + threadIdx.x;
-                v[j] = i < (k >> 2) ? ld_produced(x4 + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+                const int f = base + j * THREADS + threadIdx.x, t = f / kq;
+                v[j] = f < MT * kq && t0 + t < a.m ? ld_produced(x4 + f) : make_float4(0.f, 0.f, 0.f, 0.f);
             }
 #pragma unroll
-            for (int j = 0; j < XB; ++j) quantize4(base + j * THREADS + threadIdx.x, v[j]);
+            for (int j = 0; j < XB; ++j) {
+                const int f = base + j * THREADS + threadIdx.x, t = f / kq;
+                quantize4(t, f - t * kq, v[j]);
+            }
         }
     }
     __syncthreads();
@@ -384,47 +440,76 @@ __device__ __forceinline__ void run(const qmv::Args& a) {
         if (g < ng) locate(g, mat, r0, r1);
         const int upper = lane >> 4, row = r0 + upper;  // lanes 0 and 16 write rows r0 and r1
         const bool writer = kw == 0 && g < ng && (lane & 15) == 0 && (lane == 0 || r1 != r0);
-        float pre = 0.f;  // bias + residual of the writer's row: loaded first, their latency hides behind the dots
+        const int nm = mat == 0 ? a.n[0] : mat == 1 ? a.n[1] : a.n[2];  // the output's row stride (per token)
+        float pre[MT];  // bias + residual of the writer's row: loaded first, their latency hides behind the dots
+#pragma unroll
+        for (int t = 0; t < MT; ++t) pre[t] = 0.f;
         if (K != qmv::SWIGLU && writer) {
             const float* bias = mat == 0 ? a.bias[0] : mat == 1 ? a.bias[1] : a.bias[2];
-            if (bias) pre = __ldg(bias + row);
-            if (K == qmv::ADD) pre += ld_produced(a.residual + row);
+            const float b = bias ? __ldg(bias + row) : 0.f;
+#pragma unroll
+            for (int t = 0; t < MT; ++t) {
+                pre[t] = b;
+                if (K == qmv::ADD && t0 + t < a.m) pre[t] += ld_produced(a.residual + (size_t)(t0 + t) * nm + row);
+            }
         }
-        float acc[2] = {0.f, 0.f};
+        float acc[2][MT];
+#pragma unroll
+        for (int t = 0; t < MT; ++t) acc[0][t] = acc[1][t] = 0.f;
         if (g < ng) {
 #pragma unroll
             for (int i = 0; i < U; ++i) {
                 if (!t_ok[i]) continue;
-                float v;
-                if constexpr (W >= Words<Q6K>::value)
-                    v = fmt_of(mat, t_row[i]) == 6 ? Task<Q6K>::dot(w[i], t_u[i], t_e[i], sm.xq, sm.d16, sm.s16)
-                                                   : Task<Q4K>::dot(w[i], t_u[i], t_e[i], sm.xq, sm.d16, sm.s16);
-                else
-                    v = Task<Q4K>::dot(w[i], t_u[i], t_e[i], sm.xq, sm.d16, sm.s16);
-                if (t_row[i]) acc[1] += v; else acc[0] += v;
+                float v[MT];
+                if constexpr (W >= Words<Q6K>::value) {
+                    if (fmt_of(mat, t_row[i]) == 6)
+                        Task<Q6K>::dot(w[i], t_u[i], t_e[i], sm.xq[0], sm.d16[0], sm.s16[0], v);
+                    else
+                        Task<Q4K>::dot(w[i], t_u[i], t_e[i], sm.xq[0], sm.d16[0], sm.s16[0], v);
+                } else {
+                    Task<Q4K>::dot(w[i], t_u[i], t_e[i], sm.xq[0], sm.d16[0], sm.s16[0], v);
+                }
+#pragma unroll
+                for (int t = 0; t < MT; ++t) {
+                    if (t_row[i]) acc[1][t] += v[t]; else acc[0][t] += v[t];
+                }
             }
         }
         // the two rows' sums over the warp, the same butterfly as two separate ones: after the exchange across the
-        // halves, lanes 0-15 reduce row 0 and lanes 16-31 row 1 (half the shuffles)
-        float s = upper ? acc[1] : acc[0];
-        s += __shfl_xor_sync(0xffffffffu, upper ? acc[0] : acc[1], 16);
+        // halves, lanes 0-15 reduce row 0 and lanes 16-31 row 1 (half the shuffles); per token
+        float s[MT];
 #pragma unroll
-        for (int o = 8; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        for (int t = 0; t < MT; ++t) {
+            s[t] = upper ? acc[1][t] : acc[0][t];
+            s[t] += __shfl_xor_sync(0xffffffffu, upper ? acc[0][t] : acc[1][t], 16);
+#pragma unroll
+            for (int o = 8; o > 0; o >>= 1) s[t] += __shfl_xor_sync(0xffffffffu, s[t], o);
+        }
         if (KW > 1) {
-            if ((lane & 15) == 0) sm.part[it & 1][gw][kw][upper] = s;
+            if ((lane & 15) == 0) {
+#pragma unroll
+                for (int t = 0; t < MT; ++t) sm.part[it & 1][gw][kw][upper][t] = s[t];
+            }
             __syncthreads();
             if (kw == 0) {
-                s = 0.f;
 #pragma unroll
-                for (int p = 0; p < KW; ++p) s += sm.part[it & 1][gw][p][upper];
+                for (int t = 0; t < MT; ++t) {
+                    s[t] = 0.f;
+#pragma unroll
+                    for (int p = 0; p < KW; ++p) s[t] += sm.part[it & 1][gw][p][upper][t];
+                }
             }
         }
-        const float up = K == qmv::SWIGLU ? __shfl_sync(0xffffffffu, s, 16) : 0.f;
-        if (writer) {
-            if (K == qmv::SWIGLU) {
-                if (lane == 0) a.y[0][r0] = s / (1.f + expf(-s)) * up;
-            } else {
-                (mat == 0 ? a.y[0] : mat == 1 ? a.y[1] : a.y[2])[row] = s + pre;
+#pragma unroll
+        for (int t = 0; t < MT; ++t) {
+            const float up = K == qmv::SWIGLU ? __shfl_sync(0xffffffffu, s[t], 16) : 0.f;
+            if (writer && t0 + t < a.m) {
+                const size_t ro = (size_t)(t0 + t) * nm;
+                if (K == qmv::SWIGLU) {
+                    if (lane == 0) a.y[0][ro + r0] = s[t] / (1.f + expf(-s[t])) * up;
+                } else {
+                    (mat == 0 ? a.y[0] : mat == 1 ? a.y[1] : a.y[2])[ro + row] = s[t] + pre[t];
+                }
             }
         }
     };

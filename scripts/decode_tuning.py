@@ -9,6 +9,10 @@ repeats the default to show the run's noise. docs/perf-notes.md has the results.
 
     python3 scripts/decode_tuning.py [--contexts 128,4096] [--tokens 64] [--steps 24] [--variants NAME,...]
     python3 scripts/decode_tuning.py --scaling     # one projection kernel's time against its row count
+    python3 scripts/decode_tuning.py --batches 1,4,8 --variants control,batched_general   # batched decode steps
+
+--batches also times steps of m sequences (slots 0..m-1 at each context), m > 1 for timing only: the batched
+builds' numerics are the GPU tests' (tests/test_kernels_gpu.py test_decode_builds, tests/test_cuda_backend.py).
 """
 import argparse
 import json
@@ -25,11 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from toolchain import cuda_runtime as cr  # noqa: E402
 from toolchain import kernels as K  # noqa: E402
 from toolchain.bench import bytes_per_token, copy_bandwidth, launch_timing, load_model, time_decode  # noqa: E402
-from toolchain.cuda_backend import CudaBackend  # noqa: E402
+from toolchain.cuda_backend import GEMM_MIN_M, CudaBackend  # noqa: E402
 
-OFF = {"pdl": False, "m1": False, "qmv1": False, "plain": True, "xmerge": False, "defines": {}, "pdl_skip": (),
-       "skip": (), "clusters": True, "cache_by_address": False, "share_activations": False}
-DEFAULT = {"m1": True, "qmv1": True, "pdl": True, "xmerge": True}
+OFF = {"pdl": False, "m1": False, "qmv1": False, "plain": True, "batched": False, "xmerge": False, "defines": {},
+       "pdl_skip": (), "skip": (), "clusters": True, "cache_by_address": False, "share_activations": False,
+       "gemm_min_m": GEMM_MIN_M}
+DEFAULT = {"m1": True, "qmv1": True, "pdl": True, "xmerge": True, "batched": True}
 
 
 def proj(**defines):  # extra defines for every projection kernel (both cores ignore the other's)
@@ -103,6 +108,10 @@ VARIANTS = {
     "pf256": {**DEFAULT, **attn(ATTN_PF_KEYS=256)},
     "nbuf3": {**DEFAULT, **attn(ATTN_NBUF=3)},
     "nbuf4": {**DEFAULT, **attn(ATTN_NBUF=4)},
+    # batched decode (--batches): the general core instead of the decode core's QMV1_MT builds, and every decode-core
+    # build at one block per SM (kernels.decode_core keeps 2 for m < 4 and for the matmuls)
+    "batched_general": {**DEFAULT, "batched": False},
+    "batched_minb1": {**DEFAULT, "batched": True, "defines": {op: {"QMV1_MINB": 1} for op in K.FUSED_OPS}},
     # diagnostics: the step without one kernel family (wrong results; the time saved is what the family costs in
     # the step, PDL overlap included)
     **{f"skip:{op}": {**DEFAULT, "skip": (op,)} for op in ("rope_kv_attention", "rms_norm_qkv", "matmul_add",
@@ -111,9 +120,9 @@ VARIANTS = {
 }
 
 
-def precompile(be, tunings: list[dict]) -> int:
-    """Every kernel build the tunings' batch-1 plans need, compiled in parallel (nvcc runs are independent
-    processes): a dry planning pass records what the backend would load."""
+def precompile(be, tunings: list[dict], batches=(1,)) -> int:
+    """Every kernel build the tunings' decode plans need (batch 1 and `batches`), compiled in parallel (nvcc runs
+    are independent processes): a dry planning pass records what the backend would load."""
     jobs, load = set(), be._kernel
     be._kernel = lambda op, defines: jobs.add((op, tuple(sorted(defines.items()))))
     for t in tunings:
@@ -121,6 +130,8 @@ def precompile(be, tunings: list[dict]) -> int:
         be._plans.clear()
         be.plan(1)
         be.plan(1, long_context=True)
+        for m in batches:
+            be.plan(m)
     be._kernel = load
     be._plans.clear()
     with ThreadPoolExecutor(os.cpu_count() or 4) as ex:
@@ -185,6 +196,7 @@ def main():
     ap.add_argument("--model", default="synthetic:qwen2.5-coder-1.5b")
     ap.add_argument("--rounds", type=int, default=5, help="timing rounds (variants take turns in each)")
     ap.add_argument("--scaling", action="store_true", help="only time the gate/up and down builds against rows")
+    ap.add_argument("--batches", default="1", help="decode step sizes m timed (comma-separated; m > 1: timing only)")
     a = ap.parse_args()
     if a.scaling:
         cr.init()
@@ -201,10 +213,14 @@ def main():
     tunings = {n: {**OFF, **VARIANTS[n]} for n in names}
     model = load_model(a.model, Path(os.environ.get("QTRT_BENCH_DIR", tempfile.gettempdir())))
     contexts = [int(c) for c in a.contexts.split(",")]
+    batches = [int(m) for m in a.batches.split(",")]
+    if not batches or min(batches) < 1 or max(batches) >= GEMM_MIN_M:
+        ap.error(f"--batches: decode step sizes from 1 to {GEMM_MIN_M - 1}")
     cr.init()
-    be = CudaBackend(model, max_context=max(contexts) + a.tokens + 40, n_slots=1, max_tokens=16, tuning=OFF)
+    be = CudaBackend(model, max_context=max(contexts) + a.tokens + 40, n_slots=max(batches),
+                     max_tokens=max(16, max(batches)), tuning=OFF)
     t0 = time.time()
-    print(f"compiled {precompile(be, list(tunings.values()))} builds in {time.time() - t0:.0f} s")
+    print(f"compiled {precompile(be, list(tunings.values()), batches)} builds in {time.time() - t0:.0f} s")
     bw = copy_bandwidth(cr, be.stream)
     out = {"device": cr.device_name(), "copy_bandwidth_GBps": round(bw / 1e9, 1), "model": a.model, "variants": []}
     print(f"{out['device']}: copy bandwidth {bw / 1e9:.0f} GB/s")
@@ -222,6 +238,8 @@ def main():
             runs.append(greedy_logits(be, first, a.steps))
         for long in (False, True):  # both graphs, kept for the timing rounds (same buffers, their own kernels)
             be.decode_graph(1, long)
+        for m in batches:
+            be.decode_graph(m)
         graphs[name] = dict(be._graphs)
         logits, tokens = runs[0], [int(t) for t in runs[0].argmax(1)]
         ref_tokens = ref_tokens or tokens
@@ -235,19 +253,23 @@ def main():
                                 "deterministic": bool(np.array_equal(runs[0], runs[1]))})
     # timing: the variants take turns, round after round (a drift of clocks or temperature during the run then
     # touches all of them alike); each variant's best round counts, the spread of its rounds is reported
-    times = {(n, c): [] for n in names for c in contexts}
+    times = {(n, c, m): [] for n in names for c in contexts for m in batches}
     for _ in range(a.rounds):
         for name in names:
             be.tuning, be._graphs = tunings[name], graphs[name]  # the tuning picks its graph per position
             for ctx in contexts:
-                times[name, ctx].append(time_decode(be, ctx, 1, a.tokens, cr))
+                for m in batches:
+                    times[name, ctx, m].append(time_decode(be, ctx, m, a.tokens, cr))
     for row in out["variants"]:
         name = row["name"]
         for ctx in contexts:
-            s, worst = min(times[name, ctx]), max(times[name, ctx])
-            row[f"ctx{ctx}_tok_s"] = round(1 / s, 1)
-            row[f"ctx{ctx}_spread"] = round(worst / s - 1, 4)
-            row[f"ctx{ctx}_roofline_fraction"] = round(bytes_per_token(model, ctx) / (bw * s), 3)
+            for m in batches:
+                s, worst = min(times[name, ctx, m]), max(times[name, ctx, m])
+                key = f"ctx{ctx}" if m == 1 else f"m{m}_ctx{ctx}"  # m > 1: aggregate tok/s of the m sequences
+                row[f"{key}_tok_s"] = round(m / s, 1)
+                row[f"{key}_spread"] = round(worst / s - 1, 4)
+                if m == 1:
+                    row[f"{key}_roofline_fraction"] = round(bytes_per_token(model, ctx) / (bw * s), 3)
         print(f"{name:22s} " + "  ".join(f"ctx {c}: {row[f'ctx{c}_tok_s']:7.1f} tok/s "
                                           f"({row[f'ctx{c}_roofline_fraction'] * 100:4.1f}%, spread "
                                           f"{row[f'ctx{c}_spread'] * 100:.1f}%)" for c in contexts)
@@ -255,6 +277,10 @@ def main():
               f"{row['logits_rel_err_vs_baseline']:.1e} (max over steps {row['max_step_rel_err_vs_baseline']:.1e} "
               f"from step {row['first_step_differing']}), "
               f"{'deterministic' if row['deterministic'] else 'NOT DETERMINISTIC'}", flush=True)
+        for m in (m for m in batches if m > 1):
+            print(f"{'':22s} m={m:2d} " + "  ".join(f"ctx {c}: {row[f'm{m}_ctx{c}_tok_s']:8.1f} tok/s aggregate "
+                                                    f"(spread {row[f'm{m}_ctx{c}_spread'] * 100:.1f}%)"
+                                                    for c in contexts), flush=True)
     be.close()
     dest = Path(os.environ.get("OUT", ".")) / "tuning.json"
     dest.write_text(json.dumps(out, indent=1))

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import types
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -203,6 +204,49 @@ def test_launch_config_covers_work():
     assert cfg.grid == (384, 1, 1) and cfg.scalars == (2, 1536, 8960)
     cfg = K.launch_config("rope_kv_attention", dict(m=5, n_heads=14, n_slots=2, max_seq=128))
     assert cfg.grid == (K.ATTN_SPLITS, 14, 5) and cfg.scalars == (5, 2, 128)
+
+
+def test_batched_decode_launch():
+    """Batched decode builds (QMV1_MT): m rounded up to a power of two, at most 8 tokens per block, grid.y blocks of
+    tokens, dynamic shared memory (qmv1_smem_bytes) only there."""
+    assert [K.decode_tokens(m) for m in (1, 2, 3, 4, 5, 8, 9, 31)] == [1, 2, 4, 4, 8, 8, 8, 8]
+    attrs = dict(in_features=8960, out_features=1536, w_type="Q4_K")
+    one = K.decode_build("matmul_add", attrs, 8960)
+    for m in (2, 3, 8, 17):
+        d = K.decode_build("matmul_add", attrs, 8960, mt=K.decode_tokens(m))
+        assert d["QMV1_MT"] == K.decode_tokens(m) and {k: v for k, v in d.items() if k != "QMV1_MT"} == one
+        cfg = K.launch_config("matmul_add", dict(attrs, m=m, n=1536, k=8960, **K.qmv1_dims(d)))
+        c1 = K.launch_config("matmul_add", dict(attrs, m=1, n=1536, k=8960, **K.qmv1_dims(one)))
+        assert cfg.grid == (c1.grid[0], cdiv(m, d["QMV1_MT"]), 1) and cfg.block == c1.block
+        assert cfg.shared_mem == K.qmv1_smem_bytes(d["QMV1_KW"], d["QMV1_NBW"], d["QMV1_G"], d["QMV1_MT"]) > 0
+    assert c1.shared_mem == 0 and "QMV1_MT" not in one
+    # no decode core (Q5_0): the general core, without the batch-1 body for m > 1
+    q5 = dict(in_features=896, out_features=896, w_type="Q5_0")
+    assert "QMV_M1" in K.decode_build("matmul_add", q5, 896) and "QMV_M1" not in K.decode_build("matmul_add", q5, 896,
+                                                                                                  mt=4)
+
+
+@needs_nvcc
+def test_batched_decode_shared_memory_is_the_kernels(tmp_path):
+    """qmv1_smem_bytes is plugins/qmv1.cuh's sizeof(Smem) for every batched build of both real models: a host program
+    compiled with the build's defines prints it (the kernel traps if launched with less)."""
+    shape = ("QMV1_KW", "QMV1_NBW", "QMV1_G", "QMV1_MT")  # all the size depends on: one program per distinct shape
+    builds = {tuple(d[k] for k in shape): (op, d) for model in K.MODEL_ATTRS for op, d in K.decode_specializations(model)
+              if "QMV1_MT" in d}
+    assert builds and {d["QMV1_MT"] for _, d in builds.values()} == {2, 4, 8}
+    src = tmp_path / "smem.cu"
+    src.write_text('#include <cstdio>\n#include "qmv1.cuh"\nint main() { printf("%zu", sizeof(qmv1::Smem)); }\n')
+    def size_of(i_build):
+        i, (op, d) = i_build
+        exe = tmp_path / f"smem{i}"
+        defs = [f"-D{k}={v}" for k, v in K._defines_text(d).items()]
+        subprocess.run([K.nvcc_path(), "-std=c++17", f"-I{K.PLUGINS}", *defs, str(src), "-o", str(exe)], check=True,
+                       capture_output=True)
+        return op, d, int(subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout)
+
+    with ThreadPoolExecutor(4) as pool:
+        for op, d, size in pool.map(size_of, enumerate(builds.values())):
+            assert size == K.qmv1_smem_bytes(d["QMV1_KW"], d["QMV1_NBW"], d["QMV1_G"], d["QMV1_MT"]), (op, d)
 
 
 def _cuobjdump():

@@ -165,21 +165,25 @@ def test_matmul(t, n, k, has_bias, m):
     assert rel < QMV_TOL, f"rel err {rel} ({seed})"
 
 
-@pytest.mark.parametrize("t,n,k,has_bias", [("Q6_K", 151936, 1536, False), ("Q4_K", 1536, 1536, True),
-                                            ("Q6_K", 256, 1536, True), ("Q4_K", 1536, 8960, False),
-                                            ("Q6_K", 1001, 512, True)])
-def test_matmul_decode_build(t, n, k, has_bias):
-    """The batch-1 build of a plain matmul (kernels.decode_build: the qmv1 core, e.g. the lm_head) with its launch."""
+@pytest.mark.parametrize("t,n,k,has_bias,m", [("Q6_K", 151936, 1536, False, 1), ("Q4_K", 1536, 1536, True, 1),
+                                              ("Q6_K", 256, 1536, True, 1), ("Q4_K", 1536, 8960, False, 1),
+                                              ("Q6_K", 1001, 512, True, 1),
+                                              # batched decode builds (QMV1_MT): every bucket, partial last blocks
+                                              ("Q6_K", 151936, 1536, False, 8), ("Q4_K", 1536, 8960, True, 3),
+                                              ("Q6_K", 1001, 512, True, 2), ("Q4_K", 1536, 1536, False, 13)])
+def test_matmul_decode_build(t, n, k, has_bias, m):
+    """The decode build of a plain matmul (kernels.decode_build: the qmv1 core, e.g. the lm_head) with its launch,
+    for m tokens (decode_tokens(m) per block)."""
     rng, seed = _rng()
     w = random_weights(rng, t, n, k)
-    x = rng.standard_normal((1, k), dtype=np.float32)
+    x = rng.standard_normal((m, k), dtype=np.float32)
     bias = rng.standard_normal(n, dtype=np.float32) if has_bias else None
-    defines = K.decode_build(MATMUL[t], dict(in_features=k, out_features=n), k)
-    assert "QMV1" in defines, defines
-    dims = dict(m=1, n=n, k=k, **K.qmv1_dims(defines))
-    (y,) = run(MATMUL[t], [x, w, bias], [((1, n), np.float32)], dims, tuple(sorted(defines.items())))
+    defines = K.decode_build(MATMUL[t], dict(in_features=k, out_features=n), k, mt=K.decode_tokens(m))
+    assert "QMV1" in defines and int(defines.get("QMV1_MT", 1)) == K.decode_tokens(m), defines
+    dims = dict(m=m, n=n, k=k, **K.qmv1_dims(defines))
+    (y,) = run(MATMUL[t], [x, w, bias], [((m, n), np.float32)], dims, tuple(sorted(defines.items())))
     rel, mx = rel_err(y, matmul_ref(x, w, bias, t, n, k))
-    print(f"{MATMUL[t]} decode build n={n} k={k}: rel {rel:.2e} max abs {mx:.2e} ({seed})")
+    print(f"{MATMUL[t]} decode build n={n} k={k} m={m}: rel {rel:.2e} max abs {mx:.2e} ({seed})")
     assert np.isfinite(y).all() and rel < 2 * QMV_TOL, f"rel err {rel} ({seed})"
 
 
@@ -365,8 +369,8 @@ def test_rms_norm_swiglu(dims, types, m, extra):
                 seed, tol=2 * QMV_TOL)
 
 
-# batch-1 decode builds (kernels.decode_build): the qmv1 core (plugins/qmv1.cuh) where the formats allow, with its
-# own launch configuration, and the QMV_M1 build of the general core (which takes any m, one token at a time)
+# decode builds (kernels.decode_build): the qmv1 core (plugins/qmv1.cuh) where the formats allow, with its own launch
+# configuration, for m tokens (QMV1_MT = decode_tokens(m) per block), else the general core (QMV_M1 for m = 1)
 DECODE_CASES = [
     ("rms_norm_qkv", (1536, 1536, 256), ("Q4_K", "Q4_K", "Q6_K"), 1),
     ("rms_norm_qkv", (1536, 1536, 256), ("Q4_K", "Q4_K", "Q4_K"), 1),
@@ -383,6 +387,20 @@ DECODE_CASES = [
     ("rms_norm_swiglu", (1536, 1002), ("Q4_K", "Q6_K"), 1),
     ("rms_norm_swiglu", (2048, 64), ("Q6_K", "Q6_K"), 1),
     ("rms_norm_swiglu", (896, 4864), ("Q5_0", "Q5_0"), 1),            # QMV_M1
+    # batched decode (QMV1_MT 2 / 4 / 8; m > 8: several blocks of 8 along y; odd m: a partial last block)
+    ("rms_norm_qkv", (1536, 1536, 256), ("Q4_K", "Q4_K", "Q6_K"), 2),
+    ("rms_norm_qkv", (1536, 1536, 256), ("Q4_K", "Q4_K", "Q6_K"), 5),
+    ("rms_norm_qkv", (512, 70, 18), ("Q6_K", "Q4_K", "Q4_K"), 8),
+    ("rms_norm_qkv", (2048, 128, 32), ("Q4_K", "Q4_K", "Q4_K"), 17),
+    ("matmul_add", (1536, 1536), ("Q4_K",), 4),
+    ("matmul_add", (8960, 1536), ("Q4_K",), 3),                       # k split over 9 warps, 100 KB of x
+    ("matmul_add", (8960, 1536), ("Q6_K",), 8),
+    ("matmul_add", (3328, 37), ("Q4_K",), 6),
+    ("matmul_add", (512, 1001), ("Q6_K",), 31),
+    ("rms_norm_swiglu", (1536, 8960), ("Q4_K", "Q4_K"), 2),
+    ("rms_norm_swiglu", (1536, 1002), ("Q4_K", "Q6_K"), 7),
+    ("rms_norm_swiglu", (2048, 64), ("Q6_K", "Q6_K"), 16),
+    ("rms_norm_swiglu", (896, 4864), ("Q5_0", "Q5_0"), 4),            # no decode core: the general core
 ]  # shapes: (hidden or k, rows...)
 
 
@@ -390,8 +408,9 @@ DECODE_CASES = [
 def test_decode_builds(op, shape, types, m):
     rng, seed = _rng()
     attrs, inputs, outputs, dims, refs = fused_case(rng, op, shape[0], shape[1:], types, m)
-    defines = K.decode_build(op, attrs, shape[0])
+    defines = K.decode_build(op, attrs, shape[0], mt=K.decode_tokens(m))
     assert ("QMV1" in defines) == all(t in ("Q4_K", "Q6_K") for t in types), defines
+    assert ("QMV1_MT" in defines) == ("QMV1" in defines and m > 1), defines
     if "QMV1" in defines:
         dims |= K.qmv1_dims(defines)
     outs = run(op, inputs, outputs, dims, tuple(sorted(defines.items())))

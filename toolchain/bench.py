@@ -112,6 +112,17 @@ def time_decode(be, ctx: int, m: int, tokens: int, cr, sampling=None) -> float:
     return ms / 1e3 / tokens
 
 
+def time_decode_with(be, tuning: dict, ctx: int, m: int, tokens: int, cr) -> float:
+    """time_decode under other tuning values (e.g. {"gemm_min_m": 1}: the step on the GEMMs), then the backend's
+    own tuning back, with the plans and graphs of either kept apart."""
+    saved = be.tuning, be._plans, be._graphs
+    be.tuning, be._plans, be._graphs = {**be.tuning, **tuning}, {}, {}
+    try:
+        return time_decode(be, ctx, m, tokens, cr)
+    finally:
+        be.tuning, be._plans, be._graphs = saved
+
+
 def time_prompt(be, n: int, cr, reps: int = 3) -> float:
     """Seconds to the first token's logits of an n-token prompt through the path `qtrt generate` takes
     (CudaBackend.forward: pieces of its max_tokens, slot 0 from position 0), best of reps."""
@@ -208,6 +219,7 @@ def run_bench(a):
     if not cr.gpu_available():
         raise UserError("qtrt bench needs an NVIDIA GPU with cuda-python (pip install 'qwen-trt[cuda]')")
     from .cuda_backend import GEMM_MIN_M, CudaBackend
+    from .kernels import QMV1_MT_MAX
 
     pp_anchor = LLAMA_CPP_ANCHORS["pp512"]
     workdir = Path(os.environ.get("QTRT_BENCH_DIR", tempfile.gettempdir()))
@@ -240,8 +252,9 @@ def run_bench(a):
                 print(f"prompt of {n:6d} tokens to its first token: {s * 1e3:8.1f} ms, {n / s:9.1f} tok/s "
                       f"(pieces of {be.max_tokens})")
             results["crossover"] = {"matvec_decode_below_m": GEMM_MIN_M, "tensor_core_gemm_from_m": GEMM_MIN_M}
-            print(f"kernels by step size: m < {GEMM_MIN_M} the decode matvec cores, m >= {GEMM_MIN_M} the tensor-core "
-                  "GEMMs (toolchain/cuda_backend.py GEMM_MIN_M)")
+            print(f"kernels by step size: m = 1 the batch-1 decode core, 1 < m < {GEMM_MIN_M} the decode core with up "
+                  f"to {QMV1_MT_MAX} tokens per block, m >= {GEMM_MIN_M} the tensor-core GEMMs "
+                  "(toolchain/cuda_backend.py GEMM_MIN_M; each batched m below is also timed on the GEMMs)")
         for ctx in contexts:
             if fused:  # greedy and sampled steps alternate: the GPU's clock drifts by ~2% between runs; a first
                 # pair warms both (it ran ~1% low, bench/results/device-2026-12-05d)
@@ -284,8 +297,22 @@ def run_bench(a):
         if fused == modes[0]:
             for m in batches:
                 s = time_decode(be, contexts[0], m, a.tokens, cr)
-                results["batched"].append({"m": m, "tok_s": round(m / s, 1), "us_per_step": round(s * 1e6, 1)})
-                print(f"batched m={m:2d}: {m / s:9.1f} tok/s aggregate ({s * 1e6:.1f} us/step)")
+                fam = kernel_breakdown(be, cr, m=m, ctx=contexts[0])
+                row = {"m": m, "tok_s": round(m / s, 1), "us_per_step": round(s * 1e6, 1), "kernels_us": fam}
+                other = ""
+                if 1 < m < GEMM_MIN_M:  # the other side of the crossover: the same step on the GEMMs
+                    g = time_decode_with(be, {"gemm_min_m": 1}, contexts[0], m, a.tokens, cr)
+                    row["gemm_us_per_step"] = round(g * 1e6, 1)
+                    other = f"; on the GEMMs {g * 1e6:.1f} us"
+                results["batched"].append(row)
+                step1 = results["batched"][0]["us_per_step"] if results["batched"][0]["m"] == 1 else None
+                rel = f", {s * 1e6 / step1:.2f}x the m=1 step" if step1 else ""
+                print(f"batched m={m:2d}: {m / s:9.1f} tok/s aggregate ({s * 1e6:.1f} us/step{rel}{other}); by "
+                      "family (us): " + ", ".join(f"{k} {v}" for k, v in list(fam.items())[:5]))
+            wins = [r["m"] for r in results["batched"] if r.get("gemm_us_per_step", float("inf")) < r["us_per_step"]]
+            if wins:
+                results["crossover"]["gemm_faster_from_measured_m"] = min(wins)
+                print(f"measured: the GEMMs beat the decode core from m = {min(wins)} (threshold {GEMM_MIN_M})")
         be.close()
     if getattr(a, "compare_llama_bench", None):
         results["llama_bench"] = llama_bench(a.compare_llama_bench, model.path,

@@ -14,12 +14,17 @@ times the variants):
   (plugins/qmv1.cuh, kernels.decode_core), with its own launch configuration; plain: the Q4_K / Q6_K plain
   matmuls (lm_head) on the decode core too.
 - m1: the other projections of the batch-1 plan use the decode builds of the general core (QMV_M1: less code).
+- batched: steps of 1 < m < GEMM_MIN_M tokens (batched decode, short prompt pieces) run their projections on the
+  decode core too, a block computing up to 8 tokens from one load of each weight (kernels.decode_tokens, QMV1_MT);
+  without it they take the general core, whose blocks reload the weights for every 4 tokens.
 - xmerge: in the batch-1 plan for long contexts, each attention hands its cluster partials to the o projection that
   reads its output, which merges them while it loads x (plugins/rope_kv_attention.cu ATTN_XMERGE, plugins/qmv1.cuh
   QMV1_XMERGE): the attention no longer ends with a fence, an atomic and a last cluster's merge
   (kernels.xmerge_defines). The step is captured twice, and each replay takes the graph of its position: within
   one attention cluster's keys the plain one (the pair's merge code costs the o projection 0.5-2% there), beyond
   them the xmerge one (+5-7% at context 4096; docs/perf-notes.md v8).
+- gemm_min_m: the step size from which the projections run as tensor-core GEMMs (GEMM_MIN_M; `qtrt bench`
+  times both sides of it for each batched m).
 - defines ({op: {define: value}}) and pdl_skip (ops launched without PDL): experiments.
 - skip (ops, or parts of node names such as 'down_proj', not launched at all): a timing diagnostic (what a family
   costs inside the step); results are wrong.
@@ -43,8 +48,8 @@ from .fusion import fuse
 from .gguf_model import GGUFModel
 from .device_sampler import parse_logprobs
 from .graph import build_model_graph, node_attrs
-from .kernels import (FUSED_OPS, LOGPROB_WORDS, MATMUL_OPS, XMERGE_CLUSTER_KEYS, decode_build, defines_for,
-                      launch_config, qmv1_dims, xmerge_defines, xmerge_slot_floats)
+from .kernels import (FUSED_OPS, LOGPROB_WORDS, MATMUL_OPS, XMERGE_CLUSTER_KEYS, decode_build, decode_tokens,
+                      defines_for, launch_config, qmv1_dims, xmerge_defines, xmerge_slot_floats)
 from .sampling import Tail
 
 # ONNX op_type -> kernel op (standard ops map to our kernels; custom ops share their names).
@@ -56,9 +61,9 @@ GEMM_MIN_M = 32
 # Nodes after the last layer: a prompt prefill needs their result for its last token only.
 HEAD_NODES = ("final_norm", "lm_head", "argmax")
 F32 = np.float32
-TUNING = {"pdl": True, "m1": True, "qmv1": True, "plain": True, "xmerge": True, "defines": {}, "pdl_skip": (),
-          "skip": (), "share_activations": os.environ.get("QTRT_SHARE_ACTIVATIONS") == "1",
-          "clusters": True, "cache_by_address": False}
+TUNING = {"pdl": True, "m1": True, "qmv1": True, "plain": True, "batched": True, "xmerge": True, "defines": {},
+          "pdl_skip": (), "skip": (), "share_activations": os.environ.get("QTRT_SHARE_ACTIVATIONS") == "1",
+          "clusters": True, "cache_by_address": False, "gemm_min_m": GEMM_MIN_M}
 # The kernels TensorRT's plugins get (toolchain/trt/plugins.py, issue 16), run here to prove them on the GPU: no
 # thread-block cluster launch (so no cluster k-split, no xmerge pair and no prefill GEMM, whose split-K is a cluster),
 # the attention with the caches by address (rope_kv_attention_addr), the general matvec core at every m. With
@@ -237,7 +242,7 @@ class CudaBackend:
         if key in self._plans:
             return self._plans[key]
         clusters = self.tuning["clusters"]
-        gemm = m >= GEMM_MIN_M and clusters
+        gemm = m >= self.tuning["gemm_min_m"] and clusters
         nodes = []  # (node, op, attrs, dims, defines, head) of every node, then the launches
         for node in (self.onnx_prefill if gemm else self.onnx).graph.node:
             head = last_only and node.name in HEAD_NODES
@@ -254,9 +259,10 @@ class CudaBackend:
                 op = "rope_kv_attention_addr"
             defines = defines_for(op, attrs, clusters)
             k = dims.get("k", dims.get("hidden"))
-            if m == 1 and op in MATMUL_OPS + FUSED_OPS:
+            # decode builds: a step of one token, one row of the head, batched decode (below the GEMM's threshold)
+            if (dims["m"] == 1 or (self.tuning["batched"] and not gemm)) and op in MATMUL_OPS + FUSED_OPS:
                 defines = decode_build(op, attrs, k, self.tuning["qmv1"], self.tuning["m1"], self.tuning["plain"],
-                                       clusters)
+                                       clusters, decode_tokens(dims["m"]))
             # tuning defines per op, or per op@k for one projection shape only (e.g. matmul_add@1536)
             defines |= self.tuning["defines"].get(op, {}) | self.tuning["defines"].get(f"{op}@{k}", {})
             if "QMV1" in defines:
@@ -346,7 +352,7 @@ class CudaBackend:
         """Enqueue the plan on self.stream; decode steps (matvec plans) as programmatic dependent launches, all but
         the first: it starts after everything before the step, which lets kernels read the step's inputs and the
         KV-cache rows of earlier steps before their pdl_wait() (plugins/pdl.cuh)."""
-        pdl = m < GEMM_MIN_M and self.tuning["pdl"]
+        pdl = m < self.tuning["gemm_min_m"] and self.tuning["pdl"]
         launches = [x for x in self.plan(m, last_only, long_context, tail, sampled)
                     if (advance or x.op != "decode_advance") and not self._skipped(x)]
         for j, launch in enumerate(launches):
@@ -450,7 +456,7 @@ class CudaBackend:
         m = self._set_checked_inputs(ids, positions, slots)
         if tail:
             self.sampler.set_rows(rows, self.stream)
-        if rows == list(range(m)) and m < GEMM_MIN_M:
+        if rows == list(range(m)) and m < self.tuning["gemm_min_m"]:
             self.decode_graph(m, m == 1 and self.long_context(int(positions[0])), tail,
                               advance=False).launch(self.stream)
         else:
@@ -465,7 +471,7 @@ class CudaBackend:
 
     def can_pipeline(self, m: int) -> bool:
         """Whether a decode step of m rows can run as launch_decode (a captured, self-advancing graph)."""
-        return m < GEMM_MIN_M
+        return m < self.tuning["gemm_min_m"]
 
     def launch_decode(self, m: int, position: int, ids=None, positions=None, slots=None,
                       tail: Tail | None = Tail()):

@@ -11,8 +11,9 @@ Shared by the cuda-python runtime (toolchain/cuda_runtime.py) and the TensorRT p
 
 launch_config computes grid dims and scalar arguments only with +, *, integer literals and ops.cdiv / ops.max /
 ops.min, so the TensorRT layer can pass symbolic shape expressions (m is dynamic) instead of ints. Block sizes and
-shared memory are constants (kernels use static shared memory only; the attention, argmax and k-split matmul
-kernels carry a compile-time cluster shape, so a plain cuLaunchKernel launches them).
+shared memory are constants (static shared memory, but for the prefill GEMMs and the batched decode-core builds; the
+attention, argmax and k-split matmul kernels carry a compile-time cluster shape, so a plain cuLaunchKernel launches
+them).
 
 The projections (q4k/q6k/q5_0/q8_0_matmul and the fused matmul_add, rms_norm_qkv, rms_norm_swiglu) share one
 matrix-vector core, plugins/qmv.cuh; `matmul_split` and `qmv_grid_x` below are its work decomposition.
@@ -95,7 +96,7 @@ LOGPROB_WORDS = 2 + 2 * LOGPROB_TOP  # int32 words per row: token's logprob, cou
 class LaunchConfig:
     grid: tuple  # (gx, gy, gz): ints, or symbolic expressions built by `ops`
     block: tuple[int, int, int]
-    shared_mem: int  # dynamic shared memory bytes (always 0: kernels use static shared memory)
+    shared_mem: int  # dynamic shared memory bytes (0 but for the prefill GEMMs and batched decode-core builds)
     scalars: tuple  # the int32 scalar arguments, in kernel order (between the input and output pointers)
 
 
@@ -166,6 +167,9 @@ QMV1_PD_MAX = 2  # groups in flight per warp (register buffers; docs/perf-notes.
 QMV1_KSPLIT_NBW, QMV1_KSPLIT_WARPS = 4, 18
 QMV1_QKV_NBW, QMV1_QKV_WARPS, QMV1_QKV_BLOCKS_PER_SM = 2, 12, 2
 QMV1_SWIGLU_WARPS = 10
+# Batched decode (1 < m < the GEMM's threshold) on the same core: a block computes QMV1_MT tokens, each weight decoded
+# once for all of them (plugins/qmv1.cuh); m is rounded up to a power of two, larger m take grid.y blocks of the most.
+QMV1_MT_MAX = 8
 _WEIGHT_TYPE_ATTRS = {"matmul_add": ("w_type",), "rms_norm_qkv": ("q_type", "k_type", "v_type"),
                       "rms_norm_swiglu": ("gate_type", "up_type")}
 
@@ -174,14 +178,29 @@ def _weight_types(op: str, attrs: dict) -> list[str]:
     return [MATMUL_TYPE[op]] if op in MATMUL_OPS else [_type_name(attrs[a]) for a in _WEIGHT_TYPE_ATTRS[op]]
 
 
-def decode_core(op: str, attrs: dict, k: int) -> dict:
+def decode_tokens(m: int) -> int:
+    """Tokens per block of the decode core for a step of m tokens (QMV1_MT): 1 for m = 1, else m rounded up to a
+    power of two, at most QMV1_MT_MAX."""
+    return 1 if m <= 1 else min(QMV1_MT_MAX, 1 << (int(m) - 1).bit_length())
+
+
+def qmv1_smem_bytes(kw: int, nbw: int, g: int, mt: int) -> int:
+    """Dynamic shared memory of a decode-core build with QMV1_MT = mt > 1: plugins/qmv1.cuh's Smem, field by field
+    (x in int16 with 8 pad elements per 64, a scale and a sum per 16 elements, the k parts' sums, the norm's sums),
+    padded to 16 bytes. The kernel traps if it is launched with less."""
+    kmax = 256 * nbw * kw
+    size = mt * (kmax * 9 // 8) * 2 + 2 * mt * (kmax // 16) * 4 + 2 * g * kw * 2 * mt * 4 + mt * kw * g * 4
+    return -(-size // 16) * 16
+
+
+def decode_core(op: str, attrs: dict, k: int, mt: int = 1) -> dict:
     """Extra defines of the batch-1 build of a fused projection (plugins/qmv1.cuh: QMV1, QMV1_KW = warps sharing a
     row pair's k, QMV1_NBW = superblocks of k per warp, QMV1_PD = groups each warp has in flight, QMV1_K: k as a
     constant, QMV1_G groups per block, QMV1_MINB blocks per SM), or {} where it does not apply (other ops, formats
     other than Q4_K / Q6_K, k not whole superblocks or beyond 8 warps x 1536). Only for steps of one token: the build
     computes row 0 of x alone. PD is the number of groups a warp has, at most QMV1_PD_MAX (whole step on the H100:
     PD 2 933 tok/s, 3 913, 4 776; a shared-memory ring of 4 instead of registers was slower: docs/perf-notes.md
-    v6). The layouts are the constants above."""
+    v6). The layouts are the constants above. mt: tokens per block (decode_tokens; QMV1_MT where > 1)."""
     if op not in (*_WEIGHT_TYPE_ATTRS, *MATMUL_OPS) or k % 256 or k > 256 * QMV1_NBW * QMV1_WARPS:
         return {}
     if any(t not in ("Q4_K", "Q6_K") for t in _weight_types(op, attrs)):
@@ -195,30 +214,34 @@ def decode_core(op: str, attrs: dict, k: int) -> dict:
         nbw, warps, minb = QMV1_NBW, QMV1_WARPS, QMV1_BLOCKS_PER_SM
     else:
         nbw, warps, minb = QMV1_KSPLIT_NBW, QMV1_KSPLIT_WARPS, 1
+    if mt >= 4 and op in ("rms_norm_qkv", "rms_norm_swiglu"):  # 4+ tokens: one block per SM, no register cap of
+        minb = 1  # 2 (spills); measured on the H100: gate/up at m = 8 1,383 -> 1,011 us per step (docs/perf-notes.md)
     kw = -(-nb // nbw)
     g = max(1, warps // kw)
     dims = dict(attrs, m=1, k=k, hidden=k, n=attrs.get("out_features"), qmv1_kw=kw, qmv1_g=g, qmv1_minb=minb)
     cfg = launch_config(op, dims)
     iters = -(-_qmv1_groups(op, dims) // (cfg.grid[0] * g))
     return {"QMV1": 1, "QMV1_K": k, "QMV1_NBW": nbw, "QMV1_KW": kw, "QMV1_G": g, "QMV1_MINB": minb,
-            "QMV1_PD": max(1, min(QMV1_PD_MAX, iters))}
+            "QMV1_PD": max(1, min(QMV1_PD_MAX, iters))} | ({"QMV1_MT": int(mt)} if mt > 1 else {})
 
 
 def qmv1_dims(defines: dict) -> dict:
-    """What launch_config needs of a decode-core build's defines (grid and block)."""
-    return {"qmv1_kw": int(defines["QMV1_KW"]), "qmv1_g": int(defines["QMV1_G"]), "qmv1_minb": int(defines["QMV1_MINB"])}
+    """What launch_config needs of a decode-core build's defines (grid, block, shared memory)."""
+    return {"qmv1_kw": int(defines["QMV1_KW"]), "qmv1_g": int(defines["QMV1_G"]), "qmv1_minb": int(defines["QMV1_MINB"]),
+            "qmv1_nbw": int(defines["QMV1_NBW"]), "qmv1_mt": int(defines.get("QMV1_MT", 1))}
 
 
 def decode_build(op: str, attrs: dict, k: int, core: bool = True, m1: bool = True, plain: bool = True,
-                 clusters: bool = True) -> dict:
-    """Defines of the batch-1 (decode) build of a projection: the decode core where it applies (decode_core), else
-    the general core without its multi-token body (QMV_M1). The flags switch either off, plain=False keeps the plain
-    matmuls (lm_head) on the general core (scripts/decode_tuning.py); clusters as in defines_for."""
+                 clusters: bool = True, mt: int = 1) -> dict:
+    """Defines of the decode build of a projection for a step of up to `mt` tokens per block (decode_tokens): the
+    decode core where it applies (decode_core), else the general core, for mt = 1 without its multi-token body
+    (QMV_M1). The flags switch either off, plain=False keeps the plain matmuls (lm_head) on the general core
+    (scripts/decode_tuning.py); clusters as in defines_for."""
     d = defines_for(op, attrs, clusters)
-    extra = decode_core(op, attrs, k) if core and (plain or op not in MATMUL_OPS) else {}
+    extra = decode_core(op, attrs, k, mt) if core and (plain or op not in MATMUL_OPS) else {}
     if extra:
         return {key: v for key, v in d.items() if key != "KSPLIT"} | extra
-    return d | ({"QMV_M1": 1} if m1 and op in MATMUL_OPS + FUSED_OPS else {})
+    return d | ({"QMV_M1": 1} if m1 and mt == 1 and op in MATMUL_OPS + FUSED_OPS else {})
 
 
 XMERGE_CLUSTER_KEYS = 1024  # keys per attention cluster in the xmerge pair (+0.8% at 4096 over 2048, run 1 of v8)
@@ -305,7 +328,11 @@ def launch_config(op: str, dims: dict, ops=INT_OPS, clusters: bool = True) -> La
                    "rms_norm_qkv": lambda: (m, dims["hidden"], dims["q_dim"], dims["kv_dim"]),
                    "rms_norm_swiglu": lambda: (m, dims["hidden"], dims["ffn"])}[op]()
         blocks = min(-(-_qmv1_groups(op, dims) // g), QMV_SMS * minb)
-        return LaunchConfig((blocks, 1, 1), (32 * kw * g, 1, 1), 0, scalars)
+        mt = int(dims.get("qmv1_mt", 1))
+        if mt == 1:
+            return LaunchConfig((blocks, 1, 1), (32 * kw * g, 1, 1), 0, scalars)
+        return LaunchConfig((blocks, ops.cdiv(m, mt), 1), (32 * kw * g, 1, 1),
+                            qmv1_smem_bytes(kw, int(dims["qmv1_nbw"]), g, mt), scalars)
     if op in MATMUL_OPS or op == "matmul_add":
         n, k = int(_dim(dims, "n", "out_features")), int(_dim(dims, "k", "in_features"))
         t = MATMUL_TYPE[op] if op in MATMUL_OPS else _type_name(dims["w_type"])
@@ -503,19 +530,22 @@ def specializations(model: dict, build=None) -> list[tuple[str, dict]]:
 
 
 def decode_specializations(model: dict) -> list[tuple[str, dict]]:
-    """(op, defines) of the batch-1 builds the cuda backend compiles for the model's projections (decode_build), and
-    of the xmerge pair (xmerge_defines)."""
-    def build(op, attrs):
-        return decode_build(op, attrs, attrs.get("in_features", model["hidden"]))
+    """(op, defines) of the decode builds the cuda backend compiles for the model's projections (decode_build, for
+    every decode_tokens bucket: 1, 2, 4, 8 tokens per block), and of the xmerge pair (xmerge_defines)."""
+    def build(op, attrs, mt=1):
+        return decode_build(op, attrs, attrs.get("in_features", model["hidden"]), mt=mt)
 
     out = [(op, build(op, attrs)) for op, attrs in specializations(model, build) if op in MATMUL_OPS + FUSED_OPS]
+    buckets = sorted({decode_tokens(m) for m in range(2, QMV1_MT_MAX + 1)})
+    batched = {(op, tuple(sorted(d.items()))): (op, d) for op, attrs in specializations(model, build)
+               if op in MATMUL_OPS + FUSED_OPS for d in [build(op, attrs, mt) for mt in buckets] if "QMV1_MT" in d}
     # the xmerge pair: the attention, and the o projections (k = q_dim) that run on the decode core
     attn, o_proj = xmerge_defines(model)
     q_dim = model["n_heads"] * model["head_dim"]
     pairs = [("matmul_add", d | o_proj) for op, d in out if op == "matmul_add" and d.get("QMV1_K") == q_dim]
     if pairs:
         pairs.append(("rope_kv_attention", defines_for("rope_kv_attention", model) | attn))
-    return out + pairs
+    return out + pairs + list(batched.values())
 
 
 TENSORRT_PLUGIN_OPS = (*MATMUL_OPS, *GATHER_OPS, "rope_kv_attention_addr", "swiglu")
