@@ -234,3 +234,42 @@ def test_llama_bench_errors(tmp_path, case, words):
 def test_bench_bad_llama_bench_path_is_one_line(tmp_path):
     r = qtrt("bench", "--compare-llama-bench", str(tmp_path / "nope"))
     assert_user_error(r, "llama-bench")
+    r = qtrt("bench", "--compare-llama-batched-bench", str(tmp_path / "nope"))
+    assert_user_error(r, "llama-batched-bench")
+
+
+# llama-batched-bench as its source prints it with --output-format jsonl (tools/batched-bench/batched-bench.cpp of the
+# llama-cpp-python 0.3.36 vendor tree): logs on stderr, one JSON object per (pp, tg, pl) on stdout; S_TG = pl * tg / t_tg
+FAKE_LLAMA_BATCHED_BENCH = """#!/usr/bin/env python3
+import json, sys
+args = sys.argv[1:]
+assert args[args.index("--output-format") + 1] == "jsonl" and args[args.index("-fa") + 1] == "on"
+pp, tg = int(args[args.index("-npp") + 1]), int(args[args.index("-ntg") + 1])
+pls = [int(x) for x in args[args.index("-npl") + 1].split(",")]
+assert int(args[args.index("-c") + 1]) >= max(pls) * (pp + tg)
+print("llama_batched_bench: n_kv_max = 8192 ...", file=sys.stderr)
+for pl in pls[:len(pls) - {drop}]:
+    t_tg = pl * tg / (500.0 * pl ** 0.75)
+    print(json.dumps({"pp": pp, "tg": tg, "pl": pl, "n_kv": pl * (pp + tg), "t_pp": 0.01, "speed_pp": 1e4,
+                      "t_tg": t_tg, "speed_tg": pl * tg / t_tg, "t": 1.0, "speed": 1.0}))
+"""
+
+
+@pytest.mark.parametrize("drop", [0, 1])
+def test_llama_batched_bench_side_by_side(tmp_path, drop):
+    """--compare-llama-batched-bench: its aggregate decode (speed_tg) per B next to our batched aggregate; a B it did
+    not report is a one-line error, not a missing comparison."""
+    from toolchain.bench import batched_side_by_side, llama_batched_bench
+
+    path = tmp_path / "llama-batched-bench"
+    path.write_text(FAKE_LLAMA_BATCHED_BENCH.replace("{drop}", str(drop)))
+    path.chmod(0o755)
+    if drop:
+        with pytest.raises(UserError, match="no JSONL results"):
+            llama_batched_bench(str(path), tmp_path / "m.gguf", [1, 4, 16])
+        return
+    got = llama_batched_bench(str(path), tmp_path / "m.gguf", [16, 1, 4])
+    assert sorted(got) == [1, 4, 16] and abs(got[16] - 500.0 * 16 ** 0.75) < 1e-6
+    lines = batched_side_by_side({"llama_batched_bench": got,
+                                  "batched": [{"m": 1, "tok_s": 1000.0}, {"m": 4, "tok_s": 500.0 * 4 ** 0.75 * 3}]})
+    assert len(lines) == 2 and "2.00x" in lines[0] and "3.00x" in lines[1]

@@ -163,9 +163,43 @@ def kernel_breakdown(be, cr, reps: int = 20, m: int = 1, last_only: bool = False
     return {k: round(v, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
 
-def check_llama_bench(path: str):
+def check_llama_bench(path: str, tool: str = "llama-bench"):
     if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-        raise UserError(f"{path}: no llama-bench executable there; pass the path of a built llama-bench binary")
+        raise UserError(f"{path}: no {tool} executable there; pass the path of a built {tool} binary")
+
+
+def llama_batched_bench(path: str, gguf: str, batches, pp: int = 128, tg: int = 128) -> dict[int, float]:
+    """Run a llama-batched-bench binary on the same GGUF (B sequences of a pp-token prompt each, then tg tokens each,
+    fully offloaded, flash attention; its JSONL output) and return {B: aggregate decode tok/s (S_TG)}: the figure
+    our batched decode of B sequences compares with."""
+    check_llama_bench(path, "llama-batched-bench")
+    batches = sorted({int(b) for b in batches})
+    cmd = [path, "-m", str(gguf), "-npp", str(pp), "-ntg", str(tg), "-npl", ",".join(map(str, batches)),
+           "-c", str(max(batches) * (pp + tg)), "-ngl", "99", "-fa", "on", "--output-format", "jsonl"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"{path}: llama-batched-bench exited with {r.returncode} ({last}); run `{' '.join(cmd)}` "
+                        "to see why")
+    out = {}
+    for line in (r.stdout + "\n" + r.stderr).splitlines():
+        if line.startswith("{"):
+            try:
+                e = json.loads(line)
+                out[int(e["pl"])] = float(e["speed_tg"])
+            except (ValueError, KeyError, TypeError):
+                continue
+    if sorted(out) != batches:
+        raise UserError(f"{path}: llama-batched-bench printed no JSONL results (pl, speed_tg) for B = "
+                        f"{','.join(map(str, batches))}; run `{' '.join(cmd)}` to see why")
+    return out
+
+
+def batched_side_by_side(results: dict) -> list[str]:
+    """Lines comparing our batched decode aggregate with llama-batched-bench's (results['llama_batched_bench'])."""
+    lb = results.get("llama_batched_bench", {})
+    return [f"  B = {r['m']:2d}         qwen-trt {r['tok_s']:9.1f} tok/s   llama.cpp {lb[r['m']]:9.1f} tok/s   "
+            f"{r['tok_s'] / lb[r['m']]:.2f}x" for r in results.get("batched", []) if r["m"] in lb]
 
 
 def llama_bench(path: str, gguf: str, depths=(0, 4096), prompts=(512,)) -> dict:
@@ -216,6 +250,8 @@ def run_bench(a):
     prompts = sizes_arg(a.prompts, "--prompts") if getattr(a, "prompts", "") else []
     if getattr(a, "compare_llama_bench", None):
         check_llama_bench(a.compare_llama_bench)  # before the GPU work, not after it
+    if getattr(a, "compare_llama_batched_bench", None):
+        check_llama_bench(a.compare_llama_batched_bench, "llama-batched-bench")
     if not cr.gpu_available():
         raise UserError("qtrt bench needs an NVIDIA GPU with cuda-python (pip install 'qwen-trt[cuda]')")
     from .cuda_backend import GEMM_MIN_M, CudaBackend
@@ -318,6 +354,13 @@ def run_bench(a):
         results["llama_bench"] = llama_bench(a.compare_llama_bench, model.path,
                                              prompts=sorted(set([a.prefill] + prompts)))
         print("side by side, same GGUF, same GPU, same run:\n" + "\n".join(side_by_side(results)))
+    if getattr(a, "compare_llama_batched_bench", None):
+        results["llama_batched_bench"] = llama_batched_bench(a.compare_llama_batched_bench, model.path, batches,
+                                                             pp=contexts[0])
+        for r in results["batched"]:
+            r["vs_llama_batched_bench"] = round(r["tok_s"] / results["llama_batched_bench"][r["m"]], 3)
+        print(f"batched decode side by side (ours at context {contexts[0]}; llama-batched-bench -npp {contexts[0]} "
+              "-ntg 128: its tg phase), same GGUF, same GPU, same run:\n" + "\n".join(batched_side_by_side(results)))
     print(f"copy bandwidth {results['copy_bandwidth_GBps']} GB/s on {results['device']}")
     per_ctx = results["kernels_us_per_token"]["fused" if modes[0] else "unfused"]
     print("kernel families, launches of one step back to back (us/token): " + "  ".join(f"{c:>9s}" for c in per_ctx))

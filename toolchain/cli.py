@@ -366,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt lengths timed to their first token through qtrt generate's path, in pieces of the "
                         "largest step (comma-separated; '' for none)")
     s.add_argument("--compare-llama-bench", metavar="PATH", help="also run this llama-bench binary on the same GGUF")
+    s.add_argument("--compare-llama-batched-bench", metavar="PATH",
+                   help="also run this llama-batched-bench binary on the same GGUF at the --batches sizes")
     s.add_argument("-o", "--output", default="bench/results", help="directory for the JSON and the plot")
     return p
 
