@@ -1,7 +1,8 @@
-// Batch-1 decode core of the projections (matmul_add, rms_norm_qkv, rms_norm_swiglu and the plain Q4_K / Q6_K
-// matmuls such as the lm_head) for Q4_K / Q6_K weights: built with -DQMV1=1 -DQMV1_K=<k> -DQMV1_KW=<warps per row
-// pair> -DQMV1_G=<groups per block> -DQMV1_MINB=<blocks per SM> -DQMV1_PD=<groups in flight per warp>
-// [-DQMV1_NBW=<superblocks per warp>] (toolchain/kernels.py decode_core), launched by the cuda backend for m = 1.
+// Decode core of the projections (matmul_add, rms_norm_qkv, rms_norm_swiglu and the plain Q4_K / Q6_K matmuls such
+// as the lm_head) for Q4_K / Q6_K weights: built with -DQMV1=1 -DQMV1_K=<k> -DQMV1_KW=<warps per row pair>
+// -DQMV1_G=<groups per block> -DQMV1_MINB=<blocks per SM> -DQMV1_PD=<groups in flight per warp>
+// [-DQMV1_NBW=<superblocks per warp>] [-DQMV1_MT=<tokens per block>] (toolchain/kernels.py decode_core), launched by
+// the cuda backend for every step below the GEMM's threshold (m = 1: the batch-1 build; QMV1_MT: batched steps).
 // docs/perf-notes.md "v5" to "v8" have the measurements that led here (k as a constant, one butterfly for both
 // rows: +6% on the whole step; a shared-memory ring instead of register buffers: -9%; shorter k parts for
 // ffn_down and the fused QKV: +1.4% and +1.3%; gate/up in 10-warp blocks: +1.2-1.7%).

@@ -238,8 +238,9 @@ def test_bench_bad_llama_bench_path_is_one_line(tmp_path):
     assert_user_error(r, "llama-batched-bench")
 
 
-# llama-batched-bench as its source prints it with --output-format jsonl (tools/batched-bench/batched-bench.cpp of the
-# llama-cpp-python 0.3.36 vendor tree): logs on stderr, one JSON object per (pp, tg, pl) on stdout; S_TG = pl * tg / t_tg
+# llama-batched-bench as its source prints it with --output-format jsonl (tools/batched-bench/batched-bench.cpp of
+# the llama-cpp-python 0.3.36 vendor tree): logs on stderr, one JSON object per (pp, tg, pl) on stdout;
+# S_TG = pl * tg / t_tg
 FAKE_LLAMA_BATCHED_BENCH = """#!/usr/bin/env python3
 import json, sys
 args = sys.argv[1:]

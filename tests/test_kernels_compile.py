@@ -231,8 +231,8 @@ def test_batched_decode_shared_memory_is_the_kernels(tmp_path):
     """qmv1_smem_bytes is plugins/qmv1.cuh's sizeof(Smem) for every batched build of both real models: a host program
     compiled with the build's defines prints it (the kernel traps if launched with less)."""
     shape = ("QMV1_KW", "QMV1_NBW", "QMV1_G", "QMV1_MT")  # all the size depends on: one program per distinct shape
-    builds = {tuple(d[k] for k in shape): (op, d) for model in K.MODEL_ATTRS for op, d in K.decode_specializations(model)
-              if "QMV1_MT" in d}
+    builds = {tuple(d[k] for k in shape): (op, d)
+              for model in K.MODEL_ATTRS for op, d in K.decode_specializations(model) if "QMV1_MT" in d}
     assert builds and {d["QMV1_MT"] for _, d in builds.values()} == {2, 4, 8}
     src = tmp_path / "smem.cu"
     src.write_text('#include <cstdio>\n#include "qmv1.cuh"\nint main() { printf("%zu", sizeof(qmv1::Smem)); }\n')

@@ -194,13 +194,14 @@ def qmv1_smem_bytes(kw: int, nbw: int, g: int, mt: int) -> int:
 
 
 def decode_core(op: str, attrs: dict, k: int, mt: int = 1) -> dict:
-    """Extra defines of the batch-1 build of a fused projection (plugins/qmv1.cuh: QMV1, QMV1_KW = warps sharing a
-    row pair's k, QMV1_NBW = superblocks of k per warp, QMV1_PD = groups each warp has in flight, QMV1_K: k as a
-    constant, QMV1_G groups per block, QMV1_MINB blocks per SM), or {} where it does not apply (other ops, formats
-    other than Q4_K / Q6_K, k not whole superblocks or beyond 8 warps x 1536). Only for steps of one token: the build
-    computes row 0 of x alone. PD is the number of groups a warp has, at most QMV1_PD_MAX (whole step on the H100:
-    PD 2 933 tok/s, 3 913, 4 776; a shared-memory ring of 4 instead of registers was slower: docs/perf-notes.md
-    v6). The layouts are the constants above. mt: tokens per block (decode_tokens; QMV1_MT where > 1)."""
+    """Extra defines of the decode build of a projection (plugins/qmv1.cuh: QMV1, QMV1_KW = warps sharing a row
+    pair's k, QMV1_NBW = superblocks of k per warp, QMV1_PD = groups each warp has in flight, QMV1_K: k as a
+    constant, QMV1_G groups per block, QMV1_MINB blocks per SM, QMV1_MT tokens per block where mt > 1), or {} where
+    it does not apply (other ops, formats other than Q4_K / Q6_K, k not whole superblocks or beyond 8 warps x 1536).
+    mt = 1 is the batch-1 step's build (row 0 of x alone); mt > 1 (decode_tokens) computes tokens blockIdx.y * mt
+    onwards. PD is the number of groups a warp has, at most QMV1_PD_MAX (whole step on the H100: PD 2 933 tok/s, 3
+    913, 4 776; a shared-memory ring of 4 instead of registers was slower: docs/perf-notes.md v6). The layouts are
+    the constants above."""
     if op not in (*_WEIGHT_TYPE_ATTRS, *MATMUL_OPS) or k % 256 or k > 256 * QMV1_NBW * QMV1_WARPS:
         return {}
     if any(t not in ("Q4_K", "Q6_K") for t in _weight_types(op, attrs)):
@@ -227,8 +228,9 @@ def decode_core(op: str, attrs: dict, k: int, mt: int = 1) -> dict:
 
 def qmv1_dims(defines: dict) -> dict:
     """What launch_config needs of a decode-core build's defines (grid, block, shared memory)."""
-    return {"qmv1_kw": int(defines["QMV1_KW"]), "qmv1_g": int(defines["QMV1_G"]), "qmv1_minb": int(defines["QMV1_MINB"]),
-            "qmv1_nbw": int(defines["QMV1_NBW"]), "qmv1_mt": int(defines.get("QMV1_MT", 1))}
+    return {"qmv1_kw": int(defines["QMV1_KW"]), "qmv1_g": int(defines["QMV1_G"]),
+            "qmv1_minb": int(defines["QMV1_MINB"]), "qmv1_nbw": int(defines["QMV1_NBW"]),
+            "qmv1_mt": int(defines.get("QMV1_MT", 1))}
 
 
 def decode_build(op: str, attrs: dict, k: int, core: bool = True, m1: bool = True, plain: bool = True,
