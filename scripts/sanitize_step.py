@@ -1,7 +1,7 @@
-"""A full decode step of the 1.5B layout (synthetic weights) for compute-sanitizer: a 40-token prompt prefill (tensor-
-core GEMMs + tiled prefill attention), three self-advancing CUDA-graph decode replays, two more at position 2100
-(two attention clusters per kv head: the cluster pushes and the o projection's merge of their partials), 5-, 2- and
-13-token steps on the matvec path (the decode core's batched builds); the device sampler (plugins/sampling.cu:
+"""A full decode step of the 1.5B layout (synthetic weights) for compute-sanitizer: a 40-token prompt prefill
+(tensor-core GEMMs + tiled prefill attention), three self-advancing CUDA-graph decode replays, two more at position
+2100 (two attention clusters per kv head: the cluster pushes and the o projection's merge of their partials), 5-, 2-
+and 13-token steps on the matvec path (the decode core's batched builds); the device sampler (plugins/sampling.cu:
 penalties, top-k/top-p/min-p, a wide nucleus, temperature alone) in a sampled graph and in steps that sample some
 rows, and its log-probabilities; fused and unfused graphs, and the unfused graph on TensorRT's builds (no clusters,
 the KV cache by address: issue 16); then rows with a token id outside the vocabulary or a slot or position outside
