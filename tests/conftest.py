@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,13 @@ REAL = {"1.5b": "qwen2.5-coder-1.5b", "0.5b": "qwen2.5-coder-0.5b"}
 
 def real_path(key: str) -> Path:
     return models_dir() / MODELS[REAL[key]].filename
+
+
+def default_sigint():
+    """preexec_fn of a child a test interrupts: SIGINT back to its default before exec, so that Python installs its
+    KeyboardInterrupt handler even where the test runner was started with SIGINT ignored (a background job of a
+    shell without job control, as `cmd &` in a script)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def require_real(key: str) -> Path:

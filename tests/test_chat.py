@@ -13,7 +13,7 @@ import time
 import pexpect
 import pytest
 
-from conftest import require_real
+from conftest import default_sigint, require_real
 
 
 def drive_chat(model_path, backend: str, transcript=None) -> dict:
@@ -22,7 +22,8 @@ def drive_chat(model_path, backend: str, transcript=None) -> dict:
     t0 = time.perf_counter()
     c = pexpect.spawn(sys.executable, ["-m", "toolchain.cli", "chat", "--model", str(model_path), "--backend", backend,
                                        "--max-new-tokens", "48", "--quiet"],
-                      encoding="utf-8", timeout=600, dimensions=(40, 200), env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                      encoding="utf-8", timeout=600, dimensions=(40, 200), env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                      preexec_fn=default_sigint)  # Ctrl-C must reach it whatever the runner ignores
     c.logfile_read = log
     seen = {}
     try:

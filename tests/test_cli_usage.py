@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import TINY
+from conftest import TINY, default_sigint
 from test_cli import assert_user_error, qtrt
 from toolchain.decoder import Decoder, Sampling, StopStrings
 from toolchain.errors import UserError
@@ -234,7 +234,7 @@ def test_interrupted_output_ends_its_line(synth_gguf):
     long = synth_gguf(**dict(TINY, context_length=8192))  # seconds of output: the interrupt lands mid-stream
     p = subprocess.Popen([sys.executable, "-m", "toolchain.cli", "generate", "--model", str(long), "--backend", "cpu",
                           "--prompt", "hello", "--max-new-tokens", "8000", "--max-context", "8192", "--quiet"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, preexec_fn=default_sigint)
     first = os.read(p.stdout.fileno(), 1)  # unbuffered: communicate() reads the same fd
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)
