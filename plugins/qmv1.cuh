@@ -101,6 +101,14 @@ __device__ __forceinline__ uint32_t ldg16bits(const uint8_t* p) {
     return r;
 }
 
+// Token t's int16 x over a unit's two 16-element runs at elements el and eh (xq: token 0's, XQS apart)
+struct UnitX { uint4 xa, xb, ya, yb; };
+__device__ __forceinline__ UnitX unit_x(const int16_t* xq, int t, int el, int eh) {
+    const int16_t* xt = xq + t * XQS;
+    auto at = [&](int e) { return *reinterpret_cast<const uint4*>(xt + qmv::xphys(e)); };
+    return {at(el), at(el + 8), at(eh), at(eh + 8)};
+}
+
 // One task: row r of the group, superblock jb of the warp's k range, unit u. Raw words of the unit in w[0..words).
 // A build's register buffers hold as many words as its widest format needs (N).
 template <class F> struct Task;
@@ -127,13 +135,10 @@ template <> struct Task<Q4K> {  // w: header (d, dmin, 12 scale bytes) then the 
         const float m0 = dm * qmv::small_u2f(mn & 0xFFu), m1 = dm * qmv::small_u2f(mn >> 8);
 #pragma unroll
         for (int t = 0; t < MT; ++t) {
-            const int16_t* xt = xq + t * XQS;
             const float *dt = d16 + t * D16S, *st = s16 + t * D16S;
-            const uint4 xa = *reinterpret_cast<const uint4*>(xt + qmv::xphys(el));
-            const uint4 xb = *reinterpret_cast<const uint4*>(xt + qmv::xphys(el + 8));
-            const uint4 ya = *reinterpret_cast<const uint4*>(xt + qmv::xphys(eh));
-            const uint4 yb = *reinterpret_cast<const uint4*>(xt + qmv::xphys(eh + 8));
-            const float fl = (float)qmv::dot16<false>(lo, xa, xb, 0), fh = (float)qmv::dot16<false>(hi, ya, yb, 0);
+            const UnitX x = unit_x(xq, t, el, eh);
+            const float fl = (float)qmv::dot16<false>(lo, x.xa, x.xb, 0);
+            const float fh = (float)qmv::dot16<false>(hi, x.ya, x.yb, 0);
             out[t] = dt[el >> 4] * fmaf(c0, fl, -m0 * st[el >> 4]) + dt[eh >> 4] * fmaf(c1, fh, -m1 * st[eh >> 4]);
         }
     }
@@ -175,14 +180,10 @@ template <> struct Task<Q6K> {  // unit u = (hf, jj, a) as qmv.cuh's Unit<Q6K>; 
         const float sl = (float)(int8_t)(w[8] & 0xFFu), sh = (float)(int8_t)(w[8] >> 8);
 #pragma unroll
         for (int t = 0; t < MT; ++t) {
-            const int16_t* xt = xq + t * XQS;
             const float *dt = d16 + t * D16S, *st = s16 + t * D16S;
-            const uint4 xa = *reinterpret_cast<const uint4*>(xt + qmv::xphys(el));
-            const uint4 xb = *reinterpret_cast<const uint4*>(xt + qmv::xphys(el + 8));
-            const uint4 ya = *reinterpret_cast<const uint4*>(xt + qmv::xphys(eh));
-            const uint4 yb = *reinterpret_cast<const uint4*>(xt + qmv::xphys(eh + 8));
-            const float fl = (float)qmv::dot16<false>(lo, xa, xb, 0) - 32.f * st[el >> 4];
-            const float fh = (float)qmv::dot16<false>(hi, ya, yb, 0) - 32.f * st[eh >> 4];
+            const UnitX x = unit_x(xq, t, el, eh);
+            const float fl = (float)qmv::dot16<false>(lo, x.xa, x.xb, 0) - 32.f * st[el >> 4];
+            const float fh = (float)qmv::dot16<false>(hi, x.ya, x.yb, 0) - 32.f * st[eh >> 4];
             out[t] = d * (sl * dt[el >> 4] * fl + sh * dt[eh >> 4] * fh);
         }
     }

@@ -168,19 +168,24 @@ def check_llama_bench(path: str, tool: str = "llama-bench"):
         raise UserError(f"{path}: no {tool} executable there; pass the path of a built {tool} binary")
 
 
+def run_llama_tool(path: str, tool: str, cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run a llama.cpp tool (checked first), its failure as one line naming the command to rerun."""
+    check_llama_bench(path, tool)
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"{path}: {tool} exited with {r.returncode} ({last}); run `{' '.join(cmd)}` to see why")
+    return r
+
+
 def llama_batched_bench(path: str, gguf: str, batches, pp: int = 128, tg: int = 128) -> dict[int, float]:
     """Run a llama-batched-bench binary on the same GGUF (B sequences of a pp-token prompt each, then tg tokens each,
     fully offloaded, flash attention; its JSONL output) and return {B: aggregate decode tok/s (S_TG)}: the figure
     our batched decode of B sequences compares with."""
-    check_llama_bench(path, "llama-batched-bench")
     batches = sorted({int(b) for b in batches})
     cmd = [path, "-m", str(gguf), "-npp", str(pp), "-ntg", str(tg), "-npl", ",".join(map(str, batches)),
            "-c", str(max(batches) * (pp + tg)), "-ngl", "99", "-fa", "on", "--output-format", "jsonl"]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"{path}: llama-batched-bench exited with {r.returncode} ({last}); run `{' '.join(cmd)}` "
-                        "to see why")
+    r = run_llama_tool(path, "llama-batched-bench", cmd)
     out = {}
     for line in (r.stdout + "\n" + r.stderr).splitlines():
         if line.startswith("{"):
@@ -205,13 +210,9 @@ def batched_side_by_side(results: dict) -> list[str]:
 def llama_bench(path: str, gguf: str, depths=(0, 4096), prompts=(512,)) -> dict:
     """Run a llama-bench binary on the same GGUF (pp of each prompt length and tg128, at each depth; its JSON output)
     and return {"pp512": tok/s, "pp4096": tok/s, "tg128": tok/s, "tg128@d4096": tok/s, ...}."""
-    check_llama_bench(path)
     cmd = [path, "-m", str(gguf), "-p", ",".join(map(str, prompts)), "-n", "128", "-d", ",".join(map(str, depths)),
            "-fa", "on", "-o", "json"]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"{path}: llama-bench exited with {r.returncode} ({last}); run `{' '.join(cmd)}` to see why")
+    r = run_llama_tool(path, "llama-bench", cmd)
     try:
         out = {}
         for e in json.loads(r.stdout):

@@ -242,7 +242,7 @@ class CudaBackend:
         if key in self._plans:
             return self._plans[key]
         clusters = self.tuning["clusters"]
-        gemm = m >= self.tuning["gemm_min_m"] and clusters
+        gemm = not self._below_gemm(m) and clusters
         nodes = []  # (node, op, attrs, dims, defines, head) of every node, then the launches
         for node in (self.onnx_prefill if gemm else self.onnx).graph.node:
             head = last_only and node.name in HEAD_NODES
@@ -352,7 +352,7 @@ class CudaBackend:
         """Enqueue the plan on self.stream; decode steps (matvec plans) as programmatic dependent launches, all but
         the first: it starts after everything before the step, which lets kernels read the step's inputs and the
         KV-cache rows of earlier steps before their pdl_wait() (plugins/pdl.cuh)."""
-        pdl = m < self.tuning["gemm_min_m"] and self.tuning["pdl"]
+        pdl = self._below_gemm(m) and self.tuning["pdl"]
         launches = [x for x in self.plan(m, last_only, long_context, tail, sampled)
                     if (advance or x.op != "decode_advance") and not self._skipped(x)]
         for j, launch in enumerate(launches):
@@ -456,7 +456,7 @@ class CudaBackend:
         m = self._set_checked_inputs(ids, positions, slots)
         if tail:
             self.sampler.set_rows(rows, self.stream)
-        if rows == list(range(m)) and m < self.tuning["gemm_min_m"]:
+        if rows == list(range(m)) and self._below_gemm(m):
             self.decode_graph(m, m == 1 and self.long_context(int(positions[0])), tail,
                               advance=False).launch(self.stream)
         else:
@@ -471,6 +471,11 @@ class CudaBackend:
 
     def can_pipeline(self, m: int) -> bool:
         """Whether a decode step of m rows can run as launch_decode (a captured, self-advancing graph)."""
+        return self._below_gemm(m)
+
+    def _below_gemm(self, m: int) -> bool:
+        """Whether a step of m tokens is below the GEMMs' threshold (tuning gemm_min_m): a decode step, whose plan
+        is captured and launched with programmatic dependent launch."""
         return m < self.tuning["gemm_min_m"]
 
     def launch_decode(self, m: int, position: int, ids=None, positions=None, slots=None,
