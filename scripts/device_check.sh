@@ -5,7 +5,8 @@
 # the cuda backend; time to first token against LLAMA_CLI="<llama.cpp command template>", scripts/ttft.py).
 # Logs and JSON go to $OUT (the device tool brings that folder back). STAGES="tests bench" runs a subset;
 # TESTS="tests/x.py ..." narrows the tests stage; STAGES=tuning times the decode tunings (scripts/decode_tuning.py).
-# STAGES=prefill: `qtrt generate` of a ~500- and a ~3,000-token prompt, --batch-size 64 vs 512 (first-token time).
+# STAGES=compile: every real-model cubin compiled in parallel into the kernel cache (before tests, when
+# toolchain/prebuilt is stale). STAGES=prefill: `qtrt generate` of a ~500- and a ~3,000-token prompt, --batch-size 64 vs 512 (first-token time).
 # STAGES=usergen: `qtrt generate` greedy vs sampled in turn, 400 tokens, ROUNDS=5, with the real 1.5B (issue 14's ratio
 # on the user path).
 # STAGES=sampler: the device sampler's time and phases by logits shape and settings (scripts/sampler_phases.py;
@@ -36,6 +37,12 @@ for s in $STAGES; do
   case $s in
     env) run env bash -c 'nvidia-smi; nvcc --version; python3 -c "import numpy, onnx, gguf; from cuda.bindings import driver; print(numpy.__version__, onnx.__version__)"' ;;
     kernels) run kernels python3 -m toolchain.kernels ;;
+    compile) run compile python3 -c "  # every cubin the real models use, 16 at a time (when toolchain/prebuilt is stale)
+from concurrent.futures import ThreadPoolExecutor
+from toolchain import kernels as K
+b = K.real_model_builds()
+with ThreadPoolExecutor(16) as p: list(p.map(lambda od: K.compile_kernel(od[0], od[1], fmt='cubin'), b))
+print(len(b), 'builds')" ;;
     tests) run tests python3 -m pytest -p no:cacheprovider -v -rs ${TESTS:-tests/test_kernels_gpu.py tests/test_gemm_gpu.py tests/test_prefill_attention_gpu.py tests/test_cuda_backend.py} ;;
     sanitizer) run sanitizer compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/sanitize_step.py ;;
     sampler) run sampler bash -c 'if [ -n "${SAMPLER_BASE:-}" ]; then nvcc -cubin -arch=sm_90 -O3 -std=c++17 -Iplugins "$SAMPLER_BASE" -o /tmp/sampler-base.cubin || exit 1; fi; python3 scripts/sampler_phases.py ${SAMPLER_BASE:+--cubin /tmp/sampler-base.cubin} ${SAMPLER_FUSED:+--cubin-fused} --json "$OUT/sampler.json"' ;;

@@ -31,7 +31,7 @@ def backend(synth, request):
     from toolchain.cuda_backend import TENSORRT_BUILDS, CudaBackend
 
     tuning = TENSORRT_BUILDS if request.param == "tensorrt_builds" else None
-    be = CudaBackend(synth[0], max_context=4200, n_slots=4, max_tokens=96, fused=request.param == "fused",
+    be = CudaBackend(synth[0], max_context=4200, n_slots=16, max_tokens=96, fused=request.param == "fused",
                      tuning=tuning)
     if tuning:  # what the plans launch is what TensorRT would: no cluster build, the attention by address
         ops = {x.op for m in (1, 4, 96) for x in be.plan(m)}
@@ -112,23 +112,42 @@ def test_beyond_4096(synth, backend):
     assert errs[0] < 5e-3 and matched >= 8
 
 
-def test_batched_slots_equal_separate_runs(synth, backend):
-    """m = 4 tokens of 4 different sequences (own slot and position) in one step = 4 separate single steps."""
-    model, _ = synth
+@pytest.mark.parametrize("m", [3, 4, 16])
+def test_batched_slots_equal_separate_runs(synth, backend, m):
+    """m tokens of m different sequences (own slot and position) in one step = m separate single steps on the same
+    kernels (m = 3: the decode core, 4 tokens per block; from SKINNY_MIN_M: the tensor-core GEMMs for few tokens,
+    which the single steps then run too), and the first rows within the reference's bound of the CPU reference."""
+    model, ref = synth
     c = model.config
     rng = np.random.default_rng()
-    prompts = [rng.integers(0, c.vocab, 3 + s).tolist() for s in range(4)]
+    prompts = [rng.integers(0, c.vocab, 3 + s % 5).tolist() for s in range(m)]
     for s, p in enumerate(prompts):  # prefill each slot separately
         backend.step(p, np.arange(len(p)), np.full(len(p), s))
     last = [p[-1] for p in prompts]
-    batched = backend.step(last, [len(p) for p in prompts], [0, 1, 2, 3]).copy()
-    for s, p in enumerate(prompts):  # replay the same step alone, on the cache re-filled for that slot
-        backend.step(p, np.arange(len(p)), np.full(len(p), s))
-        single = backend.step([p[-1]], [len(p)], [s])
-        # the single step runs the batch-1 decode builds (qmv1: x quantized per 16 elements), the batched one the
-        # general core (per 32): the two roundings differ by ~1e-4 in the logits (scripts/decode_tuning.py measures
-        # 1e-4 - 2e-4); a wrong slot or position gives errors of order 1
-        assert rel_err(batched[s], single[0]) < 1e-3, s
+    batched = backend.step(last, [len(p) for p in prompts], list(range(m))).copy()
+    saved = dict(backend.tuning)
+    same_kernels = {**saved, "skinny_min_m": 1} if backend._skinny(m) else saved
+
+    def use(tuning):
+        backend.tuning = tuning
+        backend._plans.clear()
+        backend._graphs.clear()
+
+    try:
+        for s, p in enumerate(prompts):  # replay the same step alone, on the cache re-filled for that slot
+            backend.step(p, np.arange(len(p)), np.full(len(p), s))
+            use(same_kernels)
+            single = backend.step([p[-1]], [len(p)], [s])
+            use(saved)
+            # at m = 3 the single step runs the batch-1 decode builds (qmv1: x quantized per 16 elements), the batched
+            # one 4 tokens per block: the two roundings differ by ~1e-4 in the logits (scripts/decode_tuning.py
+            # measures 1e-4 - 2e-4); a wrong slot or position gives errors of order 1
+            assert rel_err(batched[s], single[0]) < 1e-3, s
+    finally:
+        use(saved)
+    for s, p in enumerate(prompts[:3]):  # the step fed p[-1] again, at position len(p)
+        want = ref.forward(p + [p[-1]], 0, ref.new_cache(16))[-1]
+        assert rel_err(batched[s], want) < 5e-3, s
 
 
 def test_a_mixed_step_equals_its_rows_alone(synth, backend):

@@ -1,5 +1,6 @@
-"""plugins/quant_gemm.cu (tensor-core prefill GEMM: q4k_gemm, q6k_gemm) against float64 numpy at the Qwen2.5-1.5B
-shapes. Fresh random weights per run (seed in every message), outputs poisoned with NaN before each launch.
+"""plugins/quant_gemm.cu (tensor-core prefill GEMM: q4k_gemm, q6k_gemm) and plugins/quant_gemm_skinny.cu (the GEMM
+for few tokens: q4k_gemm_skinny, q6k_gemm_skinny, built and launched as the cuda backend does, through
+toolchain/kernels.py) against float64 numpy at the Qwen2.5-1.5B shapes. Fresh random weights per run (seed in every message), outputs poisoned with NaN before each launch.
 fp16 operands with fp32 accumulation: tolerance 3e-3 relative (measured 3-4e-4; 7e-4 for quantize()d Q4_K weights). Needs cuda-python, nvcc and a
 GPU (scripts/device_gemm.sh runs it there); the conftest skips it elsewhere.
 
@@ -107,8 +108,8 @@ def matmul_ref(x, w, bias, t, n, k):
     return y if bias is None else y + bias
 
 
-def run_gemm(t, x, w, bias, m, n, k, w_offset=0, **variant):
-    """Upload, poison y with NaN, launch once, download."""
+def run_gemm(t, x, w, bias, m, n, k, w_offset=0, launch=None, **variant):
+    """Upload, poison y with NaN, launch once (`launch`, default the prefill GEMM's gemm_launch), download."""
     if w_offset:
         wb = cr.DeviceBuffer(w.nbytes + 16 + w_offset)
         wb.upload(np.concatenate([np.zeros(w_offset, np.uint8), w.reshape(-1)]))
@@ -120,7 +121,7 @@ def run_gemm(t, x, w, bias, m, n, k, w_offset=0, **variant):
     bb = cr.DeviceBuffer.from_numpy(bias) if bias is not None else None
     yb = cr.DeviceBuffer(m * n * 4)
     yb.fill_u32(NAN)
-    gemm_launch(t, xb, wp, bb, yb, m, n, k, **variant)
+    (launch or gemm_launch)(t, xb, wp, bb, yb, m, n, k, **variant)
     cr.synchronize()
     y = yb.download((m, n), np.float32)
     for b in (wb, xb, bb, yb):
@@ -138,15 +139,16 @@ def _kw(v):
     return dict(nt8=v[0], split=v[1])
 
 
-def check(t, n, k, m, has_bias, rng, seed, w=None, w_offset=0, **variant):
+def check(t, n, k, m, has_bias, rng, seed, w=None, w_offset=0, launch=None, **variant):
     w = random_weights(rng, t, n, k) if w is None else w
     x = rng.standard_normal((m, k), dtype=np.float32)
     bias = rng.standard_normal(n, dtype=np.float32) if has_bias else None
-    y = run_gemm(t, x, w, bias, m, n, k, w_offset=w_offset, **variant)
+    y = run_gemm(t, x, w, bias, m, n, k, w_offset=w_offset, launch=launch, **variant)
     ref = matmul_ref(x, w, bias, t, n, k)
     bad = ~np.isfinite(y)
     rel = rel_err(np.where(bad, 0, y), ref)
-    print(f"{NAME[t]} {variant or ''} m={m} n={n} k={k} bias={has_bias} off={w_offset}: rel {rel:.2e} ({seed})")
+    name = getattr(launch, "name", NAME[t])
+    print(f"{name} {variant or ''} m={m} n={n} k={k} bias={has_bias} off={w_offset}: rel {rel:.2e} ({seed})")
     assert not bad.any(), f"{bad.sum()} unwritten or non-finite outputs, first at {np.argwhere(bad)[0]} ({seed})"
     assert rel < TOL, f"rel err {rel} ({seed})"
     return rel
@@ -210,4 +212,86 @@ def test_gemm_deterministic(t, v):
     x = rng.standard_normal((m, k), dtype=np.float32)
     a = run_gemm(t, x, w, None, m, n, k, **_kw(v))
     b = run_gemm(t, x, w, None, m, n, k, **_kw(v))
+    assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), seed
+
+
+# --- the GEMM for few tokens (batched decode): the registered ops, their defines and launch formula -----------------
+
+SKINNY = {"Q4_K": "q4k_gemm_skinny", "Q6_K": "q6k_gemm_skinny"}
+
+
+def skinny_launcher(split: int | None = None):
+    """A launch function for run_gemm: the op built with kernels.defines_for (SK_SPLIT by the shape), or with a
+    forced cluster size `split` (grid z to match), launched with kernels.launch_config."""
+    from toolchain import kernels
+
+    def launch(t, x, w, bias, y, m, n, k):
+        op = SKINNY[t]
+        defines = kernels.defines_for(op, {"in_features": k, "out_features": n})
+        cfg = kernels.launch_config(op, {"m": m, "n": n, "k": k})
+        if split is not None:
+            defines = {"SK_SPLIT": split} if split > 1 else {}
+            cfg = kernels.LaunchConfig(cfg.grid[:2] + (split,), cfg.block, cfg.shared_mem, cfg.scalars)
+        cr.load_op(op, defines).launch_op(cfg, [x, w, bias], [y])
+    launch.name = f"skinny(split={split or 'by shape'})"
+    return launch
+
+
+@pytest.mark.parametrize("t", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("n,k,has_bias", SHAPES_15B)
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 16, 17, 31, 33])
+def test_skinny_15b_shapes(t, n, k, has_bias, m):
+    """Every m bucket and odd m; the shapes give the cluster sizes 6 (q/o, k/v), 3 (gate/up), 7 (down)."""
+    rng, seed = _rng()
+    check(t, n, k, m, has_bias, rng, seed, launch=skinny_launcher())
+
+
+@pytest.mark.parametrize("t", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("n,k,m", [(37, 512, 5),       # odd n (scalar stores), a partial row tile
+                                   (200, 256, 16),     # one superblock: no split
+                                   (1000, 768, 3),     # odd superblock count
+                                   (136, 2304, 20),    # n tail of 8, two token tiles
+                                   (151936 // 8, 1536, 4)])  # many row tiles (a slice of the lm_head's)
+def test_skinny_awkward(t, n, k, m):
+    rng, seed = _rng()
+    check(t, n, k, m, True, rng, seed, launch=skinny_launcher())
+
+
+@pytest.mark.parametrize("t", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("split", [1, 2, 8])
+def test_skinny_forced_splits(t, split):
+    """The cluster sizes the shape rule does not pick for this shape (ffn_down: 7), incl. the portable maximum."""
+    rng, seed = _rng()
+    check(t, 1536, 8960, 9, False, rng, seed, launch=skinny_launcher(split))
+
+
+def test_skinny_q6k_misaligned_weights():
+    rng, seed = _rng()
+    for off in (2, 6, 14):
+        check("Q6_K", 300, 1536, 7, False, rng, seed, w_offset=off, launch=skinny_launcher())
+
+
+@pytest.mark.parametrize("t", ["Q4_K", "Q6_K"])
+def test_skinny_quantized_normals(t):
+    rng, seed = _rng()
+    n, k, m = 1536, 1536, 12
+    w = quantize((rng.standard_normal((n, k)) * 0.02).astype(np.float32), t)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    x[:, rng.integers(0, k, 8)] *= 50.0
+    bias = rng.standard_normal(n, dtype=np.float32) * 0.1
+    y = run_gemm(t, x, w, bias, m, n, k, launch=skinny_launcher())
+    rel = rel_err(y, matmul_ref(x, w, bias, t, n, k))
+    print(f"{SKINNY[t]} quantized normals: rel {rel:.2e} ({seed})")
+    assert np.isfinite(y).all() and rel < TOL, f"rel err {rel} ({seed})"
+
+
+@pytest.mark.parametrize("t", ["Q4_K", "Q6_K"])
+def test_skinny_deterministic(t):
+    """Same inputs, same bits: the cluster's reduction adds the ranks in a fixed order."""
+    rng, seed = _rng()
+    n, k, m = 1536, 8960, 16
+    w = random_weights(rng, t, n, k)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    a = run_gemm(t, x, w, None, m, n, k, launch=skinny_launcher())
+    b = run_gemm(t, x, w, None, m, n, k, launch=skinny_launcher())
     assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), seed

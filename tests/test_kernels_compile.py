@@ -226,6 +226,34 @@ def test_batched_decode_launch():
                                                                                                   mt=4)
 
 
+def test_skinny_gemm_launch():
+    """The GEMMs for few tokens (plugins/quant_gemm_skinny.cu): the grid covers the rows and m, grid z is the
+    compile-time cluster size of the build (SK_SPLIT, at most 8 and at most the superblocks of k), the dynamic shared
+    memory is the kernel's (the .cu's static_assert states it; the kernel traps if launched with less), the scalars
+    are the ABI's of the op each one replaces."""
+    src = (K.PLUGINS / "quant_gemm_skinny.cu").read_text()
+    assert int(re.search(r"SMEM_BYTES == (\d+)", src).group(1)) == K.SKINNY_SMEM
+    # the 1.5B's projections: q/o and k/v split 6 ways, ffn_down 7, gate/up and the lm_head not at all
+    assert [K.skinny_split(-(-n // 128), k) for n, k in ((1536, 1536), (256, 1536), (8960, 1536), (1536, 8960),
+                                                          (151936, 1536))] == [6, 6, 1, 7, 1]
+    cases = [(op, dict(m=m, n=n, k=k), n, k) for op in ("q4k_gemm_skinny", "q6k_gemm_skinny", "matmul_add_skinny")
+             for n, k, m in ((1536, 8960, 16), (37, 512, 5), (200, 256, 17), (151936, 1536, 31))]
+    cases += [("rms_norm_qkv_skinny", dict(m=m, hidden=h, q_dim=q, kv_dim=kv), q + 2 * kv, h)
+              for h, q, kv, m in ((1536, 1536, 256, 4), (512, 70, 18, 3), (2048, 128, 32, 31))]
+    cases += [("rms_norm_swiglu_skinny", dict(m=m, hidden=h, ffn=f), f, h) for h, f, m in ((1536, 8960, 16),
+                                                                                          (512, 70, 3))]
+    for op, dims, rows, k in cases:
+        attrs = dict(dims, in_features=dims.get("k"), out_features=dims.get("n"), w_type="Q4_K", q_type="Q4_K",
+                     k_type="Q4_K", v_type="Q6_K", gate_type="Q4_K", up_type="Q6_K", epsilon=1e-6)
+        cfg, d = K.launch_config(op, dims), K.defines_for(op, attrs)
+        assert cfg.grid[2] == d.get("SK_SPLIT", 1) <= min(K.SKINNY_MAX_SPLIT, k // 256), (op, dims, d)
+        per_tile = K.SKINNY_ROWS // 2 if op == "rms_norm_swiglu_skinny" else K.SKINNY_ROWS
+        assert cfg.grid[0] * per_tile >= rows and cfg.grid[1] * K.SKINNY_TOKENS >= dims["m"]
+        assert cfg.block == (K.SKINNY_THREADS, 1, 1) and cfg.shared_mem == K.SKINNY_SMEM
+        assert cfg.scalars == {"rms_norm_qkv_skinny": (dims["m"], k, dims.get("q_dim"), dims.get("kv_dim")),
+                               "rms_norm_swiglu_skinny": (dims["m"], k, dims.get("ffn"))}.get(op, (dims["m"], rows, k))
+
+
 @needs_nvcc
 def test_batched_decode_shared_memory_is_the_kernels(tmp_path):
     """qmv1_smem_bytes is plugins/qmv1.cuh's sizeof(Smem) for every batched build of both real models: a host program
@@ -256,7 +284,7 @@ def _cuobjdump():
     return next((str(d / "cuobjdump") for d in dirs if (d / "nvdisasm").is_file()), None)
 
 
-WEIGHT_OPS = set(K.MATMUL_OPS + K.FUSED_OPS + K.GATHER_OPS)
+WEIGHT_OPS = set(K.MATMUL_OPS + K.FUSED_OPS + K.GATHER_OPS + K.SKINNY_OPS)
 
 
 @needs_nvcc

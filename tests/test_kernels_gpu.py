@@ -417,6 +417,43 @@ def test_decode_builds(op, shape, types, m):
     check_fused(f"{op} decode build {defines} {shape} m={m}", op, inputs, outs, refs, seed, tol=2 * QMV_TOL)
 
 
+# the GEMMs for few tokens (plugins/quant_gemm_skinny.cu; kernels.skinny_of): each fused op's tensor-core twin, built
+# as the cuda backend builds it (the cluster size by the shape), against the same composition. fp16 operands and
+# fp32 accumulation, as the prefill GEMM: its tolerance (tests/test_gemm_gpu.py TOL)
+SKINNY_TOL = 3e-3
+SKINNY_CASES = [
+    *[("rms_norm_qkv", (1536, 1536, 256), ("Q4_K", "Q4_K", "Q6_K"), m) for m in (2, 5, 16, 17)],
+    ("rms_norm_qkv", (1536, 1536, 256), ("Q4_K", "Q4_K", "Q4_K"), 8),
+    ("rms_norm_qkv", (512, 70, 18), ("Q6_K", "Q4_K", "Q4_K"), 3),       # odd row counts: partial tiles of each
+    ("rms_norm_qkv", (2048, 128, 32), ("Q4_K", "Q6_K", "Q4_K"), 31),    # 3 tiles of 8 superblocks: a cluster of 8
+    ("matmul_add", (1536, 1536), ("Q4_K",), 4),
+    ("matmul_add", (8960, 1536), ("Q6_K",), 16),
+    ("matmul_add", (8960, 1536), ("Q4_K",), 9),
+    ("matmul_add", (512, 1001), ("Q6_K",), 33),                          # odd n, 3 token tiles
+    ("rms_norm_swiglu", (1536, 8960), ("Q4_K", "Q4_K"), 4),
+    ("rms_norm_swiglu", (1536, 8960), ("Q4_K", "Q4_K"), 16),
+    ("rms_norm_swiglu", (1536, 1002), ("Q4_K", "Q6_K"), 7),             # mixed formats, a cluster of 6
+    ("rms_norm_swiglu", (2048, 64), ("Q6_K", "Q6_K"), 20),
+    ("rms_norm_swiglu", (512, 70), ("Q6_K", "Q4_K"), 3),
+]  # shapes: (hidden or k, rows...)
+
+
+@pytest.mark.parametrize("op,shape,types,m", SKINNY_CASES)
+def test_skinny_fused(op, shape, types, m):
+    rng, seed = _rng()
+    attrs, inputs, outputs, dims, refs = fused_case(rng, op, shape[0], shape[1:], types, m)
+    sop = K.skinny_of(op, attrs)
+    defines = K.defines_for(sop, dict(attrs, hidden=shape[0]))
+    outs = run(sop, inputs, outputs, dims, tuple(sorted(defines.items())))
+    check_fused(f"{sop} {defines} {shape} m={m}", op, inputs, outs, refs, seed, tol=SKINNY_TOL)
+
+
+def test_skinny_of_keeps_other_formats_on_the_decode_core():
+    assert K.skinny_of("rms_norm_qkv", dict(q_type="Q5_0", k_type="Q5_0", v_type="Q8_0")) is None
+    assert K.skinny_of("matmul_add", dict(w_type="Q6_K")) == "matmul_add_skinny"
+    assert K.skinny_of("q8_0_matmul", {}) is None and K.skinny_of("rope_kv_attention", {}) is None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # small ops
 

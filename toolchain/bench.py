@@ -112,6 +112,14 @@ def time_decode(be, ctx: int, m: int, tokens: int, cr, sampling=None) -> float:
     return ms / 1e3 / tokens
 
 
+def batched_paths(m: int) -> dict[str, dict]:
+    """The tunings that put a batched step of m tokens on each kernel path: the decode core (QMV1_MT), the
+    tensor-core GEMMs for few tokens, the prefill GEMMs (toolchain/cuda_backend.py)."""
+    return {"decode_core": {"skinny_min_m": m + 1, "gemm_min_m": m + 1},
+            "skinny_gemm": {"skinny_min_m": 1, "gemm_min_m": m + 1},
+            "prefill_gemm": {"gemm_min_m": 1}}
+
+
 def time_decode_with(be, tuning: dict, ctx: int, m: int, tokens: int, cr) -> float:
     """time_decode under other tuning values (e.g. {"gemm_min_m": 1}: the step on the GEMMs), then the backend's
     own tuning back, with the plans and graphs of either kept apart."""
@@ -255,7 +263,7 @@ def run_bench(a):
         check_llama_bench(a.compare_llama_batched_bench, "llama-batched-bench")
     if not cr.gpu_available():
         raise UserError("qtrt bench needs an NVIDIA GPU with cuda-python (pip install 'qwen-trt[cuda]')")
-    from .cuda_backend import GEMM_MIN_M, CudaBackend
+    from .cuda_backend import GEMM_MIN_M, SKINNY_MIN_M, CudaBackend
     from .kernels import QMV1_MT_MAX
 
     pp_anchor = LLAMA_CPP_ANCHORS["pp512"]
@@ -288,10 +296,12 @@ def run_bench(a):
                                                           "s": round(s, 4), "tok_s": round(n / s, 1)})
                 print(f"prompt of {n:6d} tokens to its first token: {s * 1e3:8.1f} ms, {n / s:9.1f} tok/s "
                       f"(pieces of {be.max_tokens})")
-            results["crossover"] = {"matvec_decode_below_m": GEMM_MIN_M, "tensor_core_gemm_from_m": GEMM_MIN_M}
-            print(f"kernels by step size: m = 1 the batch-1 decode core, 1 < m < {GEMM_MIN_M} the decode core with up "
-                  f"to {QMV1_MT_MAX} tokens per block, m >= {GEMM_MIN_M} the tensor-core GEMMs "
-                  "(toolchain/cuda_backend.py GEMM_MIN_M; each batched m below is also timed on the GEMMs)")
+            results["crossover"] = {"decode_core_below_m": SKINNY_MIN_M, "skinny_gemm_from_m": SKINNY_MIN_M,
+                                    "prefill_gemm_from_m": GEMM_MIN_M}
+            print(f"kernels by step size: m = 1 the batch-1 decode core, 1 < m < {SKINNY_MIN_M} the decode core with "
+                  f"up to {QMV1_MT_MAX} tokens per block, {SKINNY_MIN_M} <= m < {GEMM_MIN_M} the tensor-core GEMMs for "
+                  f"few tokens, m >= {GEMM_MIN_M} the prefill GEMMs (toolchain/cuda_backend.py SKINNY_MIN_M, "
+                  "GEMM_MIN_M; each batched m below is timed on all three)")
         for ctx in contexts:
             if fused:  # greedy and sampled steps alternate: the GPU's clock drifts by ~2% between runs; a first
                 # pair warms both (it ran ~1% low, bench/results/device-2026-12-05d)
@@ -337,19 +347,22 @@ def run_bench(a):
                 fam = kernel_breakdown(be, cr, m=m, ctx=contexts[0])
                 row = {"m": m, "tok_s": round(m / s, 1), "us_per_step": round(s * 1e6, 1), "kernels_us": fam}
                 other = ""
-                if 1 < m < GEMM_MIN_M:  # the other side of the crossover: the same step on the GEMMs
-                    g = time_decode_with(be, {"gemm_min_m": 1}, contexts[0], m, a.tokens, cr)
-                    row["gemm_us_per_step"] = round(g * 1e6, 1)
-                    other = f"; on the GEMMs {g * 1e6:.1f} us"
+                if m > 1:  # every side of the crossovers: the same step on each kernel path
+                    row["paths_us_per_step"] = {
+                        name: round(time_decode_with(be, tuning, contexts[0], m, a.tokens, cr) * 1e6, 1)
+                        for name, tuning in batched_paths(m).items()}
+                    other = "; paths (us/step): " + ", ".join(f"{k} {v}" for k, v in row["paths_us_per_step"].items())
                 results["batched"].append(row)
                 step1 = results["batched"][0]["us_per_step"] if results["batched"][0]["m"] == 1 else None
                 rel = f", {s * 1e6 / step1:.2f}x the m=1 step" if step1 else ""
                 print(f"batched m={m:2d}: {m / s:9.1f} tok/s aggregate ({s * 1e6:.1f} us/step{rel}{other}); by "
                       "family (us): " + ", ".join(f"{k} {v}" for k, v in list(fam.items())[:5]))
-            wins = [r["m"] for r in results["batched"] if r.get("gemm_us_per_step", float("inf")) < r["us_per_step"]]
-            if wins:
-                results["crossover"]["gemm_faster_from_measured_m"] = min(wins)
-                print(f"measured: the GEMMs beat the decode core from m = {min(wins)} (threshold {GEMM_MIN_M})")
+            fastest = {r["m"]: min(r["paths_us_per_step"], key=r["paths_us_per_step"].get)
+                       for r in results["batched"] if "paths_us_per_step" in r}
+            if fastest:
+                results["crossover"]["measured_fastest_path"] = fastest
+                print("measured fastest path by m: " + ", ".join(f"{m}: {p}" for m, p in fastest.items())
+                      + f" (thresholds: skinny GEMMs from {SKINNY_MIN_M}, prefill GEMMs from {GEMM_MIN_M})")
         be.close()
     if getattr(a, "compare_llama_bench", None):
         results["llama_bench"] = llama_bench(a.compare_llama_bench, model.path,

@@ -14,9 +14,12 @@ times the variants):
   (plugins/qmv1.cuh, kernels.decode_core), with its own launch configuration; plain: the Q4_K / Q6_K plain
   matmuls (lm_head) on the decode core too.
 - m1: the other projections of the batch-1 plan use the decode builds of the general core (QMV_M1: less code).
-- batched: steps of 1 < m < GEMM_MIN_M tokens (batched decode, short prompt pieces) run their projections on the
+- batched: steps of 1 < m < SKINNY_MIN_M tokens (batched decode, short prompt pieces) run their projections on the
   decode core too, a block computing up to 8 tokens from one load of each weight (kernels.decode_tokens, QMV1_MT);
   without it they take the general core, whose blocks reload the weights for every 4 tokens.
+- skinny_min_m: the step size from which the projections (fused ones too) run as tensor-core GEMMs for few tokens
+  (SKINNY_MIN_M, plugins/quant_gemm_skinny.cu: Q4_K / Q6_K weights; others stay on the decode core);
+  skinny_min_m >= gemm_min_m turns them off.
 - xmerge: in the batch-1 plan for long contexts, each attention hands its cluster partials to the o projection that
   reads its output, which merges them while it loads x (plugins/rope_kv_attention.cu ATTN_XMERGE, plugins/qmv1.cuh
   QMV1_XMERGE): the attention no longer ends with a fence, an atomic and a last cluster's merge
@@ -49,7 +52,7 @@ from .gguf_model import GGUFModel
 from .device_sampler import parse_logprobs
 from .graph import build_model_graph, node_attrs
 from .kernels import (FUSED_OPS, LOGPROB_WORDS, MATMUL_OPS, XMERGE_CLUSTER_KEYS, decode_build, decode_tokens,
-                      defines_for, launch_config, qmv1_dims, xmerge_defines, xmerge_slot_floats)
+                      defines_for, skinny_of, launch_config, qmv1_dims, xmerge_defines, xmerge_slot_floats)
 from .sampling import Tail
 
 # ONNX op_type -> kernel op (standard ops map to our kernels; custom ops share their names).
@@ -58,12 +61,17 @@ KERNEL_OF = {"RMSNormalization": "rms_norm", "Add": "add", "ArgMax": "argmax"}
 # H100: the GEMM wins from m = 16 for Q4_K and from ~24 for Q6_K; docs/perf-notes.md).
 GEMM_OF = {"q4k_matmul": "q4k_gemm", "q6k_matmul": "q6k_gemm"}
 GEMM_MIN_M = 32
+# Batched decode steps from SKINNY_MIN_M tokens (below GEMM_MIN_M) run their projections as tensor-core GEMMs for
+# few tokens (kernels.skinny_of, plugins/quant_gemm_skinny.cu); below it, on the decode core (`qtrt bench` times
+# every path for each batched m).
+SKINNY_MIN_M = 4
 # Nodes after the last layer: a prompt prefill needs their result for its last token only.
 HEAD_NODES = ("final_norm", "lm_head", "argmax")
 F32 = np.float32
 TUNING = {"pdl": True, "m1": True, "qmv1": True, "plain": True, "batched": True, "xmerge": True, "defines": {},
           "pdl_skip": (), "skip": (), "share_activations": os.environ.get("QTRT_SHARE_ACTIVATIONS") == "1",
-          "clusters": True, "cache_by_address": False, "gemm_min_m": GEMM_MIN_M}
+          "clusters": True, "cache_by_address": False, "gemm_min_m": GEMM_MIN_M,
+          "skinny_min_m": SKINNY_MIN_M}
 # The kernels TensorRT's plugins get (toolchain/trt/plugins.py, issue 16), run here to prove them on the GPU: no
 # thread-block cluster launch (so no cluster k-split, no xmerge pair and no prefill GEMM, whose split-K is a cluster),
 # the attention with the caches by address (rope_kv_attention_addr), the general matvec core at every m. With
@@ -243,6 +251,7 @@ class CudaBackend:
             return self._plans[key]
         clusters = self.tuning["clusters"]
         gemm = not self._below_gemm(m) and clusters
+        skinny = self._skinny(m)
         nodes = []  # (node, op, attrs, dims, defines, head) of every node, then the launches
         for node in (self.onnx_prefill if gemm else self.onnx).graph.node:
             head = last_only and node.name in HEAD_NODES
@@ -255,6 +264,8 @@ class CudaBackend:
             dims = self._dims(node, op, attrs, 1 if head else m)
             if gemm and not head and op in GEMM_OF:
                 op = GEMM_OF[op]
+            elif skinny and not head and skinny_of(op, attrs):  # the fused ops too, where their types allow
+                op, attrs = skinny_of(op, attrs), dict(attrs, hidden=self.cfg.hidden)
             if op == "rope_kv_attention" and self.tuning["cache_by_address"]:
                 op = "rope_kv_attention_addr"
             defines = defines_for(op, attrs, clusters)
@@ -472,6 +483,11 @@ class CudaBackend:
     def can_pipeline(self, m: int) -> bool:
         """Whether a decode step of m rows can run as launch_decode (a captured, self-advancing graph)."""
         return self._below_gemm(m)
+
+    def _skinny(self, m: int) -> bool:
+        """Whether a step of m tokens runs its projections as the GEMMs for few tokens (tuning skinny_min_m; they
+        split k over a cluster, so not in the cluster-free builds)."""
+        return self.tuning["clusters"] and self.tuning["skinny_min_m"] <= m and self._below_gemm(m)
 
     def _below_gemm(self, m: int) -> bool:
         """Whether a step of m tokens is below the GEMMs' threshold (tuning gemm_min_m): a decode step, whose plan

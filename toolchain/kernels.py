@@ -45,6 +45,16 @@ PREFILL_ATTENTION_OPS = ("rope_kv_append", "prefill_attention")
 PREFILL_ROWS_PER_BLOCK = 64  # prefill_attention: (token, q head) rows per block, 16 per warp (PA_WARPS)
 GEMM_ROWS, GEMM_TOKENS, GEMM_THREADS = 96, 128, 256
 GEMM_SMEM = {"q4k_gemm": 70656, "q6k_gemm": 89088}
+# Tensor-core GEMMs for few tokens (batched decode; plugins/quant_gemm_skinny.cu): block 256, tile 16 tokens x 128
+# rows (swiglu: 64 gate + 64 up rows), k split over a compile-time cluster of SK_SPLIT CTAs (grid z, skinny_split), a
+# ring of 4 stages. One per matvec op of Q4_K / Q6_K weights, with its ABI (skinny_of).
+SKINNY_OF = {"q4k_matmul": "q4k_gemm_skinny", "q6k_matmul": "q6k_gemm_skinny", "matmul_add": "matmul_add_skinny",
+             "rms_norm_qkv": "rms_norm_qkv_skinny", "rms_norm_swiglu": "rms_norm_swiglu_skinny"}
+SKINNY_OPS = tuple(SKINNY_OF.values())
+SKINNY_TYPES = ("Q4_K", "Q6_K")
+SKINNY_ROWS, SKINNY_TOKENS, SKINNY_THREADS, SKINNY_MAX_SPLIT = 128, 16, 256, 8
+SKINNY_SMEM = 204928  # plugins/quant_gemm_skinny.cu SMEM_BYTES (4 stages)
+SKINNY_CTA_COST = 2  # skinny_split's cost model
 _FAMILY = {
     **{op: "quant_matmul" for op in MATMUL_OPS},
     **{op: "quant_gather" for op in GATHER_OPS},
@@ -64,6 +74,7 @@ _FAMILY = {
     "token_logprobs": "sampling",
     **{op: op for op in FUSED_OPS},
     **{op: "quant_gemm" for op in GEMM_OPS},  # prompt prefill (m >= 32): tensor cores, same ABI as the matmuls
+    **{op: "quant_gemm_skinny" for op in SKINNY_OPS},  # batched decode: tensor cores, same ABI as the matmuls
     # prompt prefill of one slot: the attention node as RoPE+append then tiled causal attention (runtime-only pair)
     **{op: "prefill_attention" for op in PREFILL_ATTENTION_OPS},
 }
@@ -141,6 +152,36 @@ def matmul_split(n: int, k: int, ggml_type: str) -> int:
         if groups * c <= resident and k // c >= QMV_MIN_SPLIT_ELEMS and k // elems >= c:
             best = c
     return best
+
+
+def skinny_of(op: str, attrs: dict) -> str | None:
+    """The GEMM for few tokens that replaces op (same ABI), or None where op has a weight type it lacks (Q5_0,
+    Q8_0: the 0.5B's) or is no projection."""
+    if op not in SKINNY_OF or op in FUSED_OPS and any(t not in SKINNY_TYPES for t in _weight_types(op, attrs)):
+        return None
+    return SKINNY_OF[op]
+
+
+def _skinny_shape(op: str, dims: dict) -> tuple[int, int]:
+    """(tiles along grid x, k) of a GEMM for few tokens: 128 rows per tile (swiglu: 64 output rows)."""
+    if op == "rms_norm_qkv_skinny":
+        q, kv = int(_dim(dims, "q_dim")), int(_dim(dims, "kv_dim"))
+        return -(-q // SKINNY_ROWS) + 2 * -(-kv // SKINNY_ROWS), int(_dim(dims, "hidden"))
+    if op == "rms_norm_swiglu_skinny":
+        return -(-int(_dim(dims, "ffn")) // (SKINNY_ROWS // 2)), int(_dim(dims, "hidden"))
+    return -(-int(_dim(dims, "n", "out_features")) // SKINNY_ROWS), int(_dim(dims, "k", "in_features"))
+
+
+def skinny_split(tiles: int, k: int) -> int:
+    """Cluster size S that splits k over S CTAs in plugins/quant_gemm_skinny.cu (define SK_SPLIT, grid z), for a
+    projection of `tiles` CTA tiles along grid x. One 256-thread CTA per SM (its ring of stages fills the shared
+    memory), so the time is about waves x (superblocks per CTA + SKINNY_CTA_COST, a CTA's prologue, norm pass and
+    reduction, guessed as 2 superblocks): S minimizes cdiv(tiles S, SMs) * (cdiv(nb, S) + SKINNY_CTA_COST), the
+    smallest S on ties. tiles and k are static ints."""
+    tiles, nb = int(tiles), int(k) // 256
+    cost = {s: -(-tiles * s // QMV_SMS) * (-(-nb // s) + SKINNY_CTA_COST)
+            for s in range(1, min(SKINNY_MAX_SPLIT, max(nb, 1)) + 1)}
+    return min(cost, key=lambda s: (cost[s], s))
 
 
 def qmv_grid_x(units: int, per_block: int, cluster: int = 1, max_blocks: int = MATMUL_MAX_BLOCKS) -> int:
@@ -290,6 +331,17 @@ def defines_for(op: str, attrs: dict, clusters: bool = True) -> dict:
         return d
     if op == "rms_norm":
         return {"RMS_EPS": float(attrs.get("epsilon", 1e-6))}
+    if op in SKINNY_OPS:  # the shape decides the cluster: the fused ones need the model's hidden size in attrs
+        d = {"SK_SPLIT": skinny_split(*_skinny_shape(op, attrs))}
+        if op == "matmul_add_skinny":
+            d["W_TYPE"] = _type_define(attrs["w_type"])
+        elif op == "rms_norm_qkv_skinny":
+            d |= {"RMS_EPS": float(attrs["epsilon"]), "Q_TYPE": _type_define(attrs["q_type"]),
+                  "K_TYPE": _type_define(attrs["k_type"]), "V_TYPE": _type_define(attrs["v_type"])}
+        elif op == "rms_norm_swiglu_skinny":
+            d |= {"RMS_EPS": float(attrs["epsilon"]), "GATE_TYPE": _type_define(attrs["gate_type"]),
+                  "UP_TYPE": _type_define(attrs["up_type"])}
+        return {k: v for k, v in d.items() if k != "SK_SPLIT" or v > 1}
     if op in MATMUL_OPS or op == "matmul_add":
         t = MATMUL_TYPE[op] if op in MATMUL_OPS else _type_name(attrs["w_type"])
         d = {} if op in MATMUL_OPS else {"W_TYPE": _type_define(t)}
@@ -353,6 +405,13 @@ def launch_config(op: str, dims: dict, ops=INT_OPS, clusters: bool = True) -> La
         n, k = int(_dim(dims, "n", "out_features")), int(_dim(dims, "k", "in_features"))
         return LaunchConfig((-(-n // GEMM_ROWS), ops.cdiv(m, GEMM_TOKENS), 2), (GEMM_THREADS, 1, 1), GEMM_SMEM[op],
                             (m, n, k))
+    if op in SKINNY_OPS:
+        tiles, k = _skinny_shape(op, dims)
+        scalars = {"rms_norm_qkv_skinny": lambda: (m, k, dims["q_dim"], dims["kv_dim"]),
+                   "rms_norm_swiglu_skinny": lambda: (m, k, dims["ffn"])}.get(
+                       op, lambda: (m, _dim(dims, "n", "out_features"), k))()
+        return LaunchConfig((tiles, ops.cdiv(m, SKINNY_TOKENS), skinny_split(tiles, k)), (SKINNY_THREADS, 1, 1),
+                            SKINNY_SMEM, scalars)
     if op == "rms_norm_qkv":
         hidden, q_dim, kv_dim = int(_dim(dims, "hidden")), int(_dim(dims, "q_dim")), int(_dim(dims, "kv_dim"))
         groups = -(-q_dim // 2) + 2 * -(-kv_dim // 2)
@@ -516,18 +575,29 @@ def specializations(model: dict, build=None) -> list[tuple[str, dict]]:
         specs[(op, tuple(sorted(build(op, attrs).items())))] = (op, attrs)
 
     for op in KERNEL_OPS:
-        if op not in MATMUL_OPS and op not in FUSED_OPS and op not in TENSORRT_ONLY_OPS:
+        if op not in MATMUL_OPS + FUSED_OPS + TENSORRT_ONLY_OPS + SKINNY_OPS:
             add(op, **{k: model[k] for k in ("n_heads", "n_kv_heads", "head_dim", "rope_theta", "epsilon")})
     mm = {v: k for k, v in MATMUL_TYPE.items()}
     for q, k, v, o, gate, up, down in model["layer_types"]:
         for t, n, kk in ((q, q_dim, hidden), (k, kv_dim, hidden), (v, kv_dim, hidden), (o, hidden, q_dim),
                          (gate, ffn, hidden), (up, ffn, hidden), (down, hidden, ffn)):
             add(mm[t], in_features=kk, out_features=n)
+            if skinny_of(mm[t], {}):  # batched decode of the same projection (its build depends on the shape)
+                add(SKINNY_OF[mm[t]], in_features=kk, out_features=n)
         add("rms_norm_qkv", epsilon=eps, q_type=q, k_type=k, v_type=v, q_dim=q_dim, kv_dim=kv_dim)
         add("matmul_add", w_type=o, in_features=q_dim, out_features=hidden)
         add("matmul_add", w_type=down, in_features=ffn, out_features=hidden)
         add("rms_norm_swiglu", epsilon=eps, gate_type=gate, up_type=up, ffn=ffn)
+        for op, attrs in (("rms_norm_qkv", dict(epsilon=eps, q_type=q, k_type=k, v_type=v, q_dim=q_dim,
+                                                kv_dim=kv_dim, hidden=hidden)),
+                          ("matmul_add", dict(w_type=o, in_features=q_dim, out_features=hidden)),
+                          ("matmul_add", dict(w_type=down, in_features=ffn, out_features=hidden)),
+                          ("rms_norm_swiglu", dict(epsilon=eps, gate_type=gate, up_type=up, ffn=ffn, hidden=hidden))):
+            if skinny_of(op, attrs):
+                add(SKINNY_OF[op], **attrs)
     add(mm[model["output_type"]], in_features=hidden, out_features=model["vocab"])
+    if skinny_of(mm[model["output_type"]], {}):
+        add(SKINNY_OF[mm[model["output_type"]]], in_features=hidden, out_features=model["vocab"])
     return list(specs.values())
 
 
