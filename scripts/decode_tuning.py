@@ -29,12 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from toolchain import cuda_runtime as cr  # noqa: E402
 from toolchain import kernels as K  # noqa: E402
 from toolchain.bench import bytes_per_token, copy_bandwidth, launch_timing, load_model, time_decode  # noqa: E402
-from toolchain.cuda_backend import GEMM_MIN_M, CudaBackend  # noqa: E402
+from toolchain.cuda_backend import GEMM_MIN_M, SKINNY_MIN_M, CudaBackend  # noqa: E402
 
 OFF = {"pdl": False, "m1": False, "qmv1": False, "plain": True, "batched": False, "xmerge": False, "defines": {},
        "pdl_skip": (), "skip": (), "clusters": True, "cache_by_address": False, "share_activations": False,
-       "gemm_min_m": GEMM_MIN_M}
-DEFAULT = {"m1": True, "qmv1": True, "pdl": True, "xmerge": True, "batched": True}
+       "gemm_min_m": GEMM_MIN_M, "skinny_min_m": GEMM_MIN_M}
+DEFAULT = {"m1": True, "qmv1": True, "pdl": True, "xmerge": True, "batched": True, "skinny_min_m": SKINNY_MIN_M}
 
 
 def proj(**defines):  # extra defines for every projection kernel (both cores ignore the other's)
@@ -109,8 +109,10 @@ VARIANTS = {
     "nbuf3": {**DEFAULT, **attn(ATTN_NBUF=3)},
     "nbuf4": {**DEFAULT, **attn(ATTN_NBUF=4)},
     # batched decode (--batches): the general core instead of the decode core's QMV1_MT builds, and every decode-core
-    # build at one block per SM (kernels.decode_core keeps 2 for m < 4 and for the matmuls)
+    # build at one block per SM (kernels.decode_core keeps 2 for m < 4 and for the matmuls), below skinny_min_m;
+    # batched_decode_core: the decode core at every m (no tensor-core GEMMs for few tokens)
     "batched_general": {**DEFAULT, "batched": False},
+    "batched_decode_core": {**DEFAULT, "skinny_min_m": GEMM_MIN_M},
     "batched_minb1": {**DEFAULT, "batched": True, "defines": {op: {"QMV1_MINB": 1} for op in K.FUSED_OPS}},
     # diagnostics: the step without one kernel family (wrong results; the time saved is what the family costs in
     # the step, PDL overlap included)

@@ -112,7 +112,7 @@ def test_beyond_4096(synth, backend):
     assert errs[0] < 5e-3 and matched >= 8
 
 
-@pytest.mark.parametrize("m", [3, 4, 16])
+@pytest.mark.parametrize("m", [3, 5, 16])
 def test_batched_slots_equal_separate_runs(synth, backend, m):
     """m tokens of m different sequences (own slot and position) in one step = m separate single steps on the same
     kernels (m = 3: the decode core, 4 tokens per block; from SKINNY_MIN_M: the tensor-core GEMMs for few tokens,

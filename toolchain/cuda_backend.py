@@ -57,14 +57,15 @@ from .sampling import Tail
 
 # ONNX op_type -> kernel op (standard ops map to our kernels; custom ops share their names).
 KERNEL_OF = {"RMSNormalization": "rms_norm", "Add": "add", "ArgMax": "argmax"}
-# Tensor-core GEMMs for prompt prefill: same ABI as the matvec ops, chosen from GEMM_MIN_M tokens (measured on the
-# H100: the GEMM wins from m = 16 for Q4_K and from ~24 for Q6_K; docs/perf-notes.md).
+# Tensor-core GEMMs for prompt prefill: same ABI as the matvec ops, chosen from GEMM_MIN_M tokens. Below it, from
+# SKINNY_MIN_M tokens, the tensor-core GEMMs for few tokens (kernels.skinny_of, plugins/quant_gemm_skinny.cu; fused ops
+# too); below that, the decode core. Measured in one run (H200, bench/results/device-2026-12-06a/skinny-h200, us per
+# step at context 128, decode core / few-token GEMMs / prefill GEMMs): m = 4: 1,711 / 2,370 / 8,309; m = 8: 3,075 /
+# 2,322 / 8,421; m = 16: 5,663 / 2,438 / 8,619; m = 32: 11,031 / 4,311 / 9,037. m = 5..7 run the decode core's
+# 8-token build, the one timed at m = 8, so the few-token GEMMs take them too; above 32 was not timed.
 GEMM_OF = {"q4k_matmul": "q4k_gemm", "q6k_matmul": "q6k_gemm"}
-GEMM_MIN_M = 32
-# Batched decode steps from SKINNY_MIN_M tokens (below GEMM_MIN_M) run their projections as tensor-core GEMMs for
-# few tokens (kernels.skinny_of, plugins/quant_gemm_skinny.cu); below it, on the decode core (`qtrt bench` times
-# every path for each batched m).
-SKINNY_MIN_M = 4
+GEMM_MIN_M = 33
+SKINNY_MIN_M = 5
 # Nodes after the last layer: a prompt prefill needs their result for its last token only.
 HEAD_NODES = ("final_norm", "lm_head", "argmax")
 F32 = np.float32
