@@ -26,6 +26,7 @@
 
 #include "ggml_blocks.cuh"
 #include "pdl.cuh"
+#include "proj_args.cuh"
 
 namespace qmv {
 using namespace ggml;
@@ -381,18 +382,7 @@ struct __align__(16) Smem {
 template <class T>
 __device__ __forceinline__ T sel(int i, T a, T b, T c) { return i == 0 ? a : i == 1 ? b : c; }  // no local memory
 
-struct Args {
-    const float* x;
-    const float* norm_w;
-    const float* residual;
-    const uint8_t* w[3];
-    const float* bias[3];
-    float* y[3];
-    int n[3];
-    int m, k;
-    const float* xpart;   // qmv1 QMV1_XMERGE builds: the attention's cluster partials, merged into x
-    const int* positions;  // and the step's position (how many partials)
-};
+using Args = ProjArgs;  // plugins/proj_args.cuh
 
 #ifndef RMS_EPS
 #define RMS_EPS 1e-6

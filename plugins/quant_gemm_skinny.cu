@@ -37,6 +37,7 @@
 #include <cooperative_groups.h>
 
 #include "pdl.cuh"
+#include "proj_args.cuh"
 #include "quant_mma.cuh"
 
 namespace cg = cooperative_groups;
@@ -73,16 +74,7 @@ static_assert(STAGES >= 2, "a ring");
 static_assert(WARPS * NT8 * 32 * 16 <= STAGES * X_BYTES, "the partial tiles fit the x ring");
 static_assert(WARPS * NT8 * 32 * 16 <= STAGES * W_BYTES, "the up tiles fit the weight ring");
 
-struct Args {
-    const float* x;
-    const float* norm_w;
-    const float* residual;
-    const uint8_t* w[3];
-    const float* bias[3];
-    float* y[3];
-    int n[3];
-    int m, k;
-};
+using Args = ProjArgs;  // plugins/proj_args.cuh
 
 __device__ __forceinline__ void cp_async_wait_ring() {  // all but the STAGES-2 most recent groups have landed
     asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 2) : "memory");
