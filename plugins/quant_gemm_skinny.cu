@@ -49,6 +49,9 @@ using namespace qmma;
 #ifndef SK_STAGES
 #define SK_STAGES 4
 #endif
+#ifndef SK_XF16
+#define SK_XF16 0  // 1: the CTA makes each stage's x fp16 A fragments once (norm applied); warps load them (experiment)
+#endif
 #ifndef RMS_EPS
 #define RMS_EPS 1e-6
 #endif
@@ -65,9 +68,10 @@ constexpr int X_BYTES = BM * XR * 4;          // one stage of x
 constexpr int N_BYTES = 256 * 4;              // one stage of the norm weight
 constexpr int W_BYTES = BN * 240;             // one stage of weights: 128 rows of the widest format (Q6_K)
 constexpr int S_BYTES = BN * 64;              // the warps' rows' scales
-// x stages | norm stages | weight stages | scales | x^2 partials [16] | 1 / rms [16]
-constexpr int SMEM_BYTES = STAGES * (X_BYTES + N_BYTES + W_BYTES) + S_BYTES + 2 * 64;
-static_assert(STAGES != 4 || SMEM_BYTES == 204928, "shared memory (kernels.py SKINNY_SMEM)");
+constexpr int XF_BYTES = SK_XF16 ? 16 * 32 * 16 : 0;  // SK_XF16: the stage's x as 16 chunks x 32 lanes of A fragments
+// x stages | norm stages | weight stages | scales | x^2 partials [16] | 1 / rms [16] | x fragments
+constexpr int SMEM_BYTES = STAGES * (X_BYTES + N_BYTES + W_BYTES) + S_BYTES + 2 * 64 + XF_BYTES;
+static_assert(STAGES != 4 || SK_XF16 || SMEM_BYTES == 204928, "shared memory (kernels.py skinny_smem_bytes)");
 static_assert(SMEM_BYTES <= 227 * 1024, "fits one SM");
 static_assert(SPLIT >= 1 && SPLIT <= 8, "a portable cluster has at most 8 CTAs");
 static_assert(STAGES >= 2, "a ring");
@@ -97,6 +101,7 @@ __device__ __forceinline__ void tile(const Args& a, int mat, int n0) {
     uint8_t* const W0 = N0 + STAGES * N_BYTES;
     float* const ss = reinterpret_cast<float*>(W0 + STAGES * W_BYTES + S_BYTES);  // [16] this rank's sums of x^2
     float* const inv = ss + 16;                                                     // [16] 1 / rms per token
+    uint4* const XF = reinterpret_cast<uint4*>(inv + 16);                           // SK_XF16: [16 chunks][32]
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c = lane & 3;
     const int part = TWO ? warp / PWARPS : 0, ptid = tid - part * PTHREADS;
     uint8_t* const S = W0 + STAGES * W_BYTES + warp * 16 * 64;  // this warp's rows' scales
@@ -200,6 +205,13 @@ __device__ __forceinline__ void tile(const Args& a, int mat, int n0) {
             }
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk) {
+                if constexpr (SK_XF16) {  // made by the CTA for this stage (to_fragments)
+                    const uint4 f = XF[(Fmt<F>::chunk_base(sub, kk) >> 4) * 32 + lane];
+                    const uint32_t af[4] = {f.x, f.y, f.z, f.w};
+#pragma unroll
+                    for (int j = 0; j < NT8; ++j) mma16816(acc[j], af, bf[j][kk][0], bf[j][kk][1]);
+                    continue;
+                }
                 // A fragment (x, 16 tokens x 16 k, permuted k): rows g and g + 8, physical 4c..4c+3 of the chunk
                 const int e = Fmt<F>::chunk_base(sub, kk) + 4 * c;
                 const float* xp = reinterpret_cast<const float*>(X) + e;
@@ -228,6 +240,24 @@ __device__ __forceinline__ void tile(const Args& a, int mat, int n0) {
                 issue_x(tst, sb0 + t);
             }
             cp_async_commit();
+        }
+        if constexpr (SK_XF16) {  // the stage's x as A fragments, once for all warps: chunk ch (elements 16ch..),
+            // lane (g, c): rows g and g + 8, elements 16ch + 4c.. +3 (quant_mma.cuh's permuted k); norm applied
+            const float* X = reinterpret_cast<const float*>(X0 + st * X_BYTES);
+            const float* NWs = reinterpret_cast<const float*>(N0 + st * N_BYTES);
+            for (int q = tid; q < 16 * 32; q += THREADS) {
+                const int ch = q >> 5, ln = q & 31, fg = ln >> 2, e = 16 * ch + 4 * (ln & 3);
+                float4 u = *reinterpret_cast<const float4*>(X + fg * XR + e);
+                float4 v = *reinterpret_cast<const float4*>(X + (fg + 8) * XR + e);
+                if constexpr (NORM) {
+                    const float4 nw = *reinterpret_cast<const float4*>(NWs + e);
+                    const float il = inv[fg], ih = inv[fg + 8];
+                    u = make_float4(u.x * il * nw.x, u.y * il * nw.y, u.z * il * nw.z, u.w * il * nw.w);
+                    v = make_float4(v.x * ih * nw.x, v.y * ih * nw.y, v.z * ih * nw.z, v.w * ih * nw.w);
+                }
+                XF[q] = make_uint4(pack_h2(u.x, u.z), pack_h2(v.x, v.z), pack_h2(u.y, u.w), pack_h2(v.y, v.w));
+            }
+            __syncthreads();  // (the next stage's pass waits behind the loop's first barrier: no warp still reads XF)
         }
         const uint8_t* R = W0 + st * W_BYTES;
         if (!TWO || part == 0)

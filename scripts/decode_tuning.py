@@ -113,6 +113,11 @@ VARIANTS = {
     # batched_decode_core: the decode core at every m (no tensor-core GEMMs for few tokens)
     "batched_general": {**DEFAULT, "batched": False},
     "batched_decode_core": {**DEFAULT, "skinny_min_m": GEMM_MIN_M},
+    # the GEMMs for few tokens (plugins/quant_gemm_skinny.cu, docs/perf-notes.md's next steps): 2 or 3 stages (2: two
+    # CTAs per SM), the stage's x made fp16 fragments once per CTA (SK_XF16)
+    **{name: {**DEFAULT, "defines": {op: d for op in K.SKINNY_OPS}} for name, d in (
+        ("skinny_s2", {"SK_STAGES": 2}), ("skinny_s3", {"SK_STAGES": 3}), ("skinny_xf16", {"SK_XF16": 1}),
+        ("skinny_s2_xf16", {"SK_STAGES": 2, "SK_XF16": 1}))},
     "batched_minb1": {**DEFAULT, "batched": True, "defines": {op: {"QMV1_MINB": 1} for op in K.FUSED_OPS}},
     # diagnostics: the step without one kernel family (wrong results; the time saved is what the family costs in
     # the step, PDL overlap included)

@@ -255,6 +255,27 @@ def test_skinny_gemm_launch():
 
 
 @needs_nvcc
+def test_skinny_shared_memory_is_the_kernels(tmp_path):
+    """kernels.skinny_smem_bytes is plugins/quant_gemm_skinny.cu's SMEM_BYTES for its stage counts and SK_XF16: a host
+    program compiled with the same defines prints it (the kernel traps if launched with less)."""
+    src = tmp_path / "smem.cu"
+    src.write_text('#include <cstdio>\n#include "quant_gemm_skinny.cu"\nint main() { printf("%d", SMEM_BYTES); }\n')
+
+    def size_of(variant):
+        stages, xf16 = variant
+        exe = tmp_path / f"smem{stages}{xf16}"
+        subprocess.run([K.nvcc_path(), "-std=c++17", "-arch=sm_90", f"-I{K.PLUGINS}", f"-DSK_STAGES={stages}",
+                        f"-DSK_XF16={xf16}", str(src), "-o", str(exe)], check=True, capture_output=True)
+        return variant, int(subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout)
+
+    with ThreadPoolExecutor(2) as pool:
+        for (stages, xf16), size in pool.map(size_of, [(2, 0), (3, 0), (4, 0), (2, 1), (4, 1)]):
+            assert size == K.skinny_smem_bytes(stages, xf16), (stages, xf16)
+    assert K.launch_config("q4k_gemm_skinny", dict(m=5, n=256, k=512, **K.skinny_dims({"SK_STAGES": 2}))).shared_mem \
+        == K.skinny_smem_bytes(2) < K.SKINNY_SMEM
+
+
+@needs_nvcc
 def test_batched_decode_shared_memory_is_the_kernels(tmp_path):
     """qmv1_smem_bytes is plugins/qmv1.cuh's sizeof(Smem) for every batched build of both real models: a host program
     compiled with the build's defines prints it (the kernel traps if launched with less)."""

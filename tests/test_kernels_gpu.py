@@ -448,6 +448,21 @@ def test_skinny_fused(op, shape, types, m):
     check_fused(f"{sop} {defines} {shape} m={m}", op, inputs, outs, refs, seed, tol=SKINNY_TOL)
 
 
+# the experiments docs/perf-notes.md names (scripts/decode_tuning.py's skinny_* variants): the same answers
+SKINNY_VARIANTS = [{"SK_STAGES": 2}, {"SK_STAGES": 3}, {"SK_XF16": 1}, {"SK_STAGES": 2, "SK_XF16": 1}]
+
+
+@pytest.mark.parametrize("variant", SKINNY_VARIANTS, ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()))
+@pytest.mark.parametrize("op,shape,types,m", [SKINNY_CASES[i] for i in (1, 6, 8, 13, 15)])
+def test_skinny_variants(op, shape, types, m, variant):
+    rng, seed = _rng()
+    attrs, inputs, outputs, dims, refs = fused_case(rng, op, shape[0], shape[1:], types, m)
+    sop = K.skinny_of(op, attrs)
+    defines = K.defines_for(sop, dict(attrs, hidden=shape[0])) | variant
+    outs = run(sop, inputs, outputs, dims | K.skinny_dims(defines), tuple(sorted(defines.items())))
+    check_fused(f"{sop} {defines} {shape} m={m}", op, inputs, outs, refs, seed, tol=SKINNY_TOL)
+
+
 def test_skinny_of_keeps_other_formats_on_the_decode_core():
     assert K.skinny_of("rms_norm_qkv", dict(q_type="Q5_0", k_type="Q5_0", v_type="Q8_0")) is None
     assert K.skinny_of("matmul_add", dict(w_type="Q6_K")) == "matmul_add_skinny"

@@ -52,7 +52,8 @@ from .gguf_model import GGUFModel
 from .device_sampler import parse_logprobs
 from .graph import build_model_graph, node_attrs
 from .kernels import (FUSED_OPS, LOGPROB_WORDS, MATMUL_OPS, XMERGE_CLUSTER_KEYS, decode_build, decode_tokens,
-                      defines_for, skinny_of, launch_config, qmv1_dims, xmerge_defines, xmerge_slot_floats)
+                      defines_for, launch_config, qmv1_dims, SKINNY_OPS, skinny_dims, skinny_of, xmerge_defines,
+                      xmerge_slot_floats)
 from .sampling import Tail
 
 # ONNX op_type -> kernel op (standard ops map to our kernels; custom ops share their names).
@@ -279,6 +280,8 @@ class CudaBackend:
             defines |= self.tuning["defines"].get(op, {}) | self.tuning["defines"].get(f"{op}@{k}", {})
             if "QMV1" in defines:
                 dims |= qmv1_dims(defines)
+            if op in SKINNY_OPS:  # its stages (tuning defines) decide its shared memory
+                dims |= skinny_dims(defines)
             nodes.append((node, op, attrs, dims, defines, head))
         extra = self._link_xmerge(nodes) if xmerge else {}
         launches = []

@@ -53,7 +53,7 @@ SKINNY_OF = {"q4k_matmul": "q4k_gemm_skinny", "q6k_matmul": "q6k_gemm_skinny", "
 SKINNY_OPS = tuple(SKINNY_OF.values())
 SKINNY_TYPES = ("Q4_K", "Q6_K")
 SKINNY_ROWS, SKINNY_TOKENS, SKINNY_THREADS, SKINNY_MAX_SPLIT = 128, 16, 256, 8
-SKINNY_SMEM = 204928  # plugins/quant_gemm_skinny.cu SMEM_BYTES (4 stages)
+SKINNY_STAGES = 4  # plugins/quant_gemm_skinny.cu SK_STAGES' default
 SKINNY_CTA_COST = 2  # skinny_split's cost model
 _FAMILY = {
     **{op: "quant_matmul" for op in MATMUL_OPS},
@@ -170,6 +170,21 @@ def _skinny_shape(op: str, dims: dict) -> tuple[int, int]:
     if op == "rms_norm_swiglu_skinny":
         return -(-int(_dim(dims, "ffn")) // (SKINNY_ROWS // 2)), int(_dim(dims, "hidden"))
     return -(-int(_dim(dims, "n", "out_features")) // SKINNY_ROWS), int(_dim(dims, "k", "in_features"))
+
+
+def skinny_smem_bytes(stages: int = SKINNY_STAGES, xf16: int = 0) -> int:
+    """plugins/quant_gemm_skinny.cu SMEM_BYTES: per stage x (16 rows of 272 floats), the norm weight (256 floats) and
+    the weights (128 rows of the widest format's 240 bytes); the warps' scales (128 rows x 64 bytes); two [16] float
+    arrays; with SK_XF16 the stage's x fragments (16 chunks x 32 lanes x 16 bytes)."""
+    return stages * (16 * 272 * 4 + 256 * 4 + 128 * 240) + 128 * 64 + 2 * 64 + (16 * 32 * 16 if xf16 else 0)
+
+
+SKINNY_SMEM = skinny_smem_bytes()
+
+
+def skinny_dims(defines: dict) -> dict:
+    """The launch-relevant defines of a GEMM-for-few-tokens build (its stages, SK_XF16), as launch_config's dims."""
+    return {"sk_stages": int(defines.get("SK_STAGES", SKINNY_STAGES)), "sk_xf16": int(defines.get("SK_XF16", 0))}
 
 
 def skinny_split(tiles: int, k: int) -> int:
@@ -410,8 +425,9 @@ def launch_config(op: str, dims: dict, ops=INT_OPS, clusters: bool = True) -> La
         scalars = {"rms_norm_qkv_skinny": lambda: (m, k, dims["q_dim"], dims["kv_dim"]),
                    "rms_norm_swiglu_skinny": lambda: (m, k, dims["ffn"])}.get(
                        op, lambda: (m, _dim(dims, "n", "out_features"), k))()
+        smem = skinny_smem_bytes(int(dims.get("sk_stages", SKINNY_STAGES)), int(dims.get("sk_xf16", 0)))
         return LaunchConfig((tiles, ops.cdiv(m, SKINNY_TOKENS), skinny_split(tiles, k)), (SKINNY_THREADS, 1, 1),
-                            SKINNY_SMEM, scalars)
+                            smem, scalars)
     if op == "rms_norm_qkv":
         hidden, q_dim, kv_dim = int(_dim(dims, "hidden")), int(_dim(dims, "q_dim")), int(_dim(dims, "kv_dim"))
         groups = -(-q_dim // 2) + 2 * -(-kv_dim // 2)
