@@ -266,8 +266,8 @@ class CudaBackend:
             dims = self._dims(node, op, attrs, 1 if head else m)
             if gemm and not head and op in GEMM_OF:
                 op = GEMM_OF[op]
-            elif skinny and not head and skinny_of(op, attrs):  # the fused ops too, where their types allow
-                op, attrs = skinny_of(op, attrs), dict(attrs, hidden=self.cfg.hidden)
+            elif skinny and not head and (twin := skinny_of(op, attrs)):  # the fused ops too, where their types allow
+                op, attrs = twin, dict(attrs, hidden=self.cfg.hidden)
             if op == "rope_kv_attention" and self.tuning["cache_by_address"]:
                 op = "rope_kv_attention_addr"
             defines = defines_for(op, attrs, clusters)

@@ -11,7 +11,7 @@ Shared by the cuda-python runtime (toolchain/cuda_runtime.py) and the TensorRT p
 
 launch_config computes grid dims and scalar arguments only with +, *, integer literals and ops.cdiv / ops.max /
 ops.min, so the TensorRT layer can pass symbolic shape expressions (m is dynamic) instead of ints. Block sizes and
-shared memory are constants (static shared memory, but for the prefill GEMMs and the batched decode-core builds; the
+shared memory are constants (static shared memory, but for the GEMMs and the batched decode-core builds; the
 attention, argmax and k-split matmul kernels carry a compile-time cluster shape, so a plain cuLaunchKernel launches
 them).
 
@@ -73,8 +73,8 @@ _FAMILY = {
     "sample_tokens": "sampling",
     "token_logprobs": "sampling",
     **{op: op for op in FUSED_OPS},
-    **{op: "quant_gemm" for op in GEMM_OPS},  # prompt prefill (m >= 32): tensor cores, same ABI as the matmuls
-    **{op: "quant_gemm_skinny" for op in SKINNY_OPS},  # batched decode: tensor cores, same ABI as the matmuls
+    **{op: "quant_gemm" for op in GEMM_OPS},  # prompt prefill: tensor cores, same ABI as the matmuls
+    **{op: "quant_gemm_skinny" for op in SKINNY_OPS},  # batched decode: tensor cores, the ABI of the op replaced
     # prompt prefill of one slot: the attention node as RoPE+append then tiled causal attention (runtime-only pair)
     **{op: "prefill_attention" for op in PREFILL_ATTENTION_OPS},
 }
@@ -600,17 +600,14 @@ def specializations(model: dict, build=None) -> list[tuple[str, dict]]:
             add(mm[t], in_features=kk, out_features=n)
             if skinny_of(mm[t], {}):  # batched decode of the same projection (its build depends on the shape)
                 add(SKINNY_OF[mm[t]], in_features=kk, out_features=n)
-        add("rms_norm_qkv", epsilon=eps, q_type=q, k_type=k, v_type=v, q_dim=q_dim, kv_dim=kv_dim)
-        add("matmul_add", w_type=o, in_features=q_dim, out_features=hidden)
-        add("matmul_add", w_type=down, in_features=ffn, out_features=hidden)
-        add("rms_norm_swiglu", epsilon=eps, gate_type=gate, up_type=up, ffn=ffn)
         for op, attrs in (("rms_norm_qkv", dict(epsilon=eps, q_type=q, k_type=k, v_type=v, q_dim=q_dim,
-                                                kv_dim=kv_dim, hidden=hidden)),
+                                                kv_dim=kv_dim)),
                           ("matmul_add", dict(w_type=o, in_features=q_dim, out_features=hidden)),
                           ("matmul_add", dict(w_type=down, in_features=ffn, out_features=hidden)),
-                          ("rms_norm_swiglu", dict(epsilon=eps, gate_type=gate, up_type=up, ffn=ffn, hidden=hidden))):
-            if skinny_of(op, attrs):
-                add(SKINNY_OF[op], **attrs)
+                          ("rms_norm_swiglu", dict(epsilon=eps, gate_type=gate, up_type=up, ffn=ffn))):
+            add(op, **attrs)
+            if skinny_of(op, attrs):  # its batched-decode twin: the cluster size needs the hidden size
+                add(SKINNY_OF[op], **attrs, hidden=hidden)
     add(mm[model["output_type"]], in_features=hidden, out_features=model["vocab"])
     if skinny_of(mm[model["output_type"]], {}):
         add(SKINNY_OF[mm[model["output_type"]]], in_features=hidden, out_features=model["vocab"])
