@@ -41,6 +41,14 @@ __device__ __forceinline__ long long ld_produced(const long long* p) {
     return v;
 }
 
+// A kernel sized for `bytes` of dynamic shared memory but launched with less (a launcher bug) stops here rather than
+// write past its allocation into a neighbour's.
+__device__ __forceinline__ void trap_if_dynamic_smem_below(uint32_t bytes) {
+    uint32_t have;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(have));
+    if (have < bytes) __trap();
+}
+
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
 __device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
 

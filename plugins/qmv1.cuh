@@ -240,11 +240,7 @@ __device__ __forceinline__ void run(const qmv::Args& a) {
 #if QMV1_MT > 1  // MT tokens of x: dynamic shared memory (beyond 48 KB for long k), its size checked
     extern __shared__ __align__(16) uint8_t qmv1_dyn[];
     Smem& sm = *reinterpret_cast<Smem*>(qmv1_dyn);
-    {
-        uint32_t have;
-        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(have));
-        if (have < sizeof(Smem)) __trap();  // launched with less than the build needs: a launcher bug
-    }
+    trap_if_dynamic_smem_below(sizeof(Smem));
 #else
     __shared__ Smem sm;
 #endif

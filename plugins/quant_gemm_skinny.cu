@@ -86,6 +86,21 @@ __device__ __forceinline__ void cp_async_wait_ring() {  // all but the STAGES-2 
 
 extern __shared__ __align__(16) uint8_t skinny_smem[];
 
+// The A fragment (x, 16 tokens x 16 k, quant_mma.cuh's permuted k) of lane (g, c) for the 16 elements from e - 4c:
+// rows g and g + 8 of the x stage X at elements e .. e + 3, with the norm (NWs: the stage's norm weight; il, ih: the
+// two rows' 1 / rms) where NORM.
+template <bool NORM>
+__device__ __forceinline__ uint4 a_fragment(const float* X, const float* NWs, int e, int g, float il, float ih) {
+    float4 u = *reinterpret_cast<const float4*>(X + g * XR + e);
+    float4 v = *reinterpret_cast<const float4*>(X + (g + 8) * XR + e);
+    if constexpr (NORM) {
+        const float4 nw = *reinterpret_cast<const float4*>(NWs + e);
+        u = make_float4(u.x * il * nw.x, u.y * il * nw.y, u.z * il * nw.z, u.w * il * nw.w);
+        v = make_float4(v.x * ih * nw.x, v.y * ih * nw.y, v.z * ih * nw.z, v.w * ih * nw.w);
+    }
+    return make_uint4(pack_h2(u.x, u.z), pack_h2(v.x, v.z), pack_h2(u.y, u.w), pack_h2(v.y, v.w));
+}
+
 // The rank whose warp stores warp position `warp` after the split-K reduction (swiglu: gate warp w and up warp w + 4
 // in the same rank, which pairs them in its shared memory).
 template <Kind K> __device__ __forceinline__ int owner(int warp) { return (K == SWIGLU ? warp & 3 : warp) % SPLIT; }
@@ -205,24 +220,12 @@ __device__ __forceinline__ void tile(const Args& a, int mat, int n0) {
             }
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk) {
-                if constexpr (SK_XF16) {  // made by the CTA for this stage (to_fragments)
-                    const uint4 f = XF[(Fmt<F>::chunk_base(sub, kk) >> 4) * 32 + lane];
-                    const uint32_t af[4] = {f.x, f.y, f.z, f.w};
-#pragma unroll
-                    for (int j = 0; j < NT8; ++j) mma16816(acc[j], af, bf[j][kk][0], bf[j][kk][1]);
-                    continue;
-                }
-                // A fragment (x, 16 tokens x 16 k, permuted k): rows g and g + 8, physical 4c..4c+3 of the chunk
-                const int e = Fmt<F>::chunk_base(sub, kk) + 4 * c;
-                const float* xp = reinterpret_cast<const float*>(X) + e;
-                float4 u = *reinterpret_cast<const float4*>(xp + g * XR);
-                float4 v = *reinterpret_cast<const float4*>(xp + (g + 8) * XR);
-                if constexpr (NORM) {
-                    const float4 nw = *reinterpret_cast<const float4*>(reinterpret_cast<const float*>(NWs) + e);
-                    u = make_float4(u.x * ir_lo * nw.x, u.y * ir_lo * nw.y, u.z * ir_lo * nw.z, u.w * ir_lo * nw.w);
-                    v = make_float4(v.x * ir_hi * nw.x, v.y * ir_hi * nw.y, v.z * ir_hi * nw.z, v.w * ir_hi * nw.w);
-                }
-                const uint32_t af[4] = {pack_h2(u.x, u.z), pack_h2(v.x, v.z), pack_h2(u.y, u.w), pack_h2(v.y, v.w)};
+                const int cb = Fmt<F>::chunk_base(sub, kk);  // SK_XF16: the CTA made the fragment for this stage
+                const uint4 f = SK_XF16 ? XF[(cb >> 4) * 32 + lane]
+                                        : a_fragment<NORM>(reinterpret_cast<const float*>(X),
+                                                           reinterpret_cast<const float*>(NWs), cb + 4 * c, g, ir_lo,
+                                                           ir_hi);
+                const uint32_t af[4] = {f.x, f.y, f.z, f.w};
 #pragma unroll
                 for (int j = 0; j < NT8; ++j) mma16816(acc[j], af, bf[j][kk][0], bf[j][kk][1]);
             }
@@ -246,16 +249,9 @@ __device__ __forceinline__ void tile(const Args& a, int mat, int n0) {
             const float* X = reinterpret_cast<const float*>(X0 + st * X_BYTES);
             const float* NWs = reinterpret_cast<const float*>(N0 + st * N_BYTES);
             for (int q = tid; q < 16 * 32; q += THREADS) {
-                const int ch = q >> 5, ln = q & 31, fg = ln >> 2, e = 16 * ch + 4 * (ln & 3);
-                float4 u = *reinterpret_cast<const float4*>(X + fg * XR + e);
-                float4 v = *reinterpret_cast<const float4*>(X + (fg + 8) * XR + e);
-                if constexpr (NORM) {
-                    const float4 nw = *reinterpret_cast<const float4*>(NWs + e);
-                    const float il = inv[fg], ih = inv[fg + 8];
-                    u = make_float4(u.x * il * nw.x, u.y * il * nw.y, u.z * il * nw.z, u.w * il * nw.w);
-                    v = make_float4(v.x * ih * nw.x, v.y * ih * nw.y, v.z * ih * nw.z, v.w * ih * nw.w);
-                }
-                XF[q] = make_uint4(pack_h2(u.x, u.z), pack_h2(v.x, v.z), pack_h2(u.y, u.w), pack_h2(v.y, v.w));
+                const int ch = q >> 5, ln = q & 31, fg = ln >> 2;
+                XF[q] = a_fragment<NORM>(X, NWs, 16 * ch + 4 * (ln & 3), fg, NORM ? inv[fg] : 1.f,
+                                         NORM ? inv[fg + 8] : 1.f);
             }
             __syncthreads();  // (the next stage's pass waits behind the loop's first barrier: no warp still reads XF)
         }
@@ -346,12 +342,6 @@ __device__ __forceinline__ void tile(const Args& a, int mat, int n0) {
     }
 }
 
-__device__ __forceinline__ void check_smem() {  // launched with less shared memory than the ring needs: stop here
-    uint32_t dyn;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
-    if (dyn < (uint32_t)SMEM_BYTES) __trap();
-}
-
 }  // namespace
 
 #if SK_SPLIT > 1
@@ -365,7 +355,7 @@ __device__ __forceinline__ void check_smem() {  // launched with less shared mem
     SKINNY_KERNEL NAME(const float* x, const uint8_t* __restrict__ w, const float* __restrict__ bias, int m, int n, \
                        int k, float* __restrict__ y) {                                                             \
         pdl_launch_dependents();                                                                                   \
-        check_smem();                                                                                              \
+        trap_if_dynamic_smem_below(SMEM_BYTES);                                                                                              \
         Args a{};                                                                                                  \
         a.x = x; a.w[0] = w; a.bias[0] = bias; a.y[0] = y; a.n[0] = n; a.m = m; a.k = k;                            \
         tile<PLAIN, ggml::F, ggml::F>(a, 0, blockIdx.x * BN);                                                      \
@@ -378,7 +368,7 @@ QTRT_SKINNY(q6k_gemm_skinny, Q6K)
 SKINNY_KERNEL matmul_add_skinny(const float* x, const uint8_t* __restrict__ w, const float* __restrict__ bias,
                                 const float* residual, int m, int n, int k, float* __restrict__ y) {
     pdl_launch_dependents();
-    check_smem();
+    trap_if_dynamic_smem_below(SMEM_BYTES);
     Args a{};
     a.x = x; a.w[0] = w; a.bias[0] = bias; a.residual = residual; a.y[0] = y; a.n[0] = n; a.m = m; a.k = k;
     tile<ADD, ggml::W_TYPE, ggml::W_TYPE>(a, 0, blockIdx.x * BN);
@@ -392,7 +382,7 @@ SKINNY_KERNEL rms_norm_qkv_skinny(const float* x, const float* __restrict__ norm
                                   const float* __restrict__ bv, int m, int hidden, int q_dim, int kv_dim,
                                   float* __restrict__ q, float* __restrict__ k, float* __restrict__ v) {
     pdl_launch_dependents();
-    check_smem();
+    trap_if_dynamic_smem_below(SMEM_BYTES);
     Args a{};
     a.x = x; a.norm_w = norm_w; a.m = m; a.k = hidden;
     a.w[0] = wq; a.bias[0] = bq; a.y[0] = q; a.n[0] = q_dim;
@@ -414,7 +404,7 @@ SKINNY_KERNEL rms_norm_swiglu_skinny(const float* x, const float* __restrict__ n
                                      const uint8_t* __restrict__ w_gate, const uint8_t* __restrict__ w_up, int m,
                                      int hidden, int ffn, float* __restrict__ y) {
     pdl_launch_dependents();
-    check_smem();
+    trap_if_dynamic_smem_below(SMEM_BYTES);
     Args a{};
     a.x = x; a.norm_w = norm_w; a.m = m; a.k = hidden;
     a.w[0] = w_gate; a.n[0] = ffn; a.y[0] = y;

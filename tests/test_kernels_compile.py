@@ -233,9 +233,13 @@ def test_skinny_gemm_launch():
     are the ABI's of the op each one replaces."""
     src = (K.PLUGINS / "quant_gemm_skinny.cu").read_text()
     assert int(re.search(r"SMEM_BYTES == (\d+)", src).group(1)) == K.SKINNY_SMEM
-    # the 1.5B's projections: q/o and k/v split 6 ways, ffn_down 7, gate/up and the lm_head not at all
-    assert [K.skinny_split(-(-n // 128), k) for n, k in ((1536, 1536), (256, 1536), (8960, 1536), (1536, 8960),
-                                                          (151936, 1536))] == [6, 6, 1, 7, 1]
+    # the split rule's stated property at the 1.5B's shapes: the smallest S of least waves x (superblocks per CTA +
+    # SKINNY_CTA_COST), with the SM count of the H100 / H200 (132), S <= 8 and S <= k's superblocks
+    for tiles, k in ((12, 1536), (2, 1536), (70, 1536), (140, 1536), (12, 8960), (1187, 1536), (3, 2048)):
+        nb = k // 256
+        cost = {s: -(-tiles * s // 132) * (-(-nb // s) + K.SKINNY_CTA_COST) for s in range(1, min(8, nb) + 1)}
+        best = min(cost.values())
+        assert K.skinny_split(tiles, k) == min(s for s, c in cost.items() if c == best), (tiles, k)
     cases = [(op, dict(m=m, n=n, k=k), n, k) for op in ("q4k_gemm_skinny", "q6k_gemm_skinny", "matmul_add_skinny")
              for n, k, m in ((1536, 8960, 16), (37, 512, 5), (200, 256, 17), (151936, 1536, 31))]
     cases += [("rms_norm_qkv_skinny", dict(m=m, hidden=h, q_dim=q, kv_dim=kv), q + 2 * kv, h)

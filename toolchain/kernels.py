@@ -51,6 +51,7 @@ GEMM_SMEM = {"q4k_gemm": 70656, "q6k_gemm": 89088}
 SKINNY_OF = {"q4k_matmul": "q4k_gemm_skinny", "q6k_matmul": "q6k_gemm_skinny", "matmul_add": "matmul_add_skinny",
              "rms_norm_qkv": "rms_norm_qkv_skinny", "rms_norm_swiglu": "rms_norm_swiglu_skinny"}
 SKINNY_OPS = tuple(SKINNY_OF.values())
+SKINNY_BASE = {v: k for k, v in SKINNY_OF.items()}  # the op each one replaces
 SKINNY_TYPES = ("Q4_K", "Q6_K")
 SKINNY_ROWS, SKINNY_TOKENS, SKINNY_THREADS, SKINNY_MAX_SPLIT = 128, 16, 256, 8
 SKINNY_STAGES = 4  # plugins/quant_gemm_skinny.cu SK_STAGES' default
@@ -157,7 +158,7 @@ def matmul_split(n: int, k: int, ggml_type: str) -> int:
 def skinny_of(op: str, attrs: dict) -> str | None:
     """The GEMM for few tokens that replaces op (same ABI), or None where op has a weight type it lacks (Q5_0,
     Q8_0: the 0.5B's) or is no projection."""
-    if op not in SKINNY_OF or op in FUSED_OPS and any(t not in SKINNY_TYPES for t in _weight_types(op, attrs)):
+    if op not in SKINNY_OF or (op in FUSED_OPS and any(t not in SKINNY_TYPES for t in _weight_types(op, attrs))):
         return None
     return SKINNY_OF[op]
 
@@ -346,17 +347,11 @@ def defines_for(op: str, attrs: dict, clusters: bool = True) -> dict:
         return d
     if op == "rms_norm":
         return {"RMS_EPS": float(attrs.get("epsilon", 1e-6))}
-    if op in SKINNY_OPS:  # the shape decides the cluster: the fused ones need the model's hidden size in attrs
-        d = {"SK_SPLIT": skinny_split(*_skinny_shape(op, attrs))}
-        if op == "matmul_add_skinny":
-            d["W_TYPE"] = _type_define(attrs["w_type"])
-        elif op == "rms_norm_qkv_skinny":
-            d |= {"RMS_EPS": float(attrs["epsilon"]), "Q_TYPE": _type_define(attrs["q_type"]),
-                  "K_TYPE": _type_define(attrs["k_type"]), "V_TYPE": _type_define(attrs["v_type"])}
-        elif op == "rms_norm_swiglu_skinny":
-            d |= {"RMS_EPS": float(attrs["epsilon"]), "GATE_TYPE": _type_define(attrs["gate_type"]),
-                  "UP_TYPE": _type_define(attrs["up_type"])}
-        return {k: v for k, v in d.items() if k != "SK_SPLIT" or v > 1}
+    if op in SKINNY_OPS:  # the replaced op's type and norm defines (not its matvec k split), and the cluster the
+        # shape decides (the fused ones need the model's hidden size in attrs)
+        d = {k: v for k, v in defines_for(SKINNY_BASE[op], attrs).items() if k != "KSPLIT"}
+        split = skinny_split(*_skinny_shape(op, attrs))
+        return d | ({"SK_SPLIT": split} if split > 1 else {})
     if op in MATMUL_OPS or op == "matmul_add":
         t = MATMUL_TYPE[op] if op in MATMUL_OPS else _type_name(attrs["w_type"])
         d = {} if op in MATMUL_OPS else {"W_TYPE": _type_define(t)}
@@ -381,6 +376,17 @@ def _dim(dims: dict, *names):
     raise KeyError(f"launch_config needs one of {names} in dims, got {sorted(dims)}")
 
 
+def _projection_scalars(op: str, dims: dict) -> tuple:
+    """The int32 scalars of a projection op's ABI (docs/ops.md): (m, n, k) for the matmuls and matmul_add,
+    (m, hidden, q_dim, kv_dim) for rms_norm_qkv, (m, hidden, ffn) for rms_norm_swiglu."""
+    m = dims.get("m")
+    if op == "rms_norm_qkv":
+        return m, dims["hidden"], dims["q_dim"], dims["kv_dim"]
+    if op == "rms_norm_swiglu":
+        return m, dims["hidden"], dims["ffn"]
+    return m, _dim(dims, "n", "out_features"), _dim(dims, "k", "in_features")
+
+
 def launch_config(op: str, dims: dict, ops=INT_OPS, clusters: bool = True) -> LaunchConfig:
     """Grid, block, shared memory and scalar arguments of one launch. `dims`: the node's int dims (m, n, k, hidden,
     vocab, numel, n_slots, max_seq) and attributes (n_heads, ...); only m may be symbolic (with a symbolic `ops`):
@@ -392,10 +398,7 @@ def launch_config(op: str, dims: dict, ops=INT_OPS, clusters: bool = True) -> La
         # block. Every resident block (qmv1_minb per SM) unless fewer hold all groups: with 2 blocks per SM, equal
         # rounds per block (qmv_grid_x) would leave SMs with one block while others carry 2 x the rounds.
         kw, g, minb = int(dims["qmv1_kw"]), int(dims["qmv1_g"]), int(dims["qmv1_minb"])
-        scalars = {**{o: lambda: (m, _dim(dims, "n", "out_features"), _dim(dims, "k", "in_features"))
-                      for o in ("matmul_add", *MATMUL_OPS)},
-                   "rms_norm_qkv": lambda: (m, dims["hidden"], dims["q_dim"], dims["kv_dim"]),
-                   "rms_norm_swiglu": lambda: (m, dims["hidden"], dims["ffn"])}[op]()
+        scalars = _projection_scalars(op, dims)
         blocks = min(-(-_qmv1_groups(op, dims) // g), QMV_SMS * minb)
         mt = int(dims.get("qmv1_mt", 1))
         if mt == 1:
@@ -422,12 +425,9 @@ def launch_config(op: str, dims: dict, ops=INT_OPS, clusters: bool = True) -> La
                             (m, n, k))
     if op in SKINNY_OPS:
         tiles, k = _skinny_shape(op, dims)
-        scalars = {"rms_norm_qkv_skinny": lambda: (m, k, dims["q_dim"], dims["kv_dim"]),
-                   "rms_norm_swiglu_skinny": lambda: (m, k, dims["ffn"])}.get(
-                       op, lambda: (m, _dim(dims, "n", "out_features"), k))()
         smem = skinny_smem_bytes(int(dims.get("sk_stages", SKINNY_STAGES)), int(dims.get("sk_xf16", 0)))
         return LaunchConfig((tiles, ops.cdiv(m, SKINNY_TOKENS), skinny_split(tiles, k)), (SKINNY_THREADS, 1, 1),
-                            smem, scalars)
+                            smem, _projection_scalars(SKINNY_BASE[op], dims))
     if op == "rms_norm_qkv":
         hidden, q_dim, kv_dim = int(_dim(dims, "hidden")), int(_dim(dims, "q_dim")), int(_dim(dims, "kv_dim"))
         groups = -(-q_dim // 2) + 2 * -(-kv_dim // 2)
