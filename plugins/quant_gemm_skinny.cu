@@ -27,8 +27,12 @@
 //   and x * (1 / rms) * norm_w is what becomes the fp16 operand (x alone may exceed fp16's range).
 // - Programmatic dependent launch: the first stages' weights are in flight before pdl_wait() (plugins/pdl.cuh);
 //   x, the residual and every write come after it.
+// Experiments (defines; their defaults in kernels.py SKINNY_*; docs/perf-notes.md has the timings): SK_STAGES (ring
+// depth: 2 fits two CTAs per SM), SK_XF16 (the CTA makes the stage's x fp16 A fragments once), SK_WARPS 16 (16 warps
+// of one n8 tile each: twice the warps per scheduler), SK_SUB_UNROLL 1 (a loop over the superblock's substeps: less
+// code to fetch, the qkv and o projections' CTAs run one superblock each with a cold instruction cache).
 //
-// LAUNCH (toolchain/kernels.py launch_config): block 256; grid (tiles, cdiv(m, 16), SK_SPLIT) with tiles =
+// LAUNCH (toolchain/kernels.py launch_config): block 32 SK_WARPS; grid (tiles, cdiv(m, 16), SK_SPLIT) with tiles =
 // cdiv(n, 128) (q: + cdiv(kv_dim, 128) twice; swiglu: cdiv(ffn, 64)); dynamic shared memory SMEM_BYTES (above 48 KB:
 // the launcher raises the function's limit first; the kernel traps if launched with less).
 // Requirements: k % 256 == 0; x, residual 16-byte aligned; Q4_K: w 16-byte aligned (Q6_K: 2-aligned);
@@ -52,6 +56,12 @@ using namespace qmma;
 #ifndef SK_XF16
 #define SK_XF16 0  // 1: the CTA makes each stage's x fp16 A fragments once (norm applied); warps load them (experiment)
 #endif
+#ifndef SK_WARPS
+#define SK_WARPS 8  // 16 (experiment): 16 warps of one n8 tile each (the same 128-row tile): twice the warps to hide latency
+#endif
+#ifndef SK_SUB_UNROLL
+#define SK_SUB_UNROLL 4  // 1 (experiment): the superblock's 4 substeps as a loop (a quarter of the code: instruction-cache misses)
+#endif
 #ifndef RMS_EPS
 #define RMS_EPS 1e-6
 #endif
@@ -60,7 +70,7 @@ namespace {
 
 enum Kind { PLAIN, ADD, QKV, SWIGLU };
 
-constexpr int NT8 = 2, WARPS = 8, THREADS = 32 * WARPS;
+constexpr int WARPS = SK_WARPS, NT8 = 16 / WARPS, THREADS = 32 * WARPS, WROWS = 8 * NT8;  // WROWS: a warp's rows
 constexpr int BM = 16, BN = 8 * NT8 * WARPS;  // CTA tile: 16 tokens x 128 rows (swiglu: 64 gate + 64 up rows)
 constexpr int STAGES = SK_STAGES, SPLIT = SK_SPLIT;
 constexpr int XR = 256 + 16;                  // x stage row stride in floats: lanes (g, c) read 16 B at 64g + 16c
@@ -75,6 +85,7 @@ static_assert(STAGES != 4 || SK_XF16 || SMEM_BYTES == 204928, "shared memory (ke
 static_assert(SMEM_BYTES <= 227 * 1024, "fits one SM");
 static_assert(SPLIT >= 1 && SPLIT <= 8, "a portable cluster has at most 8 CTAs");
 static_assert(STAGES >= 2, "a ring");
+static_assert(WARPS == 8 || WARPS == 16, "8 warps of 2 n8 tiles or 16 of 1 (kernels.skinny_dims)");
 static_assert(WARPS * NT8 * 32 * 16 <= STAGES * X_BYTES, "the partial tiles fit the x ring");
 static_assert(WARPS * NT8 * 32 * 16 <= STAGES * W_BYTES, "the up tiles fit the weight ring");
 
@@ -103,7 +114,9 @@ __device__ __forceinline__ uint4 a_fragment(const float* X, const float* NWs, in
 
 // The rank whose warp stores warp position `warp` after the split-K reduction (swiglu: gate warp w and up warp w + 4
 // in the same rank, which pairs them in its shared memory).
-template <Kind K> __device__ __forceinline__ int owner(int warp) { return (K == SWIGLU ? warp & 3 : warp) % SPLIT; }
+template <Kind K> __device__ __forceinline__ int owner(int warp) {
+    return (K == SWIGLU ? warp & (WARPS / 2 - 1) : warp) % SPLIT;
+}
 
 // One CTA's tile. Part 0: weight rows n0.. of matrix `mat` (format F0), by every warp, or (swiglu) gate rows by warps
 // 0-3; part 1 (swiglu only): the same rows of up (format F1) by warps 4-7.
@@ -119,11 +132,11 @@ __device__ __forceinline__ void tile(const Args& a, int mat, int n0) {
     uint4* const XF = reinterpret_cast<uint4*>(inv + 16);                           // SK_XF16: [16 chunks][32]
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c = lane & 3;
     const int part = TWO ? warp / PWARPS : 0, ptid = tid - part * PTHREADS;
-    uint8_t* const S = W0 + STAGES * W_BYTES + warp * 16 * 64;  // this warp's rows' scales
+    uint8_t* const S = W0 + STAGES * W_BYTES + warp * WROWS * 64;  // this warp's rows' scales
     const int m0 = blockIdx.y * BM, rows = min(BM, a.m - m0), k = a.k, nb = k / 256;
     const int rank = SPLIT > 1 ? (int)blockIdx.z : 0;
     const int sb0 = nb * rank / SPLIT, nsb = nb * (rank + 1) / SPLIT - sb0;
-    const int wr0 = (warp % PWARPS) * 16;  // this warp's first row in its part
+    const int wr0 = (warp % PWARPS) * WROWS;  // this warp's first row in its part
     const int n = a.n[mat];
     const uint8_t* const w0 = a.w[mat];
     const uint8_t* const w1 = TWO ? a.w[1] : w0;
@@ -161,8 +174,8 @@ __device__ __forceinline__ void tile(const Args& a, int mat, int n0) {
     }
     float ir_lo = 1.f, ir_hi = 1.f;  // 1 / rms of tokens g and g + 8
     if constexpr (NORM) {
-        // sums of x^2 over this rank's k share: warp w takes tokens 2w, 2w + 1 (16 tokens, 8 warps)
-        for (int t = 2 * warp; t < 2 * warp + 2; ++t) {
+        // sums of x^2 over this rank's k share: warp w takes tokens BM / WARPS w .. (16 tokens)
+        for (int t = BM / WARPS * warp; t < BM / WARPS * (warp + 1); ++t) {
             float acc = 0.f;
             if (t < rows) {
                 const float4* xr = reinterpret_cast<const float4*>(a.x + (size_t)(m0 + t) * k + 256 * sb0);
@@ -200,7 +213,7 @@ __device__ __forceinline__ void tile(const Args& a, int mat, int n0) {
 
     auto compute = [&](auto fmt, const uint8_t* R, const uint8_t* X, const uint8_t* NWs, int sb) {
         using F = decltype(fmt);
-        Fmt<F>::template scales<16, 32>(S, R + wr0 * G<F>::RS, wlo, row_bytes, n0 + wr0, n, sb, lane);
+        Fmt<F>::template scales<WROWS, 32>(S, R + wr0 * G<F>::RS, wlo, row_bytes, n0 + wr0, n, sb, lane);
         __syncwarp();
         uint32_t off[NT8];
 #pragma unroll
@@ -210,7 +223,11 @@ __device__ __forceinline__ void tile(const Args& a, int mat, int n0) {
             else
                 off[j] = 0;
         }
+#if SK_SUB_UNROLL == 1
+#pragma unroll 1
+#else
 #pragma unroll
+#endif
         for (int sub = 0; sub < 4; ++sub) {
             uint32_t bf[NT8][4][2];
 #pragma unroll

@@ -117,7 +117,11 @@ VARIANTS = {
     # CTAs per SM), the stage's x made fp16 fragments once per CTA (SK_XF16)
     **{name: {**DEFAULT, "defines": {op: d for op in K.SKINNY_OPS}} for name, d in (
         ("skinny_s2", {"SK_STAGES": 2}), ("skinny_s3", {"SK_STAGES": 3}), ("skinny_xf16", {"SK_XF16": 1}),
-        ("skinny_s2_xf16", {"SK_STAGES": 2, "SK_XF16": 1}))},
+        ("skinny_s2_xf16", {"SK_STAGES": 2, "SK_XF16": 1}), ("skinny_u1", {"SK_SUB_UNROLL": 1}),
+        ("skinny_s2_u1", {"SK_STAGES": 2, "SK_SUB_UNROLL": 1}),
+        ("skinny_s2_xf16_u1", {"SK_STAGES": 2, "SK_XF16": 1, "SK_SUB_UNROLL": 1}),
+        ("skinny_w16", {"SK_WARPS": 16}), ("skinny_w16_xf16", {"SK_WARPS": 16, "SK_XF16": 1}),
+        ("skinny_w16_xf16_u1", {"SK_WARPS": 16, "SK_XF16": 1, "SK_SUB_UNROLL": 1}))},
     "batched_minb1": {**DEFAULT, "batched": True, "defines": {op: {"QMV1_MINB": 1} for op in K.FUSED_OPS}},
     # diagnostics: the step without one kernel family (wrong results; the time saved is what the family costs in
     # the step, PDL overlap included)
@@ -220,7 +224,7 @@ def main():
     tunings = {n: {**OFF, **VARIANTS[n]} for n in names}
     model = load_model(a.model, Path(os.environ.get("QTRT_BENCH_DIR", tempfile.gettempdir())))
     contexts = [int(c) for c in a.contexts.split(",")]
-    batches = [int(m) for m in a.batches.split(",")]
+    batches = sorted({1, *(int(m) for m in a.batches.split(","))})  # m = 1: the reference of the batched steps
     if not batches or min(batches) < 1 or max(batches) >= GEMM_MIN_M:
         ap.error(f"--batches: decode step sizes from 1 to {GEMM_MIN_M - 1}")
     cr.init()

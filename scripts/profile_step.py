@@ -1,7 +1,8 @@
-"""On the GPU: batch-1 decode steps of the synthetic 1.5B layout launched one kernel at a time (no CUDA graph, so
+"""On the GPU: decode steps of the synthetic 1.5B layout launched one kernel at a time (no CUDA graph, so
 that Nsight Compute can replay each kernel), for a per-kernel profile of the step:
 
     python3 scripts/profile_step.py --context 4096 --count          # launches per step (for ncu --launch-skip)
+    python3 scripts/profile_step.py --batch 16                      # a step of 16 sequences (slots 0..15)
     ncu --clock-control none --launch-skip N --launch-count N --section SpeedOfLight ... \\
         python3 scripts/profile_step.py --context 4096
 
@@ -22,20 +23,24 @@ from toolchain.cuda_backend import CudaBackend  # noqa: E402
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--context", type=int, default=128, help="position of the profiled token")
+    ap.add_argument("--batch", type=int, default=1, help="sequences in the step (slots 0..batch-1, all at --context)")
     ap.add_argument("--count", action="store_true", help="print the launches of one step and exit")
     a = ap.parse_args()
     if a.context < 0:
         ap.error("--context must be >= 0")
+    if a.batch < 1:
+        ap.error("--batch must be >= 1")
     model = load_model("synthetic:qwen2.5-coder-1.5b", Path(os.environ.get("QTRT_BENCH_DIR", tempfile.gettempdir())))
-    be = CudaBackend(model, max_context=a.context + 8, n_slots=1, max_tokens=1)
-    long = be.long_context(a.context)  # the plan a graph replay at this position takes
-    launches = [x for x in be.plan(1, long_context=long) if x.op != "decode_advance"]
+    m = a.batch
+    be = CudaBackend(model, max_context=a.context + 8, n_slots=m, max_tokens=m)
+    long = m == 1 and be.long_context(a.context)  # the plan a graph replay at this position takes
+    launches = [x for x in be.plan(m, long_context=long) if x.op != "decode_advance"]
     if a.count:
         print(len(launches))
         return
     for step in range(2):
-        be._set_inputs([7 + step], [a.context], [0])
-        be.run_plan(1, long_context=long)
+        be._set_inputs([7 + step] * m, [a.context] * m, list(range(m)))
+        be.run_plan(m, long_context=long)
         be.stream.synchronize()
     print("kernels of one step:", ", ".join(f"{x.node}:{x.op}" for x in launches))
 

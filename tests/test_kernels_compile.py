@@ -232,7 +232,8 @@ def test_skinny_gemm_launch():
     memory is the kernel's (the .cu's static_assert states it; the kernel traps if launched with less), the scalars
     are the ABI's of the op each one replaces."""
     src = (K.PLUGINS / "quant_gemm_skinny.cu").read_text()
-    assert int(re.search(r"SMEM_BYTES == (\d+)", src).group(1)) == K.SKINNY_SMEM
+    for define, default in (("SK_STAGES", K.SKINNY_STAGES), ("SK_XF16", K.SKINNY_XF16), ("SK_WARPS", K.SKINNY_WARPS)):
+        assert int(re.search(rf"#define {define} (\d+)", src).group(1)) == default, define
     # the split rule's stated property at the 1.5B's shapes: the smallest S of least waves x (superblocks per CTA +
     # SKINNY_CTA_COST), with the SM count of the H100 / H200 (132), S <= 8 and S <= k's superblocks
     for tiles, k in ((12, 1536), (2, 1536), (70, 1536), (140, 1536), (12, 8960), (1187, 1536), (3, 2048)):
@@ -260,23 +261,29 @@ def test_skinny_gemm_launch():
 
 @needs_nvcc
 def test_skinny_shared_memory_is_the_kernels(tmp_path):
-    """kernels.skinny_smem_bytes is plugins/quant_gemm_skinny.cu's SMEM_BYTES for its stage counts and SK_XF16: a host
-    program compiled with the same defines prints it (the kernel traps if launched with less)."""
+    """kernels.skinny_smem_bytes is plugins/quant_gemm_skinny.cu's SMEM_BYTES for its stage counts and SK_XF16, and
+    launch_config's block is its THREADS for SK_WARPS: a host program compiled with the same defines prints them (the
+    kernel traps if launched with less shared memory)."""
     src = tmp_path / "smem.cu"
-    src.write_text('#include <cstdio>\n#include "quant_gemm_skinny.cu"\nint main() { printf("%d", SMEM_BYTES); }\n')
+    src.write_text('#include <cstdio>\n#include "quant_gemm_skinny.cu"\n'
+                   'int main() { printf("%d %d", SMEM_BYTES, THREADS); }\n')
 
     def size_of(variant):
-        stages, xf16 = variant
-        exe = tmp_path / f"smem{stages}{xf16}"
+        stages, xf16, warps = variant
+        exe = tmp_path / f"smem{stages}{xf16}{warps}"
         subprocess.run([K.nvcc_path(), "-std=c++17", "-arch=sm_90", f"-I{K.PLUGINS}", f"-DSK_STAGES={stages}",
-                        f"-DSK_XF16={xf16}", str(src), "-o", str(exe)], check=True, capture_output=True)
-        return variant, int(subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout)
+                        f"-DSK_XF16={xf16}", f"-DSK_WARPS={warps}", str(src), "-o", str(exe)], check=True,
+                       capture_output=True)
+        out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+        return variant, tuple(int(v) for v in out.split())
 
     with ThreadPoolExecutor(2) as pool:
-        for (stages, xf16), size in pool.map(size_of, [(2, 0), (3, 0), (4, 0), (2, 1), (4, 1)]):
-            assert size == K.skinny_smem_bytes(stages, xf16), (stages, xf16)
-    assert K.launch_config("q4k_gemm_skinny", dict(m=5, n=256, k=512, **K.skinny_dims({"SK_STAGES": 2}))).shared_mem \
-        == K.skinny_smem_bytes(2) < K.SKINNY_SMEM
+        for (stages, xf16, warps), (size, threads) in pool.map(size_of, [(2, 0, 8), (3, 0, 8), (4, 0, 8), (2, 1, 8),
+                                                                          (4, 1, 8), (4, 1, 16)]):
+            defines = {"SK_STAGES": stages, "SK_XF16": xf16, "SK_WARPS": warps}
+            cfg = K.launch_config("q4k_gemm_skinny", dict(m=5, n=256, k=512, **K.skinny_dims(defines)))
+            assert size == K.skinny_smem_bytes(stages, xf16) == cfg.shared_mem, defines
+            assert cfg.block == (threads, 1, 1), defines
 
 
 @needs_nvcc

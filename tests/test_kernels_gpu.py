@@ -449,7 +449,9 @@ def test_skinny_fused(op, shape, types, m):
 
 
 # the experiments docs/perf-notes.md names (scripts/decode_tuning.py's skinny_* variants): the same answers
-SKINNY_VARIANTS = [{"SK_STAGES": 2}, {"SK_STAGES": 3}, {"SK_XF16": 1}, {"SK_STAGES": 2, "SK_XF16": 1}]
+SKINNY_VARIANTS = [{"SK_STAGES": 2}, {"SK_STAGES": 3}, {"SK_XF16": 1}, {"SK_STAGES": 2, "SK_XF16": 1},
+                   {"SK_SUB_UNROLL": 1}, {"SK_STAGES": 2, "SK_XF16": 1, "SK_SUB_UNROLL": 1}, {"SK_WARPS": 16},
+                   {"SK_WARPS": 16, "SK_XF16": 1}]
 
 
 @pytest.mark.parametrize("variant", SKINNY_VARIANTS, ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()))

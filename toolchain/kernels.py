@@ -53,8 +53,10 @@ SKINNY_OF = {"q4k_matmul": "q4k_gemm_skinny", "q6k_matmul": "q6k_gemm_skinny", "
 SKINNY_OPS = tuple(SKINNY_OF.values())
 SKINNY_BASE = {v: k for k, v in SKINNY_OF.items()}  # the op each one replaces
 SKINNY_TYPES = ("Q4_K", "Q6_K")
-SKINNY_ROWS, SKINNY_TOKENS, SKINNY_THREADS, SKINNY_MAX_SPLIT = 128, 16, 256, 8
-SKINNY_STAGES = 4  # plugins/quant_gemm_skinny.cu SK_STAGES' default
+SKINNY_ROWS, SKINNY_TOKENS, SKINNY_MAX_SPLIT = 128, 16, 8
+# plugins/quant_gemm_skinny.cu's defaults of SK_STAGES, SK_XF16, SK_WARPS (tests/test_kernels_compile.py checks them)
+SKINNY_STAGES, SKINNY_XF16, SKINNY_WARPS = 4, 0, 8
+SKINNY_THREADS = 32 * SKINNY_WARPS
 SKINNY_CTA_COST = 2  # skinny_split's cost model
 _FAMILY = {
     **{op: "quant_matmul" for op in MATMUL_OPS},
@@ -173,7 +175,7 @@ def _skinny_shape(op: str, dims: dict) -> tuple[int, int]:
     return -(-int(_dim(dims, "n", "out_features")) // SKINNY_ROWS), int(_dim(dims, "k", "in_features"))
 
 
-def skinny_smem_bytes(stages: int = SKINNY_STAGES, xf16: int = 0) -> int:
+def skinny_smem_bytes(stages: int = SKINNY_STAGES, xf16: int = SKINNY_XF16) -> int:
     """plugins/quant_gemm_skinny.cu SMEM_BYTES: per stage x (16 rows of 272 floats), the norm weight (256 floats) and
     the weights (128 rows of the widest format's 240 bytes); the warps' scales (128 rows x 64 bytes); two [16] float
     arrays; with SK_XF16 the stage's x fragments (16 chunks x 32 lanes x 16 bytes)."""
@@ -184,8 +186,10 @@ SKINNY_SMEM = skinny_smem_bytes()
 
 
 def skinny_dims(defines: dict) -> dict:
-    """The launch-relevant defines of a GEMM-for-few-tokens build (its stages, SK_XF16), as launch_config's dims."""
-    return {"sk_stages": int(defines.get("SK_STAGES", SKINNY_STAGES)), "sk_xf16": int(defines.get("SK_XF16", 0))}
+    """The launch-relevant defines of a GEMM-for-few-tokens build (its stages, SK_XF16, SK_WARPS), as launch_config's
+    dims."""
+    return {"sk_stages": int(defines.get("SK_STAGES", SKINNY_STAGES)),
+            "sk_xf16": int(defines.get("SK_XF16", SKINNY_XF16)), "sk_warps": int(defines.get("SK_WARPS", SKINNY_WARPS))}
 
 
 def skinny_split(tiles: int, k: int) -> int:
@@ -425,8 +429,9 @@ def launch_config(op: str, dims: dict, ops=INT_OPS, clusters: bool = True) -> La
                             (m, n, k))
     if op in SKINNY_OPS:
         tiles, k = _skinny_shape(op, dims)
-        smem = skinny_smem_bytes(int(dims.get("sk_stages", SKINNY_STAGES)), int(dims.get("sk_xf16", 0)))
-        return LaunchConfig((tiles, ops.cdiv(m, SKINNY_TOKENS), skinny_split(tiles, k)), (SKINNY_THREADS, 1, 1),
+        smem = skinny_smem_bytes(int(dims.get("sk_stages", SKINNY_STAGES)), int(dims.get("sk_xf16", SKINNY_XF16)))
+        threads = 32 * int(dims.get("sk_warps", SKINNY_WARPS))
+        return LaunchConfig((tiles, ops.cdiv(m, SKINNY_TOKENS), skinny_split(tiles, k)), (threads, 1, 1),
                             smem, _projection_scalars(SKINNY_BASE[op], dims))
     if op == "rms_norm_qkv":
         hidden, q_dim, kv_dim = int(_dim(dims, "hidden")), int(_dim(dims, "q_dim")), int(_dim(dims, "kv_dim"))
