@@ -19,18 +19,20 @@
 //   launches it): rank r takes superblocks [nb r / S, nb (r+1) / S). Small-n projections (q, k, v, o; ffn_down's
 //   k = 8960) would otherwise leave most SMs idle. The ranks reduce through distributed shared memory: the warps of
 //   one rank (owner below) sum the partial tiles of their warp positions from every rank and store them.
-// - A ring of SK_STAGES superblock stages (raw weights, x of 16 tokens x 256 as fp32, and for the norms 256 of the
-//   norm weight), filled with cp.async; one __syncthreads per superblock. Each warp turns its own 16 rows' scales
-//   into fp16 pairs (no block barrier for it).
+// - A ring of SK_STAGES (2) superblock stages (raw weights, x of 16 tokens x 256 as fp32, and for the norms 256 of
+//   the norm weight), filled with cp.async; one __syncthreads per superblock. ~100 KB of shared memory: two CTAs per
+//   SM (4 warps per scheduler to hide the dequantization's latency; the next kernel's CTAs start under programmatic
+//   dependent launch). Each warp turns its own 16 rows' scales into fp16 pairs (no block barrier for it).
+// - SK_XF16 (on): the CTA makes each stage's x the fp16 A fragments once (the norm applied), one LDS.128 per 16 k
+//   per warp instead of every warp converting the same x.
 // - RMSNorm (the fused ones): each CTA sums x^2 over its k share (a pass over x from L2 while the first stages are in
 //   flight), the ranks add their partials through distributed shared memory (rank order: the same bits everywhere),
 //   and x * (1 / rms) * norm_w is what becomes the fp16 operand (x alone may exceed fp16's range).
 // - Programmatic dependent launch: the first stages' weights are in flight before pdl_wait() (plugins/pdl.cuh);
 //   x, the residual and every write come after it.
-// Experiments (defines; their defaults in kernels.py SKINNY_*; docs/perf-notes.md has the timings): SK_STAGES (ring
-// depth: 2 fits two CTAs per SM), SK_XF16 (the CTA makes the stage's x fp16 A fragments once), SK_WARPS 16 (16 warps
-// of one n8 tile each: twice the warps per scheduler), SK_SUB_UNROLL 1 (a loop over the superblock's substeps: less
-// code to fetch, the qkv and o projections' CTAs run one superblock each with a cold instruction cache).
+// Defines timed against each other (defaults in kernels.py SKINNY_*, docs/perf-notes.md has the H100 timings):
+// SK_STAGES 2-4, SK_XF16 0/1, and two that did not help: SK_WARPS 16 (16 warps of one n8 tile each),
+// SK_SUB_UNROLL 1 (a loop over the superblock's substeps: less code to fetch for qkv's and o's one-superblock CTAs).
 //
 // LAUNCH (toolchain/kernels.py launch_config): block 32 SK_WARPS; grid (tiles, cdiv(m, 16), SK_SPLIT) with tiles =
 // cdiv(n, 128) (q: + cdiv(kv_dim, 128) twice; swiglu: cdiv(ffn, 64)); dynamic shared memory SMEM_BYTES (above 48 KB:
@@ -51,16 +53,16 @@ using namespace qmma;
 #define SK_SPLIT 1
 #endif
 #ifndef SK_STAGES
-#define SK_STAGES 4
+#define SK_STAGES 2
 #endif
 #ifndef SK_XF16
-#define SK_XF16 0  // 1: the CTA makes each stage's x fp16 A fragments once (norm applied); warps load them (experiment)
+#define SK_XF16 1  // 1: the CTA makes each stage's x fp16 A fragments once (norm applied); warps load them
 #endif
 #ifndef SK_WARPS
-#define SK_WARPS 8  // 16 (experiment): 16 warps of one n8 tile each (the same 128-row tile): twice the warps to hide latency
+#define SK_WARPS 8  // 16: 16 warps of one n8 tile each on the same 128-row tile (slower on the H100)
 #endif
 #ifndef SK_SUB_UNROLL
-#define SK_SUB_UNROLL 4  // 1 (experiment): the superblock's 4 substeps as a loop (a quarter of the code: instruction-cache misses)
+#define SK_SUB_UNROLL 4  // 1: the superblock's 4 substeps as a loop (less code; no gain on the H100)
 #endif
 #ifndef RMS_EPS
 #define RMS_EPS 1e-6

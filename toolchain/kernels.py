@@ -47,7 +47,8 @@ GEMM_ROWS, GEMM_TOKENS, GEMM_THREADS = 96, 128, 256
 GEMM_SMEM = {"q4k_gemm": 70656, "q6k_gemm": 89088}
 # Tensor-core GEMMs for few tokens (batched decode; plugins/quant_gemm_skinny.cu): block 256, tile 16 tokens x 128
 # rows (swiglu: 64 gate + 64 up rows), k split over a compile-time cluster of SK_SPLIT CTAs (grid z, skinny_split), a
-# ring of 4 stages. One per matvec op of Q4_K / Q6_K weights, with its ABI (skinny_of).
+# ring of 2 stages (two CTAs per SM), x made fp16 fragments once per stage. One per matvec op of Q4_K / Q6_K weights,
+# with its ABI (skinny_of).
 SKINNY_OF = {"q4k_matmul": "q4k_gemm_skinny", "q6k_matmul": "q6k_gemm_skinny", "matmul_add": "matmul_add_skinny",
              "rms_norm_qkv": "rms_norm_qkv_skinny", "rms_norm_swiglu": "rms_norm_swiglu_skinny"}
 SKINNY_OPS = tuple(SKINNY_OF.values())
@@ -55,7 +56,7 @@ SKINNY_BASE = {v: k for k, v in SKINNY_OF.items()}  # the op each one replaces
 SKINNY_TYPES = ("Q4_K", "Q6_K")
 SKINNY_ROWS, SKINNY_TOKENS, SKINNY_MAX_SPLIT = 128, 16, 8
 # plugins/quant_gemm_skinny.cu's defaults of SK_STAGES, SK_XF16, SK_WARPS (tests/test_kernels_compile.py checks them)
-SKINNY_STAGES, SKINNY_XF16, SKINNY_WARPS = 4, 0, 8
+SKINNY_STAGES, SKINNY_XF16, SKINNY_WARPS = 2, 1, 8
 SKINNY_THREADS = 32 * SKINNY_WARPS
 SKINNY_CTA_COST = 2  # skinny_split's cost model
 _FAMILY = {
