@@ -20,7 +20,7 @@
 //   k = 8960) would otherwise leave most SMs idle. The ranks reduce through distributed shared memory: the warps of
 //   one rank (owner below) sum the partial tiles of their warp positions from every rank and store them.
 // - A ring of SK_STAGES (2) superblock stages (raw weights, x of 16 tokens x 256 as fp32, and for the norms 256 of
-//   the norm weight), filled with cp.async; one __syncthreads per superblock. ~100 KB of shared memory: two CTAs per
+//   the norm weight), filled with cp.async; one __syncthreads per superblock. ~112 KB of shared memory: two CTAs per
 //   SM (4 warps per scheduler to hide the dequantization's latency; the next kernel's CTAs start under programmatic
 //   dependent launch). Each warp turns its own 16 rows' scales into fp16 pairs (no block barrier for it).
 // - SK_XF16 (on): the CTA makes each stage's x the fp16 A fragments once (the norm applied), one LDS.128 per 16 k

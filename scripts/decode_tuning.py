@@ -113,15 +113,12 @@ VARIANTS = {
     # batched_decode_core: the decode core at every m (no tensor-core GEMMs for few tokens)
     "batched_general": {**DEFAULT, "batched": False},
     "batched_decode_core": {**DEFAULT, "skinny_min_m": GEMM_MIN_M},
-    # the GEMMs for few tokens (plugins/quant_gemm_skinny.cu, docs/perf-notes.md's next steps): 2 or 3 stages (2: two
-    # CTAs per SM), the stage's x made fp16 fragments once per CTA (SK_XF16)
+    # the GEMMs for few tokens (plugins/quant_gemm_skinny.cu, docs/perf-notes.md): builds other than the default (2
+    # stages: two CTAs per SM; SK_XF16: x made fp16 fragments once per CTA), skinny_prev the default before 2026-12-06
     **{name: {**DEFAULT, "defines": {op: d for op in K.SKINNY_OPS}} for name, d in (
-        ("skinny_s2", {"SK_STAGES": 2}), ("skinny_s3", {"SK_STAGES": 3}), ("skinny_xf16", {"SK_XF16": 1}),
-        ("skinny_s2_xf16", {"SK_STAGES": 2, "SK_XF16": 1}), ("skinny_u1", {"SK_SUB_UNROLL": 1}),
-        ("skinny_s2_u1", {"SK_STAGES": 2, "SK_SUB_UNROLL": 1}),
-        ("skinny_s2_xf16_u1", {"SK_STAGES": 2, "SK_XF16": 1, "SK_SUB_UNROLL": 1}),
-        ("skinny_w16", {"SK_WARPS": 16}), ("skinny_w16_xf16", {"SK_WARPS": 16, "SK_XF16": 1}),
-        ("skinny_w16_xf16_u1", {"SK_WARPS": 16, "SK_XF16": 1, "SK_SUB_UNROLL": 1}))},
+        ("skinny_prev", {"SK_STAGES": 4, "SK_XF16": 0}), ("skinny_s2_f32x", {"SK_STAGES": 2, "SK_XF16": 0}),
+        ("skinny_s3", {"SK_STAGES": 3}), ("skinny_s4", {"SK_STAGES": 4}), ("skinny_u1", {"SK_SUB_UNROLL": 1}),
+        ("skinny_w16", {"SK_WARPS": 16}), ("skinny_w16_s4", {"SK_WARPS": 16, "SK_STAGES": 4}))},
     "batched_minb1": {**DEFAULT, "batched": True, "defines": {op: {"QMV1_MINB": 1} for op in K.FUSED_OPS}},
     # diagnostics: the step without one kernel family (wrong results; the time saved is what the family costs in
     # the step, PDL overlap included)

@@ -228,9 +228,9 @@ def test_batched_decode_launch():
 
 def test_skinny_gemm_launch():
     """The GEMMs for few tokens (plugins/quant_gemm_skinny.cu): the grid covers the rows and m, grid z is the
-    compile-time cluster size of the build (SK_SPLIT, at most 8 and at most the superblocks of k), the dynamic shared
-    memory is the kernel's (the .cu's static_assert states it; the kernel traps if launched with less), the scalars
-    are the ABI's of the op each one replaces."""
+    compile-time cluster size of the build (SK_SPLIT, at most 8 and at most the superblocks of k), the .cu's defaults
+    are kernels.SKINNY_* (the dynamic shared memory and block launch_config gives: the kernel traps if launched with
+    less shared memory), the scalars are the ABI's of the op each one replaces."""
     src = (K.PLUGINS / "quant_gemm_skinny.cu").read_text()
     for define, default in (("SK_STAGES", K.SKINNY_STAGES), ("SK_XF16", K.SKINNY_XF16), ("SK_WARPS", K.SKINNY_WARPS)):
         assert int(re.search(rf"#define {define} (\d+)", src).group(1)) == default, define
