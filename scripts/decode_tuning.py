@@ -119,6 +119,8 @@ VARIANTS = {
         ("skinny_prev", {"SK_STAGES": 4, "SK_XF16": 0}), ("skinny_s2_f32x", {"SK_STAGES": 2, "SK_XF16": 0}),
         ("skinny_s3", {"SK_STAGES": 3}), ("skinny_s4", {"SK_STAGES": 4}), ("skinny_u1", {"SK_SUB_UNROLL": 1}),
         ("skinny_w16", {"SK_WARPS": 16}), ("skinny_w16_s4", {"SK_WARPS": 16, "SK_STAGES": 4}))},
+    # the SwiGLU's k split (kernels.skinny_split counts waves of one CTA per SM; with two, its rule would pick 1)
+    **{f"skinny_swiglu_s{n}": {**DEFAULT, "defines": {"rms_norm_swiglu_skinny": {"SK_SPLIT": n}}} for n in (1, 3)},
     "batched_minb1": {**DEFAULT, "batched": True, "defines": {op: {"QMV1_MINB": 1} for op in K.FUSED_OPS}},
     # diagnostics: the step without one kernel family (wrong results; the time saved is what the family costs in
     # the step, PDL overlap included)

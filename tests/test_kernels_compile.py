@@ -252,6 +252,10 @@ def test_skinny_gemm_launch():
                      k_type="Q4_K", v_type="Q6_K", gate_type="Q4_K", up_type="Q6_K", epsilon=1e-6)
         cfg, d = K.launch_config(op, dims), K.defines_for(op, attrs)
         assert cfg.grid[2] == d.get("SK_SPLIT", 1) <= min(K.SKINNY_MAX_SPLIT, k // 256), (op, dims, d)
+        assert K.launch_config(op, dims | K.skinny_dims(d)) == cfg  # the build's own defines give the same launch
+        # a tuning's cluster size (decode_tuning's skinny_swiglu_s*): grid z follows the build, not the rule
+        forced = 1 + d.get("SK_SPLIT", 1) % min(K.SKINNY_MAX_SPLIT, k // 256)
+        assert K.launch_config(op, dims | K.skinny_dims(d | {"SK_SPLIT": forced})).grid[2] == forced
         per_tile = K.SKINNY_ROWS // 2 if op == "rms_norm_swiglu_skinny" else K.SKINNY_ROWS
         assert cfg.grid[0] * per_tile >= rows and cfg.grid[1] * K.SKINNY_TOKENS >= dims["m"]
         assert cfg.block == (K.SKINNY_THREADS, 1, 1) and cfg.shared_mem == K.SKINNY_SMEM

@@ -187,10 +187,11 @@ SKINNY_SMEM = skinny_smem_bytes()
 
 
 def skinny_dims(defines: dict) -> dict:
-    """The launch-relevant defines of a GEMM-for-few-tokens build (its stages, SK_XF16, SK_WARPS), as launch_config's
-    dims."""
+    """The launch-relevant defines of a GEMM-for-few-tokens build (its stages, SK_XF16, SK_WARPS, its cluster size
+    SK_SPLIT: defines_for's by the shape, or a tuning's), as launch_config's dims."""
     return {"sk_stages": int(defines.get("SK_STAGES", SKINNY_STAGES)),
-            "sk_xf16": int(defines.get("SK_XF16", SKINNY_XF16)), "sk_warps": int(defines.get("SK_WARPS", SKINNY_WARPS))}
+            "sk_xf16": int(defines.get("SK_XF16", SKINNY_XF16)), "sk_warps": int(defines.get("SK_WARPS", SKINNY_WARPS)),
+            "sk_split": int(defines.get("SK_SPLIT", 1))}
 
 
 def skinny_split(tiles: int, k: int) -> int:
@@ -432,7 +433,8 @@ def launch_config(op: str, dims: dict, ops=INT_OPS, clusters: bool = True) -> La
         tiles, k = _skinny_shape(op, dims)
         smem = skinny_smem_bytes(int(dims.get("sk_stages", SKINNY_STAGES)), int(dims.get("sk_xf16", SKINNY_XF16)))
         threads = 32 * int(dims.get("sk_warps", SKINNY_WARPS))
-        return LaunchConfig((tiles, ops.cdiv(m, SKINNY_TOKENS), skinny_split(tiles, k)), (threads, 1, 1),
+        split = int(dims["sk_split"]) if "sk_split" in dims else skinny_split(tiles, k)  # grid z: the build's cluster
+        return LaunchConfig((tiles, ops.cdiv(m, SKINNY_TOKENS), split), (threads, 1, 1),
                             smem, _projection_scalars(SKINNY_BASE[op], dims))
     if op == "rms_norm_qkv":
         hidden, q_dim, kv_dim = int(_dim(dims, "hidden")), int(_dim(dims, "q_dim")), int(_dim(dims, "kv_dim"))
