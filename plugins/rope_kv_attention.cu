@@ -15,8 +15,9 @@
 // addresses of the k and v cache) in place of the four cache pointers, so the cache is never a TensorRT network
 // input or output:
 //     rope_kv_attention_addr(q, k, v, cache_addr, positions, slots, m, n_slots, max_seq, out)
-// Launch (toolchain/kernels.py): grid (NS = 8, N_HEADS, m), block (ATTN_THREADS = 256), cluster (8, 1, 1) compiled
-// in. Tuning knobs (-D, defaults below): ATTN_CLUSTER_KEYS, ATTN_NBUF, ATTN_PF_KEYS, ATTN_LDMODE, ATTN_EARLY.
+// Launch (toolchain/kernels.py): grid (NS = 8, N_HEADS (ATTN_KVGRID: N_KV_HEADS), m), block (ATTN_THREADS = 256),
+// cluster (8, 1, 1) compiled in. Tuning knobs (-D, defaults below): ATTN_CLUSTER_KEYS, ATTN_NBUF, ATTN_PF_KEYS,
+// ATTN_LDMODE, ATTN_EARLY, ATTN_KVGRID.
 // ATTN_XMERGE=1 (the cuda backend's batch-1 plan only) appends a parameter `float* xpart` [G][XSTR] and, for m = 1
 // with more than one cluster per kv head, writes cluster partials there instead of `out`: see "Merge".
 //
@@ -94,6 +95,9 @@
 #endif
 #ifndef ATTN_XMERGE
 #define ATTN_XMERGE 0           // 1: m = 1 writes cluster partials to xpart, merged by the consumer
+#endif
+#ifndef ATTN_KVGRID
+#define ATTN_KVGRID 0           // 1: grid y = N_KV_HEADS, one cluster per (token, kv head): C_act = 1 (see below)
 #endif
 #ifndef ATTN_PUSH
 #define ATTN_PUSH 1             // cluster merge: 1 ranks push partials (st.async + mbarrier), 0 cluster.sync + loads
@@ -358,6 +362,10 @@ constexpr int ME = G * DS;             // elements merged by one cluster rank
 constexpr int EPT = (ME + THREADS - 1) / THREADS;   // of them per thread (1 with clusters)
 constexpr int E_MAX = 8;               // step entries per block range kept in shared memory
 static_assert(!ATTN_CLUSTER || ME <= THREADS, "one merged element per thread");
+// ATTN_KVGRID: the cuda backend's build for steps of more than MSCR tokens (toolchain/kernels.py ATTN_MSCR), whose
+// C_act is 1 anyway: the default grid's other G - 1 clusters per (token, kv head) would only leave at once. Any m
+// gives correct results (each token's positions over one cluster); the same bits as the default build for m > MSCR.
+static_assert(!ATTN_KVGRID || (ATTN_CLUSTER && !ATTN_XMERGE), "ATTN_KVGRID: the cluster build, without xmerge");
 static_assert(ME % 4 == 0, "16-byte pushes");
 struct PushIn {                        // what a rank receives from each rank q (ATTN_PUSH)
     float o[NS][ME];                   // q's block numerators of this rank's elements
@@ -415,9 +423,9 @@ ATTN_KERNEL(const float* q, const float* k, const float* v,  // earlier kernels'
 
     const int y = blockIdx.y, i = blockIdx.z;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-    const int kvh = y / G;
+    const int kvh = ATTN_KVGRID ? y : y / G;
     const int r = ATTN_CLUSTER ? blockIdx.x : 0;                          // rank in the cluster
-    const int c = ATTN_CLUSTER ? y % G : (y % G) * GX + blockIdx.x;      // the cluster
+    const int c = ATTN_KVGRID ? 0 : ATTN_CLUSTER ? y % G : (y % G) * GX + blockIdx.x;   // the cluster
     pdl_launch_dependents();
     // q, k and v come from the kernel just before: read after pdl_wait() (plain loads: pdl.cuh). A one-token step
     // (ATTN_EARLY) reads its position, slot and first K/V steps before the wait: they were written before this
@@ -432,7 +440,8 @@ ATTN_KERNEL(const float* q, const float* k, const float* v,  // earlier kernels'
         if (early) pdl_wait();               // (nor of null cache addresses: a TensorRT builder's dummy inputs)
         return;
     }
-    const int C_act = m <= MSCR ? min(CMAX, max(1, (T + ATTN_CLUSTER_KEYS - 1) / ATTN_CLUSTER_KEYS)) : 1;
+    const int C_act = m <= MSCR && !ATTN_KVGRID ? min(CMAX, max(1, (T + ATTN_CLUSTER_KEYS - 1) / ATTN_CLUSTER_KEYS))
+                                                : 1;
     if (c >= C_act) {                             // the whole cluster leaves (c is uniform over it)
         if (early) pdl_wait();
         return;

@@ -33,7 +33,7 @@ from toolchain.cuda_backend import GEMM_MIN_M, SKINNY_MIN_M, CudaBackend  # noqa
 
 OFF = {"pdl": False, "m1": False, "qmv1": False, "plain": True, "batched": False, "xmerge": False, "defines": {},
        "pdl_skip": (), "skip": (), "clusters": True, "cache_by_address": False, "share_activations": False,
-       "gemm_min_m": GEMM_MIN_M, "skinny_min_m": GEMM_MIN_M}
+       "gemm_min_m": GEMM_MIN_M, "skinny_min_m": GEMM_MIN_M, "attn_kv_grid": False}
 DEFAULT = {"m1": True, "qmv1": True, "pdl": True, "xmerge": True, "batched": True, "skinny_min_m": SKINNY_MIN_M}
 
 
@@ -119,6 +119,8 @@ VARIANTS = {
         ("skinny_prev", {"SK_STAGES": 4, "SK_XF16": 0}), ("skinny_s2_f32x", {"SK_STAGES": 2, "SK_XF16": 0}),
         ("skinny_s3", {"SK_STAGES": 3}), ("skinny_s4", {"SK_STAGES": 4}), ("skinny_u1", {"SK_SUB_UNROLL": 1}),
         ("skinny_w16", {"SK_WARPS": 16}), ("skinny_w16_s4", {"SK_WARPS": 16, "SK_STAGES": 4}))},
+    # steps of more than 16 tokens (--batches 32): the attention on one cluster per (token, kv head)
+    "attn_kv_grid": {**DEFAULT, "attn_kv_grid": True},
     # the SwiGLU's k split (kernels.skinny_split counts waves of one CTA per SM; with two, its rule would pick 1)
     **{f"skinny_swiglu_s{n}": {**DEFAULT, "defines": {"rms_norm_swiglu_skinny": {"SK_SPLIT": n}}} for n in (1, 3)},
     "batched_minb1": {**DEFAULT, "batched": True, "defines": {op: {"QMV1_MINB": 1} for op in K.FUSED_OPS}},

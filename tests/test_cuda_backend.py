@@ -181,6 +181,36 @@ def test_a_mixed_step_equals_its_rows_alone(synth, backend):
     assert max(errs[:32]) < 1e-3 and max(errs) < 5e-3, [round(e, 6) for e in errs]
 
 
+def test_attention_kv_grid_keeps_the_bits(synth, backend):
+    """A step of more than ATTN_MSCR tokens with its attention launched as one cluster per (token, kv head) (tuning
+    attn_kv_grid: plugins/rope_kv_attention.cu ATTN_KVGRID; the default grid's other clusters leave at once in such
+    steps) = the same step on the default grid, bit for bit. The TensorRT builds have no cluster grid to trim."""
+    from toolchain.kernels import ATTN_MSCR
+
+    model, _ = synth
+    m = ATTN_MSCR + 4
+    ids = np.random.default_rng().integers(0, model.config.vocab, m).tolist()
+    saved = dict(backend.tuning)
+
+    def use(tuning):
+        backend.tuning = tuning
+        backend._plans.clear()
+        backend._graphs.clear()
+
+    outs, grids = [], []
+    try:
+        for on in (False, True):
+            use({**saved, "attn_kv_grid": on})
+            outs.append(backend.step(ids, np.arange(3000, 3000 + m), np.ones(m, np.int32)).copy())
+            grids.append({x.cfg.grid for x in backend.plan(m) if x.op == "rope_kv_attention"})
+    finally:
+        use(saved)
+    assert np.isfinite(outs[0]).all() and np.array_equal(outs[0], outs[1])
+    if saved["clusters"]:  # kv heads instead of query heads on grid y
+        c = model.config
+        assert grids == [{(8, c.n_heads, m)}, {(8, c.n_kv_heads, m)}], grids
+
+
 def test_long_prompt_prefill(synth, backend):
     """A 90-token prompt in one step: tensor-core GEMMs and the tiled prefill attention (m >= GEMM_MIN_M)."""
     from toolchain.cuda_backend import GEMM_MIN_M

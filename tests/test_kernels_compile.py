@@ -368,3 +368,27 @@ def test_nothing_but_weights_before_griddepcontrol_wait(op, defines):
     # reads, which lets activations share bytes (the cuda backend's share_activations, toolchain/buffer_plan.py)
     writes = [x for x in ins[:waits[0]] if re.search(r"\b(STG|ST|RED|ATOM|ATOMG)\.", x)]
     assert not writes, f"{op} {defines}: global writes before the wait: {writes}"
+
+
+def test_attention_kv_grid_launch():
+    """ATTN_KVGRID (one cluster per (token, kv head), the cuda backend's tuning attn_kv_grid for steps of more than
+    ATTN_MSCR tokens): kernels.ATTN_MSCR is the .cu's MSCR, the launch puts the kv heads on grid y, and the build
+    exists only as the cluster build without xmerge (a static_assert)."""
+    src = (K.PLUGINS / "rope_kv_attention.cu").read_text()
+    assert int(re.search(r"constexpr int MSCR = (\d+);", src).group(1)) == K.ATTN_MSCR
+    dims = dict(m=K.ATTN_MSCR + 1, n_heads=12, n_kv_heads=2, n_slots=4, max_seq=4096)
+    assert K.launch_config("rope_kv_attention", dims).grid == (K.ATTN_SPLITS, 12, K.ATTN_MSCR + 1)
+    assert K.launch_config("rope_kv_attention", dims | {"attn_kv_grid": 1}).grid == (K.ATTN_SPLITS, 2,
+                                                                                      K.ATTN_MSCR + 1)
+    assert "static_assert(!ATTN_KVGRID || (ATTN_CLUSTER && !ATTN_XMERGE)" in src
+
+
+@needs_nvcc
+def test_attention_kv_grid_builds(tmp_path, monkeypatch):
+    monkeypatch.setattr(K, "CACHE", tmp_path)  # compile here, not from the prebuilt or shared cache
+    a = dict(n_heads=12, n_kv_heads=2, head_dim=128, rope_theta=1e6)
+    base = K.defines_for("rope_kv_attention", a) | {"ATTN_KVGRID": 1}
+    assert K.compile_kernel("rope_kv_attention", base, fmt="cubin", prebuilt=False)
+    with pytest.raises(UserError, match="nvcc failed"):
+        K.compile_kernel("rope_kv_attention", base | {"ATTN_XMERGE": 1, "ATTN_CLUSTER_KEYS": 1024}, fmt="cubin",
+                         prebuilt=False)

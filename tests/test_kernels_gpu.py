@@ -598,6 +598,8 @@ def run_attention(c, defines: dict, op: str = "rope_kv_attention"):
     h, d, m = a["n_heads"], a["head_dim"], len(slots)
     kcb, vcb = cr.DeviceBuffer.from_array(c["kc"]), cr.DeviceBuffer.from_array(c["vc"])
     dims = dict(m=m, n_heads=h, n_slots=n_slots, max_seq=max_seq)
+    if defines.get("ATTN_KVGRID"):  # grid y: the kv heads
+        dims |= dict(attn_kv_grid=1, n_kv_heads=a["n_kv_heads"])
     # the cache outputs alias the inputs: launch by hand so the same buffers are passed twice
     ins = [cr.DeviceBuffer.from_array(c[x]) for x in ("q", "k", "v")]
     pb, sb = cr.DeviceBuffer.from_array(positions), cr.DeviceBuffer.from_array(slots)
@@ -633,6 +635,26 @@ def test_attention_push_merge_equals_cluster_sync(model, case):
     assert np.isfinite(push[0]).all(), f"unwritten outputs ({seed})"
     for x, y, what in zip(push, sync, ("out", "k cache", "v cache")):
         assert np.array_equal(x, y), f"{what} differs ({seed})"
+
+
+@pytest.mark.parametrize("case", list(ATTN_CASES))
+@pytest.mark.parametrize("model", list(ATTN))
+def test_attention_kv_grid(model, case):
+    """ATTN_KVGRID (grid y = kv heads, one cluster per (token, kv head)): the same bits as the default build for steps
+    of more than MSCR tokens (the cuda backend's use of it: tuning attn_kv_grid), within the reference's bound for
+    every step (one cluster over a long context instead of several)."""
+    rng, seed = _rng()
+    a = ATTN[model]
+    c = attention_case(rng, a, ATTN_CASES[case][0], ATTN_CASES[case][1], 3, 8192)
+    base = K.defines_for("rope_kv_attention", a)
+    grid, default = (run_attention(c, base | {"ATTN_KVGRID": g}) for g in (1, 0))
+    assert np.isfinite(grid[0]).all(), f"unwritten outputs ({seed})"
+    rel, _ = rel_err(grid[0], c["ref"])
+    assert rel < 2e-3, f"rel err {rel} ({seed})"
+    for x, y, what in zip(grid, default, ("out", "k cache", "v cache")):
+        assert len(c["slots"]) <= K.ATTN_MSCR or np.array_equal(x, y), f"{what} differs ({seed})"
+        if what != "out":
+            assert np.array_equal(x, y), f"{what} differs ({seed})"
 
 
 # builds: the cuda backend's (a cluster of 8 blocks), and TensorRT's (issue 16: no cluster launch; the caches by

@@ -51,9 +51,9 @@ from .fusion import fuse
 from .gguf_model import GGUFModel
 from .device_sampler import parse_logprobs
 from .graph import build_model_graph, node_attrs
-from .kernels import (FUSED_OPS, LOGPROB_WORDS, MATMUL_OPS, XMERGE_CLUSTER_KEYS, decode_build, decode_tokens,
-                      defines_for, launch_config, qmv1_dims, SKINNY_OPS, skinny_dims, skinny_of, xmerge_defines,
-                      xmerge_slot_floats)
+from .kernels import (ATTN_MSCR, FUSED_OPS, LOGPROB_WORDS, MATMUL_OPS, XMERGE_CLUSTER_KEYS, decode_build,
+                      decode_tokens, defines_for, launch_config, qmv1_dims, SKINNY_OPS, skinny_dims, skinny_of,
+                      xmerge_defines, xmerge_slot_floats)
 from .sampling import Tail
 
 # ONNX op_type -> kernel op (standard ops map to our kernels; custom ops share their names).
@@ -73,7 +73,7 @@ F32 = np.float32
 TUNING = {"pdl": True, "m1": True, "qmv1": True, "plain": True, "batched": True, "xmerge": True, "defines": {},
           "pdl_skip": (), "skip": (), "share_activations": os.environ.get("QTRT_SHARE_ACTIVATIONS") == "1",
           "clusters": True, "cache_by_address": False, "gemm_min_m": GEMM_MIN_M,
-          "skinny_min_m": SKINNY_MIN_M}
+          "skinny_min_m": SKINNY_MIN_M, "attn_kv_grid": False}
 # The kernels TensorRT's plugins get (toolchain/trt/plugins.py, issue 16), run here to prove them on the GPU: no
 # thread-block cluster launch (so no cluster k-split, no xmerge pair and no prefill GEMM, whose split-K is a cluster),
 # the attention with the caches by address (rope_kv_attention_addr), the general matvec core at every m. With
@@ -282,6 +282,11 @@ class CudaBackend:
                 dims |= qmv1_dims(defines)
             if op in SKINNY_OPS:  # its stages (tuning defines) decide its shared memory
                 dims |= skinny_dims(defines)
+            # steps of more than ATTN_MSCR tokens: one cluster per (token, kv head) is all the attention uses, so the
+            # tuning may launch only those (the same bits; plugins/rope_kv_attention.cu ATTN_KVGRID)
+            if op == "rope_kv_attention" and clusters and self.tuning["attn_kv_grid"] and dims["m"] > ATTN_MSCR:
+                defines |= {"ATTN_KVGRID": 1}
+                dims["attn_kv_grid"] = 1
             nodes.append((node, op, attrs, dims, defines, head))
         extra = self._link_xmerge(nodes) if xmerge else {}
         launches = []

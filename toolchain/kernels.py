@@ -99,6 +99,7 @@ MATMUL_MAX_BLOCKS = QMV_SMS * QMV_BLOCKS_PER_SM  # one resident wave; rounds str
 # with >= 512 elements of k
 QMV_MAX_SPLIT, QMV_MIN_SPLIT_ELEMS = 3, 512
 ATTN_SPLITS, ATTN_THREADS = 8, 256
+ATTN_MSCR = 16  # plugins/rope_kv_attention.cu MSCR: steps of more tokens run each token's attention as one cluster
 ARGMAX_SPLITS, ARGMAX_THREADS = 8, 512
 # plugins/sampling.cu: a row's logits over a cluster of SAMPLE_SPLITS blocks, SAMPLE_PER per thread in registers
 SAMPLE_SPLITS, SAMPLE_THREADS, SAMPLE_PER, PENALTY_THREADS = 8, 1024, 20, 64
@@ -455,8 +456,9 @@ def launch_config(op: str, dims: dict, ops=INT_OPS, clusters: bool = True) -> La
         return LaunchConfig((ops.cdiv(numel, 1024), 1, 1), (256, 1, 1), 0, (numel,))
     if op == "argmax":
         return LaunchConfig((ARGMAX_SPLITS, m, 1), (ARGMAX_THREADS, 1, 1), 0, (m, _dim(dims, "vocab")))
-    if op in ATTENTION_OPS:
-        return LaunchConfig((ATTN_SPLITS, _dim(dims, "n_heads"), m), (ATTN_THREADS, 1, 1), 0,
+    if op in ATTENTION_OPS:  # grid y: (kv head, cluster) pairs, or kv heads for an ATTN_KVGRID build
+        rows = _dim(dims, "n_kv_heads") if dims.get("attn_kv_grid") else _dim(dims, "n_heads")
+        return LaunchConfig((ATTN_SPLITS, rows, m), (ATTN_THREADS, 1, 1), 0,
                             (m, _dim(dims, "n_slots"), _dim(dims, "max_seq", "max_seq_len")))
     if op == "decode_advance":
         return LaunchConfig((ops.cdiv(m, 256), 1, 1), (256, 1, 1), 0, (m,))
