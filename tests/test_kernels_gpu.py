@@ -621,18 +621,25 @@ def run_attention(c, defines: dict, op: str = "rope_kv_attention"):
     return out, kc_dev, vc_dev
 
 
+def attention_builds(model: str, case: str, *variants: dict):
+    """attention_case `case` (fresh random inputs) run on the model's default build with each variant's defines:
+    (the case, its seed, one (out, k cache, v cache) per variant); the first variant's outputs all written."""
+    rng, seed = _rng()
+    a = ATTN[model]
+    c = attention_case(rng, a, ATTN_CASES[case][0], ATTN_CASES[case][1], 3, 8192)
+    base = K.defines_for("rope_kv_attention", a)
+    outs = [run_attention(c, base | v) for v in variants]
+    assert np.isfinite(outs[0][0]).all(), f"unwritten outputs ({seed})"
+    return c, seed, outs
+
+
 @pytest.mark.parametrize("case", ["decode_pos127", "decode_pos2048", "decode_pos8191", "mixed_slots",
                                   "prefill17_at0_plus_decode"])
 @pytest.mark.parametrize("model", list(ATTN))
 def test_attention_push_merge_equals_cluster_sync(model, case):
     """The cluster merge by st.async pushes (ATTN_PUSH=1, the default) and by cluster.sync + remote loads (0) do
     the same arithmetic in the same order: the same bits, outputs and caches."""
-    rng, seed = _rng()
-    a = ATTN[model]
-    c = attention_case(rng, a, ATTN_CASES[case][0], ATTN_CASES[case][1], 3, 8192)
-    base = K.defines_for("rope_kv_attention", a)
-    push, sync = (run_attention(c, base | {"ATTN_PUSH": p}) for p in (1, 0))
-    assert np.isfinite(push[0]).all(), f"unwritten outputs ({seed})"
+    _, seed, (push, sync) = attention_builds(model, case, {"ATTN_PUSH": 1}, {"ATTN_PUSH": 0})
     for x, y, what in zip(push, sync, ("out", "k cache", "v cache")):
         assert np.array_equal(x, y), f"{what} differs ({seed})"
 
@@ -643,12 +650,7 @@ def test_attention_kv_grid(model, case):
     """ATTN_KVGRID (grid y = kv heads, one cluster per (token, kv head)): the same bits as the default build for steps
     of more than MSCR tokens (the cuda backend's use of it: tuning attn_kv_grid), within the reference's bound for
     every step (one cluster over a long context instead of several)."""
-    rng, seed = _rng()
-    a = ATTN[model]
-    c = attention_case(rng, a, ATTN_CASES[case][0], ATTN_CASES[case][1], 3, 8192)
-    base = K.defines_for("rope_kv_attention", a)
-    grid, default = (run_attention(c, base | {"ATTN_KVGRID": g}) for g in (1, 0))
-    assert np.isfinite(grid[0]).all(), f"unwritten outputs ({seed})"
+    c, seed, (grid, default) = attention_builds(model, case, {"ATTN_KVGRID": 1}, {"ATTN_KVGRID": 0})
     rel, _ = rel_err(grid[0], c["ref"])
     assert rel < 2e-3, f"rel err {rel} ({seed})"
     for x, y, what in zip(grid, default, ("out", "k cache", "v cache")):
