@@ -95,6 +95,16 @@ __device__ __forceinline__ uint32_t h2_splat(float v) {
 // Per-format pieces. Substep `sub` (0..3) of a superblock = 4 chunks of 16 k; chunk kk starts at element
 // chunk_base(sub, kk) of the superblock.
 
+// fn(row, ch, gr) for every 16-byte chunk ch < CH of rows 0..BN-1, spread over THREADS threads; gr = the global row
+// n0 + row, clamped to the last one (rows past n copy row n - 1: their results are never stored)
+template <int BN, int THREADS, int CH, class Fn>
+__device__ __forceinline__ void each_chunk(int n0, int n, int tid, Fn fn) {
+    for (int id = tid; id < BN * CH; id += THREADS) {
+        const int row = id / CH, ch = id - CH * row;
+        fn(row, ch, min(n0 + row, n - 1));
+    }
+}
+
 template <class F> struct Fmt;
 
 template <> struct Fmt<Q4K> {
@@ -104,11 +114,9 @@ template <> struct Fmt<Q4K> {
     template <int BN, int THREADS>
     static __device__ __forceinline__ void issue_raw(uint8_t* R, const uint8_t* w, size_t row_bytes, int n0, int n,
                                                      int sb, int tid) {
-        for (int id = tid; id < BN * 9; id += THREADS) {
-            const int row = id / 9, ch = id - 9 * row;
-            const int gr = min(n0 + row, n - 1);
+        each_chunk<BN, THREADS, 9>(n0, n, tid, [&](int row, int ch, int gr) {
             cp_async16(R + row * 144 + 16 * ch, w + (size_t)gr * row_bytes + (size_t)sb * 144 + 16 * ch);
-        }
+        });
     }
     // S[row][j] (8 bytes, j = sub-block 0..7) = {half2 d*sc_j, half2 -(dmin*mn_j)}, rows n0..n0+BN-1
     template <int BN, int THREADS>
@@ -155,14 +163,12 @@ template <> struct Fmt<Q6K> {
     template <int BN, int THREADS>
     static __device__ __forceinline__ void issue_raw(uint8_t* R, const uint8_t* w, size_t row_bytes, int n0, int n,
                                                      int sb, int tid) {
-        for (int id = tid; id < BN * 14; id += THREADS) {
-            const int row = id / 14, ch = id - 14 * row;
-            const int gr = min(n0 + row, n - 1);
+        each_chunk<BN, THREADS, 14>(n0, n, tid, [&](int row, int ch, int gr) {
             const uintptr_t lo = reinterpret_cast<uintptr_t>(w) + (size_t)gr * row_bytes + (size_t)sb * 210;
             const uintptr_t a = lo & ~uintptr_t(15);
             const int cnt = (int)((lo + 210 - a + 15) >> 4);
             if (ch < cnt) cp_async16(R + row * 240 + 16 * ch, reinterpret_cast<const uint8_t*>(a) + 16 * ch);
-        }
+        });
     }
     // byte offset of row's block inside its staged span
     static __device__ __forceinline__ uint32_t row_off(uint32_t wlo, size_t row_bytes, int gr, int sb) {

@@ -225,8 +225,11 @@ def main():
     tunings = {n: {**OFF, **VARIANTS[n]} for n in names}
     model = load_model(a.model, Path(os.environ.get("QTRT_BENCH_DIR", tempfile.gettempdir())))
     contexts = [int(c) for c in a.contexts.split(",")]
-    batches = sorted({1, *(int(m) for m in a.batches.split(","))})  # m = 1: the reference of the batched steps
-    if not batches or min(batches) < 1 or max(batches) >= GEMM_MIN_M:
+    try:  # m = 1 always: the reference of the batched steps
+        batches = sorted({1, *(int(m) for m in a.batches.split(","))})
+    except ValueError:
+        ap.error(f"--batches {a.batches!r}: comma-separated whole numbers, e.g. 2,4,8")
+    if min(batches) < 1 or max(batches) >= GEMM_MIN_M:
         ap.error(f"--batches: decode step sizes from 1 to {GEMM_MIN_M - 1}")
     cr.init()
     be = CudaBackend(model, max_context=max(contexts) + a.tokens + 40, n_slots=max(batches),
