@@ -34,7 +34,8 @@ from toolchain.cuda_backend import GEMM_MIN_M, SKINNY_MIN_M, CudaBackend  # noqa
 OFF = {"pdl": False, "m1": False, "qmv1": False, "plain": True, "batched": False, "xmerge": False, "defines": {},
        "pdl_skip": (), "skip": (), "clusters": True, "cache_by_address": False, "share_activations": False,
        "gemm_min_m": GEMM_MIN_M, "skinny_min_m": GEMM_MIN_M, "attn_kv_grid": False}
-DEFAULT = {"m1": True, "qmv1": True, "pdl": True, "xmerge": True, "batched": True, "skinny_min_m": SKINNY_MIN_M}
+DEFAULT = {"m1": True, "qmv1": True, "pdl": True, "xmerge": True, "batched": True, "skinny_min_m": SKINNY_MIN_M,
+           "attn_kv_grid": True}
 
 
 def proj(**defines):  # extra defines for every projection kernel (both cores ignore the other's)
@@ -119,8 +120,9 @@ VARIANTS = {
         ("skinny_prev", {"SK_STAGES": 4, "SK_XF16": 0}), ("skinny_s2_f32x", {"SK_STAGES": 2, "SK_XF16": 0}),
         ("skinny_s3", {"SK_STAGES": 3}), ("skinny_s4", {"SK_STAGES": 4}), ("skinny_u1", {"SK_SUB_UNROLL": 1}),
         ("skinny_w16", {"SK_WARPS": 16}), ("skinny_w16_s4", {"SK_WARPS": 16, "SK_STAGES": 4}))},
-    # steps of more than 16 tokens (--batches 32): the attention on one cluster per (token, kv head)
-    "attn_kv_grid": {**DEFAULT, "attn_kv_grid": True},
+    # the attention's full grid (a cluster per query head, all but one per kv head leaving at once at short context
+    # and above 16 tokens), as before attn_kv_grid
+    "attn_full_grid": {**DEFAULT, "attn_kv_grid": False},
     # the SwiGLU's k split (kernels.skinny_split counts waves of one CTA per SM; with two, its rule would pick 1)
     **{f"skinny_swiglu_s{n}": {**DEFAULT, "defines": {"rms_norm_swiglu_skinny": {"SK_SPLIT": n}}} for n in (1, 3)},
     "batched_minb1": {**DEFAULT, "batched": True, "defines": {op: {"QMV1_MINB": 1} for op in K.FUSED_OPS}},
@@ -144,6 +146,7 @@ def precompile(be, tunings: list[dict], batches=(1,)) -> int:
         be.plan(1, long_context=True)
         for m in batches:
             be.plan(m)
+            be.plan(m, long_context=True)
     be._kernel = load
     be._plans.clear()
     with ThreadPoolExecutor(os.cpu_count() or 4) as ex:
@@ -251,10 +254,9 @@ def main():
             be.reset()
             first = int(np.argmax(be.forward([11, 22, 33])))
             runs.append(greedy_logits(be, first, a.steps))
-        for long in (False, True):  # both graphs, kept for the timing rounds (same buffers, their own kernels)
-            be.decode_graph(1, long)
-        for m in batches:
-            be.decode_graph(m)
+        for m in (1, *batches):  # both graphs, kept for the timing rounds (same buffers, their own kernels)
+            for long in (False, True):
+                be.decode_graph(m, long)
         graphs[name] = dict(be._graphs)
         logits, tokens = runs[0], [int(t) for t in runs[0].argmax(1)]
         ref_tokens = ref_tokens or tokens

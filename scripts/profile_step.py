@@ -33,7 +33,7 @@ def main():
     model = load_model("synthetic:qwen2.5-coder-1.5b", Path(os.environ.get("QTRT_BENCH_DIR", tempfile.gettempdir())))
     m = a.batch
     be = CudaBackend(model, max_context=a.context + 8, n_slots=m, max_tokens=m)
-    long = m == 1 and be.long_context(a.context)  # the plan a graph replay at this position takes
+    long = be.long_context(a.context, m)  # the plan a graph replay at this position takes
     launches = [x for x in be.plan(m, long_context=long) if x.op != "decode_advance"]
     if a.count:
         print(len(launches))

@@ -181,15 +181,20 @@ def test_a_mixed_step_equals_its_rows_alone(synth, backend):
     assert max(errs[:32]) < 1e-3 and max(errs) < 5e-3, [round(e, 6) for e in errs]
 
 
-def test_attention_kv_grid_keeps_the_bits(synth, backend):
-    """A step of more than ATTN_MSCR tokens with its attention launched as one cluster per (token, kv head) (tuning
-    attn_kv_grid: plugins/rope_kv_attention.cu ATTN_KVGRID; the default grid's other clusters leave at once in such
-    steps) = the same step on the default grid, bit for bit. The TensorRT builds have no cluster grid to trim."""
-    from toolchain.kernels import ATTN_MSCR
+@pytest.mark.parametrize("m", [4, 20])
+def test_attention_kv_grid_keeps_the_bits(synth, backend, m):
+    """The attention launched as one cluster per (token, kv head) where that is all it uses (tuning attn_kv_grid:
+    plugins/rope_kv_attention.cu ATTN_KVGRID; steps of more than ATTN_MSCR tokens, and shorter steps whose furthest
+    row is within one cluster's keys) = the same steps on the full grid, bit for bit, at a short and a long context;
+    a short step past the cluster's keys takes the full grid (its clusters spread over the context). The TensorRT
+    builds have no cluster grid to trim."""
+    from toolchain.kernels import ATTN_CLUSTER_KEYS, ATTN_MSCR
 
     model, _ = synth
-    m = ATTN_MSCR + 4
-    ids = np.random.default_rng().integers(0, model.config.vocab, m).tolist()
+    c = model.config
+    rng = np.random.default_rng()
+    ids = rng.integers(0, c.vocab, m).tolist()
+    slots = np.arange(m, dtype=np.int32) % backend.n_slots
     saved = dict(backend.tuning)
 
     def use(tuning):
@@ -197,18 +202,23 @@ def test_attention_kv_grid_keeps_the_bits(synth, backend):
         backend._plans.clear()
         backend._graphs.clear()
 
-    outs, grids = [], []
-    try:
-        for on in (False, True):
-            use({**saved, "attn_kv_grid": on})
-            outs.append(backend.step(ids, np.arange(3000, 3000 + m), np.ones(m, np.int32)).copy())
-            grids.append({x.cfg.grid for x in backend.plan(m) if x.op == "rope_kv_attention"})
-    finally:
-        use(saved)
-    assert np.isfinite(outs[0]).all() and np.array_equal(outs[0], outs[1])
-    if saved["clusters"]:  # kv heads instead of query heads on grid y
-        c = model.config
-        assert grids == [{(8, c.n_heads, m)}, {(8, c.n_kv_heads, m)}], grids
+    for base in (100, ATTN_CLUSTER_KEYS + 900):  # the furthest row: within one cluster's keys, beyond them
+        positions = base - np.arange(m) * 3
+        outs, grids = [], []
+        try:
+            for on in (False, True):
+                use({**saved, "attn_kv_grid": on})
+                backend.reset()
+                outs.append(backend.step(ids, positions, slots).copy())
+                long = backend.long_context(int(positions.max()), m)
+                grids.append({x.cfg.grid[1] for x in backend.plan(m, long_context=long)
+                              if x.op.startswith("rope_kv_attention")})
+        finally:
+            use(saved)
+        assert np.isfinite(outs[0]).all() and np.array_equal(outs[0], outs[1]), base
+        if saved["clusters"]:  # kv heads instead of query heads on grid y, where the tuning trims it
+            trimmed = m > ATTN_MSCR or base + 1 <= ATTN_CLUSTER_KEYS
+            assert grids == [{c.n_heads}, {c.n_kv_heads if trimmed else c.n_heads}], (base, grids)
 
 
 def test_long_prompt_prefill(synth, backend):

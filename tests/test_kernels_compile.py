@@ -381,6 +381,37 @@ def test_attention_kv_grid_launch():
     assert K.launch_config("rope_kv_attention", dims | {"attn_kv_grid": 1}).grid == (K.ATTN_SPLITS, 2,
                                                                                       K.ATTN_MSCR + 1)
     assert "static_assert(!ATTN_KVGRID || (ATTN_CLUSTER && !ATTN_XMERGE)" in src
+    # the cuda backend's short-context rule counts the cluster build's keys per cluster
+    assert int(re.search(r"#if ATTN_CLUSTER\n#define ATTN_CLUSTER_KEYS (\d+)", src).group(1)) == K.ATTN_CLUSTER_KEYS
+    # the backend uses it by default: the build is among those `make kernels` compiles and prebuilt ships
+    for model in K.MODEL_ATTRS:
+        kv = K.defines_for("rope_kv_attention", model) | {"ATTN_KVGRID": 1}
+        assert ("rope_kv_attention", kv) in K.real_model_builds(), model["model"]
+
+
+def test_long_context_plans():
+    """Which plan a step takes by its furthest row (CudaBackend.long_context): with attn_kv_grid, steps of up to
+    ATTN_MSCR tokens within one cluster's keys launch one cluster per (token, kv head) and beyond them the full grid;
+    one-token steps beyond the xmerge pair's keys take the pair; steps of more tokens have one plan; without the
+    tunings (or without clusters, the TensorRT builds) one plan everywhere."""
+    from toolchain.cuda_backend import TENSORRT_BUILDS, TUNING, CudaBackend
+
+    be = object.__new__(CudaBackend)  # long_context reads only the tuning
+    be.tuning = dict(TUNING, attn_kv_grid=True, xmerge=True)
+    keys, xkeys = K.ATTN_CLUSTER_KEYS, K.XMERGE_CLUSTER_KEYS
+    assert xkeys < keys
+    for m in (1, 2, K.ATTN_MSCR):
+        edge = xkeys if m == 1 else keys  # the xmerge pair's clusters are shorter
+        assert not be.long_context(edge - 1, m) and be.long_context(edge, m), m
+    assert not any(be.long_context(p, K.ATTN_MSCR + 1) for p in (0, keys, 10 * keys))
+    be.tuning = dict(TUNING, attn_kv_grid=True, xmerge=False)
+    assert not be.long_context(keys - 1, 1) and be.long_context(keys, 1)
+    be.tuning = dict(TUNING, attn_kv_grid=True, xmerge=True, defines={"rope_kv_attention": {"ATTN_CLUSTER_KEYS": 512}})
+    assert not be.long_context(511, 1) and be.long_context(512, 1) and be.long_context(512, 4)
+    be.tuning = dict(TUNING, attn_kv_grid=False, xmerge=False)
+    assert not any(be.long_context(p, m) for p in (0, keys, 10 * keys) for m in (1, 4, 32))
+    be.tuning = dict(TUNING, **TENSORRT_BUILDS, attn_kv_grid=True)
+    assert not any(be.long_context(p, m) for p in (0, keys, 10 * keys) for m in (1, 4, 32))
 
 
 @needs_nvcc

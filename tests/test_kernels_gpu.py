@@ -571,6 +571,7 @@ ATTN_CASES = {  # name: (slots, positions)
     "decode_pos127": ([1], [127]),      # one cluster, every block's range full
     "decode_pos2048": ([2], [2048]),    # two clusters (ATTN_CLUSTER_KEYS = 2048): the cross-cluster merge
     "prefill300_at40": ([0] * 300, list(range(40, 340))),   # m > MSCR and > the block's 256 threads
+    "batch8_at2047": ([0, 1, 2, 0, 1, 2, 0, 1], [2047, 3, 900, 1500, 64, 2046, 0, 511]),  # one cluster's keys, just
 }
 
 
@@ -647,14 +648,16 @@ def test_attention_push_merge_equals_cluster_sync(model, case):
 @pytest.mark.parametrize("case", list(ATTN_CASES))
 @pytest.mark.parametrize("model", list(ATTN))
 def test_attention_kv_grid(model, case):
-    """ATTN_KVGRID (grid y = kv heads, one cluster per (token, kv head)): the same bits as the default build for steps
-    of more than MSCR tokens (the cuda backend's use of it: tuning attn_kv_grid), within the reference's bound for
-    every step (one cluster over a long context instead of several)."""
+    """ATTN_KVGRID (grid y = kv heads, one cluster per (token, kv head)): the same bits as the default build where the
+    cuda backend uses it (tuning attn_kv_grid): steps of more than MSCR tokens, and steps whose every row is within
+    one cluster's keys; within the reference's bound for every step (one cluster over a long context instead of
+    several)."""
     c, seed, (grid, default) = attention_builds(model, case, {"ATTN_KVGRID": 1}, {"ATTN_KVGRID": 0})
     rel, _ = rel_err(grid[0], c["ref"])
     assert rel < 2e-3, f"rel err {rel} ({seed})"
+    same = len(c["slots"]) > K.ATTN_MSCR or max(c["positions"]) + 1 <= K.ATTN_CLUSTER_KEYS
     for x, y, what in zip(grid, default, ("out", "k cache", "v cache")):
-        assert len(c["slots"]) <= K.ATTN_MSCR or np.array_equal(x, y), f"{what} differs ({seed})"
+        assert not same or np.array_equal(x, y), f"{what} differs ({seed})"
         if what != "out":
             assert np.array_equal(x, y), f"{what} differs ({seed})"
 

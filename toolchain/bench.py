@@ -104,7 +104,7 @@ def time_decode(be, ctx: int, m: int, tokens: int, cr, sampling=None) -> float:
             be.set_sampling(slot, sampling, 1234 + slot, [0] * (ctx + 1), ctx)
         be.sampler.set_rows(range(m), be.stream)
     be._set_inputs(np.zeros(m, np.int32), np.full(m, ctx), np.arange(m))
-    g = be.decode_graph(m, be.long_context(ctx), Tail(penalties=sampling.penalized) if sampling else None)
+    g = be.decode_graph(m, be.long_context(ctx, m), Tail(penalties=sampling.penalized) if sampling else None)
     g.launch(be.stream)
     be.stream.synchronize()
     be._set_inputs(np.zeros(m, np.int32), np.full(m, ctx), np.arange(m))
@@ -159,7 +159,7 @@ def kernel_breakdown(be, cr, reps: int = 20, m: int = 1, last_only: bool = False
     CUDA graph and replayed (events around single launches would mostly time the events themselves). With ctx, the
     m tokens sit at position ctx (slots 0..m-1) before each family (decode_advance moves them on): the attention's
     time depends on it. tail: the device sampler's passes at the argmax."""
-    plan = be.plan(m, last_only, long_context=ctx is not None and be.long_context(ctx), tail=tail)
+    plan = be.plan(m, last_only, long_context=ctx is not None and be.long_context(ctx, m), tail=tail)
     out = {}
     for op in sorted({launch.op for launch in plan}):
         if ctx is not None:

@@ -26,6 +26,11 @@ times the variants):
   (kernels.xmerge_defines). The step is captured twice, and each replay takes the graph of its position: within
   one attention cluster's keys the plain one (the pair's merge code costs the o projection 0.5-2% there), beyond
   them the xmerge one (+5-7% at context 4096; docs/perf-notes.md v8).
+- attn_kv_grid: the attention launches one cluster per (token, kv head) (plugins/rope_kv_attention.cu ATTN_KVGRID)
+  wherever that is all it uses: steps of more than ATTN_MSCR tokens, and steps whose furthest row is within one
+  cluster's keys (ATTN_CLUSTER_KEYS; beyond them the long-context plan keeps the full grid, its clusters spread over
+  the context). The full grid launches a cluster per query head there (n_heads / n_kv_heads of them per kv head),
+  all but one leaving at once. The same bits either way.
 - gemm_min_m: the step size from which the projections run as tensor-core GEMMs (GEMM_MIN_M; `qtrt bench`
   times both sides of it for each batched m).
 - defines ({op: {define: value}}) and pdl_skip (ops launched without PDL): experiments.
@@ -51,9 +56,9 @@ from .fusion import fuse
 from .gguf_model import GGUFModel
 from .device_sampler import parse_logprobs
 from .graph import build_model_graph, node_attrs
-from .kernels import (ATTN_MSCR, FUSED_OPS, LOGPROB_WORDS, MATMUL_OPS, XMERGE_CLUSTER_KEYS, decode_build,
-                      decode_tokens, defines_for, launch_config, qmv1_dims, SKINNY_OPS, skinny_dims, skinny_of,
-                      xmerge_defines, xmerge_slot_floats)
+from .kernels import (ATTN_CLUSTER_KEYS, ATTN_MSCR, FUSED_OPS, LOGPROB_WORDS, MATMUL_OPS, XMERGE_CLUSTER_KEYS,
+                      decode_build, decode_tokens, defines_for, launch_config, qmv1_dims, SKINNY_OPS, skinny_dims,
+                      skinny_of, xmerge_defines, xmerge_slot_floats)
 from .sampling import Tail
 
 # ONNX op_type -> kernel op (standard ops map to our kernels; custom ops share their names).
@@ -73,7 +78,7 @@ F32 = np.float32
 TUNING = {"pdl": True, "m1": True, "qmv1": True, "plain": True, "batched": True, "xmerge": True, "defines": {},
           "pdl_skip": (), "skip": (), "share_activations": os.environ.get("QTRT_SHARE_ACTIVATIONS") == "1",
           "clusters": True, "cache_by_address": False, "gemm_min_m": GEMM_MIN_M,
-          "skinny_min_m": SKINNY_MIN_M, "attn_kv_grid": False}
+          "skinny_min_m": SKINNY_MIN_M, "attn_kv_grid": True}
 # The kernels TensorRT's plugins get (toolchain/trt/plugins.py, issue 16), run here to prove them on the GPU: no
 # thread-block cluster launch (so no cluster k-split, no xmerge pair and no prefill GEMM, whose split-K is a cluster),
 # the attention with the caches by address (rope_kv_attention_addr), the general matvec core at every m. With
@@ -228,10 +233,24 @@ class CudaBackend:
         """Keys per attention cluster in the xmerge pair: the tuning's attention define, else the pair's default."""
         return int(self.tuning["defines"].get("rope_kv_attention", {}).get("ATTN_CLUSTER_KEYS", XMERGE_CLUSTER_KEYS))
 
-    def long_context(self, position: int) -> bool:
-        """Whether a one-token step at `position` takes the xmerge plan: its attention has more than one cluster per
-        kv head, and the tuning pairs them."""
-        return self._xmerge() and position + 1 > self._xmerge_keys()
+    def _attention_keys(self) -> int:
+        """Keys per attention cluster in the plans without the xmerge pair: the tuning's define, else the build's."""
+        return int(self.tuning["defines"].get("rope_kv_attention", {}).get("ATTN_CLUSTER_KEYS", ATTN_CLUSTER_KEYS))
+
+    def _kv_grid(self) -> bool:
+        """Whether the tuning launches the attention as one cluster per (token, kv head) where that is all it uses
+        (ATTN_KVGRID: steps of more than ATTN_MSCR tokens, and steps within one cluster's keys)."""
+        return bool(self.tuning["attn_kv_grid"]) and bool(self.tuning["clusters"])
+
+    def long_context(self, position: int, m: int = 1) -> bool:
+        """Whether a step of m tokens whose furthest row is at `position` takes its plan for long contexts: a token's
+        attention there spreads over more than one cluster per kv head. For m = 1 (tuning xmerge) that plan pairs
+        the clusters with the o projection; for m <= ATTN_MSCR (tuning attn_kv_grid) the short plan launches one
+        cluster per (token, kv head) instead of the full grid, whose other clusters would leave at once (the same
+        bits). Without those tunings, and for more tokens (one cluster per token anyway), one plan: False."""
+        keys = [self._xmerge_keys()] if m == 1 and self._xmerge() else []
+        keys += [self._attention_keys()] if m <= ATTN_MSCR and self._kv_grid() else []
+        return bool(keys) and position + 1 > min(keys)
 
     def _xmerge(self) -> bool:
         """Whether the tuning pairs attention and o projection (only the cluster builds have the partials)."""
@@ -241,12 +260,14 @@ class CudaBackend:
              sampled: int = 0) -> list[Launch]:
         """Resolve every node of the graph into a launch for a step of m tokens (cached). With last_only (prompt
         prefill), the head (final norm, lm_head, argmax) runs on the last token's row only: logits row 0. With
-        long_context (m = 1, see long_context()), the xmerge pairs. With a `tail`, its device sampler passes at the
+        long_context (see long_context()): for m = 1 the xmerge pairs, for m <= ATTN_MSCR the attention's full grid
+        (without it, where the tuning has attn_kv_grid: one cluster per (token, kv head)). With a `tail`, its device sampler passes at the
         argmax (toolchain/device_sampler.py; the draw replaces it) for the first `sampled` entries of its row list
         (default: m)."""
         xmerge = m == 1 and long_context and self._xmerge()
+        kv_grid = self._kv_grid() and (m > ATTN_MSCR or not long_context)
         sampled = (sampled or m) if tail else 0
-        key = (m, last_only, xmerge, tail, sampled)
+        key = (m, last_only, xmerge, kv_grid, tail, sampled)
         if tail and last_only:
             raise ValueError("a sampled plan computes the logits of every row (last_only=False)")
         if key in self._plans:
@@ -282,9 +303,9 @@ class CudaBackend:
                 dims |= qmv1_dims(defines)
             if op in SKINNY_OPS:  # its stages (tuning defines) decide its shared memory
                 dims |= skinny_dims(defines)
-            # steps of more than ATTN_MSCR tokens: one cluster per (token, kv head) is all the attention uses, so the
-            # tuning may launch only those (the same bits; plugins/rope_kv_attention.cu ATTN_KVGRID)
-            if op == "rope_kv_attention" and clusters and self.tuning["attn_kv_grid"] and dims["m"] > ATTN_MSCR:
+            # one cluster per (token, kv head) where that is all the attention uses: steps of more than ATTN_MSCR
+            # tokens, and short contexts (long_context; the same bits: plugins/rope_kv_attention.cu ATTN_KVGRID)
+            if op == "rope_kv_attention" and kv_grid:
                 defines |= {"ATTN_KVGRID": 1}
                 dims["attn_kv_grid"] = 1
             nodes.append((node, op, attrs, dims, defines, head))
@@ -384,9 +405,9 @@ class CudaBackend:
 
     def decode_graph(self, m: int = 1, long_context: bool = False, tail: Tail | None = None, advance: bool = True):
         """The whole decode step for m tokens captured once into a CUDA graph (advancing itself, unless not
-        `advance`); for m = 1 one graph per plan (long_context: the xmerge one, where the tuning has it). tail: the
+        `advance`); one graph per plan (long_context: see long_context()). tail: the
         device sampler's passes over all m rows (None: the argmax alone)."""
-        key = (m, m == 1 and long_context and self._xmerge(), tail, advance)
+        key = (m, long_context, tail, advance)
         if key not in self._graphs:
             if tail:
                 self.sampler.set_rows(np.arange(m), self.stream)
@@ -451,10 +472,11 @@ class CudaBackend:
     def step(self, ids, positions, slots, rows=None) -> np.ndarray:
         """Run one step of len(ids) tokens (any slots/positions) and return the logits of `rows` (default all)."""
         m = self._set_checked_inputs(ids, positions, slots)
+        long = self.long_context(int(np.max(positions)), m)
         if m == 1:
-            self.decode_graph(1, self.long_context(int(positions[0]))).launch(self.stream)
+            self.decode_graph(1, long).launch(self.stream)
         else:
-            self.run_plan(m)
+            self.run_plan(m, long_context=long)
         if rows is not None and not len(rows):
             self.stream.synchronize()
             return np.zeros((0, self.cfg.vocab), np.float32)
@@ -476,11 +498,11 @@ class CudaBackend:
         m = self._set_checked_inputs(ids, positions, slots)
         if tail:
             self.sampler.set_rows(rows, self.stream)
+        long = self.long_context(int(np.max(positions)), m)
         if rows == list(range(m)) and self._below_gemm(m):
-            self.decode_graph(m, m == 1 and self.long_context(int(positions[0])), tail,
-                              advance=False).launch(self.stream)
+            self.decode_graph(m, long, tail, advance=False).launch(self.stream)
         else:
-            self.run_plan(m, tail=tail, sampled=len(rows))
+            self.run_plan(m, long_context=long, tail=tail, sampled=len(rows))
         toks = self.buffers["next_token"].download(self.stream, rows=m).reshape(-1)
         return toks[rows]
 
@@ -508,8 +530,8 @@ class CudaBackend:
         """Enqueue a decode step of m rows, every row sampled on the device, and an asynchronous copy of its tokens;
         returns a ticket for read_tokens. With ids/positions/slots the step's inputs are set (the first step of a
         run); without, the step is fed by the one before it on the device (decode_advance: each row's drawn token,
-        its position + 1), so it can be launched before the host has read that one. `position`: the first row's
-        (which graph, for m = 1: long_context). tail: the step's sampler passes; None: every row is greedy without
+        its position + 1), so it can be launched before the host has read that one. `position`: the furthest
+        row's (which graph: long_context). tail: the step's sampler passes; None: every row is greedy without
         penalties or logprobs, the plain argmax graph. With logprobs in it, the rows' records are copied too
         (read_logprobs)."""
         if ids is not None:
@@ -517,7 +539,7 @@ class CudaBackend:
             self.sampler.set_rows(list(range(m)), self.stream)
         elif position >= self.max_context:
             raise ValueError(f"position {position} is beyond the context of {self.max_context}")
-        self.decode_graph(m, m == 1 and self.long_context(position), tail).launch(self.stream)
+        self.decode_graph(m, self.long_context(position, m), tail).launch(self.stream)
         if self._pinned is None:
             self._pinned = [cr.PinnedArray((self.max_tokens,), np.int64) for _ in range(2)]
             self._pinned_lp = [cr.PinnedArray((self.max_tokens, LOGPROB_WORDS), np.int32) for _ in range(2)]
@@ -557,14 +579,16 @@ class CudaBackend:
                 logits = self.step(chunk, [self.pos], [0])[0]
             else:
                 self._set_inputs(chunk, np.arange(self.pos, self.pos + len(chunk)), np.zeros(len(chunk)))
+                long = self.long_context(self.pos + len(chunk) - 1, len(chunk))
                 if len(chunk) == self.max_tokens:  # a whole piece: one captured graph (as `qtrt bench` times it)
-                    key = ("prefill", len(chunk))
+                    key = ("prefill", len(chunk), long)
                     if key not in self._graphs:
-                        self.plan(len(chunk), last_only=True)  # modules loaded before the capture
-                        self._graphs[key] = cr.capture(self.stream, lambda: self.run_plan(len(chunk), last_only=True))
+                        self.plan(len(chunk), last_only=True, long_context=long)  # modules loaded before the capture
+                        self._graphs[key] = cr.capture(
+                            self.stream, lambda: self.run_plan(len(chunk), last_only=True, long_context=long))
                     self._graphs[key].launch(self.stream)
                 else:
-                    self.run_plan(len(chunk), last_only=True)
+                    self.run_plan(len(chunk), last_only=True, long_context=long)
                 if s + len(chunk) == len(ids):  # only the last piece's logits: no wait between pieces
                     logits = self.buffers["logits"].download(self.stream, rows=1)[0]
             self.pos += len(chunk)

@@ -322,7 +322,7 @@ class Engine:
         tail = _tail([rows[i] for i in emit])
         if self.pipelined and rows and len(emit) == len(rows) and self.backend.can_pipeline(len(rows)):
             # decode rows only: launch and return; the next _step speculates the step after it before reading it
-            self._inflight = (rows, self.backend.launch_decode(len(rows), args[1][0], *args, tail=tail),
+            self._inflight = (rows, self.backend.launch_decode(len(rows), max(args[1]), *args, tail=tail),
                               t0)
             return
         records = [None] * len(emit)  # the logprob record of each emitting row, where its request asks
@@ -362,7 +362,8 @@ class Engine:
         nxt = None
         if all(live) and len(self.running) == len(rows) and all(row.position + 2 < self.max_context for row in rows):
             nrows = [Row(-1, row.position + 1, row.slot, row.request) for row in rows]  # token: known after step t
-            nxt = (nrows, self.backend.launch_decode(len(nrows), nrows[0].position, tail=_tail(nrows)),
+            nxt = (nrows, self.backend.launch_decode(len(nrows), max(r.position for r in nrows),
+                                                          tail=_tail(nrows)),
                    time.perf_counter())
         drawn = [int(t) for t in self.backend.read_tokens(ticket)]
         self._inflight = nxt

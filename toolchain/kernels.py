@@ -100,6 +100,7 @@ MATMUL_MAX_BLOCKS = QMV_SMS * QMV_BLOCKS_PER_SM  # one resident wave; rounds str
 QMV_MAX_SPLIT, QMV_MIN_SPLIT_ELEMS = 3, 512
 ATTN_SPLITS, ATTN_THREADS = 8, 256
 ATTN_MSCR = 16  # plugins/rope_kv_attention.cu MSCR: steps of more tokens run each token's attention as one cluster
+ATTN_CLUSTER_KEYS = 2048  # plugins/rope_kv_attention.cu, cluster build: one more cluster per this many keys
 ARGMAX_SPLITS, ARGMAX_THREADS = 8, 512
 # plugins/sampling.cu: a row's logits over a cluster of SAMPLE_SPLITS blocks, SAMPLE_PER per thread in registers
 SAMPLE_SPLITS, SAMPLE_THREADS, SAMPLE_PER, PENALTY_THREADS = 8, 1024, 20, 64
@@ -626,7 +627,8 @@ def specializations(model: dict, build=None) -> list[tuple[str, dict]]:
 
 def decode_specializations(model: dict) -> list[tuple[str, dict]]:
     """(op, defines) of the decode builds the cuda backend compiles for the model's projections (decode_build, for
-    every decode_tokens bucket: 1, 2, 4, 8 tokens per block), and of the xmerge pair (xmerge_defines)."""
+    every decode_tokens bucket: 1, 2, 4, 8 tokens per block), of the xmerge pair (xmerge_defines) and of the
+    attention on one cluster per (token, kv head) (ATTN_KVGRID)."""
     def build(op, attrs, mt=1):
         return decode_build(op, attrs, attrs.get("in_features", model["hidden"]), mt=mt)
 
@@ -640,7 +642,9 @@ def decode_specializations(model: dict) -> list[tuple[str, dict]]:
     pairs = [("matmul_add", d | o_proj) for op, d in out if op == "matmul_add" and d.get("QMV1_K") == q_dim]
     if pairs:
         pairs.append(("rope_kv_attention", defines_for("rope_kv_attention", model) | attn))
-    return out + pairs + list(batched.values())
+    # the attention as one cluster per (token, kv head) (the cuda backend's tuning attn_kv_grid)
+    kv_grid = [("rope_kv_attention", defines_for("rope_kv_attention", model) | {"ATTN_KVGRID": 1})]
+    return out + pairs + kv_grid + list(batched.values())
 
 
 TENSORRT_PLUGIN_OPS = (*MATMUL_OPS, *GATHER_OPS, "rope_kv_attention_addr", "swiglu")
