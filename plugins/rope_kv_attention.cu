@@ -15,7 +15,8 @@
 // addresses of the k and v cache) in place of the four cache pointers, so the cache is never a TensorRT network
 // input or output:
 //     rope_kv_attention_addr(q, k, v, cache_addr, positions, slots, m, n_slots, max_seq, out)
-// Launch (toolchain/kernels.py): grid (NS = 8, N_HEADS (ATTN_KVGRID: N_KV_HEADS), m), block (ATTN_THREADS = 256),
+// Launch (toolchain/kernels.py): grid (8 (ATTN_KVGRID without clusters: 1), N_HEADS (ATTN_KVGRID: N_KV_HEADS), m),
+// block (ATTN_THREADS = 256),
 // cluster (8, 1, 1) compiled in. Tuning knobs (-D, defaults below): ATTN_CLUSTER_KEYS, ATTN_NBUF, ATTN_PF_KEYS,
 // ATTN_LDMODE, ATTN_EARLY, ATTN_KVGRID.
 // ATTN_XMERGE=1 (the cuda backend's batch-1 plan only) appends a parameter `float* xpart` [G][XSTR] and, for m = 1
@@ -363,9 +364,12 @@ constexpr int EPT = (ME + THREADS - 1) / THREADS;   // of them per thread (1 wit
 constexpr int E_MAX = 8;               // step entries per block range kept in shared memory
 static_assert(!ATTN_CLUSTER || ME <= THREADS, "one merged element per thread");
 // ATTN_KVGRID: the cuda backend's build for steps of more than MSCR tokens (toolchain/kernels.py ATTN_MSCR), whose
-// C_act is 1 anyway: the default grid's other G - 1 clusters per (token, kv head) would only leave at once. Any m
-// gives correct results (each token's positions over one cluster); the same bits as the default build for m > MSCR.
-static_assert(!ATTN_KVGRID || (ATTN_CLUSTER && !ATTN_XMERGE), "ATTN_KVGRID: the cluster build, without xmerge");
+// C_act is 1 anyway, and for steps within one cluster's keys: the default grid's other G - 1 clusters per (token, kv
+// head) would only leave at once. Any m gives correct results (each token's positions over one cluster); the same
+// bits as the default build wherever its C_act is 1. Without clusters (ATTN_CLUSTER=0) it is one block per (token,
+// kv head) over all of the token's keys, launched with grid x = 1: for short contexts, where a cluster's 8 blocks
+// would each get a few key steps and a merge.
+static_assert(!ATTN_KVGRID || !ATTN_XMERGE, "ATTN_KVGRID: without xmerge");
 static_assert(ME % 4 == 0, "16-byte pushes");
 struct PushIn {                        // what a rank receives from each rank q (ATTN_PUSH)
     float o[NS][ME];                   // q's block numerators of this rank's elements

@@ -33,7 +33,8 @@ from toolchain.cuda_backend import GEMM_MIN_M, SKINNY_MIN_M, CudaBackend  # noqa
 
 OFF = {"pdl": False, "m1": False, "qmv1": False, "plain": True, "batched": False, "xmerge": False, "defines": {},
        "pdl_skip": (), "skip": (), "clusters": True, "cache_by_address": False, "share_activations": False,
-       "gemm_min_m": GEMM_MIN_M, "skinny_min_m": GEMM_MIN_M, "attn_kv_grid": False}
+       "gemm_min_m": GEMM_MIN_M, "skinny_min_m": GEMM_MIN_M, "attn_kv_grid": False,
+       "attn_one_block": False}
 DEFAULT = {"m1": True, "qmv1": True, "pdl": True, "xmerge": True, "batched": True, "skinny_min_m": SKINNY_MIN_M,
            "attn_kv_grid": True}
 
@@ -123,6 +124,8 @@ VARIANTS = {
     # the attention's full grid (a cluster per query head, all but one per kv head leaving at once at short context
     # and above 16 tokens), as before attn_kv_grid
     "attn_full_grid": {**DEFAULT, "attn_kv_grid": False},
+    # every step's attention as one block per (token, kv head), no cluster (right at any context; for short ones)
+    "attn_one_block": {**DEFAULT, "attn_one_block": True},
     # the SwiGLU's k split (kernels.skinny_split counts waves of one CTA per SM; with two, its rule would pick 1)
     **{f"skinny_swiglu_s{n}": {**DEFAULT, "defines": {"rms_norm_swiglu_skinny": {"SK_SPLIT": n}}} for n in (1, 3)},
     "batched_minb1": {**DEFAULT, "batched": True, "defines": {op: {"QMV1_MINB": 1} for op in K.FUSED_OPS}},

@@ -380,7 +380,10 @@ def test_attention_kv_grid_launch():
     assert K.launch_config("rope_kv_attention", dims).grid == (K.ATTN_SPLITS, 12, K.ATTN_MSCR + 1)
     assert K.launch_config("rope_kv_attention", dims | {"attn_kv_grid": 1}).grid == (K.ATTN_SPLITS, 2,
                                                                                       K.ATTN_MSCR + 1)
-    assert "static_assert(!ATTN_KVGRID || (ATTN_CLUSTER && !ATTN_XMERGE)" in src
+    # without clusters: one block per (token, kv head) (a grid x of 8 would run each 8 times over)
+    assert K.launch_config("rope_kv_attention", dims | {"attn_kv_grid": 1}, clusters=False).grid == (
+        1, 2, K.ATTN_MSCR + 1)
+    assert "static_assert(!ATTN_KVGRID || !ATTN_XMERGE" in src
     # the cuda backend's short-context rule counts the cluster build's keys per cluster
     assert int(re.search(r"#if ATTN_CLUSTER\n#define ATTN_CLUSTER_KEYS (\d+)", src).group(1)) == K.ATTN_CLUSTER_KEYS
     # the backend uses it by default: the build is among those `make kernels` compiles and prebuilt ships
@@ -420,6 +423,8 @@ def test_attention_kv_grid_builds(tmp_path, monkeypatch):
     a = dict(n_heads=12, n_kv_heads=2, head_dim=128, rope_theta=1e6)
     base = K.defines_for("rope_kv_attention", a) | {"ATTN_KVGRID": 1}
     assert K.compile_kernel("rope_kv_attention", base, fmt="cubin", prebuilt=False)
+    one_block = K.defines_for("rope_kv_attention", a, clusters=False) | {"ATTN_KVGRID": 1}
+    assert K.compile_kernel("rope_kv_attention", one_block, fmt="cubin", prebuilt=False)
     with pytest.raises(UserError, match="nvcc failed"):
         K.compile_kernel("rope_kv_attention", base | {"ATTN_XMERGE": 1, "ATTN_CLUSTER_KEYS": 1024}, fmt="cubin",
                          prebuilt=False)

@@ -663,9 +663,11 @@ def test_attention_kv_grid(model, case):
 
 
 # builds: the cuda backend's (a cluster of 8 blocks), and TensorRT's (issue 16: no cluster launch; the caches by
-# address as the TensorRT export passes them)
-ATTN_BUILDS = {"cluster": ("rope_kv_attention", True), "no_cluster": ("rope_kv_attention", False),
-               "tensorrt": ("rope_kv_attention_addr", False)}
+# address as the TensorRT export passes them), and one block per (token, kv head) without a cluster (the cuda
+# backend's experiment attn_one_block): (op, clusters, extra defines)
+ATTN_BUILDS = {"cluster": ("rope_kv_attention", True, {}), "no_cluster": ("rope_kv_attention", False, {}),
+               "tensorrt": ("rope_kv_attention_addr", False, {}),
+               "one_block": ("rope_kv_attention", False, {"ATTN_KVGRID": 1})}
 
 
 @pytest.mark.parametrize("build", list(ATTN_BUILDS))
@@ -678,8 +680,8 @@ def test_rope_kv_attention(model, case, build):
     slots, positions = c["slots"], c["positions"]
     k, kc, vc, kc_ref, vc_ref, ref = (c[x] for x in ("k", "kc", "vc", "kc_ref", "vc_ref", "ref"))
 
-    op, clusters = ATTN_BUILDS[build]
-    out, kc_dev, vc_dev = run_attention(c, K.defines_for(op, a, clusters=clusters), op)
+    op, clusters, extra = ATTN_BUILDS[build]
+    out, kc_dev, vc_dev = run_attention(c, K.defines_for(op, a, clusters=clusters) | extra, op)
     rel, mx = rel_err(out, ref)
     print(f"attention {model} {case} {build}: rel {rel:.2e} max abs {mx:.2e} ({seed})")
     assert np.isfinite(out).all(), f"unwritten outputs ({seed})"

@@ -31,6 +31,9 @@ times the variants):
   cluster's keys (ATTN_CLUSTER_KEYS; beyond them the long-context plan keeps the full grid, its clusters spread over
   the context). The full grid launches a cluster per query head there (n_heads / n_kv_heads of them per kv head),
   all but one leaving at once. The same bits either way.
+- attn_one_block: an experiment, off (a timing for short contexts; right at any context, but one block reads all
+  of a token's keys): every step's attention as one block per (token, kv head) without a cluster (the ATTN_KVGRID
+  build with ATTN_CLUSTER=0).
 - gemm_min_m: the step size from which the projections run as tensor-core GEMMs (GEMM_MIN_M; `qtrt bench`
   times both sides of it for each batched m).
 - defines ({op: {define: value}}) and pdl_skip (ops launched without PDL): experiments.
@@ -78,7 +81,7 @@ F32 = np.float32
 TUNING = {"pdl": True, "m1": True, "qmv1": True, "plain": True, "batched": True, "xmerge": True, "defines": {},
           "pdl_skip": (), "skip": (), "share_activations": os.environ.get("QTRT_SHARE_ACTIVATIONS") == "1",
           "clusters": True, "cache_by_address": False, "gemm_min_m": GEMM_MIN_M,
-          "skinny_min_m": SKINNY_MIN_M, "attn_kv_grid": True}
+          "skinny_min_m": SKINNY_MIN_M, "attn_kv_grid": True, "attn_one_block": False}
 # The kernels TensorRT's plugins get (toolchain/trt/plugins.py, issue 16), run here to prove them on the GPU: no
 # thread-block cluster launch (so no cluster k-split, no xmerge pair and no prefill GEMM, whose split-K is a cluster),
 # the attention with the caches by address (rope_kv_attention_addr), the general matvec core at every m. With
@@ -308,12 +311,15 @@ class CudaBackend:
             if op == "rope_kv_attention" and kv_grid:
                 defines |= {"ATTN_KVGRID": 1}
                 dims["attn_kv_grid"] = 1
+            if op == "rope_kv_attention" and self.tuning["attn_one_block"] and not xmerge:  # experiment (TUNING)
+                defines = defines_for(op, attrs, clusters=False) | {"ATTN_KVGRID": 1}
+                dims |= {"attn_kv_grid": 1, "no_clusters": 1}
             nodes.append((node, op, attrs, dims, defines, head))
         extra = self._link_xmerge(nodes) if xmerge else {}
         launches = []
         for node, op, attrs, dims, defines, head in nodes:
             kern = self._kernel(op, defines)
-            cfg = launch_config(op, dims, clusters=clusters)
+            cfg = launch_config(op, dims, clusters=clusters and not dims.get("no_clusters"))
             ins = [self.buffers[i].ptr for i in node.input]
             if head and node.name == HEAD_NODES[0]:  # read the last token's hidden row
                 width, dtype = self.widths[node.input[0]]

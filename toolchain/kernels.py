@@ -399,7 +399,8 @@ def launch_config(op: str, dims: dict, ops=INT_OPS, clusters: bool = True) -> La
     """Grid, block, shared memory and scalar arguments of one launch. `dims`: the node's int dims (m, n, k, hidden,
     vocab, numel, n_slots, max_seq) and attributes (n_heads, ...); only m may be symbolic (with a symbolic `ops`):
     weight shapes (n, k, hidden, q_dim, kv_dim, ffn) are static ints. clusters=False: the grid of the build
-    defines_for(..., clusters=False) (no k-split cluster in a matmul's grid; the attention's grid is the same)."""
+    defines_for(..., clusters=False) (no k-split cluster in a matmul's grid; the attention's grid is the same but
+    for an ATTN_KVGRID build, one block per (token, kv head))."""
     _check_op(op)
     m = dims.get("m")
     if "qmv1_kw" in dims:  # batch-1 build of a fused projection (decode_core, qmv1_dims): groups of 2 rows, G per
@@ -458,8 +459,10 @@ def launch_config(op: str, dims: dict, ops=INT_OPS, clusters: bool = True) -> La
     if op == "argmax":
         return LaunchConfig((ARGMAX_SPLITS, m, 1), (ARGMAX_THREADS, 1, 1), 0, (m, _dim(dims, "vocab")))
     if op in ATTENTION_OPS:  # grid y: (kv head, cluster) pairs, or kv heads for an ATTN_KVGRID build
-        rows = _dim(dims, "n_kv_heads") if dims.get("attn_kv_grid") else _dim(dims, "n_heads")
-        return LaunchConfig((ATTN_SPLITS, rows, m), (ATTN_THREADS, 1, 1), 0,
+        kv_grid = bool(dims.get("attn_kv_grid"))
+        rows = _dim(dims, "n_kv_heads") if kv_grid else _dim(dims, "n_heads")
+        # grid x: a cluster's blocks, or (ATTN_KVGRID without clusters) the one block of each (token, kv head)
+        return LaunchConfig((1 if kv_grid and not clusters else ATTN_SPLITS, rows, m), (ATTN_THREADS, 1, 1), 0,
                             (m, _dim(dims, "n_slots"), _dim(dims, "max_seq", "max_seq_len")))
     if op == "decode_advance":
         return LaunchConfig((ops.cdiv(m, 256), 1, 1), (256, 1, 1), 0, (m,))
