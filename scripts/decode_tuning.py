@@ -34,7 +34,7 @@ from toolchain.cuda_backend import GEMM_MIN_M, SKINNY_MIN_M, CudaBackend  # noqa
 OFF = {"pdl": False, "m1": False, "qmv1": False, "plain": True, "batched": False, "xmerge": False, "defines": {},
        "pdl_skip": (), "skip": (), "clusters": True, "cache_by_address": False, "share_activations": False,
        "gemm_min_m": GEMM_MIN_M, "skinny_min_m": GEMM_MIN_M, "attn_kv_grid": False,
-       "attn_one_block": False}
+       "attn_one_block": False, "skinny_skip": ()}
 DEFAULT = {"m1": True, "qmv1": True, "pdl": True, "xmerge": True, "batched": True, "skinny_min_m": SKINNY_MIN_M,
            "attn_kv_grid": True}
 
@@ -126,6 +126,9 @@ VARIANTS = {
     "attn_full_grid": {**DEFAULT, "attn_kv_grid": False},
     # every step's attention as one block per (token, kv head), no cluster (right at any context; for short ones)
     "attn_one_block": {**DEFAULT, "attn_one_block": True},
+    # the small projections of a few-token step on the decode core (its 8-token blocks), the rest as GEMMs
+    "skinny_skip_qkv_o": {**DEFAULT, "skinny_skip": ("rms_norm_qkv", "matmul_add@1536")},
+    "skinny_skip_qkv": {**DEFAULT, "skinny_skip": ("rms_norm_qkv",)},
     # the SwiGLU's k split (kernels.skinny_split counts waves of one CTA per SM; with two, its rule would pick 1)
     **{f"skinny_swiglu_s{n}": {**DEFAULT, "defines": {"rms_norm_swiglu_skinny": {"SK_SPLIT": n}}} for n in (1, 3)},
     "batched_minb1": {**DEFAULT, "batched": True, "defines": {op: {"QMV1_MINB": 1} for op in K.FUSED_OPS}},

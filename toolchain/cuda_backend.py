@@ -19,7 +19,7 @@ times the variants):
   without it they take the general core, whose blocks reload the weights for every 4 tokens.
 - skinny_min_m: the step size from which the projections (fused ones too) run as tensor-core GEMMs for few tokens
   (SKINNY_MIN_M, plugins/quant_gemm_skinny.cu: Q4_K / Q6_K weights; others stay on the decode core);
-  skinny_min_m >= gemm_min_m turns them off.
+  skinny_min_m >= gemm_min_m turns them off. skinny_skip: ops (or op@k) that stay on the decode core there.
 - xmerge: in the batch-1 plan for long contexts, each attention hands its cluster partials to the o projection that
   reads its output, which merges them while it loads x (plugins/rope_kv_attention.cu ATTN_XMERGE, plugins/qmv1.cuh
   QMV1_XMERGE): the attention no longer ends with a fence, an atomic and a last cluster's merge
@@ -81,7 +81,7 @@ F32 = np.float32
 TUNING = {"pdl": True, "m1": True, "qmv1": True, "plain": True, "batched": True, "xmerge": True, "defines": {},
           "pdl_skip": (), "skip": (), "share_activations": os.environ.get("QTRT_SHARE_ACTIVATIONS") == "1",
           "clusters": True, "cache_by_address": False, "gemm_min_m": GEMM_MIN_M,
-          "skinny_min_m": SKINNY_MIN_M, "attn_kv_grid": True, "attn_one_block": False}
+          "skinny_min_m": SKINNY_MIN_M, "attn_kv_grid": True, "attn_one_block": False, "skinny_skip": ()}
 # The kernels TensorRT's plugins get (toolchain/trt/plugins.py, issue 16), run here to prove them on the GPU: no
 # thread-block cluster launch (so no cluster k-split, no xmerge pair and no prefill GEMM, whose split-K is a cluster),
 # the attention with the caches by address (rope_kv_attention_addr), the general matvec core at every m. With
@@ -290,7 +290,8 @@ class CudaBackend:
             dims = self._dims(node, op, attrs, 1 if head else m)
             if gemm and not head and op in GEMM_OF:
                 op = GEMM_OF[op]
-            elif skinny and not head and (twin := skinny_of(op, attrs)):  # the fused ops too, where their types allow
+            elif (skinny and not head and not self._stays_on_decode_core(op, dims)
+                  and (twin := skinny_of(op, attrs))):  # the fused ops too, where their types allow
                 op, attrs = twin, dict(attrs, hidden=self.cfg.hidden)
             if op == "rope_kv_attention" and self.tuning["cache_by_address"]:
                 op = "rope_kv_attention_addr"
@@ -525,6 +526,12 @@ class CudaBackend:
         """Whether a step of m tokens runs its projections as the GEMMs for few tokens (tuning skinny_min_m; they
         split k over a cluster, so not in the cluster-free builds)."""
         return self.tuning["clusters"] and self.tuning["skinny_min_m"] <= m and self._below_gemm(m)
+
+    def _stays_on_decode_core(self, op: str, dims: dict) -> bool:
+        """Whether the tuning keeps this projection on the decode core in steps that run the others as GEMMs for few
+        tokens (skinny_skip: ops, or op@k for one projection shape, e.g. matmul_add@1536, the o projection)."""
+        k = dims.get("k", dims.get("hidden"))
+        return op in self.tuning["skinny_skip"] or f"{op}@{k}" in self.tuning["skinny_skip"]
 
     def _below_gemm(self, m: int) -> bool:
         """Whether a step of m tokens is below the GEMMs' threshold (tuning gemm_min_m): a decode step, whose plan
