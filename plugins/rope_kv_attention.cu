@@ -419,7 +419,7 @@ ATTN_KERNEL(const float* q, const float* k, const float* v,  // earlier kernels'
     __shared__ __align__(16) __half kst[E_MAX][D];   // entries of this range: half(RoPE(k)), half(v)
     __shared__ __align__(16) __half vst[E_MAX][D];
     __shared__ int list_pos[THREADS], list_j[THREADS], list_n, e_lo, e_hi, last_flag;
-    __shared__ BlockMerge mb;                     // this block's partial (read by the cluster)
+    __shared__ __align__(16) BlockMerge mb;       // this block's partial (read by the cluster; 16-byte pushes of bO)
 #if ATTN_CLUSTER && ATTN_PUSH
     __shared__ __align__(16) PushIn pin;          // the cluster's partials of this rank's elements
     __shared__ __align__(8) uint64_t pin_bar;     // counts their bytes
