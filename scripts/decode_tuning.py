@@ -34,9 +34,9 @@ from toolchain.cuda_backend import GEMM_MIN_M, SKINNY_MIN_M, CudaBackend  # noqa
 OFF = {"pdl": False, "m1": False, "qmv1": False, "plain": True, "batched": False, "xmerge": False, "defines": {},
        "pdl_skip": (), "skip": (), "clusters": True, "cache_by_address": False, "share_activations": False,
        "gemm_min_m": GEMM_MIN_M, "skinny_min_m": GEMM_MIN_M, "attn_kv_grid": False,
-       "attn_one_block": False, "skinny_skip": ()}
+       "attn_one_block_keys": 0, "skinny_skip": ()}
 DEFAULT = {"m1": True, "qmv1": True, "pdl": True, "xmerge": True, "batched": True, "skinny_min_m": SKINNY_MIN_M,
-           "attn_kv_grid": True}
+           "attn_kv_grid": True, "attn_one_block_keys": K.ATTN_ONE_BLOCK_KEYS}
 
 
 def proj(**defines):  # extra defines for every projection kernel (both cores ignore the other's)
@@ -124,8 +124,9 @@ VARIANTS = {
     # the attention's full grid (a cluster per query head, all but one per kv head leaving at once at short context
     # and above 16 tokens), as before attn_kv_grid
     "attn_full_grid": {**DEFAULT, "attn_kv_grid": False},
-    # every step's attention as one block per (token, kv head), no cluster (right at any context; for short ones)
-    "attn_one_block": {**DEFAULT, "attn_one_block": True},
+    # steps of more than 16 tokens: the attention as one block per (token, kv head) at every context, or never
+    "attn_one_block": {**DEFAULT, "attn_one_block_keys": 1 << 30},
+    "attn_one_block_off": {**DEFAULT, "attn_one_block_keys": 0},
     # the small projections of a few-token step on the decode core (its 8-token blocks), the rest as GEMMs
     "skinny_skip_qkv_o": {**DEFAULT, "skinny_skip": ("rms_norm_qkv", "matmul_add@1536")},
     "skinny_skip_qkv": {**DEFAULT, "skinny_skip": ("rms_norm_qkv",)},

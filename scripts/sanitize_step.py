@@ -1,7 +1,8 @@
 """A full decode step of the 1.5B layout (synthetic weights) for compute-sanitizer: a 40-token prompt prefill
 (tensor-core GEMMs + tiled prefill attention), three self-advancing CUDA-graph decode replays, two more at position
 2100 (two attention clusters per kv head: the cluster pushes and the o projection's merge of their partials), 5-, 2-
-and 13-token steps on the matvec path (the decode core's batched builds); the device sampler (plugins/sampling.cu:
+and 13-token steps on the matvec path (the decode core's batched builds), 20-token steps (the attention's one-block and
+one-cluster plans); the device sampler (plugins/sampling.cu:
 penalties, top-k/top-p/min-p, a wide nucleus, temperature alone) in a sampled graph and in steps that sample some
 rows, and its log-probabilities; fused and unfused graphs, and the unfused graph on TensorRT's builds (no clusters,
 the KV cache by address: issue 16); then rows with a token id outside the vocabulary or a slot or position outside
@@ -33,6 +34,11 @@ for fused, tuning in ((True, None), (False, None), (False, TENSORRT_BUILDS)):
     # batched steps on the decode core's QMV1_MT builds: 2 tokens, and 13 (two blocks of 8, the second partial)
     be.step([3, 4], [60, 60], [0, 1])
     be.step(np.arange(13) * 11, np.r_[np.arange(61, 68), np.arange(61, 67)], np.r_[np.zeros(7), np.ones(6)])
+    # 20 tokens (the GEMMs for few tokens): the attention as one block per (token, kv head) within
+    # attn_one_block_keys, one cluster beyond
+    for at in (70, 600):
+        be.step(np.arange(20) * 5, np.r_[np.arange(at, at + 10), np.arange(at, at + 10)],
+                np.r_[np.zeros(10), np.ones(10)])
     mixed = Sampling(0.8, 40, 0.9, seed=3, min_p=0.02, repetition_penalty=1.2, frequency_penalty=0.3)
     toks += list(be.sampled(toks[-1], 3, mixed, 3, [7] * be.pos + [toks[-1]]))
     for slot, s in ((0, Sampling(1.5, 0, 0.95, seed=4)), (1, Sampling(1.0, seed=5))):  # wide nucleus; temperature

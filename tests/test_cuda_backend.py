@@ -206,8 +206,8 @@ def test_attention_kv_grid_keeps_the_bits(synth, backend, m):
         positions = base - np.arange(m) * 3
         outs, grids = [], []
         try:
-            for on in (False, True):
-                use({**saved, "attn_kv_grid": on})
+            for on in (False, True):  # (the one-block plan of more tokens off: test_attention_one_block_plan)
+                use({**saved, "attn_kv_grid": on, "attn_one_block_keys": 0})
                 backend.reset()
                 outs.append(backend.step(ids, positions, slots).copy())
                 long = backend.long_context(int(positions.max()), m)
@@ -219,6 +219,44 @@ def test_attention_kv_grid_keeps_the_bits(synth, backend, m):
         if saved["clusters"]:  # kv heads instead of query heads on grid y, where the tuning trims it
             trimmed = m > ATTN_MSCR or base + 1 <= ATTN_CLUSTER_KEYS
             assert grids == [{c.n_heads}, {c.n_kv_heads if trimmed else c.n_heads}], (base, grids)
+
+
+def test_attention_one_block_plan(synth, backend):
+    """A step of more than ATTN_MSCR tokens within attn_one_block_keys runs the attention as one block per (token, kv
+    head) without a cluster (grid x = 1): the same logits as the one-cluster plan to fp32 rounding (another partition
+    of the keys), and beyond those keys the one-cluster plan itself (the same bits as with the tuning off)."""
+    from toolchain.kernels import ATTN_MSCR
+
+    model, _ = synth
+    m = ATTN_MSCR + 4
+    ids = np.random.default_rng().integers(0, model.config.vocab, m).tolist()
+    slots = np.arange(m, dtype=np.int32) % backend.n_slots
+    saved = dict(backend.tuning)
+    keys = 1024
+
+    def use(tuning):
+        backend.tuning = tuning
+        backend._plans.clear()
+        backend._graphs.clear()
+
+    try:
+        for base, near in ((100, True), (keys + 500, False)):  # the furthest row within the keys, beyond them
+            positions = base - np.arange(m) * 3
+            outs, grids = [], []
+            for k in (0, keys):
+                use({**saved, "attn_kv_grid": True, "attn_one_block_keys": k})
+                outs.append(backend.step(ids, positions, slots).copy())
+                long = backend.long_context(int(positions.max()), m)
+                grids.append({x.cfg.grid[0] for x in backend.plan(m, long_context=long)
+                              if x.op == "rope_kv_attention"})
+            assert np.isfinite(outs[1]).all(), base
+            if near and saved["clusters"]:
+                rel = np.linalg.norm(outs[1] - outs[0]) / np.linalg.norm(outs[0])
+                assert rel < 1e-4 and grids == [{8}, {1}], (rel, grids)
+            else:  # beyond the keys, or the TensorRT builds (no clusters): the tuning changes nothing
+                assert np.array_equal(outs[0], outs[1]) and grids[0] == grids[1], (base, grids)
+    finally:
+        use(saved)
 
 
 def test_long_prompt_prefill(synth, backend):

@@ -235,10 +235,12 @@ def test_skinny_gemm_launch():
     for define, default in (("SK_STAGES", K.SKINNY_STAGES), ("SK_XF16", K.SKINNY_XF16), ("SK_WARPS", K.SKINNY_WARPS)):
         assert int(re.search(rf"#define {define} (\d+)", src).group(1)) == default, define
     # the split rule's stated property at the 1.5B's shapes: the smallest S of least waves x (superblocks per CTA +
-    # SKINNY_CTA_COST), with the SM count of the H100 / H200 (132), S <= 8 and S <= k's superblocks
+    # SKINNY_CTA_COST), with the SM count of the H100 / H200 (132) and two CTAs per SM (two of the build's shared
+    # memory fit 228 KB, three do not), S <= 8 and S <= k's superblocks
+    assert K.SKINNY_CTAS_PER_SM == 2 and 2 * (K.SKINNY_SMEM + 1024) <= 228 * 1024 < 3 * (K.SKINNY_SMEM + 1024)
     for tiles, k in ((12, 1536), (2, 1536), (70, 1536), (140, 1536), (12, 8960), (1187, 1536), (3, 2048)):
         nb = k // 256
-        cost = {s: -(-tiles * s // 132) * (-(-nb // s) + K.SKINNY_CTA_COST) for s in range(1, min(8, nb) + 1)}
+        cost = {s: -(-tiles * s // 264) * (-(-nb // s) + K.SKINNY_CTA_COST) for s in range(1, min(8, nb) + 1)}
         best = min(cost.values())
         assert K.skinny_split(tiles, k) == min(s for s, c in cost.items() if c == best), (tiles, k)
     cases = [(op, dict(m=m, n=n, k=k), n, k) for op in ("q4k_gemm_skinny", "q6k_gemm_skinny", "matmul_add_skinny")
@@ -386,17 +388,20 @@ def test_attention_kv_grid_launch():
     assert "static_assert(!ATTN_KVGRID || !ATTN_XMERGE" in src
     # the cuda backend's short-context rule counts the cluster build's keys per cluster
     assert int(re.search(r"#if ATTN_CLUSTER\n#define ATTN_CLUSTER_KEYS (\d+)", src).group(1)) == K.ATTN_CLUSTER_KEYS
-    # the backend uses it by default: the build is among those `make kernels` compiles and prebuilt ships
+    # the backend uses them by default: the builds (with and without clusters) are among those `make kernels`
+    # compiles and prebuilt ships
     for model in K.MODEL_ATTRS:
-        kv = K.defines_for("rope_kv_attention", model) | {"ATTN_KVGRID": 1}
-        assert ("rope_kv_attention", kv) in K.real_model_builds(), model["model"]
+        for clusters in (True, False):
+            kv = K.defines_for("rope_kv_attention", model, clusters=clusters) | {"ATTN_KVGRID": 1}
+            assert ("rope_kv_attention", kv) in K.real_model_builds(), model["model"]
 
 
 def test_long_context_plans():
     """Which plan a step takes by its furthest row (CudaBackend.long_context): with attn_kv_grid, steps of up to
     ATTN_MSCR tokens within one cluster's keys launch one cluster per (token, kv head) and beyond them the full grid;
-    one-token steps beyond the xmerge pair's keys take the pair; steps of more tokens have one plan; without the
-    tunings (or without clusters, the TensorRT builds) one plan everywhere."""
+    one-token steps beyond the xmerge pair's keys take the pair; steps of more tokens within attn_one_block_keys one
+    block per (token, kv head), beyond them one cluster; without the tunings (or without clusters, the TensorRT
+    builds) one plan everywhere."""
     from toolchain.cuda_backend import TENSORRT_BUILDS, TUNING, CudaBackend
 
     be = object.__new__(CudaBackend)  # long_context reads only the tuning
@@ -406,12 +411,17 @@ def test_long_context_plans():
     for m in (1, 2, K.ATTN_MSCR):
         edge = xkeys if m == 1 else keys  # the xmerge pair's clusters are shorter
         assert not be.long_context(edge - 1, m) and be.long_context(edge, m), m
+    ob = be.tuning["attn_one_block_keys"]
+    assert ob == K.ATTN_ONE_BLOCK_KEYS > 0
+    for m in (K.ATTN_MSCR + 1, 32):
+        assert not be.long_context(ob - 1, m) and be.long_context(ob, m), m
+    be.tuning = dict(TUNING, attn_one_block_keys=0)
     assert not any(be.long_context(p, K.ATTN_MSCR + 1) for p in (0, keys, 10 * keys))
     be.tuning = dict(TUNING, attn_kv_grid=True, xmerge=False)
     assert not be.long_context(keys - 1, 1) and be.long_context(keys, 1)
     be.tuning = dict(TUNING, attn_kv_grid=True, xmerge=True, defines={"rope_kv_attention": {"ATTN_CLUSTER_KEYS": 512}})
     assert not be.long_context(511, 1) and be.long_context(512, 1) and be.long_context(512, 4)
-    be.tuning = dict(TUNING, attn_kv_grid=False, xmerge=False)
+    be.tuning = dict(TUNING, attn_kv_grid=False, xmerge=False, attn_one_block_keys=0)
     assert not any(be.long_context(p, m) for p in (0, keys, 10 * keys) for m in (1, 4, 32))
     be.tuning = dict(TUNING, **TENSORRT_BUILDS, attn_kv_grid=True)
     assert not any(be.long_context(p, m) for p in (0, keys, 10 * keys) for m in (1, 4, 32))

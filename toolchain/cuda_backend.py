@@ -31,9 +31,12 @@ times the variants):
   cluster's keys (ATTN_CLUSTER_KEYS; beyond them the long-context plan keeps the full grid, its clusters spread over
   the context). The full grid launches a cluster per query head there (n_heads / n_kv_heads of them per kv head),
   all but one leaving at once. The same bits either way.
-- attn_one_block: an experiment, off (a timing for short contexts; right at any context, but one block reads all
-  of a token's keys): every step's attention as one block per (token, kv head) without a cluster (the ATTN_KVGRID
-  build with ATTN_CLUSTER=0).
+- attn_one_block_keys: steps of more than ATTN_MSCR tokens whose furthest row is within this many keys run the
+  attention as one block per (token, kv head) without a cluster (the ATTN_KVGRID build with ATTN_CLUSTER=0; 0: off):
+  with that many tokens the grid fills the GPU anyway, and a short context leaves a cluster's 8 blocks a few key
+  steps each and a merge (H100, context 128, m = 32: +12.5% over the one-cluster grid; m = 16: -2.4%, fewer tokens
+  lose more, so not below MSCR; docs/perf-notes.md). Other bits than the cluster plans (another partition of the
+  keys), as precise.
 - gemm_min_m: the step size from which the projections run as tensor-core GEMMs (GEMM_MIN_M; `qtrt bench`
   times both sides of it for each batched m).
 - defines ({op: {define: value}}) and pdl_skip (ops launched without PDL): experiments.
@@ -59,9 +62,9 @@ from .fusion import fuse
 from .gguf_model import GGUFModel
 from .device_sampler import parse_logprobs
 from .graph import build_model_graph, node_attrs
-from .kernels import (ATTN_CLUSTER_KEYS, ATTN_MSCR, FUSED_OPS, LOGPROB_WORDS, MATMUL_OPS, XMERGE_CLUSTER_KEYS,
-                      decode_build, decode_tokens, defines_for, launch_config, qmv1_dims, SKINNY_OPS, skinny_dims,
-                      skinny_of, xmerge_defines, xmerge_slot_floats)
+from .kernels import (ATTN_CLUSTER_KEYS, ATTN_MSCR, ATTN_ONE_BLOCK_KEYS, FUSED_OPS, LOGPROB_WORDS, MATMUL_OPS,
+                      XMERGE_CLUSTER_KEYS, decode_build, decode_tokens, defines_for, launch_config, qmv1_dims,
+                      SKINNY_OPS, skinny_dims, skinny_of, xmerge_defines, xmerge_slot_floats)
 from .sampling import Tail
 
 # ONNX op_type -> kernel op (standard ops map to our kernels; custom ops share their names).
@@ -81,7 +84,7 @@ F32 = np.float32
 TUNING = {"pdl": True, "m1": True, "qmv1": True, "plain": True, "batched": True, "xmerge": True, "defines": {},
           "pdl_skip": (), "skip": (), "share_activations": os.environ.get("QTRT_SHARE_ACTIVATIONS") == "1",
           "clusters": True, "cache_by_address": False, "gemm_min_m": GEMM_MIN_M,
-          "skinny_min_m": SKINNY_MIN_M, "attn_kv_grid": True, "attn_one_block": False, "skinny_skip": ()}
+          "skinny_min_m": SKINNY_MIN_M, "attn_kv_grid": True, "attn_one_block_keys": ATTN_ONE_BLOCK_KEYS, "skinny_skip": ()}
 # The kernels TensorRT's plugins get (toolchain/trt/plugins.py, issue 16), run here to prove them on the GPU: no
 # thread-block cluster launch (so no cluster k-split, no xmerge pair and no prefill GEMM, whose split-K is a cluster),
 # the attention with the caches by address (rope_kv_attention_addr), the general matvec core at every m. With
@@ -245,14 +248,19 @@ class CudaBackend:
         (ATTN_KVGRID: steps of more than ATTN_MSCR tokens, and steps within one cluster's keys)."""
         return bool(self.tuning["attn_kv_grid"]) and bool(self.tuning["clusters"])
 
+    def _one_block_keys(self) -> int:
+        """Tuning attn_one_block_keys where the attention may be launched without clusters (0: not)."""
+        return int(self.tuning["attn_one_block_keys"]) if self.tuning["clusters"] else 0
+
     def long_context(self, position: int, m: int = 1) -> bool:
-        """Whether a step of m tokens whose furthest row is at `position` takes its plan for long contexts: a token's
-        attention there spreads over more than one cluster per kv head. For m = 1 (tuning xmerge) that plan pairs
-        the clusters with the o projection; for m <= ATTN_MSCR (tuning attn_kv_grid) the short plan launches one
-        cluster per (token, kv head) instead of the full grid, whose other clusters would leave at once (the same
-        bits). Without those tunings, and for more tokens (one cluster per token anyway), one plan: False."""
+        """Whether a step of m tokens whose furthest row is at `position` takes its plan for long contexts. For m = 1
+        (tuning xmerge) that plan pairs the attention's clusters with the o projection; for m <= ATTN_MSCR (tuning
+        attn_kv_grid) the short plan launches one cluster per (token, kv head) instead of the full grid, whose other
+        clusters would leave at once (the same bits); for more tokens (tuning attn_one_block_keys) the short plan
+        runs one block per (token, kv head) without a cluster. Without those tunings, one plan: False."""
         keys = [self._xmerge_keys()] if m == 1 and self._xmerge() else []
         keys += [self._attention_keys()] if m <= ATTN_MSCR and self._kv_grid() else []
+        keys += [self._one_block_keys()] if m > ATTN_MSCR and self._one_block_keys() else []
         return bool(keys) and position + 1 > min(keys)
 
     def _xmerge(self) -> bool:
@@ -264,13 +272,15 @@ class CudaBackend:
         """Resolve every node of the graph into a launch for a step of m tokens (cached). With last_only (prompt
         prefill), the head (final norm, lm_head, argmax) runs on the last token's row only: logits row 0. With
         long_context (see long_context()): for m = 1 the xmerge pairs, for m <= ATTN_MSCR the attention's full grid
-        (without it, where the tuning has attn_kv_grid: one cluster per (token, kv head)). With a `tail`, its device sampler passes at the
+        (without it, where the tuning has attn_kv_grid: one cluster per (token, kv head)), for more tokens one
+        cluster per (token, kv head) (without it, where the tuning has attn_one_block_keys: one block). With a `tail`, its device sampler passes at the
         argmax (toolchain/device_sampler.py; the draw replaces it) for the first `sampled` entries of its row list
         (default: m)."""
         xmerge = m == 1 and long_context and self._xmerge()
         kv_grid = self._kv_grid() and (m > ATTN_MSCR or not long_context)
+        one_block = self._one_block_keys() > 0 and m > ATTN_MSCR and not long_context
         sampled = (sampled or m) if tail else 0
-        key = (m, last_only, xmerge, kv_grid, tail, sampled)
+        key = (m, last_only, xmerge, kv_grid, one_block, tail, sampled)
         if tail and last_only:
             raise ValueError("a sampled plan computes the logits of every row (last_only=False)")
         if key in self._plans:
@@ -312,7 +322,7 @@ class CudaBackend:
             if op == "rope_kv_attention" and kv_grid:
                 defines |= {"ATTN_KVGRID": 1}
                 dims["attn_kv_grid"] = 1
-            if op == "rope_kv_attention" and self.tuning["attn_one_block"] and not xmerge:  # experiment (TUNING)
+            if op == "rope_kv_attention" and one_block:
                 defines = defines_for(op, attrs, clusters=False) | {"ATTN_KVGRID": 1}
                 dims |= {"attn_kv_grid": 1, "no_clusters": 1}
             nodes.append((node, op, attrs, dims, defines, head))

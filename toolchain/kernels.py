@@ -59,6 +59,7 @@ SKINNY_ROWS, SKINNY_TOKENS, SKINNY_MAX_SPLIT = 128, 16, 8
 SKINNY_STAGES, SKINNY_XF16, SKINNY_WARPS = 2, 1, 8
 SKINNY_THREADS = 32 * SKINNY_WARPS
 SKINNY_CTA_COST = 2  # skinny_split's cost model
+SKINNY_CTAS_PER_SM = 2  # resident CTAs of SKINNY_SMEM (228 KB per SM, 1 KB reserved per CTA: checked below)
 _FAMILY = {
     **{op: "quant_matmul" for op in MATMUL_OPS},
     **{op: "quant_gather" for op in GATHER_OPS},
@@ -101,6 +102,9 @@ QMV_MAX_SPLIT, QMV_MIN_SPLIT_ELEMS = 3, 512
 ATTN_SPLITS, ATTN_THREADS = 8, 256
 ATTN_MSCR = 16  # plugins/rope_kv_attention.cu MSCR: steps of more tokens run each token's attention as one cluster
 ATTN_CLUSTER_KEYS = 2048  # plugins/rope_kv_attention.cu, cluster build: one more cluster per this many keys
+# steps of more than ATTN_MSCR tokens within this many keys: the attention as one block per (token, kv head)
+# (the cuda backend's attn_one_block_keys; docs/perf-notes.md)
+ATTN_ONE_BLOCK_KEYS = 512
 ARGMAX_SPLITS, ARGMAX_THREADS = 8, 512
 # plugins/sampling.cu: a row's logits over a cluster of SAMPLE_SPLITS blocks, SAMPLE_PER per thread in registers
 SAMPLE_SPLITS, SAMPLE_THREADS, SAMPLE_PER, PENALTY_THREADS = 8, 1024, 20, 64
@@ -186,6 +190,7 @@ def skinny_smem_bytes(stages: int = SKINNY_STAGES, xf16: int = SKINNY_XF16) -> i
 
 
 SKINNY_SMEM = skinny_smem_bytes()
+assert SKINNY_CTAS_PER_SM * (SKINNY_SMEM + 1024) <= 228 * 1024 < (SKINNY_CTAS_PER_SM + 1) * (SKINNY_SMEM + 1024)
 
 
 def skinny_dims(defines: dict) -> dict:
@@ -198,12 +203,13 @@ def skinny_dims(defines: dict) -> dict:
 
 def skinny_split(tiles: int, k: int) -> int:
     """Cluster size S that splits k over S CTAs in plugins/quant_gemm_skinny.cu (define SK_SPLIT, grid z), for a
-    projection of `tiles` CTA tiles along grid x. One 256-thread CTA per SM (its ring of stages fills the shared
-    memory), so the time is about waves x (superblocks per CTA + SKINNY_CTA_COST, a CTA's prologue, norm pass and
-    reduction, guessed as 2 superblocks): S minimizes cdiv(tiles S, SMs) * (cdiv(nb, S) + SKINNY_CTA_COST), the
-    smallest S on ties. tiles and k are static ints."""
+    projection of `tiles` CTA tiles along grid x. SKINNY_CTAS_PER_SM CTAs fit an SM (their rings of stages fill the
+    shared memory), so the time is about waves x (superblocks per CTA + SKINNY_CTA_COST, a CTA's prologue, norm pass
+    and reduction, guessed as 2 superblocks): S minimizes cdiv(tiles S, SMs x CTAs per SM) * (cdiv(nb, S) +
+    SKINNY_CTA_COST), the smallest S on ties. tiles and k are static ints. (Counted with one CTA per SM, the rule
+    gave the SwiGLU's 140 tiles S = 2: 280 CTAs in 264 places; S = 1 was 0.3-5.6% faster at m = 8-32 on the H100.)"""
     tiles, nb = int(tiles), int(k) // 256
-    cost = {s: -(-tiles * s // QMV_SMS) * (-(-nb // s) + SKINNY_CTA_COST)
+    cost = {s: -(-tiles * s // (QMV_SMS * SKINNY_CTAS_PER_SM)) * (-(-nb // s) + SKINNY_CTA_COST)
             for s in range(1, min(SKINNY_MAX_SPLIT, max(nb, 1)) + 1)}
     return min(cost, key=lambda s: (cost[s], s))
 
@@ -631,7 +637,7 @@ def specializations(model: dict, build=None) -> list[tuple[str, dict]]:
 def decode_specializations(model: dict) -> list[tuple[str, dict]]:
     """(op, defines) of the decode builds the cuda backend compiles for the model's projections (decode_build, for
     every decode_tokens bucket: 1, 2, 4, 8 tokens per block), of the xmerge pair (xmerge_defines) and of the
-    attention on one cluster per (token, kv head) (ATTN_KVGRID)."""
+    attention on one cluster or one block per (token, kv head) (ATTN_KVGRID)."""
     def build(op, attrs, mt=1):
         return decode_build(op, attrs, attrs.get("in_features", model["hidden"]), mt=mt)
 
@@ -645,8 +651,10 @@ def decode_specializations(model: dict) -> list[tuple[str, dict]]:
     pairs = [("matmul_add", d | o_proj) for op, d in out if op == "matmul_add" and d.get("QMV1_K") == q_dim]
     if pairs:
         pairs.append(("rope_kv_attention", defines_for("rope_kv_attention", model) | attn))
-    # the attention as one cluster per (token, kv head) (the cuda backend's tuning attn_kv_grid)
-    kv_grid = [("rope_kv_attention", defines_for("rope_kv_attention", model) | {"ATTN_KVGRID": 1})]
+    # the attention as one cluster per (token, kv head), and as one block (the cuda backend's tunings attn_kv_grid,
+    # attn_one_block_keys)
+    kv_grid = [("rope_kv_attention", defines_for("rope_kv_attention", model, clusters=c) | {"ATTN_KVGRID": 1})
+               for c in (True, False)]
     return out + pairs + kv_grid + list(batched.values())
 
 
