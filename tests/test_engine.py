@@ -287,11 +287,15 @@ def test_device_logprobs_through_the_engine_on_cuda(synth_gguf):
                 pass
         eng.close()
         assert handles[3].logprobs == []
+        be, tuning = dec.backend, dict(dec.backend.tuning)
         for prompt, q, h in zip(prompts[:3], params[:3], handles[:3]):
             events = [t for t in h.ids if t not in dec.tokenizer.stop_token_ids]
             assert len(h.logprobs) == len(events) > 0
             seq = prompt + h.ids
-            logits = dec.backend.step(seq[:-1], list(range(len(seq) - 1)), [0] * (len(seq) - 1))
+            # the reference step (up to 39 rows) with the attention partitioned as in the engine's steps of up to 4
+            # rows (one cluster per token and kv head), not as one block (attn_one_block_keys: steps of more than 16)
+            be.tuning, be._plans = {**tuning, "attn_one_block_keys": 0}, {}
+            logits = be.step(seq[:-1], list(range(len(seq) - 1)), [0] * (len(seq) - 1))
             for k, rec in enumerate(h.logprobs):
                 at = len(prompt) - 1 + k
                 z = apply_penalties(logits[at], seq[:at + 1], q.sampling)
