@@ -34,11 +34,13 @@ for fused, tuning in ((True, None), (False, None), (False, TENSORRT_BUILDS)):
     # batched steps on the decode core's QMV1_MT builds: 2 tokens, and 13 (two blocks of 8, the second partial)
     be.step([3, 4], [60, 60], [0, 1])
     be.step(np.arange(13) * 11, np.r_[np.arange(61, 68), np.arange(61, 67)], np.r_[np.zeros(7), np.ones(6)])
-    # 20 tokens (the GEMMs for few tokens): the attention as one block per (token, kv head) within
-    # attn_one_block_keys, one cluster beyond
-    for at in (70, 600):
-        be.step(np.arange(20) * 5, np.r_[np.arange(at, at + 10), np.arange(at, at + 10)],
-                np.r_[np.zeros(10), np.ones(10)])
+    # 20 tokens (the GEMMs for few tokens): the attention as one block per (token, kv head) (within
+    # attn_one_block_keys), and as one cluster (the plan beyond them, here by the tuning)
+    tuning = be.tuning
+    for keys in (tuning["attn_one_block_keys"], 0):
+        be.tuning, be._plans = {**tuning, "attn_one_block_keys": keys}, {}
+        be.step(np.arange(20) * 5, np.r_[np.arange(600, 610), np.arange(600, 610)], np.r_[np.zeros(10), np.ones(10)])
+    be.tuning, be._plans = tuning, {}
     mixed = Sampling(0.8, 40, 0.9, seed=3, min_p=0.02, repetition_penalty=1.2, frequency_penalty=0.3)
     toks += list(be.sampled(toks[-1], 3, mixed, 3, [7] * be.pos + [toks[-1]]))
     for slot, s in ((0, Sampling(1.5, 0, 0.95, seed=4)), (1, Sampling(1.0, seed=5))):  # wide nucleus; temperature

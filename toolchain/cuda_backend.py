@@ -34,9 +34,9 @@ times the variants):
 - attn_one_block_keys: steps of more than ATTN_MSCR tokens whose furthest row is within this many keys run the
   attention as one block per (token, kv head) without a cluster (the ATTN_KVGRID build with ATTN_CLUSTER=0; 0: off):
   with that many tokens the grid fills the GPU anyway, and a short context leaves a cluster's 8 blocks a few key
-  steps each and a merge (H100, context 128, m = 32: +12.5% over the one-cluster grid; m = 16: -2.4%, fewer tokens
-  lose more, so not below MSCR; docs/perf-notes.md). Other bits than the cluster plans (another partition of the
-  keys), as precise.
+  steps each and a merge (H100, m = 32: +13% over the one-cluster grid at context 128, +4% at 4096; m = 16 at 128:
+  -2.4%, fewer tokens lose more, so not below MSCR; docs/perf-notes.md). Other bits than the cluster plans (another
+  partition of the keys), as precise.
 - gemm_min_m: the step size from which the projections run as tensor-core GEMMs (GEMM_MIN_M; `qtrt bench`
   times both sides of it for each batched m).
 - defines ({op: {define: value}}) and pdl_skip (ops launched without PDL): experiments.

@@ -103,8 +103,9 @@ ATTN_SPLITS, ATTN_THREADS = 8, 256
 ATTN_MSCR = 16  # plugins/rope_kv_attention.cu MSCR: steps of more tokens run each token's attention as one cluster
 ATTN_CLUSTER_KEYS = 2048  # plugins/rope_kv_attention.cu, cluster build: one more cluster per this many keys
 # steps of more than ATTN_MSCR tokens within this many keys: the attention as one block per (token, kv head)
-# (the cuda backend's attn_one_block_keys; docs/perf-notes.md)
-ATTN_ONE_BLOCK_KEYS = 512
+# (the cuda backend's attn_one_block_keys). H100, m = 32, against one cluster: +13 / +12 / +12 / +4% at context
+# 128 / 512 / 1024 / 4096 (docs/perf-notes.md); beyond 4096 not timed, so the cluster there
+ATTN_ONE_BLOCK_KEYS = 4096
 ARGMAX_SPLITS, ARGMAX_THREADS = 8, 512
 # plugins/sampling.cu: a row's logits over a cluster of SAMPLE_SPLITS blocks, SAMPLE_PER per thread in registers
 SAMPLE_SPLITS, SAMPLE_THREADS, SAMPLE_PER, PENALTY_THREADS = 8, 1024, 20, 64
