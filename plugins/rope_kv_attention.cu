@@ -367,7 +367,8 @@ static_assert(!ATTN_CLUSTER || ME <= THREADS, "one merged element per thread");
 // C_act is 1 anyway, and for steps within one cluster's keys: the default grid's other G - 1 clusters per (token, kv
 // head) would only leave at once. Any m gives correct results (each token's positions over one cluster); the same
 // bits as the default build wherever its C_act is 1. Without clusters (ATTN_CLUSTER=0) it is one block per (token,
-// kv head) over all of the token's keys, launched with grid x = 1: for short contexts, where a cluster's 8 blocks
+// kv head) over all of the token's keys, launched with grid x = 1: for steps whose tokens fill the GPU by themselves
+// (the cuda backend: more than MSCR tokens, up to kernels.ATTN_ONE_BLOCK_KEYS keys), where a cluster's 8 blocks
 // would each get a few key steps and a merge.
 static_assert(!ATTN_KVGRID || !ATTN_XMERGE, "ATTN_KVGRID: without xmerge");
 static_assert(ME % 4 == 0, "16-byte pushes");

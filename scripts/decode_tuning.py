@@ -130,8 +130,8 @@ VARIANTS = {
     # the small projections of a few-token step on the decode core (its 8-token blocks), the rest as GEMMs
     "skinny_skip_qkv_o": {**DEFAULT, "skinny_skip": ("rms_norm_qkv", "matmul_add@1536")},
     "skinny_skip_qkv": {**DEFAULT, "skinny_skip": ("rms_norm_qkv",)},
-    # the SwiGLU's k split (kernels.skinny_split counts waves of one CTA per SM; with two, its rule would pick 1)
-    **{f"skinny_swiglu_s{n}": {**DEFAULT, "defines": {"rms_norm_swiglu_skinny": {"SK_SPLIT": n}}} for n in (1, 3)},
+    # the SwiGLU's k split against the rule's 1 (2 before kernels.skinny_split counted two CTAs per SM)
+    **{f"skinny_swiglu_s{n}": {**DEFAULT, "defines": {"rms_norm_swiglu_skinny": {"SK_SPLIT": n}}} for n in (2, 3)},
     "batched_minb1": {**DEFAULT, "batched": True, "defines": {op: {"QMV1_MINB": 1} for op in K.FUSED_OPS}},
     # diagnostics: the step without one kernel family (wrong results; the time saved is what the family costs in
     # the step, PDL overlap included)

@@ -571,7 +571,7 @@ ATTN_CASES = {  # name: (slots, positions)
     "decode_pos127": ([1], [127]),      # one cluster, every block's range full
     "decode_pos2048": ([2], [2048]),    # two clusters (ATTN_CLUSTER_KEYS = 2048): the cross-cluster merge
     "prefill300_at40": ([0] * 300, list(range(40, 340))),   # m > MSCR and > the block's 256 threads
-    "batch8_at2047": ([0, 1, 2, 0, 1, 2, 0, 1], [2047, 3, 900, 1500, 64, 2046, 0, 511]),  # one cluster's keys, just
+    "batch8_at2047": ([0, 1, 2, 0, 1, 2, 0, 1], [2047, 3, 900, 1500, 64, 2046, 0, 511]),  # within one cluster's keys
 }
 
 

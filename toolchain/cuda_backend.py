@@ -84,7 +84,8 @@ F32 = np.float32
 TUNING = {"pdl": True, "m1": True, "qmv1": True, "plain": True, "batched": True, "xmerge": True, "defines": {},
           "pdl_skip": (), "skip": (), "share_activations": os.environ.get("QTRT_SHARE_ACTIVATIONS") == "1",
           "clusters": True, "cache_by_address": False, "gemm_min_m": GEMM_MIN_M,
-          "skinny_min_m": SKINNY_MIN_M, "attn_kv_grid": True, "attn_one_block_keys": ATTN_ONE_BLOCK_KEYS, "skinny_skip": ()}
+          "skinny_min_m": SKINNY_MIN_M, "attn_kv_grid": True, "attn_one_block_keys": ATTN_ONE_BLOCK_KEYS,
+          "skinny_skip": ()}
 # The kernels TensorRT's plugins get (toolchain/trt/plugins.py, issue 16), run here to prove them on the GPU: no
 # thread-block cluster launch (so no cluster k-split, no xmerge pair and no prefill GEMM, whose split-K is a cluster),
 # the attention with the caches by address (rope_kv_attention_addr), the general matvec core at every m. With
@@ -273,9 +274,9 @@ class CudaBackend:
         prefill), the head (final norm, lm_head, argmax) runs on the last token's row only: logits row 0. With
         long_context (see long_context()): for m = 1 the xmerge pairs, for m <= ATTN_MSCR the attention's full grid
         (without it, where the tuning has attn_kv_grid: one cluster per (token, kv head)), for more tokens one
-        cluster per (token, kv head) (without it, where the tuning has attn_one_block_keys: one block). With a `tail`, its device sampler passes at the
-        argmax (toolchain/device_sampler.py; the draw replaces it) for the first `sampled` entries of its row list
-        (default: m)."""
+        cluster per (token, kv head) (without it, where the tuning has attn_one_block_keys: one block). With a
+        `tail`, its device sampler passes at the argmax (toolchain/device_sampler.py; the draw replaces it) for the
+        first `sampled` entries of its row list (default: m)."""
         xmerge = m == 1 and long_context and self._xmerge()
         kv_grid = self._kv_grid() and (m > ATTN_MSCR or not long_context)
         one_block = self._one_block_keys() > 0 and m > ATTN_MSCR and not long_context
@@ -422,8 +423,8 @@ class CudaBackend:
 
     def decode_graph(self, m: int = 1, long_context: bool = False, tail: Tail | None = None, advance: bool = True):
         """The whole decode step for m tokens captured once into a CUDA graph (advancing itself, unless not
-        `advance`); one graph per plan (long_context: see long_context()). tail: the
-        device sampler's passes over all m rows (None: the argmax alone)."""
+        `advance`); one graph per plan (long_context: see long_context()). tail: the device sampler's passes over all
+        m rows (None: the argmax alone)."""
         key = (m, long_context, tail, advance)
         if key not in self._graphs:
             if tail:
