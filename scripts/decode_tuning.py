@@ -132,6 +132,11 @@ VARIANTS = {
     "skinny_skip_qkv": {**DEFAULT, "skinny_skip": ("rms_norm_qkv",)},
     # the SwiGLU's k split against the rule's 1 (2 before kernels.skinny_split counted two CTAs per SM)
     **{f"skinny_swiglu_s{n}": {**DEFAULT, "defines": {"rms_norm_swiglu_skinny": {"SK_SPLIT": n}}} for n in (2, 3)},
+    # the small projections' k splits against the rule's (QKV and o: 6, one superblock per CTA; ffn_down: 7): fewer
+    # ranks mean longer CTAs but fewer of them and a shorter cluster reduction
+    **{f"skinny_qkv_s{n}": {**DEFAULT, "defines": {"rms_norm_qkv_skinny": {"SK_SPLIT": n}}} for n in (2, 3)},
+    **{f"skinny_o_s{n}": {**DEFAULT, "defines": {"matmul_add_skinny@1536": {"SK_SPLIT": n}}} for n in (2, 3)},
+    **{f"skinny_down_s{n}": {**DEFAULT, "defines": {"matmul_add_skinny@8960": {"SK_SPLIT": n}}} for n in (4, 8)},
     "batched_minb1": {**DEFAULT, "batched": True, "defines": {op: {"QMV1_MINB": 1} for op in K.FUSED_OPS}},
     # diagnostics: the step without one kernel family (wrong results; the time saved is what the family costs in
     # the step, PDL overlap included)
