@@ -66,6 +66,13 @@ def compare_greedy(ref, rcache, be, prompt, start, n):
     return matched, errs
 
 
+def use_tuning(backend, tuning: dict):
+    """Run the backend under `tuning` from now on: its plans and captured graphs are made again."""
+    backend.tuning = tuning
+    backend._plans.clear()
+    backend._graphs.clear()
+
+
 def test_greedy_32_tokens_match_reference(synth, backend):
     model, ref = synth
     rng = np.random.default_rng()
@@ -128,23 +135,18 @@ def test_batched_slots_equal_separate_runs(synth, backend, m):
     saved = dict(backend.tuning)
     same_kernels = {**saved, "skinny_min_m": 1} if backend._skinny(m) else saved
 
-    def use(tuning):
-        backend.tuning = tuning
-        backend._plans.clear()
-        backend._graphs.clear()
-
     try:
         for s, p in enumerate(prompts):  # replay the same step alone, on the cache re-filled for that slot
             backend.step(p, np.arange(len(p)), np.full(len(p), s))
-            use(same_kernels)
+            use_tuning(backend, same_kernels)
             single = backend.step([p[-1]], [len(p)], [s])
-            use(saved)
+            use_tuning(backend, saved)
             # at m = 3 the single step runs the batch-1 decode builds (qmv1: x quantized per 16 elements), the batched
             # one 4 tokens per block: the two roundings differ by ~1e-4 in the logits (scripts/decode_tuning.py
             # measures 1e-4 - 2e-4); a wrong slot or position gives errors of order 1
             assert rel_err(batched[s], single[0]) < 1e-3, s
     finally:
-        use(saved)
+        use_tuning(backend, saved)
     for s, p in enumerate(prompts[:3]):  # the step fed p[-1] again, at position len(p)
         want = ref.forward(p + [p[-1]], 0, ref.new_cache(16))[-1]
         assert rel_err(batched[s], want) < 5e-3, s
@@ -197,24 +199,19 @@ def test_attention_kv_grid_keeps_the_bits(synth, backend, m):
     slots = np.arange(m, dtype=np.int32) % backend.n_slots
     saved = dict(backend.tuning)
 
-    def use(tuning):
-        backend.tuning = tuning
-        backend._plans.clear()
-        backend._graphs.clear()
-
     for base in (100, ATTN_CLUSTER_KEYS + 900):  # the furthest row: within one cluster's keys, beyond them
         positions = base - np.arange(m) * 3
         outs, grids = [], []
         try:
             for on in (False, True):  # (the one-block plan of more tokens off: test_attention_one_block_plan)
-                use({**saved, "attn_kv_grid": on, "attn_one_block_keys": 0})
+                use_tuning(backend, {**saved, "attn_kv_grid": on, "attn_one_block_keys": 0})
                 backend.reset()
                 outs.append(backend.step(ids, positions, slots).copy())
                 long = backend.long_context(int(positions.max()), m)
                 grids.append({x.cfg.grid[1] for x in backend.plan(m, long_context=long)
                               if x.op.startswith("rope_kv_attention")})
         finally:
-            use(saved)
+            use_tuning(backend, saved)
         assert np.isfinite(outs[0]).all() and np.array_equal(outs[0], outs[1]), base
         if saved["clusters"]:  # kv heads instead of query heads on grid y, where the tuning trims it
             trimmed = m > ATTN_MSCR or base + 1 <= ATTN_CLUSTER_KEYS
@@ -235,17 +232,12 @@ def test_attention_one_block_plan(synth, backend):
     saved = dict(backend.tuning)
     keys = 1024
 
-    def use(tuning):
-        backend.tuning = tuning
-        backend._plans.clear()
-        backend._graphs.clear()
-
     try:
         for base, near in ((100, True), (keys + 500, False)):  # the furthest row within the keys, beyond them
             positions = base - np.arange(m) * 3
             outs, grids = [], []
             for k in (0, keys):
-                use({**saved, "attn_kv_grid": True, "attn_one_block_keys": k})
+                use_tuning(backend, {**saved, "attn_kv_grid": True, "attn_one_block_keys": k})
                 outs.append(backend.step(ids, positions, slots).copy())
                 long = backend.long_context(int(positions.max()), m)
                 grids.append({x.cfg.grid[0] for x in backend.plan(m, long_context=long)
@@ -257,7 +249,7 @@ def test_attention_one_block_plan(synth, backend):
             else:  # beyond the keys, or the TensorRT builds (no clusters): the tuning changes nothing
                 assert np.array_equal(outs[0], outs[1]) and grids[0] == grids[1], (base, grids)
     finally:
-        use(saved)
+        use_tuning(backend, saved)
 
 
 def test_long_prompt_prefill(synth, backend):
@@ -293,17 +285,13 @@ def test_pdl_matches_serialized_launches(synth, backend, defines):
     runs = {}
     try:
         for pdl in (False, True, True):
-            backend.tuning = {**saved, "pdl": pdl, "defines": defines}
-            backend._plans.clear()
-            backend._graphs.clear()
+            use_tuning(backend, {**saved, "pdl": pdl, "defines": defines})
             backend.reset()
             first = int(np.argmax(backend.forward(prompt)))
             steps = [backend.buffers["logits"].download(backend.stream, rows=1)[0] for _ in backend.greedy(first, 24)]
             runs.setdefault(pdl, []).append(np.array(steps))
     finally:
-        backend.tuning = saved
-        backend._plans.clear()
-        backend._graphs.clear()
+        use_tuning(backend, saved)
         backend.reset()
     assert np.array_equal(runs[True][0], runs[True][1]), "PDL steps differ between two runs"
     assert np.array_equal(runs[True][0], runs[False][0]), "PDL steps differ from serialized launches"
@@ -327,10 +315,8 @@ def test_xmerge_matches_the_attention_merge(synth, backend, keys):
     runs = {}
     try:
         for xmerge in (False, True):
-            backend.tuning = {**saved, "xmerge": xmerge,
-                              "defines": {"rope_kv_attention": {"ATTN_CLUSTER_KEYS": keys}}}
-            backend._plans.clear()
-            backend._graphs.clear()
+            use_tuning(backend, {**saved, "xmerge": xmerge,
+                                 "defines": {"rope_kv_attention": {"ATTN_CLUSTER_KEYS": keys}}})
             xpart = backend.buffers["attn.xpart"].ptr
             paired = [x.op for x in backend.plan(1, long_context=True) if xpart in x.args]  # attentions, o projections
             assert len(paired) == (2 * c.n_layers if xmerge else 0), paired
@@ -346,9 +332,7 @@ def test_xmerge_matches_the_attention_merge(synth, backend, keys):
                          for _ in backend.greedy(first, 8)]
                 runs[xmerge, pos] = np.array(steps)
     finally:
-        backend.tuning = saved
-        backend._plans.clear()
-        backend._graphs.clear()
+        use_tuning(backend, saved)
         backend.reset()
     for pos in (start, 1018, 0):
         assert np.array_equal(runs[True, pos], runs[False, pos]), f"xmerge changed the logits from position {pos}"

@@ -373,9 +373,10 @@ def test_nothing_but_weights_before_griddepcontrol_wait(op, defines):
 
 
 def test_attention_kv_grid_launch():
-    """ATTN_KVGRID (one cluster per (token, kv head), the cuda backend's tuning attn_kv_grid for steps of more than
-    ATTN_MSCR tokens): kernels.ATTN_MSCR is the .cu's MSCR, the launch puts the kv heads on grid y, and the build
-    exists only as the cluster build without xmerge (a static_assert)."""
+    """ATTN_KVGRID (one cluster per (token, kv head), or without clusters one block: the cuda backend's tunings
+    attn_kv_grid and attn_one_block_keys): kernels.ATTN_MSCR and ATTN_CLUSTER_KEYS are the .cu's, the launch puts the
+    kv heads on grid y (and, without clusters, one block on grid x), the build refuses xmerge (a static_assert), and
+    both builds are among the real-model builds."""
     src = (K.PLUGINS / "rope_kv_attention.cu").read_text()
     assert int(re.search(r"constexpr int MSCR = (\d+);", src).group(1)) == K.ATTN_MSCR
     dims = dict(m=K.ATTN_MSCR + 1, n_heads=12, n_kv_heads=2, n_slots=4, max_seq=4096)

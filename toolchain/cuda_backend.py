@@ -320,18 +320,15 @@ class CudaBackend:
                 dims |= skinny_dims(defines)
             # one cluster per (token, kv head) where that is all the attention uses: steps of more than ATTN_MSCR
             # tokens, and short contexts (long_context; the same bits: plugins/rope_kv_attention.cu ATTN_KVGRID)
-            if op == "rope_kv_attention" and kv_grid:
-                defines |= {"ATTN_KVGRID": 1}
+            if op == "rope_kv_attention" and (kv_grid or one_block):  # one block: the build without clusters
+                defines = (defines_for(op, attrs, clusters=False) if one_block else defines) | {"ATTN_KVGRID": 1}
                 dims["attn_kv_grid"] = 1
-            if op == "rope_kv_attention" and one_block:
-                defines = defines_for(op, attrs, clusters=False) | {"ATTN_KVGRID": 1}
-                dims |= {"attn_kv_grid": 1, "no_clusters": 1}
             nodes.append((node, op, attrs, dims, defines, head))
         extra = self._link_xmerge(nodes) if xmerge else {}
         launches = []
         for node, op, attrs, dims, defines, head in nodes:
             kern = self._kernel(op, defines)
-            cfg = launch_config(op, dims, clusters=clusters and not dims.get("no_clusters"))
+            cfg = launch_config(op, dims, clusters=clusters and defines.get("ATTN_CLUSTER", 1) != 0)
             ins = [self.buffers[i].ptr for i in node.input]
             if head and node.name == HEAD_NODES[0]:  # read the last token's hidden row
                 width, dtype = self.widths[node.input[0]]
