@@ -13,6 +13,9 @@
 //     Registers (nvcc 13.0, sm_90): q4k_gemm 192, q6k_gemm 185 per thread, no spills: one 256-thread CTA per SM.
 // Requirements: k % 256 == 0; x 16-byte aligned (k % 4 == 0 follows); Q4_K: w 16-byte aligned (Q6_K: 2-aligned is
 // enough); m, n >= 1 (any value: tails are clamped on load and dropped on store).
+// Other builds: -DGEMM_WGMMA=1 (sm_90a, the cuda backend's default on H100 / H200) runs the body of
+// plugins/quant_gemm_wgmma.cuh (its header has its launch); with -DGEMM_XH=1 its x is the fp16 copy gemm_x_f16 (at
+// the end of this file) makes.
 //
 // Design
 // - CTA tile 128 tokens x BN weight rows, 8 warps as 2 (tokens) x 4 (rows), warp tile 64 x (8 * NT8): 4 x NT8
@@ -40,6 +43,12 @@
 
 #include "pdl.cuh"
 #include "quant_mma.cuh"
+#ifndef GEMM_WGMMA
+#define GEMM_WGMMA 0  // 1: the body on Hopper's warpgroup MMA (plugins/quant_gemm_wgmma.cuh; build with -arch=sm_90a)
+#endif
+#if GEMM_WGMMA
+#include "quant_gemm_wgmma.cuh"
+#endif
 
 namespace cg = cooperative_groups;
 using namespace qmma;
@@ -85,7 +94,7 @@ __device__ __forceinline__ void load_x(XRegs& r, const float* __restrict__ x, in
 
 // fp16, k permuted inside each chunk: word c (c = 0..3) of the chunk's first 8 halves = (x[4c], x[4c+2]), word
 // 4+c = (x[4c+1], x[4c+3]).
-__device__ __forceinline__ void store_x(const XRegs& r, uint8_t* Xs, int tid) {
+[[maybe_unused]] __device__ __forceinline__ void store_x(const XRegs& r, uint8_t* Xs, int tid) {
 #pragma unroll
     for (int it = 0; it < 4; ++it) {
         const int id = THREADS * it + tid, row = id >> 3, kk = (id >> 1) & 3, u = id & 1;
@@ -251,6 +260,208 @@ __device__ __forceinline__ void gemm(const float* __restrict__ x, const uint8_t*
     }
 }
 
+#if GEMM_WGMMA
+// Q6_K: the byte offset of global row gr's block inside its staged span (Fmt<Q6K>::row_off); 0 for Q4_K
+template <class F>
+__device__ __forceinline__ uint32_t q6k_off(uint32_t wlo, size_t row_bytes, int gr, int n, int sb) {
+    if constexpr (F::BB == 210) return Fmt<Q6K>::row_off(wlo, row_bytes, min(gr, n - 1), sb);
+    return 0;
+}
+
+// One substep of a warpgroup: the A fragments of this thread's rows row0 and row0 + 8 (substep p of the staged
+// superblock R, scales S) into af, then the four k16 steps' wgmma over the x buffer at shared address xs, committed
+// as one group
+template <class F>
+__device__ __forceinline__ void wgmma_substep(float (&acc)[64], uint32_t (&af)[4][4], const uint8_t* R,
+                                              const uint8_t* S, int row0, uint32_t off0, uint32_t off1, int p, int c,
+                                              uint32_t xs) {
+    using namespace qwg;
+    uint32_t b0[4][2], b1[4][2];
+    Fmt<F>::dequant(b0, R + row0 * G<F>::RS, S + row0 * 64, off0, p, c);
+    Fmt<F>::dequant(b1, R + (row0 + 8) * G<F>::RS, S + (row0 + 8) * 64, off1, p, c);
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+        af[kk][0] = b0[kk][0];
+        af[kk][1] = b1[kk][0];
+        af[kk][2] = b0[kk][1];
+        af[kk][3] = b1[kk][1];
+    }
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) wgmma_m64n128k16(acc, af[kk], kmajor_sw128(xs + 32 * kk));
+    wgmma_commit();
+}
+
+// The wgmma build's body (plugins/quant_gemm_wgmma.cuh has the design): the same staging, scales, x loads and split
+// as gemm<F> above, the weights as the warpgroup MMA's A operand, x as its shared-memory B operand.
+template <class F>
+__device__ __forceinline__ void gemm_wgmma(const float* __restrict__ x, const uint8_t* __restrict__ w,
+                                           const float* __restrict__ bias, int m, int n, int k, float* __restrict__ y) {
+    using namespace qwg;
+    uint8_t* const X0 = gemm_smem + ((1024 - (smem_u32(gemm_smem) & 1023)) & 1023);  // 1024-aligned swizzle atoms
+    uint8_t* const R0 = X0 + NXB * XT;
+    uint8_t* const S = R0 + 2 * qwg::BN * G<F>::RS;
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
+    const int n0 = blockIdx.x * qwg::BN, m0 = blockIdx.y * qwg::BM;
+    const int nb = k / 256;
+    const size_t row_bytes = (size_t)nb * F::BB;
+    const uint32_t wlo = (uint32_t)reinterpret_cast<uintptr_t>(w);
+#if GEMM_SPLIT == 2
+    const int rank = blockIdx.z;
+    const int sb0 = nb * rank / 2, sb1 = nb * (rank + 1) / 2;
+#else
+    const int sb0 = 0, sb1 = nb;
+#endif
+    const int nsb = sb1 - sb0, T = 4 * nsb;
+    const int g = lane >> 2, c = lane & 3;
+    const int row0 = 64 * wg + 16 * (warp & 3) + g;  // this thread's A rows in the tile: row0 and row0 + 8
+
+    float acc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+
+#if GEMM_XH
+    // x is the fp16 copy in the fragments' k order (gemm_x_f16): 4 buffers filled by cp.async two substeps ahead,
+    // one commit group per substep (with the next superblock's raw weights at its first substep). Buffer (t + 2) % 4
+    // was last read by group t - 2, done in every warpgroup before the barrier that ended substep t - 1.
+    const uint16_t* xh = reinterpret_cast<const uint16_t*>(x);
+    if (nsb > 0) {
+        uint32_t af[2][4][4];  // A fragments of two substeps: [parity][k16 step][register]
+        Fmt<F>::template issue_raw<qwg::BN, qwg::THREADS>(R0, w, row_bytes, n0, n, sb0, tid);
+        issue_xh<F>(X0, xh, m0, m, k, 256 * sb0, 0, tid);
+        cp_async_commit();
+        issue_xh<F>(X0 + XT, xh, m0, m, k, 256 * sb0, 1, tid);
+        cp_async_commit();
+        cp_async_wait1();
+        fence_proxy_async();
+        __syncthreads();
+        Fmt<F>::template scales<qwg::BN, qwg::THREADS>(S, R0, wlo, row_bytes, n0, n, sb0, tid);
+        __syncthreads();
+        for (int s = 0; s < nsb; ++s) {
+            const int sb = sb0 + s;
+            const uint8_t* R = R0 + (s & 1) * qwg::BN * G<F>::RS;
+            const uint32_t off0 = q6k_off<F>(wlo, row_bytes, n0 + row0, n, sb);
+            const uint32_t off1 = q6k_off<F>(wlo, row_bytes, n0 + row0 + 8, n, sb);
+#pragma unroll
+            for (int p = 0; p < 4; ++p) {
+                const int t = 4 * s + p;
+                if (p == 0 && s + 1 < nsb)
+                    Fmt<F>::template issue_raw<qwg::BN, qwg::THREADS>(R0 + ((s + 1) & 1) * qwg::BN * G<F>::RS, w,
+                                                                      row_bytes, n0, n, sb + 1, tid);
+                if (t + 2 < T)
+                    issue_xh<F>(X0 + ((t + 2) % NXB) * XT, xh, m0, m, k, 256 * (sb + ((p + 2) >> 2)), (p + 2) & 3, tid);
+                cp_async_commit();
+                wgmma_substep<F>(acc, af[p & 1], R, S, row0, off0, off1, p, c, smem_u32(X0 + (t % NXB) * XT));
+                wgmma_wait<1>();  // group t - 1 done: its A registers and (with the barrier) its x buffer are free
+                cp_async_wait1();  // every copy but this substep's: substep t + 1's x, the weights issued before
+                fence_proxy_async();  // the copies, read next by the async proxy (wgmma)
+                __syncthreads();
+            }
+            if (s + 1 < nsb) {
+                Fmt<F>::template scales<qwg::BN, qwg::THREADS>(S, R0 + ((s + 1) & 1) * qwg::BN * G<F>::RS, wlo,
+                                                               row_bytes, n0, n, sb + 1, tid);
+                __syncthreads();
+            }
+        }
+        wgmma_wait<0>();
+    }
+#else
+    if (nsb > 0) {
+        XRegs xr;
+        uint32_t af[2][4][4];  // A fragments of two substeps: [parity][k16 step][register]
+        Fmt<F>::template issue_raw<qwg::BN, qwg::THREADS>(R0, w, row_bytes, n0, n, sb0, tid);
+        cp_async_commit();
+        load_x<F>(xr, x, m0, m, k, 256 * sb0, 0, tid);
+        store_x_sw(xr, X0, tid);
+        fence_proxy_async();
+        load_x<F>(xr, x, m0, m, k, 256 * sb0, 1, tid);
+        cp_async_wait_all();
+        __syncthreads();
+        Fmt<F>::template scales<qwg::BN, qwg::THREADS>(S, R0, wlo, row_bytes, n0, n, sb0, tid);
+        __syncthreads();
+        for (int s = 0; s < nsb; ++s) {
+            const int sb = sb0 + s;
+            const uint8_t* R = R0 + (s & 1) * qwg::BN * G<F>::RS;
+            if (s + 1 < nsb)
+                Fmt<F>::template issue_raw<qwg::BN, qwg::THREADS>(R0 + ((s + 1) & 1) * qwg::BN * G<F>::RS, w, row_bytes,
+                                                                  n0, n, sb + 1, tid);
+            cp_async_commit();
+            const uint32_t off0 = q6k_off<F>(wlo, row_bytes, n0 + row0, n, sb);
+            const uint32_t off1 = q6k_off<F>(wlo, row_bytes, n0 + row0 + 8, n, sb);
+#pragma unroll
+            for (int p = 0; p < 4; ++p) {
+                const int t = 4 * s + p;
+                wgmma_substep<F>(acc, af[p & 1], R, S, row0, off0, off1, p, c, smem_u32(X0 + (t % NXB) * XT));
+                wgmma_wait<1>();  // group t - 1 done: its A registers and (with the barrier) its x buffer are free
+                if (t + 1 < T) {
+                    store_x_sw(xr, X0 + ((t + 1) % NXB) * XT, tid);
+                    fence_proxy_async();  // generic-proxy stores, read next by the async proxy (wgmma)
+                }
+                if (t + 2 < T) load_x<F>(xr, x, m0, m, k, 256 * (sb + ((p + 2) >> 2)), (p + 2) & 3, tid);
+                if (p == 3) cp_async_wait_all();
+                __syncthreads();
+            }
+            if (s + 1 < nsb) {
+                Fmt<F>::template scales<qwg::BN, qwg::THREADS>(S, R0 + ((s + 1) & 1) * qwg::BN * G<F>::RS, wlo,
+                                                               row_bytes, n0, n, sb + 1, tid);
+                __syncthreads();
+            }
+        }
+        wgmma_wait<0>();
+    }
+#endif
+
+    bool store = true;
+#if GEMM_SPLIT == 2
+    {
+        // warpgroup `rank` of each CTA stores its 64 rows; the other sends its partial sums to the peer's same
+        // warpgroup (the same rows and tokens, the other half of k)
+        cg::cluster_group cluster = cg::this_cluster();
+        cluster.sync();  // both CTAs are done with their shared memory
+        float4* red = reinterpret_cast<float4*>(X0);
+        const int i = tid & 127;
+        if (wg != rank) {
+            float4* dst = cluster.map_shared_rank(red, rank ^ 1);
+#pragma unroll
+            for (int q = 0; q < 16; ++q)
+                dst[q * 128 + i] = make_float4(acc[4 * q], acc[4 * q + 1], acc[4 * q + 2], acc[4 * q + 3]);
+        }
+        cluster.sync();
+        if (wg == rank) {
+#pragma unroll
+            for (int q = 0; q < 16; ++q) {
+                const float4 v = red[q * 128 + i];
+                acc[4 * q] += v.x;
+                acc[4 * q + 1] += v.y;
+                acc[4 * q + 2] += v.z;
+                acc[4 * q + 3] += v.w;
+            }
+        } else {
+            store = false;
+        }
+    }
+#endif
+    if (!store) return;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int row = n0 + row0 + 8 * h;
+        if (row >= n) continue;
+        const float b = bias ? bias[row] : 0.f;
+#pragma unroll
+        for (int j = 0; j < 16; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int tok = m0 + 8 * j + 2 * c + e;
+                if (tok < m) y[(size_t)tok * n + row] = acc[4 * j + 2 * h + e] + b;
+            }
+    }
+}
+#define GEMM_BODY gemm_wgmma
+#else
+#define GEMM_BODY gemm
+#endif
+
 }  // namespace
 
 #if GEMM_SPLIT == 2
@@ -265,8 +476,24 @@ __device__ __forceinline__ void gemm(const float* __restrict__ x, const uint8_t*
                                                float* __restrict__ y) {                                            \
         pdl_launch_dependents();                                                                                   \
         pdl_wait();                                                                                                \
-        gemm<F>(x, w, bias, m, n, k, y);                                                                           \
+        GEMM_BODY<F>(x, w, bias, m, n, k, y);                                                                      \
     }
 
 QTRT_GEMM(q4k_gemm, Q4K)
 QTRT_GEMM(q6k_gemm, Q6K)
+
+// x (float32 [m][k]) -> xh (fp16 [m][k], each 16-element chunk in the fragments' k order: word c = (x[4c], x[4c+2]),
+// word 4 + c = (x[4c+1], x[4c+3]), as store_x writes it to shared memory): the input of the GEMM_XH build, made once
+// per activation and read by every GEMM of it (q, k, v; gate, up). One thread per chunk; k % 16 == 0, x 16-aligned.
+// LAUNCH: block (256, 1, 1), grid (cdiv(m * k, 16 * 256), 1, 1).
+extern "C" __global__ void __launch_bounds__(256) gemm_x_f16(const float* __restrict__ x, int m, int k,
+                                                             uint4* __restrict__ xh) {
+    pdl_launch_dependents();
+    pdl_wait();
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;  // chunk
+    if (i >= (size_t)m * k / 16) return;
+    const float4* p = reinterpret_cast<const float4*>(x) + 4 * i;
+    const float4 a = p[0], b = p[1], c = p[2], d = p[3];
+    xh[2 * i] = make_uint4(pack_h2(a.x, a.z), pack_h2(b.x, b.z), pack_h2(c.x, c.z), pack_h2(d.x, d.z));
+    xh[2 * i + 1] = make_uint4(pack_h2(a.y, a.w), pack_h2(b.y, b.w), pack_h2(c.y, c.w), pack_h2(d.y, d.w));
+}

@@ -3,13 +3,14 @@
 # tests/test_gemm_gpu.py, then time q4k_gemm / q6k_gemm at m = 512 for the Qwen2.5-1.5B shapes (CUDA events, median
 # of >= 20 launches after warm-up, weights rotated past L2) and estimate prefill tokens/s of the 28-layer GEMM stack
 # (attention, norms, SwiGLU, embedding and lm_head excluded). Writes $OUT/gemm.log and $OUT/gemm.json.
-#   bash scripts/device_gemm.sh                    GEMM_VARIANTS="3:2 4:2" (GEMM_NT8:GEMM_SPLIT), NCU=1
+#   bash scripts/device_gemm.sh    GEMM_VARIANTS="3:2 wg:2 wgx:2" (GEMM_NT8:GEMM_SPLIT; wg / wgx: the wgmma body with
+#                                  x float32 / fp16), NCU=1
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/device}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 QTRT_GPU_TESTS=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export GEMM_VARIANTS=${GEMM_VARIANTS:-"3:2 4:2"}
+export GEMM_VARIANTS=${GEMM_VARIANTS:-"3:2 wg:2 wgx:2"}
 PY=${PYTHON:-python3}
 main() {
 echo "== device"
@@ -20,9 +21,9 @@ echo "== compile (variants GEMM_NT8:GEMM_SPLIT = $GEMM_VARIANTS)"
 $PY - <<'EOF'
 import os, re, sys
 sys.path.insert(0, "tests")
-from test_gemm_gpu import compile_gemm
+from test_gemm_gpu import compile_gemm, parse_variant
 for v in os.environ["GEMM_VARIANTS"].split():
-    _, rep = compile_gemm(*map(int, v.split(":")))
+    _, rep = compile_gemm(*parse_variant(v))
     for ent, props in re.findall(r"Compiling entry function '(\w+)'.*?\n(.*?Used \d+ registers[^\n]*)", rep, re.S):
         print(f"{v} {ent:10s} {' '.join(props.split())}")
 EOF
@@ -46,7 +47,7 @@ rng = np.random.default_rng(0)
 M = 512
 res = {"device": cr.device_name(), "m": M, "variants": {}}
 print("device:", res["device"])
-variants = [tuple(map(int, v.split(":"))) for v in os.environ["GEMM_VARIANTS"].split()]
+variants = [G.parse_variant(v) for v in os.environ["GEMM_VARIANTS"].split()]
 SHAPES = {"q": (1536, 1536), "k": (256, 1536), "v": (256, 1536), "o": (1536, 1536), "gate": (8960, 1536),
           "up": (8960, 1536), "down": (1536, 8960)}
 CASES = [("Q4_K", 1536, 1536), ("Q4_K", 256, 1536), ("Q4_K", 8960, 1536), ("Q4_K", 1536, 8960),
@@ -72,18 +73,18 @@ bad = set()
 for v in variants:
     for t, n, k in (("Q4_K", 8960, 1536), ("Q6_K", 1536, 8960)):
         try:
-            G.check(t, n, k, M, True, rng, "bench", nt8=v[0], split=v[1])
+            G.check(t, n, k, M, True, rng, "bench", **G.variant_kw(v))
         except AssertionError as e:
             bad.add(v)
             print(f"variant {v} {t} {n}x{k} FAILED: {e}")
 
 table = {}
-for nt8, split in variants:
-    vname = f"{nt8}:{split}"
+for v in variants:
+    vname = G.variant_name(v)
     vres = res["variants"][vname] = {}
     for t, n, k in CASES:
         ws = wcache[(t, n, k)]
-        fn = lambda i: G.gemm_launch(t, xs[k], ws[i], bias, ys, M, n, k, stream, nt8=nt8, split=split)  # noqa: E731
+        fn = lambda i: G.gemm_launch(t, xs[k], ws[i], bias, ys, M, n, k, stream, **G.variant_kw(v))  # noqa: E731
         us, usg = bench(fn, len(ws))
         tf, tfg = 2 * M * n * k / (us * 1e-6) / 1e12, 2 * M * n * k / (usg * 1e-6) / 1e12
         vres[f"{t} {n}x{k}"] = dict(us=round(us, 2), us_graph=round(usg, 2), tflops=round(tf, 1),
@@ -103,7 +104,7 @@ print(f"\nlayer stack: 28 layers x (q, k, v, o, gate, up, down), {flop / 1e12:.3
 res["estimate"] = {}
 best, best_ms = variants[0], 1e9
 for v in variants:
-    vname = ":".join(map(str, v))
+    vname = G.variant_name(v)
     for idx, label in ((0, "events"), (1, "graph")):
         tot = sum(table[(vname, L[p], *SHAPES[p])][idx] for L in layers for p in SHAPES) * 1e-6
         res["estimate"][f"{vname} {label}"] = dict(ms=round(tot * 1e3, 3), tok_s=round(M / tot),
@@ -115,9 +116,9 @@ for v in variants:
 
 # direct: one graph of the whole stack, distinct weights per layer (cold in L2 as in a real prefill)
 print("best variant:", best)
-res["best"] = ":".join(map(str, best))
-BEST = dict(nt8=best[0], split=best[1])
-for nt8, split in [best]:
+res["best"] = G.variant_name(best)
+BEST = G.variant_kw(best)
+for _ in [best]:
     wl = [{p: cr.DeviceBuffer.from_numpy(G.random_weights(rng, L[p], *SHAPES[p])) for p in SHAPES} for L in layers]
 
     def stack():
@@ -217,8 +218,8 @@ sys.path.insert(0, "tests")
 from toolchain import cuda_runtime as cr
 import test_gemm_gpu as G
 rng = np.random.default_rng(0)
-v = tuple(map(int, open("/tmp/qtrt_gemm_best").read().split(":")))
-BEST = dict(nt8=v[0], split=v[1])
+v = G.parse_variant(open("/tmp/qtrt_gemm_best").read().strip())
+BEST = G.variant_kw(v)
 print("ncu variant", v)
 for t, n, k in (("Q4_K", 8960, 1536), ("Q6_K", 1536, 8960)):
     w = cr.DeviceBuffer.from_numpy(G.random_weights(rng, t, n, k))

@@ -272,6 +272,58 @@ def test_long_prompt_prefill(synth, backend):
     assert rel_err(nxt, ref.forward([int(np.argmax(want))], 90, rc)[-1]) < 5e-3
 
 
+def test_prefill_gemm_on_wgmma(synth, backend):
+    """On compute capability 9.0 (H100, H200) the prefill steps' GEMMs are the wgmma build (tuning gemm_wgmma,
+    plugins/quant_gemm_wgmma.cuh; with gemm_xh its input made fp16 once by gemm_x_f16), not silently the mma.sync
+    one; a 200-token prompt (pieces of 96) prefilled on each build agrees with the CPU reference, and the builds with
+    each other."""
+    from toolchain import cuda_runtime as cr
+    from toolchain.kernels import GEMM_OPS, GEMM_SMEM, GEMM_WGMMA_SMEM, GEMM_XH_SMEM
+
+    if not backend.tuning["clusters"]:
+        pytest.skip("the TensorRT builds have no prefill GEMM (its k split is a cluster)")
+    if cr.compute_capability() != (9, 0):
+        pytest.skip("the wgmma build is sm_90a: compute capability 9.0 only")
+    model, ref = synth
+    prompt = np.random.default_rng().integers(0, model.config.vocab, 200).tolist()
+    want = ref.forward(prompt, 0, ref.new_cache(208))[-1]
+    saved, got = dict(backend.tuning), {}
+    builds = {"wgmma, fp16 x": (True, True, GEMM_XH_SMEM), "wgmma": (True, False, GEMM_WGMMA_SMEM),
+              "mma.sync": (False, False, GEMM_SMEM)}
+    try:
+        for name, (wgmma, xh, smem) in builds.items():
+            use_tuning(backend, {**saved, "gemm_wgmma": wgmma, "gemm_xh": xh})
+            plan = backend.plan(backend.max_tokens, last_only=True)
+            gemms = [ln for ln in plan if ln.op in GEMM_OPS]
+            assert gemms and all(ln.cfg.shared_mem == smem[ln.op] for ln in gemms), name
+            assert any(ln.op == "gemm_x_f16" for ln in plan) == xh, name
+            backend.reset()
+            got[name] = backend.forward(prompt)
+            err = rel_err(got[name], want)
+            print(f"\n200-token prefill, {name}: logits rel err {err:.2e}")
+            assert err < 5e-3
+    finally:
+        use_tuning(backend, saved)
+    assert all(rel_err(got[b], got["mma.sync"].astype(np.float64)) < 1e-3 for b in builds)
+
+
+def test_concurrent_projections_keep_the_bits(synth, backend):
+    """q, k and v (gate and up) of a prefill step launched side by side on forked streams (tuning
+    concurrent_projections; captured: parallel graph branches) give exactly the bits of the same launches one after
+    another, through a whole 232-token prompt (pieces of 96: two captured graphs, then an eager 40-token step)."""
+    model, _ = synth
+    prompt = np.random.default_rng().integers(0, model.config.vocab, 232).tolist()
+    saved, got = dict(backend.tuning), {}
+    try:
+        for side_by_side in (True, False):
+            use_tuning(backend, {**saved, "concurrent_projections": side_by_side})
+            backend.reset()
+            got[side_by_side] = backend.forward(prompt)
+    finally:
+        use_tuning(backend, saved)
+    assert np.array_equal(got[True].view(np.uint32), got[False].view(np.uint32))
+
+
 @pytest.mark.parametrize("defines", [{}, {op: {"QMV1_PD": 3} for op in ("rms_norm_swiglu", "matmul_add")}],
                          ids=["default", "pd3"])
 def test_pdl_matches_serialized_launches(synth, backend, defines):

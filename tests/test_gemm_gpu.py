@@ -4,8 +4,9 @@ toolchain/kernels.py) against float64 numpy at the Qwen2.5-1.5B shapes. Fresh ra
 fp16 operands with fp32 accumulation: tolerance 3e-3 relative (measured 3-4e-4; 7e-4 for quantize()d Q4_K weights). Needs cuda-python, nvcc and a
 GPU (scripts/device_gemm.sh runs it there); the conftest skips it elsewhere.
 
-The kernel is compiled here with nvcc directly (it is not a registered op of toolchain/kernels.py yet); `gemm_kernel`,
-`gemm_launch` and `random_weights` are shared with the timing script."""
+The prefill GEMM is compiled here with nvcc directly, in each of its builds (mma.sync; wgmma with x float32; wgmma
+with x made fp16 by gemm_x_f16 first: the cuda backend's default on H100 / H200), so that variants can be timed
+(scripts/device_gemm.sh); `gemm_kernel`, `gemm_launch` and `random_weights` are shared with the timing script."""
 from __future__ import annotations
 
 import functools
@@ -31,15 +32,38 @@ NAME = {"Q4_K": "q4k_gemm", "Q6_K": "q6k_gemm"}
 THREADS, BM = 256, 128
 NAN = 0x7FC00000
 TOL = 3e-3
-# (GEMM_NT8, GEMM_SPLIT) of the shipped build (the .cu defaults); GEMM_TEST_VARIANTS="3:2 4:2" tests others too
-# (scripts/device_gemm.sh does, before timing them)
-DEFAULT = (3, 2)
-VARIANTS = [tuple(map(int, v.split(":"))) for v in os.environ.get("GEMM_TEST_VARIANTS", "").split()] or [DEFAULT]
-VIDS = [":".join(map(str, v)) for v in VARIANTS]
+# Variants as "NT8:SPLIT" (the mma.sync body: -DGEMM_NT8, -DGEMM_SPLIT), "wg:SPLIT" (the wgmma body, -DGEMM_WGMMA=1,
+# sm_90a: plugins/quant_gemm_wgmma.cuh) or "wgx:SPLIT" (the wgmma body with x as fp16 from gemm_x_f16, -DGEMM_XH=1).
+# The shipped builds are tested; GEMM_TEST_VARIANTS="3:2 4:2 wgx:2" picks others (scripts/device_gemm.sh does, before
+# timing them).
+WG_KINDS = {"wg": 1, "wgx": 2}
 
 
-def variant_params(nt8: int = 3, split: int = 2) -> dict:
-    """Launch constants of a compiled variant (-DGEMM_NT8, -DGEMM_SPLIT); see quant_gemm.cu's header."""
+def parse_variant(v: str) -> tuple[int, int, int]:
+    """'3:2' -> (3, 2, 0); 'wg:2' -> (0, 2, 1); 'wgx:2' -> (0, 2, 2): (GEMM_NT8, GEMM_SPLIT, wgmma kind)"""
+    a, split = v.split(":")
+    return (0, int(split), WG_KINDS[a]) if a in WG_KINDS else (int(a), int(split), 0)
+
+
+def variant_name(v: tuple[int, int, int]) -> str:
+    return f"{'wg' if v[2] == 1 else 'wgx'}:{v[1]}" if v[2] else f"{v[0]}:{v[1]}"
+
+
+def variant_kw(v: tuple[int, int, int]) -> dict:
+    return dict(nt8=v[0], split=v[1], wgmma=v[2])
+
+
+DEFAULT, WGMMA, WGMMA_XH = (3, 2, 0), (0, 2, 1), (0, 2, 2)
+VARIANTS = [parse_variant(v) for v in os.environ.get("GEMM_TEST_VARIANTS", "").split()] or [DEFAULT, WGMMA, WGMMA_XH]
+VIDS = [variant_name(v) for v in VARIANTS]
+
+
+def variant_params(nt8: int = 3, split: int = 2, wgmma: int = 0) -> dict:
+    """Launch constants of a compiled variant; see quant_gemm.cu's and quant_gemm_wgmma.cuh's headers."""
+    if wgmma:  # 128 weight rows per CTA, 3 (xh: 4) swizzled x buffers, 1024 bytes of alignment slack
+        bn, x_bytes = 128, (4 if wgmma == 2 else 3) * BM * 128
+        return {"nt8": 0, "split": split, "bn": bn, "smem": {"Q4_K": 1024 + x_bytes + 2 * bn * 144 + bn * 64,
+                                                            "Q6_K": 1024 + x_bytes + 2 * bn * 240 + bn * 64}}
     bn = 32 * nt8
     x_bytes = BM * 72 * 2
     return {"nt8": nt8, "split": split, "bn": bn,
@@ -47,14 +71,16 @@ def variant_params(nt8: int = 3, split: int = 2) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def compile_gemm(nt8: int = 3, split: int = 2) -> tuple[bytes, str]:
+def compile_gemm(nt8: int = 3, split: int = 2, wgmma: int = 0) -> tuple[bytes, str]:
     """cubin bytes and nvcc's resource report of one variant."""
     from toolchain.kernels import nvcc_path
     nvcc = nvcc_path() or "nvcc"
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "quant_gemm.cubin")
-        cmd = [nvcc, "-cubin", "-arch=sm_90", "-O3", "-std=c++17", "--resource-usage", f"-I{ROOT / 'plugins'}",
-               f"-DGEMM_NT8={nt8}", f"-DGEMM_SPLIT={split}", str(SRC), "-o", out]
+        body = (["-arch=sm_90a", "-DGEMM_WGMMA=1", *(["-DGEMM_XH=1"] if wgmma == 2 else [])] if wgmma
+                else ["-arch=sm_90", f"-DGEMM_NT8={nt8}"])
+        cmd = [nvcc, "-cubin", *body, "-O3", "-std=c++17", "--resource-usage", f"-I{ROOT / 'plugins'}",
+               f"-DGEMM_SPLIT={split}", str(SRC), "-o", out]
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if res.returncode != 0:
             raise RuntimeError(f"nvcc failed:\n{res.stdout}{res.stderr}")
@@ -62,29 +88,41 @@ def compile_gemm(nt8: int = 3, split: int = 2) -> tuple[bytes, str]:
 
 
 @functools.lru_cache(maxsize=None)
-def gemm_kernel(t: str, nt8: int = 3, split: int = 2):
+def gemm_kernel(t: str, nt8: int = 3, split: int = 2, wgmma: int = 0):
     """Loaded kernel of format t with its dynamic shared memory limit raised."""
-    image, _ = compile_gemm(nt8, split)
+    image, _ = compile_gemm(nt8, split, wgmma)
     mod = cr.Module(image)
     kern = mod.kernel(NAME[t])
     d = cr.driver()
-    smem = variant_params(nt8, split)["smem"][t]
+    smem = variant_params(nt8, split, wgmma)["smem"][t]
     cr.check(d.cuFuncSetAttribute(kern.handle, d.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                   smem), "cuFuncSetAttribute")
     kern._keep_module = mod  # the module must outlive the kernel handle
     return kern
 
 
-def gemm_config(t: str, m: int, n: int, k: int, nt8: int = 3, split: int = 2):
+def gemm_config(t: str, m: int, n: int, k: int, nt8: int = 3, split: int = 2, wgmma: int = 0):
     """The launch formula of quant_gemm.cu: grid (cdiv(n, BN), cdiv(m, 128), SPLIT), block 256, dynamic smem."""
-    p = variant_params(nt8, split)
+    p = variant_params(nt8, split, wgmma)
     cdiv = lambda a, b: -(-a // b)  # noqa: E731
     return types.SimpleNamespace(grid=(cdiv(n, p["bn"]), cdiv(m, BM), split), block=(THREADS, 1, 1),
                                  shared_mem=p["smem"][t], scalars=(m, n, k))
 
 
-def gemm_launch(t, x, w, bias, y, m, n, k, stream=None, nt8=3, split=2):
-    gemm_kernel(t, nt8, split).launch_op(gemm_config(t, m, n, k, nt8, split), [x, w, bias], [y], stream)
+_XH: dict[int, cr.DeviceBuffer] = {}  # fp16 copies of x for the wgx variant, by size (kept: graphs capture them)
+
+
+def gemm_launch(t, x, w, bias, y, m, n, k, stream=None, nt8=3, split=2, wgmma=0):
+    """One GEMM launch of the variant; for wgx, x made fp16 by gemm_x_f16 first (one conversion per launch here; the
+    backend makes one per activation, for all the GEMMs that read it)."""
+    kern = gemm_kernel(t, nt8, split, wgmma)
+    if wgmma == 2:
+        xh = _XH.get(m * k) or _XH.setdefault(m * k, cr.DeviceBuffer(m * k * 2))
+        conv = kern._keep_module.kernel("gemm_x_f16")
+        conv.launch_op(types.SimpleNamespace(grid=(-(-(m * k) // 4096), 1, 1), block=(256, 1, 1), shared_mem=0,
+                                             scalars=(m, k)), [x], [xh], stream)
+        x = xh
+    kern.launch_op(gemm_config(t, m, n, k, nt8, split, wgmma), [x, w, bias], [y], stream)
 
 
 def _rng():
@@ -135,8 +173,6 @@ def rel_err(y, ref):
     return float(np.linalg.norm(y - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
-def _kw(v):
-    return dict(nt8=v[0], split=v[1])
 
 
 def check(t, n, k, m, has_bias, rng, seed, w=None, w_offset=0, launch=None, **variant):
@@ -164,7 +200,7 @@ SHAPES_15B = [(1536, 1536, True), (256, 1536, True), (8960, 1536, False), (1536,
 @pytest.mark.parametrize("m", [32, 100, 512])
 def test_gemm_15b_shapes(t, n, k, has_bias, m, v):
     rng, seed = _rng()
-    check(t, n, k, m, has_bias, rng, seed, **_kw(v))
+    check(t, n, k, m, has_bias, rng, seed, **variant_kw(v))
 
 
 @pytest.mark.parametrize("t", ["Q4_K", "Q6_K"])
@@ -175,7 +211,7 @@ def test_gemm_15b_shapes(t, n, k, has_bias, m, v):
 @pytest.mark.parametrize("v", VARIANTS, ids=VIDS)
 def test_gemm_awkward(t, n, k, m, v):
     rng, seed = _rng()
-    check(t, n, k, m, True, rng, seed, **_kw(v))
+    check(t, n, k, m, True, rng, seed, **variant_kw(v))
 
 
 @pytest.mark.parametrize("v", VARIANTS, ids=VIDS)
@@ -183,7 +219,7 @@ def test_gemm_q6k_misaligned_weights(v):
     """Q6_K works from any 2-aligned base (aligned-down spans + funnel shifts)."""
     rng, seed = _rng()
     for off in (2, 6, 14):
-        check("Q6_K", 300, 1536, 40, False, rng, seed, w_offset=off, **_kw(v))
+        check("Q6_K", 300, 1536, 40, False, rng, seed, w_offset=off, **variant_kw(v))
 
 
 def check_quantized_normals(t, m, name, **launch):
@@ -203,7 +239,7 @@ def check_quantized_normals(t, m, name, **launch):
 @pytest.mark.parametrize("v", VARIANTS, ids=VIDS)
 @pytest.mark.parametrize("t", ["Q4_K", "Q6_K"])
 def test_gemm_quantized_normals(t, v):
-    check_quantized_normals(t, 64, NAME[t], **_kw(v))
+    check_quantized_normals(t, 64, NAME[t], **variant_kw(v))
 
 
 @pytest.mark.parametrize("v", VARIANTS, ids=VIDS)
@@ -214,8 +250,8 @@ def test_gemm_deterministic(t, v):
     n, k, m = 1536, 8960, 200
     w = random_weights(rng, t, n, k)
     x = rng.standard_normal((m, k), dtype=np.float32)
-    a = run_gemm(t, x, w, None, m, n, k, **_kw(v))
-    b = run_gemm(t, x, w, None, m, n, k, **_kw(v))
+    a = run_gemm(t, x, w, None, m, n, k, **variant_kw(v))
+    b = run_gemm(t, x, w, None, m, n, k, **variant_kw(v))
     assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), seed
 
 

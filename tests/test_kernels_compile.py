@@ -439,3 +439,44 @@ def test_attention_kv_grid_builds(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="nvcc failed"):
         K.compile_kernel("rope_kv_attention", base | {"ATTN_XMERGE": 1, "ATTN_CLUSTER_KEYS": 1024}, fmt="cubin",
                          prebuilt=False)
+
+
+def test_sibling_projections():
+    """Which launches of a prefill plan run side by side (CudaBackend._launch_side_by_side): consecutive prefill GEMMs
+    reading the same input, nothing else (not the matvec ops); a GEMM reading another input starts a new group."""
+    from toolchain.cuda_backend import Launch, sibling_projections
+
+    def ln(op, x, name):
+        return Launch(name, op, None, None, [x, 0, 0, 1, 2, 3, 99])
+
+    plan = [ln("rms_norm", 1, "norm"), ln("q4k_gemm", 2, "q"), ln("q4k_gemm", 2, "k"), ln("q6k_gemm", 2, "v"),
+            ln("rope_kv_append", 3, "append"), ln("q4k_gemm", 4, "o"), ln("add", 5, "add"),
+            ln("q4k_gemm", 6, "gate"), ln("q4k_gemm", 6, "up"), ln("q4k_gemm", 7, "other input"),
+            ln("swiglu", 6, "swiglu"), ln("q5_0_matmul", 8, "a"), ln("q8_0_matmul", 8, "b")]
+    groups = [[x.node for x in g] for g in sibling_projections(plan)]
+    assert groups == [["norm"], ["q", "k", "v"], ["append"], ["o"], ["add"], ["gate", "up"], ["other input"],
+                      ["swiglu"], ["a"], ["b"]]
+    assert [x.node for g in sibling_projections(plan) for x in g] == [x.node for x in plan]  # order kept
+
+
+def test_gemm_wgmma_build_wiring():
+    """The prefill GEMMs' wgmma builds: compiled for sm_90a (its instructions exist nowhere else), launched with 128
+    weight rows per CTA and their own shared memory (the numbers plugins/quant_gemm_wgmma.cuh asserts), shipped for
+    both real models with the x conversion of the GEMM_XH build, and chosen by the cuda backend only with clusters
+    (the TensorRT builds have none)."""
+    from toolchain.cuda_backend import TENSORRT_BUILDS, TUNING
+
+    src = (Path(K.PLUGINS) / "quant_gemm_wgmma.cuh").read_text()
+    for xh, smem in ((True, K.GEMM_XH_SMEM), (False, K.GEMM_WGMMA_SMEM)):
+        assert f"smem_bytes<Q4K>() == {smem['q4k_gemm']} && smem_bytes<Q6K>() == {smem['q6k_gemm']}" in src
+        d = K.gemm_wgmma_defines(xh)
+        assert K.build_arch(d) == "sm_90a" and K.prebuilt_path("q4k_gemm", d) != K.prebuilt_path("q4k_gemm", {})
+        for op in K.GEMM_OPS:
+            cfg = K.launch_config(op, {"m": 300, "n": 8960, "k": 1536, "gemm_wgmma": 1, "gemm_xh": int(xh)})
+            assert cfg.grid == (70, 3, 2) and cfg.block == (256, 1, 1) and cfg.shared_mem == smem[op]
+            assert (op, d) in K.real_model_builds()
+    assert K.build_arch({}) == "sm_90"
+    assert ("gemm_x_f16", K.gemm_wgmma_defines(True)) in K.real_model_builds()
+    cfg = K.launch_config("gemm_x_f16", {"m": 300, "k": 1536})
+    assert cfg.grid[0] * cfg.block[0] * 16 >= 300 * 1536 > (cfg.grid[0] - 1) * cfg.block[0] * 16
+    assert TUNING["gemm_wgmma"] and TUNING["gemm_xh"] and TUNING["clusters"] and not TENSORRT_BUILDS["clusters"]

@@ -62,8 +62,9 @@ from .fusion import fuse
 from .gguf_model import GGUFModel
 from .device_sampler import parse_logprobs
 from .graph import build_model_graph, node_attrs
-from .kernels import (ATTN_CLUSTER_KEYS, ATTN_MSCR, ATTN_ONE_BLOCK_KEYS, FUSED_OPS, LOGPROB_WORDS, MATMUL_OPS,
-                      XMERGE_CLUSTER_KEYS, decode_build, decode_tokens, defines_for, launch_config, qmv1_dims,
+from .kernels import (ATTN_CLUSTER_KEYS, ATTN_MSCR, ATTN_ONE_BLOCK_KEYS, FUSED_OPS, GEMM_OPS, LOGPROB_WORDS, MATMUL_OPS,
+                      XMERGE_CLUSTER_KEYS, decode_build, decode_tokens, defines_for, gemm_wgmma_defines, launch_config,
+                      qmv1_dims,
                       SKINNY_OPS, skinny_dims, skinny_of, xmerge_defines, xmerge_slot_floats)
 from .sampling import Tail
 
@@ -85,7 +86,8 @@ TUNING = {"pdl": True, "m1": True, "qmv1": True, "plain": True, "batched": True,
           "pdl_skip": (), "skip": (), "share_activations": os.environ.get("QTRT_SHARE_ACTIVATIONS") == "1",
           "clusters": True, "cache_by_address": False, "gemm_min_m": GEMM_MIN_M,
           "skinny_min_m": SKINNY_MIN_M, "attn_kv_grid": True, "attn_one_block_keys": ATTN_ONE_BLOCK_KEYS,
-          "skinny_skip": ()}
+          "skinny_skip": (), "gemm_wgmma": True, "gemm_xh": True,
+          "concurrent_projections": True}
 # The kernels TensorRT's plugins get (toolchain/trt/plugins.py, issue 16), run here to prove them on the GPU: no
 # thread-block cluster launch (so no cluster k-split, no xmerge pair and no prefill GEMM, whose split-K is a cluster),
 # the attention with the caches by address (rope_kv_attention_addr), the general matvec core at every m. With
@@ -102,6 +104,21 @@ class Launch:
     args: list
 
 
+def sibling_projections(launches: list[Launch]) -> list[list[Launch]]:
+    """The launches in order, grouped: consecutive prefill GEMMs that read the same input (q, k and v; gate and up)
+    form one group, every other launch is a group of its own. The members of a group only read that input and their
+    own weights and write outputs nobody else in the group reads, so they may run side by side. (The matvec ops of a
+    long step, e.g. the 0.5B's Q5_0 / Q8_0 projections, could too; not measured, so not grouped.)"""
+    groups: list[list[Launch]] = []
+    for launch in launches:
+        last = groups[-1][-1] if groups else None
+        if launch.op in GEMM_OPS and last is not None and last.op in GEMM_OPS and last.args[0] == launch.args[0]:
+            groups[-1].append(launch)
+        else:
+            groups.append([launch])
+    return groups
+
+
 class CudaBackend:
     name = "cuda"
 
@@ -115,12 +132,14 @@ class CudaBackend:
         upload = weights_upload or cr.upload_weights(model)
         self.max_context, self.n_slots, self.max_tokens = max_context, n_slots, max_tokens
         self.tuning = {**TUNING, **(tuning or {})}
+        self._cc: tuple[int, int] | None = None  # the GPU's compute capability, asked once (_gemm_wgmma)
         from .progress import quiet
 
         progress = progress or quiet()
         with progress.stage("starting CUDA"):
             cr.init()
         self.stream = cr.Stream()
+        self._fork, self._side = cr.Event(), []  # side streams of _launch_side_by_side, made when first needed
         with progress.stage("building the step graphs"):
             graph, arrays = build_model_graph(model)
             self.onnx = fuse(graph) if fused else graph  # decode steps: few launches per layer
@@ -148,6 +167,8 @@ class CudaBackend:
         with progress.stage("shape inference"):
             self.widths = self._value_widths()
         self.buffers["prefill.q_rot"] = cr.DeviceBuffer.zeros((max_tokens, c.q_dim), np.float32)
+        # a prefill GEMM's input as fp16 (gemm_x_f16, for the wgmma GEMMs' GEMM_XH build)
+        self.buffers["prefill.x_f16"] = cr.DeviceBuffer.zeros((max_tokens, max(c.hidden, c.q_dim, c.ffn)), np.float16)
         # the attention's cluster partials for its consumer (xmerge): one slot per cluster of a kv head
         self.buffers["attn.xpart"] = cr.DeviceBuffer.zeros(
             (c.n_heads // c.n_kv_heads, xmerge_slot_floats(c.n_heads, c.head_dim)), np.float32)
@@ -268,6 +289,15 @@ class CudaBackend:
         """Whether the tuning pairs attention and o projection (only the cluster builds have the partials)."""
         return bool(self.tuning["xmerge"]) and bool(self.tuning["clusters"])
 
+    def _gemm_wgmma(self) -> bool:
+        """Whether the prefill GEMMs run their wgmma build: the tuning asks for it, the split-K cluster is allowed, and
+        the GPU is compute capability 9.0 (the build is sm_90a: it loads nowhere else)."""
+        if not (self.tuning["gemm_wgmma"] and self.tuning["clusters"]):
+            return False
+        if self._cc is None:
+            self._cc = cr.compute_capability()
+        return self._cc == (9, 0)
+
     def plan(self, m: int, last_only: bool = False, long_context: bool = False, tail: Tail | None = None,
              sampled: int = 0) -> list[Launch]:
         """Resolve every node of the graph into a launch for a step of m tokens (cached). With last_only (prompt
@@ -307,6 +337,9 @@ class CudaBackend:
             if op == "rope_kv_attention" and self.tuning["cache_by_address"]:
                 op = "rope_kv_attention_addr"
             defines = defines_for(op, attrs, clusters)
+            if op in GEMM_OF.values() and self._gemm_wgmma():  # the prefill GEMM on Hopper's warpgroup MMA
+                xh = bool(self.tuning["gemm_xh"])
+                defines, dims = defines | gemm_wgmma_defines(xh), dims | {"gemm_wgmma": 1, "gemm_xh": int(xh)}
             k = dims.get("k", dims.get("hidden"))
             # decode builds: a step of one token, one row of the head, batched decode (below the GEMM's threshold)
             if (dims["m"] == 1 or (self.tuning["batched"] and not gemm)) and op in MATMUL_OPS + FUSED_OPS:
@@ -325,11 +358,18 @@ class CudaBackend:
                 dims["attn_kv_grid"] = 1
             nodes.append((node, op, attrs, dims, defines, head))
         extra = self._link_xmerge(nodes) if xmerge else {}
-        launches = []
+        launches, converted = [], None  # converted: the GEMM input now in prefill.x_f16
         for node, op, attrs, dims, defines, head in nodes:
             kern = self._kernel(op, defines)
             cfg = launch_config(op, dims, clusters=clusters and defines.get("ATTN_CLUSTER", 1) != 0)
             ins = [self.buffers[i].ptr for i in node.input]
+            if op not in GEMM_OPS:  # buffers are reused across tensors: a conversion serves the GEMMs right after it
+                converted = None
+            if defines.get("GEMM_XH"):  # x as fp16 in the fragments' order: made once per input (q, k, v share it)
+                if converted != ins[0]:
+                    launches.append(self._x_f16(node.name, ins[0], m, dims["k"]))
+                    converted = ins[0]
+                ins[0] = self.buffers["prefill.x_f16"].ptr
             if head and node.name == HEAD_NODES[0]:  # read the last token's hidden row
                 width, dtype = self.widths[node.input[0]]
                 ins[0] += (m - 1) * width * np.dtype(dtype).itemsize
@@ -390,6 +430,13 @@ class CudaBackend:
                 extra[node.name], extra[users[0][0].name] = [xpart], [xpart, positions]
         return extra
 
+    def _x_f16(self, name: str, x: int, m: int, k: int) -> Launch:
+        """The launch that writes GEMM input x (m x k floats) as fp16 in the fragments' order into prefill.x_f16, for
+        the wgmma GEMMs' GEMM_XH build (plugins/quant_gemm.cu gemm_x_f16)."""
+        cfg = launch_config("gemm_x_f16", {"m": m, "k": k})
+        kern = self._kernel("gemm_x_f16", gemm_wgmma_defines(True))
+        return Launch(name + ".x_f16", "gemm_x_f16", kern, cfg, [x, *cfg.scalars, self.buffers["prefill.x_f16"].ptr])
+
     def _prefill_attention(self, node, attrs, dims, ins, outs) -> list[Launch]:
         """The attention node of a single-slot prompt as two kernels: RoPE + cache append for all m tokens, then
         causal attention over tiles of queries (plugins/prefill_attention.cu). Same semantics as the node."""
@@ -411,9 +458,32 @@ class CudaBackend:
         pdl = self._below_gemm(m) and self.tuning["pdl"]
         launches = [x for x in self.plan(m, last_only, long_context, tail, sampled)
                     if (advance or x.op != "decode_advance") and not self._skipped(x)]
+        if not self._below_gemm(m) and self.tuning["concurrent_projections"]:
+            for group in sibling_projections(launches):
+                self._launch_side_by_side(group)
+            return
         for j, launch in enumerate(launches):
             launch.kernel.launch(launch.cfg, launch.args, self.stream,
                                  pdl=pdl and j > 0 and launch.op not in self.tuning["pdl_skip"])
+
+    def _launch_side_by_side(self, group: list[Launch]):
+        """Launch a group of independent launches (sibling_projections) at once: the first on self.stream, the others
+        on side streams forked from it and joined back, so the GPU runs them side by side (captured: parallel branches
+        of the graph). q, k and v of a prefill step are 96 + 16 + 16 CTAs of the wgmma GEMM: one after another each
+        leaves most SMs idle."""
+        if len(group) == 1:
+            group[0].kernel.launch(group[0].cfg, group[0].args, self.stream)
+            return
+        while len(self._side) < len(group) - 1:
+            self._side.append((cr.Stream(), cr.Event()))
+        self._fork.record(self.stream)
+        for launch, (side, _) in zip(group[1:], self._side):
+            side.wait(self._fork)
+            launch.kernel.launch(launch.cfg, launch.args, side)
+        group[0].kernel.launch(group[0].cfg, group[0].args, self.stream)
+        for _, (side, joined) in zip(group[1:], self._side):
+            joined.record(side)
+            self.stream.wait(joined)
 
     def _skipped(self, launch: Launch) -> bool:
         return any(s == launch.op or s in launch.node for s in self.tuning["skip"])

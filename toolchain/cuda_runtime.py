@@ -113,6 +113,15 @@ def device_name(device: int = 0) -> str:
     return check(d.cuDeviceGetName(64, dev), "cuDeviceGetName").split(b"\0")[0].decode()
 
 
+def compute_capability(device: int = 0) -> tuple[int, int]:
+    d = driver()
+    init()
+    dev = check(d.cuDeviceGet(device), "cuDeviceGet")
+    a = d.CUdevice_attribute
+    return (check(d.cuDeviceGetAttribute(a.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "cuDeviceGetAttribute"),
+            check(d.cuDeviceGetAttribute(a.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev), "cuDeviceGetAttribute"))
+
+
 def _stream_handle(stream):
     return 0 if stream is None else stream.handle
 
@@ -324,6 +333,11 @@ class Stream:
 
     def synchronize(self):
         check(driver().cuStreamSynchronize(self.handle), "cuStreamSynchronize")
+
+    def wait(self, event: "Event"):
+        """Work enqueued on this stream from now on starts after `event` (recorded on another stream) completes; under
+        stream capture this joins the other stream's captured work (a fork or a join of the graph)."""
+        check(driver().cuStreamWaitEvent(self.handle, event.handle, 0), "cuStreamWaitEvent")
 
     @contextlib.contextmanager
     def capture(self):

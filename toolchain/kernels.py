@@ -45,6 +45,12 @@ PREFILL_ATTENTION_OPS = ("rope_kv_append", "prefill_attention")
 PREFILL_ROWS_PER_BLOCK = 64  # prefill_attention: (token, q head) rows per block, 16 per warp (PA_WARPS)
 GEMM_ROWS, GEMM_TOKENS, GEMM_THREADS = 96, 128, 256
 GEMM_SMEM = {"q4k_gemm": 70656, "q6k_gemm": 89088}
+# The same ops built with GEMM_WGMMA=1 (sm_90a: plugins/quant_gemm_wgmma.cuh): 128 weight rows per CTA (two
+# warpgroups), 3 swizzled x buffers. The cuda backend's tuning "gemm_wgmma" picks it on compute capability 9.0.
+GEMM_WGMMA_ROWS = 128
+GEMM_WGMMA_SMEM = {"q4k_gemm": 95232, "q6k_gemm": 119808}
+# ... and with GEMM_XH=1 (x as the fp16 copy gemm_x_f16 makes, copied two substeps ahead: 4 x buffers)
+GEMM_XH_SMEM = {"q4k_gemm": 111616, "q6k_gemm": 136192}
 # Tensor-core GEMMs for few tokens (batched decode; plugins/quant_gemm_skinny.cu): block 256, tile 16 tokens x 128
 # rows (swiglu: 64 gate + 64 up rows), k split over a compile-time cluster of SK_SPLIT CTAs (grid z, skinny_split), a
 # ring of 2 stages (two CTAs per SM), x made fp16 fragments once per stage. One per matvec op of Q4_K / Q6_K weights,
@@ -79,6 +85,7 @@ _FAMILY = {
     "token_logprobs": "sampling",
     **{op: op for op in FUSED_OPS},
     **{op: "quant_gemm" for op in GEMM_OPS},  # prompt prefill: tensor cores, same ABI as the matmuls
+    "gemm_x_f16": "quant_gemm",  # runtime-only: a GEMM input as fp16 in the fragments' order (the GEMM_XH build's x)
     **{op: "quant_gemm_skinny" for op in SKINNY_OPS},  # batched decode: tensor cores, the ABI of the op replaced
     # prompt prefill of one slot: the attention node as RoPE+append then tiled causal attention (runtime-only pair)
     **{op: "prefill_attention" for op in PREFILL_ATTENTION_OPS},
@@ -437,6 +444,10 @@ def launch_config(op: str, dims: dict, ops=INT_OPS, clusters: bool = True) -> La
                             (m, _dim(dims, "n_slots"), _dim(dims, "max_seq", "max_seq_len")))
     if op in GEMM_OPS:
         n, k = int(_dim(dims, "n", "out_features")), int(_dim(dims, "k", "in_features"))
+        if dims.get("gemm_wgmma"):
+            smem = (GEMM_XH_SMEM if dims.get("gemm_xh") else GEMM_WGMMA_SMEM)[op]
+            return LaunchConfig((-(-n // GEMM_WGMMA_ROWS), ops.cdiv(m, GEMM_TOKENS), 2), (GEMM_THREADS, 1, 1), smem,
+                                (m, n, k))
         return LaunchConfig((-(-n // GEMM_ROWS), ops.cdiv(m, GEMM_TOKENS), 2), (GEMM_THREADS, 1, 1), GEMM_SMEM[op],
                             (m, n, k))
     if op in SKINNY_OPS:
@@ -473,6 +484,9 @@ def launch_config(op: str, dims: dict, ops=INT_OPS, clusters: bool = True) -> La
                             (m, _dim(dims, "n_slots"), _dim(dims, "max_seq", "max_seq_len")))
     if op == "decode_advance":
         return LaunchConfig((ops.cdiv(m, 256), 1, 1), (256, 1, 1), 0, (m,))
+    if op == "gemm_x_f16":  # one thread per 16 elements
+        k = int(_dim(dims, "k", "in_features"))
+        return LaunchConfig((ops.cdiv(m * k, 16 * 256), 1, 1), (256, 1, 1), 0, (m, k))
     if op == "apply_penalties":
         return LaunchConfig((m, 1, 1), (PENALTY_THREADS, 1, 1), 0, (m, _dim(dims, "vocab")))
     if op in ("sample_tokens", "token_logprobs"):
@@ -523,8 +537,21 @@ def _defines_text(defines: dict | None) -> dict:
     return {str(k): _define_text(v) for k, v in (defines or {}).items()}
 
 
+def gemm_wgmma_defines(xh: bool) -> dict:
+    """Defines of the prefill GEMMs' wgmma build (plugins/quant_gemm_wgmma.cuh), with x as the fp16 copy gemm_x_f16
+    makes (xh) or as float32; gemm_x_f16 itself is loaded from the xh build's module."""
+    return {"GEMM_WGMMA": 1, **({"GEMM_XH": 1} if xh else {})}
+
+
+def build_arch(defines: dict | None, arch: str = "sm_90") -> str:
+    """The target a build needs: sm_90a (Hopper's arch-specific instructions, here wgmma) for the prefill GEMM's
+    GEMM_WGMMA build, `arch` otherwise. Such a cubin loads only on compute capability 9.0."""
+    return "sm_90a" if arch == "sm_90" and (defines or {}).get("GEMM_WGMMA") else arch
+
+
 def prebuilt_path(op: str, defines: dict | None = None, fmt: str = "cubin", arch: str = "sm_90") -> Path:
     """Where the shipped build of (op, defines) lives; it exists for every build of the two real models."""
+    arch = build_arch(defines, arch)
     return PREBUILT / f"{_source_key(source_file(op), _defines_text(defines), fmt, arch)}.{fmt}"
 
 
@@ -538,6 +565,7 @@ def compile_kernel(op: str, defines: dict | None = None, fmt: str = "ptx", arch:
     4 ops of one family share one compilation."""
     if fmt not in ("ptx", "cubin"):
         raise UserError(f"fmt must be 'ptx' or 'cubin', got {fmt!r}")
+    arch = build_arch(defines, arch)
     src, defs = source_file(op), _defines_text(defines)
     shipped = prebuilt_path(op, defines, fmt, arch)
     if prebuilt and shipped.is_file():
@@ -637,8 +665,8 @@ def specializations(model: dict, build=None) -> list[tuple[str, dict]]:
 
 def decode_specializations(model: dict) -> list[tuple[str, dict]]:
     """(op, defines) of the decode builds the cuda backend compiles for the model's projections (decode_build, for
-    every decode_tokens bucket: 1, 2, 4, 8 tokens per block), of the xmerge pair (xmerge_defines) and of the
-    attention on one cluster or one block per (token, kv head) (ATTN_KVGRID)."""
+    every decode_tokens bucket: 1, 2, 4, 8 tokens per block), of the xmerge pair (xmerge_defines), of the
+    attention on one cluster or one block per (token, kv head) (ATTN_KVGRID), and the prefill GEMMs' wgmma build."""
     def build(op, attrs, mt=1):
         return decode_build(op, attrs, attrs.get("in_features", model["hidden"]), mt=mt)
 
@@ -656,7 +684,10 @@ def decode_specializations(model: dict) -> list[tuple[str, dict]]:
     # attn_one_block_keys)
     kv_grid = [("rope_kv_attention", defines_for("rope_kv_attention", model, clusters=c) | {"ATTN_KVGRID": 1})
                for c in (True, False)]
-    return out + pairs + kv_grid + list(batched.values())
+    # the prefill GEMMs on Hopper's warpgroup MMA (the cuda backend's tuning gemm_wgmma; sm_90a cubins)
+    wgmma = [(op, gemm_wgmma_defines(xh)) for op in GEMM_OPS for xh in (False, True)]
+    wgmma.append(("gemm_x_f16", gemm_wgmma_defines(True)))
+    return out + pairs + kv_grid + wgmma + list(batched.values())
 
 
 TENSORRT_PLUGIN_OPS = (*MATMUL_OPS, *GATHER_OPS, "rope_kv_attention_addr", "swiglu")
