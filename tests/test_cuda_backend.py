@@ -304,13 +304,19 @@ def test_prefill_gemm_on_wgmma(synth, backend):
             assert err < 5e-3
     finally:
         use_tuning(backend, saved)
-    assert all(rel_err(got[b], got["mma.sync"].astype(np.float64)) < 1e-3 for b in builds)
+    assert all(rel_err(got[b], got["mma.sync"].astype(np.float64)) < 1e-3 for b in builds if b != "mma.sync")
 
 
 def test_concurrent_projections_keep_the_bits(synth, backend):
     """q, k and v (gate and up) of a prefill step launched side by side on forked streams (tuning
     concurrent_projections; captured: parallel graph branches) give exactly the bits of the same launches one after
     another, through a whole 232-token prompt (pieces of 96: two captured graphs, then an eager 40-token step)."""
+    from toolchain.cuda_backend import sibling_projections
+
+    if not backend.tuning["clusters"]:
+        pytest.skip("the TensorRT builds have no prefill GEMM: nothing runs side by side")
+    groups = sibling_projections(backend.plan(backend.max_tokens, last_only=True))
+    assert sum(len(g) > 1 for g in groups) == 2 * backend.cfg.n_layers  # q, k, v and gate, up of every layer
     model, _ = synth
     prompt = np.random.default_rng().integers(0, model.config.vocab, 232).tolist()
     saved, got = dict(backend.tuning), {}

@@ -446,8 +446,8 @@ def test_sibling_projections():
     reading the same input, nothing else (not the matvec ops); a GEMM reading another input starts a new group."""
     from toolchain.cuda_backend import Launch, sibling_projections
 
-    def ln(op, x, name):
-        return Launch(name, op, None, None, [x, 0, 0, 1, 2, 3, 99])
+    def ln(op, x, name):  # the GEMMs read one scratch pointer (their fp16 copies, GEMM_XH): grouped by their source
+        return Launch(name, op, None, None, [777 if op.endswith("_gemm") else x, 0, 0, 1, 2, 3, 99], x)
 
     plan = [ln("rms_norm", 1, "norm"), ln("q4k_gemm", 2, "q"), ln("q4k_gemm", 2, "k"), ln("q6k_gemm", 2, "v"),
             ln("rope_kv_append", 3, "append"), ln("q4k_gemm", 4, "o"), ln("add", 5, "add"),
@@ -467,10 +467,14 @@ def test_gemm_wgmma_build_wiring():
     from toolchain.cuda_backend import TENSORRT_BUILDS, TUNING
 
     src = (Path(K.PLUGINS) / "quant_gemm_wgmma.cuh").read_text()
+    xh, wg = K.GEMM_XH_SMEM, K.GEMM_WGMMA_SMEM
+    assert (f"GEMM_XH ? smem_bytes<Q4K>() == {xh['q4k_gemm']} && smem_bytes<Q6K>() == {xh['q6k_gemm']}\n"
+            f"                      : smem_bytes<Q4K>() == {wg['q4k_gemm']} && smem_bytes<Q6K>() == {wg['q6k_gemm']}"
+            ) in src
     for xh, smem in ((True, K.GEMM_XH_SMEM), (False, K.GEMM_WGMMA_SMEM)):
-        assert f"smem_bytes<Q4K>() == {smem['q4k_gemm']} && smem_bytes<Q6K>() == {smem['q6k_gemm']}" in src
         d = K.gemm_wgmma_defines(xh)
-        assert K.build_arch(d) == "sm_90a" and K.prebuilt_path("q4k_gemm", d) != K.prebuilt_path("q4k_gemm", {})
+        key = K._source_key(K.source_file("q4k_gemm"), K._defines_text(d), "cubin", "sm_90a")
+        assert K.build_arch(d) == "sm_90a" and K.prebuilt_path("q4k_gemm", d).name == f"{key}.cubin"
         for op in K.GEMM_OPS:
             cfg = K.launch_config(op, {"m": 300, "n": 8960, "k": 1536, "gemm_wgmma": 1, "gemm_xh": int(xh)})
             assert cfg.grid == (70, 3, 2) and cfg.block == (256, 1, 1) and cfg.shared_mem == smem[op]

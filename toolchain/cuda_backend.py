@@ -102,6 +102,7 @@ class Launch:
     kernel: object
     cfg: object
     args: list
+    source: int = 0  # a prefill GEMM's input as the graph has it (args[0] may be its fp16 copy): sibling_projections
 
 
 def sibling_projections(launches: list[Launch]) -> list[list[Launch]]:
@@ -112,7 +113,7 @@ def sibling_projections(launches: list[Launch]) -> list[list[Launch]]:
     groups: list[list[Launch]] = []
     for launch in launches:
         last = groups[-1][-1] if groups else None
-        if launch.op in GEMM_OPS and last is not None and last.op in GEMM_OPS and last.args[0] == launch.args[0]:
+        if launch.op in GEMM_OPS and last is not None and last.op in GEMM_OPS and last.source == launch.source:
             groups[-1].append(launch)
         else:
             groups.append([launch])
@@ -338,8 +339,7 @@ class CudaBackend:
                 op = "rope_kv_attention_addr"
             defines = defines_for(op, attrs, clusters)
             if op in GEMM_OF.values() and self._gemm_wgmma():  # the prefill GEMM on Hopper's warpgroup MMA
-                xh = bool(self.tuning["gemm_xh"])
-                defines, dims = defines | gemm_wgmma_defines(xh), dims | {"gemm_wgmma": 1, "gemm_xh": int(xh)}
+                defines = defines | gemm_wgmma_defines(bool(self.tuning["gemm_xh"]))
             k = dims.get("k", dims.get("hidden"))
             # decode builds: a step of one token, one row of the head, batched decode (below the GEMM's threshold)
             if (dims["m"] == 1 or (self.tuning["batched"] and not gemm)) and op in MATMUL_OPS + FUSED_OPS:
@@ -351,6 +351,8 @@ class CudaBackend:
                 dims |= qmv1_dims(defines)
             if op in SKINNY_OPS:  # its stages (tuning defines) decide its shared memory
                 dims |= skinny_dims(defines)
+            if defines.get("GEMM_WGMMA"):  # its build (tuning defines included) decides its tile and shared memory
+                dims |= {"gemm_wgmma": 1, "gemm_xh": int(bool(defines.get("GEMM_XH")))}
             # one cluster per (token, kv head) where that is all the attention uses: steps of more than ATTN_MSCR
             # tokens, and short contexts (long_context; the same bits: plugins/rope_kv_attention.cu ATTN_KVGRID)
             if op == "rope_kv_attention" and (kv_grid or one_block):  # one block: the build without clusters
@@ -365,9 +367,10 @@ class CudaBackend:
             ins = [self.buffers[i].ptr for i in node.input]
             if op not in GEMM_OPS:  # buffers are reused across tensors: a conversion serves the GEMMs right after it
                 converted = None
+            source = ins[0] if ins else 0
             if defines.get("GEMM_XH"):  # x as fp16 in the fragments' order: made once per input (q, k, v share it)
                 if converted != ins[0]:
-                    launches.append(self._x_f16(node.name, ins[0], m, dims["k"]))
+                    launches.append(self._x_f16(node.input[0], ins[0], m, dims["k"]))
                     converted = ins[0]
                 ins[0] = self.buffers["prefill.x_f16"].ptr
             if head and node.name == HEAD_NODES[0]:  # read the last token's hidden row
@@ -390,7 +393,7 @@ class CudaBackend:
                     launches.append(Launch(node.name, op, kern, cfg, args))
                 launches += [Launch(*x) for x in after]
                 continue
-            launches.append(Launch(node.name, op, kern, cfg, args))
+            launches.append(Launch(node.name, op, kern, cfg, args, source))
         advance = self._kernel("decode_advance", {})
         cfg = launch_config("decode_advance", {"m": m})
         launches.append(Launch("advance", "decode_advance", advance, cfg,
@@ -431,8 +434,9 @@ class CudaBackend:
         return extra
 
     def _x_f16(self, name: str, x: int, m: int, k: int) -> Launch:
-        """The launch that writes GEMM input x (m x k floats) as fp16 in the fragments' order into prefill.x_f16, for
-        the wgmma GEMMs' GEMM_XH build (plugins/quant_gemm.cu gemm_x_f16)."""
+        """The launch that writes GEMM input x (tensor `name`, m x k floats) as fp16 in the fragments' order into
+        prefill.x_f16, for the wgmma GEMMs' GEMM_XH build (plugins/quant_gemm.cu gemm_x_f16). Named after the tensor,
+        not a GEMM, so that a tuning's skip of one projection leaves its siblings' input in place."""
         cfg = launch_config("gemm_x_f16", {"m": m, "k": k})
         kern = self._kernel("gemm_x_f16", gemm_wgmma_defines(True))
         return Launch(name + ".x_f16", "gemm_x_f16", kern, cfg, [x, *cfg.scalars, self.buffers["prefill.x_f16"].ptr])
