@@ -321,85 +321,71 @@ __device__ __forceinline__ void gemm_wgmma(const float* __restrict__ x, const ui
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc[i] = 0.f;
 
+    // x from float32 (GEMM_XH=0): read into registers one substep ahead, stored as fp16 into 3 buffers after the
+    // substep's MMAs are issued. x from fp16 (GEMM_XH=1: the copy gemm_x_f16 makes in the fragments' k order): 4
+    // buffers filled by cp.async two substeps ahead, one commit group per substep (with the next superblock's raw
+    // weights at its first substep). Either way the buffer written at substep t was last read by group t - 2, done in
+    // every warpgroup before the barrier that ended substep t - 1.
 #if GEMM_XH
-    // x is the fp16 copy in the fragments' k order (gemm_x_f16): 4 buffers filled by cp.async two substeps ahead,
-    // one commit group per substep (with the next superblock's raw weights at its first substep). Buffer (t + 2) % 4
-    // was last read by group t - 2, done in every warpgroup before the barrier that ended substep t - 1.
     const uint16_t* xh = reinterpret_cast<const uint16_t*>(x);
+#endif
     if (nsb > 0) {
         uint32_t af[2][4][4];  // A fragments of two substeps: [parity][k16 step][register]
         Fmt<F>::template issue_raw<qwg::BN, qwg::THREADS>(R0, w, row_bytes, n0, n, sb0, tid);
+#if GEMM_XH
         issue_xh<F>(X0, xh, m0, m, k, 256 * sb0, 0, tid);
         cp_async_commit();
         issue_xh<F>(X0 + XT, xh, m0, m, k, 256 * sb0, 1, tid);
         cp_async_commit();
         cp_async_wait1();
         fence_proxy_async();
-        __syncthreads();
-        Fmt<F>::template scales<qwg::BN, qwg::THREADS>(S, R0, wlo, row_bytes, n0, n, sb0, tid);
-        __syncthreads();
-        for (int s = 0; s < nsb; ++s) {
-            const int sb = sb0 + s;
-            const uint8_t* R = R0 + (s & 1) * qwg::BN * G<F>::RS;
-            const uint32_t off0 = q6k_off<F>(wlo, row_bytes, n0 + row0, n, sb);
-            const uint32_t off1 = q6k_off<F>(wlo, row_bytes, n0 + row0 + 8, n, sb);
-#pragma unroll
-            for (int p = 0; p < 4; ++p) {
-                const int t = 4 * s + p;
-                if (p == 0 && s + 1 < nsb)
-                    Fmt<F>::template issue_raw<qwg::BN, qwg::THREADS>(R0 + ((s + 1) & 1) * qwg::BN * G<F>::RS, w,
-                                                                      row_bytes, n0, n, sb + 1, tid);
-                if (t + 2 < T)
-                    issue_xh<F>(X0 + ((t + 2) % NXB) * XT, xh, m0, m, k, 256 * (sb + ((p + 2) >> 2)), (p + 2) & 3, tid);
-                cp_async_commit();
-                wgmma_substep<F>(acc, af[p & 1], R, S, row0, off0, off1, p, c, smem_u32(X0 + (t % NXB) * XT));
-                wgmma_wait<1>();  // group t - 1 done: its A registers and (with the barrier) its x buffer are free
-                cp_async_wait1();  // every copy but this substep's: substep t + 1's x, the weights issued before
-                fence_proxy_async();  // the copies, read next by the async proxy (wgmma)
-                __syncthreads();
-            }
-            if (s + 1 < nsb) {
-                Fmt<F>::template scales<qwg::BN, qwg::THREADS>(S, R0 + ((s + 1) & 1) * qwg::BN * G<F>::RS, wlo,
-                                                               row_bytes, n0, n, sb + 1, tid);
-                __syncthreads();
-            }
-        }
-        wgmma_wait<0>();
-    }
 #else
-    if (nsb > 0) {
         XRegs xr;
-        uint32_t af[2][4][4];  // A fragments of two substeps: [parity][k16 step][register]
-        Fmt<F>::template issue_raw<qwg::BN, qwg::THREADS>(R0, w, row_bytes, n0, n, sb0, tid);
         cp_async_commit();
         load_x<F>(xr, x, m0, m, k, 256 * sb0, 0, tid);
         store_x_sw(xr, X0, tid);
         fence_proxy_async();
         load_x<F>(xr, x, m0, m, k, 256 * sb0, 1, tid);
         cp_async_wait_all();
+#endif
         __syncthreads();
         Fmt<F>::template scales<qwg::BN, qwg::THREADS>(S, R0, wlo, row_bytes, n0, n, sb0, tid);
         __syncthreads();
         for (int s = 0; s < nsb; ++s) {
             const int sb = sb0 + s;
             const uint8_t* R = R0 + (s & 1) * qwg::BN * G<F>::RS;
+#if !GEMM_XH
             if (s + 1 < nsb)
                 Fmt<F>::template issue_raw<qwg::BN, qwg::THREADS>(R0 + ((s + 1) & 1) * qwg::BN * G<F>::RS, w, row_bytes,
                                                                   n0, n, sb + 1, tid);
             cp_async_commit();
+#endif
             const uint32_t off0 = q6k_off<F>(wlo, row_bytes, n0 + row0, n, sb);
             const uint32_t off1 = q6k_off<F>(wlo, row_bytes, n0 + row0 + 8, n, sb);
 #pragma unroll
             for (int p = 0; p < 4; ++p) {
                 const int t = 4 * s + p;
+#if GEMM_XH
+                if (p == 0 && s + 1 < nsb)
+                    Fmt<F>::template issue_raw<qwg::BN, qwg::THREADS>(R0 + ((s + 1) & 1) * qwg::BN * G<F>::RS, w,
+                                                                      row_bytes, n0, n, sb + 1, tid);
+                if (t + 2 < T)
+                    issue_xh<F>(X0 + ((t + 2) % NXB) * XT, xh, m0, m, k, 256 * (sb + ((p + 2) >> 2)), (p + 2) & 3, tid);
+                cp_async_commit();
+#endif
                 wgmma_substep<F>(acc, af[p & 1], R, S, row0, off0, off1, p, c, smem_u32(X0 + (t % NXB) * XT));
                 wgmma_wait<1>();  // group t - 1 done: its A registers and (with the barrier) its x buffer are free
+#if GEMM_XH
+                cp_async_wait1();  // every copy but this substep's: substep t + 1's x, the weights issued before
+                fence_proxy_async();  // the copies, read next by the async proxy (wgmma)
+#else
                 if (t + 1 < T) {
                     store_x_sw(xr, X0 + ((t + 1) % NXB) * XT, tid);
                     fence_proxy_async();  // generic-proxy stores, read next by the async proxy (wgmma)
                 }
                 if (t + 2 < T) load_x<F>(xr, x, m0, m, k, 256 * (sb + ((p + 2) >> 2)), (p + 2) & 3, tid);
                 if (p == 3) cp_async_wait_all();
+#endif
                 __syncthreads();
             }
             if (s + 1 < nsb) {
@@ -410,7 +396,6 @@ __device__ __forceinline__ void gemm_wgmma(const float* __restrict__ x, const ui
         }
         wgmma_wait<0>();
     }
-#endif
 
     bool store = true;
 #if GEMM_SPLIT == 2

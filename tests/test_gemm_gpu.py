@@ -60,10 +60,10 @@ VIDS = [variant_name(v) for v in VARIANTS]
 
 def variant_params(nt8: int = 3, split: int = 2, wgmma: int = 0) -> dict:
     """Launch constants of a compiled variant; see quant_gemm.cu's and quant_gemm_wgmma.cuh's headers."""
-    if wgmma:  # 128 weight rows per CTA, 3 (xh: 4) swizzled x buffers, 1024 bytes of alignment slack
-        bn, x_bytes = 128, (4 if wgmma == 2 else 3) * BM * 128
-        return {"nt8": 0, "split": split, "bn": bn, "smem": {"Q4_K": 1024 + x_bytes + 2 * bn * 144 + bn * 64,
-                                                            "Q6_K": 1024 + x_bytes + 2 * bn * 240 + bn * 64}}
+    if wgmma:  # the launch toolchain/kernels.py gives the backend (checked against the header there)
+        from toolchain import kernels as K
+        smem = K.GEMM_XH_SMEM if wgmma == 2 else K.GEMM_WGMMA_SMEM
+        return {"nt8": 0, "split": split, "bn": K.GEMM_WGMMA_ROWS, "smem": {t: smem[NAME[t]] for t in NAME}}
     bn = 32 * nt8
     x_bytes = BM * 72 * 2
     return {"nt8": nt8, "split": split, "bn": bn,
@@ -118,9 +118,9 @@ def gemm_launch(t, x, w, bias, y, m, n, k, stream=None, nt8=3, split=2, wgmma=0)
     kern = gemm_kernel(t, nt8, split, wgmma)
     if wgmma == 2:
         xh = _XH.get(m * k) or _XH.setdefault(m * k, cr.DeviceBuffer(m * k * 2))
-        conv = kern._keep_module.kernel("gemm_x_f16")
-        conv.launch_op(types.SimpleNamespace(grid=(-(-(m * k) // 4096), 1, 1), block=(256, 1, 1), shared_mem=0,
-                                             scalars=(m, k)), [x], [xh], stream)
+        from toolchain.kernels import launch_config
+        kern._keep_module.kernel("gemm_x_f16").launch_op(launch_config("gemm_x_f16", {"m": m, "k": k}), [x], [xh],
+                                                         stream)
         x = xh
     kern.launch_op(gemm_config(t, m, n, k, nt8, split, wgmma), [x, w, bias], [y], stream)
 
