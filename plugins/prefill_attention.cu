@@ -2,8 +2,9 @@
 //
 //   rope_kv_append   (q, k, v, positions, slots, int m, int n_slots, int max_seq, q_rot, k_cache, v_cache)
 //       grid (m), block (128): RoPE on q and k, k/v appended to the float16 cache, rotated q to q_rot.
-//   prefill_attention(q_rot, k_cache, v_cache, positions, slots, int m, int n_slots, int max_seq, out)
-//       grid (cdiv(m * GROUP, PA_ROWS), N_KV_HEADS), block (32 * PA_WARPS): causal GQA attention on tensor cores.
+//   prefill_attention(q_rot, k_cache, v_cache, positions, slots, int m, int n_slots, int max_seq, out, part, count)
+//       grid (cdiv(m * GROUP, PA_ROWS), N_KV_HEADS, splits), block (32 * PA_WARPS): causal GQA attention on tensor
+//       cores, the keys of a deep prompt piece split over grid.z (part, count: the splits' scratch, below).
 // Rows no backend lets through are guarded, not computed: the append skips a token whose slot or position is outside
 // the cache, the attention reads no key past max_seq and a tile whose slot is outside [0, n_slots) does nothing.
 //
@@ -19,6 +20,15 @@
 //   last position are zero-filled. S = Q K^T from ldmatrix fragments of K; the causal mask per row; online softmax
 //   per row (max and sum over the quad of lanes holding it); P re-packed from the S accumulators into A fragments
 //   (no shared-memory round trip); O += P V from ldmatrix.trans fragments of V; O / sum at the end.
+// - Split keys (flash-decoding's split-KV, for pieces deep into the cache): a grid of cdiv(m * GROUP, PA_ROWS) x
+//   N_KV_HEADS blocks is 96 blocks of 4 warps for 512 tokens of the 1.5B, fewer than the H100's 132 SMs, each
+//   looping over every key up to its position (16k keys deep into a long prompt). So grid.z blocks share a row
+//   block's keys: a row block with ntiles key tiles uses splits = min(gridDim.z, PA_MAX_SPLITS, cdiv(ntiles,
+//   PA_SPLIT_TILES)) of them (from the positions on the device: one launch serves every depth), each a contiguous
+//   run of tiles; the rest return at once. With one split the block writes `out` as before (the same bits). With
+//   more, each writes its unnormalized O, row max and row sum to its slot of `part`, and the last to arrive (a
+//   counter per row block in `count`, threadfence-reduction order: stores, fence, atomic) merges the slots in split
+//   order (the same bits whichever block is last) and puts the counter back to 0 for the next launch.
 // Accuracy: Q and P rounded to fp16 (the cache is fp16 already): ~5e-4 relative, like the prefill GEMMs.
 // Precondition (the runtime guarantees it): all tokens of the step are in one slot; a tile's keys are those of its
 // first token's slot. Compile-time: N_HEADS, N_KV_HEADS, HEAD_DIM, ROPE_THETA (as for rope_kv_attention).
@@ -41,6 +51,12 @@
 #endif
 
 constexpr int D = HEAD_DIM, HALF = D / 2, QD = N_HEADS * D, KVD = N_KV_HEADS * D, GROUP = N_HEADS / N_KV_HEADS;
+#ifndef PA_SPLIT_TILES
+#define PA_SPLIT_TILES 16  // fewest key tiles (of 32 keys) per split (toolchain/kernels.py: PREFILL_SPLIT_TILES)
+#endif
+#ifndef PA_MAX_SPLITS
+#define PA_MAX_SPLITS 16  // most splits per row block: part holds gridDim.z slots per row block, the merge's table this many
+#endif
 #ifndef PA_WARPS
 #define PA_WARPS 4  // warps per block of prefill_attention, 16 rows each (toolchain/kernels.py: PREFILL_ROWS_PER_BLOCK)
 #endif
@@ -116,9 +132,11 @@ __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
 extern "C" __global__ void __launch_bounds__(32 * PA_WARPS) prefill_attention(
     const float* __restrict__ q_rot, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
     const int* __restrict__ positions, const int* __restrict__ slots, int m, int n_slots, int max_seq,
-    float* __restrict__ out) {
+    float* __restrict__ out, float* part, int* count) {
     using namespace pa;
     __shared__ __align__(16) __half Ks[2][BK][KS], Vs[2][BK][KS];
+    __shared__ float merge_w[ROWS][PA_MAX_SPLITS];  // the merge's weight of each split per row, 1 / sum folded in
+    __shared__ int is_last;
     pdl_launch_dependents();
     pdl_wait();
     const int r0 = blockIdx.x * ROWS, kvh = blockIdx.y, rows = m * GROUP;
@@ -142,7 +160,10 @@ extern "C" __global__ void __launch_bounds__(32 * PA_WARPS) prefill_attention(
         asm volatile("cp.async.commit_group;\n" ::: "memory");
     };
     const int ntiles = last / BK + 1;
-    load_tile(0, 0);
+    const int splits = min(min((int)gridDim.z, PA_MAX_SPLITS), (ntiles + PA_SPLIT_TILES - 1) / PA_SPLIT_TILES);
+    if ((int)blockIdx.z >= splits) return;  // a shallow row block: fewer splits than the grid has
+    const int chunk = (ntiles + splits - 1) / splits, j0 = blockIdx.z * chunk, j1 = min(ntiles, j0 + chunk);
+    if (j0 < j1) load_tile(j0, 0);  // (a split may be empty: it still reports an empty partial)
 
     // this lane's two rows (g and g + 8 of the warp's 16): position (-1: masked everywhere, never written), pointers
     int qpos[2];
@@ -170,9 +191,9 @@ extern "C" __global__ void __launch_bounds__(32 * PA_WARPS) prefill_attention(
     for (int nd = 0; nd < D / 8; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.f;
     float mx[2] = {-INFINITY, -INFINITY}, sum[2] = {0.f, 0.f};  // running max (base 2) and this lane's partial sum
 
-    for (int j = 0; j < ntiles; ++j) {
-        const int buf = j & 1;
-        if (j + 1 < ntiles) {
+    for (int j = j0; j < j1; ++j) {
+        const int buf = (j - j0) & 1;
+        if (j + 1 < j1) {
             load_tile(j + 1, buf ^ 1);  // the buffer computed at j - 1: every warp left it at the barrier below
             asm volatile("cp.async.wait_group 1;\n" ::: "memory");
         } else {
@@ -243,16 +264,68 @@ extern "C" __global__ void __launch_bounds__(32 * PA_WARPS) prefill_attention(
         }
         __syncthreads();  // every warp is done with buf before the next iteration refills it
     }
+    if (splits == 1) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float l = sum[h];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            if (qpos[h] < 0) continue;
+            const float r = 1.f / l;
+            float* y = out + qoff[h];
+#pragma unroll
+            for (int nd = 0; nd < D / 8; ++nd)
+                *reinterpret_cast<float2*>(y + 8 * nd + 2 * c) = make_float2(o[nd][2 * h] * r, o[nd][2 * h + 1] * r);
+        }
+        return;
+    }
+    // this split's partial: O unnormalized (ROWS x D), then (row max, row sum) per row
+    const int rb = blockIdx.y * gridDim.x + blockIdx.x;
+    float* const slot0 = part + (size_t)rb * gridDim.z * ROWS * (D + 2);
+    float* const mine = slot0 + (size_t)blockIdx.z * ROWS * (D + 2);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         float l = sum[h];
         l += __shfl_xor_sync(0xffffffffu, l, 1);
         l += __shfl_xor_sync(0xffffffffu, l, 2);
-        if (qpos[h] < 0) continue;
-        const float r = 1.f / l;
-        float* y = out + qoff[h];
+        const int rr = 16 * warp + g + 8 * h;
 #pragma unroll
         for (int nd = 0; nd < D / 8; ++nd)
-            *reinterpret_cast<float2*>(y + 8 * nd + 2 * c) = make_float2(o[nd][2 * h] * r, o[nd][2 * h + 1] * r);
+            *reinterpret_cast<float2*>(mine + rr * D + 8 * nd + 2 * c) = make_float2(o[nd][2 * h], o[nd][2 * h + 1]);
+        if (c == 0) *reinterpret_cast<float2*>(mine + ROWS * D + 2 * rr) = make_float2(mx[h], l);
+    }
+    __threadfence();  // this block's partial visible GPU-wide before its arrival is counted
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        is_last = atomicAdd(&count[rb], 1) == splits - 1;
+        if (is_last) count[rb] = 0;  // every split has arrived: ready for the next launch
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();  // acquire side: the other splits' partials are read after their arrivals
+    for (int rr = threadIdx.x; rr < ROWS; rr += blockDim.x) {  // per row: each split's weight exp2(max_z - max) / sum
+        float mz = -INFINITY, l = 0.f;
+        for (int z = 0; z < splits; ++z) mz = fmaxf(mz, __ldcg(slot0 + (size_t)z * ROWS * (D + 2) + ROWS * D + 2 * rr));
+        for (int z = 0; z < splits; ++z) {
+            const float2 ml = __ldcg(reinterpret_cast<const float2*>(slot0 + (size_t)z * ROWS * (D + 2) + ROWS * D) + rr);
+            const float w = ml.x == -INFINITY ? 0.f : exp2f(ml.x - mz);  // split 0 holds key 0: mz is finite
+            merge_w[rr][z] = w;
+            l += w * ml.y;
+        }
+        const float r = 1.f / l;
+        for (int z = 0; z < splits; ++z) merge_w[rr][z] *= r;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < ROWS * (D / 4); i += blockDim.x) {
+        const int rr = i / (D / 4), d = 4 * (i % (D / 4)), r = r0 + rr;
+        if (r >= rows) continue;
+        const int t = r / GROUP, head = kvh * GROUP + r % GROUP;
+        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int z = 0; z < splits; ++z) {
+            const float w = merge_w[rr][z];
+            const float4 v = __ldcg(reinterpret_cast<const float4*>(slot0 + (size_t)z * ROWS * (D + 2) + rr * D + d));
+            acc.x += w * v.x; acc.y += w * v.y; acc.z += w * v.z; acc.w += w * v.w;
+        }
+        *reinterpret_cast<float4*>(out + (size_t)t * QD + (size_t)head * D + d) = acc;
     }
 }

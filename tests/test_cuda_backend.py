@@ -307,6 +307,36 @@ def test_prefill_gemm_on_wgmma(synth, backend):
     assert all(rel_err(got[b], got["mma.sync"].astype(np.float64)) < 1e-3 for b in builds if b != "mma.sync")
 
 
+def test_prefill_split_keys_through_the_model(synth, backend):
+    """prefill_attention's split keys (plugins/prefill_attention.cu "Split keys") through the whole model: a
+    300-token prompt in pieces of 96 with splits of 2 tiles (64 keys), so the later pieces' row blocks take 2-4
+    splits, against the CPU reference and against one split (no partials, no merge); twice, for the same bits."""
+    from toolchain.kernels import PREFILL_KV_SPLITS
+
+    model, ref = synth
+    prompt = np.random.default_rng().integers(0, model.config.vocab, 300).tolist()
+    want = ref.forward(prompt, 0, ref.new_cache(304))[-1]
+    saved, got = dict(backend.tuning), {}
+    deep = {"prefill_attention": {"PA_SPLIT_TILES": 2}}
+    try:
+        for name, splits in (("one split", 1), ("split keys", PREFILL_KV_SPLITS), ("again", PREFILL_KV_SPLITS)):
+            use_tuning(backend, {**saved, "prefill_kv_splits": splits, "defines": saved["defines"] | deep})
+            if not any(ln.op == "prefill_attention" for ln in backend.plan(backend.max_tokens, last_only=True)):
+                pytest.skip("this build runs no prefill_attention")
+            backend.reset()
+            got[name] = backend.forward(prompt)
+            print(f"\n300-token prefill, {name}: logits rel err {rel_err(got[name], want):.2e}")
+            assert rel_err(got[name], want) < 5e-3
+    finally:
+        use_tuning(backend, saved)
+    assert rel_err(got["split keys"], got["one split"].astype(np.float64)) < 1e-3
+    # the merge's other rounding: proof that the splits ran (the same bits would mean one split both times)
+    assert not np.array_equal(got["split keys"].view(np.uint32), got["one split"].view(np.uint32))
+    assert np.array_equal(got["split keys"].view(np.uint32), got["again"].view(np.uint32))
+    count = backend.buffers["prefill.attn_count"]
+    assert not count.download(count.shape, np.int32).any(), "split counters left non-zero"
+
+
 def test_concurrent_projections_keep_the_bits(synth, backend):
     """q, k and v (gate and up) of a prefill step launched side by side on forked streams (tuning
     concurrent_projections; captured: parallel graph branches) give exactly the bits of the same launches one after

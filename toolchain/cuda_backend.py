@@ -63,8 +63,8 @@ from .gguf_model import GGUFModel
 from .device_sampler import parse_logprobs
 from .graph import build_model_graph, node_attrs
 from .kernels import (ATTN_CLUSTER_KEYS, ATTN_MSCR, ATTN_ONE_BLOCK_KEYS, FUSED_OPS, GEMM_OPS, LOGPROB_WORDS, MATMUL_OPS,
-                      XMERGE_CLUSTER_KEYS, decode_build, decode_tokens, defines_for, gemm_wgmma_defines, launch_config,
-                      qmv1_dims,
+                      PREFILL_KV_SPLITS, XMERGE_CLUSTER_KEYS, decode_build, decode_tokens, defines_for,
+                      gemm_wgmma_defines, launch_config, prefill_attention_scratch, qmv1_dims,
                       SKINNY_OPS, skinny_dims, skinny_of, xmerge_defines, xmerge_slot_floats)
 from .sampling import Tail
 
@@ -87,7 +87,7 @@ TUNING = {"pdl": True, "m1": True, "qmv1": True, "plain": True, "batched": True,
           "clusters": True, "cache_by_address": False, "gemm_min_m": GEMM_MIN_M,
           "skinny_min_m": SKINNY_MIN_M, "attn_kv_grid": True, "attn_one_block_keys": ATTN_ONE_BLOCK_KEYS,
           "skinny_skip": (), "gemm_wgmma": True, "gemm_xh": True,
-          "concurrent_projections": True}
+          "concurrent_projections": True, "prefill_kv_splits": PREFILL_KV_SPLITS}
 # The kernels TensorRT's plugins get (toolchain/trt/plugins.py, issue 16), run here to prove them on the GPU: no
 # thread-block cluster launch (so no cluster k-split, no xmerge pair and no prefill GEMM, whose split-K is a cluster),
 # the attention with the caches by address (rope_kv_attention_addr), the general matvec core at every m. With
@@ -170,6 +170,11 @@ class CudaBackend:
         self.buffers["prefill.q_rot"] = cr.DeviceBuffer.zeros((max_tokens, c.q_dim), np.float32)
         # a prefill GEMM's input as fp16 (gemm_x_f16, for the wgmma GEMMs' GEMM_XH build)
         self.buffers["prefill.x_f16"] = cr.DeviceBuffer.zeros((max_tokens, max(c.hidden, c.q_dim, c.ffn)), np.float16)
+        # prefill_attention's split keys: partials and a counter per row block (the largest split count asked for)
+        self._pa_splits = max(PREFILL_KV_SPLITS, int(self.tuning["prefill_kv_splits"]))
+        part, count = prefill_attention_scratch(max_tokens, c.n_heads, c.n_kv_heads, c.head_dim, self._pa_splits)
+        self.buffers["prefill.attn_part"] = cr.DeviceBuffer.zeros((part,), np.float32)
+        self.buffers["prefill.attn_count"] = cr.DeviceBuffer.zeros((count,), np.int32)
         # the attention's cluster partials for its consumer (xmerge): one slot per cluster of a kv head
         self.buffers["attn.xpart"] = cr.DeviceBuffer.zeros(
             (c.n_heads // c.n_kv_heads, xmerge_slot_floats(c.n_heads, c.head_dim)), np.float32)
@@ -447,12 +452,17 @@ class CudaBackend:
         q, k, v, k_cache, v_cache, positions, slots = ins
         q_rot = self.buffers["prefill.q_rot"].ptr
         defines = defines_for("rope_kv_append", attrs)
+        splits = int(self.tuning["prefill_kv_splits"])
+        if not 1 <= splits <= self._pa_splits:
+            raise ValueError(f"tuning prefill_kv_splits={splits}: the scratch was allocated for 1..{self._pa_splits}")
         a = launch_config("rope_kv_append", dims)
-        b = launch_config("prefill_attention", dims)
+        b = launch_config("prefill_attention", dims | {"pa_splits": splits})
+        tuned = defines | self.tuning["defines"].get("prefill_attention", {})  # e.g. PA_SPLIT_TILES
         return [Launch(node.name + ".append", "rope_kv_append", self._kernel("rope_kv_append", defines), a,
                        [q, k, v, positions, slots, *a.scalars, q_rot, k_cache, v_cache]),
-                Launch(node.name, "prefill_attention", self._kernel("prefill_attention", defines), b,
-                       [q_rot, k_cache, v_cache, positions, slots, *b.scalars, outs[0]])]
+                Launch(node.name, "prefill_attention", self._kernel("prefill_attention", tuned), b,
+                       [q_rot, k_cache, v_cache, positions, slots, *b.scalars, outs[0],
+                        self.buffers["prefill.attn_part"].ptr, self.buffers["prefill.attn_count"].ptr])]
 
     def run_plan(self, m: int, advance: bool = False, last_only: bool = False, long_context: bool = False,
                  tail: Tail | None = None, sampled: int = 0):

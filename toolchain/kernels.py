@@ -43,6 +43,10 @@ FUSED_OPS = ("rms_norm_qkv", "matmul_add", "rms_norm_swiglu")  # toolchain/fusio
 GEMM_OPS = ("q4k_gemm", "q6k_gemm")
 PREFILL_ATTENTION_OPS = ("rope_kv_append", "prefill_attention")
 PREFILL_ROWS_PER_BLOCK = 64  # prefill_attention: (token, q head) rows per block, 16 per warp (PA_WARPS)
+# prefill_attention's key splits (grid z; plugins/prefill_attention.cu "Split keys"): at most PREFILL_KV_SPLITS
+# blocks share a row block's keys, each at least PREFILL_SPLIT_TILES tiles of 32 keys (the kernel's PA_SPLIT_TILES
+# default): a shallower row block uses fewer, and up to PREFILL_SPLIT_TILES tiles one (no scratch, the unsplit bits).
+PREFILL_KV_SPLITS, PREFILL_SPLIT_TILES = 4, 16
 GEMM_ROWS, GEMM_TOKENS, GEMM_THREADS = 96, 128, 256
 GEMM_SMEM = {"q4k_gemm": 70656, "q6k_gemm": 89088}
 # The same ops built with GEMM_WGMMA=1 (sm_90a: plugins/quant_gemm_wgmma.cuh): 128 weight rows per CTA (two
@@ -345,6 +349,14 @@ def xmerge_slot_floats(n_heads: int, head_dim: int) -> int:
     return -(-(n_heads * head_dim + 2 * n_heads) // 4) * 4
 
 
+def prefill_attention_scratch(m: int, n_heads: int, n_kv_heads: int, head_dim: int,
+                              splits: int = PREFILL_KV_SPLITS) -> tuple[int, int]:
+    """(floats of `part`, ints of `count`) that prefill_attention's split keys need for a step of up to m tokens:
+    per row block one slot per split of ROWS x head_dim numerators and ROWS (max, sum) pairs, and one counter."""
+    blocks = -(-m * (n_heads // n_kv_heads) // PREFILL_ROWS_PER_BLOCK) * n_kv_heads
+    return blocks * splits * PREFILL_ROWS_PER_BLOCK * (head_dim + 2), blocks
+
+
 def _qmv1_groups(op: str, dims: dict) -> int:
     if op == "matmul_add" or op in MATMUL_OPS:
         return -(-int(_dim(dims, "n", "out_features")) // 2)
@@ -439,7 +451,8 @@ def launch_config(op: str, dims: dict, ops=INT_OPS, clusters: bool = True) -> La
         return LaunchConfig((m, 1, 1), (128, 1, 1), 0, (m, _dim(dims, "n_slots"), _dim(dims, "max_seq", "max_seq_len")))
     if op == "prefill_attention":
         group = int(_dim(dims, "n_heads")) // int(_dim(dims, "n_kv_heads"))  # rows = (token, q head of a kv head)
-        return LaunchConfig((ops.cdiv(m * group, PREFILL_ROWS_PER_BLOCK), _dim(dims, "n_kv_heads"), 1),
+        return LaunchConfig((ops.cdiv(m * group, PREFILL_ROWS_PER_BLOCK), _dim(dims, "n_kv_heads"),
+                             int(dims.get("pa_splits", PREFILL_KV_SPLITS))),
                             (PREFILL_ROWS_PER_BLOCK * 2, 1, 1), 0,
                             (m, _dim(dims, "n_slots"), _dim(dims, "max_seq", "max_seq_len")))
     if op in GEMM_OPS:
