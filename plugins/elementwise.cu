@@ -3,20 +3,28 @@
 //     add(const float* a, const float* b, int numel, float* y)          y = a + b
 //     swiglu(const float* gate, const float* up, int numel, float* y)  y = gate * sigmoid(gate) * up
 // Buffers are whole tensors (16-aligned base) so float4 access is aligned; y may alias a or b (in-place).
+// XH_OUT=1 (prefill plans of the cuda backend only, swiglu): one more output, xh, y as fp16 in the GEMM_XH build's
+// order (plugins/xh_store.cuh) for the down projection's GEMM; numel % 16 == 0.
 #include "pdl.cuh"
+#include "xh_store.cuh"
+#ifndef XH_OUT
+#define XH_OUT 0
+#endif
 
 __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
 template <class Op>
 __device__ __forceinline__ void elementwise(const float* a, const float* b, int numel,
-                                            float* y, Op op) {
+                                            float* y, Op op, __half* xh = nullptr) {
     pdl_launch_dependents();
     pdl_wait();
     const int i4 = blockIdx.x * blockDim.x + threadIdx.x;
     const int e = 4 * i4;
     if (e + 3 < numel) {
         const float4 va = reinterpret_cast<const float4*>(a)[i4], vb = reinterpret_cast<const float4*>(b)[i4];
-        reinterpret_cast<float4*>(y)[i4] = make_float4(op(va.x, vb.x), op(va.y, vb.y), op(va.z, vb.z), op(va.w, vb.w));
+        const float4 out = make_float4(op(va.x, vb.x), op(va.y, vb.y), op(va.z, vb.z), op(va.w, vb.w));
+        reinterpret_cast<float4*>(y)[i4] = out;
+        if (xh) xh_store4(xh, (size_t)e, out);
     } else {
         for (int j = e; j < numel; ++j) y[j] = op(a[j], b[j]);
     }
@@ -31,6 +39,15 @@ extern "C" __global__ void __launch_bounds__(256) add(const float* a, const floa
 }
 
 extern "C" __global__ void __launch_bounds__(256) swiglu(const float* gate, const float* up,
-                                                         int numel, float* y) {
+                                                         int numel, float* y
+#if XH_OUT
+                                                         , __half* xh
+#endif
+) {
+#if XH_OUT
+    if (numel % 16) __trap();  // no GEMM_XH input (the runtime never builds this)
+    elementwise(gate, up, numel, y, SwigluOp{}, xh);
+#else
     elementwise(gate, up, numel, y, SwigluOp{});
+#endif
 }

@@ -29,6 +29,8 @@
 //   more, each writes its unnormalized O, row max and row sum to its slot of `part`, and the last to arrive (a
 //   counter per row block in `count`, threadfence-reduction order: stores, fence, atomic) merges the slots in split
 //   order (the same bits whichever block is last) and puts the counter back to 0 for the next launch.
+// XH_OUT=1: one more output after count, xh, `out` as fp16 in the GEMM_XH build's order (plugins/xh_store.cuh) for
+// the o projection's GEMM.
 // Accuracy: Q and P rounded to fp16 (the cache is fp16 already): ~5e-4 relative, like the prefill GEMMs.
 // Precondition (the runtime guarantees it): all tokens of the step are in one slot; a tile's keys are those of its
 // first token's slot. Compile-time: N_HEADS, N_KV_HEADS, HEAD_DIM, ROPE_THETA (as for rope_kv_attention).
@@ -36,6 +38,10 @@
 #include <stdint.h>
 
 #include "pdl.cuh"
+#include "xh_store.cuh"
+#ifndef XH_OUT
+#define XH_OUT 0
+#endif
 
 #ifndef N_HEADS
 #define N_HEADS 12
@@ -132,7 +138,11 @@ __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
 extern "C" __global__ void __launch_bounds__(32 * PA_WARPS) prefill_attention(
     const float* __restrict__ q_rot, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
     const int* __restrict__ positions, const int* __restrict__ slots, int m, int n_slots, int max_seq,
-    float* __restrict__ out, float* part, int* count) {
+    float* __restrict__ out, float* part, int* count
+#if XH_OUT
+    , __half* __restrict__ xh
+#endif
+) {
     using namespace pa;
     __shared__ __align__(16) __half Ks[2][BK][KS], Vs[2][BK][KS];
     __shared__ float merge_w[ROWS][PA_MAX_SPLITS];  // the merge's weight of each split per row, 1 / sum folded in
@@ -274,8 +284,12 @@ extern "C" __global__ void __launch_bounds__(32 * PA_WARPS) prefill_attention(
             const float r = 1.f / l;
             float* y = out + qoff[h];
 #pragma unroll
-            for (int nd = 0; nd < D / 8; ++nd)
+            for (int nd = 0; nd < D / 8; ++nd) {
                 *reinterpret_cast<float2*>(y + 8 * nd + 2 * c) = make_float2(o[nd][2 * h] * r, o[nd][2 * h + 1] * r);
+#if XH_OUT
+                xh_store2(xh, qoff[h] + 8 * nd + 2 * c, o[nd][2 * h] * r, o[nd][2 * h + 1] * r);
+#endif
+            }
         }
         return;
     }
@@ -327,5 +341,8 @@ extern "C" __global__ void __launch_bounds__(32 * PA_WARPS) prefill_attention(
             acc.x += w * v.x; acc.y += w * v.y; acc.z += w * v.z; acc.w += w * v.w;
         }
         *reinterpret_cast<float4*>(out + (size_t)t * QD + (size_t)head * D + d) = acc;
+#if XH_OUT
+        xh_store4(xh, (size_t)t * QD + (size_t)head * D + d, acc);
+#endif
     }
 }

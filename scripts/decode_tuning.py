@@ -35,7 +35,8 @@ OFF = {"pdl": False, "m1": False, "qmv1": False, "plain": True, "batched": False
        "pdl_skip": (), "skip": (), "clusters": True, "cache_by_address": False, "share_activations": False,
        "gemm_min_m": GEMM_MIN_M, "skinny_min_m": GEMM_MIN_M, "attn_kv_grid": False,
        "attn_one_block_keys": 0, "skinny_skip": (), "gemm_wgmma": False, "gemm_xh": False,
-       "concurrent_projections": False}  # the last three act on prefill steps only (m >= GEMM_MIN_M)
+       "concurrent_projections": False, "prefill_kv_splits": 1,
+       "xh_by_producer": False}  # the last five act on prefill steps only (m >= GEMM_MIN_M)
 DEFAULT = {"m1": True, "qmv1": True, "pdl": True, "xmerge": True, "batched": True, "skinny_min_m": SKINNY_MIN_M,
            "attn_kv_grid": True, "attn_one_block_keys": K.ATTN_ONE_BLOCK_KEYS}
 

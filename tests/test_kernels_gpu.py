@@ -500,6 +500,41 @@ def test_add_swiglu(numel):
     assert rel < 1e-6, f"rel err {rel} ({seed})"
 
 
+def xh_layout(y: np.ndarray) -> np.ndarray:
+    """The prefill GEMMs' fp16 input as numpy makes it (plugins/xh_store.cuh): per 16-element chunk the even elements,
+    then the odd ones, rounded to nearest even."""
+    ch = y.reshape(-1, 16)
+    return np.concatenate([ch[:, 0::2], ch[:, 1::2]], 1).astype(np.float16).reshape(y.shape)
+
+
+@pytest.mark.parametrize("m", [1, 37, 512])
+def test_producers_write_the_gemm_fp16_input(m):
+    """rms_norm and swiglu built with XH_OUT=1 write their float32 output bit for bit as the plain build does, and
+    beside it the fp16 copy the GEMM_XH build reads: numpy's rounding and chunk order, and gemm_x_f16's bits (the
+    conversion launch the cuda backend folds into them)."""
+    rng, seed = _rng()
+    hidden, ffn = 1536, 8960
+    x = rng.standard_normal((m, hidden), dtype=np.float32) * 3
+    g = rng.standard_normal(hidden, dtype=np.float32)
+    a = rng.standard_normal((m, ffn), dtype=np.float32) * 4
+    b = rng.standard_normal((m, ffn), dtype=np.float32)
+    eps = (("RMS_EPS", 1e-6),)
+    cases = {"rms_norm": ([x, g], dict(m=m, hidden=hidden), eps, (m, hidden)),
+             "swiglu": ([a, b], dict(numel=m * ffn), (), (m, ffn))}
+    for op, (inputs, dims, defines, shape) in cases.items():
+        (plain,) = run(op, inputs, [(shape, np.float32)], dims, defines)
+        y, xh = run(op, inputs, [(shape, np.float32), (shape, np.float16)], dims, defines + (("XH_OUT", 1),))
+        assert np.array_equal(y.view(np.uint32), plain.view(np.uint32)), f"{op}: float32 output changed ({seed})"
+        assert np.array_equal(xh.view(np.uint16), xh_layout(y).view(np.uint16)), f"{op}: fp16 copy ({seed})"
+        conv = cr.load_op("gemm_x_f16", K.gemm_wgmma_defines(True))
+        yb, xb = cr.DeviceBuffer.from_array(y), cr.DeviceBuffer(y.size * 2)
+        conv.launch_op(K.launch_config("gemm_x_f16", {"m": shape[0], "k": shape[1]}), [yb], [xb])
+        cr.synchronize()
+        assert np.array_equal(xb.download(shape, np.float16).view(np.uint16), xh.view(np.uint16)), f"{op} ({seed})"
+        yb.free()
+        xb.free()
+
+
 @pytest.mark.parametrize("vocab", [151936, 1001])
 def test_argmax(vocab):
     rng, seed = _rng()

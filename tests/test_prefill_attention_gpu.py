@@ -16,8 +16,9 @@ SHAPES = {"1.5B": dict(n_heads=12, n_kv_heads=2, head_dim=128, rope_theta=1e6),
 
 
 def _run_pair(a, q, k, v, kc, vc, pos, slots, splits=1, extra=None):
-    """rope_kv_append then prefill_attention with grid z = splits (extra: defines of the attention's build).
-    Returns (out, k cache, v cache, the split counters after the launch, q_rot)."""
+    """rope_kv_append then prefill_attention with grid z = splits (extra: defines of the attention's build; with
+    XH_OUT its fp16 copy of `out` is appended to what is returned).
+    Returns (out, k cache, v cache, the split counters after the launch[, xh])."""
     m, n_slots, max_seq = len(pos), kc.shape[0], kc.shape[2]
     defines = K.defines_for("prefill_attention", a)
     dims = dict(a, m=m, n_slots=n_slots, max_seq=max_seq, pa_splits=splits)
@@ -32,11 +33,15 @@ def _run_pair(a, q, k, v, kc, vc, pos, slots, splits=1, extra=None):
     c1 = K.launch_config("rope_kv_append", dims)
     cr.load_op("rope_kv_append", defines).launch(c1, [bq, bk, bv, bpos, bslots, *c1.scalars, q_rot, bkc, bvc])
     c2 = K.launch_config("prefill_attention", dims)
+    xh = [cr.DeviceBuffer(q.size * 2)] if (extra or {}).get("XH_OUT") else []
+    for b in xh:
+        b.fill_u8(0xFF)
     cr.load_op("prefill_attention", defines | (extra or {})).launch(
-        c2, [q_rot, bkc, bvc, bpos, bslots, *c2.scalars, out, part, count])
+        c2, [q_rot, bkc, bvc, bpos, bslots, *c2.scalars, out, part, count, *xh])
     cr.synchronize()
     return (out.download(q.shape, np.float32), bkc.download(kc.shape, np.float16),
-            bvc.download(vc.shape, np.float16), count.download((n_count,), np.int32))
+            bvc.download(vc.shape, np.float16), count.download((n_count,), np.int32),
+            *[b.download(q.shape, np.float16) for b in xh])
 
 
 def _inputs(a, start, m, rng):
@@ -104,3 +109,19 @@ def test_shallow_rows_keep_the_unsplit_bits():
     one, *_ = _run_pair(a, *args, splits=1)
     deep, *_ = _run_pair(a, *args, splits=K.PREFILL_KV_SPLITS)
     assert np.array_equal(one, deep)
+
+
+@pytest.mark.parametrize("start,splits", [(0, 1), (2990, K.PREFILL_KV_SPLITS)])
+def test_prefill_attention_writes_the_gemm_fp16_input(start, splits):
+    """Built with XH_OUT=1 (the cuda backend's xh_by_producer), the attention writes `out` bit for bit as the plain
+    build does, and beside it the o projection's fp16 input: per 16-element chunk the even elements then the odd ones
+    (plugins/xh_store.cuh), rounded as numpy rounds; on the unsplit path (float2 stores) and the split merge (float4)."""
+    a = SHAPES["1.5B"]
+    rng = np.random.default_rng(int(np.random.SeedSequence().entropy % (1 << 31)))
+    args = _inputs(a, start, 100, rng)
+    plain, *_ = _run_pair(a, *args, splits=splits)
+    out, _, _, _, xh = _run_pair(a, *args, splits=splits, extra={"XH_OUT": 1})
+    assert np.array_equal(out.view(np.uint32), plain.view(np.uint32))
+    ch = out.reshape(-1, 16)
+    want = np.concatenate([ch[:, 0::2], ch[:, 1::2]], 1).astype(np.float16).reshape(out.shape)
+    assert np.array_equal(xh.view(np.uint16), want.view(np.uint16))

@@ -51,7 +51,7 @@ times the variants):
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -87,11 +87,14 @@ TUNING = {"pdl": True, "m1": True, "qmv1": True, "plain": True, "batched": True,
           "clusters": True, "cache_by_address": False, "gemm_min_m": GEMM_MIN_M,
           "skinny_min_m": SKINNY_MIN_M, "attn_kv_grid": True, "attn_one_block_keys": ATTN_ONE_BLOCK_KEYS,
           "skinny_skip": (), "gemm_wgmma": True, "gemm_xh": True,
-          "concurrent_projections": True, "prefill_kv_splits": PREFILL_KV_SPLITS}
+          "concurrent_projections": True, "prefill_kv_splits": PREFILL_KV_SPLITS, "xh_by_producer": True}
 # The kernels TensorRT's plugins get (toolchain/trt/plugins.py, issue 16), run here to prove them on the GPU: no
 # thread-block cluster launch (so no cluster k-split, no xmerge pair and no prefill GEMM, whose split-K is a cluster),
 # the attention with the caches by address (rope_kv_attention_addr), the general matvec core at every m. With
 # fused=False the step is then the TensorRT export's kernel for kernel (the argmax, a standard op there, stays ours).
+# Kernels that can write a prefill GEMM's fp16 input themselves (built with XH_OUT=1, plugins/xh_store.cuh): op ->
+# the index of their float32 output among their launch arguments (CudaBackend._fold_x_f16).
+XH_PRODUCERS = {"rms_norm": -1, "swiglu": -1, "prefill_attention": -3}
 TENSORRT_BUILDS = {"clusters": False, "cache_by_address": True, "qmv1": False, "m1": False, "xmerge": False}
 
 
@@ -180,6 +183,7 @@ class CudaBackend:
             (c.n_heads // c.n_kv_heads, xmerge_slot_floats(c.n_heads, c.head_dim)), np.float32)
         self._allocate_activations()
         self._modules: dict = {}
+        self._built: dict[int, tuple[str, dict]] = {}
         self._plans: dict[int, list[Launch]] = {}
         self._graphs: dict[tuple, object] = {}
         self._sampler = None
@@ -244,6 +248,7 @@ class CudaBackend:
         key = (op, tuple(sorted(defines.items())))
         if key not in self._modules:
             self._modules[key] = cr.load_op(op, defines)
+            self._built[id(self._modules[key])] = (op, dict(defines))  # what a plan's kernel was built from
         return self._modules[key]
 
     def _dims(self, node, op, attrs, m) -> dict:
@@ -404,6 +409,8 @@ class CudaBackend:
         launches.append(Launch("advance", "decode_advance", advance, cfg,
                                [self.buffers["next_token"].ptr, *cfg.scalars, self.buffers["token_ids"].ptr,
                                 self.buffers["positions"].ptr]))
+        if self.tuning["xh_by_producer"]:
+            launches = self._fold_x_f16(launches)
         self._plans[key] = launches
         return launches
 
@@ -445,6 +452,23 @@ class CudaBackend:
         cfg = launch_config("gemm_x_f16", {"m": m, "k": k})
         kern = self._kernel("gemm_x_f16", gemm_wgmma_defines(True))
         return Launch(name + ".x_f16", "gemm_x_f16", kern, cfg, [x, *cfg.scalars, self.buffers["prefill.x_f16"].ptr])
+
+    def _fold_x_f16(self, launches: list[Launch]) -> list[Launch]:
+        """The plan with each gemm_x_f16 conversion folded into the launch right before it where that one produced
+        the converted tensor and can write the fp16 copy itself (XH_PRODUCERS: the same build with XH_OUT=1 and the
+        fp16 buffer as one more output; the same bits, plugins/xh_store.cuh): one launch and one read of the
+        activation less per GEMM input. Nothing runs between the producer and the GEMMs either way."""
+        out: list[Launch] = []
+        for launch in launches:
+            prev = out[-1] if out else None
+            if (launch.op == "gemm_x_f16" and prev is not None and prev.op in XH_PRODUCERS
+                    and prev.args[XH_PRODUCERS[prev.op]] == launch.args[0]):
+                op, defines = self._built[id(prev.kernel)]
+                out[-1] = replace(prev, kernel=self._kernel(op, defines | {"XH_OUT": 1}),
+                                  args=prev.args + [launch.args[-1]])
+                continue
+            out.append(launch)
+        return out
 
     def _prefill_attention(self, node, attrs, dims, ins, outs) -> list[Launch]:
         """The attention node of a single-slot prompt as two kernels: RoPE + cache append for all m tokens, then

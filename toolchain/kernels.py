@@ -679,7 +679,8 @@ def specializations(model: dict, build=None) -> list[tuple[str, dict]]:
 def decode_specializations(model: dict) -> list[tuple[str, dict]]:
     """(op, defines) of the decode builds the cuda backend compiles for the model's projections (decode_build, for
     every decode_tokens bucket: 1, 2, 4, 8 tokens per block), of the xmerge pair (xmerge_defines), of the
-    attention on one cluster or one block per (token, kv head) (ATTN_KVGRID), and the prefill GEMMs' wgmma build."""
+    attention on one cluster or one block per (token, kv head) (ATTN_KVGRID), the prefill GEMMs' wgmma build and the
+    XH_OUT builds of their inputs' producers."""
     def build(op, attrs, mt=1):
         return decode_build(op, attrs, attrs.get("in_features", model["hidden"]), mt=mt)
 
@@ -700,6 +701,8 @@ def decode_specializations(model: dict) -> list[tuple[str, dict]]:
     # the prefill GEMMs on Hopper's warpgroup MMA (the cuda backend's tuning gemm_wgmma; sm_90a cubins)
     wgmma = [(op, gemm_wgmma_defines(xh)) for op in GEMM_OPS for xh in (False, True)]
     wgmma.append(("gemm_x_f16", gemm_wgmma_defines(True)))
+    # the producers of those GEMMs' inputs, writing the fp16 copy themselves (the cuda backend's xh_by_producer)
+    wgmma += [(op, defines_for(op, model) | {"XH_OUT": 1}) for op in ("rms_norm", "swiglu", "prefill_attention")]
     return out + pairs + kv_grid + wgmma + list(batched.values())
 
 
