@@ -286,8 +286,9 @@ extern "C" __global__ void __launch_bounds__(32 * PA_WARPS) prefill_attention(
 #pragma unroll
             for (int nd = 0; nd < D / 8; ++nd) {
                 *reinterpret_cast<float2*>(y + 8 * nd + 2 * c) = make_float2(o[nd][2 * h] * r, o[nd][2 * h + 1] * r);
-#if XH_OUT
-                xh_store2(xh, qoff[h] + 8 * nd + 2 * c, o[nd][2 * h] * r, o[nd][2 * h + 1] * r);
+#if XH_OUT  // lanes c and c ^ 1 of the row's quad (all of it here or none: one row) hold one 4-element group
+                xh_store2_paired(xh, qoff[h] + 8 * nd + 2 * c, o[nd][2 * h] * r, o[nd][2 * h + 1] * r,
+                                 0xFu << (lane & ~3));
 #endif
             }
         }

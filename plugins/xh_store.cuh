@@ -19,10 +19,16 @@ __device__ __forceinline__ void xh_store4(__half* xh, size_t e, float4 v) {
     *reinterpret_cast<__half2*>(chunk + 8 + 2 * c) = __floats2half2_rn(v.y, v.w);
 }
 
-// elements e, e + 1 (e % 2 == 0): halves of words c and 4 + c, the low ones for e % 4 == 0, the high ones for 2
-__device__ __forceinline__ void xh_store2(__half* xh, size_t e, float a, float b) {
+// elements e, e + 1 (e % 2 == 0) from each of two lanes (lane and lane ^ 1) that hold e0 .. e0 + 3 between them
+// (e0 % 4 == 0, the even lane e0 and e0 + 1): the pair swaps its values and each lane stores one whole word (word c
+// from the even lane, word 4 + c from the odd one) instead of two scattered halves. mask: the lanes calling it, both
+// lanes of every pair.
+__device__ __forceinline__ void xh_store2_paired(__half* xh, size_t e, float a, float b, unsigned mask) {
+    const float pa = __shfl_xor_sync(mask, a, 1), pb = __shfl_xor_sync(mask, b, 1);
     __half* const chunk = xh + (e & ~(size_t)15);
-    const int c = (int)(e >> 2) & 3, j = (int)(e >> 1) & 1;
-    chunk[2 * c + j] = __float2half_rn(a);
-    chunk[8 + 2 * c + j] = __float2half_rn(b);
+    const int c = (int)(e >> 2) & 3;
+    if ((e & 2) == 0)
+        *reinterpret_cast<__half2*>(chunk + 2 * c) = __floats2half2_rn(a, pa);
+    else
+        *reinterpret_cast<__half2*>(chunk + 8 + 2 * c) = __floats2half2_rn(pb, b);
 }

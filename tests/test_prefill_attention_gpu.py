@@ -115,7 +115,8 @@ def test_shallow_rows_keep_the_unsplit_bits():
 def test_prefill_attention_writes_the_gemm_fp16_input(start, splits):
     """Built with XH_OUT=1 (the cuda backend's xh_by_producer), the attention writes `out` bit for bit as the plain
     build does, and beside it the o projection's fp16 input: per 16-element chunk the even elements then the odd ones
-    (plugins/xh_store.cuh), rounded as numpy rounds; on the unsplit path (float2 stores) and the split merge (float4)."""
+    (plugins/xh_store.cuh), rounded as numpy rounds; on the unsplit path (lane pairs' words) and the split merge
+    (float4)."""
     a = SHAPES["1.5B"]
     rng = np.random.default_rng(int(np.random.SeedSequence().entropy % (1 << 31)))
     args = _inputs(a, start, 100, rng)
