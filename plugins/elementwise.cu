@@ -4,7 +4,8 @@
 //     swiglu(const float* gate, const float* up, int numel, float* y)  y = gate * sigmoid(gate) * up
 // Buffers are whole tensors (16-aligned base) so float4 access is aligned; y may alias a or b (in-place).
 // XH_OUT=1 (prefill plans of the cuda backend only, swiglu): one more output, xh, y as fp16 in the GEMM_XH build's
-// order (plugins/xh_store.cuh) for the down projection's GEMM; numel % 16 == 0.
+// order (plugins/xh_store.cuh) for the down projection's GEMM. Its rows (ffn wide, a GEMM's k: a multiple of 256)
+// must be a multiple of 16 long, which the kernel cannot see; it checks numel % 16.
 #include "pdl.cuh"
 #include "xh_store.cuh"
 #ifndef XH_OUT

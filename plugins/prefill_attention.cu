@@ -58,7 +58,7 @@
 
 constexpr int D = HEAD_DIM, HALF = D / 2, QD = N_HEADS * D, KVD = N_KV_HEADS * D, GROUP = N_HEADS / N_KV_HEADS;
 #ifndef PA_SPLIT_TILES
-#define PA_SPLIT_TILES 16  // fewest key tiles (of 32 keys) per split (toolchain/kernels.py: PREFILL_SPLIT_TILES)
+#define PA_SPLIT_TILES 16  // one split per this many key tiles (of 32 keys) of a row block, up to the grid's z
 #endif
 #ifndef PA_MAX_SPLITS
 #define PA_MAX_SPLITS 16  // most splits per row block: part holds gridDim.z slots per row block, the merge's table this many
@@ -146,6 +146,7 @@ extern "C" __global__ void __launch_bounds__(32 * PA_WARPS) prefill_attention(
     using namespace pa;
     __shared__ __align__(16) __half Ks[2][BK][KS], Vs[2][BK][KS];
     __shared__ float merge_w[ROWS][PA_MAX_SPLITS];  // the merge's weight of each split per row, 1 / sum folded in
+    __shared__ bool merge_ok[ROWS];                  // the row saw a key (a row masked everywhere is not written)
     __shared__ int is_last;
     pdl_launch_dependents();
     pdl_wait();
@@ -274,14 +275,16 @@ extern "C" __global__ void __launch_bounds__(32 * PA_WARPS) prefill_attention(
         }
         __syncthreads();  // every warp is done with buf before the next iteration refills it
     }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // row sums over the quad of lanes holding the row
+        sum[h] += __shfl_xor_sync(0xffffffffu, sum[h], 1);
+        sum[h] += __shfl_xor_sync(0xffffffffu, sum[h], 2);
+    }
     if (splits == 1) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            float l = sum[h];
-            l += __shfl_xor_sync(0xffffffffu, l, 1);
-            l += __shfl_xor_sync(0xffffffffu, l, 2);
             if (qpos[h] < 0) continue;
-            const float r = 1.f / l;
+            const float r = 1.f / sum[h];
             float* y = out + qoff[h];
 #pragma unroll
             for (int nd = 0; nd < D / 8; ++nd) {
@@ -300,9 +303,7 @@ extern "C" __global__ void __launch_bounds__(32 * PA_WARPS) prefill_attention(
     float* const mine = slot0 + (size_t)blockIdx.z * ROWS * (D + 2);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-        float l = sum[h];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const float l = sum[h];
         const int rr = 16 * warp + g + 8 * h;
 #pragma unroll
         for (int nd = 0; nd < D / 8; ++nd)
@@ -327,13 +328,14 @@ extern "C" __global__ void __launch_bounds__(32 * PA_WARPS) prefill_attention(
             merge_w[rr][z] = w;
             l += w * ml.y;
         }
+        merge_ok[rr] = l > 0.f;
         const float r = 1.f / l;
         for (int z = 0; z < splits; ++z) merge_w[rr][z] *= r;
     }
     __syncthreads();
     for (int i = threadIdx.x; i < ROWS * (D / 4); i += blockDim.x) {
         const int rr = i / (D / 4), d = 4 * (i % (D / 4)), r = r0 + rr;
-        if (r >= rows) continue;
+        if (r >= rows || !merge_ok[rr]) continue;
         const int t = r / GROUP, head = kvh * GROUP + r % GROUP;
         float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
         for (int z = 0; z < splits; ++z) {

@@ -21,6 +21,9 @@ extern "C" __global__ void __launch_bounds__(256) rms_norm(const float* x, const
 #endif
 ) {
     __shared__ float part[8];
+#if XH_OUT
+    if (hidden % 16) __trap();  // fp16 chunks would straddle rows (the runtime never builds this for such a model)
+#endif
     pdl_launch_dependents();
     pdl_wait();
     const float* xr = x + (size_t)blockIdx.x * hidden;
@@ -51,9 +54,6 @@ extern "C" __global__ void __launch_bounds__(256) rms_norm(const float* x, const
 #endif
         }
     } else {
-#if XH_OUT
-        __trap();  // hidden % 16 != 0: no GEMM_XH input (the runtime never builds this)
-#endif
         for (int i = threadIdx.x; i < hidden; i += blockDim.x) yr[i] = xr[i] / rs * weight[i];
     }
 }

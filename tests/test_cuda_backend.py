@@ -342,8 +342,8 @@ def test_prefill_split_keys_through_the_model(synth, backend):
 def test_producers_write_the_gemm_input_with_the_same_bits(synth, backend):
     """With xh_by_producer (the default) the fp16 input of the wgmma GEMMs' GEMM_XH build is written by the kernels
     that produce it (rms_norm, prefill_attention, swiglu built with XH_OUT=1), not by gemm_x_f16 launches: the plan
-    has none left, and a 232-token prompt (two captured pieces of 96, then an eager 40) gives the same bits as with
-    the conversions."""
+    has none left, and a 232-token prompt (two captured pieces of 96, then an eager 40; the attention's keys split
+    every 2 tiles, so its merge writes the copy too) gives the same bits as with the conversions."""
     from toolchain import cuda_runtime as cr
 
     if not backend.tuning["clusters"] or cr.compute_capability() != (9, 0) or not backend.tuning["gemm_xh"]:
@@ -352,8 +352,9 @@ def test_producers_write_the_gemm_input_with_the_same_bits(synth, backend):
     prompt = np.random.default_rng().integers(0, model.config.vocab, 232).tolist()
     saved, got, ops = dict(backend.tuning), {}, {}
     try:
+        deep = saved["defines"] | {"prefill_attention": {"PA_SPLIT_TILES": 2}}
         for by_producer in (True, False):
-            use_tuning(backend, {**saved, "xh_by_producer": by_producer})
+            use_tuning(backend, {**saved, "xh_by_producer": by_producer, "defines": deep})
             plan = backend.plan(backend.max_tokens, last_only=True)
             ops[by_producer] = [ln.op for ln in plan]
             backend.reset()

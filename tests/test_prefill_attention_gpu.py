@@ -111,15 +111,17 @@ def test_shallow_rows_keep_the_unsplit_bits():
     assert np.array_equal(one, deep)
 
 
-@pytest.mark.parametrize("start,splits", [(0, 1), (2990, K.PREFILL_KV_SPLITS)])
-def test_prefill_attention_writes_the_gemm_fp16_input(start, splits):
+# m = 37: 222 rows, so the last row block's warps hold valid and masked rows side by side (the pairs' shuffles)
+@pytest.mark.parametrize("start,m,splits", [(0, 100, 1), (0, 37, 1), (2990, 100, K.PREFILL_KV_SPLITS),
+                                            (2990, 37, K.PREFILL_KV_SPLITS)])
+def test_prefill_attention_writes_the_gemm_fp16_input(start, m, splits):
     """Built with XH_OUT=1 (the cuda backend's xh_by_producer), the attention writes `out` bit for bit as the plain
     build does, and beside it the o projection's fp16 input: per 16-element chunk the even elements then the odd ones
     (plugins/xh_store.cuh), rounded as numpy rounds; on the unsplit path (lane pairs' words) and the split merge
     (float4)."""
     a = SHAPES["1.5B"]
     rng = np.random.default_rng(int(np.random.SeedSequence().entropy % (1 << 31)))
-    args = _inputs(a, start, 100, rng)
+    args = _inputs(a, start, m, rng)
     plain, *_ = _run_pair(a, *args, splits=splits)
     out, _, _, _, xh = _run_pair(a, *args, splits=splits, extra={"XH_OUT": 1})
     assert np.array_equal(out.view(np.uint32), plain.view(np.uint32))

@@ -92,10 +92,10 @@ TUNING = {"pdl": True, "m1": True, "qmv1": True, "plain": True, "batched": True,
 # thread-block cluster launch (so no cluster k-split, no xmerge pair and no prefill GEMM, whose split-K is a cluster),
 # the attention with the caches by address (rope_kv_attention_addr), the general matvec core at every m. With
 # fused=False the step is then the TensorRT export's kernel for kernel (the argmax, a standard op there, stays ours).
+TENSORRT_BUILDS = {"clusters": False, "cache_by_address": True, "qmv1": False, "m1": False, "xmerge": False}
 # Kernels that can write a prefill GEMM's fp16 input themselves (built with XH_OUT=1, plugins/xh_store.cuh): op ->
 # the index of their float32 output among their launch arguments (CudaBackend._fold_x_f16).
 XH_PRODUCERS = {"rms_norm": -1, "swiglu": -1, "prefill_attention": -3}
-TENSORRT_BUILDS = {"clusters": False, "cache_by_address": True, "qmv1": False, "m1": False, "xmerge": False}
 
 
 @dataclass
@@ -173,8 +173,10 @@ class CudaBackend:
         self.buffers["prefill.q_rot"] = cr.DeviceBuffer.zeros((max_tokens, c.q_dim), np.float32)
         # a prefill GEMM's input as fp16 (gemm_x_f16, for the wgmma GEMMs' GEMM_XH build)
         self.buffers["prefill.x_f16"] = cr.DeviceBuffer.zeros((max_tokens, max(c.hidden, c.q_dim, c.ffn)), np.float16)
-        # prefill_attention's split keys: partials and a counter per row block (the largest split count asked for)
-        self._pa_splits = max(PREFILL_KV_SPLITS, int(self.tuning["prefill_kv_splits"]))
+        # prefill_attention's split keys: partials and a counter per row block (the largest split count asked for),
+        # where a prefill plan can run it (prefill steps on the cluster builds; not TensorRT's)
+        prefill = self.tuning["clusters"] and max_tokens >= self.tuning["gemm_min_m"]
+        self._pa_splits = max(PREFILL_KV_SPLITS, int(self.tuning["prefill_kv_splits"])) if prefill else 0
         part, count = prefill_attention_scratch(max_tokens, c.n_heads, c.n_kv_heads, c.head_dim, self._pa_splits)
         self.buffers["prefill.attn_part"] = cr.DeviceBuffer.zeros((part,), np.float32)
         self.buffers["prefill.attn_count"] = cr.DeviceBuffer.zeros((count,), np.int32)
@@ -461,9 +463,10 @@ class CudaBackend:
         out: list[Launch] = []
         for launch in launches:
             prev = out[-1] if out else None
-            if (launch.op == "gemm_x_f16" and prev is not None and prev.op in XH_PRODUCERS
+            built = self._built.get(id(prev.kernel)) if prev is not None else None  # None: not made by _kernel
+            if (launch.op == "gemm_x_f16" and built and prev.op in XH_PRODUCERS
                     and prev.args[XH_PRODUCERS[prev.op]] == launch.args[0]):
-                op, defines = self._built[id(prev.kernel)]
+                op, defines = built
                 out[-1] = replace(prev, kernel=self._kernel(op, defines | {"XH_OUT": 1}),
                                   args=prev.args + [launch.args[-1]])
                 continue

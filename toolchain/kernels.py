@@ -43,10 +43,10 @@ FUSED_OPS = ("rms_norm_qkv", "matmul_add", "rms_norm_swiglu")  # toolchain/fusio
 GEMM_OPS = ("q4k_gemm", "q6k_gemm")
 PREFILL_ATTENTION_OPS = ("rope_kv_append", "prefill_attention")
 PREFILL_ROWS_PER_BLOCK = 64  # prefill_attention: (token, q head) rows per block, 16 per warp (PA_WARPS)
-# prefill_attention's key splits (grid z; plugins/prefill_attention.cu "Split keys"): at most PREFILL_KV_SPLITS
-# blocks share a row block's keys, each at least PREFILL_SPLIT_TILES tiles of 32 keys (the kernel's PA_SPLIT_TILES
-# default): a shallower row block uses fewer, and up to PREFILL_SPLIT_TILES tiles one (no scratch, the unsplit bits).
-PREFILL_KV_SPLITS, PREFILL_SPLIT_TILES = 4, 16
+# prefill_attention's key splits (the cuda backend's grid z; plugins/prefill_attention.cu "Split keys"): at most
+# PREFILL_KV_SPLITS blocks share a row block's keys, one per PA_SPLIT_TILES (16) tiles of 32 keys it has: a row block
+# of up to 16 tiles uses one (no scratch, the unsplit bits), of 17 two (9 + 8 tiles), of 60 or more four.
+PREFILL_KV_SPLITS = 4
 GEMM_ROWS, GEMM_TOKENS, GEMM_THREADS = 96, 128, 256
 GEMM_SMEM = {"q4k_gemm": 70656, "q6k_gemm": 89088}
 # The same ops built with GEMM_WGMMA=1 (sm_90a: plugins/quant_gemm_wgmma.cuh): 128 weight rows per CTA (two
@@ -452,7 +452,7 @@ def launch_config(op: str, dims: dict, ops=INT_OPS, clusters: bool = True) -> La
     if op == "prefill_attention":
         group = int(_dim(dims, "n_heads")) // int(_dim(dims, "n_kv_heads"))  # rows = (token, q head of a kv head)
         return LaunchConfig((ops.cdiv(m * group, PREFILL_ROWS_PER_BLOCK), _dim(dims, "n_kv_heads"),
-                             int(dims.get("pa_splits", PREFILL_KV_SPLITS))),
+                             int(dims.get("pa_splits", 1))),  # more splits need their scratch: the caller's choice
                             (PREFILL_ROWS_PER_BLOCK * 2, 1, 1), 0,
                             (m, _dim(dims, "n_slots"), _dim(dims, "max_seq", "max_seq_len")))
     if op in GEMM_OPS:
