@@ -177,9 +177,10 @@ class CudaBackend:
         # where a prefill plan can run it (prefill steps on the cluster builds; not TensorRT's)
         prefill = self.tuning["clusters"] and max_tokens >= self.tuning["gemm_min_m"]
         self._pa_splits = max(PREFILL_KV_SPLITS, int(self.tuning["prefill_kv_splits"])) if prefill else 0
-        part, count = prefill_attention_scratch(max_tokens, c.n_heads, c.n_kv_heads, c.head_dim, self._pa_splits)
-        self.buffers["prefill.attn_part"] = cr.DeviceBuffer.zeros((part,), np.float32)
-        self.buffers["prefill.attn_count"] = cr.DeviceBuffer.zeros((count,), np.int32)
+        if prefill:
+            part, count = prefill_attention_scratch(max_tokens, c.n_heads, c.n_kv_heads, c.head_dim, self._pa_splits)
+            self.buffers["prefill.attn_part"] = cr.DeviceBuffer.zeros((part,), np.float32)
+            self.buffers["prefill.attn_count"] = cr.DeviceBuffer.zeros((count,), np.int32)
         # the attention's cluster partials for its consumer (xmerge): one slot per cluster of a kv head
         self.buffers["attn.xpart"] = cr.DeviceBuffer.zeros(
             (c.n_heads // c.n_kv_heads, xmerge_slot_floats(c.n_heads, c.head_dim)), np.float32)
@@ -481,7 +482,8 @@ class CudaBackend:
         defines = defines_for("rope_kv_append", attrs)
         splits = int(self.tuning["prefill_kv_splits"])
         if not 1 <= splits <= self._pa_splits:
-            raise ValueError(f"tuning prefill_kv_splits={splits}: the scratch was allocated for 1..{self._pa_splits}")
+            raise ValueError(f"tuning prefill_kv_splits={splits}: this backend made split scratch for at most "
+                             f"{self._pa_splits} (for its tuning at construction)")
         a = launch_config("rope_kv_append", dims)
         b = launch_config("prefill_attention", dims | {"pa_splits": splits})
         tuned = defines | self.tuning["defines"].get("prefill_attention", {})  # e.g. PA_SPLIT_TILES
