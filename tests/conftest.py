@@ -75,6 +75,15 @@ SMALL_1_5B = dict(n_layers=2, vocab=4096)
 TINY = dict(n_layers=2, hidden=256, ffn=512, n_heads=4, n_kv_heads=2, vocab=1024, context_length=512)
 
 
+def xh_layout(y):
+    """The prefill GEMMs' fp16 input as numpy makes it (plugins/xh_store.cuh, gemm_x_f16): per 16-element chunk the
+    even elements, then the odd ones, rounded to nearest even. The GPU tests' independent reference for it."""
+    import numpy as np
+
+    ch = y.reshape(-1, 16)
+    return np.concatenate([ch[:, 0::2], ch[:, 1::2]], 1).astype(np.float16).reshape(y.shape)
+
+
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("QTRT_GPU_TESTS"):
         return

@@ -13,6 +13,7 @@ import pytest
 from toolchain import cuda_runtime as cr
 from toolchain import kernels as K
 from toolchain import ops
+from conftest import xh_layout
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not cr.available(), reason="needs cuda-python and an NVIDIA GPU")]
@@ -500,13 +501,6 @@ def test_add_swiglu(numel):
     assert rel < 1e-6, f"rel err {rel} ({seed})"
 
 
-def xh_layout(y: np.ndarray) -> np.ndarray:
-    """The prefill GEMMs' fp16 input as numpy makes it (plugins/xh_store.cuh): per 16-element chunk the even elements,
-    then the odd ones, rounded to nearest even."""
-    ch = y.reshape(-1, 16)
-    return np.concatenate([ch[:, 0::2], ch[:, 1::2]], 1).astype(np.float16).reshape(y.shape)
-
-
 @pytest.mark.parametrize("m", [1, 37, 512])
 def test_producers_write_the_gemm_fp16_input(m):
     """rms_norm and swiglu built with XH_OUT=1 write their float32 output bit for bit as the plain build does, and
@@ -528,11 +522,14 @@ def test_producers_write_the_gemm_fp16_input(m):
         assert np.array_equal(xh.view(np.uint16), xh_layout(y).view(np.uint16)), f"{op}: fp16 copy ({seed})"
         conv = cr.load_op("gemm_x_f16", K.gemm_wgmma_defines(True))
         yb, xb = cr.DeviceBuffer.from_array(y), cr.DeviceBuffer(y.size * 2)
-        conv.launch_op(K.launch_config("gemm_x_f16", {"m": shape[0], "k": shape[1]}), [yb], [xb])
-        cr.synchronize()
-        assert np.array_equal(xb.download(shape, np.float16).view(np.uint16), xh.view(np.uint16)), f"{op} ({seed})"
-        yb.free()
-        xb.free()
+        try:
+            conv.launch_op(K.launch_config("gemm_x_f16", {"m": shape[0], "k": shape[1]}), [yb], [xb])
+            cr.synchronize()
+            converted = xb.download(shape, np.float16)
+        finally:
+            yb.free()
+            xb.free()
+        assert np.array_equal(converted.view(np.uint16), xh.view(np.uint16)), f"{op}: gemm_x_f16 differs ({seed})"
 
 
 @pytest.mark.parametrize("vocab", [151936, 1001])

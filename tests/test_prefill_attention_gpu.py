@@ -7,6 +7,7 @@ import pytest
 from toolchain import cuda_runtime as cr
 from toolchain import kernels as K
 from toolchain import ops
+from conftest import xh_layout
 
 pytestmark = pytest.mark.gpu
 SHAPES = {"1.5B": dict(n_heads=12, n_kv_heads=2, head_dim=128, rope_theta=1e6),
@@ -125,6 +126,4 @@ def test_prefill_attention_writes_the_gemm_fp16_input(start, m, splits):
     plain, *_ = _run_pair(a, *args, splits=splits)
     out, _, _, _, xh = _run_pair(a, *args, splits=splits, extra={"XH_OUT": 1})
     assert np.array_equal(out.view(np.uint32), plain.view(np.uint32))
-    ch = out.reshape(-1, 16)
-    want = np.concatenate([ch[:, 0::2], ch[:, 1::2]], 1).astype(np.float16).reshape(out.shape)
-    assert np.array_equal(xh.view(np.uint16), want.view(np.uint16))
+    assert np.array_equal(xh.view(np.uint16), xh_layout(out).view(np.uint16))
