@@ -131,6 +131,20 @@ __device__ __forceinline__ void compute(float (&acc)[4][NT8][4], const uint8_t* 
 
 extern __shared__ __align__(16) uint8_t gemm_smem[];
 
+// The superblocks [sb0, sb1) of the nb along k that this CTA takes, for both bodies: all of them, or with the cluster
+// split (GEMM_SPLIT = 2) the half of rank = blockIdx.z, which also picks the half of the tile it stores at the end.
+struct KRange {
+    int rank, sb0, sb1;
+};
+__device__ __forceinline__ KRange k_range(int nb) {
+#if GEMM_SPLIT == 2
+    const int rank = blockIdx.z;
+    return {rank, nb * rank / 2, nb * (rank + 1) / 2};
+#else
+    return {0, 0, nb};
+#endif
+}
+
 template <class F>
 __device__ __forceinline__ void gemm(const float* __restrict__ x, const uint8_t* __restrict__ w,
                                      const float* __restrict__ bias, int m, int n, int k, float* __restrict__ y) {
@@ -143,12 +157,7 @@ __device__ __forceinline__ void gemm(const float* __restrict__ x, const uint8_t*
     const int nb = k / 256;
     const size_t row_bytes = (size_t)nb * F::BB;
     const uint32_t wlo = (uint32_t)reinterpret_cast<uintptr_t>(w);
-#if GEMM_SPLIT == 2
-    const int rank = blockIdx.z;
-    const int sb0 = nb * rank / 2, sb1 = nb * (rank + 1) / 2;
-#else
-    const int sb0 = 0, sb1 = nb;
-#endif
+    const auto [rank, sb0, sb1] = k_range(nb);
     const int nsb = sb1 - sb0, T = 4 * nsb;
 
     float acc[4][NT8][4];
@@ -307,12 +316,7 @@ __device__ __forceinline__ void gemm_wgmma(const float* __restrict__ x, const ui
     const int nb = k / 256;
     const size_t row_bytes = (size_t)nb * F::BB;
     const uint32_t wlo = (uint32_t)reinterpret_cast<uintptr_t>(w);
-#if GEMM_SPLIT == 2
-    const int rank = blockIdx.z;
-    const int sb0 = nb * rank / 2, sb1 = nb * (rank + 1) / 2;
-#else
-    const int sb0 = 0, sb1 = nb;
-#endif
+    const auto [rank, sb0, sb1] = k_range(nb);
     const int nsb = sb1 - sb0, T = 4 * nsb;
     const int g = lane >> 2, c = lane & 3;
     const int row0 = 64 * wg + 16 * (warp & 3) + g;  // this thread's A rows in the tile: row0 and row0 + 8

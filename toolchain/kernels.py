@@ -352,8 +352,11 @@ def xmerge_slot_floats(n_heads: int, head_dim: int) -> int:
 def prefill_attention_scratch(m: int, n_heads: int, n_kv_heads: int, head_dim: int,
                               splits: int = PREFILL_KV_SPLITS) -> tuple[int, int]:
     """(floats of `part`, ints of `count`) that prefill_attention's split keys need for a step of up to m tokens:
-    per row block one slot per split of ROWS x head_dim numerators and ROWS (max, sum) pairs, and one counter."""
-    blocks = -(-m * (n_heads // n_kv_heads) // PREFILL_ROWS_PER_BLOCK) * n_kv_heads
+    per row block (the launch's grid x * y) one slot per split of ROWS x head_dim numerators and ROWS (max, sum)
+    pairs, and one counter."""
+    grid = launch_config("prefill_attention", dict(m=m, n_heads=n_heads, n_kv_heads=n_kv_heads, n_slots=1,
+                                                   max_seq=1)).grid
+    blocks = grid[0] * grid[1]
     return blocks * splits * PREFILL_ROWS_PER_BLOCK * (head_dim + 2), blocks
 
 
