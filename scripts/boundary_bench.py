@@ -1,0 +1,246 @@
+"""On the GPU: what one dependency between two phases of the decode step costs, a kernel boundary against a grid
+barrier or flags inside one persistent kernel, and whether a weight stream that never stops at the dependencies
+reaches the copy bandwidth (issue 17; docs/perf-notes.md "Persistent decode" has the results).
+scripts/boundary_bench.cu has the phases: each reads the whole x the previous phase wrote, reduces it, writes its
+slice of the next x and streams its share of the phase's weight bytes (trivial bodies: the chain is measured, not
+the dequantization).
+
+Shapes: uniform phases (--mb), and the decode step of a layout (--step, --context: the bytes each kernel reads;
+--hops 3 merges QKV, attention and o). Variants, each one CUDA graph, taking turns round after round:
+  plain, pdl, pdl_flag    one kernel per phase: serialized / programmatic dependent launch / PDL launches that
+                          wait on the predecessor's counter instead of griddepcontrol.wait
+  persistent              one kernel, a counter per phase (a grid barrier)
+  persistent_stream       one block per SM, a producer warp streaming every phase's weights into a shared-memory
+                          ring (cp.async.bulk, mbarriers), consumers waiting on the counters
+  pdl_ll, persistent_stream_ll[_sleepN]   x as (value, flag) pairs (NCCL's LL protocol) instead of waits
+  stream_alone            the ring without the dependency (x not waited for: wrong x, timing only)
+Every variant's x is checked against the persistent kernel's; --stamps records where stream_ll's phases wait.
+The persistent kernels check that all their blocks fit at once (they would deadlock otherwise).
+
+    python3 scripts/boundary_bench.py [--mb 0,7] [--context 128] [--hops 5] [--stages 6] [--only a,b] > out.json
+"""
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from toolchain import cuda_runtime as cr  # noqa: E402
+from toolchain.bench import copy_bandwidth  # noqa: E402
+from toolchain.kernels import LaunchConfig, nvcc_path  # noqa: E402
+from toolchain.quants import row_bytes  # noqa: E402
+from toolchain.synth import layout  # noqa: E402
+
+KX = 1536
+NCW, STAGE = 8, 32 * 1024  # boundary_bench.cu: consumer warps and ring stage bytes of stream_persistent
+def step_sizes(name: str, ctx: int, hops: int = 5, **overrides) -> list[int]:
+    """Bytes each kernel of the fused decode step reads, in order (QKV, the attention's KV cache at `ctx`, o,
+    gate + up, down per layer; the lm_head), from the layout's tensor types (toolchain/layouts.json). hops = 3: what
+    if QKV, the attention and o were one phase (the same bytes, two dependencies a layer fewer)."""
+    cfg, types = layout(name, **overrides)
+    h, f, kv = cfg.hidden, cfg.ffn, cfg.kv_dim
+
+    def nbytes(tensor, rows, k):
+        return rows * row_bytes(types[tensor], k)
+
+    sizes = []
+    for i in range(cfg.n_layers):
+        p = f"blk.{i}."
+        sizes += [nbytes(p + "attn_q.weight", cfg.q_dim, h) + nbytes(p + "attn_k.weight", kv, h)
+                  + nbytes(p + "attn_v.weight", kv, h),
+                  2 * kv * ctx * 2,  # K and V, fp16
+                  nbytes(p + "attn_output.weight", h, cfg.q_dim),
+                  nbytes(p + "ffn_gate.weight", f, h) + nbytes(p + "ffn_up.weight", f, h),
+                  nbytes(p + "ffn_down.weight", h, f)]
+        if hops == 3:
+            sizes[-5:-2] = [sum(sizes[-5:-2])]
+    sizes.append(nbytes("output.weight" if "output.weight" in types else "token_embd.weight", cfg.vocab, h))
+    return sizes
+
+
+def build(cubin: str | None) -> bytes:
+    if cubin:
+        return Path(cubin).read_bytes()
+    out = Path(tempfile.mkdtemp()) / "bb.cubin"
+    src = Path(__file__).with_name("boundary_bench.cu")
+    subprocess.run([nvcc_path() or "nvcc", "-cubin", "-arch=sm_90", "-O3", "-std=c++17", str(src), "-o", str(out)], check=True)
+    return out.read_bytes()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--phases", type=int, default=140)
+    ap.add_argument("--mb", default="0,7", help="uniform phases of these MB of weights ('' for none)")
+    ap.add_argument("--blocks-per-sm", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=384)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--cubin")
+    ap.add_argument("--step", default="qwen2.5-coder-1.5b", help="a layout of toolchain/layouts.json ('' for none)")
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--hops", type=int, choices=(3, 5), default=5, help="dependent phases per layer (see step_sizes)")
+    ap.add_argument("--stamps", action="store_true", help="time stamps of stream_ll's phases, per block")
+    ap.add_argument("--only", default="", help="comma-separated variants (the persistent reference always runs)")
+    ap.add_argument("--stages", type=int, default=6, help="ring stages of 32 KB (persistent_stream)")
+    args = ap.parse_args()
+    cr.init()
+    d = cr.driver()
+    mod = cr.Module(build(args.cubin))
+    phase, persistent, stream_k = mod.kernel("phase"), mod.kernel("persistent"), mod.kernel("stream_persistent")
+    phase_ll, stream_ll = mod.kernel("phase_ll"), mod.kernel("stream_ll")
+    nsm = cr.check(d.cuDeviceGetAttribute(d.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, 0), "attr")
+    grid = nsm * args.blocks_per_sm
+    # deadlock guard of the persistent kernel: every block must be resident at once
+    per_sm = cr.check(d.cuOccupancyMaxActiveBlocksPerMultiprocessor(persistent.handle, args.threads, 0), "occupancy")
+    if per_sm < args.blocks_per_sm:
+        sys.exit(f"boundary_bench: only {per_sm} blocks per SM fit, {args.blocks_per_sm} asked: would deadlock")
+    total_w = 1 << 30
+    w = cr.DeviceBuffer.empty(total_w)
+    w.fill_u8(7)
+    xa, xb = cr.DeviceBuffer.empty(4 * KX), cr.DeviceBuffer.empty(4 * KX)
+    stream = cr.Stream()
+    x0 = np.random.default_rng(0).standard_normal(KX).astype(np.float32)
+    cfg = LaunchConfig((grid, 1, 1), (args.threads, 1, 1), 0, ())
+    # the streaming persistent kernel: one block per SM, the ring in dynamic shared memory
+    ring = args.stages * STAGE + 16 * args.stages
+    for k in (stream_k, stream_ll):
+        cr.check(d.cuFuncSetAttribute(k.handle, d.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                      ring), "cuFuncSetAttribute")
+        if cr.check(d.cuOccupancyMaxActiveBlocksPerMultiprocessor(k.handle, 32 * (NCW + 1), ring), "occupancy") < 1:
+            sys.exit("boundary_bench: the streaming kernel's ring does not fit one block per SM")
+    la, lb = cr.DeviceBuffer.empty(8 * KX), cr.DeviceBuffer.empty(8 * KX)  # (value, flag) pairs
+    x0_ll = np.stack([x0.view(np.uint32), np.zeros(KX, np.uint32)], axis=1).copy()
+
+    def ll_reset():  # no flag of an earlier replay left to be mistaken for this one's
+        la.fill_u32(0xFFFFFFFF, stream)
+        lb.fill_u32(0xFFFFFFFF, stream)
+        la.upload(x0_ll, stream=stream, wait=False)
+    scfg = LaunchConfig((nsm, 1, 1), (32 * (NCW + 1), 1, 1), ring, ())
+    copy = copy_bandwidth(cr, stream)
+    shapes = [(f"uniform {mb:g} MB", [int(mb * 1e6) // (16 * grid) * 16 * grid] * args.phases)
+              for mb in ([float(v) for v in args.mb.split(",")] if args.mb else [])]
+    if args.step:
+        shapes.append((f"{args.step} step, context {args.context}" + (f", {args.hops} hops" if args.hops != 5 else ""),
+                       step_sizes(args.step, args.context, args.hops)))
+    rows = []
+    for shape, sizes in shapes:
+        n = len(sizes)
+        offs, o = [], 0
+        for s in sizes:  # consecutive, 256-aligned, wrapping inside the buffer (past L2 either way)
+            if o + s > total_w:
+                o = 0
+            offs.append(o)
+            o += (s + 255) // 256 * 256
+        woff = cr.DeviceBuffer.from_numpy(np.array(offs, np.uint64))
+        wsize = cr.DeviceBuffer.from_numpy(np.array(sizes, np.uint64))
+        ctr = cr.DeviceBuffer.empty(4 * (n + 1))
+
+        def chain(mode, pdl):
+            def fn():
+                ctr.fill_u32(0, stream)
+                xa.upload(x0, stream=stream, wait=False)
+                for p in range(n):
+                    src, dst = (xb, xa) if p & 1 else (xa, xb)
+                    phase.launch(cfg, [src, dst, cr._addr(w) + offs[p], sizes[p], ctr, p, mode], stream,
+                                 pdl=pdl and p > 0)
+            return fn
+
+        def pers():
+            ctr.fill_u32(0, stream)
+            xa.upload(x0, stream=stream, wait=False)
+            persistent.launch(cfg, [xa, xb, w, woff, wsize, ctr, n], stream)
+
+        def streamed():
+            ctr.fill_u32(0, stream)
+            xa.upload(x0, stream=stream, wait=False)
+            stream_k.launch(scfg, [xa, xb, w, woff, wsize, ctr, n, args.stages], stream)
+
+        def chain_ll():
+            ll_reset()
+            for p in range(n):
+                src, dst = (lb, la) if p & 1 else (la, lb)
+                phase_ll.launch(cfg, [src, dst, cr._addr(w) + offs[p], sizes[p], p], stream, pdl=p > 0)
+
+        def streamed_ll(nowait=0, sleep_ns=0):
+            def fn():
+                ll_reset()
+                stream_ll.launch(scfg, [la, lb, w, woff, wsize, n, args.stages, nowait, sleep_ns, 0], stream)
+            return fn
+
+        fns = {"plain": chain(0, False), "pdl": chain(0, True), "pdl_flag": chain(1, True), "persistent": pers,
+               "persistent_stream": streamed, "pdl_ll": chain_ll, "persistent_stream_ll": streamed_ll(),
+               "persistent_stream_ll_sleep100": streamed_ll(0, 100), "persistent_stream_ll_sleep500": streamed_ll(0, 500),
+               "stream_alone": streamed_ll(1)}  # stream_alone: no dependency (x not waited for): wrong x
+        if args.only:
+            fns = {k: f for k, f in fns.items() if k in args.only.split(",") + ["persistent"]}
+        ll = ("pdl_ll", "persistent_stream_ll", "persistent_stream_ll_sleep100", "persistent_stream_ll_sleep500",
+              "stream_alone")
+        graphs = {k: cr.capture(stream, f) for k, f in fns.items()}
+        outs, times = {}, {k: [] for k in graphs}
+        for r in range(args.reps + 2):
+            for k, g in graphs.items():  # the variants take turns, round after round
+                t = cr.time_ms(stream, lambda: g.launch(stream))
+                if r >= 2:
+                    times[k].append(t)
+                if r == 0:
+                    stream.synchronize()
+                    if k in ll:
+                        pairs = (lb if n & 1 else la).download(shape=(KX, 2), dtype=np.uint32)
+                        assert k == "stream_alone" or (pairs[:, 1] == n).all(), f"{k}: flags {np.unique(pairs[:, 1])}"
+                        outs[k] = pairs[:, 0].view(np.float32)
+                    else:
+                        outs[k] = (xb if n & 1 else xa).download(shape=(KX,), dtype=np.float32)
+        ref = outs["persistent"]
+        total = sum(sizes)
+        for k, t in times.items():
+            best = min(t) * 1e3
+            row = {"shape": shape, "phases": n, "mb_total": total / 1e6, "variant": k, "us_total": best,
+                   "us_per_phase": best / n, "median_us_total": float(np.median(t)) * 1e3,
+                   "same_x": bool(np.allclose(outs[k], ref, rtol=1e-5, atol=1e-6))}  # thread counts differ
+            if total:
+                row["gb_s"] = total / (best * 1e-6) / 1e9
+                row["of_copy"] = total / (best * 1e-6) / copy
+            rows.append(row)
+            print(f"{shape:40s} {k:22s} {best:8.1f} us  {best / n:6.2f} us/phase  "
+                  f"{row.get('of_copy', 0):6.1%} of copy  same x {row['same_x']}", file=sys.stderr)
+        if args.stamps:  # where a phase of stream_ll waits: its x, its weights, or neither (globaltimer, ns)
+            st = cr.DeviceBuffer.empty(8 * 3 * nsm * n)
+            ll_reset()
+            stream_ll.launch(scfg, [la, lb, w, woff, wsize, n, args.stages, 0, 0, st], stream)
+            stream.synchronize()
+            t = st.download(shape=(nsm, n, 3), dtype=np.uint64).astype(np.int64)
+            st.free()
+            t -= t.min()
+            x_ready, w_ready, y_done = t[:, :, 0], t[:, :, 1], t[:, :, 2]
+            last_y = np.concatenate([[0], y_done.max(axis=0)[:-1]])  # when the previous phase's last block wrote
+            per = {"x_wait_us": (x_ready - last_y[None, :]) / 1e3,   # last writer -> this block sees all of x
+                   "weights_wait_us": (w_ready - x_ready) / 1e3,      # x seen -> this phase's stages consumed
+                   "write_us": (y_done - w_ready) / 1e3}
+            stamp_rows = []
+            for p in range(n):
+                r = {"phase": p, "mb": sizes[p] / 1e6, "phase_us": (y_done[:, p].max() - last_y[p]) / 1e3}
+                for k, v in per.items():
+                    r[k + "_median"] = float(np.median(v[:, p]))
+                    r[k + "_max"] = float(v[:, p].max())
+                stamp_rows.append(r)
+            agg = {k: float(np.sum(np.median(v, axis=0))) for k, v in per.items()}
+            print(f"{shape}: stream_ll stamps, medians over blocks summed over phases (us): "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in agg.items())
+                  + f"; phases summed {sum(r['phase_us'] for r in stamp_rows):.1f}", file=sys.stderr)
+            for r in stamp_rows[:10] + stamp_rows[-3:]:
+                print("  " + " ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()),
+                      file=sys.stderr)
+            rows.append({"shape": shape, "variant": "stream_ll_stamps", "sums_us": agg, "phases": stamp_rows})
+        for b in (woff, wsize, ctr):
+            b.free()
+    print(json.dumps({"device": cr.device_name(), "sms": nsm, "grid": grid, "threads": args.threads,
+                      "stages": args.stages, "copy_gb_s": copy / 1e9, "rows": rows}, indent=1))
+    if not all(r["same_x"] for r in rows if r["variant"] not in ("stream_alone", "stream_ll_stamps")):
+        sys.exit("boundary_bench: a chain's x differs from the persistent kernel's")
+
+
+if __name__ == "__main__":
+    main()
