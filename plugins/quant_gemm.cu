@@ -1,6 +1,6 @@
-// Tensor-core GEMM for prompt prefill (m >= ~32 tokens): y[m, n] = x[m, k] @ dequantize(w).T + bias, w the raw
-// GGUF rows (uint8 [n, row_bytes]) of a Q4_K / Q6_K tensor. Same ABI as the matvec ops (plugins/quant_matmul.cu), so
-// the runtime can swap kernels by m. One kernel per format: q4k_gemm, q6k_gemm, both
+// Tensor-core GEMM for prompt prefill (m >= GEMM_MIN_M tokens, toolchain/cuda_backend.py): y[m, n] = x[m, k] @
+// dequantize(w).T + bias, w the raw GGUF rows (uint8 [n, row_bytes]) of a Q4_K / Q6_K tensor. Same ABI as the matvec
+// ops (plugins/quant_matmul.cu), so the runtime can swap kernels by m. One kernel per format: q4k_gemm, q6k_gemm, both
 //     (const float* x, const uint8_t* w, const float* bias /* [n] or null */, int m, int n, int k, float* y)
 //
 // LAUNCH (defaults GEMM_NT8 = 3, GEMM_SPLIT = 2):

@@ -1,4 +1,5 @@
-// Tensor-core GEMMs for few tokens (batched decode, 2 <= m <= ~32), each with the ABI of the op it replaces:
+// Tensor-core GEMMs for few tokens (batched decode, short prompt pieces: SKINNY_MIN_M <= m < GEMM_MIN_M,
+// toolchain/cuda_backend.py), each with the ABI of the op it replaces:
 //     q4k_gemm_skinny, q6k_gemm_skinny     (x, w, bias, m, n, k, y)                      as q4k_matmul / q6k_matmul
 //     matmul_add_skinny       [W_TYPE]     (x, w, bias, residual, m, n, k, y)            as matmul_add
 //     rms_norm_qkv_skinny     [Q/K/V_TYPE] (x, norm_w, wq, bq, wk, bk, wv, bv, m, hidden, q_dim, kv_dim, q, k, v)

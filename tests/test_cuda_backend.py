@@ -31,7 +31,7 @@ def backend(synth, request):
     from toolchain.cuda_backend import TENSORRT_BUILDS, CudaBackend
 
     tuning = TENSORRT_BUILDS if request.param == "tensorrt_builds" else None
-    be = CudaBackend(synth[0], max_context=4200, n_slots=16, max_tokens=96, fused=request.param == "fused",
+    be = CudaBackend(synth[0], max_context=4200, n_slots=64, max_tokens=96, fused=request.param == "fused",
                      tuning=tuning)
     if tuning:  # what the plans launch is what TensorRT would: no cluster build, the attention by address
         ops = {x.op for m in (1, 4, 96) for x in be.plan(m)}
@@ -119,11 +119,12 @@ def test_beyond_4096(synth, backend):
     assert errs[0] < 5e-3 and matched >= 8
 
 
-@pytest.mark.parametrize("m", [3, 5, 16])
+@pytest.mark.parametrize("m", [3, 5, 16, 40, 64])
 def test_batched_slots_equal_separate_runs(synth, backend, m):
     """m tokens of m different sequences (own slot and position) in one step = m separate single steps on the same
-    kernels (m = 3: the decode core, 4 tokens per block; from SKINNY_MIN_M: the tensor-core GEMMs for few tokens,
-    which the single steps then run too), and the first rows within the reference's bound of the CPU reference."""
+    kernels (m = 3: the decode core, 4 tokens per block; from SKINNY_MIN_M up to GEMM_MIN_M - 1: the tensor-core
+    GEMMs for few tokens, which the single steps then run too), and the first rows within the reference's bound of
+    the CPU reference."""
     model, ref = synth
     c = model.config
     rng = np.random.default_rng()
@@ -152,13 +153,18 @@ def test_batched_slots_equal_separate_runs(synth, backend, m):
         assert rel_err(batched[s], want) < 5e-3, s
 
 
-def test_a_mixed_step_equals_its_rows_alone(synth, backend):
-    """What the engine runs under load: one step of a 32-token prompt chunk of one slot beside decode rows of three
-    others (m = 35: the GEMM plan with the decode attention, several tokens of one slot in the step) = the chunk in a
-    step of its own and each decode row in a step of its own."""
+@pytest.mark.parametrize("chunk", [32, "gemm"])
+def test_a_mixed_step_equals_its_rows_alone(synth, backend, chunk):
+    """What the engine runs under load: one step of a prompt chunk of one slot beside decode rows of three others
+    (chunk 32: m = 35, the few-token GEMMs; chunk GEMM_MIN_M: the prefill GEMMs' plan with the decode attention;
+    several tokens of one slot in the step either way) = the chunk in a step of its own (the same GEMMs) and each
+    decode row in a step of its own."""
+    from toolchain.cuda_backend import GEMM_MIN_M
+
+    n = GEMM_MIN_M if chunk == "gemm" else chunk
     model, _ = synth
     rng = np.random.default_rng()
-    prompts = [rng.integers(0, model.config.vocab, n).tolist() for n in (40, 5, 9, 17)]
+    prompts = [rng.integers(0, model.config.vocab, n).tolist() for n in (8 + n, 5, 9, 17)]
 
     def prefill():  # slot 0: its first 8 tokens; slots 1-3: all but their last token
         backend.step(prompts[0][:8], np.arange(8), np.zeros(8))
@@ -167,20 +173,20 @@ def test_a_mixed_step_equals_its_rows_alone(synth, backend):
             backend.step(p[:-1], np.arange(len(p) - 1), np.full(len(p) - 1, s))
 
     prefill()
-    ids = prompts[0][8:40] + [prompts[s][-1] for s in (1, 2, 3)]
-    positions = list(range(8, 40)) + [len(prompts[s]) - 1 for s in (1, 2, 3)]
-    mixed = backend.step(ids, positions, [0] * 32 + [1, 2, 3]).copy()
+    ids = prompts[0][8:] + [prompts[s][-1] for s in (1, 2, 3)]
+    positions = list(range(8, 8 + n)) + [len(prompts[s]) - 1 for s in (1, 2, 3)]
+    mixed = backend.step(ids, positions, [0] * n + [1, 2, 3]).copy()
     prefill()
-    chunk = backend.step(prompts[0][8:40], np.arange(8, 40), np.zeros(32))
-    errs = [rel_err(mixed[j], chunk[j]) for j in range(32)]
+    alone = backend.step(prompts[0][8:], np.arange(8, 8 + n), np.zeros(n))
+    errs = [rel_err(mixed[j], alone[j]) for j in range(n)]
     for k, s in enumerate((1, 2, 3)):
         single = backend.step([prompts[s][-1]], [len(prompts[s]) - 1], [s])
-        errs.append(rel_err(mixed[32 + k], single[0]))
-    # the chunk rows run the same GEMMs either way (the first six printed 0.0 on the H100); a decode row beside the chunk runs the
-    # tensor-core GEMM (float16 activations), alone the batch-1 matvec (int8 activations per 16): measured
-    # 1.2e-3 and 1.6e-3 apart on the H100 (2026-12-05), the GEMM's own bound against the reference is 5e-3 (above);
-    # a wrong slot or position gives errors of order 1
-    assert max(errs[:32]) < 1e-3 and max(errs) < 5e-3, [round(e, 6) for e in errs]
+        errs.append(rel_err(mixed[n + k], single[0]))
+    # the chunk rows run the same GEMMs either way (the first six printed 0.0 on the H100); a decode row beside the
+    # chunk runs a tensor-core GEMM (float16 activations), alone the batch-1 matvec (int8 activations per 16):
+    # measured 1.2e-3 and 1.6e-3 apart on the H100 (2026-12-05), the GEMM's own bound against the reference is 5e-3
+    # (above); a wrong slot or position gives errors of order 1
+    assert max(errs[:n]) < 1e-3 and max(errs) < 5e-3, [round(e, 6) for e in errs]
 
 
 @pytest.mark.parametrize("m", [4, 20])
@@ -270,6 +276,24 @@ def test_long_prompt_prefill(synth, backend):
     rc = ref.new_cache(96)
     ref.forward(prompt, 0, rc)
     assert rel_err(nxt, ref.forward([int(np.argmax(want))], 90, rc)[-1]) < 5e-3
+
+
+def test_prompt_piece_below_the_gemm_threshold(synth, backend):
+    """A prompt of a whole piece (96 tokens: the prefill GEMMs) and one of GEMM_MIN_M - 1 tokens at depth 96: the
+    few-token GEMMs with each token's decode attention over the cache, as a long prompt's last piece runs; the last
+    logits and the next step against the CPU reference."""
+    from toolchain.cuda_backend import GEMM_MIN_M
+
+    model, ref = synth
+    n = backend.max_tokens + GEMM_MIN_M - 1
+    prompt = np.random.default_rng().integers(0, model.config.vocab, n).tolist()
+    backend.reset()
+    got = backend.forward(prompt)
+    rc = ref.new_cache(n + 8)
+    want = ref.forward(prompt, 0, rc)[-1]
+    nxt = int(np.argmax(want))
+    assert rel_err(got, want) < 5e-3
+    assert rel_err(backend.forward([nxt]), ref.forward([nxt], n, rc)[-1]) < 5e-3
 
 
 def test_prefill_gemm_on_wgmma(synth, backend):

@@ -6,6 +6,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+from toolchain import kernels as K
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
@@ -54,3 +57,43 @@ def test_ncu_summary_bad_input_one_line_exit_2(tmp_path):
         r = subprocess.run([sys.executable, str(SCRIPTS / "ncu_summary.py"), str(path)], capture_output=True, text=True)
         assert r.returncode == 2 and r.stdout == "", r
         assert len(r.stderr.strip().splitlines()) == 1 and str(path) in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"])
+def test_boundary_bench_step_sizes_are_the_tensors_bytes(synth_gguf, name):
+    """scripts/boundary_bench.py's step shape (issue 17's study): the bytes each kernel of the fused decode step reads,
+    against the tensors a synthetic GGUF of the layout holds (toolchain.synth writes them, gguf_model reads back)."""
+    from toolchain.gguf_model import load_gguf
+
+    bb = _load("boundary_bench")
+    model = load_gguf(synth_gguf(name, n_layers=3, vocab=1024))
+    ctx = 200
+    sizes = bb.step_sizes(name, ctx, n_layers=3, vocab=1024)
+    t = {n: x.data.nbytes for n, x in model.tensors.items()}
+    c = model.config
+    want = []
+    for i in range(c.n_layers):
+        p = f"blk.{i}."
+        want += [t[p + "attn_q.weight"] + t[p + "attn_k.weight"] + t[p + "attn_v.weight"],
+                 2 * c.n_kv_heads * c.head_dim * ctx * 2,
+                 t[p + "attn_output.weight"],
+                 t[p + "ffn_gate.weight"] + t[p + "ffn_up.weight"],
+                 t[p + "ffn_down.weight"]]
+    want.append(t.get("output.weight", t["token_embd.weight"]))
+    assert sizes == want
+    # three hops a layer: QKV, attention and o merged into one phase, the same bytes
+    merged = bb.step_sizes(name, ctx, hops=3, n_layers=3, vocab=1024)
+    assert len(merged) == 3 * c.n_layers + 1 and sum(merged) == sum(want)
+    assert merged[:3] == [sum(want[:3]), want[3], want[4]]
+
+
+@pytest.mark.skipif(K.nvcc_path() is None, reason="nvcc not found")
+def test_boundary_bench_kernels_compile(tmp_path):
+    """Its CUDA source builds for sm_90 with every kernel the script launches (the timings are device runs)."""
+    out = tmp_path / "bb.cubin"
+    res = subprocess.run([K.nvcc_path(), "-cubin", "-arch=sm_90", "-O3", "-std=c++17",
+                          str(SCRIPTS / "boundary_bench.cu"), "-o", str(out)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    image = out.read_bytes()
+    for name in ("phase", "persistent", "stream_persistent", "phase_ll", "stream_ll"):
+        assert name.encode() + b"\0" in image, name

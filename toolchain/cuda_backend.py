@@ -75,9 +75,11 @@ KERNEL_OF = {"RMSNormalization": "rms_norm", "Add": "add", "ArgMax": "argmax"}
 # too); below that, the decode core. Measured in one run (H200, bench/results/device-2026-12-06a/skinny-h200, us per
 # step at context 128, decode core / few-token GEMMs / prefill GEMMs): m = 4: 1,711 / 2,370 / 8,309; m = 8: 3,075 /
 # 2,322 / 8,421; m = 16: 5,663 / 2,438 / 8,619; m = 32: 11,031 / 4,311 / 9,037. m = 5..7 run the decode core's
-# 8-token build, the one timed at m = 8, so the few-token GEMMs take them too; above 32 was not timed.
+# 8-token build, the one timed at m = 8, so the few-token GEMMs take them too. Above 32 (H100, `qtrt bench`
+# bench-20261206-115328, few-token / prefill GEMMs): m = 40: 3,658 / 5,456; 48: 3,621 / 5,313; 64: 4,327 / 5,158;
+# 96: 5,958 / 4,973 (docs/perf-notes.md "The prefill GEMMs from 65 tokens").
 GEMM_OF = {"q4k_matmul": "q4k_gemm", "q6k_matmul": "q6k_gemm"}
-GEMM_MIN_M = 33
+GEMM_MIN_M = 65
 SKINNY_MIN_M = 5
 # Nodes after the last layer: a prompt prefill needs their result for its last token only.
 HEAD_NODES = ("final_norm", "lm_head", "argmax")
