@@ -44,13 +44,14 @@ __device__ __forceinline__ void arrive(unsigned* c) {
     }
 }
 
-// the xor of this block's share of a phase's weights: round 0 already loaded (`early`), the rest streamed now
-__device__ __forceinline__ uint32_t stream_rest(const uint8_t* w, size_t wbytes, const uint4 (&early)[UNROLL]) {
+// the xor of this block's share of a phase's weights (the first `nstream` blocks share them; the others none): round
+// 0 already loaded (`early`), the rest streamed now
+__device__ __forceinline__ uint32_t stream_rest(const uint8_t* w, size_t wbytes, int nstream, const uint4 (&early)[UNROLL]) {
     uint32_t acc = 0;
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) acc ^= early[u].x ^ early[u].y ^ early[u].z ^ early[u].w;
-    if (wbytes) {
-        const size_t per = wbytes / gridDim.x & ~size_t(15), n16 = per / 16;
+    if (wbytes && (int)blockIdx.x < nstream) {
+        const size_t per = wbytes / nstream & ~size_t(15), n16 = per / 16;
         const uint8_t* b = w + per * blockIdx.x;
         for (size_t i = threadIdx.x + (size_t)UNROLL * blockDim.x; i < n16; i += (size_t)UNROLL * blockDim.x) {
             uint4 v[UNROLL];
@@ -76,11 +77,12 @@ __device__ __forceinline__ float block_sum(float s) {
 }
 
 // one phase's body after its dependency is met; w: this phase's weights, early: their first round, loaded
-__device__ __forceinline__ void body(const float* x, float* y, const uint8_t* w, size_t wbytes, uint4 (&early)[UNROLL]) {
+__device__ __forceinline__ void body(const float* x, float* y, const uint8_t* w, size_t wbytes, int nstream,
+                                     uint4 (&early)[UNROLL]) {
     float s = 0.f;
     for (int i = threadIdx.x; i < KX; i += blockDim.x) s += ldx(x + i);
     const float tot = block_sum(s);
-    const uint32_t acc = stream_rest(w, wbytes, early);
+    const uint32_t acc = stream_rest(w, wbytes, nstream, early);
     // this block's slice of the next x (deterministic: tot is the same in every block)
     const int per_blk = (KX + gridDim.x - 1) / gridDim.x;
     for (int i = threadIdx.x; i < per_blk; i += blockDim.x) {
@@ -89,25 +91,27 @@ __device__ __forceinline__ void body(const float* x, float* y, const uint8_t* w,
     }
 }
 
-__device__ __forceinline__ void early_loads(const uint8_t* w, size_t wbytes, uint4 (&early)[UNROLL]) {
-    const size_t per = wbytes / gridDim.x & ~size_t(15), n16 = per / 16;
+__device__ __forceinline__ void early_loads(const uint8_t* w, size_t wbytes, int nstream, uint4 (&early)[UNROLL]) {
+    const size_t per = wbytes / nstream & ~size_t(15), n16 = per / 16;
     const uint8_t* b = w + per * blockIdx.x;
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
         const size_t i = threadIdx.x + (size_t)u * blockDim.x;
-        early[u] = wbytes && i < n16 ? ldw(b + 16 * i) : make_uint4(0, 0, 0, 0);
+        early[u] = wbytes && (int)blockIdx.x < nstream && i < n16 ? ldw(b + 16 * i) : make_uint4(0, 0, 0, 0);
     }
 }
 
-// mode 0: griddepcontrol.wait (PDL boundary); mode 1: the previous kernel's counter (ctr[p - 1]) reaches gridDim.x
+// mode 0: griddepcontrol.wait (PDL boundary); mode 1: the previous kernel's counter (ctr[p - 1]) reaches gridDim.x.
+// nstream: the blocks that stream the weights (the first ones; 0: all), as a fused phase run by few clusters would
 extern "C" __global__ void __launch_bounds__(384) phase(const float* x, float* y, const uint8_t* w, unsigned long long wbytes,
-                                                       unsigned* ctr, int p, int mode) {
+                                                       unsigned* ctr, int p, int mode, int nstream) {
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    if (nstream <= 0 || nstream > (int)gridDim.x) nstream = gridDim.x;
     uint4 early[UNROLL];
-    early_loads(w, wbytes, early);
+    early_loads(w, wbytes, nstream, early);
     if (mode == 0 || p == 0) asm volatile("griddepcontrol.wait;" ::: "memory");
     else wait_count(ctr + p - 1, gridDim.x);
-    body(x, y, w, wbytes, early);
+    body(x, y, w, wbytes, nstream, early);
     if (mode == 1) arrive(ctr + p);
 }
 
@@ -119,9 +123,9 @@ extern "C" __global__ void __launch_bounds__(384) persistent(float* xa, float* x
         const uint8_t* wp = w + woff[p];
         const size_t wbytes = wsize[p];
         uint4 early[UNROLL];
-        early_loads(wp, wbytes, early);
+        early_loads(wp, wbytes, gridDim.x, early);
         if (p > 0) wait_count(ctr + p - 1, gridDim.x);
-        body(p & 1 ? xb : xa, p & 1 ? xa : xb, wp, wbytes, early);
+        body(p & 1 ? xb : xa, p & 1 ? xa : xb, wp, wbytes, gridDim.x, early);
         arrive(ctr + p);
     }
 }
@@ -289,9 +293,9 @@ extern "C" __global__ void __launch_bounds__(384) phase_ll(const uint2* x, uint2
                                                           unsigned long long wbytes, int p) {
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
     uint4 early[UNROLL];
-    early_loads(w, wbytes, early);
+    early_loads(w, wbytes, gridDim.x, early);
     const float tot = block_sum(ll_sum(x, (uint32_t)p, threadIdx.x, blockDim.x));  // phase p - 1 wrote flag p
-    const uint32_t acc = stream_rest(w, wbytes, early);
+    const uint32_t acc = stream_rest(w, wbytes, gridDim.x, early);
     ll_write(y, tot, acc, (uint32_t)p + 1, threadIdx.x, blockDim.x);
 }
 

@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from toolchain import cuda_runtime as cr  # noqa: E402
-from toolchain.bench import copy_bandwidth  # noqa: E402
+from toolchain.bench import copy_bandwidth, sizes_arg  # noqa: E402
 from toolchain.kernels import LaunchConfig, nvcc_path  # noqa: E402
 from toolchain.quants import row_bytes  # noqa: E402
 from toolchain.synth import layout  # noqa: E402
@@ -62,6 +62,12 @@ def step_sizes(name: str, ctx: int, hops: int = 5, **overrides) -> list[int]:
     return sizes
 
 
+def merged_streamers(n: int, blocks: int) -> list[int]:
+    """Per phase of a 3-hop step (merged, gate + up, down per layer; the lm_head): `blocks` for the merged phases,
+    0 (all) for the rest."""
+    return [blocks if p % 3 == 0 and p < n - 1 else 0 for p in range(n)]
+
+
 def build(cubin: str | None) -> bytes:
     if cubin:
         return Path(cubin).read_bytes()
@@ -82,6 +88,9 @@ def main():
     ap.add_argument("--step", default="qwen2.5-coder-1.5b", help="a layout of toolchain/layouts.json ('' for none)")
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--hops", type=int, choices=(3, 5), default=5, help="dependent phases per layer (see step_sizes)")
+    ap.add_argument("--merged-blocks", default="", help="with --hops 3: also the PDL chain with each merged phase "
+                    "(QKV + attention + o) streamed by only this many blocks, e.g. 16,32 (a fused kernel on the "
+                    "attention's clusters)")
     ap.add_argument("--stamps", action="store_true", help="time stamps of stream_ll's phases, per block")
     ap.add_argument("--only", default="", help="comma-separated variants (the persistent reference always runs)")
     ap.add_argument("--stages", type=int, default=6, help="ring stages of 32 KB (persistent_stream)")
@@ -138,14 +147,14 @@ def main():
         wsize = cr.DeviceBuffer.from_numpy(np.array(sizes, np.uint64))
         ctr = cr.DeviceBuffer.empty(4 * (n + 1))
 
-        def chain(mode, pdl):
+        def chain(mode, pdl, streamers=None):  # streamers[p]: the blocks that stream phase p's bytes (0: all)
             def fn():
                 ctr.fill_u32(0, stream)
                 xa.upload(x0, stream=stream, wait=False)
                 for p in range(n):
                     src, dst = (xb, xa) if p & 1 else (xa, xb)
-                    phase.launch(cfg, [src, dst, cr._addr(w) + offs[p], sizes[p], ctr, p, mode], stream,
-                                 pdl=pdl and p > 0)
+                    phase.launch(cfg, [src, dst, cr._addr(w) + offs[p], sizes[p], ctr, p, mode,
+                                       streamers[p] if streamers else 0], stream, pdl=pdl and p > 0)
             return fn
 
         def pers():
@@ -171,6 +180,9 @@ def main():
             return fn
 
         fns = {"plain": chain(0, False), "pdl": chain(0, True), "pdl_flag": chain(1, True), "persistent": pers,
+               **{f"pdl_merged_on_{b}_blocks": chain(0, True, merged_streamers(n, b))
+                  for b in (sizes_arg(args.merged_blocks, "--merged-blocks") if args.merged_blocks else [])
+                  if args.hops == 3 and "step" in shape},
                "persistent_stream": streamed, "pdl_ll": chain_ll, "persistent_stream_ll": streamed_ll(),
                "persistent_stream_ll_sleep100": streamed_ll(0, 100), "persistent_stream_ll_sleep500": streamed_ll(0, 500),
                "stream_alone": streamed_ll(1)}  # stream_alone: no dependency (x not waited for): wrong x

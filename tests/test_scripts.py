@@ -85,6 +85,8 @@ def test_boundary_bench_step_sizes_are_the_tensors_bytes(synth_gguf, name):
     merged = bb.step_sizes(name, ctx, hops=3, n_layers=3, vocab=1024)
     assert len(merged) == 3 * c.n_layers + 1 and sum(merged) == sum(want)
     assert merged[:3] == [sum(want[:3]), want[3], want[4]]
+    # the blocks that stream each of those phases (--merged-blocks): the merged ones only, never the lm_head
+    assert bb.merged_streamers(len(merged), 16) == [16, 0, 0] * c.n_layers + [0]
 
 
 @pytest.mark.skipif(K.nvcc_path() is None, reason="nvcc not found")
