@@ -14,7 +14,8 @@ Shapes: uniform phases (--mb), and the decode step of a layout (--step, --contex
                           ring (cp.async.bulk, mbarriers), consumers waiting on the counters
   pdl_ll, persistent_stream_ll[_sleepN]   x as (value, flag) pairs (NCCL's LL protocol) instead of waits
   stream_alone            the ring without the dependency (x not waited for: wrong x, timing only)
-Every variant's x is checked against the persistent kernel's; --stamps records where stream_ll's phases wait.
+Every variant's x is checked against a float64 simulation of the phases (reference_x; x0 in the first buffer, NaN in
+the second at each replay); --stamps records where stream_ll's phases wait.
 The persistent kernels check that all their blocks fit at once (they would deadlock otherwise).
 
     python3 scripts/boundary_bench.py [--mb 0,7] [--context 128] [--hops 5] [--stages 6] [--only a,b] > out.json
@@ -60,6 +61,14 @@ def step_sizes(name: str, ctx: int, hops: int = 5, **overrides) -> list[int]:
             sizes[-5:-2] = [sum(sizes[-5:-2])]
     sizes.append(nbytes("output.weight" if "output.weight" in types else "token_embd.weight", cfg.vocab, h))
     return sizes
+
+
+def reference_x(x0: np.ndarray, phases: int) -> np.ndarray:
+    """What every variant must compute (boundary_bench.cu next_x), in float64: x'[e] = mean(x) + x[(e + 1) % KX] / 2."""
+    x = x0.astype(np.float64)
+    for _ in range(phases):
+        x = x.mean() + 0.5 * np.roll(x, -1)
+    return x
 
 
 def merged_streamers(n: int, blocks: int) -> list[int]:
@@ -123,6 +132,10 @@ def main():
     la, lb = cr.DeviceBuffer.empty(8 * KX), cr.DeviceBuffer.empty(8 * KX)  # (value, flag) pairs
     x0_ll = np.stack([x0.view(np.uint32), np.zeros(KX, np.uint32)], axis=1).copy()
 
+    def reset():  # x0 in xa, NaN in xb: a phase that reads x before it is written shows in the result
+        xb.fill_u32(0x7FC00000, stream)
+        xa.upload(x0, stream=stream, wait=False)
+
     def ll_reset():  # no flag of an earlier replay left to be mistaken for this one's
         la.fill_u32(0xFFFFFFFF, stream)
         lb.fill_u32(0xFFFFFFFF, stream)
@@ -150,7 +163,7 @@ def main():
         def chain(mode, pdl, streamers=None):  # streamers[p]: the blocks that stream phase p's bytes (0: all)
             def fn():
                 ctr.fill_u32(0, stream)
-                xa.upload(x0, stream=stream, wait=False)
+                reset()
                 for p in range(n):
                     src, dst = (xb, xa) if p & 1 else (xa, xb)
                     phase.launch(cfg, [src, dst, cr._addr(w) + offs[p], sizes[p], ctr, p, mode,
@@ -159,12 +172,12 @@ def main():
 
         def pers():
             ctr.fill_u32(0, stream)
-            xa.upload(x0, stream=stream, wait=False)
+            reset()
             persistent.launch(cfg, [xa, xb, w, woff, wsize, ctr, n], stream)
 
         def streamed():
             ctr.fill_u32(0, stream)
-            xa.upload(x0, stream=stream, wait=False)
+            reset()
             stream_k.launch(scfg, [xa, xb, w, woff, wsize, ctr, n, args.stages], stream)
 
         def chain_ll():
@@ -205,13 +218,13 @@ def main():
                         outs[k] = pairs[:, 0].view(np.float32)
                     else:
                         outs[k] = (xb if n & 1 else xa).download(shape=(KX,), dtype=np.float32)
-        ref = outs["persistent"]
+        ref = reference_x(x0, n)
         total = sum(sizes)
         for k, t in times.items():
             best = min(t) * 1e3
             row = {"shape": shape, "phases": n, "mb_total": total / 1e6, "variant": k, "us_total": best,
                    "us_per_phase": best / n, "median_us_total": float(np.median(t)) * 1e3,
-                   "same_x": bool(np.allclose(outs[k], ref, rtol=1e-5, atol=1e-6))}  # thread counts differ
+                   "same_x": bool(np.allclose(outs[k], ref, rtol=1e-4, atol=1e-6))}  # float32 sums vs float64
             if total:
                 row["gb_s"] = total / (best * 1e-6) / 1e9
                 row["of_copy"] = total / (best * 1e-6) / copy

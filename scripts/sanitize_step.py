@@ -1,8 +1,8 @@
-"""A full decode step of the 1.5B layout (synthetic weights) for compute-sanitizer: a 40-token prompt prefill
-(tensor-core GEMMs + tiled prefill attention), three self-advancing CUDA-graph decode replays, two more at position
+"""A full decode step of the 1.5B layout (synthetic weights) for compute-sanitizer: a 72-token prompt prefill
+(GEMM_MIN_M or more: tensor-core GEMMs + tiled prefill attention), three self-advancing CUDA-graph decode replays, two more at position
 2100 (two attention clusters per kv head: the cluster pushes and the o projection's merge of their partials), 5-, 2-
 and 13-token steps on the matvec path (the decode core's batched builds), 20-token steps (the attention's one-block and
-one-cluster plans); the device sampler (plugins/sampling.cu:
+one-cluster plans), 40-token prompt chunks (below GEMM_MIN_M: the GEMMs for few tokens); the device sampler (plugins/sampling.cu:
 penalties, top-k/top-p/min-p, a wide nucleus, temperature alone) in a sampled graph and in steps that sample some
 rows, and its log-probabilities; fused and unfused graphs, and the unfused graph on TensorRT's builds (no clusters,
 the KV cache by address: issue 16); then rows with a token id outside the vocabulary or a slot or position outside
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolchain.cuda_backend import TENSORRT_BUILDS, CudaBackend
+from toolchain.cuda_backend import GEMM_MIN_M, TENSORRT_BUILDS, CudaBackend
 from toolchain.gguf_model import load_gguf
 from toolchain.sampling import Sampling, Tail
 from toolchain.synth import layout, write_synthetic_gguf
@@ -24,9 +24,10 @@ if not path.exists():
     cfg, types = layout("qwen2.5-coder-1.5b")
     write_synthetic_gguf(path, cfg, types, seed=1)
 model = load_gguf(path)
+assert 40 < GEMM_MIN_M <= 72, "the steps below are sized for both sides of the GEMM threshold"
 for fused, tuning in ((True, None), (False, None), (False, TENSORRT_BUILDS)):
-    be = CudaBackend(model, max_context=2112, n_slots=2, max_tokens=48, fused=fused, tuning=tuning)
-    logits = be.forward(np.arange(40) * 1000 + 7)
+    be = CudaBackend(model, max_context=2112, n_slots=2, max_tokens=80, fused=fused, tuning=tuning)
+    logits = be.forward(np.arange(72) * 1000 + 7)
     toks = list(be.greedy(int(np.argmax(logits)), 3))
     be.pos = 2100
     toks += list(be.greedy(toks[-1], 2))
@@ -60,10 +61,11 @@ for fused, tuning in ((True, None), (False, None), (False, TENSORRT_BUILDS)):
                                   ([vocab], [3], [0]), ([-1, 2**31 - 1], [3, 4], [0, 1])):
         be._set_inputs(np.array(ids), np.array(positions), np.array(slots))
         be.run_plan(len(ids))
-    be._set_inputs(np.arange(40) * 7, np.arange(2100, 2140), np.full(40, 5))  # a prompt chunk: slot 5 of 2
-    be.run_plan(40, last_only=True)
-    be._set_inputs(np.arange(40) * 7, np.arange(2100, 2140), np.zeros(40))  # slot 0, positions past 2112
-    be.run_plan(40, last_only=True)
+    for m in (40, 72):  # prompt chunks below and from GEMM_MIN_M: slot 5 of 2; slot 0 at positions past 2112
+        be._set_inputs(np.arange(m) * 7, np.arange(2100, 2100 + m), np.full(m, 5))
+        be.run_plan(m, last_only=True)
+        be._set_inputs(np.arange(m) * 7, np.arange(2100, 2100 + m), np.zeros(m))
+        be.run_plan(m, last_only=True)
     be.stream.synchronize()
     assert np.isfinite(logits).all(), "non-finite logits"
     print(f"fused={fused} tuning={tuning}: step ok, tokens {toks}")

@@ -182,10 +182,11 @@ def test_a_mixed_step_equals_its_rows_alone(synth, backend, chunk):
     for k, s in enumerate((1, 2, 3)):
         single = backend.step([prompts[s][-1]], [len(prompts[s]) - 1], [s])
         errs.append(rel_err(mixed[n + k], single[0]))
-    # the chunk rows run the same GEMMs either way (the first six printed 0.0 on the H100); a decode row beside the
-    # chunk runs a tensor-core GEMM (float16 activations), alone the batch-1 matvec (int8 activations per 16):
-    # measured 1.2e-3 and 1.6e-3 apart on the H100 (2026-12-05), the GEMM's own bound against the reference is 5e-3
-    # (above); a wrong slot or position gives errors of order 1
+    # the chunk rows run the same GEMMs either way (the first six printed 0.0 on the H100 with the 32-token chunk on
+    # the prefill GEMMs, before GEMM_MIN_M was 65); a decode row beside the chunk runs a tensor-core GEMM (float16
+    # activations), alone the batch-1 matvec (int8 activations per 16): measured 1.2e-3 and 1.6e-3 apart on the
+    # H100 (2026-12-05), the GEMM's own bound against the reference is 5e-3 (above); a wrong slot or position gives
+    # errors of order 1
     assert max(errs[:n]) < 1e-3 and max(errs) < 5e-3, [round(e, 6) for e in errs]
 
 
@@ -366,14 +367,15 @@ def test_prefill_split_keys_through_the_model(synth, backend):
 def test_producers_write_the_gemm_input_with_the_same_bits(synth, backend):
     """With xh_by_producer (the default) the fp16 input of the wgmma GEMMs' GEMM_XH build is written by the kernels
     that produce it (rms_norm, prefill_attention, swiglu built with XH_OUT=1), not by gemm_x_f16 launches: the plan
-    has none left, and a 232-token prompt (two captured pieces of 96, then an eager 40; the attention's keys split
-    every 2 tiles, so its merge writes the copy too) gives the same bits as with the conversions."""
+    has none left, and a 264-token prompt (two captured pieces of 96, then an eager 72, from GEMM_MIN_M; the
+    attention's keys split every 2 tiles, so its merge writes the copy too) gives the same bits as with the
+    conversions."""
     from toolchain import cuda_runtime as cr
 
     if not backend.tuning["clusters"] or cr.compute_capability() != (9, 0) or not backend.tuning["gemm_xh"]:
         pytest.skip("no GEMM_XH build here (compute capability 9.0 with clusters only)")
     model, _ = synth
-    prompt = np.random.default_rng().integers(0, model.config.vocab, 232).tolist()
+    prompt = np.random.default_rng().integers(0, model.config.vocab, 264).tolist()
     saved, got, ops = dict(backend.tuning), {}, {}
     try:
         deep = saved["defines"] | {"prefill_attention": {"PA_SPLIT_TILES": 2}}
@@ -394,7 +396,8 @@ def test_producers_write_the_gemm_input_with_the_same_bits(synth, backend):
 def test_concurrent_projections_keep_the_bits(synth, backend):
     """q, k and v (gate and up) of a prefill step launched side by side on forked streams (tuning
     concurrent_projections; captured: parallel graph branches) give exactly the bits of the same launches one after
-    another, through a whole 232-token prompt (pieces of 96: two captured graphs, then an eager 40-token step)."""
+    another, through a whole 264-token prompt (pieces of 96: two captured graphs, then an eager 72-token step, from
+    GEMM_MIN_M)."""
     from toolchain.cuda_backend import sibling_projections
 
     if not backend.tuning["clusters"]:
@@ -402,7 +405,7 @@ def test_concurrent_projections_keep_the_bits(synth, backend):
     groups = sibling_projections(backend.plan(backend.max_tokens, last_only=True))
     assert sum(len(g) > 1 for g in groups) == 2 * backend.cfg.n_layers  # q, k, v and gate, up of every layer
     model, _ = synth
-    prompt = np.random.default_rng().integers(0, model.config.vocab, 232).tolist()
+    prompt = np.random.default_rng().integers(0, model.config.vocab, 264).tolist()
     saved, got = dict(backend.tuning), {}
     try:
         for side_by_side in (True, False):

@@ -104,10 +104,10 @@ class CpuBackend:
 BACKENDS = ("cpu", "cuda", "tensorrt")
 
 
-# The cuda backend's most tokens in one step: a prompt is prefilled in pieces of this size. Each step of 32 or more
-# tokens is launched op by op (~370 launches, ~6 ms of the host's time), so pieces of 64 left a long prompt
-# launch-bound (4,000 tok/s for 3.5k tokens; 16,000 at 512, bench/results/device-2026-12-05d); 512 is llama.cpp's
-# ubatch. The cost is memory: the activation buffers are sized for it, one per intermediate value of the graphs
+# The cuda backend's most tokens in one step: a prompt is prefilled in pieces of this size. Pieces of 64 prefilled
+# 3.5k tokens at 4,000 tok/s, pieces of 512 at 16,000 (bench/results/device-2026-12-05d; each piece but a prompt's
+# last is now a captured graph, and replaying graphs for the others did not make them faster: the launches overlap
+# the GPU's work, bench/results/device-2026-12-06f capture-*); 512 is llama.cpp's ubatch. The cost is memory: the activation buffers are sized for it, one per intermediate value of the graphs
 # (5.1 MB a token for the 1.5B: 2.6 GB at 512, 0.3 GB at 64); sharing buffers between values whose lifetimes do not
 # overlap (toolchain/buffer_plan.py, the cuda tuning share_activations: 58 MB at 512) waits for its GPU run.
 BATCH_SIZE = 512

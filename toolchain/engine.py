@@ -132,9 +132,8 @@ def _tail(rows: list[Row]) -> Tail | None:
 # Prompt chunks. Prefix reuse keeps multiples of REUSE_ALIGN tokens; a chunk runs up to the next multiple of the
 # chunk size, so a prompt is computed in the same pieces whatever else runs once past its reused part (on the cpu
 # reference, whose `prompt_chunk` is 32 too, exactly those it gets alone: the bit-exact concurrency test). Device
-# backends take larger chunks (DEVICE_PREFILL_CHUNK, unless a backend names its own `prompt_chunk`): their steps of
-# 32 or more tokens are launched op by op (~6 ms of the host's time each), so a prompt in pieces of 32 was
-# launch-bound. Measured (H100, real 1.5B, 8 streams beside a 2,000-token prompt): its first
+# backends take larger chunks (DEVICE_PREFILL_CHUNK, unless a backend names its own `prompt_chunk`): a step costs
+# them a pass over all the weights whatever its rows, so a prompt in pieces of 32 took many such passes. Measured (H100, real 1.5B, 8 streams beside a 2,000-token prompt): its first
 # token 0.889 -> 0.282 s with chunks of 256, the streams' largest gap 25 -> 44 ms (bench/results/device-2026-12-05d).
 REUSE_ALIGN = 32
 DEVICE_PREFILL_CHUNK = 256
