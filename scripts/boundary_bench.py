@@ -82,7 +82,8 @@ def build(cubin: str | None) -> bytes:
         return Path(cubin).read_bytes()
     out = Path(tempfile.mkdtemp()) / "bb.cubin"
     src = Path(__file__).with_name("boundary_bench.cu")
-    subprocess.run([nvcc_path() or "nvcc", "-cubin", "-arch=sm_90", "-O3", "-std=c++17", str(src), "-o", str(out)], check=True)
+    subprocess.run([nvcc_path() or "nvcc", "-cubin", "-arch=sm_90", "-O3", "-std=c++17", str(src), "-o", str(out)],
+                   check=True)
     return out.read_bytes()
 
 
@@ -104,6 +105,8 @@ def main():
     ap.add_argument("--only", default="", help="comma-separated variants (the persistent reference always runs)")
     ap.add_argument("--stages", type=int, default=6, help="ring stages of 32 KB (persistent_stream)")
     args = ap.parse_args()
+    if not cr.gpu_available():
+        sys.exit(f"boundary_bench: needs an NVIDIA GPU with cuda-python ({cr.gpu_problem()})")
     cr.init()
     d = cr.driver()
     mod = cr.Module(build(args.cubin))
@@ -197,7 +200,8 @@ def main():
                   for b in (sizes_arg(args.merged_blocks, "--merged-blocks") if args.merged_blocks else [])
                   if args.hops == 3 and "step" in shape},
                "persistent_stream": streamed, "pdl_ll": chain_ll, "persistent_stream_ll": streamed_ll(),
-               "persistent_stream_ll_sleep100": streamed_ll(0, 100), "persistent_stream_ll_sleep500": streamed_ll(0, 500),
+               "persistent_stream_ll_sleep100": streamed_ll(0, 100),
+               "persistent_stream_ll_sleep500": streamed_ll(0, 500),
                "stream_alone": streamed_ll(1)}  # stream_alone: no dependency (x not waited for): wrong x
         if args.only:
             fns = {k: f for k, f in fns.items() if k in args.only.split(",") + ["persistent"]}

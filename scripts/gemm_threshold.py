@@ -30,6 +30,8 @@ def main():
     ap.add_argument("--batched", default="128:72,80,88,96;4096:40,64,80,96", help="context:m,m,...;...")
     a = ap.parse_args()
     thresholds, depths = sizes_arg(a.thresholds, "--thresholds"), [int(x) for x in a.depths.split(",")]
+    if not cr.gpu_available():
+        sys.exit(f"gemm_threshold: needs an NVIDIA GPU with cuda-python ({cr.gpu_problem()})")
     model = load_model(a.model, Path("/tmp"))
     cr.init()
     out = {"device": cr.device_name(), "model": a.model, "pieces": [], "batched": []}

@@ -99,3 +99,20 @@ def test_boundary_bench_kernels_compile(tmp_path):
     image = out.read_bytes()
     for name in ("phase", "persistent", "stream_persistent", "phase_ll", "stream_ll"):
         assert name.encode() + b"\0" in image, name
+
+
+@pytest.mark.parametrize("script", ["boundary_bench", "gemm_threshold"])
+def test_gpu_scripts_without_a_gpu_say_so_in_one_line(script, tmp_path):
+    """The device scripts, where no GPU can run them: one line naming the reason, a non-zero exit, nothing written
+    (before any synthetic model is made)."""
+    from toolchain.cuda_runtime import gpu_available
+
+    if gpu_available():
+        pytest.skip("a GPU is here: the script would run")
+    out = tmp_path / "out.json"
+    args = [str(out)] if script == "gemm_threshold" else []
+    res = subprocess.run([sys.executable, str(SCRIPTS / f"{script}.py"), *args], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120)
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip().count("\n") == 0 and res.stderr.startswith(f"{script}: needs an NVIDIA GPU"), res.stderr
+    assert not out.exists() and not list(tmp_path.iterdir())
