@@ -33,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from toolchain import cuda_runtime as cr  # noqa: E402
 from toolchain.bench import copy_bandwidth, sizes_arg  # noqa: E402
 from toolchain.kernels import LaunchConfig, nvcc_path  # noqa: E402
+from toolchain.errors import UserError  # noqa: E402
 from toolchain.quants import row_bytes  # noqa: E402
-from toolchain.synth import layout  # noqa: E402
+from toolchain.synth import LAYOUTS, layout  # noqa: E402
 
 KX = 1536
 NCW, STAGE = 8, 32 * 1024  # boundary_bench.cu: consumer warps and ring stage bytes of stream_persistent
@@ -105,8 +106,19 @@ def main():
     ap.add_argument("--only", default="", help="comma-separated variants (the persistent reference always runs)")
     ap.add_argument("--stages", type=int, default=6, help="ring stages of 32 KB (persistent_stream)")
     args = ap.parse_args()
+    try:  # every size checked before any GPU work: one line and exit 2 for a mistyped one
+        mbs = [float(v) for v in args.mb.split(",")] if args.mb else []
+        merged = sizes_arg(args.merged_blocks, "--merged-blocks") if args.merged_blocks else []
+        if min(mbs, default=0) < 0 or args.step and args.step not in LAYOUTS:
+            raise ValueError
+    except (UserError, ValueError) as e:
+        why = e if isinstance(e, UserError) else f"--mb {args.mb!r} / --step {args.step!r}: give MB >= 0 separated " \
+            f"by commas and a layout of {', '.join(LAYOUTS)}"
+        print(f"boundary_bench: {why}", file=sys.stderr)
+        sys.exit(2)
     if not cr.gpu_available():
-        sys.exit(f"boundary_bench: needs an NVIDIA GPU with cuda-python ({cr.gpu_problem()})")
+        print(f"boundary_bench: needs an NVIDIA GPU with cuda-python ({cr.gpu_problem()})", file=sys.stderr)
+        sys.exit(2)
     cr.init()
     d = cr.driver()
     mod = cr.Module(build(args.cubin))
@@ -145,8 +157,7 @@ def main():
         la.upload(x0_ll, stream=stream, wait=False)
     scfg = LaunchConfig((nsm, 1, 1), (32 * (NCW + 1), 1, 1), ring, ())
     copy = copy_bandwidth(cr, stream)
-    shapes = [(f"uniform {mb:g} MB", [int(mb * 1e6) // (16 * grid) * 16 * grid] * args.phases)
-              for mb in ([float(v) for v in args.mb.split(",")] if args.mb else [])]
+    shapes = [(f"uniform {mb:g} MB", [int(mb * 1e6) // (16 * grid) * 16 * grid] * args.phases) for mb in mbs]
     if args.step:
         shapes.append((f"{args.step} step, context {args.context}" + (f", {args.hops} hops" if args.hops != 5 else ""),
                        step_sizes(args.step, args.context, args.hops)))
@@ -197,8 +208,7 @@ def main():
 
         fns = {"plain": chain(0, False), "pdl": chain(0, True), "pdl_flag": chain(1, True), "persistent": pers,
                **{f"pdl_merged_on_{b}_blocks": chain(0, True, merged_streamers(n, b))
-                  for b in (sizes_arg(args.merged_blocks, "--merged-blocks") if args.merged_blocks else [])
-                  if args.hops == 3 and "step" in shape},
+                  for b in merged if args.hops == 3 and "step" in shape},
                "persistent_stream": streamed, "pdl_ll": chain_ll, "persistent_stream_ll": streamed_ll(),
                "persistent_stream_ll_sleep100": streamed_ll(0, 100),
                "persistent_stream_ll_sleep500": streamed_ll(0, 500),

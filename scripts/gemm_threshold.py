@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from toolchain import cuda_runtime as cr  # noqa: E402
 from toolchain.bench import load_model, sizes_arg, time_decode_with  # noqa: E402
 from toolchain.cuda_backend import CudaBackend  # noqa: E402
+from toolchain.errors import UserError  # noqa: E402
 
 
 def main():
@@ -29,9 +30,20 @@ def main():
     ap.add_argument("--depths", default="0,4096,16384")
     ap.add_argument("--batched", default="128:72,80,88,96;4096:40,64,80,96", help="context:m,m,...;...")
     a = ap.parse_args()
-    thresholds, depths = sizes_arg(a.thresholds, "--thresholds"), [int(x) for x in a.depths.split(",")]
+    try:  # every size checked before any GPU work: one line and exit 2 for a mistyped one
+        thresholds, pieces = sizes_arg(a.thresholds, "--thresholds"), sizes_arg(a.pieces, "--pieces")
+        depths = [int(x) for x in a.depths.split(",")]
+        cases = [(int(c), sizes_arg(ms, "--batched")) for c, ms in (p.split(":") for p in a.batched.split(";") if p)]
+        if min(depths) < 0 or any(c < 1 for c, _ in cases):
+            raise ValueError
+    except (UserError, ValueError) as e:
+        why = e if isinstance(e, UserError) else f"--depths {a.depths!r} / --batched {a.batched!r}: give depths as " \
+            "whole numbers >= 0 and batched steps as context:m,m;context:m,..."
+        print(f"gemm_threshold: {why}", file=sys.stderr)
+        sys.exit(2)
     if not cr.gpu_available():
-        sys.exit(f"gemm_threshold: needs an NVIDIA GPU with cuda-python ({cr.gpu_problem()})")
+        print(f"gemm_threshold: needs an NVIDIA GPU with cuda-python ({cr.gpu_problem()})", file=sys.stderr)
+        sys.exit(2)
     model = load_model(a.model, Path("/tmp"))
     cr.init()
     out = {"device": cr.device_name(), "model": a.model, "pieces": [], "batched": []}
@@ -39,7 +51,7 @@ def main():
     base = dict(be.tuning)
     state = {t: ({}, {}) for t in thresholds}  # plans and graphs of each threshold, kept apart
     for d in depths:
-        for r in sizes_arg(a.pieces, "--pieces"):
+        for r in pieces:
             ids = list(range(100, 100 + r))
             best = {t: float("inf") for t in thresholds}
             for rnd in range(6):  # round 0: plans built, kernels loaded
@@ -55,7 +67,6 @@ def main():
             out["pieces"].append(row)
             print(json.dumps(row), flush=True)
     be.close()
-    cases = [(int(c), sizes_arg(ms, "--batched")) for c, ms in (p.split(":") for p in a.batched.split(";") if p)]
     if cases:
         be = CudaBackend(model, max_context=max(c for c, _ in cases) + 104,
                          n_slots=max(max(ms) for _, ms in cases), max_tokens=max(max(ms) for _, ms in cases))

@@ -113,6 +113,22 @@ def test_gpu_scripts_without_a_gpu_say_so_in_one_line(script, tmp_path):
     args = [str(out)] if script == "gemm_threshold" else []
     res = subprocess.run([sys.executable, str(SCRIPTS / f"{script}.py"), *args], capture_output=True, text=True,
                          cwd=tmp_path, timeout=120)
-    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert res.stderr.strip().count("\n") == 0 and res.stderr.startswith(f"{script}: needs an NVIDIA GPU"), res.stderr
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("script, args, names", [
+    ("gemm_threshold", ["--thresholds", "33,x"], "--thresholds"), ("gemm_threshold", ["--depths", "0,-5"], "--depths"),
+    ("gemm_threshold", ["--batched", "128:0"], "--batched"), ("boundary_bench", ["--mb", "7,y"], "--mb"),
+    ("boundary_bench", ["--step", "qwen9"], "--step"),
+    ("boundary_bench", ["--merged-blocks", "16,-1"], "--merged-blocks")])
+def test_gpu_scripts_refuse_bad_sizes_in_one_line(script, args, names, tmp_path):
+    """A mistyped size: one line naming the option, exit 2, before any GPU work (so on any machine), nothing written."""
+    out = tmp_path / "out.json"
+    lead = [str(out)] if script == "gemm_threshold" else []
+    res = subprocess.run([sys.executable, str(SCRIPTS / f"{script}.py"), *lead, *args], capture_output=True,
+                         text=True, cwd=tmp_path, timeout=120)
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0, res.stderr
+    assert res.stderr.startswith(f"{script}: ") and names in res.stderr and "Traceback" not in res.stderr
+    assert not list(tmp_path.iterdir())
