@@ -322,7 +322,7 @@ def test_prefill_gemm_on_wgmma(synth, backend):
             gemms = [ln for ln in plan if ln.op in GEMM_OPS]
             assert gemms and all(ln.cfg.shared_mem == smem[ln.op] for ln in gemms), name
             # the fp16 x made by gemm_x_f16 launches, or by the producers' XH_OUT builds (tuning xh_by_producer)
-            fp16_x = [ln for ln in plan if ln.op == "gemm_x_f16" or "XH_OUT" in backend._built[id(ln.kernel)][1]]
+            fp16_x = [ln for ln in plan if ln.op == "gemm_x_f16" or "XH_OUT" in (ln.defines or {})]
             assert bool(fp16_x) == xh, name
             backend.reset()
             got[name] = backend.forward(prompt)

@@ -459,6 +459,39 @@ def test_sibling_projections():
     assert [x.node for g in sibling_projections(plan) for x in g] == [x.node for x in plan]  # order kept
 
 
+def test_fold_x_f16():
+    """CudaBackend._fold_x_f16 on a plan of stand-in launches: a gemm_x_f16 right after the producer of the tensor it
+    converts (XH_PRODUCERS, found at that op's output index) goes into that launch as its XH_OUT build (same defines
+    plus XH_OUT=1, the fp16 buffer as one more argument); a conversion after another producer of another tensor, or
+    after a launch whose build is not known, stays."""
+    import toolchain.cuda_backend as cb
+
+    be = object.__new__(cb.CudaBackend)
+    be.tuning = dict(cb.TUNING)
+    be._kernel = lambda op, defines: (op, tuple(sorted(defines.items())))  # the build a launch would get
+
+    def ln(op, args, defines=None):
+        return cb.Launch(op, op, be._kernel(op, defines or {}), None, args, defines=defines)
+
+    conv = [ln("gemm_x_f16", [10, 64, 1536, 99], {"GEMM_XH": 1}), ln("gemm_x_f16", [20, 64, 1536, 99]),
+            ln("gemm_x_f16", [30, 64, 1536, 99]), ln("gemm_x_f16", [40, 64, 8960, 99])]
+    plan = [ln("rms_norm", [1, 2, 64, 10], {"RMS_EPS": 1e-6}), conv[0], ln("q4k_gemm", [99]),
+            ln("prefill_attention", [3, 4, 5, 6, 7, 64, 20, 8, 9], {"HD": 128}), conv[1], ln("q4k_gemm", [99]),
+            ln("add", [1, 2, 64, 30], {}), conv[2], ln("q4k_gemm", [99]),
+            cb.Launch("swiglu", "swiglu", object(), None, [5, 6, 64, 40]), conv[3], ln("q4k_gemm", [99])]
+    out = be._fold_x_f16(plan)
+    assert [x.op for x in out] == ["rms_norm", "q4k_gemm", "prefill_attention", "q4k_gemm", "add", "gemm_x_f16",
+                                   "q4k_gemm", "swiglu", "gemm_x_f16", "q4k_gemm"]
+    norm, attn = out[0], out[2]
+    assert norm.defines == {"RMS_EPS": 1e-6, "XH_OUT": 1} and norm.args == [1, 2, 64, 10, 99]
+    assert norm.kernel == be._kernel("rms_norm", {"RMS_EPS": 1e-6, "XH_OUT": 1})
+    assert attn.defines == {"HD": 128, "XH_OUT": 1} and attn.args == [3, 4, 5, 6, 7, 64, 20, 8, 9, 99]
+    assert out[5] is conv[2] and out[8] is conv[3]  # add is no producer; swiglu's build is not known
+    assert plan[0].defines == {"RMS_EPS": 1e-6}  # the plan given is left as it was
+    wrong = [ln("rms_norm", [1, 2, 64, 11], {"RMS_EPS": 1e-6}), conv[0]]  # it wrote another tensor
+    assert be._fold_x_f16(wrong) == wrong
+
+
 def test_gemm_wgmma_build_wiring():
     """The prefill GEMMs' wgmma builds: compiled for sm_90a (its instructions exist nowhere else), launched with 128
     weight rows per CTA and their own shared memory (the numbers plugins/quant_gemm_wgmma.cuh asserts), shipped for

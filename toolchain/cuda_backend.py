@@ -108,6 +108,7 @@ class Launch:
     cfg: object
     args: list
     source: int = 0  # a prefill GEMM's input as the graph has it (args[0] may be its fp16 copy): sibling_projections
+    defines: dict | None = None  # what its kernel was built from (None: made elsewhere, e.g. the device sampler's)
 
 
 def sibling_projections(launches: list[Launch]) -> list[list[Launch]]:
@@ -188,7 +189,6 @@ class CudaBackend:
             (c.n_heads // c.n_kv_heads, xmerge_slot_floats(c.n_heads, c.head_dim)), np.float32)
         self._allocate_activations()
         self._modules: dict = {}
-        self._built: dict[int, tuple[str, dict]] = {}
         self._plans: dict[int, list[Launch]] = {}
         self._graphs: dict[tuple, object] = {}
         self._sampler = None
@@ -253,7 +253,6 @@ class CudaBackend:
         key = (op, tuple(sorted(defines.items())))
         if key not in self._modules:
             self._modules[key] = cr.load_op(op, defines)
-            self._built[id(self._modules[key])] = (op, dict(defines))  # what a plan's kernel was built from
         return self._modules[key]
 
     def _dims(self, node, op, attrs, m) -> dict:
@@ -405,15 +404,15 @@ class CudaBackend:
                 # the draw takes the argmax itself (greedy rows: the same bits): this launch goes, where it runs
                 launches += [Launch(*x) for x in before]
                 if not tail.draw:
-                    launches.append(Launch(node.name, op, kern, cfg, args))
+                    launches.append(Launch(node.name, op, kern, cfg, args, defines=defines))
                 launches += [Launch(*x) for x in after]
                 continue
-            launches.append(Launch(node.name, op, kern, cfg, args, source))
+            launches.append(Launch(node.name, op, kern, cfg, args, source, defines))
         advance = self._kernel("decode_advance", {})
         cfg = launch_config("decode_advance", {"m": m})
         launches.append(Launch("advance", "decode_advance", advance, cfg,
                                [self.buffers["next_token"].ptr, *cfg.scalars, self.buffers["token_ids"].ptr,
-                                self.buffers["positions"].ptr]))
+                                self.buffers["positions"].ptr], defines={}))
         if self.tuning["xh_by_producer"]:
             launches = self._fold_x_f16(launches)
         self._plans[key] = launches
@@ -455,23 +454,24 @@ class CudaBackend:
         prefill.x_f16, for the wgmma GEMMs' GEMM_XH build (plugins/quant_gemm.cu gemm_x_f16). Named after the tensor,
         not a GEMM, so that a tuning's skip of one projection leaves its siblings' input in place."""
         cfg = launch_config("gemm_x_f16", {"m": m, "k": k})
-        kern = self._kernel("gemm_x_f16", gemm_wgmma_defines(True))
-        return Launch(name + ".x_f16", "gemm_x_f16", kern, cfg, [x, *cfg.scalars, self.buffers["prefill.x_f16"].ptr])
+        defines = gemm_wgmma_defines(True)
+        return Launch(name + ".x_f16", "gemm_x_f16", self._kernel("gemm_x_f16", defines), cfg,
+                      [x, *cfg.scalars, self.buffers["prefill.x_f16"].ptr], defines=defines)
 
     def _fold_x_f16(self, launches: list[Launch]) -> list[Launch]:
         """The plan with each gemm_x_f16 conversion folded into the launch right before it where that one produced
-        the converted tensor and can write the fp16 copy itself (XH_PRODUCERS: the same build with XH_OUT=1 and the
-        fp16 buffer as one more output; the same bits, plugins/xh_store.cuh): one launch and one read of the
-        activation less per GEMM input. Nothing runs between the producer and the GEMMs either way."""
+        the converted tensor and can write the fp16 copy itself (XH_PRODUCERS: the same build, its Launch.defines,
+        with XH_OUT=1 and the fp16 buffer as one more output; the same bits, plugins/xh_store.cuh): one launch and
+        one read of the activation less per GEMM input. Nothing runs between the producer and the GEMMs either
+        way."""
         out: list[Launch] = []
         for launch in launches:
             prev = out[-1] if out else None
-            built = self._built.get(id(prev.kernel)) if prev is not None else None  # None: not made by _kernel
-            if (launch.op == "gemm_x_f16" and built and prev.op in XH_PRODUCERS
-                    and prev.args[XH_PRODUCERS[prev.op]] == launch.args[0]):
-                op, defines = built
-                out[-1] = replace(prev, kernel=self._kernel(op, defines | {"XH_OUT": 1}),
-                                  args=prev.args + [launch.args[-1]])
+            if (launch.op == "gemm_x_f16" and prev is not None and prev.op in XH_PRODUCERS
+                    and prev.defines is not None and prev.args[XH_PRODUCERS[prev.op]] == launch.args[0]):
+                defines = prev.defines | {"XH_OUT": 1}
+                out[-1] = replace(prev, kernel=self._kernel(prev.op, defines), args=prev.args + [launch.args[-1]],
+                                  defines=defines)
                 continue
             out.append(launch)
         return out
@@ -490,10 +490,10 @@ class CudaBackend:
         b = launch_config("prefill_attention", dims | {"pa_splits": splits})
         tuned = defines | self.tuning["defines"].get("prefill_attention", {})  # e.g. PA_SPLIT_TILES
         return [Launch(node.name + ".append", "rope_kv_append", self._kernel("rope_kv_append", defines), a,
-                       [q, k, v, positions, slots, *a.scalars, q_rot, k_cache, v_cache]),
+                       [q, k, v, positions, slots, *a.scalars, q_rot, k_cache, v_cache], defines=defines),
                 Launch(node.name, "prefill_attention", self._kernel("prefill_attention", tuned), b,
                        [q_rot, k_cache, v_cache, positions, slots, *b.scalars, outs[0],
-                        self.buffers["prefill.attn_part"].ptr, self.buffers["prefill.attn_count"].ptr])]
+                        self.buffers["prefill.attn_part"].ptr, self.buffers["prefill.attn_count"].ptr], defines=tuned)]
 
     def run_plan(self, m: int, advance: bool = False, last_only: bool = False, long_context: bool = False,
                  tail: Tail | None = None, sampled: int = 0):
