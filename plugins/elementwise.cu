@@ -7,12 +7,12 @@
 // order (plugins/xh_store.cuh) for the down projection's GEMM. Its rows (ffn wide, a GEMM's k: a multiple of 256)
 // must be a multiple of 16 long, which the kernel cannot see; it checks numel % 16.
 #include "pdl.cuh"
+#include "silu.cuh"
 #include "xh_store.cuh"
 #ifndef XH_OUT
 #define XH_OUT 0
 #endif
 
-__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
 template <class Op>
 __device__ __forceinline__ void elementwise(const float* a, const float* b, int numel,

@@ -15,7 +15,8 @@
 // enough); m, n >= 1 (any value: tails are clamped on load and dropped on store).
 // Other builds: -DGEMM_WGMMA=1 (sm_90a, the cuda backend's default on H100 / H200) runs the body of
 // plugins/quant_gemm_wgmma.cuh (its header has its launch); with -DGEMM_XH=1 its x is the fp16 copy gemm_x_f16 (at
-// the end of this file) makes.
+// the end of this file) makes. The wgmma builds also hold q4k_gemm_swiglu / q6k_gemm_swiglu: a layer's gate and up
+// projections and their SwiGLU in one GEMM (each CTA 64 rows of each matrix; gemm_swiglu_epilogue).
 //
 // Design
 // - CTA tile 128 tokens x BN weight rows, 8 warps as 2 (tokens) x 4 (rows), warp tile 64 x (8 * NT8): 4 x NT8
@@ -43,6 +44,10 @@
 
 #include "pdl.cuh"
 #include "quant_mma.cuh"
+#include "silu.cuh"
+#ifndef XH_OUT
+#define XH_OUT 0  // q4k_gemm_swiglu / q6k_gemm_swiglu: write the fp16 copy for the next GEMM instead of float32
+#endif
 #ifndef GEMM_WGMMA
 #define GEMM_WGMMA 0  // 1: the body on Hopper's warpgroup MMA (plugins/quant_gemm_wgmma.cuh; build with -arch=sm_90a)
 #endif
@@ -301,21 +306,123 @@ __device__ __forceinline__ void wgmma_substep(float (&acc)[64], uint32_t (&af)[4
     wgmma_commit();
 }
 
+// The raw blocks of superblock sb of the tile's 128 weight rows into R: rows n0.. of w, or (SW, the gate/up pair)
+// rows 0-63 from w (gate) and 64-127 from w2 (up), both from row n0, each half staged by one warpgroup
+template <class F, bool SW>
+__device__ __forceinline__ void stage_raw(uint8_t* R, const uint8_t* w, const uint8_t* w2, size_t row_bytes, int n0,
+                                          int n, int sb, int tid) {
+    if constexpr (SW) {
+        const int h = tid >> 7;
+        Fmt<F>::template issue_raw<64, 128>(R + h * 64 * G<F>::RS, h ? w2 : w, row_bytes, n0, n, sb, tid & 127);
+    } else {
+        Fmt<F>::template issue_raw<qwg::BN, qwg::THREADS>(R, w, row_bytes, n0, n, sb, tid);
+    }
+}
+// ... and their scales into S (the same split of rows; wlo: the plain GEMM's w as an integer)
+template <class F, bool SW>
+__device__ __forceinline__ void stage_scales(uint8_t* S, const uint8_t* R, uint32_t wlo, const uint8_t* w,
+                                             const uint8_t* w2, size_t row_bytes, int n0, int n, int sb, int tid) {
+    if constexpr (SW) {
+        const int h = tid >> 7;
+        const uint32_t lo = (uint32_t)reinterpret_cast<uintptr_t>(h ? w2 : w);
+        Fmt<F>::template scales<64, 128>(S + h * 64 * 64, R + h * 64 * G<F>::RS, lo, row_bytes, n0, n, sb, tid & 127);
+    } else {
+        Fmt<F>::template scales<qwg::BN, qwg::THREADS>(S, R, wlo, row_bytes, n0, n, sb, tid);
+    }
+}
+
+// gemm_swiglu_epilogue's exchange: accumulator column groups KEPT..KEPT+7 (tokens 8j..8j+7) stay, the other 8 go to
+// the peer; the reduced ones are staged at X0 + 32 KB as [warpgroup][token][row] (row stride TS floats)
+constexpr int SWIGLU_TS = 68;  // staged tile row stride: the accumulator stores hit 32 distinct banks
+template <int KEPT>
+__device__ __forceinline__ void swiglu_reduce(const float (&acc)[64], uint8_t* X0, cg::cluster_group& cluster, int rl,
+                                              int wg, int tid) {
+    constexpr int GONE = 8 - KEPT, TS = SWIGLU_TS;
+    const int c = tid & 3;
+    float4* red = reinterpret_cast<float4*>(X0);
+    float4* dst = cluster.map_shared_rank(red, KEPT ? 0 : 1);
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+        const int j = GONE + q;
+        dst[q * 256 + tid] = make_float4(acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]);
+    }
+    cluster.sync();
+    float* tile = reinterpret_cast<float*>(X0 + 8 * 256 * 16) + wg * 64 * TS;
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+        const int j = KEPT + q;
+        const float4 v = red[q * 256 + tid];
+        const float s[4] = {acc[4 * j] + v.x, acc[4 * j + 1] + v.y, acc[4 * j + 2] + v.z, acc[4 * j + 3] + v.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e)  // + 0.f: the plain GEMM adds the graph's zero bias
+            tile[(8 * q + 2 * c + (e & 1)) * TS + rl + 8 * (e >> 1)] = s[e] + 0.f;
+    }
+}
+
+// The epilogue of the gate/up/SwiGLU kernels (SW). Each CTA of the k-split pair finishes one half of the tile's 128
+// tokens (rank 0 the first 64): its two warpgroups send the accumulators of the other half to the peer's same
+// threads and add the peer's (own partial + peer's, the sum the plain GEMM makes, so the same bits), stage gate
+// (warpgroup 0) and up (warpgroup 1) as [token][row] tiles in shared memory, then every thread takes 16 consecutive
+// rows of one token: silu(gate) * up (elementwise.cu's silu_mul), written as float32 y[token][n0 + ...] or, with
+// XH_OUT=1, only as the fp16 copy the down projection's GEMM_XH build reads (xh_store.cuh's layout, gemm_x_f16's
+// rounding). rl: this thread's first row within its warpgroup's 64.
+__device__ __forceinline__ void gemm_swiglu_epilogue(float (&acc)[64], uint8_t* X0, int m, int n, int m0, int n0,
+                                                     int rank, int rl, int wg, int tid, float* __restrict__ y,
+                                                     __half* __restrict__ xh) {
+    constexpr int TS = SWIGLU_TS;  // (only the GEMM_SPLIT = 2 builds have these kernels: the pair splits the tokens)
+    static_assert(8 * 256 * 16 + 2 * 64 * TS * 4 <= qwg::NXB * qwg::XT + 2 * qwg::BN * G<Q4K>::RS,
+                  "the exchange and the staged tiles fit the x and raw-weight buffers");
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();  // both CTAs are done with their shared memory
+    if (rank == 0)  // the accumulators' token groups as constants: indexed by a variable they would go to memory
+        swiglu_reduce<0>(acc, X0, cluster, rl, wg, tid);
+    else
+        swiglu_reduce<8>(acc, X0, cluster, rl, wg, tid);
+    __syncthreads();
+    const int tok = tid >> 2, q = tid & 3, token = m0 + 64 * rank + tok, col = n0 + 16 * q;
+    if (token >= m || col >= n) return;
+    const float4* gp = reinterpret_cast<const float4*>(X0 + 8 * 256 * 16 + 4 * (tok * TS + 16 * q));
+    const float4* up = gp + 16 * TS;  // 64 rows of TS floats further
+    float s[16];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float4 a = gp[i], b = up[i];
+        s[4 * i] = silu_mul(a.x, b.x);
+        s[4 * i + 1] = silu_mul(a.y, b.y);
+        s[4 * i + 2] = silu_mul(a.z, b.z);
+        s[4 * i + 3] = silu_mul(a.w, b.w);
+    }
+#if XH_OUT
+    uint4* dst = reinterpret_cast<uint4*>(xh + (size_t)token * n + col);
+    dst[0] = make_uint4(pack_h2(s[0], s[2]), pack_h2(s[4], s[6]), pack_h2(s[8], s[10]), pack_h2(s[12], s[14]));
+    dst[1] = make_uint4(pack_h2(s[1], s[3]), pack_h2(s[5], s[7]), pack_h2(s[9], s[11]), pack_h2(s[13], s[15]));
+#else
+    (void)xh;
+    float4* yp = reinterpret_cast<float4*>(y + (size_t)token * n + col);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) yp[i] = make_float4(s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]);
+#endif
+}
+
 // The wgmma build's body (plugins/quant_gemm_wgmma.cuh has the design): the same staging, scales, x loads and split
-// as gemm<F> above, the weights as the warpgroup MMA's A operand, x as its shared-memory B operand.
-template <class F>
+// as gemm<F> above, the weights as the warpgroup MMA's A operand, x as its shared-memory B operand. SW (the
+// gate/up/SwiGLU kernels, q4k_gemm_swiglu / q6k_gemm_swiglu): warpgroup 0's 64 rows are gate rows n0.., warpgroup
+// 1's the same rows of up (w2), and gemm_swiglu_epilogue writes silu(gate) * up for the tile's 64 rows.
+template <class F, bool SW = false>
 __device__ __forceinline__ void gemm_wgmma(const float* __restrict__ x, const uint8_t* __restrict__ w,
-                                           const float* __restrict__ bias, int m, int n, int k, float* __restrict__ y) {
+                                           const float* __restrict__ bias, int m, int n, int k, float* __restrict__ y,
+                                           const uint8_t* __restrict__ w2 = nullptr,
+                                           __half* __restrict__ xh_out = nullptr) {
     using namespace qwg;
     uint8_t* const X0 = gemm_smem + ((1024 - (smem_u32(gemm_smem) & 1023)) & 1023);  // 1024-aligned swizzle atoms
     uint8_t* const R0 = X0 + NXB * XT;
     uint8_t* const S = R0 + 2 * qwg::BN * G<F>::RS;
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
-    const int n0 = blockIdx.x * qwg::BN, m0 = blockIdx.y * qwg::BM;
+    const int n0 = blockIdx.x * (SW ? 64 : qwg::BN), m0 = blockIdx.y * qwg::BM;
     const int nb = k / 256;
     const size_t row_bytes = (size_t)nb * F::BB;
-    const uint32_t wlo = (uint32_t)reinterpret_cast<uintptr_t>(w);
+    const uint32_t wlo = (uint32_t)reinterpret_cast<uintptr_t>(SW && wg ? w2 : w);  // this warpgroup's matrix
     const auto [rank, sb0, sb1] = k_range(nb);
     const int nsb = sb1 - sb0, T = 4 * nsb;
     const int g = lane >> 2, c = lane & 3;
@@ -335,7 +442,7 @@ __device__ __forceinline__ void gemm_wgmma(const float* __restrict__ x, const ui
 #endif
     if (nsb > 0) {
         uint32_t af[2][4][4];  // A fragments of two substeps: [parity][k16 step][register]
-        Fmt<F>::template issue_raw<qwg::BN, qwg::THREADS>(R0, w, row_bytes, n0, n, sb0, tid);
+        stage_raw<F, SW>(R0, w, w2, row_bytes, n0, n, sb0, tid);
 #if GEMM_XH
         issue_xh<F>(X0, xh, m0, m, k, 256 * sb0, 0, tid);
         cp_async_commit();
@@ -353,26 +460,30 @@ __device__ __forceinline__ void gemm_wgmma(const float* __restrict__ x, const ui
         cp_async_wait_all();
 #endif
         __syncthreads();
-        Fmt<F>::template scales<qwg::BN, qwg::THREADS>(S, R0, wlo, row_bytes, n0, n, sb0, tid);
+        stage_scales<F, SW>(S, R0, wlo, w, w2, row_bytes, n0, n, sb0, tid);
         __syncthreads();
         for (int s = 0; s < nsb; ++s) {
             const int sb = sb0 + s;
             const uint8_t* R = R0 + (s & 1) * qwg::BN * G<F>::RS;
 #if !GEMM_XH
             if (s + 1 < nsb)
-                Fmt<F>::template issue_raw<qwg::BN, qwg::THREADS>(R0 + ((s + 1) & 1) * qwg::BN * G<F>::RS, w, row_bytes,
-                                                                  n0, n, sb + 1, tid);
+                stage_raw<F, SW>(R0 + ((s + 1) & 1) * qwg::BN * G<F>::RS, w, w2, row_bytes, n0, n, sb + 1, tid);
             cp_async_commit();
 #endif
-            const uint32_t off0 = q6k_off<F>(wlo, row_bytes, n0 + row0, n, sb);
-            const uint32_t off1 = q6k_off<F>(wlo, row_bytes, n0 + row0 + 8, n, sb);
+            uint32_t off0, off1;
+            if constexpr (SW) {  // the rows in their own matrix (up's for warpgroup 1)
+                off0 = q6k_off<F>(wlo, row_bytes, n0 + row0 - 64 * wg, n, sb);
+                off1 = q6k_off<F>(wlo, row_bytes, n0 + row0 - 64 * wg + 8, n, sb);
+            } else {
+                off0 = q6k_off<F>(wlo, row_bytes, n0 + row0, n, sb);
+                off1 = q6k_off<F>(wlo, row_bytes, n0 + row0 + 8, n, sb);
+            }
 #pragma unroll
             for (int p = 0; p < 4; ++p) {
                 const int t = 4 * s + p;
 #if GEMM_XH
                 if (p == 0 && s + 1 < nsb)
-                    Fmt<F>::template issue_raw<qwg::BN, qwg::THREADS>(R0 + ((s + 1) & 1) * qwg::BN * G<F>::RS, w,
-                                                                      row_bytes, n0, n, sb + 1, tid);
+                    stage_raw<F, SW>(R0 + ((s + 1) & 1) * qwg::BN * G<F>::RS, w, w2, row_bytes, n0, n, sb + 1, tid);
                 if (t + 2 < T)
                     issue_xh<F>(X0 + ((t + 2) % NXB) * XT, xh, m0, m, k, 256 * (sb + ((p + 2) >> 2)), (p + 2) & 3, tid);
                 cp_async_commit();
@@ -393,12 +504,16 @@ __device__ __forceinline__ void gemm_wgmma(const float* __restrict__ x, const ui
                 __syncthreads();
             }
             if (s + 1 < nsb) {
-                Fmt<F>::template scales<qwg::BN, qwg::THREADS>(S, R0 + ((s + 1) & 1) * qwg::BN * G<F>::RS, wlo,
-                                                               row_bytes, n0, n, sb + 1, tid);
+                stage_scales<F, SW>(S, R0 + ((s + 1) & 1) * qwg::BN * G<F>::RS, wlo, w, w2, row_bytes, n0, n, sb + 1,
+                                    tid);
                 __syncthreads();
             }
         }
         wgmma_wait<0>();
+    }
+    if constexpr (SW) {
+        gemm_swiglu_epilogue(acc, X0, m, n, m0, n0, rank, row0 - 64 * wg, wg, tid, y, xh_out);
+        return;
     }
 
     bool store = true;
@@ -470,6 +585,35 @@ __device__ __forceinline__ void gemm_wgmma(const float* __restrict__ x, const ui
 
 QTRT_GEMM(q4k_gemm, Q4K)
 QTRT_GEMM(q6k_gemm, Q6K)
+
+#if GEMM_WGMMA
+// The gate and up projections and SwiGLU of a prefill step in one kernel (wgmma builds only; the cuda backend's plans
+// on compute capability 9.0): y[m, n] = silu(x wg^T) * (x wu^T), wg and wu the raw rows of two matrices of the same
+// format and shape [n, k] (no bias). With XH_OUT=1 the result goes only to xh (the fp16 copy the down projection's
+// GEMM_XH build reads, in its layout), y is not written. n % 16 == 0 besides the GEMM's requirements.
+// LAUNCH: the wgmma GEMM's (quant_gemm_wgmma.cuh) with grid x = cdiv(n, 64): each CTA 64 rows of each matrix.
+#if XH_OUT
+#define SWIGLU_XH , __half* __restrict__ xh
+#define SWIGLU_XH_ARG xh
+#else
+#define SWIGLU_XH
+#define SWIGLU_XH_ARG nullptr
+#endif
+#define QTRT_GEMM_SWIGLU(NAME, F)                                                                                 \
+    extern "C" __global__ void GEMM_ATTRS NAME(const float* x, const uint8_t* __restrict__ wg,                     \
+                                               const uint8_t* __restrict__ wu, int m, int n, int k,                \
+                                               float* __restrict__ y SWIGLU_XH) {                                  \
+        if (n % 16) __trap(); /* 16 rows per thread in the epilogue; the runtime never launches such an n */     \
+        pdl_launch_dependents();                                                                                   \
+        pdl_wait();                                                                                                \
+        gemm_wgmma<F, true>(x, wg, nullptr, m, n, k, y, wu, SWIGLU_XH_ARG);                                        \
+    }
+
+#if GEMM_SPLIT == 2
+QTRT_GEMM_SWIGLU(q4k_gemm_swiglu, Q4K)
+QTRT_GEMM_SWIGLU(q6k_gemm_swiglu, Q6K)
+#endif
+#endif
 
 // x (float32 [m][k]) -> xh (fp16 [m][k], each 16-element chunk in the fragments' k order: word c = (x[4c], x[4c+2]),
 // word 4 + c = (x[4c+1], x[4c+3]), as store_x writes it to shared memory): the input of the GEMM_XH build, made once

@@ -10,6 +10,7 @@ repeats the default to show the run's noise. docs/perf-notes.md has the results.
     python3 scripts/decode_tuning.py [--contexts 128,4096] [--tokens 64] [--steps 24] [--variants NAME,...]
     python3 scripts/decode_tuning.py --scaling     # one projection kernel's time against its row count
     python3 scripts/decode_tuning.py --batches 1,4,8 --variants control,batched_general   # batched decode steps
+    python3 scripts/decode_tuning.py --prompts 512,4096 --variants prefill,prefill_no_gemm_swiglu   # prompts
 
 --batches also times steps of m sequences (slots 0..m-1 at each context), m > 1 for timing only: the batched
 builds' numerics are the GPU tests' (tests/test_kernels_gpu.py test_decode_builds, tests/test_cuda_backend.py).
@@ -28,17 +29,20 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from toolchain import cuda_runtime as cr  # noqa: E402
 from toolchain import kernels as K  # noqa: E402
-from toolchain.bench import bytes_per_token, copy_bandwidth, launch_timing, load_model, time_decode  # noqa: E402
-from toolchain.cuda_backend import GEMM_MIN_M, SKINNY_MIN_M, CudaBackend  # noqa: E402
+from toolchain.bench import (bytes_per_token, copy_bandwidth, kernel_breakdown, launch_timing, load_model,  # noqa: E402
+                             time_decode, time_prefill, time_prompt)
+from toolchain.cuda_backend import GEMM_MIN_M, SKINNY_MIN_M, TUNING, CudaBackend  # noqa: E402
 
 OFF = {"pdl": False, "m1": False, "qmv1": False, "plain": True, "batched": False, "xmerge": False, "defines": {},
        "pdl_skip": (), "skip": (), "clusters": True, "cache_by_address": False, "share_activations": False,
        "gemm_min_m": GEMM_MIN_M, "skinny_min_m": GEMM_MIN_M, "attn_kv_grid": False,
        "attn_one_block_keys": 0, "skinny_skip": (), "gemm_wgmma": False, "gemm_xh": False,
        "concurrent_projections": False, "prefill_kv_splits": 1,
-       "xh_by_producer": False}  # the last five act on prefill steps only (m >= GEMM_MIN_M)
+       "xh_by_producer": False, "gemm_swiglu": False}  # the last six act on prefill steps only (m >= GEMM_MIN_M)
 DEFAULT = {"m1": True, "qmv1": True, "pdl": True, "xmerge": True, "batched": True, "skinny_min_m": SKINNY_MIN_M,
            "attn_kv_grid": True, "attn_one_block_keys": K.ATTN_ONE_BLOCK_KEYS}
+PREFILL = {k: TUNING[k] for k in ("gemm_wgmma", "gemm_xh", "concurrent_projections", "prefill_kv_splits",
+                                  "xh_by_producer", "gemm_swiglu")}  # the backend's defaults of those six
 
 
 def proj(**defines):  # extra defines for every projection kernel (both cores ignore the other's)
@@ -140,6 +144,9 @@ VARIANTS = {
     **{f"skinny_o_s{n}": {**DEFAULT, "defines": {"matmul_add_skinny@1536": {"SK_SPLIT": n}}} for n in (2, 3)},
     **{f"skinny_down_s{n}": {**DEFAULT, "defines": {"matmul_add_skinny@8960": {"SK_SPLIT": n}}} for n in (4, 8)},
     "batched_minb1": {**DEFAULT, "batched": True, "defines": {op: {"QMV1_MINB": 1} for op in K.FUSED_OPS}},
+    # prompts (--prompts): the default, and without the gate/up/SwiGLU GEMM (three launches: gate, up, swiglu)
+    "prefill": {**DEFAULT, **PREFILL},
+    "prefill_no_gemm_swiglu": {**DEFAULT, **PREFILL, "gemm_swiglu": False},
     # diagnostics: the step without one kernel family (wrong results; the time saved is what the family costs in
     # the step, PDL overlap included)
     **{f"skip:{op}": {**DEFAULT, "skip": (op,)} for op in ("rope_kv_attention", "rms_norm_qkv", "matmul_add",
@@ -216,6 +223,63 @@ def scaling(out: dict, reps: int = 30):
                 b.free()
 
 
+def prompts(sizes: list[int], names: list[str], tunings: dict, model, spec: str, rounds: int) -> int:
+    """--prompts: the path `qtrt generate` takes for a prompt (CudaBackend.forward in pieces of 512) under each
+    variant: one 512-token prefill step (captured, head on the last row), the time to the first token's logits of
+    each prompt size (bench.time_prompt, best of 3), the variants taking turns round after round, and the 512-token
+    step's kernel families. Each variant's first-token logits of a 1,000-token prompt are compared with the first
+    variant's (bits, relative error) and with its own second run (determinism). Writes $OUT/prompts.json; exit 1 if
+    a variant is off by more than 1e-3 or not deterministic."""
+    cr.init()
+    be = CudaBackend(model, max_context=max(sizes) + 64, max_tokens=512, tuning=tunings[names[0]])
+    state = {name: ({}, {}) for name in names}  # each variant's plans and captured graphs, kept apart
+
+    def use(name):
+        be.tuning, (be._plans, be._graphs) = tunings[name], state[name]
+
+    out = {"device": cr.device_name(), "copy_bandwidth_GBps": round(copy_bandwidth(cr, be.stream) / 1e9, 1),
+           "model": spec, "variants": []}
+    print(f"{out['device']}: copy bandwidth {out['copy_bandwidth_GBps']:.0f} GB/s", flush=True)
+    ids = np.random.default_rng(1000).integers(0, be.cfg.vocab, 1000).tolist()
+    first = None
+    for name in names:
+        use(name)
+        runs = []
+        for _ in range(2):
+            be.reset()
+            runs.append(be.forward(ids).astype(np.float32))
+        first = runs[0] if first is None else first
+        out["variants"].append({"name": name, "tuning": tunings[name],
+                                "logits_bits_equal_first": bool(np.array_equal(runs[0].view(np.uint32),
+                                                                               first.view(np.uint32))),
+                                "logits_rel_err_vs_first": float(np.linalg.norm(runs[0] - first.astype(np.float64))
+                                                                 / np.linalg.norm(first)),
+                                "deterministic": bool(np.array_equal(runs[0].view(np.uint32), runs[1].view(np.uint32)))})
+    times = {(n, key): [] for n in names for key in ["prefill512", *(f"prompt{s}" for s in sizes)]}
+    for r in range(rounds):
+        for name in names:
+            use(name)
+            times[name, "prefill512"].append(512 / time_prefill(be, 512, cr))
+            for size in sizes:
+                times[name, f"prompt{size}"].append(size / time_prompt(be, size, cr))
+            print(r, name, {key: round(v[-1], 1) for (n, key), v in times.items() if n == name}, flush=True)
+    for row in out["variants"]:
+        use(row["name"])
+        row["tok_s"] = {key: round(max(v), 1) for (n, key), v in times.items() if n == row["name"]}
+        row["spread"] = {key: round(max(v) / min(v) - 1, 4) for (n, key), v in times.items() if n == row["name"]}
+        be._set_inputs(np.zeros(512, np.int32), np.arange(512), np.zeros(512))  # a prompt's first piece
+        row["breakdown512_us"] = kernel_breakdown(be, cr, m=512, last_only=True)
+        print(f"{row['name']:24s} {row['tok_s']}  logits {'==' if row['logits_bits_equal_first'] else '!='} first "
+              f"(rel {row['logits_rel_err_vs_first']:.1e}), "
+              f"{'deterministic' if row['deterministic'] else 'NOT DETERMINISTIC'}\n  breakdown 512: "
+              f"{row['breakdown512_us']}", flush=True)
+    be.close()
+    dest = Path(os.environ.get("OUT", ".")) / "prompts.json"
+    dest.write_text(json.dumps(out, indent=1))
+    print(f"wrote {dest}")
+    return 0 if all(v["logits_rel_err_vs_first"] < 1e-3 and v["deterministic"] for v in out["variants"]) else 1
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", default="128,4096")
@@ -226,6 +290,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=5, help="timing rounds (variants take turns in each)")
     ap.add_argument("--scaling", action="store_true", help="only time the gate/up and down builds against rows")
     ap.add_argument("--batches", default="1", help="decode step sizes m timed (comma-separated; m > 1: timing only)")
+    ap.add_argument("--prompts", default="", help="time prompts of these sizes to the first token instead of decode "
+                    "steps (comma-separated, e.g. 512,4096,16384; with --variants prefill,prefill_no_gemm_swiglu)")
     a = ap.parse_args()
     if a.scaling:
         cr.init()
@@ -240,6 +306,15 @@ def main():
     if unknown:
         ap.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     tunings = {n: {**OFF, **VARIANTS[n]} for n in names}
+    if a.prompts:
+        try:
+            sizes = [int(x) for x in a.prompts.split(",")]
+        except ValueError:
+            ap.error(f"--prompts {a.prompts!r}: comma-separated whole numbers, e.g. 512,4096")
+        if min(sizes) < 1:
+            ap.error("--prompts: sizes from 1")
+        model = load_model(a.model, Path(os.environ.get("QTRT_BENCH_DIR", tempfile.gettempdir())))
+        return prompts(sizes, names, tunings, model, a.model, a.rounds)
     model = load_model(a.model, Path(os.environ.get("QTRT_BENCH_DIR", tempfile.gettempdir())))
     contexts = [int(c) for c in a.contexts.split(",")]
     try:  # m = 1 always: the reference of the batched steps

@@ -3,6 +3,7 @@ that Nsight Compute can replay each kernel), for a per-kernel profile of the ste
 
     python3 scripts/profile_step.py --context 4096 --count          # launches per step (for ncu --launch-skip)
     python3 scripts/profile_step.py --batch 16                      # a step of 16 sequences (slots 0..15)
+    python3 scripts/profile_step.py --prefill 512                   # a 512-token prompt piece (slot 0)
     ncu --clock-control none --launch-skip N --launch-count N --section SpeedOfLight ... \\
         python3 scripts/profile_step.py --context 4096
 
@@ -25,22 +26,28 @@ def main():
     ap.add_argument("--context", type=int, default=128, help="position of the profiled token")
     ap.add_argument("--batch", type=int, default=1, help="sequences in the step (slots 0..batch-1, all at --context)")
     ap.add_argument("--count", action="store_true", help="print the launches of one step and exit")
+    ap.add_argument("--prefill", type=int, default=0,
+                    help="instead: a prompt piece of this many tokens in slot 0 from position --context (the plan "
+                         "`qtrt generate` runs, the head on its last row)")
     a = ap.parse_args()
     if a.context < 0:
         ap.error("--context must be >= 0")
-    if a.batch < 1:
-        ap.error("--batch must be >= 1")
+    if a.batch < 1 or a.prefill < 0:
+        ap.error("--batch must be >= 1, --prefill >= 0")
     model = load_model("synthetic:qwen2.5-coder-1.5b", Path(os.environ.get("QTRT_BENCH_DIR", tempfile.gettempdir())))
-    m = a.batch
-    be = CudaBackend(model, max_context=a.context + 8, n_slots=m, max_tokens=m)
-    long = be.long_context(a.context, m)  # the plan a graph replay at this position takes
-    launches = [x for x in be.plan(m, long_context=long) if x.op != "decode_advance"]
+    m = a.prefill or a.batch
+    be = CudaBackend(model, max_context=a.context + m + 8, n_slots=1 if a.prefill else m, max_tokens=m)
+    long = not a.prefill and be.long_context(a.context, m)  # the plan a graph replay at this position takes
+    launches = [x for x in be.plan(m, last_only=bool(a.prefill), long_context=long) if x.op != "decode_advance"]
     if a.count:
         print(len(launches))
         return
     for step in range(2):
-        be._set_inputs([7 + step] * m, [a.context] * m, list(range(m)))
-        be.run_plan(m, long_context=long)
+        if a.prefill:
+            be._set_inputs([7 + step] * m, list(range(a.context, a.context + m)), [0] * m)
+        else:
+            be._set_inputs([7 + step] * m, [a.context] * m, list(range(m)))
+        be.run_plan(m, last_only=bool(a.prefill), long_context=long)
         be.stream.synchronize()
     print("kernels of one step:", ", ".join(f"{x.node}:{x.op}" for x in launches))
 

@@ -1,7 +1,8 @@
 """toolchain/buffer_plan.py: the activations' shared pool (cuda backend tuning share_activations), checked on the
-model's real step graphs (fused decode and unfused prefill of the 1.5B layout, 6 layers) by executing them on a
-model of memory: every node's outputs take their bytes, every read must find the bytes its value wrote, in both
-graphs; a layout that ignores one graph, or puts two live values together, must fail that."""
+model's real step graphs (fused decode, unfused prefill, and prefill with the gate/up/SwiGLU GEMM, of the 1.5B
+layout, 6 layers) by executing them on a model of memory: every node's outputs take their bytes, every read must find
+the bytes its value wrote, in every graph; a layout that ignores one graph, or puts two live values together, must
+fail that."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,6 +10,7 @@ import onnx
 import pytest
 
 from toolchain import buffer_plan
+from toolchain.cuda_backend import fuse_gate_up_swiglu
 from toolchain.fusion import fuse
 from toolchain.graph import build_model_graph
 
@@ -21,9 +23,11 @@ def graphs_and_sizes(synth_gguf):
 
     model = load_gguf(synth_gguf("qwen2.5-coder-1.5b", n_layers=6, vocab=4096))
     g, _ = build_model_graph(model)
-    models = [fuse(g), g]  # the cuda backend's two: decode steps and prompt prefill
+    # the cuda backend's three: decode steps, prompt prefill, and prompt prefill with each layer's gate, up and
+    # SwiGLU as one node (where its wgmma GEMMs run)
+    models = [fuse(g), g, fuse_gate_up_swiglu(g)]
     widths = {}
-    for m in models:
+    for m in models[:2]:  # (the fused node has no schema; its output's width is the swiglu's)
         inferred = onnx.shape_inference.infer_shapes(m)
         for v in list(inferred.graph.value_info) + list(inferred.graph.output):
             t = v.type.tensor_type
@@ -124,7 +128,7 @@ def test_the_cuda_backend_places_its_activations_by_the_plan(graphs_and_sizes, m
         lambda cls, shape, dtype: Fake(int(np.prod(shape)) * np.dtype(dtype).itemsize)))
     be = object.__new__(cuda_backend.CudaBackend)
     be.max_tokens, be.tuning = ROWS, {**cuda_backend.TUNING, "share_activations": share}
-    be.onnx, be.onnx_prefill = (types_model(g) for g in graphs)
+    be.onnx, be.onnx_prefill, be.onnx_prefill_swiglu = (types_model(g) for g in graphs)
     be.widths, be.buffers = dict(widths), {}
     be._allocate_activations()
     assert set(sizes) <= set(be.buffers)
@@ -143,3 +147,13 @@ def types_model(graph):
     import types
 
     return types.SimpleNamespace(graph=graph)
+
+
+def test_the_gate_up_swiglu_graph_counts(graphs_and_sizes):
+    """The gate/up/SwiGLU node reads the FFN's input while it writes the SwiGLU's output, two values that never live
+    together in the unfused graphs: a layout made without its graph puts them in one place, which clobbers there."""
+    graphs, sizes, _ = graphs_and_sizes
+    _, two = buffer_plan.share(graphs[:2], sizes)
+    run_on_memory(graphs[:2], sizes, two)
+    with pytest.raises(AssertionError, match="writes over its input"):
+        run_on_memory(graphs[2:], sizes, two)

@@ -393,6 +393,37 @@ def test_producers_write_the_gemm_input_with_the_same_bits(synth, backend):
     assert np.array_equal(got[True].view(np.uint32), got[False].view(np.uint32))
 
 
+@pytest.mark.parametrize("xh", [True, False], ids=["fp16 x", "float32 x"])
+def test_gate_up_swiglu_keeps_the_bits(synth, backend, xh):
+    """Where the prefill GEMMs run their wgmma build, each layer's gate and up projections and SwiGLU are one launch
+    (tuning gemm_swiglu, plugins/quant_gemm.cu q4k_gemm_swiglu): the plan has one per layer and no gate, up or swiglu
+    launch, and a 264-token prompt (two captured pieces of 96, then an eager 72, from GEMM_MIN_M) gives the bits of
+    the three launches, with the GEMMs' input as fp16 (its fp16 copy for the down projection written instead of its
+    float32 output) and as float32."""
+    from toolchain import cuda_runtime as cr
+
+    if not backend.tuning["clusters"] or cr.compute_capability() != (9, 0):
+        pytest.skip("no wgmma GEMM here (compute capability 9.0 with clusters only)")
+    model, _ = synth
+    prompt = np.random.default_rng().integers(0, model.config.vocab, 264).tolist()
+    saved, got, plans = dict(backend.tuning), {}, {}
+    try:
+        for fused in (True, False):
+            use_tuning(backend, {**saved, "gemm_swiglu": fused, "gemm_xh": xh})
+            plans[fused] = backend.plan(backend.max_tokens, last_only=True)
+            backend.reset()
+            got[fused] = backend.forward(prompt)
+    finally:
+        use_tuning(backend, saved)
+    n = backend.cfg.n_layers
+    ops = {f: [ln.op for ln in plan] for f, plan in plans.items()}
+    assert ops[True].count("q4k_gemm_swiglu") == n and "swiglu" not in ops[True], ops[True]
+    assert ops[False].count("swiglu") == n and len(ops[True]) == len(ops[False]) - 2 * n
+    fused = [ln for ln in plans[True] if ln.op == "q4k_gemm_swiglu"]
+    assert all(bool(ln.defines.get("XH_OUT")) == xh for ln in fused)  # the fp16 copy instead of the float32 output
+    assert np.array_equal(got[True].view(np.uint32), got[False].view(np.uint32))
+
+
 def test_concurrent_projections_keep_the_bits(synth, backend):
     """q, k and v (gate and up) of a prefill step launched side by side on forked streams (tuning
     concurrent_projections; captured: parallel graph branches) give exactly the bits of the same launches one after
@@ -402,8 +433,10 @@ def test_concurrent_projections_keep_the_bits(synth, backend):
 
     if not backend.tuning["clusters"]:
         pytest.skip("the TensorRT builds have no prefill GEMM: nothing runs side by side")
-    groups = sibling_projections(backend.plan(backend.max_tokens, last_only=True))
-    assert sum(len(g) > 1 for g in groups) == 2 * backend.cfg.n_layers  # q, k, v and gate, up of every layer
+    plan = backend.plan(backend.max_tokens, last_only=True)
+    groups = sibling_projections(plan)
+    gate_up = not any(ln.op.endswith("_gemm_swiglu") for ln in plan)  # else one launch (tuning gemm_swiglu)
+    assert sum(len(g) > 1 for g in groups) == (1 + gate_up) * backend.cfg.n_layers  # q, k, v (and gate, up)
     model, _ = synth
     prompt = np.random.default_rng().integers(0, model.config.vocab, 264).tolist()
     saved, got = dict(backend.tuning), {}

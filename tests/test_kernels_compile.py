@@ -490,6 +490,53 @@ def test_fold_x_f16():
     assert plan[0].defines == {"RMS_EPS": 1e-6}  # the plan given is left as it was
     wrong = [ln("rms_norm", [1, 2, 64, 11], {"RMS_EPS": 1e-6}), conv[0]]  # it wrote another tensor
     assert be._fold_x_f16(wrong) == wrong
+    # the gate/up/SwiGLU GEMM's output (its last argument) converted for the down projection's GEMM
+    wg = K.gemm_wgmma_defines(True)
+    fused = [ln("q4k_gemm_swiglu", [20, 5, 6, 64, 8960, 1536, 40], wg), conv[3], ln("q4k_gemm", [99])]
+    out = be._fold_x_f16(fused)
+    assert [x.op for x in out] == ["q4k_gemm_swiglu", "q4k_gemm"]
+    assert out[0].defines == wg | {"XH_OUT": 1} and out[0].args == [20, 5, 6, 64, 8960, 1536, 40, 99]
+
+
+def test_fuse_gate_up_swiglu(synth_gguf):
+    """The prefill graph the cuda backend runs where the wgmma GEMMs do (tuning gemm_swiglu): each layer's gate and up
+    projections and SwiGLU become one q4k_gemm_swiglu node at the swiglu's place (x, w_gate, w_up -> the swiglu's
+    output), the rest kept in order, the graph given left as it was; not where a projection has a bias, the two
+    differ in format, another node reads the SwiGLU's output, or the format has no prefill GEMM (the 0.5B's Q5_0)."""
+    import onnx
+
+    from conftest import SMALL_1_5B
+    from toolchain.cuda_backend import fuse_gate_up_swiglu
+    from toolchain.gguf_model import load_gguf
+    from toolchain.graph import build_model_graph
+
+    g, _ = build_model_graph(load_gguf(synth_gguf(**SMALL_1_5B)))
+    before = g.SerializeToString()
+    f = fuse_gate_up_swiglu(g)
+    assert g.SerializeToString() == before
+    n_layers = SMALL_1_5B["n_layers"]
+    gone = {f"L{i}.{p}" for i in range(n_layers) for p in ("gate_proj", "up_proj")}
+    assert [n.name for n in f.graph.node] == [n.name for n in g.graph.node if n.name not in gone]
+    for i in range(n_layers):
+        node = next(n for n in f.graph.node if n.name == f"L{i}.swiglu")
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert node.op_type == "q4k_gemm_swiglu" and attrs == {"in_features": 1536, "out_features": 8960}
+        assert list(node.input) == [f"L{i}.ffn_in", f"blk.{i}.ffn_gate.weight", f"blk.{i}.ffn_up.weight"]
+        assert list(node.output) == [f"L{i}.act"]
+
+    def variant(edit):
+        m = onnx.ModelProto()
+        m.CopyFrom(g)
+        edit({n.name: n for n in m.graph.node})
+        return [n.op_type for n in fuse_gate_up_swiglu(m).graph.node if n.name == "L0.swiglu"]
+
+    assert variant(lambda n: None) == ["q4k_gemm_swiglu"]
+    assert variant(lambda n: n["L0.gate_proj"].input.__setitem__(2, "blk.0.attn_q.bias")) == ["swiglu"]
+    assert variant(lambda n: setattr(n["L0.up_proj"], "op_type", "q6k_matmul")) == ["swiglu"]
+    assert variant(lambda n: n["L0.resid2_add"].input.__setitem__(1, "L0.act")) == ["swiglu"]
+    small = load_gguf(synth_gguf("qwen2.5-coder-0.5b", n_layers=2, vocab=1024))
+    g5, _ = build_model_graph(small)
+    assert [n.op_type for n in fuse_gate_up_swiglu(g5).graph.node] == [n.op_type for n in g5.graph.node]
 
 
 def test_gemm_wgmma_build_wiring():
@@ -512,6 +559,13 @@ def test_gemm_wgmma_build_wiring():
             cfg = K.launch_config(op, {"m": 300, "n": 8960, "k": 1536, "gemm_wgmma": 1, "gemm_xh": int(xh)})
             assert cfg.grid == (70, 3, 2) and cfg.block == (256, 1, 1) and cfg.shared_mem == smem[op]
             assert (op, d) in K.real_model_builds()
+    for xh, smem in ((True, K.GEMM_XH_SMEM), (False, K.GEMM_WGMMA_SMEM)):  # gate, up and SwiGLU in one GEMM
+        for gemm, op in K.GEMM_SWIGLU_OF.items():
+            cfg = K.launch_config(op, {"m": 300, "n": 8960, "k": 1536, "gemm_wgmma": 1, "gemm_xh": int(xh)})
+            assert cfg.grid == (140, 3, 2) and cfg.block == (256, 1, 1) and cfg.shared_mem == smem[gemm]
+            assert cfg.scalars == (300, 8960, 1536) and K.source_file(op) == K.source_file(gemm)
+            builds = [K.gemm_wgmma_defines(xh)] + [K.gemm_wgmma_defines(True) | {"XH_OUT": 1}] * xh
+            assert all((op, d) in K.real_model_builds() for d in builds)
     assert K.build_arch({}) == "sm_90"
     assert ("gemm_x_f16", K.gemm_wgmma_defines(True)) in K.real_model_builds()
     cfg = K.launch_config("gemm_x_f16", {"m": 300, "k": 1536})

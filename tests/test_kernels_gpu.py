@@ -532,6 +532,78 @@ def test_producers_write_the_gemm_fp16_input(m):
         assert np.array_equal(converted.view(np.uint16), xh.view(np.uint16)), f"{op}: gemm_x_f16 differs ({seed})"
 
 
+GEMM_SWIGLU_CASES = [("Q4_K", 8960, 1536, 512), ("Q4_K", 1040, 1536, 37), ("Q6_K", 1040, 1536, 200),
+                     ("Q6_K", 8960, 1536, 1), ("Q4_K", 272, 256, 130)]
+
+
+@pytest.mark.parametrize("xh", [True, False], ids=["fp16 x", "float32 x"])
+@pytest.mark.parametrize("t,n,k,m", GEMM_SWIGLU_CASES)
+def test_gemm_swiglu(t, n, k, m, xh):
+    """q4k_gemm_swiglu / q6k_gemm_swiglu (the gate and up projections of a prefill step and their SwiGLU in one wgmma
+    GEMM) against float64 numpy, and bit for bit against the launches they replace in the cuda backend's plan: the
+    wgmma GEMM of each matrix (with the graph's zero bias), then swiglu. Built with XH_OUT=1 they write only the fp16
+    copy for the down projection's GEMM (swiglu's XH_OUT copy, bit for bit) and leave y as it was. Shapes with a
+    partial 64-row tile (n = 1040, 272), one token, one superblock (k = 256: one CTA of the k-split pair has none);
+    for Q6_K the up matrix starts 2 bytes past an aligned address, so the two matrices' blocks sit differently."""
+    from toolchain.cuda_backend import GEMM_OF
+
+    if cr.compute_capability() != (9, 0):
+        pytest.skip("the wgmma build is sm_90a: compute capability 9.0 only")
+    rng, seed = _rng()
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    raw = {name: random_weights(rng, t, n, k) for name in ("gate", "up")}
+    off = 2 if t == "Q6_K" else 0
+    gemm = GEMM_OF[MATMUL[t]]
+    op = K.GEMM_SWIGLU_OF[gemm]
+    defines = K.gemm_wgmma_defines(xh)
+    dims = {"m": m, "n": n, "k": k, "gemm_wgmma": 1, "gemm_xh": int(xh)}
+    bufs = {"x": cr.DeviceBuffer.from_array(x), "gate": cr.DeviceBuffer.from_array(raw["gate"]),
+            "up": cr.DeviceBuffer.from_array(np.concatenate([np.zeros(off, np.uint8), raw["up"].ravel()])),
+            "zeros": cr.DeviceBuffer.from_array(np.zeros(n, np.float32)), "xh": cr.DeviceBuffer(m * k * 2)}
+    for name in ("y", "g", "u", "s"):
+        bufs[name] = cr.DeviceBuffer(m * n * 4)
+    bufs["act_h"], bufs["s_h"] = cr.DeviceBuffer(m * n * 2), cr.DeviceBuffer(m * n * 2)
+    up = bufs["up"].ptr + off
+    try:
+        for name in ("y", "g", "u", "s"):
+            bufs[name].fill_u32(NAN)
+        bufs["act_h"].fill_u8(0xFF)
+        x_in = bufs["x"]
+        if xh:  # the GEMM_XH build's input: x as fp16 in the fragments' order
+            kernel("gemm_x_f16", tuple(K.gemm_wgmma_defines(True).items())).launch_op(
+                K.launch_config("gemm_x_f16", {"m": m, "k": k}), [bufs["x"]], [bufs["xh"]])
+            x_in = bufs["xh"]
+        kernel(op, tuple(defines.items())).launch_op(K.launch_config(op, dims), [x_in, bufs["gate"], up], [bufs["y"]])
+        plain = kernel(gemm, tuple(defines.items()))
+        cfg = K.launch_config(gemm, dims)
+        plain.launch_op(cfg, [x_in, bufs["gate"], bufs["zeros"]], [bufs["g"]])
+        plain.launch_op(cfg, [x_in, up, bufs["zeros"]], [bufs["u"]])
+        kernel("swiglu").launch_op(K.launch_config("swiglu", {"numel": m * n}), [bufs["g"], bufs["u"]], [bufs["s"]])
+        cr.synchronize()
+        y, s = bufs["y"].download((m, n), np.float32), bufs["s"].download((m, n), np.float32)
+        bufs["y"].fill_u32(NAN)
+        if xh:
+            xo = tuple((defines | {"XH_OUT": 1}).items())
+            kernel(op, xo).launch_op(K.launch_config(op, dims), [x_in, bufs["gate"], up], [bufs["y"], bufs["act_h"]])
+            kernel("swiglu", (("XH_OUT", 1),)).launch_op(K.launch_config("swiglu", {"numel": m * n}),
+                                                         [bufs["g"], bufs["u"]], [bufs["s"], bufs["s_h"]])
+        cr.synchronize()
+        untouched = bufs["y"].download((m, n), np.uint32)
+        act_h, s_h = bufs["act_h"].download((m, n), np.float16), bufs["s_h"].download((m, n), np.float16)
+    finally:
+        for b in bufs.values():
+            b.free()
+    g64 = matmul_ref(x, raw["gate"], None, t, n, k)
+    ref = g64 / (1 + np.exp(-g64)) * matmul_ref(x, raw["up"], None, t, n, k)
+    err, _ = rel_err(y, ref)
+    print(f"\n{op} {'fp16' if xh else 'float32'} x, m={m} n={n} k={k}: rel err {err:.2e}")
+    assert err < 3e-3, f"{err} ({seed})"  # fp16 operands (the prefill GEMMs' tolerance, tests/test_gemm_gpu.py)
+    assert np.array_equal(y.view(np.uint32), s.view(np.uint32)), f"not the bits of GEMM, GEMM, swiglu ({seed})"
+    if xh:
+        assert np.array_equal(act_h.view(np.uint16), s_h.view(np.uint16)), f"fp16 copy differs from swiglu's ({seed})"
+        assert (untouched == NAN).all(), f"the XH_OUT build wrote y ({seed})"
+
+
 @pytest.mark.parametrize("vocab", [151936, 1001])
 def test_argmax(vocab):
     rng, seed = _rng()

@@ -39,6 +39,9 @@ times the variants):
   partition of the keys), as precise.
 - gemm_min_m: the step size from which the projections run as tensor-core GEMMs (GEMM_MIN_M; `qtrt bench`
   times both sides of it for each batched m).
+- gemm_swiglu: where those GEMMs run their wgmma build (compute capability 9.0), the gate and up projections and
+  their SwiGLU as one GEMM (fuse_gate_up_swiglu, plugins/quant_gemm.cu q4k_gemm_swiglu): the gate and up outputs
+  never reach memory and the swiglu launch goes; the same bits.
 - defines ({op: {define: value}}) and pdl_skip (ops launched without PDL): experiments.
 - skip (ops, or parts of node names such as 'down_proj', not launched at all): a timing diagnostic (what a family
   costs inside the step); results are wrong.
@@ -62,7 +65,8 @@ from .fusion import fuse
 from .gguf_model import GGUFModel
 from .device_sampler import parse_logprobs
 from .graph import build_model_graph, node_attrs
-from .kernels import (ATTN_CLUSTER_KEYS, ATTN_MSCR, ATTN_ONE_BLOCK_KEYS, FUSED_OPS, GEMM_OPS, LOGPROB_WORDS, MATMUL_OPS,
+from .kernels import (ATTN_CLUSTER_KEYS, ATTN_MSCR, ATTN_ONE_BLOCK_KEYS, FUSED_OPS, GEMM_OPS, GEMM_SWIGLU_OF,
+                      GEMM_SWIGLU_OPS, LOGPROB_WORDS, MATMUL_OPS,
                       PREFILL_KV_SPLITS, XMERGE_CLUSTER_KEYS, decode_build, decode_tokens, defines_for,
                       gemm_wgmma_defines, launch_config, prefill_attention_scratch, qmv1_dims,
                       SKINNY_OPS, skinny_dims, skinny_of, xmerge_defines, xmerge_slot_floats)
@@ -89,15 +93,19 @@ TUNING = {"pdl": True, "m1": True, "qmv1": True, "plain": True, "batched": True,
           "clusters": True, "cache_by_address": False, "gemm_min_m": GEMM_MIN_M,
           "skinny_min_m": SKINNY_MIN_M, "attn_kv_grid": True, "attn_one_block_keys": ATTN_ONE_BLOCK_KEYS,
           "skinny_skip": (), "gemm_wgmma": True, "gemm_xh": True,
-          "concurrent_projections": True, "prefill_kv_splits": PREFILL_KV_SPLITS, "xh_by_producer": True}
+          "concurrent_projections": True, "prefill_kv_splits": PREFILL_KV_SPLITS, "xh_by_producer": True,
+          "gemm_swiglu": True}
 # The kernels TensorRT's plugins get (toolchain/trt/plugins.py, issue 16), run here to prove them on the GPU: no
 # thread-block cluster launch (so no cluster k-split, no xmerge pair and no prefill GEMM, whose split-K is a cluster),
 # the attention with the caches by address (rope_kv_attention_addr), the general matvec core at every m. With
 # fused=False the step is then the TensorRT export's kernel for kernel (the argmax, a standard op there, stays ours).
 TENSORRT_BUILDS = {"clusters": False, "cache_by_address": True, "qmv1": False, "m1": False, "xmerge": False}
 # Kernels that can write a prefill GEMM's fp16 input themselves (built with XH_OUT=1, plugins/xh_store.cuh): op ->
-# the index of their float32 output among their launch arguments (CudaBackend._fold_x_f16).
-XH_PRODUCERS = {"rms_norm": -1, "swiglu": -1, "prefill_attention": -3}
+# the index of their float32 output among their launch arguments (CudaBackend._fold_x_f16). The gate/up/SwiGLU GEMMs
+# write it instead of their float32 output, which only the down projection's GEMM reads (gate_up_swiglu).
+XH_PRODUCERS = {"rms_norm": -1, "swiglu": -1, "prefill_attention": -3, **{op: -1 for op in GEMM_SWIGLU_OPS}}
+# Prefill GEMMs that read an input x (so as the GEMM_XH build's fp16 copy)
+X_GEMMS = GEMM_OPS + GEMM_SWIGLU_OPS
 
 
 @dataclass
@@ -109,6 +117,46 @@ class Launch:
     args: list
     source: int = 0  # a prefill GEMM's input as the graph has it (args[0] may be its fp16 copy): sibling_projections
     defines: dict | None = None  # what its kernel was built from (None: made elsewhere, e.g. the device sampler's)
+
+
+def fuse_gate_up_swiglu(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the (unfused) prefill graph where one prefill GEMM computes the gate and up projections and their
+    SwiGLU (plugins/quant_gemm.cu q4k_gemm_swiglu / q6k_gemm_swiglu, runtime-only ops), at the swiglu node's place:
+    where both matmuls have one format with a prefill GEMM, the same input and shape, no bias (the graph's zeros), and
+    only the swiglu reads them, whose output only such matmuls read (the down projection: so the fused kernel's fp16
+    copy may replace its float32 output, XH_PRODUCERS). The fused node's inputs: x, w_gate, w_up."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list] = {}  # value -> the nodes that read it
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    outputs = {o.name for o in graph.output}
+    gemm_of = {op: GEMM_SWIGLU_OF[g] for op, g in GEMM_OF.items()}
+    replace: dict[str, onnx.NodeProto | None] = {}
+    for n in graph.node:
+        if n.op_type != "swiglu":
+            continue
+        g, u = producer.get(n.input[0]), producer.get(n.input[1])
+        if g is None or u is None or g.op_type != u.op_type or g.op_type not in gemm_of:
+            continue
+        ga, ua = node_attrs(g), node_attrs(u)
+        shape = (ga["in_features"], ga["out_features"])
+        if (g.input[0] != u.input[0] or shape != (ua["in_features"], ua["out_features"])
+                or not (g.input[2].startswith("zeros.") and u.input[2].startswith("zeros."))
+                or any(readers.get(v.output[0]) != [n] or v.output[0] in outputs for v in (g, u))
+                or n.output[0] in outputs or any(r.op_type not in GEMM_OF for r in readers.get(n.output[0], []))):
+            continue
+        replace[g.name] = replace[u.name] = None
+        replace[n.name] = onnx.helper.make_node(gemm_of[g.op_type], [g.input[0], g.input[1], u.input[1]],
+                                                [n.output[0]], name=n.name, in_features=shape[0],
+                                                out_features=shape[1])
+    nodes = [replace.get(n.name, n) for n in graph.node]
+    del graph.node[:]
+    graph.node.extend(n for n in nodes if n is not None)
+    return out
 
 
 def sibling_projections(launches: list[Launch]) -> list[list[Launch]]:
@@ -151,6 +199,7 @@ class CudaBackend:
             graph, arrays = build_model_graph(model)
             self.onnx = fuse(graph) if fused else graph  # decode steps: few launches per layer
             self.onnx_prefill = graph  # many tokens: unfused, so each projection can be a tensor-core GEMM
+            self.onnx_prefill_swiglu = fuse_gate_up_swiglu(graph)  # ... but gate, up and SwiGLU as one
         with progress.stage("uploading weights"):
             self.weights, region = self._weights_on_device(arrays, upload)
         if upload is not None:
@@ -174,8 +223,10 @@ class CudaBackend:
         with progress.stage("shape inference"):
             self.widths = self._value_widths()
         self.buffers["prefill.q_rot"] = cr.DeviceBuffer.zeros((max_tokens, c.q_dim), np.float32)
-        # a prefill GEMM's input as fp16 (gemm_x_f16, for the wgmma GEMMs' GEMM_XH build)
-        self.buffers["prefill.x_f16"] = cr.DeviceBuffer.zeros((max_tokens, max(c.hidden, c.q_dim, c.ffn)), np.float16)
+        # a prefill GEMM's input as fp16 (gemm_x_f16, for the wgmma GEMMs' GEMM_XH build), two buffers taken in turn:
+        # the gate/up/SwiGLU GEMM reads one while it writes the down projection's input into the other
+        for name in ("prefill.x_f16", "prefill.x_f16.b"):
+            self.buffers[name] = cr.DeviceBuffer.zeros((max_tokens, max(c.hidden, c.q_dim, c.ffn)), np.float16)
         # prefill_attention's split keys: partials and a counter per row block (the largest split count asked for),
         # where a prefill plan can run it (prefill steps on the cluster builds; not TensorRT's)
         prefill = self.tuning["clusters"] and max_tokens >= self.tuning["gemm_min_m"]
@@ -224,7 +275,8 @@ class CudaBackend:
         sizes = {n: rows * w * np.dtype(d).itemsize for n, (w, d) in todo.items()}
         offsets = {}
         if self.tuning["share_activations"]:
-            total, offsets = buffer_plan.share([self.onnx.graph, self.onnx_prefill.graph], sizes)
+            total, offsets = buffer_plan.share([self.onnx.graph, self.onnx_prefill.graph,
+                                                self.onnx_prefill_swiglu.graph], sizes)
             self.buffers["activations"] = pool = cr.DeviceBuffer.zeros((total,), np.uint8)
             for n, at in offsets.items():
                 self.buffers[n] = cr.DeviceView(pool, at, sizes[n], (rows, todo[n][0]), todo[n][1])
@@ -264,7 +316,7 @@ class CudaBackend:
             dims["numel"] = m * self.widths[node.output[0]][0]
         elif op == "argmax" or op.endswith("_gather"):
             dims["vocab"] = c.vocab
-        elif op.endswith("_matmul") or op == "matmul_add":
+        elif op.endswith("_matmul") or op == "matmul_add" or op in GEMM_SWIGLU_OPS:
             dims["n"], dims["k"] = attrs["out_features"], attrs["in_features"]
         elif op == "rope_kv_attention":
             dims.update(n_slots=self.n_slots, max_seq=self.max_context)
@@ -334,8 +386,11 @@ class CudaBackend:
         clusters = self.tuning["clusters"]
         gemm = not self._below_gemm(m) and clusters
         skinny = self._skinny(m)
+        graph = self.onnx
+        if gemm:  # gate, up and SwiGLU as one GEMM where its wgmma build runs (tuning gemm_swiglu)
+            graph = self.onnx_prefill_swiglu if self.tuning["gemm_swiglu"] and self._gemm_wgmma() else self.onnx_prefill
         nodes = []  # (node, op, attrs, dims, defines, head) of every node, then the launches
-        for node in (self.onnx_prefill if gemm else self.onnx).graph.node:
+        for node in graph.graph.node:
             head = last_only and node.name in HEAD_NODES
             op = KERNEL_OF.get(node.op_type, node.op_type)
             attrs = {k: v for k, v in node_attrs(node).items() if k != "plugin_namespace"}
@@ -352,7 +407,7 @@ class CudaBackend:
             if op == "rope_kv_attention" and self.tuning["cache_by_address"]:
                 op = "rope_kv_attention_addr"
             defines = defines_for(op, attrs, clusters)
-            if op in GEMM_OF.values() and self._gemm_wgmma():  # the prefill GEMM on Hopper's warpgroup MMA
+            if op in X_GEMMS and self._gemm_wgmma():  # the prefill GEMM on Hopper's warpgroup MMA
                 defines = defines | gemm_wgmma_defines(bool(self.tuning["gemm_xh"]))
             k = dims.get("k", dims.get("hidden"))
             # decode builds: a step of one token, one row of the head, batched decode (below the GEMM's threshold)
@@ -374,19 +429,20 @@ class CudaBackend:
                 dims["attn_kv_grid"] = 1
             nodes.append((node, op, attrs, dims, defines, head))
         extra = self._link_xmerge(nodes) if xmerge else {}
-        launches, converted = [], None  # converted: the GEMM input now in prefill.x_f16
+        launches, converted = [], None  # converted: the GEMM input now in fp16 in xh_bufs[xh_next ^ 1]
+        xh_bufs, xh_next = [self.buffers["prefill.x_f16"].ptr, self.buffers["prefill.x_f16.b"].ptr], 0
         for node, op, attrs, dims, defines, head in nodes:
             kern = self._kernel(op, defines)
             cfg = launch_config(op, dims, clusters=clusters and defines.get("ATTN_CLUSTER", 1) != 0)
             ins = [self.buffers[i].ptr for i in node.input]
-            if op not in GEMM_OPS:  # buffers are reused across tensors: a conversion serves the GEMMs right after it
+            if op not in X_GEMMS:  # buffers are reused across tensors: a conversion serves the GEMMs right after it
                 converted = None
             source = ins[0] if ins else 0
             if defines.get("GEMM_XH"):  # x as fp16 in the fragments' order: made once per input (q, k, v share it)
-                if converted != ins[0]:
-                    launches.append(self._x_f16(node.input[0], ins[0], m, dims["k"]))
-                    converted = ins[0]
-                ins[0] = self.buffers["prefill.x_f16"].ptr
+                if converted != ins[0]:  # into the other buffer than the last input's (read by its producer)
+                    launches.append(self._x_f16(node.input[0], ins[0], m, dims["k"], xh_bufs[xh_next]))
+                    converted, xh_next = ins[0], xh_next ^ 1
+                ins[0] = xh_bufs[xh_next ^ 1]
             if head and node.name == HEAD_NODES[0]:  # read the last token's hidden row
                 width, dtype = self.widths[node.input[0]]
                 ins[0] += (m - 1) * width * np.dtype(dtype).itemsize
@@ -449,14 +505,15 @@ class CudaBackend:
                 extra[node.name], extra[users[0][0].name] = [xpart], [xpart, positions]
         return extra
 
-    def _x_f16(self, name: str, x: int, m: int, k: int) -> Launch:
+    def _x_f16(self, name: str, x: int, m: int, k: int, xh: int) -> Launch:
         """The launch that writes GEMM input x (tensor `name`, m x k floats) as fp16 in the fragments' order into
-        prefill.x_f16, for the wgmma GEMMs' GEMM_XH build (plugins/quant_gemm.cu gemm_x_f16). Named after the tensor,
-        not a GEMM, so that a tuning's skip of one projection leaves its siblings' input in place."""
+        xh (one of the prefill.x_f16 buffers), for the wgmma GEMMs' GEMM_XH build (plugins/quant_gemm.cu gemm_x_f16).
+        Named after the tensor, not a GEMM, so that a tuning's skip of one projection leaves its siblings' input in
+        place."""
         cfg = launch_config("gemm_x_f16", {"m": m, "k": k})
         defines = gemm_wgmma_defines(True)
         return Launch(name + ".x_f16", "gemm_x_f16", self._kernel("gemm_x_f16", defines), cfg,
-                      [x, *cfg.scalars, self.buffers["prefill.x_f16"].ptr], defines=defines)
+                      [x, *cfg.scalars, xh], defines=defines)
 
     def _fold_x_f16(self, launches: list[Launch]) -> list[Launch]:
         """The plan with each gemm_x_f16 conversion folded into the launch right before it where that one produced

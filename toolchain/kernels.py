@@ -41,6 +41,11 @@ FUSED_OPS = ("rms_norm_qkv", "matmul_add", "rms_norm_swiglu")  # toolchain/fusio
 # Tensor-core prefill GEMMs (plugins/quant_gemm.cu): block 256, tile 128 tokens x 96 rows, k split over a
 # compile-time cluster of 2 (grid z), dynamic shared memory per format (above 48 KB: the runtime raises the limit).
 GEMM_OPS = ("q4k_gemm", "q6k_gemm")
+# The gate and up projections of a prefill step and their SwiGLU in one wgmma GEMM (quant_gemm.cu; runtime-only, the
+# cuda backend's tuning gemm_swiglu): each CTA 64 rows of each matrix, so grid x = cdiv(ffn, 64).
+GEMM_SWIGLU_OF = {"q4k_gemm": "q4k_gemm_swiglu", "q6k_gemm": "q6k_gemm_swiglu"}
+GEMM_SWIGLU_OPS = tuple(GEMM_SWIGLU_OF.values())
+GEMM_SWIGLU_ROWS = 64
 PREFILL_ATTENTION_OPS = ("rope_kv_append", "prefill_attention")
 PREFILL_ROWS_PER_BLOCK = 64  # prefill_attention: (token, q head) rows per block, 16 per warp (PA_WARPS)
 # prefill_attention's key splits (the cuda backend's grid z; plugins/prefill_attention.cu "Split keys"): at most
@@ -89,6 +94,7 @@ _FAMILY = {
     "token_logprobs": "sampling",
     **{op: op for op in FUSED_OPS},
     **{op: "quant_gemm" for op in GEMM_OPS},  # prompt prefill: tensor cores, same ABI as the matmuls
+    **{op: "quant_gemm" for op in GEMM_SWIGLU_OPS},  # runtime-only: gate, up and SwiGLU of a prefill step at once
     "gemm_x_f16": "quant_gemm",  # runtime-only: a GEMM input as fp16 in the fragments' order (the GEMM_XH build's x)
     **{op: "quant_gemm_skinny" for op in SKINNY_OPS},  # batched decode: tensor cores, the ABI of the op replaced
     # prompt prefill of one slot: the attention node as RoPE+append then tiled causal attention (runtime-only pair)
@@ -458,6 +464,12 @@ def launch_config(op: str, dims: dict, ops=INT_OPS, clusters: bool = True) -> La
                              int(dims.get("pa_splits", 1))),  # more splits need their scratch: the caller's choice
                             (PREFILL_ROWS_PER_BLOCK * 2, 1, 1), 0,
                             (m, _dim(dims, "n_slots"), _dim(dims, "max_seq", "max_seq_len")))
+    if op in GEMM_SWIGLU_OPS:  # only a wgmma build has them; the shared memory of the GEMM of its format
+        n, k = int(_dim(dims, "n", "out_features")), int(_dim(dims, "k", "in_features"))
+        base = next(g for g, f in GEMM_SWIGLU_OF.items() if f == op)
+        smem = (GEMM_XH_SMEM if dims.get("gemm_xh") else GEMM_WGMMA_SMEM)[base]
+        return LaunchConfig((-(-n // GEMM_SWIGLU_ROWS), ops.cdiv(m, GEMM_TOKENS), 2), (GEMM_THREADS, 1, 1), smem,
+                            (m, n, k))
     if op in GEMM_OPS:
         n, k = int(_dim(dims, "n", "out_features")), int(_dim(dims, "k", "in_features"))
         if dims.get("gemm_wgmma"):
@@ -655,8 +667,8 @@ def specializations(model: dict, build=None) -> list[tuple[str, dict]]:
     def add(op, **attrs):
         specs[(op, tuple(sorted(build(op, attrs).items())))] = (op, attrs)
 
-    for op in KERNEL_OPS:
-        if op not in MATMUL_OPS + FUSED_OPS + TENSORRT_ONLY_OPS + SKINNY_OPS:
+    for op in KERNEL_OPS:  # (the gate/up/SwiGLU GEMMs exist in the wgmma builds only: decode_specializations)
+        if op not in MATMUL_OPS + FUSED_OPS + TENSORRT_ONLY_OPS + SKINNY_OPS + GEMM_SWIGLU_OPS:
             add(op, **{k: model[k] for k in ("n_heads", "n_kv_heads", "head_dim", "rope_theta", "epsilon")})
     mm = {v: k for k, v in MATMUL_TYPE.items()}
     for q, k, v, o, gate, up, down in model["layer_types"]:
@@ -702,10 +714,11 @@ def decode_specializations(model: dict) -> list[tuple[str, dict]]:
     kv_grid = [("rope_kv_attention", defines_for("rope_kv_attention", model, clusters=c) | {"ATTN_KVGRID": 1})
                for c in (True, False)]
     # the prefill GEMMs on Hopper's warpgroup MMA (the cuda backend's tuning gemm_wgmma; sm_90a cubins)
-    wgmma = [(op, gemm_wgmma_defines(xh)) for op in GEMM_OPS for xh in (False, True)]
+    wgmma = [(op, gemm_wgmma_defines(xh)) for op in GEMM_OPS + GEMM_SWIGLU_OPS for xh in (False, True)]
     wgmma.append(("gemm_x_f16", gemm_wgmma_defines(True)))
     # the producers of those GEMMs' inputs, writing the fp16 copy themselves (the cuda backend's xh_by_producer)
     wgmma += [(op, defines_for(op, model) | {"XH_OUT": 1}) for op in ("rms_norm", "swiglu", "prefill_attention")]
+    wgmma += [(op, gemm_wgmma_defines(True) | {"XH_OUT": 1}) for op in GEMM_SWIGLU_OPS]
     return out + pairs + kv_grid + wgmma + list(batched.values())
 
 
