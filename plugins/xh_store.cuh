@@ -5,7 +5,9 @@
 // the MMA fragments' k order, word c = (x[4c], x[4c + 2]), word 4 + c = (x[4c + 1], x[4c + 3]) (low half first).
 // Producers built with XH_OUT=1 (rms_norm, swiglu, prefill_attention; the cuda backend's prefill plans only, never
 // TensorRT's plugins) take one more output, `xh`, and write it beside their float32 output, rounded by the same
-// cvt.rn as gemm_x_f16: the GEMMs read the same bits either way (tests/test_kernels_gpu.py checks it).
+// cvt.rn as gemm_x_f16: the GEMMs read the same bits either way (tests/test_kernels_gpu.py checks it). The
+// gate/up/SwiGLU GEMMs (quant_gemm.cu q4k_gemm_swiglu) write it in place of their float32 output, with their own
+// stores of whole 16-element chunks.
 // Indices are flat element indices e of the [m][k] tensor; k % 16 == 0, so a chunk never straddles two rows.
 #pragma once
 #include <cuda_fp16.h>

@@ -34,10 +34,13 @@ def main():
         ap.error("--context must be >= 0")
     if a.batch < 1 or a.prefill < 0:
         ap.error("--batch must be >= 1, --prefill >= 0")
+    if a.prefill and a.batch != 1:
+        ap.error("--prefill is one slot's prompt piece: leave --batch out")
     model = load_model("synthetic:qwen2.5-coder-1.5b", Path(os.environ.get("QTRT_BENCH_DIR", tempfile.gettempdir())))
     m = a.prefill or a.batch
     be = CudaBackend(model, max_context=a.context + m + 8, n_slots=1 if a.prefill else m, max_tokens=m)
-    long = not a.prefill and be.long_context(a.context, m)  # the plan a graph replay at this position takes
+    # the plan a step at this position takes (a prompt piece: as CudaBackend.forward picks it, by its furthest row)
+    long = be.long_context(a.context + m - 1, m) if a.prefill else be.long_context(a.context, m)
     launches = [x for x in be.plan(m, last_only=bool(a.prefill), long_context=long) if x.op != "decode_advance"]
     if a.count:
         print(len(launches))

@@ -366,7 +366,8 @@ def test_prefill_split_keys_through_the_model(synth, backend):
 
 def test_producers_write_the_gemm_input_with_the_same_bits(synth, backend):
     """With xh_by_producer (the default) the fp16 input of the wgmma GEMMs' GEMM_XH build is written by the kernels
-    that produce it (rms_norm, prefill_attention, swiglu built with XH_OUT=1), not by gemm_x_f16 launches: the plan
+    that produce it (rms_norm, prefill_attention, and swiglu or the gate/up/SwiGLU GEMM, built with XH_OUT=1), not by
+    gemm_x_f16 launches: the plan
     has none left, and a 264-token prompt (two captured pieces of 96, then an eager 72, from GEMM_MIN_M; the
     attention's keys split every 2 tiles, so its merge writes the copy too) gives the same bits as with the
     conversions."""

@@ -502,7 +502,8 @@ def test_fuse_gate_up_swiglu(synth_gguf):
     """The prefill graph the cuda backend runs where the wgmma GEMMs do (tuning gemm_swiglu): each layer's gate and up
     projections and SwiGLU become one q4k_gemm_swiglu node at the swiglu's place (x, w_gate, w_up -> the swiglu's
     output), the rest kept in order, the graph given left as it was; not where a projection has a bias, the two
-    differ in format, another node reads the SwiGLU's output, or the format has no prefill GEMM (the 0.5B's Q5_0)."""
+    differ in format, another node or none reads the SwiGLU's output, or the format has no prefill GEMM (the 0.5B's
+    Q5_0)."""
     import onnx
 
     from conftest import SMALL_1_5B
@@ -534,6 +535,7 @@ def test_fuse_gate_up_swiglu(synth_gguf):
     assert variant(lambda n: n["L0.gate_proj"].input.__setitem__(2, "blk.0.attn_q.bias")) == ["swiglu"]
     assert variant(lambda n: setattr(n["L0.up_proj"], "op_type", "q6k_matmul")) == ["swiglu"]
     assert variant(lambda n: n["L0.resid2_add"].input.__setitem__(1, "L0.act")) == ["swiglu"]
+    assert variant(lambda n: n["L0.down_proj"].input.__setitem__(0, "L0.ffn_in")) == ["swiglu"]  # no reader
     small = load_gguf(synth_gguf("qwen2.5-coder-0.5b", n_layers=2, vocab=1024))
     g5, _ = build_model_graph(small)
     assert [n.op_type for n in fuse_gate_up_swiglu(g5).graph.node] == [n.op_type for n in g5.graph.node]

@@ -533,7 +533,7 @@ def test_producers_write_the_gemm_fp16_input(m):
 
 
 GEMM_SWIGLU_CASES = [("Q4_K", 8960, 1536, 512), ("Q4_K", 1040, 1536, 37), ("Q6_K", 1040, 1536, 200),
-                     ("Q6_K", 8960, 1536, 1), ("Q4_K", 272, 256, 130)]
+                     ("Q6_K", 8960, 1536, 1), ("Q4_K", 272, 256, 130), ("Q4_K", 1040, 768, 77)]
 
 
 @pytest.mark.parametrize("xh", [True, False], ids=["fp16 x", "float32 x"])
@@ -543,7 +543,8 @@ def test_gemm_swiglu(t, n, k, m, xh):
     GEMM) against float64 numpy, and bit for bit against the launches they replace in the cuda backend's plan: the
     wgmma GEMM of each matrix (with the graph's zero bias), then swiglu. Built with XH_OUT=1 they write only the fp16
     copy for the down projection's GEMM (swiglu's XH_OUT copy, bit for bit) and leave y as it was. Shapes with a
-    partial 64-row tile (n = 1040, 272), one token, one superblock (k = 256: one CTA of the k-split pair has none);
+    partial 64-row tile (n = 1040, 272), one token, one superblock (k = 256: one CTA of the k-split pair has none),
+    three (k = 768: the pair's shares differ);
     for Q6_K the up matrix starts 2 bytes past an aligned address, so the two matrices' blocks sit differently."""
     from toolchain.cuda_backend import GEMM_OF
 

@@ -39,9 +39,6 @@ times the variants):
   partition of the keys), as precise.
 - gemm_min_m: the step size from which the projections run as tensor-core GEMMs (GEMM_MIN_M; `qtrt bench`
   times both sides of it for each batched m).
-- gemm_swiglu: where those GEMMs run their wgmma build (compute capability 9.0), the gate and up projections and
-  their SwiGLU as one GEMM (fuse_gate_up_swiglu, plugins/quant_gemm.cu q4k_gemm_swiglu): the gate and up outputs
-  never reach memory and the swiglu launch goes; the same bits.
 - defines ({op: {define: value}}) and pdl_skip (ops launched without PDL): experiments.
 - skip (ops, or parts of node names such as 'down_proj', not launched at all): a timing diagnostic (what a family
   costs inside the step); results are wrong.
@@ -50,6 +47,14 @@ times the variants):
   contract (every kernel writes only after its pdl_wait, so a kernel's writes follow every earlier kernel's reads;
   tests/test_kernels_compile.py checks the SASS); off until the GPU suite has run with it (QTRT_SHARE_ACTIVATIONS=1
   turns it on: `QTRT_SHARE_ACTIVATIONS=1 STAGES="tests sanitizer" scripts/device_check.sh`).
+
+Prompt (prefill) steps, m >= gemm_min_m, also have tunings of their own (gemm_wgmma, gemm_xh, concurrent_projections,
+prefill_kv_splits, xh_by_producer: see plan() and the perf notes), and:
+- gemm_swiglu: where those GEMMs run their wgmma build (compute capability 9.0), the gate and up projections and
+  their SwiGLU as one GEMM (fuse_gate_up_swiglu, plugins/quant_gemm.cu q4k_gemm_swiglu): the gate and up outputs
+  never reach memory and the swiglu launch goes; the same bits. Its launch is the op q4k_gemm_swiglu (tuning
+  defines go there, not to q4k_gemm) on the node named after the swiglu (a skip of 'swiglu' skips it, of
+  'gate_proj' nothing).
 """
 from __future__ import annotations
 
@@ -147,7 +152,9 @@ def fuse_gate_up_swiglu(model: onnx.ModelProto) -> onnx.ModelProto:
         if (g.input[0] != u.input[0] or shape != (ua["in_features"], ua["out_features"])
                 or not (g.input[2].startswith("zeros.") and u.input[2].startswith("zeros."))
                 or any(readers.get(v.output[0]) != [n] or v.output[0] in outputs for v in (g, u))
-                or n.output[0] in outputs or any(r.op_type not in GEMM_OF for r in readers.get(n.output[0], []))):
+                or shape[1] % 16  # the kernel's epilogue writes 16 rows a thread (a k-quant's ffn always is)
+                or n.output[0] in outputs or not readers.get(n.output[0])
+                or any(r.op_type not in GEMM_OF for r in readers[n.output[0]])):
             continue
         replace[g.name] = replace[u.name] = None
         replace[n.name] = onnx.helper.make_node(gemm_of[g.op_type], [g.input[0], g.input[1], u.input[1]],
@@ -160,8 +167,8 @@ def fuse_gate_up_swiglu(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def sibling_projections(launches: list[Launch]) -> list[list[Launch]]:
-    """The launches in order, grouped: consecutive prefill GEMMs that read the same input (q, k and v; gate and up)
-    form one group, every other launch is a group of its own. The members of a group only read that input and their
+    """The launches in order, grouped: consecutive prefill GEMMs that read the same input (q, k and v; gate and up
+    where they are not one GEMM, gemm_swiglu) form one group, every other launch is a group of its own. The members of a group only read that input and their
     own weights and write outputs nobody else in the group reads, so they may run side by side. (The matvec ops of a
     long step, e.g. the 0.5B's Q5_0 / Q8_0 projections, could too; not measured, so not grouped.)"""
     groups: list[list[Launch]] = []
