@@ -29,8 +29,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from toolchain import cuda_runtime as cr  # noqa: E402
 from toolchain import kernels as K  # noqa: E402
-from toolchain.bench import (bytes_per_token, copy_bandwidth, kernel_breakdown, launch_timing, load_model,  # noqa: E402
-                             time_decode, time_prefill, time_prompt)
+from toolchain.bench import (bytes_per_token, copy_bandwidth, kernel_breakdown, launch_timing,  # noqa: E402
+                             load_model, time_decode, time_prefill, time_prompt)
 from toolchain.cuda_backend import GEMM_MIN_M, SKINNY_MIN_M, TUNING, CudaBackend  # noqa: E402
 
 OFF = {"pdl": False, "m1": False, "qmv1": False, "plain": True, "batched": False, "xmerge": False, "defines": {},
@@ -250,12 +250,12 @@ def prompts(sizes: list[int], names: list[str], tunings: dict, model, spec: str,
             be.reset()
             runs.append(be.forward(ids).astype(np.float32))
         first = runs[0] if first is None else first
+        same_bits = lambda a, b: bool(np.array_equal(a.view(np.uint32), b.view(np.uint32)))  # noqa: E731
         out["variants"].append({"name": name, "tuning": tunings[name],
-                                "logits_bits_equal_first": bool(np.array_equal(runs[0].view(np.uint32),
-                                                                               first.view(np.uint32))),
+                                "logits_bits_equal_first": same_bits(runs[0], first),
                                 "logits_rel_err_vs_first": float(np.linalg.norm(runs[0] - first.astype(np.float64))
                                                                  / np.linalg.norm(first)),
-                                "deterministic": bool(np.array_equal(runs[0].view(np.uint32), runs[1].view(np.uint32)))})
+                                "deterministic": same_bits(runs[0], runs[1])})
     times = {(n, key): [] for n in names for key in ["prefill512", *(f"prompt{s}" for s in sizes)]}
     for r in range(rounds):
         for name in names:

@@ -10,8 +10,8 @@ import onnx
 import pytest
 
 from toolchain import buffer_plan
-from toolchain.cuda_backend import fuse_gate_up_swiglu
-from toolchain.fusion import fuse
+from toolchain.cuda_backend import GATE_UP_SWIGLU
+from toolchain.fusion import fuse, fuse_gate_up_swiglu
 from toolchain.graph import build_model_graph
 
 ROWS = 3
@@ -25,7 +25,7 @@ def graphs_and_sizes(synth_gguf):
     g, _ = build_model_graph(model)
     # the cuda backend's three: decode steps, prompt prefill, and prompt prefill with each layer's gate, up and
     # SwiGLU as one node (where its wgmma GEMMs run)
-    models = [fuse(g), g, fuse_gate_up_swiglu(g)]
+    models = [fuse(g), g, fuse_gate_up_swiglu(g, GATE_UP_SWIGLU)]
     widths = {}
     for m in models[:2]:  # (the fused node has no schema; its output's width is the swiglu's)
         inferred = onnx.shape_inference.infer_shapes(m)

@@ -507,13 +507,14 @@ def test_fuse_gate_up_swiglu(synth_gguf):
     import onnx
 
     from conftest import SMALL_1_5B
-    from toolchain.cuda_backend import fuse_gate_up_swiglu
+    from toolchain.cuda_backend import GATE_UP_SWIGLU
+    from toolchain.fusion import fuse_gate_up_swiglu
     from toolchain.gguf_model import load_gguf
     from toolchain.graph import build_model_graph
 
     g, _ = build_model_graph(load_gguf(synth_gguf(**SMALL_1_5B)))
     before = g.SerializeToString()
-    f = fuse_gate_up_swiglu(g)
+    f = fuse_gate_up_swiglu(g, GATE_UP_SWIGLU)
     assert g.SerializeToString() == before
     n_layers = SMALL_1_5B["n_layers"]
     gone = {f"L{i}.{p}" for i in range(n_layers) for p in ("gate_proj", "up_proj")}
@@ -529,7 +530,7 @@ def test_fuse_gate_up_swiglu(synth_gguf):
         m = onnx.ModelProto()
         m.CopyFrom(g)
         edit({n.name: n for n in m.graph.node})
-        return [n.op_type for n in fuse_gate_up_swiglu(m).graph.node if n.name == "L0.swiglu"]
+        return [n.op_type for n in fuse_gate_up_swiglu(m, GATE_UP_SWIGLU).graph.node if n.name == "L0.swiglu"]
 
     assert variant(lambda n: None) == ["q4k_gemm_swiglu"]
     assert variant(lambda n: n["L0.gate_proj"].input.__setitem__(2, "blk.0.attn_q.bias")) == ["swiglu"]
@@ -538,7 +539,8 @@ def test_fuse_gate_up_swiglu(synth_gguf):
     assert variant(lambda n: n["L0.down_proj"].input.__setitem__(0, "L0.ffn_in")) == ["swiglu"]  # no reader
     small = load_gguf(synth_gguf("qwen2.5-coder-0.5b", n_layers=2, vocab=1024))
     g5, _ = build_model_graph(small)
-    assert [n.op_type for n in fuse_gate_up_swiglu(g5).graph.node] == [n.op_type for n in g5.graph.node]
+    assert ([n.op_type for n in fuse_gate_up_swiglu(g5, GATE_UP_SWIGLU).graph.node]
+            == [n.op_type for n in g5.graph.node])
 
 
 def test_gemm_wgmma_build_wiring():

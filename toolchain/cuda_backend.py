@@ -51,8 +51,8 @@ times the variants):
 Prompt (prefill) steps, m >= gemm_min_m, also have tunings of their own (gemm_wgmma, gemm_xh, concurrent_projections,
 prefill_kv_splits, xh_by_producer: see plan() and the perf notes), and:
 - gemm_swiglu: where those GEMMs run their wgmma build (compute capability 9.0), the gate and up projections and
-  their SwiGLU as one GEMM (fuse_gate_up_swiglu, plugins/quant_gemm.cu q4k_gemm_swiglu): the gate and up outputs
-  never reach memory and the swiglu launch goes; the same bits. Its launch is the op q4k_gemm_swiglu (tuning
+  their SwiGLU as one GEMM (fusion.fuse_gate_up_swiglu, plugins/quant_gemm.cu q4k_gemm_swiglu): the gate and up
+  outputs never reach memory and the swiglu launch goes; the same bits. Its launch is the op q4k_gemm_swiglu (tuning
   defines go there, not to q4k_gemm) on the node named after the swiglu (a skip of 'swiglu' skips it, of
   'gate_proj' nothing).
 """
@@ -66,7 +66,7 @@ import onnx
 
 from . import buffer_plan, cuda_runtime as cr
 from .errors import UserError, check_step, check_token_ids
-from .fusion import fuse
+from .fusion import fuse, fuse_gate_up_swiglu
 from .gguf_model import GGUFModel
 from .device_sampler import parse_logprobs
 from .graph import build_model_graph, node_attrs
@@ -88,6 +88,8 @@ KERNEL_OF = {"RMSNormalization": "rms_norm", "Add": "add", "ArgMax": "argmax"}
 # bench-20261206-115328, few-token / prefill GEMMs): m = 40: 3,658 / 5,456; 48: 3,621 / 5,313; 64: 4,327 / 5,158;
 # 96: 5,958 / 4,973 (docs/perf-notes.md "The prefill GEMMs from 65 tokens").
 GEMM_OF = {"q4k_matmul": "q4k_gemm", "q6k_matmul": "q6k_gemm"}
+# ... and the GEMM of gate, up and SwiGLU at once for the matmuls of each type (fusion.fuse_gate_up_swiglu)
+GATE_UP_SWIGLU = {mm: GEMM_SWIGLU_OF[g] for mm, g in GEMM_OF.items()}
 GEMM_MIN_M = 65
 SKINNY_MIN_M = 5
 # Nodes after the last layer: a prompt prefill needs their result for its last token only.
@@ -107,7 +109,8 @@ TUNING = {"pdl": True, "m1": True, "qmv1": True, "plain": True, "batched": True,
 TENSORRT_BUILDS = {"clusters": False, "cache_by_address": True, "qmv1": False, "m1": False, "xmerge": False}
 # Kernels that can write a prefill GEMM's fp16 input themselves (built with XH_OUT=1, plugins/xh_store.cuh): op ->
 # the index of their float32 output among their launch arguments (CudaBackend._fold_x_f16). The gate/up/SwiGLU GEMMs
-# write it instead of their float32 output, which only the down projection's GEMM reads (gate_up_swiglu).
+# write it instead of their float32 output, which only the down projection's GEMM reads
+# (fusion.fuse_gate_up_swiglu).
 XH_PRODUCERS = {"rms_norm": -1, "swiglu": -1, "prefill_attention": -3, **{op: -1 for op in GEMM_SWIGLU_OPS}}
 # Prefill GEMMs that read an input x (so as the GEMM_XH build's fp16 copy)
 X_GEMMS = GEMM_OPS + GEMM_SWIGLU_OPS
@@ -124,53 +127,12 @@ class Launch:
     defines: dict | None = None  # what its kernel was built from (None: made elsewhere, e.g. the device sampler's)
 
 
-def fuse_gate_up_swiglu(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of the (unfused) prefill graph where one prefill GEMM computes the gate and up projections and their
-    SwiGLU (plugins/quant_gemm.cu q4k_gemm_swiglu / q6k_gemm_swiglu, runtime-only ops), at the swiglu node's place:
-    where both matmuls have one format with a prefill GEMM, the same input and shape, no bias (the graph's zeros), and
-    only the swiglu reads them, whose output only such matmuls read (the down projection: so the fused kernel's fp16
-    copy may replace its float32 output, XH_PRODUCERS). The fused node's inputs: x, w_gate, w_up."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, list] = {}  # value -> the nodes that read it
-    for n in graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
-    outputs = {o.name for o in graph.output}
-    gemm_of = {op: GEMM_SWIGLU_OF[g] for op, g in GEMM_OF.items()}
-    replace: dict[str, onnx.NodeProto | None] = {}
-    for n in graph.node:
-        if n.op_type != "swiglu":
-            continue
-        g, u = producer.get(n.input[0]), producer.get(n.input[1])
-        if g is None or u is None or g.op_type != u.op_type or g.op_type not in gemm_of:
-            continue
-        ga, ua = node_attrs(g), node_attrs(u)
-        shape = (ga["in_features"], ga["out_features"])
-        if (g.input[0] != u.input[0] or shape != (ua["in_features"], ua["out_features"])
-                or not (g.input[2].startswith("zeros.") and u.input[2].startswith("zeros."))
-                or any(readers.get(v.output[0]) != [n] or v.output[0] in outputs for v in (g, u))
-                or shape[1] % 16  # the kernel's epilogue writes 16 rows a thread (a k-quant's ffn always is)
-                or n.output[0] in outputs or not readers.get(n.output[0])
-                or any(r.op_type not in GEMM_OF for r in readers[n.output[0]])):
-            continue
-        replace[g.name] = replace[u.name] = None
-        replace[n.name] = onnx.helper.make_node(gemm_of[g.op_type], [g.input[0], g.input[1], u.input[1]],
-                                                [n.output[0]], name=n.name, in_features=shape[0],
-                                                out_features=shape[1])
-    nodes = [replace.get(n.name, n) for n in graph.node]
-    del graph.node[:]
-    graph.node.extend(n for n in nodes if n is not None)
-    return out
-
-
 def sibling_projections(launches: list[Launch]) -> list[list[Launch]]:
     """The launches in order, grouped: consecutive prefill GEMMs that read the same input (q, k and v; gate and up
-    where they are not one GEMM, gemm_swiglu) form one group, every other launch is a group of its own. The members of a group only read that input and their
-    own weights and write outputs nobody else in the group reads, so they may run side by side. (The matvec ops of a
-    long step, e.g. the 0.5B's Q5_0 / Q8_0 projections, could too; not measured, so not grouped.)"""
+    where they are not one GEMM, gemm_swiglu) form one group, every other launch is a group of its own. The members
+    of a group only read that input and their own weights and write outputs nobody else in the group reads, so they
+    may run side by side. (The matvec ops of a long step, e.g. the 0.5B's Q5_0 / Q8_0 projections, could too; not
+    measured, so not grouped.)"""
     groups: list[list[Launch]] = []
     for launch in launches:
         last = groups[-1][-1] if groups else None
@@ -206,7 +168,7 @@ class CudaBackend:
             graph, arrays = build_model_graph(model)
             self.onnx = fuse(graph) if fused else graph  # decode steps: few launches per layer
             self.onnx_prefill = graph  # many tokens: unfused, so each projection can be a tensor-core GEMM
-            self.onnx_prefill_swiglu = fuse_gate_up_swiglu(graph)  # ... but gate, up and SwiGLU as one
+            self.onnx_prefill_swiglu = fuse_gate_up_swiglu(graph, GATE_UP_SWIGLU)  # ... but gate, up, SwiGLU as one
         with progress.stage("uploading weights"):
             self.weights, region = self._weights_on_device(arrays, upload)
         if upload is not None:

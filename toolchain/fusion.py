@@ -29,21 +29,37 @@ def _attr(n, name):
     raise KeyError(name)
 
 
+class _Index:
+    """A graph's producer of each value, its readers, and the graph's outputs: what a rewrite asks of it."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self.consumers: dict[str, list] = {}
+        for n in graph.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.outputs = {o.name for o in graph.output}
+
+    def sole_use(self, value, users) -> bool:
+        """Whether `users` are exactly the nodes that read `value`, and no graph output is it."""
+        return value not in self.outputs and sorted(map(id, self.consumers.get(value, []))) == sorted(map(id, users))
+
+
+def _rewrite(graph: onnx.GraphProto, replace: dict[int, onnx.NodeProto | None]):
+    """Each node with an entry in `replace` (by id) becomes that node at its place, or goes (None)."""
+    nodes = [replace.get(id(n), n) for n in graph.node]
+    del graph.node[:]
+    graph.node.extend(n for n in nodes if n is not None)
+
+
 def fuse(model: onnx.ModelProto) -> onnx.ModelProto:
     """Return a copy of the decode-step model with the three patterns above fused (initializers are kept)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     nodes = list(m.graph.node)
-    producer = {o: n for n in nodes for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in nodes:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    outputs = {o.name for o in m.graph.output}
+    ix = _Index(m.graph)
+    producer, sole_use = ix.producer, ix.sole_use
     replace: dict[int, onnx.NodeProto | None] = {}  # id(node) -> fused node at this place, or None to drop
-
-    def sole_use(value, users):
-        return value not in outputs and sorted(map(id, consumers.get(value, []))) == sorted(map(id, users))
 
     def node(op, inputs, outs, name, **attrs):
         return helper.make_node(op, inputs, outs, name=name, domain=DOMAIN, plugin_namespace=PLUGIN_NAMESPACE, **attrs)
@@ -87,15 +103,42 @@ def fuse(model: onnx.ModelProto) -> onnx.ModelProto:
                                           in_features=_attr(mm, "in_features"),
                                           out_features=_attr(mm, "out_features"))
                     break
-    new = []
-    for n in nodes:
-        r = replace.get(id(n), n)
-        if r is not None:
-            new.append(r)
-    del m.graph.node[:]
-    m.graph.node.extend(new)
-    used = {i for n in new for i in n.input}
+    _rewrite(m.graph, replace)
+    used = {i for n in m.graph.node for i in n.input}
     keep = [t for t in m.graph.initializer if t.name in used]
     del m.graph.initializer[:]
     m.graph.initializer.extend(keep)
     return m
+
+
+def fuse_gate_up_swiglu(model: onnx.ModelProto, fused_op: dict[str, str]) -> onnx.ModelProto:
+    """A copy of the (unfused) prefill graph where one node computes a layer's gate and up projections and their
+    SwiGLU, at the swiglu node's place, for the cuda backend's prefill GEMM that does that (plugins/quant_gemm.cu
+    q4k_gemm_swiglu / q6k_gemm_swiglu, runtime-only ops; `fused_op`: matmul op type -> that op). Where both matmuls
+    have one type in `fused_op`, the same input and shape, no bias (the graph's zeros), and only the swiglu reads
+    them, whose output is read, and only by matmuls of types in `fused_op` (the down projection: so the fused kernel's
+    fp16 copy may replace its float32 output, cuda_backend.XH_PRODUCERS). The fused node's inputs: x, w_gate,
+    w_up."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    ix = _Index(out.graph)
+    replace: dict[int, onnx.NodeProto | None] = {}
+    for n in out.graph.node:
+        if n.op_type != "swiglu":
+            continue
+        g, u = ix.producer.get(n.input[0]), ix.producer.get(n.input[1])
+        if g is None or u is None or g.op_type != u.op_type or g.op_type not in fused_op:
+            continue
+        shape = (_attr(g, "in_features"), _attr(g, "out_features"))
+        readers = ix.consumers.get(n.output[0], [])
+        if (g.input[0] != u.input[0] or shape != (_attr(u, "in_features"), _attr(u, "out_features"))
+                or not (g.input[2].startswith("zeros.") and u.input[2].startswith("zeros."))
+                or not (ix.sole_use(g.output[0], [n]) and ix.sole_use(u.output[0], [n]))
+                or shape[1] % 16  # the kernel's epilogue writes 16 rows a thread (a k-quant's ffn always is)
+                or n.output[0] in ix.outputs or not readers or any(r.op_type not in fused_op for r in readers)):
+            continue
+        replace[id(g)] = replace[id(u)] = None
+        replace[id(n)] = helper.make_node(fused_op[g.op_type], [g.input[0], g.input[1], u.input[1]], [n.output[0]],
+                                          name=n.name, in_features=shape[0], out_features=shape[1])
+    _rewrite(out.graph, replace)
+    return out

@@ -45,6 +45,7 @@ GEMM_OPS = ("q4k_gemm", "q6k_gemm")
 # cuda backend's tuning gemm_swiglu): each CTA 64 rows of each matrix, so grid x = cdiv(ffn, 64).
 GEMM_SWIGLU_OF = {"q4k_gemm": "q4k_gemm_swiglu", "q6k_gemm": "q6k_gemm_swiglu"}
 GEMM_SWIGLU_OPS = tuple(GEMM_SWIGLU_OF.values())
+GEMM_SWIGLU_BASE = {v: k for k, v in GEMM_SWIGLU_OF.items()}  # the GEMM of the same format
 GEMM_SWIGLU_ROWS = 64
 PREFILL_ATTENTION_OPS = ("rope_kv_append", "prefill_attention")
 PREFILL_ROWS_PER_BLOCK = 64  # prefill_attention: (token, q head) rows per block, 16 per warp (PA_WARPS)
@@ -464,18 +465,13 @@ def launch_config(op: str, dims: dict, ops=INT_OPS, clusters: bool = True) -> La
                              int(dims.get("pa_splits", 1))),  # more splits need their scratch: the caller's choice
                             (PREFILL_ROWS_PER_BLOCK * 2, 1, 1), 0,
                             (m, _dim(dims, "n_slots"), _dim(dims, "max_seq", "max_seq_len")))
-    if op in GEMM_SWIGLU_OPS:  # only a wgmma build has them; the shared memory of the GEMM of its format
+    if op in GEMM_OPS + GEMM_SWIGLU_OPS:  # the gate/up/SwiGLU ones: wgmma builds only, their format's GEMM's memory
         n, k = int(_dim(dims, "n", "out_features")), int(_dim(dims, "k", "in_features"))
-        base = next(g for g, f in GEMM_SWIGLU_OF.items() if f == op)
-        smem = (GEMM_XH_SMEM if dims.get("gemm_xh") else GEMM_WGMMA_SMEM)[base]
-        return LaunchConfig((-(-n // GEMM_SWIGLU_ROWS), ops.cdiv(m, GEMM_TOKENS), 2), (GEMM_THREADS, 1, 1), smem,
-                            (m, n, k))
-    if op in GEMM_OPS:
-        n, k = int(_dim(dims, "n", "out_features")), int(_dim(dims, "k", "in_features"))
-        if dims.get("gemm_wgmma"):
-            smem = (GEMM_XH_SMEM if dims.get("gemm_xh") else GEMM_WGMMA_SMEM)[op]
-            return LaunchConfig((-(-n // GEMM_WGMMA_ROWS), ops.cdiv(m, GEMM_TOKENS), 2), (GEMM_THREADS, 1, 1), smem,
-                                (m, n, k))
+        if dims.get("gemm_wgmma") or op in GEMM_SWIGLU_OPS:
+            swiglu = op in GEMM_SWIGLU_OPS
+            smem = (GEMM_XH_SMEM if dims.get("gemm_xh") else GEMM_WGMMA_SMEM)[GEMM_SWIGLU_BASE[op] if swiglu else op]
+            rows = GEMM_SWIGLU_ROWS if swiglu else GEMM_WGMMA_ROWS
+            return LaunchConfig((-(-n // rows), ops.cdiv(m, GEMM_TOKENS), 2), (GEMM_THREADS, 1, 1), smem, (m, n, k))
         return LaunchConfig((-(-n // GEMM_ROWS), ops.cdiv(m, GEMM_TOKENS), 2), (GEMM_THREADS, 1, 1), GEMM_SMEM[op],
                             (m, n, k))
     if op in SKINNY_OPS:
