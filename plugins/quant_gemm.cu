@@ -16,7 +16,10 @@
 // Other builds: -DGEMM_WGMMA=1 (sm_90a, the cuda backend's default on H100 / H200) runs the body of
 // plugins/quant_gemm_wgmma.cuh (its header has its launch); with -DGEMM_XH=1 its x is the fp16 copy gemm_x_f16 (at
 // the end of this file) makes. The wgmma builds also hold q4k_gemm_swiglu / q6k_gemm_swiglu: a layer's gate and up
-// projections and their SwiGLU in one GEMM (each CTA 64 rows of each matrix; gemm_swiglu_epilogue).
+// projections and their SwiGLU in one GEMM (each CTA 64 rows of each matrix; gemm_swiglu_epilogue). The wgmma body
+// issues its first superblock's weight copies before pdl_wait() (weights only: plugins/pdl.cuh), so under a
+// programmatic dependent launch they are in flight while the previous kernel finishes. -DGEMM_SPLIT=1 builds have no
+// k split (grid z = 1, no cluster): each CTA all of k.
 //
 // Design
 // - CTA tile 128 tokens x BN weight rows, 8 warps as 2 (tokens) x 4 (rows), warp tile 64 x (8 * NT8): 4 x NT8
@@ -86,14 +89,14 @@ struct XRegs {
 };
 
 template <class F>
-__device__ __forceinline__ void load_x(XRegs& r, const float* __restrict__ x, int m0, int m, int k, int kb, int sub,
+__device__ __forceinline__ void load_x(XRegs& r, const float* x, int m0, int m, int k, int kb, int sub,
                                        int tid) {
 #pragma unroll
     for (int it = 0; it < 4; ++it) {
         const int id = THREADS * it + tid, row = id >> 3, kk = (id >> 1) & 3, u = id & 1;
         const float* p = x + (size_t)min(m0 + row, m - 1) * k + kb + Fmt<F>::chunk_base(sub, kk) + 8 * u;
-        r.v[2 * it] = __ldg(reinterpret_cast<const float4*>(p));
-        r.v[2 * it + 1] = __ldg(reinterpret_cast<const float4*>(p + 4));
+        r.v[2 * it] = ld_produced(reinterpret_cast<const float4*>(p));  // not __ldg: an earlier kernel wrote x, and
+        r.v[2 * it + 1] = ld_produced(reinterpret_cast<const float4*>(p + 4));  // .nc loads move above pdl_wait
     }
 }
 
@@ -331,14 +334,29 @@ __device__ __forceinline__ void stage_scales(uint8_t* S, const uint8_t* R, uint3
     }
 }
 
-// gemm_swiglu_epilogue's exchange: accumulator column groups KEPT..KEPT+7 (tokens 8j..8j+7) stay, the other 8 go to
-// the peer; the reduced ones are staged at X0 + 32 KB as [warpgroup][token][row] (row stride TS floats)
+// gemm_swiglu_epilogue's staging: accumulator column groups J0..J0+7 (64 tokens) of this thread's two rows, as
+// [warpgroup][token][row] tiles at X0 + 32 KB (row stride TS floats), + 0.f as the plain GEMM adds the graph's zero bias
 constexpr int SWIGLU_TS = 68;  // staged tile row stride: the accumulator stores hit 32 distinct banks
-template <int KEPT>
-__device__ __forceinline__ void swiglu_reduce(const float (&acc)[64], uint8_t* X0, cg::cluster_group& cluster, int rl,
-                                              int wg, int tid) {
-    constexpr int GONE = 8 - KEPT, TS = SWIGLU_TS;
+template <int J0>
+__device__ __forceinline__ void swiglu_stage(const float (&acc)[64], uint8_t* X0, int rl, int wg, int tid) {
+    constexpr int TS = SWIGLU_TS;
     const int c = tid & 3;
+    float* tile = reinterpret_cast<float*>(X0 + 8 * 256 * 16) + wg * 64 * TS;
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+        const int j = J0 + q;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) tile[(8 * q + 2 * c + (e & 1)) * TS + rl + 8 * (e >> 1)] = acc[4 * j + e] + 0.f;
+    }
+}
+
+#if GEMM_SPLIT == 2
+// the k-split pair's exchange before the staging: accumulator column groups KEPT..KEPT+7 (tokens 8j..8j+7) stay and
+// get the peer's partial sums added (own + peer's: the plain GEMM's sum, so the same bits), the other 8 go to the peer
+template <int KEPT>
+__device__ __forceinline__ void swiglu_reduce(float (&acc)[64], uint8_t* X0, cg::cluster_group& cluster, int rl,
+                                              int wg, int tid) {
+    constexpr int GONE = 8 - KEPT;
     float4* red = reinterpret_cast<float4*>(X0);
     float4* dst = cluster.map_shared_rank(red, KEPT ? 0 : 1);
 #pragma unroll
@@ -347,39 +365,26 @@ __device__ __forceinline__ void swiglu_reduce(const float (&acc)[64], uint8_t* X
         dst[q * 256 + tid] = make_float4(acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]);
     }
     cluster.sync();
-    float* tile = reinterpret_cast<float*>(X0 + 8 * 256 * 16) + wg * 64 * TS;
 #pragma unroll
     for (int q = 0; q < 8; ++q) {
         const int j = KEPT + q;
         const float4 v = red[q * 256 + tid];
-        const float s[4] = {acc[4 * j] + v.x, acc[4 * j + 1] + v.y, acc[4 * j + 2] + v.z, acc[4 * j + 3] + v.w};
-#pragma unroll
-        for (int e = 0; e < 4; ++e)  // + 0.f: the plain GEMM adds the graph's zero bias
-            tile[(8 * q + 2 * c + (e & 1)) * TS + rl + 8 * (e >> 1)] = s[e] + 0.f;
+        acc[4 * j] += v.x;
+        acc[4 * j + 1] += v.y;
+        acc[4 * j + 2] += v.z;
+        acc[4 * j + 3] += v.w;
     }
+    swiglu_stage<KEPT>(acc, X0, rl, wg, tid);
 }
+#endif
 
-// The epilogue of the gate/up/SwiGLU kernels (SW). Each CTA of the k-split pair finishes one half of the tile's 128
-// tokens (rank 0 the first 64): its two warpgroups send the accumulators of the other half to the peer's same
-// threads and add the peer's (own partial + peer's, the sum the plain GEMM makes, so the same bits), stage gate
-// (warpgroup 0) and up (warpgroup 1) as [token][row] tiles in shared memory, then every thread takes 16 consecutive
-// rows of one token: silu(gate) * up (elementwise.cu's silu_mul), written as float32 y[token][n0 + ...] or, with
-// XH_OUT=1, only as the fp16 copy the down projection's GEMM_XH build reads (xh_store.cuh's layout, gemm_x_f16's
-// rounding). rl: this thread's first row within its warpgroup's 64.
-__device__ __forceinline__ void gemm_swiglu_epilogue(float (&acc)[64], uint8_t* X0, int m, int n, int m0, int n0,
-                                                     int rank, int rl, int wg, int tid, float* __restrict__ y,
-                                                     __half* __restrict__ xh) {
-    constexpr int TS = SWIGLU_TS;  // (only the GEMM_SPLIT = 2 builds have these kernels: the pair splits the tokens)
-    static_assert(8 * 256 * 16 + 2 * 64 * TS * 4 <= qwg::NXB * qwg::XT + 2 * qwg::BN * G<Q4K>::RS,
-                  "the exchange and the staged tiles fit the x and raw-weight buffers");
-    cg::cluster_group cluster = cg::this_cluster();
-    cluster.sync();  // both CTAs are done with their shared memory
-    if (rank == 0)  // the accumulators' token groups as constants: indexed by a variable they would go to memory
-        swiglu_reduce<0>(acc, X0, cluster, rl, wg, tid);
-    else
-        swiglu_reduce<8>(acc, X0, cluster, rl, wg, tid);
-    __syncthreads();
-    const int tok = tid >> 2, q = tid & 3, token = m0 + 64 * rank + tok, col = n0 + 16 * q;
+// silu(gate) * up of 64 staged tokens (swiglu_stage) from token t0: every thread 16 consecutive rows of one token
+// (elementwise.cu's silu_mul), written as float32 y[token][n0 + ...] or, with XH_OUT=1, only as the fp16 copy the
+// down projection's GEMM_XH build reads (xh_store.cuh's layout, gemm_x_f16's rounding)
+__device__ __forceinline__ void swiglu_store(const uint8_t* X0, int m, int n, int t0, int n0, int tid,
+                                             float* __restrict__ y, __half* __restrict__ xh) {
+    constexpr int TS = SWIGLU_TS;
+    const int tok = tid >> 2, q = tid & 3, token = t0 + tok, col = n0 + 16 * q;
     if (token >= m || col >= n) return;
     const float4* gp = reinterpret_cast<const float4*>(X0 + 8 * 256 * 16 + 4 * (tok * TS + 16 * q));
     const float4* up = gp + 16 * TS;  // 64 rows of TS floats further
@@ -393,6 +398,7 @@ __device__ __forceinline__ void gemm_swiglu_epilogue(float (&acc)[64], uint8_t* 
         s[4 * i + 3] = silu_mul(a.w, b.w);
     }
 #if XH_OUT
+    (void)y;
     uint4* dst = reinterpret_cast<uint4*>(xh + (size_t)token * n + col);
     dst[0] = make_uint4(pack_h2(s[0], s[2]), pack_h2(s[4], s[6]), pack_h2(s[8], s[10]), pack_h2(s[12], s[14]));
     dst[1] = make_uint4(pack_h2(s[1], s[3]), pack_h2(s[5], s[7]), pack_h2(s[9], s[11]), pack_h2(s[13], s[15]));
@@ -401,6 +407,38 @@ __device__ __forceinline__ void gemm_swiglu_epilogue(float (&acc)[64], uint8_t* 
     float4* yp = reinterpret_cast<float4*>(y + (size_t)token * n + col);
 #pragma unroll
     for (int i = 0; i < 4; ++i) yp[i] = make_float4(s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]);
+#endif
+}
+
+// The epilogue of the gate/up/SwiGLU kernels (SW): gate (warpgroup 0) and up (warpgroup 1) staged as [token][row]
+// tiles in shared memory, 64 tokens at a time, then silu(gate) * up (swiglu_store). With the k split (GEMM_SPLIT = 2)
+// each CTA of the pair finishes one half of the tile's 128 tokens (rank 0 the first 64; swiglu_reduce); without it
+// (GEMM_SPLIT = 1: one chain over k, other bits than the split's) the CTA stages and stores both halves in turn.
+// rl: this thread's first row within its warpgroup's 64.
+__device__ __forceinline__ void gemm_swiglu_epilogue(float (&acc)[64], uint8_t* X0, int m, int n, int m0, int n0,
+                                                     int rank, int rl, int wg, int tid, float* __restrict__ y,
+                                                     __half* __restrict__ xh) {
+    static_assert(8 * 256 * 16 + 2 * 64 * SWIGLU_TS * 4 <= qwg::NXB * qwg::XT + 2 * qwg::BN * G<Q4K>::RS,
+                  "the exchange and the staged tiles fit the x and raw-weight buffers");
+#if GEMM_SPLIT == 2
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();  // both CTAs are done with their shared memory
+    if (rank == 0)  // the accumulators' token groups as constants: indexed by a variable they would go to memory
+        swiglu_reduce<0>(acc, X0, cluster, rl, wg, tid);
+    else
+        swiglu_reduce<8>(acc, X0, cluster, rl, wg, tid);
+    __syncthreads();
+    swiglu_store(X0, m, n, m0 + 64 * rank, n0, tid, y, xh);
+#else
+    (void)rank;
+    __syncthreads();  // every warpgroup is done with the x buffers
+    swiglu_stage<0>(acc, X0, rl, wg, tid);
+    __syncthreads();
+    swiglu_store(X0, m, n, m0, n0, tid, y, xh);
+    __syncthreads();  // the first half read before the second overwrites it
+    swiglu_stage<8>(acc, X0, rl, wg, tid);
+    __syncthreads();
+    swiglu_store(X0, m, n, m0 + 64, n0, tid, y, xh);
 #endif
 }
 
@@ -443,6 +481,7 @@ __device__ __forceinline__ void gemm_wgmma(const float* __restrict__ x, const ui
     if (nsb > 0) {
         uint32_t af[2][4][4];  // A fragments of two substeps: [parity][k16 step][register]
         stage_raw<F, SW>(R0, w, w2, row_bytes, n0, n, sb0, tid);
+        pdl_wait();  // the first weights are in flight (nothing an earlier kernel wrote: plugins/pdl.cuh); x after it
 #if GEMM_XH
         issue_xh<F>(X0, xh, m0, m, k, 256 * sb0, 0, tid);
         cp_async_commit();
@@ -510,6 +549,8 @@ __device__ __forceinline__ void gemm_wgmma(const float* __restrict__ x, const ui
             }
         }
         wgmma_wait<0>();
+    } else {
+        pdl_wait();
     }
     if constexpr (SW) {
         gemm_swiglu_epilogue(acc, X0, m, n, m0, n0, rank, row0 - 64 * wg, wg, tid, y, xh_out);
@@ -562,8 +603,10 @@ __device__ __forceinline__ void gemm_wgmma(const float* __restrict__ x, const ui
     }
 }
 #define GEMM_BODY gemm_wgmma
+#define GEMM_ENTRY_WAIT()  // gemm_wgmma waits itself, once its first weight copies are issued
 #else
 #define GEMM_BODY gemm
+#define GEMM_ENTRY_WAIT() pdl_wait()
 #endif
 
 }  // namespace
@@ -579,7 +622,7 @@ __device__ __forceinline__ void gemm_wgmma(const float* __restrict__ x, const ui
                                                const float* __restrict__ bias, int m, int n, int k,                \
                                                float* __restrict__ y) {                                            \
         pdl_launch_dependents();                                                                                   \
-        pdl_wait();                                                                                                \
+        GEMM_ENTRY_WAIT();                                                                                         \
         GEMM_BODY<F>(x, w, bias, m, n, k, y);                                                                      \
     }
 
@@ -604,15 +647,12 @@ QTRT_GEMM(q6k_gemm, Q6K)
                                                const uint8_t* __restrict__ wu, int m, int n, int k,                \
                                                float* __restrict__ y SWIGLU_XH) {                                  \
         if (n % 16) __trap(); /* 16 rows per thread in the epilogue; the runtime never launches such an n */     \
-        pdl_launch_dependents();                                                                                   \
-        pdl_wait();                                                                                                \
+        pdl_launch_dependents(); /* gemm_wgmma waits (pdl_wait) after its first weight copies */                  \
         gemm_wgmma<F, true>(x, wg, nullptr, m, n, k, y, wu, SWIGLU_XH_ARG);                                        \
     }
 
-#if GEMM_SPLIT == 2
 QTRT_GEMM_SWIGLU(q4k_gemm_swiglu, Q4K)
 QTRT_GEMM_SWIGLU(q6k_gemm_swiglu, Q6K)
-#endif
 #endif
 
 // x (float32 [m][k]) -> xh (fp16 [m][k], each 16-element chunk in the fragments' k order: word c = (x[4c], x[4c+2]),

@@ -5,7 +5,8 @@
 // float32 activation but its fp16 copy in the fragments' k order, made by gemm_x_f16 (quant_gemm.cu) once per
 // activation for every GEMM that reads it.
 //
-// LAUNCH: block (256, 1, 1), grid (cdiv(n, 128), cdiv(m, 128), 2), cluster (1, 1, 2) at compile time, dynamic shared
+// LAUNCH: block (256, 1, 1), grid (cdiv(n, 128), cdiv(m, 128), GEMM_SPLIT), cluster (1, 1, 2) at compile time (the
+// default GEMM_SPLIT = 2; none with GEMM_SPLIT = 1), dynamic shared
 // memory smem_bytes<F>(): q4k_gemm 95,232 B, q6k_gemm 119,808 B; GEMM_XH 111,616 / 136,192 B (toolchain/kernels.py
 // GEMM_WGMMA_SMEM, GEMM_XH_SMEM).
 //

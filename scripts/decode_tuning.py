@@ -38,11 +38,13 @@ OFF = {"pdl": False, "m1": False, "qmv1": False, "plain": True, "batched": False
        "gemm_min_m": GEMM_MIN_M, "skinny_min_m": GEMM_MIN_M, "attn_kv_grid": False,
        "attn_one_block_keys": 0, "skinny_skip": (), "gemm_wgmma": False, "gemm_xh": False,
        "concurrent_projections": False, "prefill_kv_splits": 1,
-       "xh_by_producer": False, "gemm_swiglu": False}  # the last six act on prefill steps only (m >= GEMM_MIN_M)
+       "xh_by_producer": False, "gemm_swiglu": False, "gemm_swiglu_split": 2,
+       "prefill_pdl": False, "add_rms_norm": False}  # the last nine act on prefill steps only (m >= GEMM_MIN_M)
 DEFAULT = {"m1": True, "qmv1": True, "pdl": True, "xmerge": True, "batched": True, "skinny_min_m": SKINNY_MIN_M,
            "attn_kv_grid": True, "attn_one_block_keys": K.ATTN_ONE_BLOCK_KEYS}
 PREFILL = {k: TUNING[k] for k in ("gemm_wgmma", "gemm_xh", "concurrent_projections", "prefill_kv_splits",
-                                  "xh_by_producer", "gemm_swiglu")}  # the backend's defaults of those six
+                                  "xh_by_producer", "gemm_swiglu", "gemm_swiglu_split",
+                                  "prefill_pdl", "add_rms_norm")}  # the backend's defaults of those nine
 
 
 def proj(**defines):  # extra defines for every projection kernel (both cores ignore the other's)
@@ -147,6 +149,10 @@ VARIANTS = {
     # prompts (--prompts): the default, and without the gate/up/SwiGLU GEMM (three launches: gate, up, swiglu)
     "prefill": {**DEFAULT, **PREFILL},
     "prefill_no_gemm_swiglu": {**DEFAULT, **PREFILL, "gemm_swiglu": False},
+    # ... with the gate/up/SwiGLU GEMM's k split or without (other bits), and without programmatic dependent launches
+    **{f"prefill_swiglu_split{n}": {**DEFAULT, **PREFILL, "gemm_swiglu_split": n} for n in (1, 2)},
+    "prefill_no_pdl": {**DEFAULT, **PREFILL, "prefill_pdl": False},
+    "prefill_no_add_rms_norm": {**DEFAULT, **PREFILL, "add_rms_norm": False},
     # diagnostics: the step without one kernel family (wrong results; the time saved is what the family costs in
     # the step, PDL overlap included)
     **{f"skip:{op}": {**DEFAULT, "skip": (op,)} for op in ("rope_kv_attention", "rms_norm_qkv", "matmul_add",

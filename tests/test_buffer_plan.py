@@ -10,8 +10,8 @@ import onnx
 import pytest
 
 from toolchain import buffer_plan
-from toolchain.cuda_backend import GATE_UP_SWIGLU
-from toolchain.fusion import fuse, fuse_gate_up_swiglu
+from toolchain.cuda_backend import prefill_graphs
+from toolchain.fusion import fuse
 from toolchain.graph import build_model_graph
 
 ROWS = 3
@@ -23,9 +23,9 @@ def graphs_and_sizes(synth_gguf):
 
     model = load_gguf(synth_gguf("qwen2.5-coder-1.5b", n_layers=6, vocab=4096))
     g, _ = build_model_graph(model)
-    # the cuda backend's three: decode steps, prompt prefill, and prompt prefill with each layer's gate, up and
-    # SwiGLU as one node (where its wgmma GEMMs run)
-    models = [fuse(g), g, fuse_gate_up_swiglu(g, GATE_UP_SWIGLU)]
+    # the cuda backend's graphs: decode steps, then prompt prefill as cuda_backend.prefill_graphs makes it: unfused,
+    # each layer's gate, up and SwiGLU as one node (where its wgmma GEMMs run), each Add + RMSNorm as one, both
+    models = [fuse(g), *prefill_graphs(g).values()]
     widths = {}
     for m in models[:2]:  # (the fused node has no schema; its output's width is the swiglu's)
         inferred = onnx.shape_inference.infer_shapes(m)
@@ -128,7 +128,8 @@ def test_the_cuda_backend_places_its_activations_by_the_plan(graphs_and_sizes, m
         lambda cls, shape, dtype: Fake(int(np.prod(shape)) * np.dtype(dtype).itemsize)))
     be = object.__new__(cuda_backend.CudaBackend)
     be.max_tokens, be.tuning = ROWS, {**cuda_backend.TUNING, "share_activations": share}
-    be.onnx, be.onnx_prefill, be.onnx_prefill_swiglu = (types_model(g) for g in graphs)
+    be.onnx = types_model(graphs[0])
+    be.prefill_graphs = {k: types_model(g) for k, g in zip(((0, 0), (1, 0), (0, 1), (1, 1)), graphs[1:])}
     be.widths, be.buffers = dict(widths), {}
     be._allocate_activations()
     assert set(sizes) <= set(be.buffers)

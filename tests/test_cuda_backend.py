@@ -425,6 +425,84 @@ def test_gate_up_swiglu_keeps_the_bits(synth, backend, xh):
     assert np.array_equal(got[True].view(np.uint32), got[False].view(np.uint32))
 
 
+def test_add_rms_norm_keeps_the_bits(synth, backend):
+    """Each residual Add and the RMSNorm of its sum as one launch in prompt steps (tuning add_rms_norm,
+    plugins/rms_norm.cu add_rms_norm; its XH_OUT build where the GEMMs read fp16): 2 n_layers - 1 of them in the plan,
+    no add or norm launch left but the final norm and the last layer's residual Add, and a 264-token prompt's logits
+    bit for bit those of the separate launches, then the same greedy steps."""
+    if not backend.tuning["clusters"]:
+        pytest.skip("the TensorRT builds have no prefill graph (their prompt steps run the decode graph)")
+    model, _ = synth
+    prompt = np.random.default_rng().integers(0, model.config.vocab, 264).tolist()
+    saved, got, ops = dict(backend.tuning), {}, {}
+    try:
+        for fused in (True, False):
+            use_tuning(backend, {**saved, "add_rms_norm": fused})
+            ops[fused] = [ln.op for ln in backend.plan(backend.max_tokens, last_only=True)]
+            backend.reset()
+            logits = backend.forward(prompt)
+            steps = [backend.buffers["logits"].download(backend.stream, rows=1)[0]
+                     for _ in backend.greedy(int(np.argmax(logits)), 4)]
+            got[fused] = np.concatenate([logits[None], np.array(steps)])
+    finally:
+        use_tuning(backend, saved)
+        backend.reset()
+    n = backend.cfg.n_layers
+    assert ops[True].count("add_rms_norm") == 2 * n - 1 and ops[True].count("add") == 1
+    assert ops[True].count("rms_norm") == 2 and ops[False].count("add") == 2 * n
+    assert np.array_equal(got[True].view(np.uint32), got[False].view(np.uint32))
+
+
+def test_gate_up_swiglu_without_the_k_split(synth, backend):
+    """The gate/up/SwiGLU GEMM built without its k split (tuning gemm_swiglu_split = 1: each CTA all of k, grid z 1):
+    the plan launches that build, and a 264-token prompt's last logits stay within 1e-3 of the split build's (other
+    bits: one chain of sums over k instead of two halves, and an fp16 rounding of the down projection's input may
+    flip: the bound of decode_tuning's comparisons), the same every run."""
+    from toolchain import cuda_runtime as cr
+
+    if not backend.tuning["clusters"] or cr.compute_capability() != (9, 0):
+        pytest.skip("no wgmma GEMM here (compute capability 9.0 with clusters only)")
+    model, _ = synth
+    prompt = np.random.default_rng().integers(0, model.config.vocab, 264).tolist()
+    saved, got = dict(backend.tuning), {}
+    try:
+        for split in (1, 2, 1):
+            use_tuning(backend, {**saved, "gemm_swiglu": True, "gemm_swiglu_split": split})
+            fused = [ln for ln in backend.plan(backend.max_tokens, last_only=True) if ln.op.endswith("_gemm_swiglu")]
+            assert fused and all(ln.defines.get("GEMM_SPLIT", 2) == split and ln.cfg.grid[2] == split for ln in fused)
+            backend.reset()
+            got.setdefault(split, []).append(backend.forward(prompt))
+    finally:
+        use_tuning(backend, saved)
+    one, two = got[1][0].astype(np.float64), got[2][0].astype(np.float64)
+    assert np.array_equal(got[1][0].view(np.uint32), got[1][1].view(np.uint32)), "not deterministic"
+    err = np.linalg.norm(one - two) / np.linalg.norm(two)
+    print(f"\nno k split vs split: rel {err:.1e}, argmax {int(one.argmax())} / {int(two.argmax())}")
+    assert 0 < err < 1e-3 and one.argmax() == two.argmax()
+
+
+def test_prefill_pdl_keeps_the_bits(synth, backend):
+    """Prompt steps as programmatic dependent launches (tuning prefill_pdl; the prefill GEMMs issue their first weight
+    copies before their wait) give exactly the bits of the same launches one after another, through a whole
+    264-token prompt (two captured 96-token pieces, then an eager 72) and the greedy decode steps after it, twice."""
+    model, _ = synth
+    prompt = np.random.default_rng().integers(0, model.config.vocab, 264).tolist()
+    saved, got = dict(backend.tuning), {}
+    try:
+        for pdl in (True, False, True):
+            use_tuning(backend, {**saved, "prefill_pdl": pdl})
+            backend.reset()
+            logits = backend.forward(prompt)
+            steps = [backend.buffers["logits"].download(backend.stream, rows=1)[0]
+                     for _ in backend.greedy(int(np.argmax(logits)), 8)]
+            got.setdefault(pdl, []).append(np.concatenate([logits[None], np.array(steps)]))
+    finally:
+        use_tuning(backend, saved)
+        backend.reset()
+    assert np.array_equal(got[True][0].view(np.uint32), got[True][1].view(np.uint32)), "PDL prompt not deterministic"
+    assert np.array_equal(got[True][0].view(np.uint32), got[False][0].view(np.uint32)), "PDL changed the bits"
+
+
 def test_concurrent_projections_keep_the_bits(synth, backend):
     """q, k and v (gate and up) of a prefill step launched side by side on forked streams (tuning
     concurrent_projections; captured: parallel graph branches) give exactly the bits of the same launches one after

@@ -322,7 +322,7 @@ def _cuobjdump():
     return next((str(d / "cuobjdump") for d in dirs if (d / "nvdisasm").is_file()), None)
 
 
-WEIGHT_OPS = set(K.MATMUL_OPS + K.FUSED_OPS + K.GATHER_OPS + K.SKINNY_OPS)
+WEIGHT_OPS = set(K.MATMUL_OPS + K.FUSED_OPS + K.GATHER_OPS + K.SKINNY_OPS + K.GEMM_OPS + K.GEMM_SWIGLU_OPS)
 
 
 @needs_nvcc
@@ -337,7 +337,10 @@ def test_nothing_but_weights_before_griddepcontrol_wait(op, defines):
     the code is the other path's. The xmerge o projection reads the step's position there too (one 32-bit load).
     The sampler's kernels read the host's inputs there (rows, slots, a slot's parameter words: written before the
     step's first kernel and by no kernel), plain 32-bit loads, at most 2 + PARAM_WORDS of them. The by-address
-    attention (TensorRT's) reads its two cache addresses there, also the host's input (two 64-bit loads)."""
+    attention (TensorRT's) reads its two cache addresses there, also the host's input (two 64-bit loads). The
+    prefill GEMMs' wgmma builds issue their first weight copies (cp.async) before the wait; their x copies are cp.async
+    too, alike in SASS, so for them every wait in the code (one per path: no superblocks, or some) is checked: before
+    it nothing but cp.async, no plain load at all."""
     image = K.compile_kernel(op, defines, fmt="cubin")
     path = K.CACHE / f"sass-check-{K.kernel_name(op)}.cubin"
     path.write_bytes(image)
@@ -366,6 +369,10 @@ def test_nothing_but_weights_before_griddepcontrol_wait(op, defines):
         before.remove(position[0])
     for x in before:
         assert "LDGSTS" in x or "LTC128B" in x, f"{op} {defines}: a load of something else than weights: {x}"
+    if op in K.GEMM_OPS + K.GEMM_SWIGLU_OPS:
+        for w in waits:
+            loads = [x for x in ins[:w] if re.search(r"\b(LDG|LD)\.", x)]
+            assert not loads, f"{op} {defines}: loads before a wait: {loads}"
     # and no kernel writes global memory before the wait: a kernel's writes then follow every earlier kernel's
     # reads, which lets activations share bytes (the cuda backend's share_activations, toolchain/buffer_plan.py)
     writes = [x for x in ins[:waits[0]] if re.search(r"\b(STG|ST|RED|ATOM|ATOMG)\.", x)]
@@ -459,6 +466,47 @@ def test_sibling_projections():
     assert [x.node for g in sibling_projections(plan) for x in g] == [x.node for x in plan]  # order kept
 
 
+def test_which_launches_are_programmatic_dependent_launches():
+    """CudaBackend.run_plan on stand-in launches: a decode step (below GEMM_MIN_M) and, with tuning prefill_pdl, a
+    prompt step launch everything after their first launch as programmatic dependent launches, except the launch
+    right after a side-by-side group (it waits on the side streams' events, not on one kernel) and pdl_skip's ops; the
+    members of a group (q, k, v) run side by side with only the first on the step's stream, PDL-launched. Without
+    prefill_pdl or pdl, no prompt launch is."""
+    import toolchain.cuda_backend as cb
+
+    be = object.__new__(cb.CudaBackend)
+    calls = []
+    be._launch_side_by_side = lambda group, pdl=False: calls.append(([x.node for x in group], pdl))
+    be._skipped = lambda launch: False
+
+    def ln(name, op, source=0):
+        return cb.Launch(name, op, None, None, [], source=source)
+
+    prompt = [ln("embed", "q4k_gather"), ln("norm", "rms_norm"), ln("q", "q4k_gemm", 7), ln("k", "q4k_gemm", 7),
+              ln("v", "q6k_gemm", 7), ln("append", "rope_kv_append"), ln("attn", "prefill_attention"),
+              ln("o", "q4k_gemm", 8), ln("add", "add"), ln("gate_up", "q4k_gemm_swiglu", 9),
+              ln("down", "q4k_gemm", 10), ln("head", "q6k_matmul"), ln("argmax", "argmax")]
+    be.plan = lambda m, *a: prompt
+    be._below_gemm = lambda m: m < 64
+
+    def run(m=512, **tuning):
+        be.tuning = {**cb.TUNING, **tuning}
+        calls.clear()
+        be.run_plan(m)
+        return list(calls)
+
+    assert run() == [(["embed"], False), (["norm"], True), (["q", "k", "v"], True), (["append"], False),
+                     (["attn"], True), (["o"], True), (["add"], True), (["gate_up"], True), (["down"], True),
+                     (["head"], True), (["argmax"], True)]
+    assert run(pdl_skip=("add",))[6] == (["add"], False)
+    assert all(not pdl for _, pdl in run(prefill_pdl=False)) and all(not pdl for _, pdl in run(pdl=False))
+    sequential = run(concurrent_projections=False)  # one launch at a time: none waits on a join
+    assert [g for g, _ in sequential] == [[x.node] for x in prompt]
+    assert [pdl for _, pdl in sequential] == [False] + [True] * (len(prompt) - 1)
+    decode = run(m=1, prefill_pdl=False)  # decode steps: one launch at a time, tuning pdl alone decides
+    assert [g for g, _ in decode] == [[x.node] for x in prompt] and [p for _, p in decode] == [False] + [True] * 12
+
+
 def test_fold_x_f16():
     """CudaBackend._fold_x_f16 on a plan of stand-in launches: a gemm_x_f16 right after the producer of the tensor it
     converts (XH_PRODUCERS, found at that op's output index) goes into that launch as its XH_OUT build (same defines
@@ -496,6 +544,11 @@ def test_fold_x_f16():
     out = be._fold_x_f16(fused)
     assert [x.op for x in out] == ["q4k_gemm_swiglu", "q4k_gemm"]
     assert out[0].defines == wg | {"XH_OUT": 1} and out[0].args == [20, 5, 6, 64, 8960, 1536, 40, 99]
+    # the Add + RMSNorm launch: its norm output (the last argument, after the sum) converted for gate/up
+    addnorm = [ln("add_rms_norm", [1, 2, 3, 64, 1536, 30, 31], {"RMS_EPS": 1e-6}), ln("gemm_x_f16", [31, 64, 1536, 99])]
+    out = be._fold_x_f16(addnorm)
+    assert [x.op for x in out] == ["add_rms_norm"] and out[0].args == [1, 2, 3, 64, 1536, 30, 31, 99]
+    assert be._fold_x_f16([addnorm[0], ln("gemm_x_f16", [30, 64, 1536, 99])])[1].op == "gemm_x_f16"  # the sum: no
 
 
 def test_fuse_gate_up_swiglu(synth_gguf):
@@ -541,6 +594,45 @@ def test_fuse_gate_up_swiglu(synth_gguf):
     g5, _ = build_model_graph(small)
     assert ([n.op_type for n in fuse_gate_up_swiglu(g5, GATE_UP_SWIGLU).graph.node]
             == [n.op_type for n in g5.graph.node])
+
+
+def test_fuse_add_rms_norm(synth_gguf):
+    """The prefill graphs' Add + RMSNorm (tuning add_rms_norm): each residual Add whose sum a norm reads becomes one
+    add_rms_norm node at the Add's place (a, b, the norm's weight -> the sum, the norm's output; the norm's epsilon),
+    named after the norm, which goes; the first layer's norm (it reads the embedding) and the final norm (kept by
+    name) stay; the sum's other reader (the next residual Add) still reads it; the graph given is left as it was."""
+    import onnx
+
+    from conftest import SMALL_1_5B
+    from toolchain.cuda_backend import HEAD_NODES, prefill_graphs
+    from toolchain.fusion import fuse_add_rms_norm
+    from toolchain.gguf_model import load_gguf
+    from toolchain.graph import build_model_graph
+
+    g, _ = build_model_graph(load_gguf(synth_gguf(**SMALL_1_5B)))
+    before = g.SerializeToString()
+    f = fuse_add_rms_norm(g, "add_rms_norm", keep=HEAD_NODES[:1])
+    assert g.SerializeToString() == before
+    nodes = {n.name: n for n in g.graph.node}
+    fused = [n for n in f.graph.node if n.op_type == "add_rms_norm"]
+    norms = [n for n in g.graph.node if n.op_type == "RMSNormalization"]
+    adds = {n.output[0]: n for n in g.graph.node if n.op_type == "Add"}
+    want = [n for n in norms if n.input[0] in adds and n.name != HEAD_NODES[0]]
+    assert len(fused) == len(want) == 2 * SMALL_1_5B["n_layers"] - 1  # all but the first layer's input norm
+    for node, norm in zip(fused, want):
+        add = adds[norm.input[0]]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert node.name == norm.name and attrs == {"epsilon": pytest.approx(1e-6)}
+        assert list(node.input) == [*add.input, norm.input[1]] and list(node.output) == [add.output[0], norm.output[0]]
+    order = [n.name for n in f.graph.node]  # at the Add's place, the Add and the norm gone
+    assert order == [nodes[n].name if nodes[n].op_type != "Add" or nodes[n].output[0] not in [w.input[0] for w in want]
+                     else next(w.name for w in want if w.input[0] == nodes[n].output[0])
+                     for n in nodes if n not in {w.name for w in want}]
+    assert sum(n.op_type == "RMSNormalization" for n in f.graph.node) == 2  # layer 0's input norm, the final norm
+    graphs = prefill_graphs(g)
+    assert list(graphs) == [(False, False), (True, False), (False, True), (True, True)] and graphs[False, False] is g
+    both = [n.op_type for n in graphs[True, True].graph.node]
+    assert both.count("add_rms_norm") == len(want) and both.count("q4k_gemm_swiglu") == SMALL_1_5B["n_layers"]
 
 
 def test_gemm_wgmma_build_wiring():

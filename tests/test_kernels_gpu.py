@@ -488,6 +488,44 @@ def test_rms_norm(m, hidden):
     assert rel < 1e-5, f"rel err {rel} ({seed})"
 
 
+@pytest.mark.parametrize("m,hidden", [(1, 1536), (3, 1536), (17, 896), (2, 1001), (512, 1536)])
+def test_add_rms_norm(m, hidden):
+    """add_rms_norm (a prompt step's residual Add and the RMSNorm of its sum in one launch) gives the bits of add then
+    rms_norm: the sum as numpy's a + b, the norm as the rms_norm kernel's of that sum; its XH_OUT build the same
+    float32 outputs and the fp16 copy of the norm the GEMMs read; and the sum written over a (in place, as a
+    residual stream may be) changes nothing."""
+    rng, seed = _rng()
+    a = rng.standard_normal((m, hidden), dtype=np.float32) * 3
+    b = rng.standard_normal((m, hidden), dtype=np.float32)
+    g = rng.standard_normal(hidden, dtype=np.float32)
+    eps = (("RMS_EPS", 1e-6),)
+    dims = dict(m=m, hidden=hidden)
+    s, y = run("add_rms_norm", [a, b, g], [((m, hidden), np.float32)] * 2, dims, eps)
+    assert np.array_equal(s.view(np.uint32), (a + b).view(np.uint32)), f"sum ({seed})"
+    (ref,) = run("rms_norm", [a + b, g], [((m, hidden), np.float32)], dims, eps)
+    assert np.array_equal(y.view(np.uint32), ref.view(np.uint32)), f"not rms_norm's bits ({seed})"
+    a64 = (a + b).astype(np.float64)
+    rel, _ = rel_err(y, a64 / np.sqrt((a64 * a64).mean(-1, keepdims=True) + 1e-6) * g)
+    assert rel < 1e-5, f"rel err {rel} ({seed})"
+    if hidden % 16 == 0:
+        s2, y2, xh = run("add_rms_norm", [a, b, g], [((m, hidden), np.float32)] * 2 + [((m, hidden), np.float16)],
+                         dims, eps + (("XH_OUT", 1),))
+        assert np.array_equal(s2.view(np.uint32), s.view(np.uint32)) and np.array_equal(y2.view(np.uint32),
+                                                                                      y.view(np.uint32)), seed
+        assert np.array_equal(xh.view(np.uint16), xh_layout(y).view(np.uint16)), f"fp16 copy ({seed})"
+    bufs = [cr.DeviceBuffer.from_array(v) for v in (a, b, g)] + [cr.DeviceBuffer(a.nbytes)]
+    try:  # in place: the sum written over a
+        bufs[3].fill_u32(NAN)
+        kernel("add_rms_norm", eps).launch_op(K.launch_config("add_rms_norm", dims), bufs[:3], [bufs[0], bufs[3]])
+        cr.synchronize()
+        s3, y3 = bufs[0].download((m, hidden), np.float32), bufs[3].download((m, hidden), np.float32)
+    finally:
+        for x in bufs:
+            x.free()
+    assert np.array_equal(s3.view(np.uint32), s.view(np.uint32)) and np.array_equal(y3.view(np.uint32),
+                                                                                  y.view(np.uint32)), seed
+
+
 @pytest.mark.parametrize("numel", [1 * 1536, 3 * 8960, 4097, 3])
 def test_add_swiglu(numel):
     rng, seed = _rng()
@@ -536,16 +574,19 @@ GEMM_SWIGLU_CASES = [("Q4_K", 8960, 1536, 512), ("Q4_K", 1040, 1536, 37), ("Q6_K
                      ("Q6_K", 8960, 1536, 1), ("Q4_K", 272, 256, 130), ("Q4_K", 1040, 768, 77)]
 
 
+@pytest.mark.parametrize("split", [2, 1], ids=["k split", "no k split"])
 @pytest.mark.parametrize("xh", [True, False], ids=["fp16 x", "float32 x"])
 @pytest.mark.parametrize("t,n,k,m", GEMM_SWIGLU_CASES)
-def test_gemm_swiglu(t, n, k, m, xh):
+def test_gemm_swiglu(t, n, k, m, xh, split):
     """q4k_gemm_swiglu / q6k_gemm_swiglu (the gate and up projections of a prefill step and their SwiGLU in one wgmma
     GEMM) against float64 numpy, and bit for bit against the launches they replace in the cuda backend's plan: the
     wgmma GEMM of each matrix (with the graph's zero bias), then swiglu. Built with XH_OUT=1 they write only the fp16
     copy for the down projection's GEMM (swiglu's XH_OUT copy, bit for bit) and leave y as it was. Shapes with a
     partial 64-row tile (n = 1040, 272), one token, one superblock (k = 256: one CTA of the k-split pair has none),
     three (k = 768: the pair's shares differ);
-    for Q6_K the up matrix starts 2 bytes past an aligned address, so the two matrices' blocks sit differently."""
+    for Q6_K the up matrix starts 2 bytes past an aligned address, so the two matrices' blocks sit differently.
+    Built without the k split (GEMM_SPLIT=1, the cuda backend's tuning gemm_swiglu_split = 1) the bits are those of
+    the plain GEMM built the same way (one chain of sums over k, two halves of 64 tokens staged in turn)."""
     from toolchain.cuda_backend import GEMM_OF
 
     if cr.compute_capability() != (9, 0):
@@ -556,8 +597,8 @@ def test_gemm_swiglu(t, n, k, m, xh):
     off = 2 if t == "Q6_K" else 0
     gemm = GEMM_OF[MATMUL[t]]
     op = K.GEMM_SWIGLU_OF[gemm]
-    defines = K.gemm_wgmma_defines(xh)
-    dims = {"m": m, "n": n, "k": k, "gemm_wgmma": 1, "gemm_xh": int(xh)}
+    defines = K.gemm_wgmma_defines(xh) | ({"GEMM_SPLIT": 1} if split == 1 else {})
+    dims = {"m": m, "n": n, "k": k, "gemm_wgmma": 1, "gemm_xh": int(xh), "gemm_split": split}
     bufs = {"x": cr.DeviceBuffer.from_array(x), "gate": cr.DeviceBuffer.from_array(raw["gate"]),
             "up": cr.DeviceBuffer.from_array(np.concatenate([np.zeros(off, np.uint8), raw["up"].ravel()])),
             "zeros": cr.DeviceBuffer.from_array(np.zeros(n, np.float32)), "xh": cr.DeviceBuffer(m * k * 2)}
@@ -597,7 +638,7 @@ def test_gemm_swiglu(t, n, k, m, xh):
     g64 = matmul_ref(x, raw["gate"], None, t, n, k)
     ref = g64 / (1 + np.exp(-g64)) * matmul_ref(x, raw["up"], None, t, n, k)
     err, _ = rel_err(y, ref)
-    print(f"\n{op} {'fp16' if xh else 'float32'} x, m={m} n={n} k={k}: rel err {err:.2e}")
+    print(f"\n{op} {'fp16' if xh else 'float32'} x, split {split}, m={m} n={n} k={k}: rel err {err:.2e}")
     assert err < 3e-3, f"{err} ({seed})"  # fp16 operands (the prefill GEMMs' tolerance, tests/test_gemm_gpu.py)
     assert np.array_equal(y.view(np.uint32), s.view(np.uint32)), f"not the bits of GEMM, GEMM, swiglu ({seed})"
     if xh:

@@ -55,6 +55,15 @@ prefill_kv_splits, xh_by_producer: see plan() and the perf notes), and:
   outputs never reach memory and the swiglu launch goes; the same bits. Its launch is the op q4k_gemm_swiglu (tuning
   defines go there, not to q4k_gemm) on the node named after the swiglu (a skip of 'swiglu' skips it, of
   'gate_proj' nothing).
+- gemm_swiglu_split: that GEMM's k split over its cluster pair (2: the sums of the plain split GEMMs, so the bits of
+  GEMM, GEMM, swiglu) or none (1: each CTA all of k, one chain of sums: other bits, as precise; half the CTAs, each
+  twice as long, no exchange).
+- add_rms_norm: each residual Add and the RMSNorm of its sum as one launch (fusion.fuse_add_rms_norm,
+  plugins/rms_norm.cu add_rms_norm; the final norm stays): the same bits, one launch and one read of the sum less.
+- prefill_pdl: the prompt step's launches as programmatic dependent launches too (tuning pdl's, plugins/pdl.cuh),
+  but for the step's first, the ones on side streams (concurrent_projections) and the first after such a group joins
+  back: a prefill GEMM issues its first weight copies in the previous kernel's tail, the other kernels skip the launch
+  gap.
 """
 from __future__ import annotations
 
@@ -66,7 +75,7 @@ import onnx
 
 from . import buffer_plan, cuda_runtime as cr
 from .errors import UserError, check_step, check_token_ids
-from .fusion import fuse, fuse_gate_up_swiglu
+from .fusion import fuse, fuse_add_rms_norm, fuse_gate_up_swiglu
 from .gguf_model import GGUFModel
 from .device_sampler import parse_logprobs
 from .graph import build_model_graph, node_attrs
@@ -101,7 +110,7 @@ TUNING = {"pdl": True, "m1": True, "qmv1": True, "plain": True, "batched": True,
           "skinny_min_m": SKINNY_MIN_M, "attn_kv_grid": True, "attn_one_block_keys": ATTN_ONE_BLOCK_KEYS,
           "skinny_skip": (), "gemm_wgmma": True, "gemm_xh": True,
           "concurrent_projections": True, "prefill_kv_splits": PREFILL_KV_SPLITS, "xh_by_producer": True,
-          "gemm_swiglu": True}
+          "gemm_swiglu": True, "gemm_swiglu_split": 2, "prefill_pdl": True, "add_rms_norm": True}
 # The kernels TensorRT's plugins get (toolchain/trt/plugins.py, issue 16), run here to prove them on the GPU: no
 # thread-block cluster launch (so no cluster k-split, no xmerge pair and no prefill GEMM, whose split-K is a cluster),
 # the attention with the caches by address (rope_kv_attention_addr), the general matvec core at every m. With
@@ -111,9 +120,21 @@ TENSORRT_BUILDS = {"clusters": False, "cache_by_address": True, "qmv1": False, "
 # the index of their float32 output among their launch arguments (CudaBackend._fold_x_f16). The gate/up/SwiGLU GEMMs
 # write it instead of their float32 output, which only the down projection's GEMM reads
 # (fusion.fuse_gate_up_swiglu).
-XH_PRODUCERS = {"rms_norm": -1, "swiglu": -1, "prefill_attention": -3, **{op: -1 for op in GEMM_SWIGLU_OPS}}
+XH_PRODUCERS = {"rms_norm": -1, "add_rms_norm": -1, "swiglu": -1, "prefill_attention": -3,
+                **{op: -1 for op in GEMM_SWIGLU_OPS}}
 # Prefill GEMMs that read an input x (so as the GEMM_XH build's fp16 copy)
 X_GEMMS = GEMM_OPS + GEMM_SWIGLU_OPS
+
+
+def prefill_graphs(graph: onnx.ModelProto) -> dict[tuple[bool, bool], onnx.ModelProto]:
+    """The prompt steps' graphs, by (gemm_swiglu, add_rms_norm) (the tunings): the unfused graph, so each projection
+    can be a tensor-core GEMM; with each layer's gate, up and SwiGLU as one node (fusion.fuse_gate_up_swiglu); with
+    each residual Add and the RMSNorm of its sum as one (fusion.fuse_add_rms_norm, the final norm left alone: a
+    last-only plan runs it on one row); with both. Their values' lifetimes all count in the shared activation pool."""
+    swiglu = fuse_gate_up_swiglu(graph, GATE_UP_SWIGLU)
+    return {(False, False): graph, (True, False): swiglu,
+            (False, True): fuse_add_rms_norm(graph, "add_rms_norm", keep=HEAD_NODES[:1]),
+            (True, True): fuse_add_rms_norm(swiglu, "add_rms_norm", keep=HEAD_NODES[:1])}
 
 
 @dataclass
@@ -167,8 +188,8 @@ class CudaBackend:
         with progress.stage("building the step graphs"):
             graph, arrays = build_model_graph(model)
             self.onnx = fuse(graph) if fused else graph  # decode steps: few launches per layer
-            self.onnx_prefill = graph  # many tokens: unfused, so each projection can be a tensor-core GEMM
-            self.onnx_prefill_swiglu = fuse_gate_up_swiglu(graph, GATE_UP_SWIGLU)  # ... but gate, up, SwiGLU as one
+            self.prefill_graphs = prefill_graphs(graph)  # many tokens: so each projection can be a tensor-core GEMM
+            self.onnx_prefill = self.prefill_graphs[False, False]  # the unfused graph
         with progress.stage("uploading weights"):
             self.weights, region = self._weights_on_device(arrays, upload)
         if upload is not None:
@@ -244,8 +265,8 @@ class CudaBackend:
         sizes = {n: rows * w * np.dtype(d).itemsize for n, (w, d) in todo.items()}
         offsets = {}
         if self.tuning["share_activations"]:
-            total, offsets = buffer_plan.share([self.onnx.graph, self.onnx_prefill.graph,
-                                                self.onnx_prefill_swiglu.graph], sizes)
+            total, offsets = buffer_plan.share([self.onnx.graph] + [g.graph for g in self.prefill_graphs.values()],
+                                               sizes)
             self.buffers["activations"] = pool = cr.DeviceBuffer.zeros((total,), np.uint8)
             for n, at in offsets.items():
                 self.buffers[n] = cr.DeviceView(pool, at, sizes[n], (rows, todo[n][0]), todo[n][1])
@@ -279,7 +300,7 @@ class CudaBackend:
     def _dims(self, node, op, attrs, m) -> dict:
         c = self.cfg
         dims = dict(attrs, m=m)
-        if op in ("rms_norm",):
+        if op in ("rms_norm", "add_rms_norm"):
             dims["hidden"] = c.hidden
         elif op in ("add", "swiglu"):
             dims["numel"] = m * self.widths[node.output[0]][0]
@@ -356,14 +377,15 @@ class CudaBackend:
         gemm = not self._below_gemm(m) and clusters
         skinny = self._skinny(m)
         graph = self.onnx
-        if gemm:  # gate, up and SwiGLU as one GEMM where its wgmma build runs (tuning gemm_swiglu)
-            graph = self.onnx_prefill_swiglu if self.tuning["gemm_swiglu"] and self._gemm_wgmma() else self.onnx_prefill
+        if gemm:  # gate, up and SwiGLU as one GEMM where its wgmma build runs, Add + RMSNorm as one launch (tunings)
+            graph = self.prefill_graphs[bool(self.tuning["gemm_swiglu"] and self._gemm_wgmma()),
+                                        bool(self.tuning["add_rms_norm"])]
         nodes = []  # (node, op, attrs, dims, defines, head) of every node, then the launches
         for node in graph.graph.node:
             head = last_only and node.name in HEAD_NODES
             op = KERNEL_OF.get(node.op_type, node.op_type)
             attrs = {k: v for k, v in node_attrs(node).items() if k != "plugin_namespace"}
-            if node.op_type == "RMSNormalization":
+            if node.op_type in ("RMSNormalization", "add_rms_norm"):
                 attrs = {"epsilon": attrs["epsilon"]}
             elif node.op_type == "ArgMax":
                 attrs = {}
@@ -378,6 +400,8 @@ class CudaBackend:
             defines = defines_for(op, attrs, clusters)
             if op in X_GEMMS and self._gemm_wgmma():  # the prefill GEMM on Hopper's warpgroup MMA
                 defines = defines | gemm_wgmma_defines(bool(self.tuning["gemm_xh"]))
+                if op in GEMM_SWIGLU_OPS and int(self.tuning["gemm_swiglu_split"]) == 1:
+                    defines |= {"GEMM_SPLIT": 1}
             k = dims.get("k", dims.get("hidden"))
             # decode builds: a step of one token, one row of the head, batched decode (below the GEMM's threshold)
             if (dims["m"] == 1 or (self.tuning["batched"] and not gemm)) and op in MATMUL_OPS + FUSED_OPS:
@@ -390,7 +414,8 @@ class CudaBackend:
             if op in SKINNY_OPS:  # its stages (tuning defines) decide its shared memory
                 dims |= skinny_dims(defines)
             if defines.get("GEMM_WGMMA"):  # its build (tuning defines included) decides its tile and shared memory
-                dims |= {"gemm_wgmma": 1, "gemm_xh": int(bool(defines.get("GEMM_XH")))}
+                dims |= {"gemm_wgmma": 1, "gemm_xh": int(bool(defines.get("GEMM_XH"))),
+                         "gemm_split": int(defines.get("GEMM_SPLIT", 2))}
             # one cluster per (token, kv head) where that is all the attention uses: steps of more than ATTN_MSCR
             # tokens, and short contexts (long_context; the same bits: plugins/rope_kv_attention.cu ATTN_KVGRID)
             if op == "rope_kv_attention" and (kv_grid or one_block):  # one block: the build without clusters
@@ -526,24 +551,24 @@ class CudaBackend:
         """Enqueue the plan on self.stream; decode steps (matvec plans) as programmatic dependent launches, all but
         the first: it starts after everything before the step, which lets kernels read the step's inputs and the
         KV-cache rows of earlier steps before their pdl_wait() (plugins/pdl.cuh)."""
-        pdl = self._below_gemm(m) and self.tuning["pdl"]
+        pdl = self.tuning["pdl"] and (self._below_gemm(m) or self.tuning["prefill_pdl"])
         launches = [x for x in self.plan(m, last_only, long_context, tail, sampled)
                     if (advance or x.op != "decode_advance") and not self._skipped(x)]
-        if not self._below_gemm(m) and self.tuning["concurrent_projections"]:
-            for group in sibling_projections(launches):
-                self._launch_side_by_side(group)
-            return
-        for j, launch in enumerate(launches):
-            launch.kernel.launch(launch.cfg, launch.args, self.stream,
-                                 pdl=pdl and j > 0 and launch.op not in self.tuning["pdl_skip"])
+        groups = ([[x] for x in launches] if self._below_gemm(m) or not self.tuning["concurrent_projections"]
+                  else sibling_projections(launches))
+        for j, group in enumerate(groups):
+            # not the step's first launch, nor the first after a group joined back (it waits on other streams)
+            self._launch_side_by_side(group, pdl=pdl and j > 0 and len(groups[j - 1]) == 1
+                                      and group[0].op not in self.tuning["pdl_skip"])
 
-    def _launch_side_by_side(self, group: list[Launch]):
+    def _launch_side_by_side(self, group: list[Launch], pdl: bool = False):
         """Launch a group of independent launches (sibling_projections) at once: the first on self.stream, the others
         on side streams forked from it and joined back, so the GPU runs them side by side (captured: parallel branches
         of the graph). q, k and v of a prefill step are 96 + 16 + 16 CTAs of the wgmma GEMM: one after another each
-        leaves most SMs idle."""
+        leaves most SMs idle. pdl: the first one as a programmatic dependent launch (the side streams' never: they
+        start from an event)."""
         if len(group) == 1:
-            group[0].kernel.launch(group[0].cfg, group[0].args, self.stream)
+            group[0].kernel.launch(group[0].cfg, group[0].args, self.stream, pdl=pdl)
             return
         while len(self._side) < len(group) - 1:
             self._side.append((cr.Stream(), cr.Event()))
@@ -551,7 +576,7 @@ class CudaBackend:
         for launch, (side, _) in zip(group[1:], self._side):
             side.wait(self._fork)
             launch.kernel.launch(launch.cfg, launch.args, side)
-        group[0].kernel.launch(group[0].cfg, group[0].args, self.stream)
+        group[0].kernel.launch(group[0].cfg, group[0].args, self.stream, pdl=pdl)
         for _, (side, joined) in zip(group[1:], self._side):
             joined.record(side)
             self.stream.wait(joined)

@@ -142,3 +142,24 @@ def fuse_gate_up_swiglu(model: onnx.ModelProto, fused_op: dict[str, str]) -> onn
                                           name=n.name, in_features=shape[0], out_features=shape[1])
     _rewrite(out.graph, replace)
     return out
+
+
+def fuse_add_rms_norm(model: onnx.ModelProto, op: str, keep: tuple[str, ...] = ()) -> onnx.ModelProto:
+    """A copy of a prefill graph where each residual Add whose sum an RMSNormalization reads (the o and down
+    projections' Adds before the next norm) computes that norm too: one node `op` (the cuda backend's runtime-only
+    add_rms_norm, plugins/rms_norm.cu) at the Add's place, inputs (a, b, the norm's weight), outputs (the sum, the
+    norm's output), the norm's epsilon; the norm node goes. The sum keeps its other readers (the next residual Add).
+    Norms named in `keep` stay as they are (the final norm, which a last-only plan runs on one row)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    ix = _Index(out.graph)
+    replace: dict[int, onnx.NodeProto | None] = {}
+    for n in out.graph.node:
+        add = ix.producer.get(n.input[0]) if n.op_type == "RMSNormalization" else None
+        if add is None or add.op_type != "Add" or n.name in keep or id(add) in replace or _attr(n, "axis") != -1:
+            continue
+        replace[id(n)] = None
+        replace[id(add)] = helper.make_node(op, [add.input[0], add.input[1], n.input[1]], [add.output[0], n.output[0]],
+                                            name=n.name, epsilon=_attr(n, "epsilon"))
+    _rewrite(out.graph, replace)
+    return out

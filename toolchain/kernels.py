@@ -80,6 +80,7 @@ _FAMILY = {
     **{op: "quant_matmul" for op in MATMUL_OPS},
     **{op: "quant_gather" for op in GATHER_OPS},
     "rms_norm": "rms_norm",
+    "add_rms_norm": "rms_norm",  # runtime-only: a prompt step's residual Add and the RMSNorm of its sum at once
     "add": "elementwise",
     "swiglu": "elementwise",
     "argmax": "argmax",
@@ -389,7 +390,7 @@ def defines_for(op: str, attrs: dict, clusters: bool = True) -> dict:
         if not clusters and op in ATTENTION_OPS:
             d["ATTN_CLUSTER"] = 0
         return d
-    if op == "rms_norm":
+    if op in ("rms_norm", "add_rms_norm"):
         return {"RMS_EPS": float(attrs.get("epsilon", 1e-6))}
     if op in SKINNY_OPS:  # the replaced op's type and norm defines (not its matvec k split), and the cluster the
         # shape decides (the fused ones need the model's hidden size in attrs)
@@ -471,7 +472,8 @@ def launch_config(op: str, dims: dict, ops=INT_OPS, clusters: bool = True) -> La
             swiglu = op in GEMM_SWIGLU_OPS
             smem = (GEMM_XH_SMEM if dims.get("gemm_xh") else GEMM_WGMMA_SMEM)[GEMM_SWIGLU_BASE[op] if swiglu else op]
             rows = GEMM_SWIGLU_ROWS if swiglu else GEMM_WGMMA_ROWS
-            return LaunchConfig((-(-n // rows), ops.cdiv(m, GEMM_TOKENS), 2), (GEMM_THREADS, 1, 1), smem, (m, n, k))
+            return LaunchConfig((-(-n // rows), ops.cdiv(m, GEMM_TOKENS), int(dims.get("gemm_split", 2))),
+                                (GEMM_THREADS, 1, 1), smem, (m, n, k))
         return LaunchConfig((-(-n // GEMM_ROWS), ops.cdiv(m, GEMM_TOKENS), 2), (GEMM_THREADS, 1, 1), GEMM_SMEM[op],
                             (m, n, k))
     if op in SKINNY_OPS:
@@ -493,7 +495,7 @@ def launch_config(op: str, dims: dict, ops=INT_OPS, clusters: bool = True) -> La
     if op in GATHER_OPS:
         hidden = _dim(dims, "hidden")
         return LaunchConfig((ops.cdiv(hidden, 256), m, 1), (256, 1, 1), 0, (m, hidden, _dim(dims, "vocab")))
-    if op == "rms_norm":
+    if op in ("rms_norm", "add_rms_norm"):
         return LaunchConfig((m, 1, 1), (256, 1, 1), 0, (m, _dim(dims, "hidden")))
     if op in ("add", "swiglu"):
         numel = _dim(dims, "numel")
@@ -713,8 +715,11 @@ def decode_specializations(model: dict) -> list[tuple[str, dict]]:
     wgmma = [(op, gemm_wgmma_defines(xh)) for op in GEMM_OPS + GEMM_SWIGLU_OPS for xh in (False, True)]
     wgmma.append(("gemm_x_f16", gemm_wgmma_defines(True)))
     # the producers of those GEMMs' inputs, writing the fp16 copy themselves (the cuda backend's xh_by_producer)
-    wgmma += [(op, defines_for(op, model) | {"XH_OUT": 1}) for op in ("rms_norm", "swiglu", "prefill_attention")]
+    wgmma += [(op, defines_for(op, model) | {"XH_OUT": 1})
+              for op in ("rms_norm", "add_rms_norm", "swiglu", "prefill_attention")]
     wgmma += [(op, gemm_wgmma_defines(True) | {"XH_OUT": 1}) for op in GEMM_SWIGLU_OPS]
+    # ... and without the k split (the cuda backend's tuning gemm_swiglu_split = 1)
+    wgmma += [(op, d | {"GEMM_SPLIT": 1}) for op, d in wgmma if op in GEMM_SWIGLU_OPS and d.get("GEMM_XH")]
     return out + pairs + kv_grid + wgmma + list(batched.values())
 
 
