@@ -1,4 +1,4 @@
-// Programmatic dependent launch (sm_90) and L2 prefetch, shared by every kernel of the decode step.
+// Programmatic dependent launch (sm_90) and L2 prefetch, shared by every kernel of the decode and prompt steps.
 //
 // The runtime may launch a kernel with the programmatic-stream-serialization attribute (toolchain/cuda_runtime.py,
 // Kernel.launch(pdl=True)): it is then scheduled while the kernel before it on the stream is still running, as soon

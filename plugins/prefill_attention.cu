@@ -73,7 +73,7 @@ __device__ __forceinline__ float inv_freq(int j) {  // theta^(-2j/D), rounded on
 }
 
 extern "C" __global__ void __launch_bounds__(128) rope_kv_append(
-    const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+    const float* q, const float* k, const float* v,  // earlier kernels' outputs: no __restrict__ (plugins/pdl.cuh)
     const int* __restrict__ positions, const int* __restrict__ slots, int m, int n_slots, int max_seq,
     float* __restrict__ q_rot, __half* __restrict__ k_cache, __half* __restrict__ v_cache) {
     const int t = blockIdx.x;
@@ -136,7 +136,7 @@ __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
 }  // namespace pa
 
 extern "C" __global__ void __launch_bounds__(32 * PA_WARPS) prefill_attention(
-    const float* __restrict__ q_rot, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
+    const float* q_rot, const __half* k_cache, const __half* v_cache,  // rope_kv_append's: no __restrict__ (pdl.cuh)
     const int* __restrict__ positions, const int* __restrict__ slots, int m, int n_slots, int max_seq,
     float* __restrict__ out, float* part, int* count
 #if XH_OUT

@@ -659,7 +659,7 @@ QTRT_GEMM_SWIGLU(q6k_gemm_swiglu, Q6K)
 // word 4 + c = (x[4c+1], x[4c+3]), as store_x writes it to shared memory): the input of the GEMM_XH build, made once
 // per activation and read by every GEMM of it (q, k, v; gate, up). One thread per chunk; k % 16 == 0, x 16-aligned.
 // LAUNCH: block (256, 1, 1), grid (cdiv(m * k, 16 * 256), 1, 1).
-extern "C" __global__ void __launch_bounds__(256) gemm_x_f16(const float* __restrict__ x, int m, int k,
+extern "C" __global__ void __launch_bounds__(256) gemm_x_f16(const float* x, int m, int k,  // x: no __restrict__
                                                              uint4* __restrict__ xh) {
     pdl_launch_dependents();
     pdl_wait();

@@ -481,16 +481,18 @@ def test_gate_up_swiglu_without_the_k_split(synth, backend):
     assert 0 < err < 1e-3 and one.argmax() == two.argmax()
 
 
-def test_prefill_pdl_keeps_the_bits(synth, backend):
+@pytest.mark.parametrize("side_by_side", [True, False], ids=["side streams", "one stream"])
+def test_prefill_pdl_keeps_the_bits(synth, backend, side_by_side):
     """Prompt steps as programmatic dependent launches (tuning prefill_pdl; the prefill GEMMs issue their first weight
     copies before their wait) give exactly the bits of the same launches one after another, through a whole
-    264-token prompt (two captured 96-token pieces, then an eager 72) and the greedy decode steps after it, twice."""
+    264-token prompt (two captured 96-token pieces, then an eager 72) and the greedy decode steps after it, twice;
+    with q, k and v on side streams (the launch after their join an ordinary one) and all on one stream."""
     model, _ = synth
     prompt = np.random.default_rng().integers(0, model.config.vocab, 264).tolist()
     saved, got = dict(backend.tuning), {}
     try:
         for pdl in (True, False, True):
-            use_tuning(backend, {**saved, "prefill_pdl": pdl})
+            use_tuning(backend, {**saved, "prefill_pdl": pdl, "concurrent_projections": side_by_side})
             backend.reset()
             logits = backend.forward(prompt)
             steps = [backend.buffers["logits"].download(backend.stream, rows=1)[0]

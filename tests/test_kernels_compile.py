@@ -629,6 +629,12 @@ def test_fuse_add_rms_norm(synth_gguf):
                      else next(w.name for w in want if w.input[0] == nodes[n].output[0])
                      for n in nodes if n not in {w.name for w in want}]
     assert sum(n.op_type == "RMSNormalization" for n in f.graph.node) == 2  # layer 0's input norm, the final norm
+    m = onnx.ModelProto()  # an Add of a weight (broadcast) is not fused
+    m.CopyFrom(g)
+    add = next(n for n in m.graph.node if n.output[0] == want[0].input[0])
+    add.input[1] = next(w for w in (n.input[1] for n in m.graph.node if n.op_type == "RMSNormalization"))
+    fused_m = fuse_add_rms_norm(m, "add_rms_norm", keep=HEAD_NODES[:1])
+    assert [n.op_type for n in fused_m.graph.node].count("add_rms_norm") == len(want) - 1
     graphs = prefill_graphs(g)
     assert list(graphs) == [(False, False), (True, False), (False, True), (True, True)] and graphs[False, False] is g
     both = [n.op_type for n in graphs[True, True].graph.node]

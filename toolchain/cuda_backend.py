@@ -400,7 +400,9 @@ class CudaBackend:
             defines = defines_for(op, attrs, clusters)
             if op in X_GEMMS and self._gemm_wgmma():  # the prefill GEMM on Hopper's warpgroup MMA
                 defines = defines | gemm_wgmma_defines(bool(self.tuning["gemm_xh"]))
-                if op in GEMM_SWIGLU_OPS and int(self.tuning["gemm_swiglu_split"]) == 1:
+                if op in GEMM_SWIGLU_OPS and (split := int(self.tuning["gemm_swiglu_split"])) != 2:
+                    if split != 1:
+                        raise ValueError(f"tuning gemm_swiglu_split={split}: 2 (the k split) or 1 (none)")
                     defines |= {"GEMM_SPLIT": 1}
             k = dims.get("k", dims.get("hidden"))
             # decode builds: a step of one token, one row of the head, batched decode (below the GEMM's threshold)
@@ -548,9 +550,11 @@ class CudaBackend:
 
     def run_plan(self, m: int, advance: bool = False, last_only: bool = False, long_context: bool = False,
                  tail: Tail | None = None, sampled: int = 0):
-        """Enqueue the plan on self.stream; decode steps (matvec plans) as programmatic dependent launches, all but
-        the first: it starts after everything before the step, which lets kernels read the step's inputs and the
-        KV-cache rows of earlier steps before their pdl_wait() (plugins/pdl.cuh)."""
+        """Enqueue the plan on self.stream as programmatic dependent launches (tuning pdl; prompt steps with tuning
+        prefill_pdl), all but the first, which starts after everything before the step: that lets kernels read the
+        step's inputs and the KV-cache rows of earlier steps before their pdl_wait() (plugins/pdl.cuh). In prompt
+        steps the launches on side streams (concurrent_projections) and the first after they join back are ordinary
+        launches: each waits on the other streams' events, not on one kernel before it."""
         pdl = self.tuning["pdl"] and (self._below_gemm(m) or self.tuning["prefill_pdl"])
         launches = [x for x in self.plan(m, last_only, long_context, tail, sampled)
                     if (advance or x.op != "decode_advance") and not self._skipped(x)]
@@ -709,7 +713,7 @@ class CudaBackend:
 
     def _below_gemm(self, m: int) -> bool:
         """Whether a step of m tokens is below the GEMMs' threshold (tuning gemm_min_m): a decode step, whose plan
-        is captured and launched with programmatic dependent launch."""
+        runs the decode graph one launch after another (no side streams)."""
         return m < self.tuning["gemm_min_m"]
 
     def launch_decode(self, m: int, position: int, ids=None, positions=None, slots=None,

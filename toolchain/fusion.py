@@ -149,14 +149,16 @@ def fuse_add_rms_norm(model: onnx.ModelProto, op: str, keep: tuple[str, ...] = (
     projections' Adds before the next norm) computes that norm too: one node `op` (the cuda backend's runtime-only
     add_rms_norm, plugins/rms_norm.cu) at the Add's place, inputs (a, b, the norm's weight), outputs (the sum, the
     norm's output), the norm's epsilon; the norm node goes. The sum keeps its other readers (the next residual Add).
-    Norms named in `keep` stay as they are (the final norm, which a last-only plan runs on one row)."""
+    Norms named in `keep` stay as they are (the final norm, which a last-only plan runs on one row). Only Adds of two
+    values other nodes produce (no weight or graph input: nothing broadcast, the kernel reads both as [m, hidden])."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     ix = _Index(out.graph)
     replace: dict[int, onnx.NodeProto | None] = {}
     for n in out.graph.node:
         add = ix.producer.get(n.input[0]) if n.op_type == "RMSNormalization" else None
-        if add is None or add.op_type != "Add" or n.name in keep or id(add) in replace or _attr(n, "axis") != -1:
+        if (add is None or add.op_type != "Add" or n.name in keep or id(add) in replace or _attr(n, "axis") != -1
+                or any(i not in ix.producer for i in add.input)):
             continue
         replace[id(n)] = None
         replace[id(add)] = helper.make_node(op, [add.input[0], add.input[1], n.input[1]], [add.output[0], n.output[0]],
