@@ -149,9 +149,9 @@ VARIANTS = {
     # prompts (--prompts): the default, and without the gate/up/SwiGLU GEMM (three launches: gate, up, swiglu)
     "prefill": {**DEFAULT, **PREFILL},
     "prefill_no_gemm_swiglu": {**DEFAULT, **PREFILL, "gemm_swiglu": False},
-    # ... with the gate/up/SwiGLU GEMM's k split or without (other bits), and without programmatic dependent launches
+    # ... with the gate/up/SwiGLU GEMM's k split or without (other bits), with programmatic dependent launches
     **{f"prefill_swiglu_split{n}": {**DEFAULT, **PREFILL, "gemm_swiglu_split": n} for n in (1, 2)},
-    "prefill_no_pdl": {**DEFAULT, **PREFILL, "prefill_pdl": False},
+    "prefill_pdl": {**DEFAULT, **PREFILL, "prefill_pdl": True},
     "prefill_no_add_rms_norm": {**DEFAULT, **PREFILL, "add_rms_norm": False},
     # diagnostics: the step without one kernel family (wrong results; the time saved is what the family costs in
     # the step, PDL overlap included)

@@ -410,7 +410,7 @@ def test_gate_up_swiglu_keeps_the_bits(synth, backend, xh):
     saved, got, plans = dict(backend.tuning), {}, {}
     try:
         for fused in (True, False):
-            use_tuning(backend, {**saved, "gemm_swiglu": fused, "gemm_xh": xh})
+            use_tuning(backend, {**saved, "gemm_swiglu": fused, "gemm_xh": xh, "gemm_swiglu_split": 2})
             plans[fused] = backend.plan(backend.max_tokens, last_only=True)
             backend.reset()
             got[fused] = backend.forward(prompt)

@@ -56,14 +56,16 @@ prefill_kv_splits, xh_by_producer: see plan() and the perf notes), and:
   defines go there, not to q4k_gemm) on the node named after the swiglu (a skip of 'swiglu' skips it, of
   'gate_proj' nothing).
 - gemm_swiglu_split: that GEMM's k split over its cluster pair (2: the sums of the plain split GEMMs, so the bits of
-  GEMM, GEMM, swiglu) or none (1: each CTA all of k, one chain of sums: other bits, as precise; half the CTAs, each
-  twice as long, no exchange).
+  GEMM, GEMM, swiglu) or none (1, the default: each CTA all of k, one chain of sums, other bits, as precise; half the
+  CTAs, each twice as long, no exchange: H100, prompts of 512 / 4,096 / 16,384 tokens +6.6 / +3.9 / +3.9%,
+  bench/results/device-2026-12-06h).
 - add_rms_norm: each residual Add and the RMSNorm of its sum as one launch (fusion.fuse_add_rms_norm,
-  plugins/rms_norm.cu add_rms_norm; the final norm stays): the same bits, one launch and one read of the sum less.
-- prefill_pdl: the prompt step's launches as programmatic dependent launches too (tuning pdl's, plugins/pdl.cuh),
-  but for the step's first, the ones on side streams (concurrent_projections) and the first after such a group joins
-  back: a prefill GEMM issues its first weight copies in the previous kernel's tail, the other kernels skip the launch
-  gap.
+  plugins/rms_norm.cu add_rms_norm; the final norm stays): the same bits, one launch and one read of the sum less
+  (H100: +2.1-2.3% on prompts up to 4,096 tokens).
+- prefill_pdl (off): the prompt step's launches as programmatic dependent launches too (tuning pdl's,
+  plugins/pdl.cuh), but for the step's first, the ones on side streams (concurrent_projections) and the first after
+  such a group joins back; a prefill GEMM then issues its first weight copies in the previous kernel's tail. The same
+  bits, but slower on the H100 (512-token step -4.8%, prompts -3 to -5%; not profiled), so off.
 """
 from __future__ import annotations
 
@@ -110,7 +112,7 @@ TUNING = {"pdl": True, "m1": True, "qmv1": True, "plain": True, "batched": True,
           "skinny_min_m": SKINNY_MIN_M, "attn_kv_grid": True, "attn_one_block_keys": ATTN_ONE_BLOCK_KEYS,
           "skinny_skip": (), "gemm_wgmma": True, "gemm_xh": True,
           "concurrent_projections": True, "prefill_kv_splits": PREFILL_KV_SPLITS, "xh_by_producer": True,
-          "gemm_swiglu": True, "gemm_swiglu_split": 2, "prefill_pdl": True, "add_rms_norm": True}
+          "gemm_swiglu": True, "gemm_swiglu_split": 1, "prefill_pdl": False, "add_rms_norm": True}
 # The kernels TensorRT's plugins get (toolchain/trt/plugins.py, issue 16), run here to prove them on the GPU: no
 # thread-block cluster launch (so no cluster k-split, no xmerge pair and no prefill GEMM, whose split-K is a cluster),
 # the attention with the caches by address (rope_kv_attention_addr), the general matvec core at every m. With
