@@ -400,7 +400,8 @@ def test_gate_up_swiglu_keeps_the_bits(synth, backend, xh):
     (tuning gemm_swiglu, plugins/quant_gemm.cu q4k_gemm_swiglu): the plan has one per layer and no gate, up or swiglu
     launch, and a 264-token prompt (two captured pieces of 96, then an eager 72, from GEMM_MIN_M) gives the bits of
     the three launches, with the GEMMs' input as fp16 (its fp16 copy for the down projection written instead of its
-    float32 output) and as float32."""
+    float32 output) and as float32. The fused GEMM's k-split build (gemm_swiglu_split 2): the sums of the split plain
+    GEMMs (the unsplit default's are checked in test_gate_up_swiglu_without_the_k_split)."""
     from toolchain import cuda_runtime as cr
 
     if not backend.tuning["clusters"] or cr.compute_capability() != (9, 0):

@@ -52,16 +52,16 @@ Prompt (prefill) steps, m >= gemm_min_m, also have tunings of their own (gemm_wg
 prefill_kv_splits, xh_by_producer: see plan() and the perf notes), and:
 - gemm_swiglu: where those GEMMs run their wgmma build (compute capability 9.0), the gate and up projections and
   their SwiGLU as one GEMM (fusion.fuse_gate_up_swiglu, plugins/quant_gemm.cu q4k_gemm_swiglu): the gate and up
-  outputs never reach memory and the swiglu launch goes; the same bits. Its launch is the op q4k_gemm_swiglu (tuning
-  defines go there, not to q4k_gemm) on the node named after the swiglu (a skip of 'swiglu' skips it, of
-  'gate_proj' nothing).
+  outputs never reach memory and the swiglu launch goes; the same bits with gemm_swiglu_split 2. Its launch is the
+  op q4k_gemm_swiglu (tuning defines go there, not to q4k_gemm) on the node named after the swiglu (a skip of
+  'swiglu' skips it, of 'gate_proj' nothing).
 - gemm_swiglu_split: that GEMM's k split over its cluster pair (2: the sums of the plain split GEMMs, so the bits of
   GEMM, GEMM, swiglu) or none (1, the default: each CTA all of k, one chain of sums, other bits, as precise; half the
   CTAs, each twice as long, no exchange: H100, prompts of 512 / 4,096 / 16,384 tokens +6.6 / +3.9 / +3.9%,
   bench/results/device-2026-12-06h).
 - add_rms_norm: each residual Add and the RMSNorm of its sum as one launch (fusion.fuse_add_rms_norm,
   plugins/rms_norm.cu add_rms_norm; the final norm stays): the same bits, one launch and one read of the sum less
-  (H100: +2.1-2.3% on prompts up to 4,096 tokens).
+  (H100: +2.1% on prompts of 512 and 4,096 tokens, +2.3% on the 512-token step).
 - prefill_pdl (off): the prompt step's launches as programmatic dependent launches too (tuning pdl's,
   plugins/pdl.cuh), but for the step's first, the ones on side streams (concurrent_projections) and the first after
   such a group joins back; a prefill GEMM then issues its first weight copies in the previous kernel's tail. The same
