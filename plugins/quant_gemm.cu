@@ -67,6 +67,9 @@ using namespace qmma;
 #ifndef GEMM_SPLIT
 #define GEMM_SPLIT 2
 #endif
+#ifndef GEMM_PDL_LATE
+#define GEMM_PDL_LATE 0  // 1 (wgmma body): pdl_launch_dependents() after the main loop instead of at the kernel's start
+#endif
 
 namespace {
 
@@ -552,6 +555,9 @@ __device__ __forceinline__ void gemm_wgmma(const float* __restrict__ x, const ui
     } else {
         pdl_wait();
     }
+#if GEMM_PDL_LATE
+    pdl_launch_dependents();  // the next kernel's blocks may take this SM's room only from here (the epilogue) on
+#endif
     if constexpr (SW) {
         gemm_swiglu_epilogue(acc, X0, m, n, m0, n0, rank, row0 - 64 * wg, wg, tid, y, xh_out);
         return;
@@ -604,12 +610,19 @@ __device__ __forceinline__ void gemm_wgmma(const float* __restrict__ x, const ui
 }
 #define GEMM_BODY gemm_wgmma
 #define GEMM_ENTRY_WAIT()  // gemm_wgmma waits itself, once its first weight copies are issued
+#if GEMM_PDL_LATE
+#define GEMM_ENTRY_TRIGGER()  // gemm_wgmma triggers its dependents after its main loop
+#endif
 #else
 #define GEMM_BODY gemm
 #define GEMM_ENTRY_WAIT() pdl_wait()
 #endif
 
 }  // namespace
+
+#ifndef GEMM_ENTRY_TRIGGER
+#define GEMM_ENTRY_TRIGGER() pdl_launch_dependents()
+#endif
 
 #if GEMM_SPLIT == 2
 #define GEMM_ATTRS __cluster_dims__(1, 1, 2) __launch_bounds__(THREADS, 1)
@@ -621,7 +634,7 @@ __device__ __forceinline__ void gemm_wgmma(const float* __restrict__ x, const ui
     extern "C" __global__ void GEMM_ATTRS NAME(const float* x, const uint8_t* __restrict__ w,                      \
                                                const float* __restrict__ bias, int m, int n, int k,                \
                                                float* __restrict__ y) {                                            \
-        pdl_launch_dependents();                                                                                   \
+        GEMM_ENTRY_TRIGGER();                                                                                      \
         GEMM_ENTRY_WAIT();                                                                                         \
         GEMM_BODY<F>(x, w, bias, m, n, k, y);                                                                      \
     }
@@ -647,7 +660,7 @@ QTRT_GEMM(q6k_gemm, Q6K)
                                                const uint8_t* __restrict__ wu, int m, int n, int k,                \
                                                float* __restrict__ y SWIGLU_XH) {                                  \
         if (n % 16) __trap(); /* 16 rows per thread in the epilogue; the runtime never launches such an n */     \
-        pdl_launch_dependents(); /* gemm_wgmma waits (pdl_wait) after its first weight copies */                  \
+        GEMM_ENTRY_TRIGGER(); /* gemm_wgmma waits (pdl_wait) after its first weight copies */                     \
         gemm_wgmma<F, true>(x, wg, nullptr, m, n, k, y, wu, SWIGLU_XH_ARG);                                        \
     }
 

@@ -152,6 +152,10 @@ VARIANTS = {
     # ... with the gate/up/SwiGLU GEMM's k split or without (other bits), with programmatic dependent launches
     **{f"prefill_swiglu_split{n}": {**DEFAULT, **PREFILL, "gemm_swiglu_split": n} for n in (1, 2)},
     "prefill_pdl": {**DEFAULT, **PREFILL, "prefill_pdl": True},
+    # ... with the prefill GEMMs releasing their dependents only after their main loop (GEMM_PDL_LATE builds: the next
+    # kernel's blocks no longer take SM room during the GEMM's waves; not yet timed)
+    "prefill_pdl_late": {**DEFAULT, **PREFILL, "prefill_pdl": True,
+                         "defines": {op: {"GEMM_PDL_LATE": 1} for op in K.GEMM_OPS + K.GEMM_SWIGLU_OPS}},
     "prefill_no_add_rms_norm": {**DEFAULT, **PREFILL, "add_rms_norm": False},
     # diagnostics: the step without one kernel family (wrong results; the time saved is what the family costs in
     # the step, PDL overlap included)

@@ -482,18 +482,23 @@ def test_gate_up_swiglu_without_the_k_split(synth, backend):
     assert 0 < err < 1e-3 and one.argmax() == two.argmax()
 
 
-@pytest.mark.parametrize("side_by_side", [True, False], ids=["side streams", "one stream"])
-def test_prefill_pdl_keeps_the_bits(synth, backend, side_by_side):
+@pytest.mark.parametrize("side_by_side,late", [(True, False), (False, False), (True, True)],
+                         ids=["side streams", "one stream", "late trigger"])
+def test_prefill_pdl_keeps_the_bits(synth, backend, side_by_side, late):
     """Prompt steps as programmatic dependent launches (tuning prefill_pdl; the prefill GEMMs issue their first weight
     copies before their wait) give exactly the bits of the same launches one after another, through a whole
     264-token prompt (two captured 96-token pieces, then an eager 72) and the greedy decode steps after it, twice;
-    with q, k and v on side streams (the launch after their join an ordinary one) and all on one stream."""
+    with q, k and v on side streams (the launch after their join an ordinary one) and all on one stream, and with
+    the GEMMs releasing their dependents only after their main loop (GEMM_PDL_LATE builds)."""
     model, _ = synth
     prompt = np.random.default_rng().integers(0, model.config.vocab, 264).tolist()
     saved, got = dict(backend.tuning), {}
     try:
         for pdl in (True, False, True):
-            use_tuning(backend, {**saved, "prefill_pdl": pdl, "concurrent_projections": side_by_side})
+            late_defines = {op: {"GEMM_PDL_LATE": 1} for op in ("q4k_gemm", "q6k_gemm", "q4k_gemm_swiglu",
+                                                                 "q6k_gemm_swiglu")} if late else {}
+            use_tuning(backend, {**saved, "prefill_pdl": pdl, "concurrent_projections": side_by_side,
+                                 "defines": saved["defines"] | late_defines})
             backend.reset()
             logits = backend.forward(prompt)
             steps = [backend.buffers["logits"].download(backend.stream, rows=1)[0]
