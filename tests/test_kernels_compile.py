@@ -507,6 +507,59 @@ def test_which_launches_are_programmatic_dependent_launches():
     assert [g for g, _ in decode] == [[x.node] for x in prompt] and [p for _, p in decode] == [False] + [True] * 12
 
 
+def test_a_group_side_by_side_takes_pdl_only_on_the_steps_stream(monkeypatch):
+    """CudaBackend._launch_side_by_side with stand-in streams, events and kernels: the group's first launch goes to
+    the step's stream, with the PDL flag it was given; the others to side streams forked from it by an event and
+    never as PDL launches (they start from the event, not from one kernel); the step's stream then waits on each side
+    stream's event. A group of one is one launch on the step's stream."""
+    import toolchain.cuda_backend as cb
+
+    log = []
+
+    class Stream:
+        def __init__(self):
+            self.name = f"side{sum(x[0] == 'stream' for x in log)}"
+            log.append(("stream", self.name))
+
+        def wait(self, event):
+            log.append(("wait", self.name, event.name))
+
+    class Event:
+        def __init__(self):
+            self.name = f"event{sum(x[0] == 'event' for x in log)}"
+            log.append(("event", self.name))
+
+        def record(self, stream):
+            log.append(("record", self.name, stream.name))
+
+    class Kernel:
+        def __init__(self, name):
+            self.name = name
+
+        def launch(self, cfg, args, stream, pdl=False):
+            log.append(("launch", self.name, stream.name, pdl))
+
+    monkeypatch.setattr(cb.cr, "Stream", Stream)
+    monkeypatch.setattr(cb.cr, "Event", Event)
+    be = object.__new__(cb.CudaBackend)
+    main = Stream()
+    main.name = "main"
+    be.stream, be._fork, be._side = main, Event(), []
+    group = [cb.Launch(n, "q4k_gemm", Kernel(n), None, []) for n in ("q", "k", "v")]
+    log.clear()
+    be._launch_side_by_side(group, pdl=True)
+    launches = [x for x in log if x[0] == "launch"]
+    assert launches == [("launch", "k", "side0", False), ("launch", "v", "side1", False), ("launch", "q", "main", True)]
+    fork = be._fork.name
+    assert ("record", fork, "main") in log and ("wait", "side0", fork) in log and ("wait", "side1", fork) in log
+    assert log.index(("record", fork, "main")) < log.index(("launch", "k", "side0", False))
+    joins = [x for x in log if x[0] == "wait" and x[1] == "main"]  # the step's stream waits on both side streams
+    assert len(joins) == 2 and log.index(joins[0]) > log.index(("launch", "q", "main", True))
+    log.clear()
+    be._launch_side_by_side(group[:1], pdl=True)
+    assert log == [("launch", "q", "main", True)]
+
+
 def test_fold_x_f16():
     """CudaBackend._fold_x_f16 on a plan of stand-in launches: a gemm_x_f16 right after the producer of the tensor it
     converts (XH_PRODUCERS, found at that op's output index) goes into that launch as its XH_OUT build (same defines
