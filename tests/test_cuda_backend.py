@@ -568,7 +568,7 @@ def test_xmerge_matches_the_attention_merge(synth, backend, keys):
     the attention's own cross-cluster merge: greedy graph steps from position 2100 of a filled cache, where 3 (1024
     keys per cluster, xmerge's default) or 5 (512) clusters per kv head work; from position 1021, where the replays
     switch from the plain graph to the xmerge one at 1024 keys; and from position 3 (the plain graph)."""
-    if backend.onnx is backend.onnx_prefill:
+    if backend.onnx is backend.prefill_graphs[False, False]:
         pytest.skip("the unfused graph's o projection is a plain matmul: no xmerge pairing")
     model, _ = synth
     c = model.config

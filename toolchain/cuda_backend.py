@@ -192,7 +192,6 @@ class CudaBackend:
             graph, arrays = build_model_graph(model)
             self.onnx = fuse(graph) if fused else graph  # decode steps: few launches per layer
             self.prefill_graphs = prefill_graphs(graph)  # many tokens: so each projection can be a tensor-core GEMM
-            self.onnx_prefill = self.prefill_graphs[False, False]  # the unfused graph
         with progress.stage("uploading weights"):
             self.weights, region = self._weights_on_device(arrays, upload)
         if upload is not None:
@@ -282,7 +281,8 @@ class CudaBackend:
         """Row width and dtype of every activation the graph produces (from ONNX shape inference)."""
         out = {}
         values = []
-        for g in {id(self.onnx): self.onnx, id(self.onnx_prefill): self.onnx_prefill}.values():
+        unfused = self.prefill_graphs[False, False]  # every other graph's values are among these two's
+        for g in {id(self.onnx): self.onnx, id(unfused): unfused}.values():
             inferred = onnx.shape_inference.infer_shapes(g)
             values += list(inferred.graph.value_info) + list(inferred.graph.output)
         for v in values:
@@ -378,6 +378,9 @@ class CudaBackend:
             return self._plans[key]
         clusters = self.tuning["clusters"]
         gemm = not self._below_gemm(m) and clusters
+        swiglu_split = int(self.tuning["gemm_swiglu_split"])
+        if swiglu_split not in (1, 2):
+            raise ValueError(f"tuning gemm_swiglu_split={swiglu_split}: 2 (the k split) or 1 (none)")
         skinny = self._skinny(m)
         graph = self.onnx
         if gemm:  # gate, up and SwiGLU as one GEMM where its wgmma build runs, Add + RMSNorm as one launch (tunings)
@@ -403,9 +406,7 @@ class CudaBackend:
             defines = defines_for(op, attrs, clusters)
             if op in X_GEMMS and self._gemm_wgmma():  # the prefill GEMM on Hopper's warpgroup MMA
                 defines = defines | gemm_wgmma_defines(bool(self.tuning["gemm_xh"]))
-                if op in GEMM_SWIGLU_OPS and (split := int(self.tuning["gemm_swiglu_split"])) != 2:
-                    if split != 1:
-                        raise ValueError(f"tuning gemm_swiglu_split={split}: 2 (the k split) or 1 (none)")
+                if op in GEMM_SWIGLU_OPS and swiglu_split == 1:
                     defines |= {"GEMM_SPLIT": 1}
             k = dims.get("k", dims.get("hidden"))
             # decode builds: a step of one token, one row of the head, batched decode (below the GEMM's threshold)
