@@ -2,7 +2,7 @@
 (GEMM_MIN_M or more: tensor-core GEMMs + tiled prefill attention), three self-advancing CUDA-graph decode replays, two more at position
 2100 (two attention clusters per kv head: the cluster pushes and the o projection's merge of their partials), 5-, 2-
 and 13-token steps on the matvec path (the decode core's batched builds), 20-token steps (the attention's one-block and
-one-cluster plans), 40-token prompt chunks (below GEMM_MIN_M: the GEMMs for few tokens); the device sampler (plugins/sampling.cu:
+one-cluster plans), the engine's prompt steps (a decode row beside a prompt piece, a piece alone), 40-token prompt chunks (below GEMM_MIN_M: the GEMMs for few tokens); the device sampler (plugins/sampling.cu:
 penalties, top-k/top-p/min-p, a wide nucleus, temperature alone) in a sampled graph and in steps that sample some
 rows, and its log-probabilities; fused and unfused graphs, and the unfused graph on TensorRT's builds (no clusters,
 the KV cache by address: issue 16); then rows with a token id outside the vocabulary or a slot or position outside
@@ -54,6 +54,10 @@ for fused, tuning in ((True, None), (False, None), (False, TENSORRT_BUILDS)):
     drawn = [int(t) for t in be.step_tokens([3, 4], [60, 61], [0, 1], rows=[0, 1], tail=Tail(False, True, True))]
     lps += be.last_logprobs(drawn, [20, 0])
     assert all(len(r["top"]) == k for r, k in zip(lps, [5, 20, 20, 0])), lps
+    # the engine's prompt steps on the prefill GEMMs: a decode row beside a 72-token piece of slot 1 (decode
+    # attention for the one, the prefill pair for the other), and a piece alone drawing its last row's token
+    be.step([5] + list(range(72)), [70] + list(range(100, 172)), [0] + [1] * 72)
+    toks += [int(t) for t in be.step_tokens(list(range(72)), list(range(172, 244)), [1] * 72, rows=[71])]
     # rows no backend lets through (their checks skipped here: _set_inputs), for the kernels' own guards: a slot or
     # position outside the cache in a one-token step, a two-token step and a prompt prefill; memcheck must stay clean
     vocab = model.config.vocab

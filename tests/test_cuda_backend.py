@@ -155,10 +155,10 @@ def test_batched_slots_equal_separate_runs(synth, backend, m):
 
 @pytest.mark.parametrize("chunk", [32, "gemm"])
 def test_a_mixed_step_equals_its_rows_alone(synth, backend, chunk):
-    """What the engine runs under load: one step of a prompt chunk of one slot beside decode rows of three others
-    (chunk 32: m = 35, the few-token GEMMs; chunk GEMM_MIN_M: the prefill GEMMs' plan with the decode attention;
-    several tokens of one slot in the step either way) = the chunk in a step of its own (the same GEMMs) and each
-    decode row in a step of its own."""
+    """What the engine runs under load: one step of decode rows of three slots then a prompt chunk of a fourth (the
+    engine's order; chunk 32: m = 35, the few-token GEMMs and each token's decode attention; chunk GEMM_MIN_M: the
+    prefill GEMMs, the chunk's attention as the prefill pair, piece_from = 3) = the chunk in a step of its own (the
+    same GEMMs and attention) and each decode row in a step of its own."""
     from toolchain.cuda_backend import GEMM_MIN_M
 
     n = GEMM_MIN_M if chunk == "gemm" else chunk
@@ -173,15 +173,15 @@ def test_a_mixed_step_equals_its_rows_alone(synth, backend, chunk):
             backend.step(p[:-1], np.arange(len(p) - 1), np.full(len(p) - 1, s))
 
     prefill()
-    ids = prompts[0][8:] + [prompts[s][-1] for s in (1, 2, 3)]
-    positions = list(range(8, 8 + n)) + [len(prompts[s]) - 1 for s in (1, 2, 3)]
-    mixed = backend.step(ids, positions, [0] * n + [1, 2, 3]).copy()
+    ids = [prompts[s][-1] for s in (1, 2, 3)] + prompts[0][8:]
+    positions = [len(prompts[s]) - 1 for s in (1, 2, 3)] + list(range(8, 8 + n))
+    mixed = backend.step(ids, positions, [1, 2, 3] + [0] * n).copy()
     prefill()
     alone = backend.step(prompts[0][8:], np.arange(8, 8 + n), np.zeros(n))
-    errs = [rel_err(mixed[j], alone[j]) for j in range(n)]
+    errs = [rel_err(mixed[3 + j], alone[j]) for j in range(n)]
     for k, s in enumerate((1, 2, 3)):
         single = backend.step([prompts[s][-1]], [len(prompts[s]) - 1], [s])
-        errs.append(rel_err(mixed[n + k], single[0]))
+        errs.append(rel_err(mixed[k], single[0]))
     # the chunk rows run the same GEMMs either way (the first six printed 0.0 on the H100 with the 32-token chunk on
     # the prefill GEMMs, before GEMM_MIN_M was 65); a decode row beside the chunk runs a tensor-core GEMM (float16
     # activations), alone the batch-1 matvec (int8 activations per 16): measured 1.2e-3 and 1.6e-3 apart on the
@@ -295,6 +295,90 @@ def test_prompt_piece_below_the_gemm_threshold(synth, backend):
     nxt = int(np.argmax(want))
     assert rel_err(got, want) < 5e-3
     assert rel_err(backend.forward([nxt]), ref.forward([nxt], n, rc)[-1]) < 5e-3
+
+
+def test_prepared_backend_loads_and_captures_nothing_for_a_prompt(synth):
+    """prepare=True (what `qtrt generate` / `qtrt serve` build) does a first prompt's start-up work at start-up: a
+    prompt of whole pieces, a last piece on each kernel path (prefill GEMMs, few-token GEMMs, the decode core's
+    2- and 4-token builds), a whole piece deep in the cache (past the decode attention's short-context plans) and
+    a chat's next turn then load no module and capture no graph; the prompt's logits against the CPU reference."""
+    from toolchain.cuda_backend import GEMM_MIN_M, SKINNY_MIN_M, CudaBackend
+
+    model, ref = synth
+    be = CudaBackend(model, max_context=4300, max_tokens=96, prepare=True)
+    try:
+        modules, graphs = set(be._modules), set(be._graphs)
+        rng = np.random.default_rng()
+        for last in (GEMM_MIN_M, GEMM_MIN_M - 1, SKINNY_MIN_M, SKINNY_MIN_M - 1, 2):
+            prompt = rng.integers(0, model.config.vocab, 2 * be.max_tokens + last).tolist()
+            be.reset()
+            got = be.forward(prompt)
+            if last == GEMM_MIN_M - 1:
+                assert rel_err(got, ref.forward(prompt, 0, ref.new_cache(len(prompt)))[-1]) < 5e-3
+            be.forward(rng.integers(0, model.config.vocab, 7).tolist())  # the next turn
+        be.reset(4100)  # a whole piece at positions 4100..4195: the same graph as at 0
+        be.forward(rng.integers(0, model.config.vocab, be.max_tokens).tolist())
+        assert set(be._modules) == modules, sorted(set(be._modules) - modules)
+        assert set(be._graphs) == graphs, sorted(set(be._graphs) - graphs, key=str)
+    finally:
+        be.close()
+
+
+def test_an_engine_prompt_piece_in_any_slot_runs_as_forward_does(synth):
+    """The engine's prompt chunks while nothing decodes beside them (CudaBackend._prompt_piece): a prompt of a whole
+    piece then a GEMM_MIN_M + 5-token piece in slot 2 runs the prefill attention with the head on the last row
+    alone; its logits against the CPU reference, its draw (step_tokens, top-k 50 at temperature 1, fresh seeds) the
+    reference sampler's with the last row's position, which a draw keyed by another row's would miss."""
+    from toolchain.cuda_backend import GEMM_MIN_M, CudaBackend
+    from toolchain.sampling import Sampling, Tail, draw_rng, sample_reference
+
+    model, ref = synth
+    be = CudaBackend(model, max_context=400, n_slots=3, max_tokens=96)
+    try:
+        rng = np.random.default_rng()
+        n1, n2 = be.max_tokens, GEMM_MIN_M + 5
+        prompt = rng.integers(0, model.config.vocab, n1 + n2).tolist()
+        pos = list(range(n1 + n2))
+        assert len(be.step(prompt[:n1], pos[:n1], [2] * n1, rows=[])) == 0
+        got = be.step(prompt[n1:], pos[n1:], [2] * n2, rows=[n2 - 1])[0]
+        assert any(k[0] == n2 and k[1] for k in be._plans), "the piece ran the last-row plan"
+        assert rel_err(got, ref.forward(prompt, 0, ref.new_cache(n1 + n2))[-1]) < 5e-3
+        s = Sampling(1.0, 50)
+        for seed in rng.integers(0, 1 << 30, 6).tolist():
+            be.set_sampling(2, s, seed, prompt, n1 + n2 - 1)
+            tok = be.step_tokens(prompt[n1:], pos[n1:], [2] * n2, rows=[n2 - 1], tail=Tail(penalties=False))
+            want = sample_reference(got, s, draw_rng(seed, n1 + n2 - 1))
+            assert tok.tolist() == [want], (seed, tok, want)
+    finally:
+        be.close()
+
+
+@pytest.mark.parametrize("decoding", [1, 2])
+def test_decode_rows_beside_a_prompt_piece(synth, decoding):
+    """The engine's mixed step: one or two decode rows (slots 0 and 1, each after its own prompt) then a prompt
+    piece of GEMM_MIN_M + 3 tokens in slot 2, one step on the prefill GEMMs: the decode rows' attention over their
+    caches (one row: the attention's one-token path), the piece's as the prefill pair (plan piece_from = the decode
+    rows); every row's logits against the CPU reference."""
+    from toolchain.cuda_backend import GEMM_MIN_M, CudaBackend
+
+    model, ref = synth
+    be = CudaBackend(model, max_context=200, n_slots=3, max_tokens=128)
+    try:
+        rng = np.random.default_rng()
+        a, b, c = (rng.integers(0, model.config.vocab, n).tolist() for n in (20, 30, GEMM_MIN_M + 3))
+        for slot, p in enumerate((a, b)):
+            be.step(p[:-1], list(range(len(p) - 1)), [slot] * (len(p) - 1), rows=[])
+        d = decoding
+        got = be.step([a[-1], b[-1]][:d] + c, [len(a) - 1, len(b) - 1][:d] + list(range(len(c))),
+                      [0, 1][:d] + [2] * len(c))
+        assert any(k[0] == len(c) + d and k[-1] == d for k in be._plans), "the step ran the piece plan"
+        for row, p in list(enumerate((a, b)))[:d]:
+            assert rel_err(got[row], ref.forward(p, 0, ref.new_cache(len(p)))[-1]) < 5e-3, row
+        want = ref.forward(c, 0, ref.new_cache(len(c)))
+        for j in (0, len(c) // 2, len(c) - 1):
+            assert rel_err(got[d + j], want[j]) < 5e-3, j
+    finally:
+        be.close()
 
 
 def test_prefill_gemm_on_wgmma(synth, backend):

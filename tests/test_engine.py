@@ -214,7 +214,8 @@ def _near_tie_where_they_part(be, prompt, s, seed, a, b) -> str | None:
 
 
 @pytest.mark.gpu
-def test_under_load_on_cuda_every_request_gets_its_tokens_alone(synth_gguf):
+@pytest.mark.parametrize("max_tokens", [64, 128])
+def test_under_load_on_cuda_every_request_gets_its_tokens_alone(synth_gguf, max_tokens):
     """The engine on the cuda backend with device-side sampling (synthetic 1.5B layout, Qwen's vocabulary): 16
     requests (greedy and seeded sampled with penalties, staggered, prompts across chunk boundaries) under load get the
     tokens they get alone, up to the first near-tie: alone runs steps of one token, under load the batched kernels
@@ -223,7 +224,9 @@ def test_under_load_on_cuda_every_request_gets_its_tokens_alone(synth_gguf):
 
     path = synth_gguf("qwen2.5-coder-1.5b", seed=3)
     dec = Decoder.open(str(path), 1024)
-    dec.backend = CudaBackend(dec.model, 1024, n_slots=8, max_tokens=64)
+    # max_tokens 128: steps of 65+ rows (prompt chunks beside decode rows) on the prefill GEMMs, the chunks'
+    # attention as the prefill pair (CudaBackend._piece_from)
+    dec.backend = CudaBackend(dec.model, 1024, n_slots=8, max_tokens=max_tokens)
     rng = np.random.default_rng()
     prompts = [[int(100 + i)] + list(map(int, rng.integers(0, 151936, int(n))))
                for i, n in enumerate(rng.integers(1, 90, 16))]

@@ -726,3 +726,32 @@ def test_gemm_wgmma_build_wiring():
     cfg = K.launch_config("gemm_x_f16", {"m": 300, "k": 1536})
     assert cfg.grid[0] * cfg.block[0] * 16 >= 300 * 1536 > (cfg.grid[0] - 1) * cfg.block[0] * 16
     assert TUNING["gemm_wgmma"] and TUNING["gemm_xh"] and TUNING["clusters"] and not TENSORRT_BUILDS["clusters"]
+
+
+def test_which_steps_are_prompt_pieces():
+    """CudaBackend._prompt_piece (no GPU): a step runs as forward's prompt pieces (prefill attention over one slot's
+    cache, the head on the last row) only when its rows are consecutive positions of one slot and no row but the
+    last wants logits; and a piece on the prefill GEMMs has one plan at any depth (_prompt_long_context)."""
+    import toolchain.cuda_backend as cb
+
+    piece = cb.CudaBackend._prompt_piece
+    assert piece([10, 11, 12], [2, 2, 2], [2]) and piece([10, 11, 12], [2, 2, 2], [])
+    assert not piece([10, 11, 12], [2, 2, 2], None)  # every row's logits
+    assert not piece([10, 11, 12], [2, 2, 2], [1, 2])  # another row's too
+    assert not piece([10, 11, 12], [2, 2, 1], [2])  # two slots
+    assert not piece([10, 12, 12], [2, 2, 2], [2]) and not piece([12, 11, 12], [2, 2, 2], [2])  # not consecutive
+    assert not piece([10, 11, 13], [2, 2, 2], [2])
+    assert not piece([7], [0], [0])  # one token: a decode step
+    start = cb.CudaBackend._piece_from  # decode rows, then one slot's consecutive positions
+    assert start([10, 11, 12], [2, 2, 2]) == 0 and start([40, 9, 10, 11], [0, 2, 2, 2]) == 1
+    assert start([40, 51, 9, 10, 11], [0, 1, 2, 2, 2]) == 2 and start([40, 8, 10, 11], [0, 2, 2, 2]) is None
+    assert start([40, 10, 11], [2, 2, 2]) is None  # an earlier row of the piece's slot
+    assert start([40, 51, 11], [0, 1, 2]) is None and start([11], [2]) is None  # a piece has 2+ rows
+    assert start([10, 11, 5, 6], [1, 1, 2, 2]) == 2  # two pieces: the last one
+    be = object.__new__(cb.CudaBackend)
+    be.tuning = dict(cb.TUNING)
+    assert not be._prompt_long_context(cb.GEMM_MIN_M, True) and be._prompt_long_context(cb.GEMM_MIN_M - 1, True)
+    assert not be._prompt_long_context(cb.GEMM_MIN_M - 1, False)
+    be.tuning["clusters"] = False  # no prefill GEMMs, no prefill attention: the decode attention's grids stay
+    assert be._prompt_long_context(cb.GEMM_MIN_M, True)
+

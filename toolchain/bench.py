@@ -145,6 +145,49 @@ def time_prompt(be, n: int, cr, reps: int = 3) -> float:
     return best
 
 
+def time_first_prompt(model, n: int, max_tokens: int) -> float:
+    """Seconds to the first token's logits of a process's first prompt of n tokens: a fresh backend prepared as the
+    Decoder prepares it (its start-up not counted), then one forward. What time_prompt's best of reps hides: the
+    work a first prompt does once (plans, module loads, the piece's graph capture)."""
+    from .cuda_backend import CudaBackend
+
+    be = CudaBackend(model, max_context=n + 8, max_tokens=max_tokens, prepare=True)
+    try:
+        ids = np.random.default_rng(n + 1).integers(0, be.cfg.vocab, n).tolist()
+        be.stream.synchronize()
+        t0 = time.perf_counter()
+        be.forward(ids)
+        return time.perf_counter() - t0
+    finally:
+        be.close()
+
+
+def time_engine_prompt(be, model, n: int, reps: int = 2) -> float:
+    """Seconds from submitting an n-token prompt to an idle engine on `be` until its first token arrives, best of
+    reps: the path of `qtrt serve` (its default 4 slots, or the backend's slots where fewer; the engine's prompt
+    chunks; the first token drawn on the device). A fresh prompt each time, so no prefix is reused."""
+    from .decoder import Decoder
+    from .engine import Engine, Params
+    from .tokenizer import Tokenizer
+
+    dec = Decoder(model, Tokenizer.from_gguf(model.reader), be, be.max_context)
+    eng = Engine(dec, slots=min(4, be.n_slots))
+    best = float("inf")
+    try:
+        for rep in range(reps):
+            ids = np.random.default_rng([n, rep]).integers(0, be.cfg.vocab, n).tolist()
+            t0 = time.perf_counter()
+            for kind, payload in eng.submit(ids, Params(max_tokens=1)):
+                if kind == "error":
+                    raise RuntimeError(f"the engine failed a {n}-token prompt: {payload}")
+                if kind in ("token", "done"):  # its first token (or a stop token drawn first: no token event)
+                    best = min(best, time.perf_counter() - t0)
+                    break
+    finally:
+        eng.close()
+    return best
+
+
 def time_prefill(be, m: int, cr, reps: int = 5) -> float:
     """Seconds for one prompt prefill step of m tokens (slot 0, positions 0..m-1), head on the last token only."""
     be._set_inputs(np.zeros(m, np.int32), np.arange(m), np.zeros(m))
@@ -291,11 +334,18 @@ def run_bench(a):
               f"({s * 1e3:.2f} ms, {a.prefill / s / pp_anchor:.2f}x llama.cpp pp512)")
         if fused == modes[0]:  # the user path: a whole prompt to its first token's logits, in pieces of a step
             for n in prompts:
+                first = time_first_prompt(model, n, be.max_tokens)
                 s = time_prompt(be, n, cr)
+                served = time_engine_prompt(be, model, n)
                 results.setdefault("prompts", []).append({"tokens": n, "pieces_of": be.max_tokens,
-                                                          "s": round(s, 4), "tok_s": round(n / s, 1)})
+                                                          "s": round(s, 4), "tok_s": round(n / s, 1),
+                                                          "first_s": round(first, 4),
+                                                          "first_tok_s": round(n / first, 1),
+                                                          "engine_s": round(served, 4),
+                                                          "engine_tok_s": round(n / served, 1)})
                 print(f"prompt of {n:6d} tokens to its first token: {s * 1e3:8.1f} ms, {n / s:9.1f} tok/s "
-                      f"(pieces of {be.max_tokens})")
+                      f"(pieces of {be.max_tokens}); a process's first prompt: {first * 1e3:8.1f} ms; "
+                      f"through the engine: {served * 1e3:8.1f} ms")
             results["crossover"] = {"decode_core_below_m": SKINNY_MIN_M, "skinny_gemm_from_m": SKINNY_MIN_M,
                                     "prefill_gemm_from_m": GEMM_MIN_M}
             print(f"kernels by step size: m = 1 the batch-1 decode core, 1 < m < {SKINNY_MIN_M} the decode core with "

@@ -243,6 +243,43 @@ class CudaBackend:
                 self.decode_graph(1)
                 if prepare_sampled:  # the step with the device sampler, before the first token's clock starts
                     self.decode_graph(1, tail=prepare_sampled)
+            with progress.stage("loading kernels and capturing the prompt step"):
+                self.prepare_prompt_steps()
+
+    def prepare_prompt_steps(self):
+        """Do at start-up what a first prompt would otherwise pay before its first token (measured on the H100 at
+        ~45 ms of a 3,482-token prompt's ~95 ms, bench/results/device-2026-12-06h): capture the whole piece's graph
+        (forward's pieces of max_tokens) and load the modules of the shorter pieces' three kernel paths (a prompt's
+        last piece, a chat's next turn): the prefill GEMMs, the GEMMs for few tokens, the decode core's batched
+        builds. Their plans are built too (a plan is per m: other remainders build theirs on first use, host work
+        only)."""
+        if self.max_tokens > 1:  # (pieces of one token are decode steps)
+            for long in {False, self._prompt_long_context(self.max_tokens, True)}:
+                self.prompt_graph(self.max_tokens, long)
+        lo, hi = self.tuning["skinny_min_m"], self.tuning["gemm_min_m"]
+        # the decode core's 2- and 4-token builds, the GEMMs for few tokens up to and beyond ATTN_MSCR tokens (the
+        # attention's grids differ), the prefill GEMMs
+        for m in sorted({2, lo - 1, lo, ATTN_MSCR + 1, hi}):
+            if 1 < m < self.max_tokens:
+                for long in (False, True):  # the decode attention's two grids (one plan on the prefill GEMMs)
+                    self.plan(m, last_only=True, long_context=long)
+
+    def prompt_graph(self, m: int, long_context: bool = False):
+        """The captured graph of a prompt piece of m tokens of slot 0, the head on its last row (forward's whole
+        pieces; `qtrt bench` times the same). Its plan is built first, outside the capture (module loads)."""
+        long_context = self._prompt_long_context(m, long_context)
+        key = ("prompt", m, long_context)
+        if key not in self._graphs:
+            self.plan(m, last_only=True, long_context=long_context)
+            self._graphs[key] = cr.capture(
+                self.stream, lambda: self.run_plan(m, last_only=True, long_context=long_context))
+        return self._graphs[key]
+
+    def _prompt_long_context(self, m: int, long_context: bool) -> bool:
+        """long_context as a prompt piece's plan sees it: a piece on the prefill GEMMs runs the prefill attention,
+        whatever its depth (long_context only chooses the decode attention's grid), so it has one plan, not a
+        second one captured half way into a long prompt."""
+        return long_context and not (self.tuning["clusters"] and not self._below_gemm(m))
 
     @staticmethod
     def _weights_on_device(arrays: dict, upload) -> tuple[dict, object]:
@@ -359,25 +396,33 @@ class CudaBackend:
         return self._cc == (9, 0)
 
     def plan(self, m: int, last_only: bool = False, long_context: bool = False, tail: Tail | None = None,
-             sampled: int = 0) -> list[Launch]:
+             sampled: int = 0, piece_from: int | None = None) -> list[Launch]:
         """Resolve every node of the graph into a launch for a step of m tokens (cached). With last_only (prompt
         prefill), the head (final norm, lm_head, argmax) runs on the last token's row only: logits row 0. With
         long_context (see long_context()): for m = 1 the xmerge pairs, for m <= ATTN_MSCR the attention's full grid
         (without it, where the tuning has attn_kv_grid: one cluster per (token, kv head)), for more tokens one
         cluster per (token, kv head) (without it, where the tuning has attn_one_block_keys: one block). With a
         `tail`, its device sampler passes at the argmax (toolchain/device_sampler.py; the draw replaces it) for the
-        first `sampled` entries of its row list (default: m)."""
+        first `sampled` entries of its row list (default: m). With piece_from = d (a step on the prefill GEMMs):
+        rows d .. m - 1 are one slot's prompt piece (consecutive positions, a slot no earlier row has), whose
+        attention runs as the prefill pair, the rows before it as the decode attention (the engine's decode rows
+        beside a prompt chunk); last_only implies d = 0."""
+        gemm = not self._below_gemm(m) and self.tuning["clusters"]
+        if last_only:
+            long_context = self._prompt_long_context(m, long_context)
+            piece_from = 0
+        if not gemm or piece_from is not None and not 0 <= piece_from < m - 1:
+            piece_from = None  # (only the prefill GEMMs' steps have the prefill attention; a piece has 2+ rows)
         xmerge = m == 1 and long_context and self._xmerge()
         kv_grid = self._kv_grid() and (m > ATTN_MSCR or not long_context)
         one_block = self._one_block_keys() > 0 and m > ATTN_MSCR and not long_context
         sampled = (sampled or m) if tail else 0
-        key = (m, last_only, xmerge, kv_grid, one_block, tail, sampled)
-        if tail and last_only:
-            raise ValueError("a sampled plan computes the logits of every row (last_only=False)")
+        key = (m, last_only, xmerge, kv_grid, one_block, tail, sampled, piece_from)
+        if tail and last_only and sampled != 1:
+            raise ValueError("a prompt piece's plan (last_only) samples its last row alone (sampled=1)")
         if key in self._plans:
             return self._plans[key]
         clusters = self.tuning["clusters"]
-        gemm = not self._below_gemm(m) and clusters
         swiglu_split = int(self.tuning["gemm_swiglu_split"])
         if swiglu_split not in (1, 2):
             raise ValueError(f"tuning gemm_swiglu_split={swiglu_split}: 2 (the k split) or 1 (none)")
@@ -449,14 +494,24 @@ class CudaBackend:
             outs = [self.buffers[o].ptr for o in node.output]
             if op == "rope_kv_attention_addr":  # q, k, v, the caches' addresses, positions, slots -> out
                 ins, outs = ins[:3] + [self._cache_addresses(node.input[3], node.input[4])] + ins[5:], outs[:1]
-            if op == "rope_kv_attention" and gemm and last_only:  # one slot's prompt: the tiled prefill pair
-                launches += self._prefill_attention(node, attrs, dims, ins, outs)
+            if op == "rope_kv_attention" and piece_from is not None:  # one slot's prompt: the tiled prefill pair
+                d = piece_from
+                if d:  # the rows before the piece: the decode attention over their own slots
+                    dec = launch_config(op, dims | {"m": d}, clusters=clusters and defines.get("ATTN_CLUSTER", 1) != 0)
+                    launches.append(Launch(node.name + ".decode", op, kern, dec, ins + list(dec.scalars) + outs,
+                                           source, defines))
+                rows = [d * self.widths[x][0] * np.dtype(self.widths[x][1]).itemsize
+                        for x in (*node.input[:3], node.output[0])]
+                ins = [ins[0] + rows[0], ins[1] + rows[1], ins[2] + rows[2], *ins[3:5], ins[5] + 4 * d, ins[6] + 4 * d]
+                launches += self._prefill_attention(node, attrs, dims | {"m": m - d}, ins, [outs[0] + rows[3]])
                 continue
             args = ins + list(cfg.scalars) + outs + extra.get(node.name, [])
             if tail and op == "argmax":  # penalties on the logits before it, the draw and logprobs after it
                 b = self.buffers
+                # last_only: the head's row 0 is the step's row m - 1 (its slot, and its position for the draw)
+                last = 4 * (m - 1) if last_only else 0
                 before, after = self.sampler.launches(sampled, b["logits"].ptr, b["next_token"].ptr,
-                                                      b["slots"].ptr, b["positions"].ptr, tail)
+                                                      b["slots"].ptr + last, b["positions"].ptr + last, tail)
                 # the draw takes the argmax itself (greedy rows: the same bits): this launch goes, where it runs
                 launches += [Launch(*x) for x in before]
                 if not tail.draw:
@@ -553,14 +608,14 @@ class CudaBackend:
                         self.buffers["prefill.attn_part"].ptr, self.buffers["prefill.attn_count"].ptr], defines=tuned)]
 
     def run_plan(self, m: int, advance: bool = False, last_only: bool = False, long_context: bool = False,
-                 tail: Tail | None = None, sampled: int = 0):
+                 tail: Tail | None = None, sampled: int = 0, piece_from: int | None = None):
         """Enqueue the plan on self.stream as programmatic dependent launches (tuning pdl; prompt steps with tuning
         prefill_pdl), all but the first, which starts after everything before the step: that lets kernels read the
         step's inputs and the KV-cache rows of earlier steps before their pdl_wait() (plugins/pdl.cuh). In prompt
         steps the launches on side streams (concurrent_projections) and the first after they join back are ordinary
         launches: each waits on the other streams' events, not on one kernel before it."""
         pdl = self.tuning["pdl"] and (self._below_gemm(m) or self.tuning["prefill_pdl"])
-        launches = [x for x in self.plan(m, last_only, long_context, tail, sampled)
+        launches = [x for x in self.plan(m, last_only, long_context, tail, sampled, piece_from)
                     if (advance or x.op != "decode_advance") and not self._skipped(x)]
         groups = ([[x] for x in launches] if self._below_gemm(m) or not self.tuning["concurrent_projections"]
                   else sibling_projections(launches))
@@ -658,17 +713,43 @@ class CudaBackend:
         """Make the backend's CUDA context current on the calling thread (the engine's loop runs in its own)."""
         cr.init()
 
+    @staticmethod
+    def _piece_from(positions, slots) -> int | None:
+        """The first row of the step's prompt piece: its last rows when they are 2+ consecutive positions of one slot
+        that no earlier row has (the engine's order: decode rows, then a prompt chunk), else None. On the prefill
+        GEMMs those rows run the prefill attention over their slot's cache instead of each token's decode
+        attention (plan's piece_from)."""
+        m = len(positions)
+        if m < 2:
+            return None
+        d, slot = m - 1, int(slots[-1])
+        while d > 0 and int(slots[d - 1]) == slot and int(positions[d - 1]) == int(positions[d]) - 1:
+            d -= 1
+        if m - d < 2 or slot in [int(x) for x in slots[:d]]:
+            return None
+        return d
+
+    @classmethod
+    def _prompt_piece(cls, positions, slots, rows) -> bool:
+        """Whether a step is a prompt piece alone: one slot's consecutive positions, no logits asked for but its last
+        row's. Such a step (the engine's prompt chunks while no stream decodes beside them) runs as forward's pieces
+        do, the head (final norm, lm_head, argmax or draw) on its last row alone (plan's last_only)."""
+        return rows is not None and set(rows) <= {len(positions) - 1} and cls._piece_from(positions, slots) == 0
+
     def step(self, ids, positions, slots, rows=None) -> np.ndarray:
         """Run one step of len(ids) tokens (any slots/positions) and return the logits of `rows` (default all)."""
         m = self._set_checked_inputs(ids, positions, slots)
         long = self.long_context(int(np.max(positions)), m)
+        piece = self._prompt_piece(positions, slots, rows)
         if m == 1:
             self.decode_graph(1, long).launch(self.stream)
         else:
-            self.run_plan(m, long_context=long)
+            self.run_plan(m, last_only=piece, long_context=long, piece_from=self._piece_from(positions, slots))
         if rows is not None and not len(rows):
             self.stream.synchronize()
             return np.zeros((0, self.cfg.vocab), np.float32)
+        if piece:  # the last row's logits are the head's row 0
+            return self.buffers["logits"].download(self.stream, rows=1)
         last = m if rows is None else max(rows) + 1  # download only up to the last row asked for
         logits = self.buffers["logits"].download(self.stream, rows=last)
         return logits if rows is None else logits[list(rows)]
@@ -685,13 +766,17 @@ class CudaBackend:
         if not rows:
             return self.step(ids, positions, slots, rows).astype(np.int64)[:, 0]
         m = self._set_checked_inputs(ids, positions, slots)
+        piece = self._prompt_piece(positions, slots, rows)  # its head's row 0 is its row m - 1
         if tail:
-            self.sampler.set_rows(rows, self.stream)
+            self.sampler.set_rows([0] if piece else rows, self.stream)
         long = self.long_context(int(np.max(positions)), m)
         if rows == list(range(m)) and self._below_gemm(m):
             self.decode_graph(m, long, tail, advance=False).launch(self.stream)
         else:
-            self.run_plan(m, long_context=long, tail=tail, sampled=len(rows))
+            self.run_plan(m, last_only=piece, long_context=long, tail=tail, sampled=len(rows),
+                          piece_from=self._piece_from(positions, slots))
+        if piece:
+            return self.buffers["next_token"].download(self.stream, rows=1).reshape(-1)[:1]
         toks = self.buffers["next_token"].download(self.stream, rows=m).reshape(-1)
         return toks[rows]
 
@@ -776,12 +861,7 @@ class CudaBackend:
                 self._set_inputs(chunk, np.arange(self.pos, self.pos + len(chunk)), np.zeros(len(chunk)))
                 long = self.long_context(self.pos + len(chunk) - 1, len(chunk))
                 if len(chunk) == self.max_tokens:  # a whole piece: one captured graph (as `qtrt bench` times it)
-                    key = ("prefill", len(chunk), long)
-                    if key not in self._graphs:
-                        self.plan(len(chunk), last_only=True, long_context=long)  # modules loaded before the capture
-                        self._graphs[key] = cr.capture(
-                            self.stream, lambda: self.run_plan(len(chunk), last_only=True, long_context=long))
-                    self._graphs[key].launch(self.stream)
+                    self.prompt_graph(len(chunk), long).launch(self.stream)
                 else:
                     self.run_plan(len(chunk), last_only=True, long_context=long)
                 if s + len(chunk) == len(ids):  # only the last piece's logits: no wait between pieces

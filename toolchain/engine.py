@@ -132,11 +132,16 @@ def _tail(rows: list[Row]) -> Tail | None:
 # Prompt chunks. Prefix reuse keeps multiples of REUSE_ALIGN tokens; a chunk runs up to the next multiple of the
 # chunk size, so a prompt is computed in the same pieces whatever else runs once past its reused part (on the cpu
 # reference, whose `prompt_chunk` is 32 too, exactly those it gets alone: the bit-exact concurrency test). Device
-# backends take larger chunks (DEVICE_PREFILL_CHUNK, unless a backend names its own `prompt_chunk`): a step costs
-# them a pass over all the weights whatever its rows, so a prompt in pieces of 32 took many such passes. Measured (H100, real 1.5B, 8 streams beside a 2,000-token prompt): its first
-# token 0.889 -> 0.282 s with chunks of 256, the streams' largest gap 25 -> 44 ms (bench/results/device-2026-12-05d).
+# backends take larger chunks (DEVICE_PREFILL_CHUNK, unless a backend names its own `prompt_chunk`; at most a step's
+# rows less one per slot): a step costs them a pass over all the weights whatever its rows, so a prompt in pieces of
+# 32 took many such passes. Measured (H100, real 1.5B, 8 streams beside a 2,000-token prompt): its first token
+# 0.889 -> 0.282 s with chunks of 256, the streams' largest gap 25 -> 44 ms (bench/results/device-2026-12-05d). Since
+# a chunk's attention runs as the prefill pair (cuda_backend `_piece_from`), 512 (as llama-server's micro-batch):
+# 4 streams decoding beside an 8,192-token prompt (synthetic 1.5B, H100, two rounds each), its first token 0.584 /
+# 0.420 s with chunks of 256, 0.249 / 0.231 s with 507 (512 less 5 slots); the streams' gaps meanwhile, median 16.7 /
+# 12.7 ms and 12.6 / 12.9 ms, largest 45.2 / 15.6 ms and 24.3 / 17.4 ms (bench/results/device-2026-12-06i).
 REUSE_ALIGN = 32
-DEVICE_PREFILL_CHUNK = 256
+DEVICE_PREFILL_CHUNK = 512
 
 
 class Scheduler:
