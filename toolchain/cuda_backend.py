@@ -247,12 +247,13 @@ class CudaBackend:
                 self.prepare_prompt_steps()
 
     def prepare_prompt_steps(self):
-        """Do at start-up what a first prompt would otherwise pay before its first token (measured on the H100 at
-        ~45 ms of a 3,482-token prompt's ~95 ms, bench/results/device-2026-12-06h): capture the whole piece's graph
-        (forward's pieces of max_tokens) and load the modules of the shorter pieces' three kernel paths (a prompt's
-        last piece, a chat's next turn): the prefill GEMMs, the GEMMs for few tokens, the decode core's batched
-        builds. Their plans are built too (a plan is per m: other remainders build theirs on first use, host work
-        only)."""
+        """Do at start-up what a first prompt through forward (qtrt generate, chat) would otherwise pay before its
+        first token (a fresh `qtrt generate` of a 3,482-token prompt took ~45 ms more than the warm figure on the
+        H100, bench/results/device-2026-12-06h): capture the whole piece's graph (forward's pieces of max_tokens)
+        and load the modules of the shorter pieces' three kernel paths (a prompt's last piece, a chat's next turn):
+        the prefill GEMMs, the GEMMs for few tokens, the decode core's batched builds. Their plans are built too; a
+        plan is per m (and per sampler tail), so other remainders and the engine's steps (qtrt serve: the same
+        modules) build theirs on first use, host work only."""
         if self.max_tokens > 1:  # (pieces of one token are decode steps)
             for long in {False, self._prompt_long_context(self.max_tokens, True)}:
                 self.prompt_graph(self.max_tokens, long)
