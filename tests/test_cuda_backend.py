@@ -342,6 +342,8 @@ def test_an_engine_prompt_piece_in_any_slot_runs_as_forward_does(synth):
         assert len(be.step(prompt[:n1], pos[:n1], [2] * n1, rows=[])) == 0
         got = be.step(prompt[n1:], pos[n1:], [2] * n2, rows=[n2 - 1])[0]
         assert any(k[0] == n2 and k[1] for k in be._plans), "the piece ran the last-row plan"
+        ops = [x.op for x in be.plan(n2, last_only=True)]
+        assert ops.count("prefill_attention") == model.config.n_layers and "rope_kv_attention" not in ops, ops
         assert rel_err(got, ref.forward(prompt, 0, ref.new_cache(n1 + n2))[-1]) < 5e-3
         s = Sampling(1.0, 50)
         for seed in rng.integers(0, 1 << 30, 6).tolist():
@@ -372,6 +374,9 @@ def test_decode_rows_beside_a_prompt_piece(synth, decoding):
         got = be.step([a[-1], b[-1]][:d] + c, [len(a) - 1, len(b) - 1][:d] + list(range(len(c))),
                       [0, 1][:d] + [2] * len(c))
         assert any(k[0] == len(c) + d and k[-1] == d for k in be._plans), "the step ran the piece plan"
+        ops = [(x.op, x.node.endswith(".decode")) for x in be.plan(len(c) + d, piece_from=d)]
+        layers = model.config.n_layers
+        assert ops.count(("prefill_attention", False)) == ops.count(("rope_kv_attention", True)) == layers, ops
         for row, p in list(enumerate((a, b)))[:d]:
             assert rel_err(got[row], ref.forward(p, 0, ref.new_cache(len(p)))[-1]) < 5e-3, row
         want = ref.forward(c, 0, ref.new_cache(len(c)))
