@@ -146,9 +146,10 @@ def time_prompt(be, n: int, cr, reps: int = 3) -> float:
 
 
 def time_first_prompt(model, n: int, max_tokens: int) -> float:
-    """Seconds to the first token's logits of a process's first prompt of n tokens: a fresh backend prepared as the
+    """Seconds to the first token's logits of a fresh backend's first prompt of n tokens: the backend prepared as the
     Decoder prepares it (its start-up not counted), then one forward. What time_prompt's best of reps hides: the
-    work a first prompt does once (plans, module loads, the piece's graph capture)."""
+    work a backend's first prompt does once (plans, module loads, the piece's graph capture). Within the bench's
+    process: the CUDA context and the kernel cache are warm already, as they are not in a fresh `qtrt generate`."""
     from .cuda_backend import CudaBackend
 
     be = CudaBackend(model, max_context=n + 8, max_tokens=max_tokens, prepare=True)
@@ -344,7 +345,7 @@ def run_bench(a):
                                                           "engine_s": round(served, 4),
                                                           "engine_tok_s": round(n / served, 1)})
                 print(f"prompt of {n:6d} tokens to its first token: {s * 1e3:8.1f} ms, {n / s:9.1f} tok/s "
-                      f"(pieces of {be.max_tokens}); a process's first prompt: {first * 1e3:8.1f} ms; "
+                      f"(pieces of {be.max_tokens}); a fresh backend's first prompt: {first * 1e3:8.1f} ms; "
                       f"through the engine: {served * 1e3:8.1f} ms")
             results["crossover"] = {"decode_core_below_m": SKINNY_MIN_M, "skinny_gemm_from_m": SKINNY_MIN_M,
                                     "prefill_gemm_from_m": GEMM_MIN_M}
