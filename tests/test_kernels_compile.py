@@ -10,6 +10,7 @@ import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from toolchain import kernels as K
@@ -734,7 +735,9 @@ def test_which_steps_are_prompt_pieces():
     last wants logits; and a piece on the prefill GEMMs has one plan at any depth (_prompt_long_context)."""
     import toolchain.cuda_backend as cb
 
-    piece = cb.CudaBackend._prompt_piece
+    def piece(positions, slots, rows):
+        return cb.CudaBackend._prompt_piece(cb.CudaBackend._piece_from(positions, slots), rows, len(positions))
+
     assert piece([10, 11, 12], [2, 2, 2], [2]) and piece([10, 11, 12], [2, 2, 2], [])
     assert not piece([10, 11, 12], [2, 2, 2], None)  # every row's logits
     assert not piece([10, 11, 12], [2, 2, 2], [1, 2])  # another row's too
@@ -748,6 +751,23 @@ def test_which_steps_are_prompt_pieces():
     assert start([40, 10, 11], [2, 2, 2]) is None  # an earlier row of the piece's slot
     assert start([40, 51, 11], [0, 1, 2]) is None and start([11], [2]) is None  # a piece has 2+ rows
     assert start([10, 11, 5, 6], [1, 1, 2, 2]) == 2  # two pieces: the last one
+    assert start([9, 10, 11], [1, 2, 2]) == 1  # consecutive positions of another slot before it
+
+    def walk(positions, slots):  # the definition, row by row from the end
+        d = len(positions) - 1
+        while d > 0 and slots[d - 1] == slots[-1] and positions[d - 1] == positions[d] - 1:
+            d -= 1
+        return d if len(positions) - d >= 2 and slots[-1] not in slots[:d] else None
+
+    rng = np.random.default_rng()
+    for _ in range(3000):
+        m, k = int(rng.integers(1, 12)), int(rng.integers(0, 6))
+        slots = rng.integers(0, 3, m).tolist()
+        positions = rng.integers(0, 8, m).tolist()
+        if 0 < k <= m:  # a trailing piece of k rows, often
+            slots[m - k:] = [slots[-1]] * k
+            positions[m - k:] = range(positions[m - k], positions[m - k] + k)
+        assert start(positions, slots) == walk(positions, slots), (positions, slots)
     be = object.__new__(cb.CudaBackend)
     be.tuning = dict(cb.TUNING)
     assert not be._prompt_long_context(cb.GEMM_MIN_M, True) and be._prompt_long_context(cb.GEMM_MIN_M - 1, True)

@@ -720,32 +720,31 @@ class CudaBackend:
         that no earlier row has (the engine's order: decode rows, then a prompt chunk), else None. On the prefill
         GEMMs those rows run the prefill attention over their slot's cache instead of each token's decode
         attention (plan's piece_from)."""
-        m = len(positions)
-        if m < 2:
+        p, s = np.asarray(positions), np.asarray(slots)
+        if len(p) < 2:
             return None
-        d, slot = m - 1, int(slots[-1])
-        while d > 0 and int(slots[d - 1]) == slot and int(positions[d - 1]) == int(positions[d]) - 1:
-            d -= 1
-        if m - d < 2 or slot in [int(x) for x in slots[:d]]:
-            return None
-        return d
+        breaks = np.flatnonzero((s[:-1] != s[-1]) | (np.diff(p) != 1))  # row j + 1 does not continue row j
+        d = int(breaks[-1]) + 1 if len(breaks) else 0
+        return d if len(p) - d >= 2 and not np.any(s[:d] == s[-1]) else None
 
-    @classmethod
-    def _prompt_piece(cls, positions, slots, rows) -> bool:
-        """Whether a step is a prompt piece alone: one slot's consecutive positions, no logits asked for but its last
-        row's. Such a step (the engine's prompt chunks while no stream decodes beside them) runs as forward's pieces
-        do, the head (final norm, lm_head, argmax or draw) on its last row alone (plan's last_only)."""
-        return rows is not None and set(rows) <= {len(positions) - 1} and cls._piece_from(positions, slots) == 0
+    @staticmethod
+    def _prompt_piece(piece_from: int | None, rows, m: int) -> bool:
+        """Whether a step of m rows whose piece starts at piece_from (_piece_from) is a prompt piece alone wanting
+        no logits but its last row's. Such a step (the engine's prompt chunks while no stream decodes beside them)
+        runs as forward's pieces do, the head (final norm, lm_head, argmax or draw) on its last row alone (plan's
+        last_only)."""
+        return piece_from == 0 and rows is not None and set(rows) <= {m - 1}
 
     def step(self, ids, positions, slots, rows=None) -> np.ndarray:
         """Run one step of len(ids) tokens (any slots/positions) and return the logits of `rows` (default all)."""
         m = self._set_checked_inputs(ids, positions, slots)
         long = self.long_context(int(np.max(positions)), m)
-        piece = self._prompt_piece(positions, slots, rows)
+        piece_from = self._piece_from(positions, slots)
+        piece = self._prompt_piece(piece_from, rows, m)
         if m == 1:
             self.decode_graph(1, long).launch(self.stream)
         else:
-            self.run_plan(m, last_only=piece, long_context=long, piece_from=self._piece_from(positions, slots))
+            self.run_plan(m, last_only=piece, long_context=long, piece_from=piece_from)
         if rows is not None and not len(rows):
             self.stream.synchronize()
             return np.zeros((0, self.cfg.vocab), np.float32)
@@ -767,15 +766,15 @@ class CudaBackend:
         if not rows:
             return self.step(ids, positions, slots, rows).astype(np.int64)[:, 0]
         m = self._set_checked_inputs(ids, positions, slots)
-        piece = self._prompt_piece(positions, slots, rows)  # its head's row 0 is its row m - 1
+        piece_from = self._piece_from(positions, slots)
+        piece = self._prompt_piece(piece_from, rows, m)  # its head's row 0 is its row m - 1
         if tail:
             self.sampler.set_rows([0] if piece else rows, self.stream)
         long = self.long_context(int(np.max(positions)), m)
         if rows == list(range(m)) and self._below_gemm(m):
             self.decode_graph(m, long, tail, advance=False).launch(self.stream)
         else:
-            self.run_plan(m, last_only=piece, long_context=long, tail=tail, sampled=len(rows),
-                          piece_from=self._piece_from(positions, slots))
+            self.run_plan(m, last_only=piece, long_context=long, tail=tail, sampled=len(rows), piece_from=piece_from)
         if piece:
             return self.buffers["next_token"].download(self.stream, rows=1).reshape(-1)[:1]
         toks = self.buffers["next_token"].download(self.stream, rows=m).reshape(-1)
