@@ -775,3 +775,35 @@ def test_which_steps_are_prompt_pieces():
     be.tuning["clusters"] = False  # no prefill GEMMs, no prefill attention: the decode attention's grids stay
     assert be._prompt_long_context(cb.GEMM_MIN_M, True)
 
+
+
+def test_launch_arguments_are_packed_once_per_value_list():
+    """Kernel._packed_args (no GPU): the parameter block a launch passes is _pack's, byte for byte; a list of plain
+    ints (a plan's addresses and sizes) is packed once and reused, a list holding any other object (a buffer, a
+    Ptr: an address that may not outlive it) is packed afresh each time; the store is bounded."""
+    import ctypes
+
+    from toolchain import cuda_runtime as cr
+
+    k = object.__new__(cr.Kernel)
+    k.name, k.param_sizes, k._packed = "stand_in", [8, 8, 4, 4], {}
+    rng = np.random.default_rng()
+
+    def block(packed):  # the bytes each parameter address points at
+        vals, ptrs = packed
+        return [ctypes.string_at(int(p), 8 if i < 2 else 4) for i, p in enumerate(ptrs)]
+
+    args = [int(rng.integers(1 << 33, 1 << 40)), int(rng.integers(1 << 33, 1 << 40)), int(rng.integers(0, 1 << 30)),
+            np.int32(rng.integers(0, 1 << 30))]
+    first = k._packed_args(args)
+    assert block(first) == block(k._pack(args))
+    assert k._packed_args(list(args)) is first  # the same values: the kept block
+    other = k._packed_args(args[:2] + [args[2] + 1, args[3]])
+    assert other is not first and block(other) != block(first)
+    ptr = [cr.Ptr(args[0])] + args[1:]
+    assert k._packed_args(ptr) is not k._packed_args(ptr) and block(k._packed_args(ptr)) == block(first)
+    for j in range(cr.PACKED_KEPT + 5):
+        k._packed_args([args[0], args[1], j, 0])
+    assert len(k._packed) <= cr.PACKED_KEPT
+    with pytest.raises(TypeError):
+        k._packed_args(args[:3] + [True])
