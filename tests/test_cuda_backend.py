@@ -196,8 +196,10 @@ def test_attention_kv_grid_keeps_the_bits(synth, backend, m):
     plugins/rope_kv_attention.cu ATTN_KVGRID; steps of more than ATTN_MSCR tokens, and shorter steps whose furthest
     row is within one cluster's keys) = the same steps on the full grid, bit for bit, at a short and a long context;
     a short step past the cluster's keys takes the full grid (its clusters spread over the context). The TensorRT
-    builds have no cluster grid to trim."""
-    from toolchain.kernels import ATTN_CLUSTER_KEYS, ATTN_MSCR
+    builds have no cluster grid to trim. Where more than ATTN_WIDE_CLUSTERS (token, kv head) clusters run (m = 20),
+    tuning attn_narrow launches clusters of 4 blocks (grid x = 4): the same keys merged over 4 ranks instead of 8,
+    so within rounding of the 8-block step, not its bits."""
+    from toolchain.kernels import ATTN_CLUSTER_KEYS, ATTN_MSCR, ATTN_WIDE_CLUSTERS
 
     model, _ = synth
     c = model.config
@@ -210,16 +212,21 @@ def test_attention_kv_grid_keeps_the_bits(synth, backend, m):
         positions = base - np.arange(m) * 3
         outs, grids = [], []
         try:
-            for on in (False, True):  # (the one-block plan of more tokens off: test_attention_one_block_plan)
-                use_tuning(backend, {**saved, "attn_kv_grid": on, "attn_one_block_keys": 0})
+            # (the one-block plan of more tokens off: test_attention_one_block_plan)
+            for on, narrow in ((False, False), (True, False), (True, True)):
+                use_tuning(backend, {**saved, "attn_kv_grid": on, "attn_one_block_keys": 0, "attn_narrow": narrow})
                 backend.reset()
                 outs.append(backend.step(ids, positions, slots).copy())
                 long = backend.long_context(int(positions.max()), m)
-                grids.append({x.cfg.grid[1] for x in backend.plan(m, long_context=long)
+                grids.append({x.cfg.grid[:2] for x in backend.plan(m, long_context=long)
                               if x.op.startswith("rope_kv_attention")})
         finally:
             use_tuning(backend, saved)
         assert np.isfinite(outs[0]).all() and np.array_equal(outs[0], outs[1]), base
+        narrowed = saved["clusters"] and m * c.n_kv_heads > ATTN_WIDE_CLUSTERS
+        assert max(rel_err(a, b) for a, b in zip(outs[2], outs[1])) <= (1e-3 if narrowed else 0), base
+        assert {x for x, _ in grids[2]} == ({4} if narrowed else {x for x, _ in grids[1]}), (base, grids)
+        grids = [{y for _, y in g} for g in grids[:2]]
         if saved["clusters"]:  # kv heads instead of query heads on grid y, where the tuning trims it
             trimmed = m > ATTN_MSCR or base + 1 <= ATTN_CLUSTER_KEYS
             assert grids == [{c.n_heads}, {c.n_kv_heads if trimmed else c.n_heads}], (base, grids)
@@ -382,6 +389,58 @@ def test_decode_rows_beside_a_prompt_piece(synth, decoding):
         want = ref.forward(c, 0, ref.new_cache(len(c)))
         for j in (0, len(c) // 2, len(c) - 1):
             assert rel_err(got[d + j], want[j]) < 5e-3, j
+    finally:
+        be.close()
+
+
+@pytest.mark.parametrize("decoding", [1, 2, 6])
+def test_a_mixed_steps_head_on_its_decode_rows_alone(synth, decoding):
+    """The engine's mixed step whose prompt chunk wants no token yet (its rows = the decode rows): the head runs on
+    the decode rows alone (plan head_rows; 1-2 rows on the decode core, 6 on the GEMMs for few tokens), their logits
+    (poisoned before) and draws against the CPU reference; the chunk's cache rows are whole: the next step (decode
+    rows again, and the prompt's rest wanting its last row) agrees with the reference too."""
+    from toolchain.cuda_backend import GEMM_MIN_M, HEAD_NODES, CudaBackend
+    from toolchain.kernels import GEMM_OPS
+    from toolchain.sampling import Sampling, Tail, draw_rng, sample_reference
+
+    model, ref = synth
+    d = decoding
+    be = CudaBackend(model, max_context=300, n_slots=d + 1, max_tokens=128)
+    try:
+        rng = np.random.default_rng()
+        V = model.config.vocab
+        prompts = [rng.integers(0, V, int(rng.integers(8, 40))).tolist() for _ in range(d)]
+        c = rng.integers(0, V, 2 * GEMM_MIN_M).tolist()
+        c1, c2 = c[:GEMM_MIN_M + 3], c[GEMM_MIN_M + 3:]
+        for slot, p in enumerate(prompts):
+            be.step(p[:-1], list(range(len(p) - 1)), [slot] * (len(p) - 1), rows=[])
+        ids = [p[-1] for p in prompts] + c1
+        pos = [len(p) - 1 for p in prompts] + list(range(len(c1)))
+        slots = list(range(d)) + [d] * len(c1)
+        be.buffers["logits"].upload(np.full((d, V), np.nan, np.float32))
+        got = be.step(ids, pos, slots, rows=list(range(d)))
+        m = len(ids)
+        assert any(k[0] == m and k[-2] == d and k[-1] == d for k in be._plans), "the step ran a head of d rows"
+        head = [x for x in be.plan(m, piece_from=d, head_rows=d) if x.node in HEAD_NODES]
+        assert head and not any(x.op in GEMM_OPS for x in head), [x.op for x in head]
+        for row, p in enumerate(prompts):
+            assert rel_err(got[row], ref.forward(p, 0, ref.new_cache(len(p)))[-1]) < 5e-3, row
+        s = Sampling(1.0, 50)
+        seeds = rng.integers(0, 1 << 30, d).tolist()
+        for slot, (p, seed) in enumerate(zip(prompts, seeds)):
+            be.set_sampling(slot, s, seed, p, len(p) - 1)
+        toks = be.step_tokens(ids, pos, slots, rows=list(range(d)), tail=Tail(penalties=False))
+        want = [sample_reference(got[r], s, draw_rng(seeds[r], pos[r])) for r in range(d)]
+        assert toks.tolist() == want, (toks, want)
+        # the next step: each stream's drawn token, and the prompt's rest with its last row wanted
+        ids2 = want + c2
+        pos2 = [len(p) for p in prompts] + list(range(len(c1), len(c)))
+        slots2 = list(range(d)) + [d] * len(c2)
+        got2 = be.step(ids2, pos2, slots2, rows=list(range(d)) + [len(ids2) - 1])
+        for row, p in enumerate(prompts):
+            full = p + [want[row]]
+            assert rel_err(got2[row], ref.forward(full, 0, ref.new_cache(len(full)))[-1]) < 5e-3, row
+        assert rel_err(got2[d], ref.forward(c, 0, ref.new_cache(len(c)))[-1]) < 5e-3
     finally:
         be.close()
 

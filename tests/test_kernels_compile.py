@@ -776,6 +776,22 @@ def test_which_steps_are_prompt_pieces():
     assert be._prompt_long_context(cb.GEMM_MIN_M, True)
 
 
+def test_the_head_runs_up_to_the_last_wanted_row():
+    """CudaBackend._head_rows (no GPU): the head (final norm, lm_head, argmax or draw) of a step runs on rows 0 ..
+    the last wanted one (0 = all rows): the engine's decode rows beside a prompt chunk that wants no token yet take
+    a head of their own count, not one over the chunk's rows."""
+    head = __import__("toolchain.cuda_backend", fromlist=["CudaBackend"]).CudaBackend._head_rows
+    assert head(None, 300) == 0 and head([299], 300) == 0 and head([0, 299], 300) == 0  # the last row: all
+    assert head([0, 1, 2, 3], 511) == 4 and head([1], 300) == 2 and head([2, 0], 9) == 3
+    assert head([], 300) == 1  # nothing wanted: one row (its logits unread)
+    rng = np.random.default_rng()
+    for _ in range(200):
+        m = int(rng.integers(2, 600))
+        rows = sorted(set(rng.integers(0, m, int(rng.integers(1, 6))).tolist()))
+        h = head(rows, m)
+        assert (h == 0) == (rows[-1] == m - 1) and (h == 0 or h == rows[-1] + 1), (rows, m, h)
+
+
 
 def test_launch_arguments_are_packed_once_per_value_list():
     """Kernel._packed_args (no GPU): the parameter block a launch passes is _pack's, byte for byte; a list of plain

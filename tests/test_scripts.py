@@ -101,7 +101,7 @@ def test_boundary_bench_kernels_compile(tmp_path):
         assert name.encode() + b"\0" in image, name
 
 
-@pytest.mark.parametrize("script", ["boundary_bench", "gemm_threshold"])
+@pytest.mark.parametrize("script", ["boundary_bench", "gemm_threshold", "engine_steps_ab"])
 def test_gpu_scripts_without_a_gpu_say_so_in_one_line(script, tmp_path):
     """The device scripts, where no GPU can run them: one line naming the reason, a non-zero exit, nothing written
     (before any synthetic model is made)."""
@@ -122,7 +122,8 @@ def test_gpu_scripts_without_a_gpu_say_so_in_one_line(script, tmp_path):
     ("gemm_threshold", ["--thresholds", "33,x"], "--thresholds"), ("gemm_threshold", ["--depths", "0,-5"], "--depths"),
     ("gemm_threshold", ["--batched", "128:0"], "--batched"), ("boundary_bench", ["--mb", "7,y"], "--mb"),
     ("boundary_bench", ["--step", "qwen9"], "--step"),
-    ("boundary_bench", ["--merged-blocks", "16,-1"], "--merged-blocks")])
+    ("boundary_bench", ["--merged-blocks", "16,-1"], "--merged-blocks"),
+    ("engine_steps_ab", ["--variants", "packed,nope"], "--variants"), ("engine_steps_ab", ["--rounds", "0"], "--rounds")])
 def test_gpu_scripts_refuse_bad_sizes_in_one_line(script, args, names, tmp_path):
     """A mistyped size: one line naming the option, exit 2, before any GPU work (so on any machine), nothing written."""
     out = tmp_path / "out.json"

@@ -82,8 +82,8 @@ from .fusion import fuse, fuse_add_rms_norm, fuse_gate_up_swiglu
 from .gguf_model import GGUFModel
 from .device_sampler import parse_logprobs
 from .graph import build_model_graph, node_attrs
-from .kernels import (ATTN_CLUSTER_KEYS, ATTN_MSCR, ATTN_ONE_BLOCK_KEYS, FUSED_OPS, GEMM_OPS, GEMM_SWIGLU_OF,
-                      GEMM_SWIGLU_OPS, LOGPROB_WORDS, MATMUL_OPS,
+from .kernels import (ATTN_CLUSTER_KEYS, ATTN_MSCR, ATTN_ONE_BLOCK_KEYS, ATTN_WIDE_CLUSTERS, FUSED_OPS, GEMM_OPS,
+                      GEMM_SWIGLU_OF, GEMM_SWIGLU_OPS, LOGPROB_WORDS, MATMUL_OPS,
                       PREFILL_KV_SPLITS, XMERGE_CLUSTER_KEYS, decode_build, decode_tokens, defines_for,
                       gemm_wgmma_defines, launch_config, prefill_attention_scratch, qmv1_dims,
                       SKINNY_OPS, skinny_dims, skinny_of, xmerge_defines, xmerge_slot_floats)
@@ -113,7 +113,8 @@ TUNING = {"pdl": True, "m1": True, "qmv1": True, "plain": True, "batched": True,
           "skinny_min_m": SKINNY_MIN_M, "attn_kv_grid": True, "attn_one_block_keys": ATTN_ONE_BLOCK_KEYS,
           "skinny_skip": (), "gemm_wgmma": True, "gemm_xh": True,
           "concurrent_projections": True, "prefill_kv_splits": PREFILL_KV_SPLITS, "xh_by_producer": True,
-          "gemm_swiglu": True, "gemm_swiglu_split": 1, "prefill_pdl": False, "add_rms_norm": True}
+          "gemm_swiglu": True, "gemm_swiglu_split": 1, "prefill_pdl": False, "add_rms_norm": True,
+          "head_rows": True, "attn_narrow": True}
 # The kernels TensorRT's plugins get (toolchain/trt/plugins.py, issue 16), run here to prove them on the GPU: no
 # thread-block cluster launch (so no cluster k-split, no xmerge pair and no prefill GEMM, whose split-K is a cluster),
 # the attention with the caches by address (rope_kv_attention_addr), the general matvec core at every m. With
@@ -368,6 +369,11 @@ class CudaBackend:
         (ATTN_KVGRID: steps of more than ATTN_MSCR tokens, and steps within one cluster's keys)."""
         return bool(self.tuning["attn_kv_grid"]) and bool(self.tuning["clusters"])
 
+    def _narrow_attention(self, m: int) -> bool:
+        """Whether a step of m tokens whose attention runs one cluster per (token, kv head) takes clusters of 4 blocks
+        (tuning attn_narrow): where more than ATTN_WIDE_CLUSTERS clusters of 8 would not all be resident at once."""
+        return bool(self.tuning["attn_narrow"]) and m * self.cfg.n_kv_heads > ATTN_WIDE_CLUSTERS
+
     def _one_block_keys(self) -> int:
         """Tuning attn_one_block_keys where the attention may be launched without clusters (0: not)."""
         return int(self.tuning["attn_one_block_keys"]) if self.tuning["clusters"] else 0
@@ -397,7 +403,7 @@ class CudaBackend:
         return self._cc == (9, 0)
 
     def plan(self, m: int, last_only: bool = False, long_context: bool = False, tail: Tail | None = None,
-             sampled: int = 0, piece_from: int | None = None) -> list[Launch]:
+             sampled: int = 0, piece_from: int | None = None, head_rows: int = 0) -> list[Launch]:
         """Resolve every node of the graph into a launch for a step of m tokens (cached). With last_only (prompt
         prefill), the head (final norm, lm_head, argmax) runs on the last token's row only: logits row 0. With
         long_context (see long_context()): for m = 1 the xmerge pairs, for m <= ATTN_MSCR the attention's full grid
@@ -407,7 +413,10 @@ class CudaBackend:
         first `sampled` entries of its row list (default: m). With piece_from = d (a step on the prefill GEMMs):
         rows d .. m - 1 are one slot's prompt piece (consecutive positions, a slot no earlier row has), whose
         attention runs as the prefill pair, the rows before it as the decode attention (the engine's decode rows
-        beside a prompt chunk); last_only implies d = 0."""
+        beside a prompt chunk); last_only implies d = 0. With head_rows = h (0 < h < m, not last_only): the head runs
+        on the step's first h rows only (logits and tokens rows 0 .. h - 1), as a step of h tokens picks its kernels:
+        the engine's decode rows beside a prompt chunk whose last row is not wanted yet need no head over the chunk's
+        hundreds of rows (an lm_head GEMM over the vocabulary, and its logits written and read)."""
         gemm = not self._below_gemm(m) and self.tuning["clusters"]
         if last_only:
             long_context = self._prompt_long_context(m, long_context)
@@ -417,8 +426,13 @@ class CudaBackend:
         xmerge = m == 1 and long_context and self._xmerge()
         kv_grid = self._kv_grid() and (m > ATTN_MSCR or not long_context)
         one_block = self._one_block_keys() > 0 and m > ATTN_MSCR and not long_context
-        sampled = (sampled or m) if tail else 0
-        key = (m, last_only, xmerge, kv_grid, one_block, tail, sampled, piece_from)
+        head_rows = head_rows if self.tuning["head_rows"] else 0  # (tuning head_rows off: every row, as before)
+        head_m = 1 if last_only else head_rows if 0 < head_rows < m else m  # the head's rows
+        head_rows = head_m if head_m < m and not last_only else 0
+        sampled = (sampled or head_m) if tail else 0
+        if sampled > head_m:
+            raise ValueError(f"{sampled} rows sampled of a head of {head_m}")
+        key = (m, last_only, xmerge, kv_grid, one_block, tail, sampled, head_rows, piece_from)
         if tail and last_only and sampled != 1:
             raise ValueError("a prompt piece's plan (last_only) samples its last row alone (sampled=1)")
         if key in self._plans:
@@ -427,24 +441,25 @@ class CudaBackend:
         swiglu_split = int(self.tuning["gemm_swiglu_split"])
         if swiglu_split not in (1, 2):
             raise ValueError(f"tuning gemm_swiglu_split={swiglu_split}: 2 (the k split) or 1 (none)")
-        skinny = self._skinny(m)
         graph = self.onnx
         if gemm:  # gate, up and SwiGLU as one GEMM where its wgmma build runs, Add + RMSNorm as one launch (tunings)
             graph = self.prefill_graphs[bool(self.tuning["gemm_swiglu"] and self._gemm_wgmma()),
                                         bool(self.tuning["add_rms_norm"])]
         nodes = []  # (node, op, attrs, dims, defines, head) of every node, then the launches
         for node in graph.graph.node:
-            head = last_only and node.name in HEAD_NODES
+            head = last_only and node.name in HEAD_NODES  # reads the step's last row
+            node_m = head_m if node.name in HEAD_NODES else m
+            node_gemm = gemm and not head and (node_m == m or not self._below_gemm(node_m))
             op = KERNEL_OF.get(node.op_type, node.op_type)
             attrs = {k: v for k, v in node_attrs(node).items() if k != "plugin_namespace"}
             if node.op_type in ("RMSNormalization", "add_rms_norm"):
                 attrs = {"epsilon": attrs["epsilon"]}
             elif node.op_type == "ArgMax":
                 attrs = {}
-            dims = self._dims(node, op, attrs, 1 if head else m)
-            if gemm and not head and op in GEMM_OF:
+            dims = self._dims(node, op, attrs, node_m)
+            if node_gemm and op in GEMM_OF:
                 op = GEMM_OF[op]
-            elif (skinny and not head and not self._stays_on_decode_core(op, dims)
+            elif (self._skinny(node_m) and not head and not self._stays_on_decode_core(op, dims)
                   and (twin := skinny_of(op, attrs))):  # the fused ops too, where their types allow
                 op, attrs = twin, dict(attrs, hidden=self.cfg.hidden)
             if op == "rope_kv_attention" and self.tuning["cache_by_address"]:
@@ -456,7 +471,7 @@ class CudaBackend:
                     defines |= {"GEMM_SPLIT": 1}
             k = dims.get("k", dims.get("hidden"))
             # decode builds: a step of one token, one row of the head, batched decode (below the GEMM's threshold)
-            if (dims["m"] == 1 or (self.tuning["batched"] and not gemm)) and op in MATMUL_OPS + FUSED_OPS:
+            if (dims["m"] == 1 or (self.tuning["batched"] and not node_gemm)) and op in MATMUL_OPS + FUSED_OPS:
                 defines = decode_build(op, attrs, k, self.tuning["qmv1"], self.tuning["m1"], self.tuning["plain"],
                                        clusters, decode_tokens(dims["m"]))
             # tuning defines per op, or per op@k for one projection shape only (e.g. matmul_add@1536)
@@ -473,6 +488,9 @@ class CudaBackend:
             if op == "rope_kv_attention" and (kv_grid or one_block):  # one block: the build without clusters
                 defines = (defines_for(op, attrs, clusters=False) if one_block else defines) | {"ATTN_KVGRID": 1}
                 dims["attn_kv_grid"] = 1
+                if not one_block and self._narrow_attention(m):  # clusters of 4 blocks: one wave (tuning)
+                    defines |= {"ATTN_GX": 4}
+                    dims["attn_gx"] = 4
             nodes.append((node, op, attrs, dims, defines, head))
         extra = self._link_xmerge(nodes) if xmerge else {}
         launches, converted = [], None  # converted: the GEMM input now in fp16 in xh_bufs[xh_next ^ 1]
@@ -486,7 +504,7 @@ class CudaBackend:
             source = ins[0] if ins else 0
             if defines.get("GEMM_XH"):  # x as fp16 in the fragments' order: made once per input (q, k, v share it)
                 if converted != ins[0]:  # into the other buffer than the last input's (read by its producer)
-                    launches.append(self._x_f16(node.input[0], ins[0], m, dims["k"], xh_bufs[xh_next]))
+                    launches.append(self._x_f16(node.input[0], ins[0], dims["m"], dims["k"], xh_bufs[xh_next]))
                     converted, xh_next = ins[0], xh_next ^ 1
                 ins[0] = xh_bufs[xh_next ^ 1]
             if head and node.name == HEAD_NODES[0]:  # read the last token's hidden row
@@ -609,14 +627,14 @@ class CudaBackend:
                         self.buffers["prefill.attn_part"].ptr, self.buffers["prefill.attn_count"].ptr], defines=tuned)]
 
     def run_plan(self, m: int, advance: bool = False, last_only: bool = False, long_context: bool = False,
-                 tail: Tail | None = None, sampled: int = 0, piece_from: int | None = None):
+                 tail: Tail | None = None, sampled: int = 0, piece_from: int | None = None, head_rows: int = 0):
         """Enqueue the plan on self.stream as programmatic dependent launches (tuning pdl; prompt steps with tuning
         prefill_pdl), all but the first, which starts after everything before the step: that lets kernels read the
         step's inputs and the KV-cache rows of earlier steps before their pdl_wait() (plugins/pdl.cuh). In prompt
         steps the launches on side streams (concurrent_projections) and the first after they join back are ordinary
         launches: each waits on the other streams' events, not on one kernel before it."""
         pdl = self.tuning["pdl"] and (self._below_gemm(m) or self.tuning["prefill_pdl"])
-        launches = [x for x in self.plan(m, last_only, long_context, tail, sampled, piece_from)
+        launches = [x for x in self.plan(m, last_only, long_context, tail, sampled, piece_from, head_rows)
                     if (advance or x.op != "decode_advance") and not self._skipped(x)]
         groups = ([[x] for x in launches] if self._below_gemm(m) or not self.tuning["concurrent_projections"]
                   else sibling_projections(launches))
@@ -735,6 +753,14 @@ class CudaBackend:
         last_only)."""
         return piece_from == 0 and rows is not None and set(rows) <= {m - 1}
 
+    @staticmethod
+    def _head_rows(rows, m: int) -> int:
+        """The head's rows for a step of m rows wanting `rows` (None: all): rows 0 .. max(rows) (plan's head_rows;
+        0 = all m). The engine puts its decode rows first, so a mixed step whose prompt chunk wants no token yet
+        runs the head on the decode rows alone."""
+        h = m if rows is None else max(rows, default=0) + 1
+        return h if h < m else 0
+
     def step(self, ids, positions, slots, rows=None) -> np.ndarray:
         """Run one step of len(ids) tokens (any slots/positions) and return the logits of `rows` (default all)."""
         m = self._set_checked_inputs(ids, positions, slots)
@@ -744,7 +770,8 @@ class CudaBackend:
         if m == 1:
             self.decode_graph(1, long).launch(self.stream)
         else:
-            self.run_plan(m, last_only=piece, long_context=long, piece_from=piece_from)
+            self.run_plan(m, last_only=piece, long_context=long, piece_from=piece_from,
+                          head_rows=self._head_rows(rows, m))
         if rows is not None and not len(rows):
             self.stream.synchronize()
             return np.zeros((0, self.cfg.vocab), np.float32)
@@ -774,7 +801,8 @@ class CudaBackend:
         if rows == list(range(m)) and self._below_gemm(m):
             self.decode_graph(m, long, tail, advance=False).launch(self.stream)
         else:
-            self.run_plan(m, last_only=piece, long_context=long, tail=tail, sampled=len(rows), piece_from=piece_from)
+            self.run_plan(m, last_only=piece, long_context=long, tail=tail, sampled=len(rows), piece_from=piece_from,
+                          head_rows=self._head_rows(rows, m))
         if piece:
             return self.buffers["next_token"].download(self.stream, rows=1).reshape(-1)[:1]
         toks = self.buffers["next_token"].download(self.stream, rows=m).reshape(-1)

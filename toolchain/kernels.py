@@ -120,6 +120,10 @@ MATMUL_MAX_BLOCKS = QMV_SMS * QMV_BLOCKS_PER_SM  # one resident wave; rounds str
 QMV_MAX_SPLIT, QMV_MIN_SPLIT_ELEMS = 3, 512
 ATTN_SPLITS, ATTN_THREADS = 8, 256
 ATTN_MSCR = 16  # plugins/rope_kv_attention.cu MSCR: steps of more tokens run each token's attention as one cluster
+# Batched steps with more (token, kv head) clusters than this run the attention's ATTN_GX=4 build (clusters of 4
+# blocks, tuning attn_narrow): its blocks take a whole SM each (~210 registers x 256 threads), so 8-block clusters of
+# 16 tokens x 2 kv heads (256 blocks) are two waves on an H100's 132 SMs.
+ATTN_WIDE_CLUSTERS = 16
 ATTN_CLUSTER_KEYS = 2048  # plugins/rope_kv_attention.cu, cluster build: one more cluster per this many keys
 # steps of more than ATTN_MSCR tokens within this many keys: the attention as one block per (token, kv head)
 # (the cuda backend's attn_one_block_keys). H100, m = 32, against one cluster: +13 / +12 / +12 / +4% at context
@@ -506,7 +510,9 @@ def launch_config(op: str, dims: dict, ops=INT_OPS, clusters: bool = True) -> La
         kv_grid = bool(dims.get("attn_kv_grid"))
         rows = _dim(dims, "n_kv_heads") if kv_grid else _dim(dims, "n_heads")
         # grid x: a cluster's blocks, or (ATTN_KVGRID without clusters) the one block of each (token, kv head)
-        return LaunchConfig((1 if kv_grid and not clusters else ATTN_SPLITS, rows, m), (ATTN_THREADS, 1, 1), 0,
+        # (attn_gx: the ATTN_GX=4 build's clusters of 4)
+        gx = 1 if kv_grid and not clusters else int(dims.get("attn_gx", ATTN_SPLITS))
+        return LaunchConfig((gx, rows, m), (ATTN_THREADS, 1, 1), 0,
                             (m, _dim(dims, "n_slots"), _dim(dims, "max_seq", "max_seq_len")))
     if op == "decode_advance":
         return LaunchConfig((ops.cdiv(m, 256), 1, 1), (256, 1, 1), 0, (m,))
@@ -711,6 +717,7 @@ def decode_specializations(model: dict) -> list[tuple[str, dict]]:
     # attn_one_block_keys)
     kv_grid = [("rope_kv_attention", defines_for("rope_kv_attention", model, clusters=c) | {"ATTN_KVGRID": 1})
                for c in (True, False)]
+    kv_grid.append(("rope_kv_attention", kv_grid[0][1] | {"ATTN_GX": 4}))  # narrow clusters (ATTN_WIDE_CLUSTERS)
     # the prefill GEMMs on Hopper's warpgroup MMA (the cuda backend's tuning gemm_wgmma; sm_90a cubins)
     wgmma = [(op, gemm_wgmma_defines(xh)) for op in GEMM_OPS + GEMM_SWIGLU_OPS for xh in (False, True)]
     wgmma.append(("gemm_x_f16", gemm_wgmma_defines(True)))
