@@ -398,7 +398,8 @@ def test_a_mixed_steps_head_on_its_decode_rows_alone(synth, decoding):
     """The engine's mixed step whose prompt chunk wants no token yet (its rows = the decode rows): the head runs on
     the decode rows alone (plan head_rows; 1-2 rows on the decode core, 6 on the GEMMs for few tokens), their logits
     (poisoned before) and draws against the CPU reference; the chunk's cache rows are whole: the next step (decode
-    rows again, and the prompt's rest wanting its last row) agrees with the reference too."""
+    rows again, and the prompt's rest wanting its last row: the head gathers that row, head_last) agrees with the
+    reference too, logits (poisoned) and draws (the last row's position and slot are the head's own)."""
     from toolchain.cuda_backend import GEMM_MIN_M, HEAD_NODES, CudaBackend
     from toolchain.kernels import GEMM_OPS
     from toolchain.sampling import Sampling, Tail, draw_rng, sample_reference
@@ -420,7 +421,7 @@ def test_a_mixed_steps_head_on_its_decode_rows_alone(synth, decoding):
         be.buffers["logits"].upload(np.full((d, V), np.nan, np.float32))
         got = be.step(ids, pos, slots, rows=list(range(d)))
         m = len(ids)
-        assert any(k[0] == m and k[-2] == d and k[-1] == d for k in be._plans), "the step ran a head of d rows"
+        assert any(k[0] == m and k[-3:] == (d, False, d) for k in be._plans), "the step ran a head of d rows"
         head = [x for x in be.plan(m, piece_from=d, head_rows=d) if x.node in HEAD_NODES]
         assert head and not any(x.op in GEMM_OPS for x in head), [x.op for x in head]
         for row, p in enumerate(prompts):
@@ -436,11 +437,21 @@ def test_a_mixed_steps_head_on_its_decode_rows_alone(synth, decoding):
         ids2 = want + c2
         pos2 = [len(p) for p in prompts] + list(range(len(c1), len(c)))
         slots2 = list(range(d)) + [d] * len(c2)
-        got2 = be.step(ids2, pos2, slots2, rows=list(range(d)) + [len(ids2) - 1])
+        rows2, m2 = list(range(d)) + [len(ids2) - 1], len(ids2)
+        be.buffers["logits"].upload(np.full((d + 1, V), np.nan, np.float32))
+        got2 = be.step(ids2, pos2, slots2, rows=rows2)
+        assert any(k[0] == m2 and k[-3:-1] == (d + 1, True) for k in be._plans), "the head gathered the last row"
         for row, p in enumerate(prompts):
             full = p + [want[row]]
             assert rel_err(got2[row], ref.forward(full, 0, ref.new_cache(len(full)))[-1]) < 5e-3, row
         assert rel_err(got2[d], ref.forward(c, 0, ref.new_cache(len(c)))[-1]) < 5e-3
+        # its draws: each row's own slot and position (the prompt's last row's from head.positions / head.slots)
+        seeds = rng.integers(0, 1 << 30, d + 1).tolist()
+        for slot, (p, seed) in enumerate(zip(prompts + [c], seeds)):
+            be.set_sampling(slot, s, seed, p + [want[slot]] if slot < d else p, pos2[rows2[slot]])
+        toks2 = be.step_tokens(ids2, pos2, slots2, rows=rows2, tail=Tail(penalties=False))
+        want2 = [sample_reference(got2[j], s, draw_rng(seeds[j], pos2[r])) for j, r in enumerate(rows2)]
+        assert toks2.tolist() == want2, (toks2, want2)
     finally:
         be.close()
 

@@ -776,20 +776,27 @@ def test_which_steps_are_prompt_pieces():
     assert be._prompt_long_context(cb.GEMM_MIN_M, True)
 
 
-def test_the_head_runs_up_to_the_last_wanted_row():
-    """CudaBackend._head_rows (no GPU): the head (final norm, lm_head, argmax or draw) of a step runs on rows 0 ..
-    the last wanted one (0 = all rows): the engine's decode rows beside a prompt chunk that wants no token yet take
-    a head of their own count, not one over the chunk's rows."""
-    head = __import__("toolchain.cuda_backend", fromlist=["CudaBackend"]).CudaBackend._head_rows
-    assert head(None, 300) == 0 and head([299], 300) == 0 and head([0, 299], 300) == 0  # the last row: all
-    assert head([0, 1, 2, 3], 511) == 4 and head([1], 300) == 2 and head([2, 0], 9) == 3
-    assert head([], 300) == 1  # nothing wanted: one row (its logits unread)
+def test_the_head_runs_on_the_wanted_rows():
+    """CudaBackend._head (no GPU): the head (final norm, lm_head, argmax or draw) of a step runs on rows 0 .. the
+    last wanted one (head_rows; 0 = all rows), and where the step's last row is wanted beside earlier ones, on rows 0
+    .. the last other wanted one plus the last row, gathered (head_last): the engine's decode rows beside a prompt
+    chunk take a head of their own count (plus the chunk's last row where its prompt wants its first token), not
+    one over the chunk's rows."""
+    head = __import__("toolchain.cuda_backend", fromlist=["CudaBackend"]).CudaBackend._head
+    assert head(None, 300) == (0, False, None) and head([0, 1], 2) == (0, False, None)  # every row
+    assert head([0, 1, 2, 3], 511) == (4, False, None) and head([1], 300) == (2, False, None)
+    assert head([2, 0], 9) == (3, False, None) and head([], 300) == (1, False, None)  # nothing wanted: one row
+    assert head([0, 1, 2, 3, 510], 511) == (5, True, [0, 1, 2, 3, 510])
+    assert head([299], 300) == (1, True, [299]) and head([1, 299], 300) == (3, True, [0, 1, 299])
+    assert head([0, 1, 2], 3) == (0, False, None) and head([0], 1) == (0, False, None)
     rng = np.random.default_rng()
-    for _ in range(200):
-        m = int(rng.integers(2, 600))
+    for _ in range(300):
+        m = int(rng.integers(1, 600))
         rows = sorted(set(rng.integers(0, m, int(rng.integers(1, 6))).tolist()))
-        h = head(rows, m)
-        assert (h == 0) == (rows[-1] == m - 1) and (h == 0 or h == rows[-1] + 1), (rows, m, h)
+        h, last, gathered = head(rows, m)
+        where = list(range(m)) if h == 0 else gathered if last else list(range(h))
+        assert set(rows) <= set(where) and (h == 0 or h == len(where) < m), (rows, m, h, last)
+        assert where == sorted(where) and (not last or where[-1] == m - 1), (rows, m, where)
 
 
 

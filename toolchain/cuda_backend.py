@@ -207,12 +207,14 @@ class CudaBackend:
                 buf = cr.DeviceBuffer.zeros(cache_shape, np.float16)
                 self.buffers[f"{kind}_cache.{i}"] = buf
                 self.buffers[f"L{i}.{kind}_cache_out"] = buf  # the attention op updates the cache in place
-        # the step's inputs in one allocation, so one copy sets them (_set_inputs)
-        self.buffers["step_inputs"] = cr.DeviceBuffer.zeros((3, max_tokens), np.int32)
-        for k, name in enumerate(("token_ids", "positions", "slots")):
+        # the step's inputs in one allocation, so one copy sets them (_set_inputs); the last two: the positions and
+        # slots of a gathered head's rows (plan head_last), which its device sampler reads
+        inputs = ("token_ids", "positions", "slots", "head.positions", "head.slots")
+        self.buffers["step_inputs"] = cr.DeviceBuffer.zeros((len(inputs), max_tokens), np.int32)
+        for k, name in enumerate(inputs):
             self.buffers[name] = cr.DeviceView(self.buffers["step_inputs"], 4 * k * max_tokens, 4 * max_tokens,
                                                (max_tokens,), np.int32)
-        self._host_inputs = np.zeros((3, max_tokens), np.int32)
+        self._host_inputs = np.zeros((len(inputs), max_tokens), np.int32)
         with progress.stage("shape inference"):
             self.widths = self._value_widths()
         self.buffers["prefill.q_rot"] = cr.DeviceBuffer.zeros((max_tokens, c.q_dim), np.float32)
@@ -403,7 +405,8 @@ class CudaBackend:
         return self._cc == (9, 0)
 
     def plan(self, m: int, last_only: bool = False, long_context: bool = False, tail: Tail | None = None,
-             sampled: int = 0, piece_from: int | None = None, head_rows: int = 0) -> list[Launch]:
+             sampled: int = 0, piece_from: int | None = None, head_rows: int = 0,
+             head_last: bool = False) -> list[Launch]:
         """Resolve every node of the graph into a launch for a step of m tokens (cached). With last_only (prompt
         prefill), the head (final norm, lm_head, argmax) runs on the last token's row only: logits row 0. With
         long_context (see long_context()): for m = 1 the xmerge pairs, for m <= ATTN_MSCR the attention's full grid
@@ -416,7 +419,10 @@ class CudaBackend:
         beside a prompt chunk); last_only implies d = 0. With head_rows = h (0 < h < m, not last_only): the head runs
         on the step's first h rows only (logits and tokens rows 0 .. h - 1), as a step of h tokens picks its kernels:
         the engine's decode rows beside a prompt chunk whose last row is not wanted yet need no head over the chunk's
-        hundreds of rows (an lm_head GEMM over the vocabulary, and its logits written and read)."""
+        hundreds of rows (an lm_head GEMM over the vocabulary, and its logits written and read). With head_last too,
+        the head's last row is the step's row m - 1 (its others rows 0 .. h - 2): the final norm gathers it (a second
+        launch of one row) and the device sampler reads the head's rows' positions and slots from head.positions /
+        head.slots (_set_inputs): the decode rows beside a prompt's last chunk."""
         gemm = not self._below_gemm(m) and self.tuning["clusters"]
         if last_only:
             long_context = self._prompt_long_context(m, long_context)
@@ -429,10 +435,11 @@ class CudaBackend:
         head_rows = head_rows if self.tuning["head_rows"] else 0  # (tuning head_rows off: every row, as before)
         head_m = 1 if last_only else head_rows if 0 < head_rows < m else m  # the head's rows
         head_rows = head_m if head_m < m and not last_only else 0
+        head_last = bool(head_last and head_rows)
         sampled = (sampled or head_m) if tail else 0
         if sampled > head_m:
             raise ValueError(f"{sampled} rows sampled of a head of {head_m}")
-        key = (m, last_only, xmerge, kv_grid, one_block, tail, sampled, head_rows, piece_from)
+        key = (m, last_only, xmerge, kv_grid, one_block, tail, sampled, head_rows, head_last, piece_from)
         if tail and last_only and sampled != 1:
             raise ValueError("a prompt piece's plan (last_only) samples its last row alone (sampled=1)")
         if key in self._plans:
@@ -511,6 +518,18 @@ class CudaBackend:
                 width, dtype = self.widths[node.input[0]]
                 ins[0] += (m - 1) * width * np.dtype(dtype).itemsize
             outs = [self.buffers[o].ptr for o in node.output]
+            if head_last and node.name == HEAD_NODES[0]:  # rows 0 .. h - 2, then row m - 1 into the head's row h - 1
+                if op != "rms_norm":
+                    raise ValueError(f"a gathered head needs the final norm alone (node {node.name} is {op})")
+                row_in, row_out = (self.widths[x][0] * np.dtype(self.widths[x][1]).itemsize
+                                   for x in (node.input[0], node.output[0]))
+                for rows, at, to in ((head_m - 1, 0, 0), (1, (m - 1) * row_in, (head_m - 1) * row_out)):
+                    if rows:
+                        part = launch_config(op, dims | {"m": rows})
+                        launches.append(Launch(node.name + (".last" if at else ""), op, kern, part,
+                                               [ins[0] + at, *ins[1:], *part.scalars, outs[0] + to],
+                                               ins[0] + at, defines))
+                continue
             if op == "rope_kv_attention_addr":  # q, k, v, the caches' addresses, positions, slots -> out
                 ins, outs = ins[:3] + [self._cache_addresses(node.input[3], node.input[4])] + ins[5:], outs[:1]
             if op == "rope_kv_attention" and piece_from is not None:  # one slot's prompt: the tiled prefill pair
@@ -527,10 +546,13 @@ class CudaBackend:
             args = ins + list(cfg.scalars) + outs + extra.get(node.name, [])
             if tail and op == "argmax":  # penalties on the logits before it, the draw and logprobs after it
                 b = self.buffers
-                # last_only: the head's row 0 is the step's row m - 1 (its slot, and its position for the draw)
+                # last_only: the head's row 0 is the step's row m - 1 (its slot, and its position for the draw); a
+                # gathered head: its rows' own (head_last)
                 last = 4 * (m - 1) if last_only else 0
-                before, after = self.sampler.launches(sampled, b["logits"].ptr, b["next_token"].ptr,
-                                                      b["slots"].ptr + last, b["positions"].ptr + last, tail)
+                slots, positions = ((b["head.slots"].ptr, b["head.positions"].ptr) if head_last
+                                    else (b["slots"].ptr + last, b["positions"].ptr + last))
+                before, after = self.sampler.launches(sampled, b["logits"].ptr, b["next_token"].ptr, slots,
+                                                      positions, tail)
                 # the draw takes the argmax itself (greedy rows: the same bits): this launch goes, where it runs
                 launches += [Launch(*x) for x in before]
                 if not tail.draw:
@@ -627,14 +649,15 @@ class CudaBackend:
                         self.buffers["prefill.attn_part"].ptr, self.buffers["prefill.attn_count"].ptr], defines=tuned)]
 
     def run_plan(self, m: int, advance: bool = False, last_only: bool = False, long_context: bool = False,
-                 tail: Tail | None = None, sampled: int = 0, piece_from: int | None = None, head_rows: int = 0):
+                 tail: Tail | None = None, sampled: int = 0, piece_from: int | None = None, head_rows: int = 0,
+                 head_last: bool = False):
         """Enqueue the plan on self.stream as programmatic dependent launches (tuning pdl; prompt steps with tuning
         prefill_pdl), all but the first, which starts after everything before the step: that lets kernels read the
         step's inputs and the KV-cache rows of earlier steps before their pdl_wait() (plugins/pdl.cuh). In prompt
         steps the launches on side streams (concurrent_projections) and the first after they join back are ordinary
         launches: each waits on the other streams' events, not on one kernel before it."""
         pdl = self.tuning["pdl"] and (self._below_gemm(m) or self.tuning["prefill_pdl"])
-        launches = [x for x in self.plan(m, last_only, long_context, tail, sampled, piece_from, head_rows)
+        launches = [x for x in self.plan(m, last_only, long_context, tail, sampled, piece_from, head_rows, head_last)
                     if (advance or x.op != "decode_advance") and not self._skipped(x)]
         groups = ([[x] for x in launches] if self._below_gemm(m) or not self.tuning["concurrent_projections"]
                   else sibling_projections(launches))
@@ -711,21 +734,24 @@ class CudaBackend:
         """Continue at `pos` (slot 0): cache rows from there on are overwritten by what is fed next."""
         self.pos = pos
 
-    def _set_inputs(self, ids, positions, slots):
-        """One copy of the step's token ids, positions and slots (rows beyond len(ids) are never read), ordered on
-        the stream; the host array lives on, so nothing waits for it."""
+    def _set_inputs(self, ids, positions, slots, head=None):
+        """One copy of the step's token ids, positions and slots (rows beyond len(ids) are never read), and with
+        `head` (the step rows of a gathered head, _head) those rows' positions and slots, ordered on the stream; the
+        host array lives on, so nothing waits for it."""
         h, m = self._host_inputs, len(ids)
         h[0, :m], h[1, :m], h[2, :m] = ids, positions, slots
+        if head is not None:
+            h[3, :len(head)], h[4, :len(head)] = h[1, head], h[2, head]
         self.buffers["step_inputs"].upload(h, self.stream, wait=False)
 
-    def _set_checked_inputs(self, ids, positions, slots) -> int:
+    def _set_checked_inputs(self, ids, positions, slots, head=None) -> int:
         """_set_inputs after the checks every step needs: no kernel may index outside its tensors because of a
         request (token ids, positions, slots). Returns m."""
         m = len(ids)
         if m > self.max_tokens:
             raise ValueError(f"{m} tokens exceed max_tokens={self.max_tokens}")
         ids = check_step(ids, positions, slots, self.cfg.vocab, self.max_context, self.n_slots)
-        self._set_inputs(ids, positions, slots)
+        self._set_inputs(ids, positions, slots, head)
         return m
 
     def bind_thread(self):
@@ -754,32 +780,49 @@ class CudaBackend:
         return piece_from == 0 and rows is not None and set(rows) <= {m - 1}
 
     @staticmethod
-    def _head_rows(rows, m: int) -> int:
-        """The head's rows for a step of m rows wanting `rows` (None: all): rows 0 .. max(rows) (plan's head_rows;
-        0 = all m). The engine puts its decode rows first, so a mixed step whose prompt chunk wants no token yet
-        runs the head on the decode rows alone."""
-        h = m if rows is None else max(rows, default=0) + 1
-        return h if h < m else 0
+    def _head(rows, m: int) -> tuple[int, bool, list[int] | None]:
+        """The head of a step of m rows wanting `rows` (None: all): (head_rows, head_last, gathered) for plan, with
+        gathered the step row of each head row where the head gathers (else None, the head's row r is the step's
+        row r). The head runs on rows 0 .. the last wanted one (head_rows; 0 = all m), and when row m - 1 is wanted
+        beside rows before it, on rows 0 .. the last other wanted one plus row m - 1 (head_last). The engine puts
+        its decode rows first: a mixed step runs the head on its decode rows, and its prompt chunk's last row where
+        that prompt wants its first token, not on the chunk's hundreds of rows."""
+        if rows is None or not len(rows):
+            return (0 if rows is None or m == 1 else 1), False, None
+        top = max(rows) + 1
+        if top < m:
+            return top, False, None
+        others = [r for r in rows if r != m - 1]
+        h = max(others, default=-1) + 2  # rows 0 .. the last other one, and the last row
+        return (h, True, list(range(h - 1)) + [m - 1]) if h < m else (0, False, None)
+
+    def _head_rows_of(self, rows, m: int, gathered) -> list[int]:
+        """Where each of the step rows `rows` lands in the head's rows (_head): their own index, or with a gathered
+        head the last row m - 1 at the head's last."""
+        if not self.tuning["head_rows"] or gathered is None:
+            return list(rows)
+        return [len(gathered) - 1 if r == m - 1 else r for r in rows]
 
     def step(self, ids, positions, slots, rows=None) -> np.ndarray:
         """Run one step of len(ids) tokens (any slots/positions) and return the logits of `rows` (default all)."""
-        m = self._set_checked_inputs(ids, positions, slots)
+        head_rows, head_last, gathered = self._head(rows, len(ids))
+        m = self._set_checked_inputs(ids, positions, slots, gathered)
         long = self.long_context(int(np.max(positions)), m)
         piece_from = self._piece_from(positions, slots)
         piece = self._prompt_piece(piece_from, rows, m)
         if m == 1:
             self.decode_graph(1, long).launch(self.stream)
         else:
-            self.run_plan(m, last_only=piece, long_context=long, piece_from=piece_from,
-                          head_rows=self._head_rows(rows, m))
+            self.run_plan(m, last_only=piece, long_context=long, piece_from=piece_from, head_rows=head_rows,
+                          head_last=head_last)
         if rows is not None and not len(rows):
             self.stream.synchronize()
             return np.zeros((0, self.cfg.vocab), np.float32)
         if piece:  # the last row's logits are the head's row 0
             return self.buffers["logits"].download(self.stream, rows=1)
-        last = m if rows is None else max(rows) + 1  # download only up to the last row asked for
-        logits = self.buffers["logits"].download(self.stream, rows=last)
-        return logits if rows is None else logits[list(rows)]
+        at = list(range(m)) if rows is None else self._head_rows_of(rows, m, gathered)
+        logits = self.buffers["logits"].download(self.stream, rows=max(at) + 1)  # up to the last row asked for
+        return logits if rows is None else logits[at]
 
     def set_sampling(self, slot: int, sampling, seed: int, tokens, position: int):
         """The request now in `slot` samples on the device with these settings (DeviceSampler.set_slot)."""
@@ -792,21 +835,21 @@ class CudaBackend:
         rows = [int(r) for r in rows]
         if not rows:
             return self.step(ids, positions, slots, rows).astype(np.int64)[:, 0]
-        m = self._set_checked_inputs(ids, positions, slots)
+        head_rows, head_last, gathered = self._head(rows, len(ids))
+        m = self._set_checked_inputs(ids, positions, slots, gathered)
         piece_from = self._piece_from(positions, slots)
         piece = self._prompt_piece(piece_from, rows, m)  # its head's row 0 is its row m - 1
+        at = [0] if piece else self._head_rows_of(rows, m, gathered)  # the rows' places in the head
         if tail:
-            self.sampler.set_rows([0] if piece else rows, self.stream)
+            self.sampler.set_rows(at, self.stream)
         long = self.long_context(int(np.max(positions)), m)
         if rows == list(range(m)) and self._below_gemm(m):
             self.decode_graph(m, long, tail, advance=False).launch(self.stream)
         else:
             self.run_plan(m, last_only=piece, long_context=long, tail=tail, sampled=len(rows), piece_from=piece_from,
-                          head_rows=self._head_rows(rows, m))
-        if piece:
-            return self.buffers["next_token"].download(self.stream, rows=1).reshape(-1)[:1]
-        toks = self.buffers["next_token"].download(self.stream, rows=m).reshape(-1)
-        return toks[rows]
+                          head_rows=head_rows, head_last=head_last)
+        toks = self.buffers["next_token"].download(self.stream, rows=max(at) + 1).reshape(-1)
+        return toks[at]
 
     def last_logprobs(self, tokens, tops) -> list[dict]:
         """The log-probability records (sampling.token_logprobs' form) of the last step_tokens' rows, computed on
