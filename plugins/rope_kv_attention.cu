@@ -15,10 +15,11 @@
 // addresses of the k and v cache) in place of the four cache pointers, so the cache is never a TensorRT network
 // input or output:
 //     rope_kv_attention_addr(q, k, v, cache_addr, positions, slots, m, n_slots, max_seq, out)
-// Launch (toolchain/kernels.py): grid (8 (ATTN_KVGRID without clusters: 1), N_HEADS (ATTN_KVGRID: N_KV_HEADS), m),
+// Launch (toolchain/kernels.py): grid (8 (ATTN_KVGRID without clusters: 1; ATTN_GX=4: 4), N_HEADS (ATTN_KVGRID:
+// N_KV_HEADS), m),
 // block (ATTN_THREADS = 256),
-// cluster (8, 1, 1) compiled in. Tuning knobs (-D, defaults below): ATTN_CLUSTER_KEYS, ATTN_NBUF, ATTN_PF_KEYS,
-// ATTN_LDMODE, ATTN_EARLY, ATTN_KVGRID.
+// cluster (8, 1, 1) (ATTN_GX) compiled in. Tuning knobs (-D, defaults below): ATTN_CLUSTER_KEYS, ATTN_NBUF,
+// ATTN_PF_KEYS, ATTN_LDMODE, ATTN_EARLY, ATTN_KVGRID, ATTN_GX.
 // ATTN_XMERGE=1 (the cuda backend's batch-1 plan only) appends a parameter `float* xpart` [G][XSTR] and, for m = 1
 // with more than one cluster per kv head, writes cluster partials there instead of `out`: see "Merge".
 //
@@ -374,8 +375,9 @@ static_assert(!ATTN_CLUSTER || ME <= THREADS, "one merged element per thread");
 // (the cuda backend: more than MSCR tokens, up to kernels.ATTN_ONE_BLOCK_KEYS keys), where a cluster's 8 blocks
 // would each get a few key steps and a merge.
 // ATTN_GX=4 (ATTN_KVGRID with clusters): clusters of 4 blocks, for batched steps whose clusters of 8 would not all
-// be resident at once (the build takes one 256-thread block per SM at ~210 registers: 16 tokens x 2 kv heads x 8
-// blocks = 256 blocks are two waves on 132 SMs; 128 blocks of 4-block clusters are one).
+// be resident at once (the 1.5B's build takes one 256-thread block per SM at ~210 registers: 16 tokens x 2 kv heads
+// x 8 blocks = 256 blocks are two waves on 132 SMs; 128 blocks of 4-block clusters are one). Each rank merges 1/4 of
+// the elements; the rest is as with 8.
 static_assert(!ATTN_KVGRID || !ATTN_XMERGE, "ATTN_KVGRID: without xmerge");
 static_assert(GX == 8 || (GX == 4 && ATTN_KVGRID && ATTN_CLUSTER), "ATTN_GX=4: ATTN_KVGRID cluster builds only");
 static_assert(ME % 4 == 0, "16-byte pushes");

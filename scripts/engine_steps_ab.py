@@ -38,7 +38,7 @@ def use(be, variant: str):
     packed, head = VARIANTS[variant]
     cr.Kernel._packed_args = PACKED_ONCE if packed else cr.Kernel._pack
     be.tuning = dict(be.tuning, head_rows=head)
-    be._plans.clear()  # plans are keyed without the tuning: rebuilt (host work only; the modules stay loaded)
+    be._plans.clear()  # a plan's key holds its head's rows, not the tuning: rebuilt (host work; modules stay loaded)
 
 
 def mixed_step_ms(be, V: int, wanted_last: bool, reps: int = 7) -> float:
@@ -76,13 +76,16 @@ def load(eng, V: int, seed: int) -> dict:
                 stamps[i].append(time.perf_counter())
     threads = [threading.Thread(target=consume, args=(i,)) for i in range(4)]
     [t.start() for t in threads]
-    while min(len(s) for s in stamps) < 20:
+    t_wait = time.perf_counter()
+    while min(len(s) for s in stamps) < 20:  # every stream decoding before the prompt comes
+        if time.perf_counter() - t_wait > 60:
+            raise RuntimeError("the streams did not reach 20 tokens in 60 s")
         time.sleep(0.001)
     t0 = time.perf_counter()
     first = ttft(eng, rng.integers(0, V, 8192).tolist())
     t1 = t0 + first
     [t.join() for t in threads]
-    gaps = sorted(b - a for s in stamps for a, b in zip(s, s[1:]) if b > t0 and a < t1)
+    gaps = sorted(b - a for s in stamps for a, b in zip(s, s[1:]) if b > t0 and a < t1) or [float("nan")]
     return {"prompt_ttft_s": round(first, 4), "gap_p50_ms": round(gaps[len(gaps) // 2] * 1e3, 2),
             "gap_max_ms": round(gaps[-1] * 1e3, 2)}
 

@@ -196,10 +196,11 @@ def test_attention_kv_grid_keeps_the_bits(synth, backend, m):
     plugins/rope_kv_attention.cu ATTN_KVGRID; steps of more than ATTN_MSCR tokens, and shorter steps whose furthest
     row is within one cluster's keys) = the same steps on the full grid, bit for bit, at a short and a long context;
     a short step past the cluster's keys takes the full grid (its clusters spread over the context). The TensorRT
-    builds have no cluster grid to trim. Where more than ATTN_WIDE_CLUSTERS (token, kv head) clusters run (m = 20),
-    tuning attn_narrow launches clusters of 4 blocks (grid x = 4): the same keys merged over 4 ranks instead of 8,
-    so within rounding of the 8-block step, not its bits."""
-    from toolchain.kernels import ATTN_CLUSTER_KEYS, ATTN_MSCR, ATTN_WIDE_CLUSTERS
+    builds have no cluster grid to trim. Where its 8-block clusters would not all be resident at once (m = 20 on the
+    1.5B's build), tuning attn_narrow launches clusters of 4 blocks (grid x = 4): the same keys merged over 4 ranks
+    instead of 8, so within rounding of the 8-block step, not its bits."""
+    from toolchain import cuda_runtime as cr
+    from toolchain.kernels import ATTN_CLUSTER_KEYS, ATTN_MSCR, ATTN_SPLITS, ATTN_THREADS, resident_blocks
 
     model, _ = synth
     c = model.config
@@ -210,7 +211,7 @@ def test_attention_kv_grid_keeps_the_bits(synth, backend, m):
 
     for base in (100, ATTN_CLUSTER_KEYS + 900):  # the furthest row: within one cluster's keys, beyond them
         positions = base - np.arange(m) * 3
-        outs, grids = [], []
+        outs, grids, kernels = [], [], []
         try:
             # (the one-block plan of more tokens off: test_attention_one_block_plan)
             for on, narrow in ((False, False), (True, False), (True, True)):
@@ -218,12 +219,16 @@ def test_attention_kv_grid_keeps_the_bits(synth, backend, m):
                 backend.reset()
                 outs.append(backend.step(ids, positions, slots).copy())
                 long = backend.long_context(int(positions.max()), m)
-                grids.append({x.cfg.grid[:2] for x in backend.plan(m, long_context=long)
-                              if x.op.startswith("rope_kv_attention")})
+                attention = [x for x in backend.plan(m, long_context=long) if x.op.startswith("rope_kv_attention")]
+                grids.append({x.cfg.grid[:2] for x in attention})
+                kernels.append(attention[0].kernel)
         finally:
             use_tuning(backend, saved)
         assert np.isfinite(outs[0]).all() and np.array_equal(outs[0], outs[1]), base
-        narrowed = saved["clusters"] and m * c.n_kv_heads > ATTN_WIDE_CLUSTERS
+        # narrow where the 8-block clusters of the kv-grid build are more blocks than fit the GPU at once
+        k8 = kernels[1]
+        fit = resident_blocks(k8.attribute("NUM_REGS"), ATTN_THREADS, cr.sm_count(), k8.attribute("SHARED_SIZE_BYTES"))
+        narrowed = bool(saved["clusters"]) and m * c.n_kv_heads * ATTN_SPLITS > fit
         assert max(rel_err(a, b) for a, b in zip(outs[2], outs[1])) <= (1e-3 if narrowed else 0), base
         assert {x for x, _ in grids[2]} == ({4} if narrowed else {x for x, _ in grids[1]}), (base, grids)
         grids = [{y for _, y in g} for g in grids[:2]]
@@ -250,8 +255,8 @@ def test_attention_one_block_plan(synth, backend):
         for base, near in ((100, True), (keys + 500, False)):  # the furthest row within the keys, beyond them
             positions = base - np.arange(m) * 3
             outs, grids = [], []
-            for k in (0, keys):
-                use_tuning(backend, {**saved, "attn_kv_grid": True, "attn_one_block_keys": k})
+            for k in (0, keys):  # (the one-cluster plan's clusters of 8: attn_narrow off)
+                use_tuning(backend, {**saved, "attn_kv_grid": True, "attn_one_block_keys": k, "attn_narrow": False})
                 outs.append(backend.step(ids, positions, slots).copy())
                 long = backend.long_context(int(positions.max()), m)
                 grids.append({x.cfg.grid[0] for x in backend.plan(m, long_context=long)

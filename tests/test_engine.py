@@ -282,9 +282,9 @@ def test_device_logprobs_through_the_engine_on_cuda(synth_gguf):
     # every step on the decode core, the prompts' too (5-30 rows would take the few-token GEMMs' fp16 x; the
     # decode core's is int16: logprobs up to 0.0204 apart on the H100, where a 2e-2 bound failed in three
     # sessions), and the attention of steps of more than 16 rows partitioned as in steps of few rows (one cluster
-    # per token and kv head, not one block: attn_one_block_keys 0), so the reference step below computes what the
-    # engine's steps did
-    decode_core = {"gemm_min_m": 1 << 30, "skinny_min_m": 1 << 30, "attn_one_block_keys": 0}
+    # per token and kv head, not one block: attn_one_block_keys 0; clusters of 8 blocks whatever the rows:
+    # attn_narrow off), so the reference step below computes what the engine's steps did
+    decode_core = {"gemm_min_m": 1 << 30, "skinny_min_m": 1 << 30, "attn_one_block_keys": 0, "attn_narrow": False}
     dec.backend = CudaBackend(dec.model, 1024, n_slots=4, max_tokens=64, tuning=decode_core)
     rng = np.random.default_rng()
     prompts = [list(map(int, rng.integers(0, 151936, n))) for n in (5, 17, 30, 9)]

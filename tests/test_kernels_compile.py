@@ -403,6 +403,22 @@ def test_attention_kv_grid_launch():
         for clusters in (True, False):
             kv = K.defines_for("rope_kv_attention", model, clusters=clusters) | {"ATTN_KVGRID": 1}
             assert ("rope_kv_attention", kv) in K.real_model_builds(), model["model"]
+        narrow = K.defines_for("rope_kv_attention", model) | {"ATTN_KVGRID": 1, "ATTN_GX": 4}  # (attn_narrow)
+        assert ("rope_kv_attention", narrow) in K.real_model_builds(), model["model"]
+    # ... and its clusters of 4 (ATTN_GX=4, tuning attn_narrow) on grid x; the .cu refuses them elsewhere
+    assert K.launch_config("rope_kv_attention", dims | {"attn_kv_grid": 1, "attn_gx": 4}).grid == (
+        4, 2, K.ATTN_MSCR + 1)
+    assert "static_assert(GX == 8 || (GX == 4 && ATTN_KVGRID && ATTN_CLUSTER)" in src
+
+
+def test_resident_blocks():
+    """kernels.resident_blocks (no GPU), which decides where the batched attention takes clusters of 4 (cuda backend
+    _narrow_attention): the 1.5B attention build's ~210 registers x 256 threads fit one block per SM (two waves for
+    16 tokens x 2 kv heads x 8 blocks on 132 SMs), the 0.5B's 128 two; threads and shared memory limit it too."""
+    assert K.resident_blocks(206, 256, 132) == 132 and K.resident_blocks(212, 256, 132, 46664) == 132
+    assert K.resident_blocks(128, 256, 132, 28280) == 264 and K.resident_blocks(129, 256, 1) == 1
+    assert K.resident_blocks(32, 1024, 10) == 20 and K.resident_blocks(16, 128, 1) == 16
+    assert K.resident_blocks(32, 128, 2, 100 * 1024) == 4
 
 
 def test_long_context_plans():

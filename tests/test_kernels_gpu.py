@@ -813,8 +813,8 @@ def test_attention_kv_grid(model, case):
 # builds: the cuda backend's (a cluster of 8 blocks), and TensorRT's (issue 16: no cluster launch; the caches by
 # address as the TensorRT export passes them), and one block per (token, kv head) without a cluster (the cuda
 # backend's plan for more than 16 tokens at short contexts, attn_one_block_keys), and one cluster of 4 blocks per
-# (token, kv head) (its plan for batched steps of more than ATTN_WIDE_CLUSTERS clusters, attn_narrow): (op, clusters,
-# extra defines)
+# (token, kv head) (its plan for batched steps whose 8-block clusters would not all be resident, attn_narrow): (op,
+# clusters, extra defines)
 ATTN_BUILDS = {"cluster": ("rope_kv_attention", True, {}), "no_cluster": ("rope_kv_attention", False, {}),
                "tensorrt": ("rope_kv_attention_addr", False, {}),
                "one_block": ("rope_kv_attention", False, {"ATTN_KVGRID": 1}),

@@ -82,11 +82,11 @@ from .fusion import fuse, fuse_add_rms_norm, fuse_gate_up_swiglu
 from .gguf_model import GGUFModel
 from .device_sampler import parse_logprobs
 from .graph import build_model_graph, node_attrs
-from .kernels import (ATTN_CLUSTER_KEYS, ATTN_MSCR, ATTN_ONE_BLOCK_KEYS, ATTN_WIDE_CLUSTERS, FUSED_OPS, GEMM_OPS,
-                      GEMM_SWIGLU_OF, GEMM_SWIGLU_OPS, LOGPROB_WORDS, MATMUL_OPS,
+from .kernels import (ATTN_CLUSTER_KEYS, ATTN_MSCR, ATTN_ONE_BLOCK_KEYS, ATTN_SPLITS, ATTN_THREADS, FUSED_OPS,
+                      GEMM_OPS, GEMM_SWIGLU_OF, GEMM_SWIGLU_OPS, LOGPROB_WORDS, MATMUL_OPS,
                       PREFILL_KV_SPLITS, XMERGE_CLUSTER_KEYS, decode_build, decode_tokens, defines_for,
                       gemm_wgmma_defines, launch_config, prefill_attention_scratch, qmv1_dims,
-                      SKINNY_OPS, skinny_dims, skinny_of, xmerge_defines, xmerge_slot_floats)
+                      SKINNY_OPS, resident_blocks, skinny_dims, skinny_of, xmerge_defines, xmerge_slot_floats)
 from .sampling import Tail
 
 # ONNX op_type -> kernel op (standard ops map to our kernels; custom ops share their names).
@@ -235,6 +235,7 @@ class CudaBackend:
             (c.n_heads // c.n_kv_heads, xmerge_slot_floats(c.n_heads, c.head_dim)), np.float32)
         self._allocate_activations()
         self._modules: dict = {}
+        self._resident: dict = {}  # blocks of a build resident at once (_narrow_attention)
         self._plans: dict[int, list[Launch]] = {}
         self._graphs: dict[tuple, object] = {}
         self._sampler = None
@@ -371,10 +372,20 @@ class CudaBackend:
         (ATTN_KVGRID: steps of more than ATTN_MSCR tokens, and steps within one cluster's keys)."""
         return bool(self.tuning["attn_kv_grid"]) and bool(self.tuning["clusters"])
 
-    def _narrow_attention(self, m: int) -> bool:
-        """Whether a step of m tokens whose attention runs one cluster per (token, kv head) takes clusters of 4 blocks
-        (tuning attn_narrow): where more than ATTN_WIDE_CLUSTERS clusters of 8 would not all be resident at once."""
-        return bool(self.tuning["attn_narrow"]) and m * self.cfg.n_kv_heads > ATTN_WIDE_CLUSTERS
+    def _narrow_attention(self, m: int, defines: dict) -> bool:
+        """Whether an attention launch of m tokens as one cluster per (token, kv head) (the ATTN_KVGRID build of
+        `defines`) takes clusters of 4 blocks (tuning attn_narrow, the ATTN_GX=4 build): where its clusters of 8
+        would not all be resident at once, by the build's registers (the 1.5B's, ~210 a thread: one 256-thread block
+        per SM, so 16 tokens x 2 kv heads x 8 blocks are two waves on an H100's 132 SMs, one wave in 4-block clusters;
+        the 0.5B's 128: two blocks per SM)."""
+        if not self.tuning["attn_narrow"]:
+            return False
+        key = tuple(sorted(defines.items()))
+        if key not in self._resident:
+            kern = self._kernel("rope_kv_attention", defines)
+            self._resident[key] = resident_blocks(kern.attribute("NUM_REGS"), ATTN_THREADS, cr.sm_count(),
+                                                  kern.attribute("SHARED_SIZE_BYTES"))
+        return m * self.cfg.n_kv_heads * ATTN_SPLITS > self._resident[key]
 
     def _one_block_keys(self) -> int:
         """Tuning attn_one_block_keys where the attention may be launched without clusters (0: not)."""
@@ -495,7 +506,9 @@ class CudaBackend:
             if op == "rope_kv_attention" and (kv_grid or one_block):  # one block: the build without clusters
                 defines = (defines_for(op, attrs, clusters=False) if one_block else defines) | {"ATTN_KVGRID": 1}
                 dims["attn_kv_grid"] = 1
-                if not one_block and self._narrow_attention(m):  # clusters of 4 blocks: one wave (tuning)
+                # clusters of 4 blocks where 8-block ones of the launch's tokens (a mixed step's: its decode rows)
+                # would not all be resident at once (tuning attn_narrow)
+                if not one_block and self._narrow_attention(m if piece_from is None else piece_from, defines):
                     defines |= {"ATTN_GX": 4}
                     dims["attn_gx"] = 4
             nodes.append((node, op, attrs, dims, defines, head))

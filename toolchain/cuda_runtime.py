@@ -122,6 +122,15 @@ def compute_capability(device: int = 0) -> tuple[int, int]:
             check(d.cuDeviceGetAttribute(a.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev), "cuDeviceGetAttribute"))
 
 
+def sm_count(device: int = 0) -> int:
+    """The GPU's streaming multiprocessors."""
+    d = driver()
+    init()
+    dev = check(d.cuDeviceGet(device), "cuDeviceGet")
+    a = d.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
+    return int(check(d.cuDeviceGetAttribute(a, dev), "cuDeviceGetAttribute"))
+
+
 def _stream_handle(stream):
     return 0 if stream is None else stream.handle
 

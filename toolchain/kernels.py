@@ -120,10 +120,6 @@ MATMUL_MAX_BLOCKS = QMV_SMS * QMV_BLOCKS_PER_SM  # one resident wave; rounds str
 QMV_MAX_SPLIT, QMV_MIN_SPLIT_ELEMS = 3, 512
 ATTN_SPLITS, ATTN_THREADS = 8, 256
 ATTN_MSCR = 16  # plugins/rope_kv_attention.cu MSCR: steps of more tokens run each token's attention as one cluster
-# Batched steps with more (token, kv head) clusters than this run the attention's ATTN_GX=4 build (clusters of 4
-# blocks, tuning attn_narrow): its blocks take a whole SM each (~210 registers x 256 threads), so 8-block clusters of
-# 16 tokens x 2 kv heads (256 blocks) are two waves on an H100's 132 SMs.
-ATTN_WIDE_CLUSTERS = 16
 ATTN_CLUSTER_KEYS = 2048  # plugins/rope_kv_attention.cu, cluster build: one more cluster per this many keys
 # steps of more than ATTN_MSCR tokens within this many keys: the attention as one block per (token, kv head)
 # (the cuda backend's attn_one_block_keys). H100, m = 32, against one cluster: +13 / +12 / +12 / +4% at context
@@ -378,6 +374,16 @@ def _qmv1_groups(op: str, dims: dict) -> int:
     if op == "rms_norm_qkv":
         return -(-int(dims["q_dim"]) // 2) + 2 * -(-int(dims["kv_dim"]) // 2)
     return int(dims["ffn"])
+
+
+def resident_blocks(regs: int, threads: int, sms: int, smem: int = 0) -> int:
+    """Blocks of a kernel (registers per thread, threads per block, static shared memory) resident at once on `sms`
+    SMs of compute capability 9.0 (64 K registers allocated per warp in multiples of 256, 2,048 threads, 227 KB of
+    shared memory per SM)."""
+    per_warp = -(-regs * 32 // 256) * 256
+    by_regs = 65536 // (per_warp * -(-threads // 32))
+    by_smem = 227 * 1024 // smem if smem else 32
+    return sms * min(by_regs, 2048 // threads, by_smem, 32)
 
 
 def defines_for(op: str, attrs: dict, clusters: bool = True) -> dict:
@@ -717,7 +723,7 @@ def decode_specializations(model: dict) -> list[tuple[str, dict]]:
     # attn_one_block_keys)
     kv_grid = [("rope_kv_attention", defines_for("rope_kv_attention", model, clusters=c) | {"ATTN_KVGRID": 1})
                for c in (True, False)]
-    kv_grid.append(("rope_kv_attention", kv_grid[0][1] | {"ATTN_GX": 4}))  # narrow clusters (ATTN_WIDE_CLUSTERS)
+    kv_grid.append(("rope_kv_attention", kv_grid[0][1] | {"ATTN_GX": 4}))  # clusters of 4 (tuning attn_narrow)
     # the prefill GEMMs on Hopper's warpgroup MMA (the cuda backend's tuning gemm_wgmma; sm_90a cubins)
     wgmma = [(op, gemm_wgmma_defines(xh)) for op in GEMM_OPS + GEMM_SWIGLU_OPS for xh in (False, True)]
     wgmma.append(("gemm_x_f16", gemm_wgmma_defines(True)))
