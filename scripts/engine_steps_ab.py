@@ -5,9 +5,10 @@ one process, variants taking turns round after round (synthetic weights of the 1
   packed       arguments packed once per value list (cuda_runtime.Kernel._packed_args)
   packed_head  and the head on the rows that want tokens only (cuda_backend tuning head_rows)
 
-Per variant and round: one mixed step's wall time (4 decode rows + a 507-token chunk wanting no token, and the same
-with its last row wanted), an idle engine's time to first token (4,096 / 16,384 tokens), and the load test (4 streams
-decoding beside an 8,192-token prompt: its first token, the streams' gaps meanwhile). Writes $OUT/engine_steps.json.
+Per variant and round: one mixed step's wall time (bench.time_mixed_step: 4 decode rows + a 507-token chunk wanting
+no token, and the same with its last row wanted), an idle engine's time to first token (4,096 / 16,384 tokens), and
+the load test (4 streams decoding beside an 8,192-token prompt: its first token, the streams' gaps meanwhile).
+Writes $OUT/engine_steps.json.
 
     python3 scripts/engine_steps_ab.py [--rounds 2] [--variants each_launch,packed,packed_head]
 """
@@ -25,10 +26,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from toolchain import cuda_runtime as cr  # noqa: E402
-from toolchain.bench import load_model  # noqa: E402
+from toolchain.bench import load_model, time_mixed_step  # noqa: E402
 from toolchain.decoder import Decoder  # noqa: E402
 from toolchain.engine import Engine, Params  # noqa: E402
-from toolchain.sampling import Tail  # noqa: E402
 
 VARIANTS = {"each_launch": (False, False), "packed": (True, False), "packed_head": (True, True)}
 PACKED_ONCE = cr.Kernel._packed_args
@@ -39,22 +39,6 @@ def use(be, variant: str):
     cr.Kernel._packed_args = PACKED_ONCE if packed else cr.Kernel._pack
     be.tuning = dict(be.tuning, head_rows=head)
     be._plans.clear()  # a plan's key holds its head's rows, not the tuning: rebuilt (host work; modules stay loaded)
-
-
-def mixed_step_ms(be, V: int, wanted_last: bool, reps: int = 7) -> float:
-    """Median wall time of one step_tokens call: 4 decode rows (slots 0-3, depth 200) + a 507-token chunk in slot 4."""
-    rng = np.random.default_rng()
-    ids = rng.integers(0, V, 511).tolist()
-    pos = [200] * 4 + list(range(1024, 1024 + 507))
-    slots = [0, 1, 2, 3] + [4] * 507
-    rows = [0, 1, 2, 3] + ([510] if wanted_last else [])
-    be.step_tokens(ids, pos, slots, rows=rows, tail=Tail(penalties=False))  # its plan built
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        be.step_tokens(ids, pos, slots, rows=rows, tail=Tail(penalties=False))  # returns after the tokens' copy
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e3)
 
 
 def ttft(eng, ids) -> float:
@@ -112,8 +96,8 @@ def main():
         for variant in a.variants.split(","):
             use(be, variant)
             r = {"round": rnd, "variant": variant,
-                 "mixed_step_ms": round(mixed_step_ms(be, V, False), 3),
-                 "mixed_step_last_wanted_ms": round(mixed_step_ms(be, V, True), 3)}
+                 "mixed_step_ms": round(time_mixed_step(be, 4, 507, 200, False) * 1e3, 3),
+                 "mixed_step_last_wanted_ms": round(time_mixed_step(be, 4, 507, 200, True) * 1e3, 3)}
             eng = Engine(dec, slots=5)
             for n in (4096, 16384):
                 s = ttft(eng, np.random.default_rng([rnd, n]).integers(0, V, n).tolist())
