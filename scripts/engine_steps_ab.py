@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from toolchain import cuda_runtime as cr  # noqa: E402
-from toolchain.bench import load_model, time_mixed_step  # noqa: E402
+from toolchain.bench import first_token_seconds as ttft, load_model, time_mixed_step  # noqa: E402
 from toolchain.decoder import Decoder  # noqa: E402
 from toolchain.engine import Engine, Params  # noqa: E402
 
@@ -39,14 +39,6 @@ def use(be, variant: str):
     cr.Kernel._packed_args = PACKED_ONCE if packed else cr.Kernel._pack
     be.tuning = dict(be.tuning, head_rows=head)
     be._plans.clear()  # a plan's key holds its head's rows, not the tuning: rebuilt (host work; modules stay loaded)
-
-
-def ttft(eng, ids) -> float:
-    t0 = time.perf_counter()
-    for kind, _ in eng.submit(ids, Params(max_tokens=1)):
-        if kind in ("token", "done"):
-            return time.perf_counter() - t0
-    raise RuntimeError("the request ended without a token")
 
 
 def load(eng, V: int, seed: int) -> dict:

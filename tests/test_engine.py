@@ -372,3 +372,17 @@ def test_a_request_whose_admission_fails_fails_alone(tiny):
         assert _events(later)[-1][0] == "done" and eng.status()["busy_slots"] == 0
     finally:
         eng.close()
+
+
+def test_the_bench_times_a_first_token_and_names_a_failed_prompt(tiny):
+    """bench.first_token_seconds (qtrt bench's and engine_steps_ab's time to first token): a time for a prompt the
+    engine serves; a prompt the engine refuses raises, never a time."""
+    from toolchain.bench import first_token_seconds
+
+    eng = _engine(tiny)
+    try:
+        assert 0 < first_token_seconds(eng, [5, 6, 7, 8]) < 60
+        with pytest.raises(UserError, match="outside the vocabulary"):
+            first_token_seconds(eng, [1] * 5 + [10**9])  # an id beyond the vocabulary
+    finally:
+        eng.close()

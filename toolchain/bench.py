@@ -168,25 +168,30 @@ def time_engine_prompt(be, model, n: int, reps: int = 2) -> float:
     reps: the path of `qtrt serve` (its default 4 slots, or the backend's slots where fewer; the engine's prompt
     chunks; the first token drawn on the device). A fresh prompt each time, so no prefix is reused."""
     from .decoder import Decoder
-    from .engine import Engine, Params
+    from .engine import Engine
     from .tokenizer import Tokenizer
 
     dec = Decoder(model, Tokenizer.from_gguf(model.reader), be, be.max_context)
     eng = Engine(dec, slots=min(4, be.n_slots))
-    best = float("inf")
     try:
-        for rep in range(reps):
-            ids = np.random.default_rng([n, rep]).integers(0, be.cfg.vocab, n).tolist()
-            t0 = time.perf_counter()
-            for kind, payload in eng.submit(ids, Params(max_tokens=1)):
-                if kind == "error":
-                    raise RuntimeError(f"the engine failed a {n}-token prompt: {payload}")
-                if kind in ("token", "done"):  # its first token (or a stop token drawn first: no token event)
-                    best = min(best, time.perf_counter() - t0)
-                    break
+        return min(first_token_seconds(eng, np.random.default_rng([n, rep]).integers(0, be.cfg.vocab, n).tolist())
+                   for rep in range(reps))
     finally:
         eng.close()
-    return best
+
+
+def first_token_seconds(eng, ids: list[int]) -> float:
+    """Seconds from submitting the prompt `ids` to `eng` until its first token arrives (or its end, where a stop token
+    is drawn first: no token event). A request the engine fails raises, naming its length."""
+    from .engine import Params
+
+    t0 = time.perf_counter()
+    for kind, payload in eng.submit(ids, Params(max_tokens=1)):
+        if kind == "error":
+            raise RuntimeError(f"the engine failed a {len(ids)}-token prompt: {payload}")
+        if kind in ("token", "done"):
+            return time.perf_counter() - t0
+    raise RuntimeError(f"the engine ended a {len(ids)}-token prompt without a token or an end")
 
 
 def time_mixed_step(be, d: int, chunk: int, ctx: int, last_wanted: bool, reps: int = 7) -> float:
