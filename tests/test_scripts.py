@@ -89,6 +89,54 @@ def test_boundary_bench_step_sizes_are_the_tensors_bytes(synth_gguf, name):
     assert bb.merged_streamers(len(merged), 16) == [16, 0, 0] * c.n_layers + [0]
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_boundary_bench_prefetch_plan_slides_a_window_over_the_bytes(seed):
+    """prefetch_plan (the pdl_prefetch variants): on fresh random phases laid out as the script lays them (256-aligned,
+    wrapping inside the buffer), byte by byte against its definition: phase p asks for exactly the bytes of later
+    phases from max(what earlier phases asked, its own end) to its end + window, each at its physical address."""
+    bb = _load("boundary_bench")
+    rng = np.random.default_rng([seed, 17])
+    n = int(rng.integers(2, 40))
+    sizes = [int(v) for v in rng.integers(1, 4000, n)]
+    buf = int(rng.integers(max(sizes) + 256, sum(sizes) + 512 * n))
+    offs, o = [], 0
+    for s in sizes:
+        if o + s > buf:
+            o = 0
+        offs.append(o)
+        o += (s + 255) // 256 * 256
+    window = int(rng.integers(1, 3 * max(sizes)))
+    plan = bb.prefetch_plan(offs, sizes, window)
+    ends = np.cumsum(sizes)
+    where = np.concatenate([offs[q] + np.arange(sizes[q]) for q in range(n)])  # logical byte -> physical address
+    asked = np.zeros(ends[-1], bool)
+    for p in range(n):
+        want = np.zeros(ends[-1], bool)
+        want[max(ends[p], asked.nonzero()[0].max() + 1 if asked.any() else 0):min(ends[p] + window, ends[-1])] = True
+        want &= ~asked
+        got = np.zeros(buf + 16, bool)
+        for off, nb in plan[p]:
+            assert off % 16 == 0 and nb % 16 == 0 and nb > 0
+            got[off:off + nb] = True
+        assert got[where[want]].all(), p  # every byte it should ask for
+        pad = np.zeros(buf + 16, bool)  # the phases' alignment gaps: a piece may run across them
+        for q in range(n):
+            pad[offs[q] + sizes[q]:offs[q] + (sizes[q] + 255) // 256 * 256] = True
+        later = np.zeros(buf + 16, bool)  # where the buffer wraps, later phases reuse earlier ones' addresses
+        later[where[ends[p]:]] = True
+        slack = 32 * len(plan[p])  # each piece widened to 16-byte boundaries
+        stray = got.copy()
+        stray[where[want]] = False
+        assert (stray & ~pad).sum() <= slack, p  # nothing else
+        own = np.zeros(buf + 16, bool)
+        own[where[:ends[p]]] = True  # its own bytes and earlier phases', never asked for
+        if asked.any():
+            own[where[asked]] = True  # nor what earlier phases asked
+        assert (got & own & ~later & ~pad).sum() <= slack, p
+        asked |= want
+    assert asked[ends[0]:].all() == (window >= max(sizes[1:], default=0))  # a window below a phase leaves it bytes
+
+
 @pytest.mark.skipif(K.nvcc_path() is None, reason="nvcc not found")
 def test_boundary_bench_kernels_compile(tmp_path):
     """Its CUDA source builds for sm_90 with every kernel the script launches (the timings are device runs)."""
