@@ -144,6 +144,15 @@ extern "C" __global__ void __launch_bounds__(384) phase(const float* x, float* y
     if (mode == 1) arrive(ctr + p);
 }
 
+// A chain's own prefetch kernel (no x, no weights of its own): asks pf's pieces into L2 and, as a link of a PDL chain
+// (wait = 1), completes only after its predecessor, so the next phase's griddepcontrol.wait still means "x is
+// written"; on a stream of its own beside the chain (wait = 0) it just asks and leaves.
+extern "C" __global__ void __launch_bounds__(32) prefetch_node(const unsigned long long* pf, int wait) {
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    prefetch_l2(pf);
+    if (wait) asm volatile("griddepcontrol.wait;" ::: "memory");
+}
+
 // nphases phases in one launch, x ping-ponging between xa and xb, phase p's weights at w + woff[p], wsize[p] bytes
 extern "C" __global__ void __launch_bounds__(384) persistent(float* xa, float* xb, const uint8_t* w,
                                                             const unsigned long long* woff,

@@ -106,11 +106,15 @@ def test_boundary_bench_prefetch_plan_slides_a_window_over_the_bytes(seed):
         offs.append(o)
         o += (s + 255) // 256 * 256
     window = int(rng.integers(1, 3 * max(sizes)))
-    plan = bb.prefetch_plan(offs, sizes, window)
+    at = None if seed % 2 else set(rng.choice(n, int(rng.integers(1, n + 1)), replace=False).tolist())
+    plan = bb.prefetch_plan(offs, sizes, window, at)
     ends = np.cumsum(sizes)
     where = np.concatenate([offs[q] + np.arange(sizes[q]) for q in range(n)])  # logical byte -> physical address
     asked = np.zeros(ends[-1], bool)
     for p in range(n):
+        if at is not None and p not in at:  # a phase not asking: nothing, and the window does not move
+            assert plan[p] == [], p
+            continue
         want = np.zeros(ends[-1], bool)
         want[max(ends[p], asked.nonzero()[0].max() + 1 if asked.any() else 0):min(ends[p] + window, ends[-1])] = True
         want &= ~asked
@@ -134,7 +138,8 @@ def test_boundary_bench_prefetch_plan_slides_a_window_over_the_bytes(seed):
             own[where[asked]] = True  # nor what earlier phases asked
         assert (got & own & ~later & ~pad).sum() <= slack, p
         asked |= want
-    assert asked[ends[0]:].all() == (window >= max(sizes[1:], default=0))  # a window below a phase leaves it bytes
+    if at is None:
+        assert asked[ends[0]:].all() == (window >= max(sizes[1:], default=0))  # a window below a phase leaves it bytes
 
 
 @pytest.mark.skipif(K.nvcc_path() is None, reason="nvcc not found")
@@ -145,7 +150,7 @@ def test_boundary_bench_kernels_compile(tmp_path):
                           str(SCRIPTS / "boundary_bench.cu"), "-o", str(out)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     image = out.read_bytes()
-    for name in ("phase", "persistent", "stream_persistent", "phase_ll", "stream_ll"):
+    for name in ("phase", "persistent", "stream_persistent", "phase_ll", "stream_ll", "prefetch_node"):
         assert name.encode() + b"\0" in image, name
 
 
