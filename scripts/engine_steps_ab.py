@@ -4,13 +4,14 @@ one process, variants taking turns round after round (synthetic weights of the 1
   each_launch  kernel arguments packed at every launch, the head over every row of a step (before)
   packed       arguments packed once per value list (cuda_runtime.Kernel._packed_args)
   packed_head  and the head on the rows that want tokens only (cuda_backend tuning head_rows)
+  ahead        and a lone prompt's chunks launched one ahead of the host (tuning chunks_ahead)
 
 Per variant and round: one mixed step's wall time (bench.time_mixed_step: 4 decode rows + a 507-token chunk wanting
 no token, and the same with its last row wanted), an idle engine's time to first token (4,096 / 16,384 tokens), and
 the load test (4 streams decoding beside an 8,192-token prompt: its first token, the streams' gaps meanwhile).
 Writes $OUT/engine_steps.json.
 
-    python3 scripts/engine_steps_ab.py [--rounds 2] [--variants each_launch,packed,packed_head]
+    python3 scripts/engine_steps_ab.py [--rounds 2] [--variants each_launch,packed,packed_head,ahead]
 """
 from __future__ import annotations
 
@@ -30,14 +31,15 @@ from toolchain.bench import first_token_seconds as ttft, load_model, time_mixed_
 from toolchain.decoder import Decoder  # noqa: E402
 from toolchain.engine import Engine, Params  # noqa: E402
 
-VARIANTS = {"each_launch": (False, False), "packed": (True, False), "packed_head": (True, True)}
+VARIANTS = {"each_launch": (False, False, False), "packed": (True, False, False), "packed_head": (True, True, False),
+            "ahead": (True, True, True)}
 PACKED_ONCE = cr.Kernel._packed_args
 
 
 def use(be, variant: str):
-    packed, head = VARIANTS[variant]
+    packed, head, ahead = VARIANTS[variant]
     cr.Kernel._packed_args = PACKED_ONCE if packed else cr.Kernel._pack
-    be.tuning = dict(be.tuning, head_rows=head)
+    be.tuning = dict(be.tuning, head_rows=head, chunks_ahead=ahead)
     be._plans.clear()  # a plan's key holds its head's rows, not the tuning: rebuilt (host work; modules stay loaded)
 
 
@@ -100,7 +102,7 @@ def main():
             out.append(r)
             print(json.dumps(r), flush=True)
             path.write_text(json.dumps(out, indent=1))
-    use(be, "packed_head")
+    use(be, "ahead")
 
 
 if __name__ == "__main__":

@@ -336,6 +336,31 @@ def test_prepared_backend_loads_and_captures_nothing_for_a_prompt(synth):
         be.close()
 
 
+def test_prompt_chunks_launched_ahead_keep_the_bits(synth):
+    """Tuning chunks_ahead: a prompt's chunks that want no token (step_tokens with no rows, the engine's chunks of a
+    prompt alone) return while they run, one ahead of the host, which meanwhile stages the next chunk's inputs.
+    Three chunks so run, then the last piece: its logits bit for bit those of the same prompt in another slot with
+    every chunk waited for, and near the CPU reference's (fresh random prompt)."""
+    from toolchain.cuda_backend import GEMM_MIN_M, CudaBackend
+
+    model, ref = synth
+    be = CudaBackend(model, max_context=400, n_slots=2, max_tokens=96)
+    try:
+        n, last = be.max_tokens, GEMM_MIN_M + 3
+        prompt = np.random.default_rng().integers(0, model.config.vocab, 3 * n + last).tolist()
+        got = {}
+        for slot, ahead in ((0, True), (1, False)):
+            be.tuning = dict(be.tuning, chunks_ahead=ahead)
+            for c in range(3):
+                span = list(range(c * n, (c + 1) * n))
+                assert len(be.step_tokens(prompt[c * n:(c + 1) * n], span, [slot] * n, rows=[])) == 0
+            got[ahead] = be.step(prompt[3 * n:], list(range(3 * n, 3 * n + last)), [slot] * last, rows=[last - 1])[0]
+        assert np.array_equal(got[True], got[False])
+        assert rel_err(got[True], ref.forward(prompt, 0, ref.new_cache(len(prompt)))[-1]) < 5e-3
+    finally:
+        be.close()
+
+
 def test_an_engine_prompt_piece_in_any_slot_runs_as_forward_does(synth):
     """The engine's prompt chunks while nothing decodes beside them (CudaBackend._prompt_piece): a prompt of a whole
     piece then a GEMM_MIN_M + 5-token piece in slot 2 runs the prefill attention with the head on the last row

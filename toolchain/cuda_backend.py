@@ -67,6 +67,9 @@ prefill_kv_splits, xh_by_producer: see plan() and the perf notes), and:
   such a group joins back; a prefill GEMM then issues its first weight copies in the previous kernel's tail. The same
   bits, but slower on the H100 (512-token step -4.8%, prompts of 512 / 4,096 / 16,384 tokens -4.8 / -2.7 / 0%; not
   profiled), so off.
+- chunks_ahead: step_tokens of a prompt chunk that wants no token yet (the engine's chunks of a prompt alone) returns
+  while the step runs, at most one such step ahead of the host (step's `wait`): the GPU has the next chunk queued
+  while the engine schedules the one after, instead of idling through the host's bookkeeping and launches.
 """
 from __future__ import annotations
 
@@ -114,7 +117,7 @@ TUNING = {"pdl": True, "m1": True, "qmv1": True, "plain": True, "batched": True,
           "skinny_skip": (), "gemm_wgmma": True, "gemm_xh": True,
           "concurrent_projections": True, "prefill_kv_splits": PREFILL_KV_SPLITS, "xh_by_producer": True,
           "gemm_swiglu": True, "gemm_swiglu_split": 1, "prefill_pdl": False, "add_rms_norm": True,
-          "head_rows": True, "attn_narrow": True}
+          "head_rows": True, "attn_narrow": True, "chunks_ahead": True}
 # The kernels TensorRT's plugins get (toolchain/trt/plugins.py, issue 16), run here to prove them on the GPU: no
 # thread-block cluster launch (so no cluster k-split, no xmerge pair and no prefill GEMM, whose split-K is a cluster),
 # the attention with the caches by address (rope_kv_attention_addr), the general matvec core at every m. With
@@ -241,6 +244,7 @@ class CudaBackend:
         self._sampler = None
         self._pinned, self._pinned_lp, self._pin_next = None, None, 0  # launch_decode's two host buffers of tokens
         # (and of logprob records)
+        self._ahead, self._ahead_next = [cr.Event(), cr.Event()], 0  # step(wait=False): the last two such steps
         self.pos = 0
         if prepare:
             with progress.stage("loading kernels and capturing the decode step"):
@@ -816,8 +820,12 @@ class CudaBackend:
             return list(rows)
         return [len(gathered) - 1 if r == m - 1 else r for r in rows]
 
-    def step(self, ids, positions, slots, rows=None) -> np.ndarray:
-        """Run one step of len(ids) tokens (any slots/positions) and return the logits of `rows` (default all)."""
+    def step(self, ids, positions, slots, rows=None, wait: bool = True) -> np.ndarray:
+        """Run one step of len(ids) tokens (any slots/positions) and return the logits of `rows` (default all).
+        With rows=[] and not `wait` (the engine's prompt chunks that want no token yet), return while the step runs,
+        at most one such step ahead: the one before it is waited for. So the GPU has the next chunk queued while the
+        host schedules the one after, and a request arriving meanwhile waits for two chunks at most. Until the
+        next synchronizing call, read or write device memory only in order on self.stream."""
         head_rows, head_last, gathered = self._head(rows, len(ids))
         m = self._set_checked_inputs(ids, positions, slots, gathered)
         long = self.long_context(int(np.max(positions)), m)
@@ -829,7 +837,12 @@ class CudaBackend:
             self.run_plan(m, last_only=piece, long_context=long, piece_from=piece_from, head_rows=head_rows,
                           head_last=head_last)
         if rows is not None and not len(rows):
-            self.stream.synchronize()
+            if wait:
+                self.stream.synchronize()
+            else:
+                self._ahead[self._ahead_next].record(self.stream)
+                self._ahead_next ^= 1
+                self._ahead[self._ahead_next].synchronize()  # the step before this one (a no-op if never recorded)
             return np.zeros((0, self.cfg.vocab), np.float32)
         if piece:  # the last row's logits are the head's row 0
             return self.buffers["logits"].download(self.stream, rows=1)
@@ -846,8 +859,8 @@ class CudaBackend:
         set_sampling gave each row's slot, with `tail`'s passes (None: the argmax alone). A step whose every row is
         sampled (decode rows only) and m < GEMM_MIN_M replays a captured graph per m."""
         rows = [int(r) for r in rows]
-        if not rows:
-            return self.step(ids, positions, slots, rows).astype(np.int64)[:, 0]
+        if not rows:  # a prompt chunk that wants no token yet: nothing to read, the host goes on (tuning chunks_ahead)
+            return self.step(ids, positions, slots, rows, wait=not self.tuning["chunks_ahead"]).astype(np.int64)[:, 0]
         head_rows, head_last, gathered = self._head(rows, len(ids))
         m = self._set_checked_inputs(ids, positions, slots, gathered)
         piece_from = self._piece_from(positions, slots)
