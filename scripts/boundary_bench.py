@@ -13,16 +13,18 @@ Shapes: uniform phases (--mb), and the decode step of a layout (--step, --contex
   persistent_stream       one block per SM, a producer warp streaming every phase's weights into a shared-memory
                           ring (cp.async.bulk, mbarriers), consumers waiting on the counters
   pdl_ll, persistent_stream_ll[_sleepN]   x as (value, flag) pairs (NCCL's LL protocol) instead of waits
-  pdl_prefetch_<W>mb      pdl, each phase also asking the step's next bytes into L2, W MB ahead of itself
-                          (prefetch_plan): the DRAM kept busy while the small phases wait on their dependencies
-  pdl_prefetch_{in,node,side}_<W>mb   only each layer's first phase asks, in its own kernel / in a prefetch kernel
-                          of the chain before it / in a prefetch kernel on a side stream (no kernel ABI changes)
+  pdl_prefetch_<W>mb      (--prefetch-mb) pdl, each phase also asking the step's next bytes into L2, W MiB ahead of
+                          itself (prefetch_plan), to keep the DRAM busy while the small phases wait: slower, in
+                          every form measured (docs/perf-notes.md)
+  pdl_prefetch_{in,node,side}_<W>mb   (step shapes) only each layer's first phase asks, in its own kernel / in a
+                          prefetch kernel of the chain before it / in one on a side stream
   stream_alone            the ring without the dependency (x not waited for: wrong x, timing only)
 Every variant's x is checked against a float64 simulation of the phases (reference_x; x0 in the first buffer, NaN in
 the second at each replay); --stamps records where stream_ll's phases wait.
 The persistent kernels check that all their blocks fit at once (they would deadlock otherwise).
 
-    python3 scripts/boundary_bench.py [--mb 0,7] [--context 128] [--hops 5] [--stages 6] [--prefetch-mb 8,16,32] [--only a,b] > out.json
+    python3 scripts/boundary_bench.py [--mb 0,7] [--context 128] [--hops 5] [--stages 6] [--prefetch-mb 8,16]
+                                      [--only a,b] > out.json
 """
 import argparse
 import json
@@ -90,8 +92,9 @@ def prefetch_plan(offs: list[int], sizes: list[int], window: int, at=None) -> li
     (phase p at offs[p], sizes[p] bytes) kept `window` bytes ahead of the phase being read: phase p (of those in
     `at`, default all; the others ask for nothing) asks for the bytes after its own end up to window past it, less
     what earlier phases asked for, as (offset, bytes) pieces
-    (neighbouring phases' bytes merged across their <= 255-byte alignment gaps, widened to 16-byte boundaries). No byte is
-    asked for twice, and no phase asks for its own: a phase larger than the window reads its rest from DRAM."""
+    (neighbouring phases' bytes merged across their <= 255-byte alignment gaps, widened to 16-byte boundaries).
+    Beyond those boundaries no byte is asked for twice, and no phase asks for its own: a phase larger than the window
+    reads its rest from DRAM."""
     ends = np.cumsum(sizes).tolist()
     starts = [e - s for e, s in zip(ends, sizes)]
     plan, frontier = [], ends[0] if sizes else 0
@@ -144,8 +147,9 @@ def main():
     ap.add_argument("--merged-blocks", default="", help="with --hops 3: also the PDL chain with each merged phase "
                     "(QKV + attention + o) streamed by only this many blocks, e.g. 16,32 (a fused kernel on the "
                     "attention's clusters)")
-    ap.add_argument("--prefetch-mb", default="8,16,32", help="also the PDL chain with the step's bytes asked into L2 "
-                    "this many MB ahead of the phase being read (prefetch_plan; '' for none)")
+    ap.add_argument("--prefetch-mb", default="", help="also the PDL chain with the step's bytes asked into L2 this "
+                    "many MiB ahead of the phase being read (prefetch_plan), e.g. 8,16,32 (slower in every form: "
+                    "docs/perf-notes.md)")
     ap.add_argument("--stamps", action="store_true", help="time stamps of stream_ll's phases, per block")
     ap.add_argument("--only", default="", help="comma-separated variants (the persistent reference always runs)")
     ap.add_argument("--stages", type=int, default=6, help="ring stages of 32 KB (persistent_stream)")
@@ -286,7 +290,7 @@ def main():
                   for b in merged if args.hops == 3 and "step" in shape},
                **{f"pdl_prefetch_{mb}mb": chain(0, True, pf=t) for (mb, at), t in pf_tables.items() if at == "every"},
                **{f"pdl_prefetch_{how}_{mb}mb": chain(0, True, pf=t, how=how) for (mb, at), t in pf_tables.items()
-                  if at == "first" for how in ("in", "node", "side")},
+                  if at == "first" and hops > 1 for how in ("in", "node", "side")},
                "persistent_stream": streamed, "pdl_ll": chain_ll, "persistent_stream_ll": streamed_ll(),
                "persistent_stream_ll_sleep100": streamed_ll(0, 100),
                "persistent_stream_ll_sleep500": streamed_ll(0, 500),

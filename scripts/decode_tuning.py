@@ -18,7 +18,6 @@ builds' numerics are the GPU tests' (tests/test_kernels_gpu.py test_decode_build
 import argparse
 import json
 import os
-from types import SimpleNamespace
 import sys
 import tempfile
 import time
@@ -41,7 +40,7 @@ OFF = {"pdl": False, "m1": False, "qmv1": False, "plain": True, "batched": False
        "concurrent_projections": False, "prefill_kv_splits": 1,
        "xh_by_producer": False, "gemm_swiglu": False, "gemm_swiglu_split": 2,
        "prefill_pdl": False, "add_rms_norm": False,  # the last nine act on prefill steps only (m >= GEMM_MIN_M)
-       "head_rows": True, "attn_narrow": False, "chunks_ahead": True}
+       "head_rows": True, "attn_narrow": False, "chunks_ahead": True}  # (chunks_ahead: engine steps only)
 DEFAULT = {"m1": True, "qmv1": True, "pdl": True, "xmerge": True, "batched": True, "skinny_min_m": SKINNY_MIN_M,
            "attn_kv_grid": True, "attn_one_block_keys": K.ATTN_ONE_BLOCK_KEYS, "attn_narrow": True}
 PREFILL = {k: TUNING[k] for k in ("gemm_wgmma", "gemm_xh", "concurrent_projections", "prefill_kv_splits",
@@ -172,20 +171,23 @@ def precompile(be, tunings: list[dict], batches=(1,)) -> int:
     """Every kernel build the tunings' decode plans need (batch 1 and `batches`), compiled in parallel (nvcc runs
     are independent processes): a dry planning pass records what the backend would load."""
     jobs, load = set(), be._kernel
-    # a stand-in module: the plan asks a build's registers (CudaBackend._narrow_attention); 1 keeps the wide one here
-    dry = SimpleNamespace(attribute=lambda name: 1)
-    be._kernel = lambda op, defines: jobs.add((op, tuple(sorted(defines.items())))) or dry
-    for t in tunings:
-        be.tuning = t
+
+    def record(op, defines):  # what the plan would load; the attention's builds loaded for real: the plan asks their
+        jobs.add((op, tuple(sorted(defines.items()))))  # registers (CudaBackend._narrow_attention; prebuilt cubins)
+        return load(op, defines) if op == "rope_kv_attention" else None
+    be._kernel = record
+    try:
+        for t in tunings:
+            be.tuning = t
+            be._plans.clear()
+            be.plan(1)
+            be.plan(1, long_context=True)
+            for m in batches:
+                be.plan(m)
+                be.plan(m, long_context=True)
+    finally:
+        be._kernel = load
         be._plans.clear()
-        be.plan(1)
-        be.plan(1, long_context=True)
-        for m in batches:
-            be.plan(m)
-            be.plan(m, long_context=True)
-    be._kernel = load
-    be._plans.clear()
-    be._resident.clear()  # the stand-in's residency, not the builds' own
     with ThreadPoolExecutor(os.cpu_count() or 4) as ex:
         list(ex.map(lambda j: K.compile_kernel(j[0], dict(j[1]), fmt="cubin"), sorted(jobs)))
     return len(jobs)

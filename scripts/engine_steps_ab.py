@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from toolchain import cuda_runtime as cr  # noqa: E402
-from toolchain.bench import first_token_seconds as ttft, load_model, time_mixed_step  # noqa: E402
+from toolchain.bench import first_token_seconds, load_model, time_mixed_step  # noqa: E402
 from toolchain.decoder import Decoder  # noqa: E402
 from toolchain.engine import Engine, Params  # noqa: E402
 
@@ -60,7 +60,7 @@ def load(eng, V: int, seed: int) -> dict:
             raise RuntimeError("the streams did not reach 20 tokens in 60 s")
         time.sleep(0.001)
     t0 = time.perf_counter()
-    first = ttft(eng, rng.integers(0, V, 8192).tolist())
+    first = first_token_seconds(eng, rng.integers(0, V, 8192).tolist())
     t1 = t0 + first
     [t.join() for t in threads]
     gaps = sorted(b - a for s in stamps for a, b in zip(s, s[1:]) if b > t0 and a < t1) or [float("nan")]
@@ -94,7 +94,7 @@ def main():
                  "mixed_step_last_wanted_ms": round(time_mixed_step(be, 4, 507, 200, True) * 1e3, 3)}
             eng = Engine(dec, slots=5)
             for n in (4096, 16384):
-                s = ttft(eng, np.random.default_rng([rnd, n]).integers(0, V, n).tolist())
+                s = first_token_seconds(eng, np.random.default_rng([rnd, n]).integers(0, V, n).tolist())
                 r[f"idle_ttft_{n}_ms"] = round(s * 1e3, 2)
             r["load"] = load(eng, V, rnd + 7)
             r["chunk"] = eng.scheduler.prefill_chunk

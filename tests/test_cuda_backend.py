@@ -340,23 +340,45 @@ def test_prompt_chunks_launched_ahead_keep_the_bits(synth):
     """Tuning chunks_ahead: a prompt's chunks that want no token (step_tokens with no rows, the engine's chunks of a
     prompt alone) return while they run, one ahead of the host, which meanwhile stages the next chunk's inputs.
     Three chunks so run, then the last piece: its logits bit for bit those of the same prompt in another slot with
-    every chunk waited for, and near the CPU reference's (fresh random prompt)."""
+    every chunk waited for, and near the CPU reference's (fresh random prompt); and each chunk run ahead records one
+    event and waits for the one before it (the other of the two), never for the whole stream."""
     from toolchain.cuda_backend import GEMM_MIN_M, CudaBackend
 
     model, ref = synth
-    be = CudaBackend(model, max_context=400, n_slots=2, max_tokens=96)
+    be = CudaBackend(model, max_context=400, n_slots=3, max_tokens=96)
+    log = []
+
+    class Spy:  # one of the backend's two events, its calls logged
+        def __init__(self, event, name):
+            self.event, self.name = event, name
+
+        def record(self, stream):
+            log.append(("record", self.name))
+            self.event.record(stream)
+
+        def synchronize(self):
+            log.append(("wait", self.name))
+            self.event.synchronize()
+
     try:
         n, last = be.max_tokens, GEMM_MIN_M + 3
-        prompt = np.random.default_rng().integers(0, model.config.vocab, 3 * n + last).tolist()
+        seed = int(np.random.default_rng().integers(1 << 31))
+        prompt = np.random.default_rng(seed).integers(0, model.config.vocab, 3 * n + last).tolist()
+        be._ahead = [Spy(e, k) for k, e in enumerate(be._ahead)]
+        stream_wait = be.stream.synchronize
+        be.stream.synchronize = lambda: (log.append(("stream",)), stream_wait())[1]
         got = {}
-        for slot, ahead in ((0, True), (1, False)):
+        for slot, ahead in ((2, False), (0, True), (1, False)):  # slot 2: the plans built before anything is logged
             be.tuning = dict(be.tuning, chunks_ahead=ahead)
+            log.clear()
             for c in range(3):
                 span = list(range(c * n, (c + 1) * n))
                 assert len(be.step_tokens(prompt[c * n:(c + 1) * n], span, [slot] * n, rows=[])) == 0
-            got[ahead] = be.step(prompt[3 * n:], list(range(3 * n, 3 * n + last)), [slot] * last, rows=[last - 1])[0]
-        assert np.array_equal(got[True], got[False])
-        assert rel_err(got[True], ref.forward(prompt, 0, ref.new_cache(len(prompt)))[-1]) < 5e-3
+            assert slot == 2 or log == ([("record", 0), ("wait", 1), ("record", 1), ("wait", 0), ("record", 0),
+                                         ("wait", 1)] if ahead else [("stream",)] * 3), (seed, log)
+            got[slot] = be.step(prompt[3 * n:], list(range(3 * n, 3 * n + last)), [slot] * last, rows=[last - 1])[0]
+        assert np.array_equal(got[0], got[1]) and np.array_equal(got[0], got[2]), seed
+        assert rel_err(got[0], ref.forward(prompt, 0, ref.new_cache(len(prompt)))[-1]) < 5e-3, seed
     finally:
         be.close()
 

@@ -374,9 +374,14 @@ def test_a_request_whose_admission_fails_fails_alone(tiny):
         eng.close()
 
 
+class _FailingStep(CpuBackend):
+    def step(self, *args, **kwargs):
+        raise RuntimeError("poisoned step")
+
+
 def test_the_bench_times_a_first_token_and_names_a_failed_prompt(tiny):
     """bench.first_token_seconds (qtrt bench's and engine_steps_ab's time to first token): a time for a prompt the
-    engine serves; a prompt the engine refuses raises, never a time."""
+    engine serves; a prompt refused at submit, or one whose step fails, raises (naming its length), never a time."""
     from toolchain.bench import first_token_seconds
 
     eng = _engine(tiny)
@@ -384,5 +389,13 @@ def test_the_bench_times_a_first_token_and_names_a_failed_prompt(tiny):
         assert 0 < first_token_seconds(eng, [5, 6, 7, 8]) < 60
         with pytest.raises(UserError, match="outside the vocabulary"):
             first_token_seconds(eng, [1] * 5 + [10**9])  # an id beyond the vocabulary
+    finally:
+        eng.close()
+    dec = Decoder.open(str(tiny), CTX)
+    dec.backend = _FailingStep(dec.model, CTX, n_slots=2)
+    eng = Engine(dec, slots=2)
+    try:
+        with pytest.raises(RuntimeError, match="a 4-token prompt: RuntimeError: poisoned step"):
+            first_token_seconds(eng, [5, 6, 7, 8])
     finally:
         eng.close()

@@ -205,6 +205,8 @@ def time_mixed_step(be, d: int, chunk: int, ctx: int, last_wanted: bool, reps: i
     pos = [ctx] * d + list(range(ctx, ctx + chunk))
     slots = list(range(d)) + [d] * chunk
     rows = list(range(d)) + ([d + chunk - 1] if last_wanted else [])
+    if not rows:  # a step wanting no token returns before it has run (chunks_ahead): nothing would be timed
+        raise ValueError("time_mixed_step: give decode rows (d > 0) or last_wanted")
     times = []
     for _ in range(reps + 1):  # the first builds its plan
         t0 = time.perf_counter()

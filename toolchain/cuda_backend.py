@@ -735,7 +735,9 @@ class CudaBackend:
         return self._sampler
 
     def close(self):
-        """Free device memory now (buffers are shared between aliases, so free each once)."""
+        """Free device memory now (buffers are shared between aliases, so free each once), after the work still
+        queued on the stream (a prompt chunk launched ahead)."""
+        self.stream.synchronize()
         if self._sampler is not None:
             self._sampler.free()
         for p in (self._pinned or []) + (self._pinned_lp or []):
@@ -754,7 +756,8 @@ class CudaBackend:
     def _set_inputs(self, ids, positions, slots, head=None):
         """One copy of the step's token ids, positions and slots (rows beyond len(ids) are never read), and with
         `head` (the step rows of a gathered head, _head) those rows' positions and slots, ordered on the stream; the
-        host array lives on, so nothing waits for it."""
+        host array lives on, so nothing waits for it. It must stay pageable memory: the driver stages such a copy
+        before the call returns, so the next step may refill it while this one is still queued (step's wait=False)."""
         h, m = self._host_inputs, len(ids)
         h[0, :m], h[1, :m], h[2, :m] = ids, positions, slots
         if head is not None:
@@ -825,7 +828,8 @@ class CudaBackend:
         With rows=[] and not `wait` (the engine's prompt chunks that want no token yet), return while the step runs,
         at most one such step ahead: the one before it is waited for. So the GPU has the next chunk queued while the
         host schedules the one after, and a request arriving meanwhile waits for two chunks at most. Until the
-        next synchronizing call, read or write device memory only in order on self.stream."""
+        next synchronizing call, read or write device memory only in order on self.stream; a fault of such a step is
+        reported by that later call."""
         head_rows, head_last, gathered = self._head(rows, len(ids))
         m = self._set_checked_inputs(ids, positions, slots, gathered)
         long = self.long_context(int(np.max(positions)), m)
