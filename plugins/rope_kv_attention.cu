@@ -15,10 +15,11 @@
 // addresses of the k and v cache) in place of the four cache pointers, so the cache is never a TensorRT network
 // input or output:
 //     rope_kv_attention_addr(q, k, v, cache_addr, positions, slots, m, n_slots, max_seq, out)
-// Launch (toolchain/kernels.py): grid (8 (ATTN_KVGRID without clusters: 1), N_HEADS (ATTN_KVGRID: N_KV_HEADS), m),
+// Launch (toolchain/kernels.py): grid (8 (ATTN_KVGRID without clusters: 1; ATTN_GX=4: 4), N_HEADS (ATTN_KVGRID:
+// N_KV_HEADS), m),
 // block (ATTN_THREADS = 256),
-// cluster (8, 1, 1) compiled in. Tuning knobs (-D, defaults below): ATTN_CLUSTER_KEYS, ATTN_NBUF, ATTN_PF_KEYS,
-// ATTN_LDMODE, ATTN_EARLY, ATTN_KVGRID.
+// cluster (8, 1, 1) (ATTN_GX) compiled in. Tuning knobs (-D, defaults below): ATTN_CLUSTER_KEYS, ATTN_NBUF,
+// ATTN_PF_KEYS, ATTN_LDMODE, ATTN_EARLY, ATTN_KVGRID, ATTN_GX.
 // ATTN_XMERGE=1 (the cuda backend's batch-1 plan only) appends a parameter `float* xpart` [G][XSTR] and, for m = 1
 // with more than one cluster per kv head, writes cluster partials there instead of `out`: see "Merge".
 //
@@ -352,7 +353,10 @@ __device__ __forceinline__ void merge_block(BlockMerge& s, const float (&o)[NNT]
     __syncthreads();
 }
 
-constexpr int GX = 8;                  // grid x (toolchain/kernels.py ATTN_SPLITS)
+#ifndef ATTN_GX
+#define ATTN_GX 8                      // blocks per (token, kv head) cluster; 4: ATTN_KVGRID builds only (see below)
+#endif
+constexpr int GX = ATTN_GX;            // grid x (toolchain/kernels.py ATTN_SPLITS, or dims attn_gx)
 constexpr int NS = ATTN_CLUSTER ? GX : 1;   // blocks per cluster (8: the portable maximum)
 // clusters per (token, kv head); without clusters at most 16 blocks (4,096 keys at 256 each, more keys per block
 // beyond), which keeps the merge scratch below (per module) at 4.7 MB for the 1.5B instead of 14
@@ -370,7 +374,12 @@ static_assert(!ATTN_CLUSTER || ME <= THREADS, "one merged element per thread");
 // kv head) over all of the token's keys, launched with grid x = 1: for steps whose tokens fill the GPU by themselves
 // (the cuda backend: more than MSCR tokens, up to kernels.ATTN_ONE_BLOCK_KEYS keys), where a cluster's 8 blocks
 // would each get a few key steps and a merge.
+// ATTN_GX=4 (ATTN_KVGRID with clusters): clusters of 4 blocks, for batched steps whose clusters of 8 would not all
+// be resident at once (the 1.5B's build takes one 256-thread block per SM at ~210 registers: 16 tokens x 2 kv heads
+// x 8 blocks = 256 blocks are two waves on 132 SMs; 128 blocks of 4-block clusters are one). Each rank merges 1/4 of
+// the elements; the rest is as with 8.
 static_assert(!ATTN_KVGRID || !ATTN_XMERGE, "ATTN_KVGRID: without xmerge");
+static_assert(GX == 8 || (GX == 4 && ATTN_KVGRID && ATTN_CLUSTER), "ATTN_GX=4: ATTN_KVGRID cluster builds only");
 static_assert(ME % 4 == 0, "16-byte pushes");
 struct PushIn {                        // what a rank receives from each rank q (ATTN_PUSH)
     float o[NS][ME];                   // q's block numerators of this rank's elements

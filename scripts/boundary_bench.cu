@@ -108,18 +108,49 @@ __device__ __forceinline__ void early_loads(const uint8_t* w, size_t wbytes, int
     }
 }
 
+// Later phases' bytes asked into L2 (cp.async.bulk.prefetch, sm_90): pf holds PF_PIECES (address, bytes) pairs,
+// bytes 0 where unused; each block takes its 16-aligned share of every piece, in 16 KB requests spread over warp 0's
+// lanes. Issued after the phase's own first loads, before its dependency: the weights depend on nothing.
+#define PF_PIECES 4
+#define PF_CHUNK 16384
+__device__ __forceinline__ void prefetch_l2(const unsigned long long* pf) {
+    if (!pf || threadIdx.x >= 32) return;
+    for (int i = 0; i < PF_PIECES; ++i) {
+        const unsigned long long base = pf[2 * i], bytes = pf[2 * i + 1];
+        if (!bytes) continue;
+        const unsigned long long per = (bytes + 16ull * gridDim.x - 1) / (16ull * gridDim.x) * 16ull;
+        const unsigned long long lo = per * blockIdx.x, hi = lo + per < bytes ? lo + per : bytes;
+        for (unsigned long long o = lo + (unsigned long long)threadIdx.x * PF_CHUNK; o < hi; o += 32ull * PF_CHUNK) {
+            const unsigned n = (unsigned)(hi - o < PF_CHUNK ? hi - o : PF_CHUNK);
+            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(base + o), "r"(n) : "memory");
+        }
+    }
+}
+
 // mode 0: griddepcontrol.wait (PDL boundary); mode 1: the previous kernel's counter (ctr[p - 1]) reaches gridDim.x.
-// nstream: the blocks that stream the weights (the first ones; 0: all), as a fused phase run by few clusters would
+// nstream: the blocks that stream the weights (the first ones; 0: all), as a fused phase run by few clusters would.
+// pf: later phases' bytes to ask into L2 (prefetch_l2; null: none)
 extern "C" __global__ void __launch_bounds__(384) phase(const float* x, float* y, const uint8_t* w, unsigned long long wbytes,
-                                                       unsigned* ctr, int p, int mode, int nstream) {
+                                                       unsigned* ctr, int p, int mode, int nstream,
+                                                       const unsigned long long* pf) {
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
     if (nstream <= 0 || nstream > (int)gridDim.x) nstream = gridDim.x;
     uint4 early[UNROLL];
     early_loads(w, wbytes, nstream, early);
+    prefetch_l2(pf);
     if (mode == 0 || p == 0) asm volatile("griddepcontrol.wait;" ::: "memory");
     else wait_count(ctr + p - 1, gridDim.x);
     body(x, y, w, wbytes, nstream, early);
     if (mode == 1) arrive(ctr + p);
+}
+
+// A chain's own prefetch kernel (no x, no weights of its own): asks pf's pieces into L2 and, as a link of a PDL chain
+// (wait = 1), completes only after its predecessor, so the next phase's griddepcontrol.wait still means "x is
+// written"; on a stream of its own beside the chain (wait = 0) it just asks and leaves.
+extern "C" __global__ void __launch_bounds__(32) prefetch_node(const unsigned long long* pf, int wait) {
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    prefetch_l2(pf);
+    if (wait) asm volatile("griddepcontrol.wait;" ::: "memory");
 }
 
 // nphases phases in one launch, x ping-ponging between xa and xb, phase p's weights at w + woff[p], wsize[p] bytes

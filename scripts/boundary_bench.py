@@ -13,12 +13,18 @@ Shapes: uniform phases (--mb), and the decode step of a layout (--step, --contex
   persistent_stream       one block per SM, a producer warp streaming every phase's weights into a shared-memory
                           ring (cp.async.bulk, mbarriers), consumers waiting on the counters
   pdl_ll, persistent_stream_ll[_sleepN]   x as (value, flag) pairs (NCCL's LL protocol) instead of waits
+  pdl_prefetch_<W>mb      (--prefetch-mb) pdl, each phase also asking the step's next bytes into L2, W MiB ahead of
+                          itself (prefetch_plan), to keep the DRAM busy while the small phases wait: slower, in
+                          every form measured (docs/perf-notes.md)
+  pdl_prefetch_{in,node,side}_<W>mb   (step shapes) only each layer's first phase asks, in its own kernel / in a
+                          prefetch kernel of the chain before it / in one on a side stream
   stream_alone            the ring without the dependency (x not waited for: wrong x, timing only)
 Every variant's x is checked against a float64 simulation of the phases (reference_x; x0 in the first buffer, NaN in
 the second at each replay); --stamps records where stream_ll's phases wait.
 The persistent kernels check that all their blocks fit at once (they would deadlock otherwise).
 
-    python3 scripts/boundary_bench.py [--mb 0,7] [--context 128] [--hops 5] [--stages 6] [--only a,b] > out.json
+    python3 scripts/boundary_bench.py [--mb 0,7] [--context 128] [--hops 5] [--stages 6] [--prefetch-mb 8,16]
+                                      [--only a,b] > out.json
 """
 import argparse
 import json
@@ -78,6 +84,45 @@ def merged_streamers(n: int, blocks: int) -> list[int]:
     return [blocks if p % 3 == 0 and p < n - 1 else 0 for p in range(n)]
 
 
+PF_PIECES = 4  # boundary_bench.cu: (address, bytes) pairs a phase's L2 prefetch takes
+
+
+def prefetch_plan(offs: list[int], sizes: list[int], window: int, at=None) -> list[list[tuple[int, int]]]:
+    """What each phase asks into L2 before its dependency (the `pdl_prefetch_*` variants): the step's bytes in order
+    (phase p at offs[p], sizes[p] bytes) kept `window` bytes ahead of the phase being read: phase p (of those in
+    `at`, default all; the others ask for nothing) asks for the bytes after its own end up to window past it, less
+    what earlier phases asked for, as (offset, bytes) pieces
+    (neighbouring phases' bytes merged across their <= 255-byte alignment gaps, widened to 16-byte boundaries).
+    Beyond those boundaries no byte is asked for twice, and no phase asks for its own: a phase larger than the window
+    reads its rest from DRAM."""
+    ends = np.cumsum(sizes).tolist()
+    starts = [e - s for e, s in zip(ends, sizes)]
+    plan, frontier = [], ends[0] if sizes else 0
+    for p in range(len(sizes)):
+        if at is not None and p not in at:
+            plan.append([])
+            continue
+        lo, hi = max(frontier, ends[p]), min(ends[p] + window, ends[-1])
+        pieces = []
+        for q in range(p + 1, len(sizes)):
+            a, b = max(lo, starts[q]), min(hi, ends[q])
+            if a >= b:
+                if starts[q] >= hi:
+                    break
+                continue
+            off, n = offs[q] + a - starts[q], b - a
+            if pieces and 0 <= off - sum(pieces[-1]) < 256:
+                pieces[-1] = (pieces[-1][0], off + n - pieces[-1][0])
+            else:
+                pieces.append((off, n))
+        pieces = [(o & ~15, (o + n - (o & ~15) + 15) // 16 * 16) for o, n in pieces]  # bulk prefetch: 16-aligned
+        if len(pieces) > PF_PIECES:
+            raise ValueError(f"phase {p}: {len(pieces)} prefetch pieces, the kernel takes {PF_PIECES}")
+        plan.append(pieces)
+        frontier = max(frontier, hi)
+    return plan
+
+
 def build(cubin: str | None) -> bytes:
     if cubin:
         return Path(cubin).read_bytes()
@@ -102,6 +147,9 @@ def main():
     ap.add_argument("--merged-blocks", default="", help="with --hops 3: also the PDL chain with each merged phase "
                     "(QKV + attention + o) streamed by only this many blocks, e.g. 16,32 (a fused kernel on the "
                     "attention's clusters)")
+    ap.add_argument("--prefetch-mb", default="", help="also the PDL chain with the step's bytes asked into L2 this "
+                    "many MiB ahead of the phase being read (prefetch_plan), e.g. 8,16,32 (slower in every form: "
+                    "docs/perf-notes.md)")
     ap.add_argument("--stamps", action="store_true", help="time stamps of stream_ll's phases, per block")
     ap.add_argument("--only", default="", help="comma-separated variants (the persistent reference always runs)")
     ap.add_argument("--stages", type=int, default=6, help="ring stages of 32 KB (persistent_stream)")
@@ -109,6 +157,7 @@ def main():
     try:  # every size checked before any GPU work: one line and exit 2 for a mistyped one
         mbs = [float(v) for v in args.mb.split(",")] if args.mb else []
         merged = sizes_arg(args.merged_blocks, "--merged-blocks") if args.merged_blocks else []
+        windows = sizes_arg(args.prefetch_mb, "--prefetch-mb") if args.prefetch_mb else []
         if min(mbs, default=0) < 0 or args.step and args.step not in LAYOUTS:
             raise ValueError
     except (UserError, ValueError) as e:
@@ -124,6 +173,8 @@ def main():
     mod = cr.Module(build(args.cubin))
     phase, persistent, stream_k = mod.kernel("phase"), mod.kernel("persistent"), mod.kernel("stream_persistent")
     phase_ll, stream_ll = mod.kernel("phase_ll"), mod.kernel("stream_ll")
+    prefetch_node = mod.kernel("prefetch_node")
+    side, fork, join = cr.Stream(), cr.Event(), cr.Event()  # the side stream's prefetch nodes (pdl_prefetch_side)
     nsm = cr.check(d.cuDeviceGetAttribute(d.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, 0), "attr")
     grid = nsm * args.blocks_per_sm
     # deadlock guard of the persistent kernel: every block must be resident at once
@@ -174,14 +225,42 @@ def main():
         wsize = cr.DeviceBuffer.from_numpy(np.array(sizes, np.uint64))
         ctr = cr.DeviceBuffer.empty(4 * (n + 1))
 
-        def chain(mode, pdl, streamers=None):  # streamers[p]: the blocks that stream phase p's bytes (0: all)
+        hops = args.hops if "step" in shape else 1
+        firsts = set(range(0, n - 1, hops))  # each layer's first phase (QKV, or the merged one)
+        pf_tables = {}
+        for mb in windows:  # per phase PF_PIECES (address, bytes) pairs, absolute addresses
+            for where, at in (("every", None), ("first", firsts)):
+                table = np.zeros((n, 2 * PF_PIECES), np.uint64)
+                for p, pieces in enumerate(prefetch_plan(offs, sizes, mb << 20, at)):
+                    for i, (o, b) in enumerate(pieces):
+                        table[p, 2 * i:2 * i + 2] = (cr._addr(w) + o, b)
+                pf_tables[mb, where] = cr.DeviceBuffer.from_numpy(table)
+        ncfg = LaunchConfig((32, 1, 1), (32, 1, 1), 0, ())
+
+        # streamers[p]: the blocks that stream phase p's bytes (0: all). pf: the phases ask for later bytes in their
+        # own kernels ("in"), in a prefetch kernel of the chain before each asking phase ("node"), or in one on a
+        # side stream forked there and joined at the end ("side")
+        def chain(mode, pdl, streamers=None, pf=None, how="in"):
             def fn():
                 ctr.fill_u32(0, stream)
                 reset()
+                forked = False
                 for p in range(n):
                     src, dst = (xb, xa) if p & 1 else (xa, xb)
+                    pf_p = cr._addr(pf) + p * 16 * PF_PIECES if pf else 0
+                    if pf and how == "node" and p in firsts:
+                        prefetch_node.launch(ncfg, [pf_p, 1], stream, pdl=p > 0)
+                    if pf and how == "side" and p in firsts:
+                        fork.record(stream)
+                        side.wait(fork)
+                        prefetch_node.launch(ncfg, [pf_p, 0], side)
+                        forked = True
                     phase.launch(cfg, [src, dst, cr._addr(w) + offs[p], sizes[p], ctr, p, mode,
-                                       streamers[p] if streamers else 0], stream, pdl=pdl and p > 0)
+                                       streamers[p] if streamers else 0, pf_p if how == "in" else 0],
+                                 stream, pdl=pdl and (p > 0 or how == "node"))
+                if forked:
+                    join.record(side)
+                    stream.wait(join)
             return fn
 
         def pers():
@@ -209,6 +288,9 @@ def main():
         fns = {"plain": chain(0, False), "pdl": chain(0, True), "pdl_flag": chain(1, True), "persistent": pers,
                **{f"pdl_merged_on_{b}_blocks": chain(0, True, merged_streamers(n, b))
                   for b in merged if args.hops == 3 and "step" in shape},
+               **{f"pdl_prefetch_{mb}mb": chain(0, True, pf=t) for (mb, at), t in pf_tables.items() if at == "every"},
+               **{f"pdl_prefetch_{how}_{mb}mb": chain(0, True, pf=t, how=how) for (mb, at), t in pf_tables.items()
+                  if at == "first" and hops > 1 for how in ("in", "node", "side")},
                "persistent_stream": streamed, "pdl_ll": chain_ll, "persistent_stream_ll": streamed_ll(),
                "persistent_stream_ll_sleep100": streamed_ll(0, 100),
                "persistent_stream_ll_sleep500": streamed_ll(0, 500),
@@ -273,7 +355,7 @@ def main():
                 print("  " + " ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()),
                       file=sys.stderr)
             rows.append({"shape": shape, "variant": "stream_ll_stamps", "sums_us": agg, "phases": stamp_rows})
-        for b in (woff, wsize, ctr):
+        for b in (woff, wsize, ctr, *pf_tables.values()):
             b.free()
     print(json.dumps({"device": cr.device_name(), "sms": nsm, "grid": grid, "threads": args.threads,
                       "stages": args.stages, "copy_gb_s": copy / 1e9, "rows": rows}, indent=1))

@@ -39,9 +39,10 @@ OFF = {"pdl": False, "m1": False, "qmv1": False, "plain": True, "batched": False
        "attn_one_block_keys": 0, "skinny_skip": (), "gemm_wgmma": False, "gemm_xh": False,
        "concurrent_projections": False, "prefill_kv_splits": 1,
        "xh_by_producer": False, "gemm_swiglu": False, "gemm_swiglu_split": 2,
-       "prefill_pdl": False, "add_rms_norm": False}  # the last nine act on prefill steps only (m >= GEMM_MIN_M)
+       "prefill_pdl": False, "add_rms_norm": False,  # the last nine act on prefill steps only (m >= GEMM_MIN_M)
+       "head_rows": True, "attn_narrow": False, "chunks_ahead": True}  # (chunks_ahead: engine steps only)
 DEFAULT = {"m1": True, "qmv1": True, "pdl": True, "xmerge": True, "batched": True, "skinny_min_m": SKINNY_MIN_M,
-           "attn_kv_grid": True, "attn_one_block_keys": K.ATTN_ONE_BLOCK_KEYS}
+           "attn_kv_grid": True, "attn_one_block_keys": K.ATTN_ONE_BLOCK_KEYS, "attn_narrow": True}
 PREFILL = {k: TUNING[k] for k in ("gemm_wgmma", "gemm_xh", "concurrent_projections", "prefill_kv_splits",
                                   "xh_by_producer", "gemm_swiglu", "gemm_swiglu_split",
                                   "prefill_pdl", "add_rms_norm")}  # the backend's defaults of those nine
@@ -132,6 +133,7 @@ VARIANTS = {
     # the attention's full grid (a cluster per query head, all but one per kv head leaving at once at short context
     # and above 16 tokens), as before attn_kv_grid
     "attn_full_grid": {**DEFAULT, "attn_kv_grid": False},
+    "attn_wide": {**DEFAULT, "attn_narrow": False},  # clusters of 8 blocks at every m (before attn_narrow)
     # steps of more than 16 tokens: the attention as one block per (token, kv head) at every context, or never
     "attn_one_block": {**DEFAULT, "attn_one_block_keys": 1 << 30},
     "attn_one_block_off": {**DEFAULT, "attn_one_block_keys": 0},
@@ -169,17 +171,23 @@ def precompile(be, tunings: list[dict], batches=(1,)) -> int:
     """Every kernel build the tunings' decode plans need (batch 1 and `batches`), compiled in parallel (nvcc runs
     are independent processes): a dry planning pass records what the backend would load."""
     jobs, load = set(), be._kernel
-    be._kernel = lambda op, defines: jobs.add((op, tuple(sorted(defines.items()))))
-    for t in tunings:
-        be.tuning = t
+
+    def record(op, defines):  # what the plan would load; the attention's builds loaded for real: the plan asks their
+        jobs.add((op, tuple(sorted(defines.items()))))  # registers (CudaBackend._narrow_attention; prebuilt cubins)
+        return load(op, defines) if op == "rope_kv_attention" else None
+    be._kernel = record
+    try:
+        for t in tunings:
+            be.tuning = t
+            be._plans.clear()
+            be.plan(1)
+            be.plan(1, long_context=True)
+            for m in batches:
+                be.plan(m)
+                be.plan(m, long_context=True)
+    finally:
+        be._kernel = load
         be._plans.clear()
-        be.plan(1)
-        be.plan(1, long_context=True)
-        for m in batches:
-            be.plan(m)
-            be.plan(m, long_context=True)
-    be._kernel = load
-    be._plans.clear()
     with ThreadPoolExecutor(os.cpu_count() or 4) as ex:
         list(ex.map(lambda j: K.compile_kernel(j[0], dict(j[1]), fmt="cubin"), sorted(jobs)))
     return len(jobs)

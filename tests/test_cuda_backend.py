@@ -196,8 +196,11 @@ def test_attention_kv_grid_keeps_the_bits(synth, backend, m):
     plugins/rope_kv_attention.cu ATTN_KVGRID; steps of more than ATTN_MSCR tokens, and shorter steps whose furthest
     row is within one cluster's keys) = the same steps on the full grid, bit for bit, at a short and a long context;
     a short step past the cluster's keys takes the full grid (its clusters spread over the context). The TensorRT
-    builds have no cluster grid to trim."""
-    from toolchain.kernels import ATTN_CLUSTER_KEYS, ATTN_MSCR
+    builds have no cluster grid to trim. Where its 8-block clusters would not all be resident at once (m = 20 on the
+    1.5B's build), tuning attn_narrow launches clusters of 4 blocks (grid x = 4): the same keys merged over 4 ranks
+    instead of 8, so within rounding of the 8-block step, not its bits."""
+    from toolchain import cuda_runtime as cr
+    from toolchain.kernels import ATTN_CLUSTER_KEYS, ATTN_MSCR, ATTN_SPLITS, ATTN_THREADS, resident_blocks
 
     model, _ = synth
     c = model.config
@@ -208,18 +211,27 @@ def test_attention_kv_grid_keeps_the_bits(synth, backend, m):
 
     for base in (100, ATTN_CLUSTER_KEYS + 900):  # the furthest row: within one cluster's keys, beyond them
         positions = base - np.arange(m) * 3
-        outs, grids = [], []
+        outs, grids, kernels = [], [], []
         try:
-            for on in (False, True):  # (the one-block plan of more tokens off: test_attention_one_block_plan)
-                use_tuning(backend, {**saved, "attn_kv_grid": on, "attn_one_block_keys": 0})
+            # (the one-block plan of more tokens off: test_attention_one_block_plan)
+            for on, narrow in ((False, False), (True, False), (True, True)):
+                use_tuning(backend, {**saved, "attn_kv_grid": on, "attn_one_block_keys": 0, "attn_narrow": narrow})
                 backend.reset()
                 outs.append(backend.step(ids, positions, slots).copy())
                 long = backend.long_context(int(positions.max()), m)
-                grids.append({x.cfg.grid[1] for x in backend.plan(m, long_context=long)
-                              if x.op.startswith("rope_kv_attention")})
+                attention = [x for x in backend.plan(m, long_context=long) if x.op.startswith("rope_kv_attention")]
+                grids.append({x.cfg.grid[:2] for x in attention})
+                kernels.append(attention[0].kernel)
         finally:
             use_tuning(backend, saved)
         assert np.isfinite(outs[0]).all() and np.array_equal(outs[0], outs[1]), base
+        # narrow where the 8-block clusters of the kv-grid build are more blocks than fit the GPU at once
+        k8 = kernels[1]
+        fit = resident_blocks(k8.attribute("NUM_REGS"), ATTN_THREADS, cr.sm_count(), k8.attribute("SHARED_SIZE_BYTES"))
+        narrowed = bool(saved["clusters"]) and m * c.n_kv_heads * ATTN_SPLITS > fit
+        assert max(rel_err(a, b) for a, b in zip(outs[2], outs[1])) <= (1e-3 if narrowed else 0), base
+        assert {x for x, _ in grids[2]} == ({4} if narrowed else {x for x, _ in grids[1]}), (base, grids)
+        grids = [{y for _, y in g} for g in grids[:2]]
         if saved["clusters"]:  # kv heads instead of query heads on grid y, where the tuning trims it
             trimmed = m > ATTN_MSCR or base + 1 <= ATTN_CLUSTER_KEYS
             assert grids == [{c.n_heads}, {c.n_kv_heads if trimmed else c.n_heads}], (base, grids)
@@ -243,8 +255,8 @@ def test_attention_one_block_plan(synth, backend):
         for base, near in ((100, True), (keys + 500, False)):  # the furthest row within the keys, beyond them
             positions = base - np.arange(m) * 3
             outs, grids = [], []
-            for k in (0, keys):
-                use_tuning(backend, {**saved, "attn_kv_grid": True, "attn_one_block_keys": k})
+            for k in (0, keys):  # (the one-cluster plan's clusters of 8: attn_narrow off)
+                use_tuning(backend, {**saved, "attn_kv_grid": True, "attn_one_block_keys": k, "attn_narrow": False})
                 outs.append(backend.step(ids, positions, slots).copy())
                 long = backend.long_context(int(positions.max()), m)
                 grids.append({x.cfg.grid[0] for x in backend.plan(m, long_context=long)
@@ -324,6 +336,53 @@ def test_prepared_backend_loads_and_captures_nothing_for_a_prompt(synth):
         be.close()
 
 
+def test_prompt_chunks_launched_ahead_keep_the_bits(synth):
+    """Tuning chunks_ahead: a prompt's chunks that want no token (step_tokens with no rows, the engine's chunks of a
+    prompt alone) return while they run, one ahead of the host, which meanwhile stages the next chunk's inputs.
+    Three chunks so run, then the last piece: its logits bit for bit those of the same prompt in another slot with
+    every chunk waited for, and near the CPU reference's (fresh random prompt); and each chunk run ahead records one
+    event and waits for the one before it (the other of the two), never for the whole stream."""
+    from toolchain.cuda_backend import GEMM_MIN_M, CudaBackend
+
+    model, ref = synth
+    be = CudaBackend(model, max_context=400, n_slots=3, max_tokens=96)
+    log = []
+
+    class Spy:  # one of the backend's two events, its calls logged
+        def __init__(self, event, name):
+            self.event, self.name = event, name
+
+        def record(self, stream):
+            log.append(("record", self.name))
+            self.event.record(stream)
+
+        def synchronize(self):
+            log.append(("wait", self.name))
+            self.event.synchronize()
+
+    try:
+        n, last = be.max_tokens, GEMM_MIN_M + 3
+        seed = int(np.random.default_rng().integers(1 << 31))
+        prompt = np.random.default_rng(seed).integers(0, model.config.vocab, 3 * n + last).tolist()
+        be._ahead = [Spy(e, k) for k, e in enumerate(be._ahead)]
+        stream_wait = be.stream.synchronize
+        be.stream.synchronize = lambda: (log.append(("stream",)), stream_wait())[1]
+        got = {}
+        for slot, ahead in ((2, False), (0, True), (1, False)):  # slot 2: the plans built before anything is logged
+            be.tuning = dict(be.tuning, chunks_ahead=ahead)
+            log.clear()
+            for c in range(3):
+                span = list(range(c * n, (c + 1) * n))
+                assert len(be.step_tokens(prompt[c * n:(c + 1) * n], span, [slot] * n, rows=[])) == 0
+            assert slot == 2 or log == ([("record", 0), ("wait", 1), ("record", 1), ("wait", 0), ("record", 0),
+                                         ("wait", 1)] if ahead else [("stream",)] * 3), (seed, log)
+            got[slot] = be.step(prompt[3 * n:], list(range(3 * n, 3 * n + last)), [slot] * last, rows=[last - 1])[0]
+        assert np.array_equal(got[0], got[1]) and np.array_equal(got[0], got[2]), seed
+        assert rel_err(got[0], ref.forward(prompt, 0, ref.new_cache(len(prompt)))[-1]) < 5e-3, seed
+    finally:
+        be.close()
+
+
 def test_an_engine_prompt_piece_in_any_slot_runs_as_forward_does(synth):
     """The engine's prompt chunks while nothing decodes beside them (CudaBackend._prompt_piece): a prompt of a whole
     piece then a GEMM_MIN_M + 5-token piece in slot 2 runs the prefill attention with the head on the last row
@@ -382,6 +441,69 @@ def test_decode_rows_beside_a_prompt_piece(synth, decoding):
         want = ref.forward(c, 0, ref.new_cache(len(c)))
         for j in (0, len(c) // 2, len(c) - 1):
             assert rel_err(got[d + j], want[j]) < 5e-3, j
+    finally:
+        be.close()
+
+
+@pytest.mark.parametrize("decoding", [1, 2, 6])
+def test_a_mixed_steps_head_on_its_decode_rows_alone(synth, decoding):
+    """The engine's mixed step whose prompt chunk wants no token yet (its rows = the decode rows): the head runs on
+    the decode rows alone (plan head_rows; 1-2 rows on the decode core, 6 on the GEMMs for few tokens), their logits
+    (poisoned before) and draws against the CPU reference; the chunk's cache rows are whole: the next step (decode
+    rows again, and the prompt's rest wanting its last row: the head gathers that row, head_last) agrees with the
+    reference too, logits (poisoned) and draws (the last row's position and slot are the head's own)."""
+    from toolchain.cuda_backend import GEMM_MIN_M, HEAD_NODES, CudaBackend
+    from toolchain.kernels import GEMM_OPS
+    from toolchain.sampling import Sampling, Tail, draw_rng, sample_reference
+
+    model, ref = synth
+    d = decoding
+    be = CudaBackend(model, max_context=300, n_slots=d + 1, max_tokens=128)
+    try:
+        rng = np.random.default_rng()
+        V = model.config.vocab
+        prompts = [rng.integers(0, V, int(rng.integers(8, 40))).tolist() for _ in range(d)]
+        c = rng.integers(0, V, 2 * GEMM_MIN_M).tolist()
+        c1, c2 = c[:GEMM_MIN_M + 3], c[GEMM_MIN_M + 3:]
+        for slot, p in enumerate(prompts):
+            be.step(p[:-1], list(range(len(p) - 1)), [slot] * (len(p) - 1), rows=[])
+        ids = [p[-1] for p in prompts] + c1
+        pos = [len(p) - 1 for p in prompts] + list(range(len(c1)))
+        slots = list(range(d)) + [d] * len(c1)
+        be.buffers["logits"].upload(np.full((d, V), np.nan, np.float32))
+        got = be.step(ids, pos, slots, rows=list(range(d)))
+        m = len(ids)
+        assert any(k[0] == m and k[-3:] == (d, False, d) for k in be._plans), "the step ran a head of d rows"
+        head = [x for x in be.plan(m, piece_from=d, head_rows=d) if x.node in HEAD_NODES]
+        assert head and not any(x.op in GEMM_OPS for x in head), [x.op for x in head]
+        for row, p in enumerate(prompts):
+            assert rel_err(got[row], ref.forward(p, 0, ref.new_cache(len(p)))[-1]) < 5e-3, row
+        s = Sampling(1.0, 50)
+        seeds = rng.integers(0, 1 << 30, d).tolist()
+        for slot, (p, seed) in enumerate(zip(prompts, seeds)):
+            be.set_sampling(slot, s, seed, p, len(p) - 1)
+        toks = be.step_tokens(ids, pos, slots, rows=list(range(d)), tail=Tail(penalties=False))
+        want = [sample_reference(got[r], s, draw_rng(seeds[r], pos[r])) for r in range(d)]
+        assert toks.tolist() == want, (toks, want)
+        # the next step: each stream's drawn token, and the prompt's rest with its last row wanted
+        ids2 = want + c2
+        pos2 = [len(p) for p in prompts] + list(range(len(c1), len(c)))
+        slots2 = list(range(d)) + [d] * len(c2)
+        rows2, m2 = list(range(d)) + [len(ids2) - 1], len(ids2)
+        be.buffers["logits"].upload(np.full((d + 1, V), np.nan, np.float32))
+        got2 = be.step(ids2, pos2, slots2, rows=rows2)
+        assert any(k[0] == m2 and k[-3:-1] == (d + 1, True) for k in be._plans), "the head gathered the last row"
+        for row, p in enumerate(prompts):
+            full = p + [want[row]]
+            assert rel_err(got2[row], ref.forward(full, 0, ref.new_cache(len(full)))[-1]) < 5e-3, row
+        assert rel_err(got2[d], ref.forward(c, 0, ref.new_cache(len(c)))[-1]) < 5e-3
+        # its draws: each row's own slot and position (the prompt's last row's from head.positions / head.slots)
+        seeds = rng.integers(0, 1 << 30, d + 1).tolist()
+        for slot, (p, seed) in enumerate(zip(prompts + [c], seeds)):
+            be.set_sampling(slot, s, seed, p + [want[slot]] if slot < d else p, pos2[rows2[slot]])
+        toks2 = be.step_tokens(ids2, pos2, slots2, rows=rows2, tail=Tail(penalties=False))
+        want2 = [sample_reference(got2[j], s, draw_rng(seeds[j], pos2[r])) for j, r in enumerate(rows2)]
+        assert toks2.tolist() == want2, (toks2, want2)
     finally:
         be.close()
 

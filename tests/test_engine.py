@@ -282,9 +282,9 @@ def test_device_logprobs_through_the_engine_on_cuda(synth_gguf):
     # every step on the decode core, the prompts' too (5-30 rows would take the few-token GEMMs' fp16 x; the
     # decode core's is int16: logprobs up to 0.0204 apart on the H100, where a 2e-2 bound failed in three
     # sessions), and the attention of steps of more than 16 rows partitioned as in steps of few rows (one cluster
-    # per token and kv head, not one block: attn_one_block_keys 0), so the reference step below computes what the
-    # engine's steps did
-    decode_core = {"gemm_min_m": 1 << 30, "skinny_min_m": 1 << 30, "attn_one_block_keys": 0}
+    # per token and kv head, not one block: attn_one_block_keys 0; clusters of 8 blocks whatever the rows:
+    # attn_narrow off), so the reference step below computes what the engine's steps did
+    decode_core = {"gemm_min_m": 1 << 30, "skinny_min_m": 1 << 30, "attn_one_block_keys": 0, "attn_narrow": False}
     dec.backend = CudaBackend(dec.model, 1024, n_slots=4, max_tokens=64, tuning=decode_core)
     rng = np.random.default_rng()
     prompts = [list(map(int, rng.integers(0, 151936, n))) for n in (5, 17, 30, 9)]
@@ -370,5 +370,32 @@ def test_a_request_whose_admission_fails_fails_alone(tiny):
         assert _events(good)[-1][0] == "done" and good.ids
         later = eng.submit([1, 2], Params(max_tokens=2))
         assert _events(later)[-1][0] == "done" and eng.status()["busy_slots"] == 0
+    finally:
+        eng.close()
+
+
+class _FailingStep(CpuBackend):
+    def step(self, *args, **kwargs):
+        raise RuntimeError("poisoned step")
+
+
+def test_the_bench_times_a_first_token_and_names_a_failed_prompt(tiny):
+    """bench.first_token_seconds (qtrt bench's and engine_steps_ab's time to first token): a time for a prompt the
+    engine serves; a prompt refused at submit, or one whose step fails, raises (naming its length), never a time."""
+    from toolchain.bench import first_token_seconds
+
+    eng = _engine(tiny)
+    try:
+        assert 0 < first_token_seconds(eng, [5, 6, 7, 8]) < 60
+        with pytest.raises(UserError, match="outside the vocabulary"):
+            first_token_seconds(eng, [1] * 5 + [10**9])  # an id beyond the vocabulary
+    finally:
+        eng.close()
+    dec = Decoder.open(str(tiny), CTX)
+    dec.backend = _FailingStep(dec.model, CTX, n_slots=2)
+    eng = Engine(dec, slots=2)
+    try:
+        with pytest.raises(RuntimeError, match="a 4-token prompt: RuntimeError: poisoned step"):
+            first_token_seconds(eng, [5, 6, 7, 8])
     finally:
         eng.close()

@@ -403,6 +403,22 @@ def test_attention_kv_grid_launch():
         for clusters in (True, False):
             kv = K.defines_for("rope_kv_attention", model, clusters=clusters) | {"ATTN_KVGRID": 1}
             assert ("rope_kv_attention", kv) in K.real_model_builds(), model["model"]
+        narrow = K.defines_for("rope_kv_attention", model) | {"ATTN_KVGRID": 1, "ATTN_GX": 4}  # (attn_narrow)
+        assert ("rope_kv_attention", narrow) in K.real_model_builds(), model["model"]
+    # ... and its clusters of 4 (ATTN_GX=4, tuning attn_narrow) on grid x; the .cu refuses them elsewhere
+    assert K.launch_config("rope_kv_attention", dims | {"attn_kv_grid": 1, "attn_gx": 4}).grid == (
+        4, 2, K.ATTN_MSCR + 1)
+    assert "static_assert(GX == 8 || (GX == 4 && ATTN_KVGRID && ATTN_CLUSTER)" in src
+
+
+def test_resident_blocks():
+    """kernels.resident_blocks (no GPU), which decides where the batched attention takes clusters of 4 (cuda backend
+    _narrow_attention): the 1.5B attention build's ~210 registers x 256 threads fit one block per SM (two waves for
+    16 tokens x 2 kv heads x 8 blocks on 132 SMs), the 0.5B's 128 two; threads and shared memory limit it too."""
+    assert K.resident_blocks(206, 256, 132) == 132 and K.resident_blocks(212, 256, 132, 46664) == 132
+    assert K.resident_blocks(128, 256, 132, 28280) == 264 and K.resident_blocks(129, 256, 1) == 1
+    assert K.resident_blocks(32, 1024, 10) == 20 and K.resident_blocks(16, 128, 1) == 16
+    assert K.resident_blocks(32, 128, 2, 100 * 1024) == 4
 
 
 def test_long_context_plans():
@@ -775,3 +791,58 @@ def test_which_steps_are_prompt_pieces():
     be.tuning["clusters"] = False  # no prefill GEMMs, no prefill attention: the decode attention's grids stay
     assert be._prompt_long_context(cb.GEMM_MIN_M, True)
 
+
+def test_the_head_runs_on_the_wanted_rows():
+    """CudaBackend._head (no GPU): the head (final norm, lm_head, argmax or draw) of a step runs on rows 0 .. the
+    last wanted one (head_rows; 0 = all rows), and where the step's last row is wanted beside earlier ones, on rows 0
+    .. the last other wanted one plus the last row, gathered (head_last): the engine's decode rows beside a prompt
+    chunk take a head of their own count (plus the chunk's last row where its prompt wants its first token), not
+    one over the chunk's rows."""
+    head = __import__("toolchain.cuda_backend", fromlist=["CudaBackend"]).CudaBackend._head
+    assert head(None, 300) == (0, False, None) and head([0, 1], 2) == (0, False, None)  # every row
+    assert head([0, 1, 2, 3], 511) == (4, False, None) and head([1], 300) == (2, False, None)
+    assert head([2, 0], 9) == (3, False, None) and head([], 300) == (1, False, None)  # nothing wanted: one row
+    assert head([0, 1, 2, 3, 510], 511) == (5, True, [0, 1, 2, 3, 510])
+    assert head([299], 300) == (1, True, [299]) and head([1, 299], 300) == (3, True, [0, 1, 299])
+    assert head([0, 1, 2], 3) == (0, False, None) and head([0], 1) == (0, False, None)
+    rng = np.random.default_rng()
+    for _ in range(300):
+        m = int(rng.integers(1, 600))
+        rows = sorted(set(rng.integers(0, m, int(rng.integers(1, 6))).tolist()))
+        h, last, gathered = head(rows, m)
+        where = list(range(m)) if h == 0 else gathered if last else list(range(h))
+        assert set(rows) <= set(where) and (h == 0 or h == len(where) < m), (rows, m, h, last)
+        assert where == sorted(where) and (not last or where[-1] == m - 1), (rows, m, where)
+
+
+
+def test_launch_arguments_are_packed_once_per_value_list():
+    """Kernel._packed_args (no GPU): the parameter block a launch passes is _pack's, byte for byte; a list of plain
+    ints (a plan's addresses and sizes) is packed once and reused, a list holding any other object (a buffer, a
+    Ptr: an address that may not outlive it) is packed afresh each time; the store is bounded."""
+    import ctypes
+
+    from toolchain import cuda_runtime as cr
+
+    k = object.__new__(cr.Kernel)
+    k.name, k.param_sizes, k._packed = "stand_in", [8, 8, 4, 4], {}
+    rng = np.random.default_rng()
+
+    def block(packed):  # the bytes each parameter address points at
+        vals, ptrs = packed
+        return [ctypes.string_at(int(p), 8 if i < 2 else 4) for i, p in enumerate(ptrs)]
+
+    args = [int(rng.integers(1 << 33, 1 << 40)), int(rng.integers(1 << 33, 1 << 40)), int(rng.integers(0, 1 << 30)),
+            np.int32(rng.integers(0, 1 << 30))]
+    first = k._packed_args(args)
+    assert block(first) == block(k._pack(args))
+    assert k._packed_args(list(args)) is first  # the same values: the kept block
+    other = k._packed_args(args[:2] + [args[2] + 1, args[3]])
+    assert other is not first and block(other) != block(first)
+    ptr = [cr.Ptr(args[0])] + args[1:]
+    assert k._packed_args(ptr) is not k._packed_args(ptr) and block(k._packed_args(ptr)) == block(first)
+    for j in range(cr.PACKED_KEPT + 5):
+        k._packed_args([args[0], args[1], j, 0])
+    assert len(k._packed) <= cr.PACKED_KEPT
+    with pytest.raises(TypeError):
+        k._packed_args(args[:3] + [True])

@@ -747,6 +747,8 @@ def run_attention(c, defines: dict, op: str = "rope_kv_attention"):
     dims = dict(m=m, n_heads=h, n_slots=n_slots, max_seq=max_seq)
     if defines.get("ATTN_KVGRID"):  # grid y: the kv heads
         dims |= dict(attn_kv_grid=1, n_kv_heads=a["n_kv_heads"])
+    if "ATTN_GX" in defines:  # grid x: the build's cluster of 4
+        dims["attn_gx"] = defines["ATTN_GX"]
     # the cache outputs alias the inputs: launch by hand so the same buffers are passed twice
     ins = [cr.DeviceBuffer.from_array(c[x]) for x in ("q", "k", "v")]
     pb, sb = cr.DeviceBuffer.from_array(positions), cr.DeviceBuffer.from_array(slots)
@@ -810,10 +812,13 @@ def test_attention_kv_grid(model, case):
 
 # builds: the cuda backend's (a cluster of 8 blocks), and TensorRT's (issue 16: no cluster launch; the caches by
 # address as the TensorRT export passes them), and one block per (token, kv head) without a cluster (the cuda
-# backend's plan for more than 16 tokens at short contexts, attn_one_block_keys): (op, clusters, extra defines)
+# backend's plan for more than 16 tokens at short contexts, attn_one_block_keys), and one cluster of 4 blocks per
+# (token, kv head) (its plan for batched steps whose 8-block clusters would not all be resident, attn_narrow): (op,
+# clusters, extra defines)
 ATTN_BUILDS = {"cluster": ("rope_kv_attention", True, {}), "no_cluster": ("rope_kv_attention", False, {}),
                "tensorrt": ("rope_kv_attention_addr", False, {}),
-               "one_block": ("rope_kv_attention", False, {"ATTN_KVGRID": 1})}
+               "one_block": ("rope_kv_attention", False, {"ATTN_KVGRID": 1}),
+               "narrow": ("rope_kv_attention", True, {"ATTN_KVGRID": 1, "ATTN_GX": 4})}
 
 
 @pytest.mark.parametrize("build", list(ATTN_BUILDS))

@@ -89,6 +89,59 @@ def test_boundary_bench_step_sizes_are_the_tensors_bytes(synth_gguf, name):
     assert bb.merged_streamers(len(merged), 16) == [16, 0, 0] * c.n_layers + [0]
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_boundary_bench_prefetch_plan_slides_a_window_over_the_bytes(seed):
+    """prefetch_plan (the pdl_prefetch variants): on fresh random phases laid out as the script lays them (256-aligned,
+    wrapping inside the buffer), byte by byte against its definition: phase p asks for exactly the bytes of later
+    phases from max(what earlier phases asked, its own end) to its end + window, each at its physical address."""
+    bb = _load("boundary_bench")
+    rng = np.random.default_rng([seed, 17])
+    n = int(rng.integers(2, 40))
+    sizes = [int(v) for v in rng.integers(1, 4000, n)]
+    buf = int(rng.integers(max(sizes) + 256, sum(sizes) + 512 * n))
+    offs, o = [], 0
+    for s in sizes:
+        if o + s > buf:
+            o = 0
+        offs.append(o)
+        o += (s + 255) // 256 * 256
+    window = int(rng.integers(1, 3 * max(sizes)))
+    at = None if seed % 2 else set(rng.choice(n, int(rng.integers(1, n + 1)), replace=False).tolist())
+    plan = bb.prefetch_plan(offs, sizes, window, at)
+    ends = np.cumsum(sizes)
+    where = np.concatenate([offs[q] + np.arange(sizes[q]) for q in range(n)])  # logical byte -> physical address
+    asked = np.zeros(ends[-1], bool)
+    for p in range(n):
+        if at is not None and p not in at:  # a phase not asking: nothing, and the window does not move
+            assert plan[p] == [], p
+            continue
+        want = np.zeros(ends[-1], bool)
+        want[max(ends[p], asked.nonzero()[0].max() + 1 if asked.any() else 0):min(ends[p] + window, ends[-1])] = True
+        want &= ~asked
+        got = np.zeros(buf + 16, bool)
+        for off, nb in plan[p]:
+            assert off % 16 == 0 and nb % 16 == 0 and nb > 0
+            got[off:off + nb] = True
+        assert got[where[want]].all(), p  # every byte it should ask for
+        pad = np.zeros(buf + 16, bool)  # the phases' alignment gaps: a piece may run across them
+        for q in range(n):
+            pad[offs[q] + sizes[q]:offs[q] + (sizes[q] + 255) // 256 * 256] = True
+        later = np.zeros(buf + 16, bool)  # where the buffer wraps, later phases reuse earlier ones' addresses
+        later[where[ends[p]:]] = True
+        slack = 32 * len(plan[p])  # each piece widened to 16-byte boundaries
+        stray = got.copy()
+        stray[where[want]] = False
+        assert (stray & ~pad).sum() <= slack, p  # nothing else
+        own = np.zeros(buf + 16, bool)
+        own[where[:ends[p]]] = True  # its own bytes and earlier phases', never asked for
+        if asked.any():
+            own[where[asked]] = True  # nor what earlier phases asked
+        assert (got & own & ~later & ~pad).sum() <= slack, p
+        asked |= want
+    if at is None:
+        assert asked[ends[0]:].all() == (window >= max(sizes[1:], default=0))  # a window below a phase leaves it bytes
+
+
 @pytest.mark.skipif(K.nvcc_path() is None, reason="nvcc not found")
 def test_boundary_bench_kernels_compile(tmp_path):
     """Its CUDA source builds for sm_90 with every kernel the script launches (the timings are device runs)."""
@@ -97,11 +150,11 @@ def test_boundary_bench_kernels_compile(tmp_path):
                           str(SCRIPTS / "boundary_bench.cu"), "-o", str(out)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     image = out.read_bytes()
-    for name in ("phase", "persistent", "stream_persistent", "phase_ll", "stream_ll"):
+    for name in ("phase", "persistent", "stream_persistent", "phase_ll", "stream_ll", "prefetch_node"):
         assert name.encode() + b"\0" in image, name
 
 
-@pytest.mark.parametrize("script", ["boundary_bench", "gemm_threshold"])
+@pytest.mark.parametrize("script", ["boundary_bench", "gemm_threshold", "engine_steps_ab"])
 def test_gpu_scripts_without_a_gpu_say_so_in_one_line(script, tmp_path):
     """The device scripts, where no GPU can run them: one line naming the reason, a non-zero exit, nothing written
     (before any synthetic model is made)."""
@@ -122,7 +175,8 @@ def test_gpu_scripts_without_a_gpu_say_so_in_one_line(script, tmp_path):
     ("gemm_threshold", ["--thresholds", "33,x"], "--thresholds"), ("gemm_threshold", ["--depths", "0,-5"], "--depths"),
     ("gemm_threshold", ["--batched", "128:0"], "--batched"), ("boundary_bench", ["--mb", "7,y"], "--mb"),
     ("boundary_bench", ["--step", "qwen9"], "--step"),
-    ("boundary_bench", ["--merged-blocks", "16,-1"], "--merged-blocks")])
+    ("boundary_bench", ["--merged-blocks", "16,-1"], "--merged-blocks"),
+    ("engine_steps_ab", ["--variants", "packed,nope"], "--variants"), ("engine_steps_ab", ["--rounds", "0"], "--rounds")])
 def test_gpu_scripts_refuse_bad_sizes_in_one_line(script, args, names, tmp_path):
     """A mistyped size: one line naming the option, exit 2, before any GPU work (so on any machine), nothing written."""
     out = tmp_path / "out.json"

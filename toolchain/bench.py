@@ -168,25 +168,51 @@ def time_engine_prompt(be, model, n: int, reps: int = 2) -> float:
     reps: the path of `qtrt serve` (its default 4 slots, or the backend's slots where fewer; the engine's prompt
     chunks; the first token drawn on the device). A fresh prompt each time, so no prefix is reused."""
     from .decoder import Decoder
-    from .engine import Engine, Params
+    from .engine import Engine
     from .tokenizer import Tokenizer
 
     dec = Decoder(model, Tokenizer.from_gguf(model.reader), be, be.max_context)
     eng = Engine(dec, slots=min(4, be.n_slots))
-    best = float("inf")
     try:
-        for rep in range(reps):
-            ids = np.random.default_rng([n, rep]).integers(0, be.cfg.vocab, n).tolist()
-            t0 = time.perf_counter()
-            for kind, payload in eng.submit(ids, Params(max_tokens=1)):
-                if kind == "error":
-                    raise RuntimeError(f"the engine failed a {n}-token prompt: {payload}")
-                if kind in ("token", "done"):  # its first token (or a stop token drawn first: no token event)
-                    best = min(best, time.perf_counter() - t0)
-                    break
+        return min(first_token_seconds(eng, np.random.default_rng([n, rep]).integers(0, be.cfg.vocab, n).tolist())
+                   for rep in range(reps))
     finally:
         eng.close()
-    return best
+
+
+def first_token_seconds(eng, ids: list[int]) -> float:
+    """Seconds from submitting the prompt `ids` to `eng` until its first token arrives (or its end, where a stop token
+    is drawn first: no token event). A request the engine fails raises, naming its length."""
+    from .engine import Params
+
+    t0 = time.perf_counter()
+    for kind, payload in eng.submit(ids, Params(max_tokens=1)):
+        if kind == "error":
+            raise RuntimeError(f"the engine failed a {len(ids)}-token prompt: {payload}")
+        if kind in ("token", "done"):
+            return time.perf_counter() - t0
+    raise RuntimeError(f"the engine ended a {len(ids)}-token prompt without a token or an end")
+
+
+def time_mixed_step(be, d: int, chunk: int, ctx: int, last_wanted: bool, reps: int = 7) -> float:
+    """Seconds for one of the engine's mixed steps through step_tokens (what `qtrt serve` runs while a prompt arrives
+    beside d decoding streams), median of reps: d decode rows (slots 0..d-1, at position ctx) then a prompt chunk of
+    `chunk` tokens in slot d from position ctx, the decode rows' tokens drawn on the device, and with last_wanted the
+    chunk's last row's too (a prompt's last chunk). Host time included: the step is launched from Python."""
+    from .sampling import Tail
+
+    ids = np.random.default_rng([d, chunk]).integers(0, be.cfg.vocab, d + chunk).tolist()
+    pos = [ctx] * d + list(range(ctx, ctx + chunk))
+    slots = list(range(d)) + [d] * chunk
+    rows = list(range(d)) + ([d + chunk - 1] if last_wanted else [])
+    if not rows:  # a step wanting no token returns before it has run (chunks_ahead): nothing would be timed
+        raise ValueError("time_mixed_step: give decode rows (d > 0) or last_wanted")
+    times = []
+    for _ in range(reps + 1):  # the first builds its plan
+        t0 = time.perf_counter()
+        be.step_tokens(ids, pos, slots, rows=rows, tail=Tail(penalties=False))  # returns after the tokens' copy
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[1:]))
 
 
 def time_prefill(be, m: int, cr, reps: int = 5) -> float:
@@ -347,6 +373,16 @@ def run_bench(a):
                 print(f"prompt of {n:6d} tokens to its first token: {s * 1e3:8.1f} ms, {n / s:9.1f} tok/s "
                       f"(pieces of {be.max_tokens}); a fresh backend's first prompt: {first * 1e3:8.1f} ms; "
                       f"through the engine: {served * 1e3:8.1f} ms")
+            if be.n_slots > 1 and be.max_tokens > 2 * be.n_slots:  # the engine's step while a prompt arrives
+                d = min(4, be.n_slots - 1)
+                chunk = be.max_tokens - be.n_slots
+                mixed = {"decode_rows": d, "chunk": chunk, "ctx": contexts[0],
+                         "ms": round(time_mixed_step(be, d, chunk, contexts[0], False) * 1e3, 3),
+                         "last_wanted_ms": round(time_mixed_step(be, d, chunk, contexts[0], True) * 1e3, 3)}
+                results["mixed_step"] = mixed
+                print(f"the engine's mixed step ({d} decode rows + a {chunk}-token prompt chunk, launched from "
+                      f"Python): {mixed['ms']:.2f} ms, {mixed['last_wanted_ms']:.2f} ms with the chunk's last row "
+                      "drawn too")
             results["crossover"] = {"decode_core_below_m": SKINNY_MIN_M, "skinny_gemm_from_m": SKINNY_MIN_M,
                                     "prefill_gemm_from_m": GEMM_MIN_M}
             print(f"kernels by step size: m = 1 the batch-1 decode core, 1 < m < {SKINNY_MIN_M} the decode core with "

@@ -67,6 +67,9 @@ prefill_kv_splits, xh_by_producer: see plan() and the perf notes), and:
   such a group joins back; a prefill GEMM then issues its first weight copies in the previous kernel's tail. The same
   bits, but slower on the H100 (512-token step -4.8%, prompts of 512 / 4,096 / 16,384 tokens -4.8 / -2.7 / 0%; not
   profiled), so off.
+- chunks_ahead: step_tokens of a prompt chunk that wants no token yet (the engine's chunks of a prompt alone) returns
+  while the step runs, at most one such step ahead of the host (step's `wait`): the GPU has the next chunk queued
+  while the engine schedules the one after, instead of idling through the host's bookkeeping and launches.
 """
 from __future__ import annotations
 
@@ -82,11 +85,11 @@ from .fusion import fuse, fuse_add_rms_norm, fuse_gate_up_swiglu
 from .gguf_model import GGUFModel
 from .device_sampler import parse_logprobs
 from .graph import build_model_graph, node_attrs
-from .kernels import (ATTN_CLUSTER_KEYS, ATTN_MSCR, ATTN_ONE_BLOCK_KEYS, FUSED_OPS, GEMM_OPS, GEMM_SWIGLU_OF,
-                      GEMM_SWIGLU_OPS, LOGPROB_WORDS, MATMUL_OPS,
+from .kernels import (ATTN_CLUSTER_KEYS, ATTN_MSCR, ATTN_ONE_BLOCK_KEYS, ATTN_SPLITS, ATTN_THREADS, FUSED_OPS,
+                      GEMM_OPS, GEMM_SWIGLU_OF, GEMM_SWIGLU_OPS, LOGPROB_WORDS, MATMUL_OPS,
                       PREFILL_KV_SPLITS, XMERGE_CLUSTER_KEYS, decode_build, decode_tokens, defines_for,
                       gemm_wgmma_defines, launch_config, prefill_attention_scratch, qmv1_dims,
-                      SKINNY_OPS, skinny_dims, skinny_of, xmerge_defines, xmerge_slot_floats)
+                      SKINNY_OPS, resident_blocks, skinny_dims, skinny_of, xmerge_defines, xmerge_slot_floats)
 from .sampling import Tail
 
 # ONNX op_type -> kernel op (standard ops map to our kernels; custom ops share their names).
@@ -113,7 +116,8 @@ TUNING = {"pdl": True, "m1": True, "qmv1": True, "plain": True, "batched": True,
           "skinny_min_m": SKINNY_MIN_M, "attn_kv_grid": True, "attn_one_block_keys": ATTN_ONE_BLOCK_KEYS,
           "skinny_skip": (), "gemm_wgmma": True, "gemm_xh": True,
           "concurrent_projections": True, "prefill_kv_splits": PREFILL_KV_SPLITS, "xh_by_producer": True,
-          "gemm_swiglu": True, "gemm_swiglu_split": 1, "prefill_pdl": False, "add_rms_norm": True}
+          "gemm_swiglu": True, "gemm_swiglu_split": 1, "prefill_pdl": False, "add_rms_norm": True,
+          "head_rows": True, "attn_narrow": True, "chunks_ahead": True}
 # The kernels TensorRT's plugins get (toolchain/trt/plugins.py, issue 16), run here to prove them on the GPU: no
 # thread-block cluster launch (so no cluster k-split, no xmerge pair and no prefill GEMM, whose split-K is a cluster),
 # the attention with the caches by address (rope_kv_attention_addr), the general matvec core at every m. With
@@ -206,12 +210,14 @@ class CudaBackend:
                 buf = cr.DeviceBuffer.zeros(cache_shape, np.float16)
                 self.buffers[f"{kind}_cache.{i}"] = buf
                 self.buffers[f"L{i}.{kind}_cache_out"] = buf  # the attention op updates the cache in place
-        # the step's inputs in one allocation, so one copy sets them (_set_inputs)
-        self.buffers["step_inputs"] = cr.DeviceBuffer.zeros((3, max_tokens), np.int32)
-        for k, name in enumerate(("token_ids", "positions", "slots")):
+        # the step's inputs in one allocation, so one copy sets them (_set_inputs); the last two: the positions and
+        # slots of a gathered head's rows (plan head_last), which its device sampler reads
+        inputs = ("token_ids", "positions", "slots", "head.positions", "head.slots")
+        self.buffers["step_inputs"] = cr.DeviceBuffer.zeros((len(inputs), max_tokens), np.int32)
+        for k, name in enumerate(inputs):
             self.buffers[name] = cr.DeviceView(self.buffers["step_inputs"], 4 * k * max_tokens, 4 * max_tokens,
                                                (max_tokens,), np.int32)
-        self._host_inputs = np.zeros((3, max_tokens), np.int32)
+        self._host_inputs = np.zeros((len(inputs), max_tokens), np.int32)
         with progress.stage("shape inference"):
             self.widths = self._value_widths()
         self.buffers["prefill.q_rot"] = cr.DeviceBuffer.zeros((max_tokens, c.q_dim), np.float32)
@@ -232,11 +238,13 @@ class CudaBackend:
             (c.n_heads // c.n_kv_heads, xmerge_slot_floats(c.n_heads, c.head_dim)), np.float32)
         self._allocate_activations()
         self._modules: dict = {}
+        self._resident: dict = {}  # blocks of a build resident at once (_narrow_attention)
         self._plans: dict[int, list[Launch]] = {}
         self._graphs: dict[tuple, object] = {}
         self._sampler = None
         self._pinned, self._pinned_lp, self._pin_next = None, None, 0  # launch_decode's two host buffers of tokens
         # (and of logprob records)
+        self._ahead, self._ahead_next = [cr.Event(), cr.Event()], 0  # step(wait=False): the last two such steps
         self.pos = 0
         if prepare:
             with progress.stage("loading kernels and capturing the decode step"):
@@ -368,6 +376,21 @@ class CudaBackend:
         (ATTN_KVGRID: steps of more than ATTN_MSCR tokens, and steps within one cluster's keys)."""
         return bool(self.tuning["attn_kv_grid"]) and bool(self.tuning["clusters"])
 
+    def _narrow_attention(self, m: int, defines: dict) -> bool:
+        """Whether an attention launch of m tokens as one cluster per (token, kv head) (the ATTN_KVGRID build of
+        `defines`) takes clusters of 4 blocks (tuning attn_narrow, the ATTN_GX=4 build): where its clusters of 8
+        would not all be resident at once, by the build's registers (the 1.5B's, ~210 a thread: one 256-thread block
+        per SM, so 16 tokens x 2 kv heads x 8 blocks are two waves on an H100's 132 SMs, one wave in 4-block clusters;
+        the 0.5B's 128: two blocks per SM)."""
+        if not self.tuning["attn_narrow"]:
+            return False
+        key = tuple(sorted(defines.items()))
+        if key not in self._resident:
+            kern = self._kernel("rope_kv_attention", defines)
+            self._resident[key] = resident_blocks(kern.attribute("NUM_REGS"), ATTN_THREADS, cr.sm_count(),
+                                                  kern.attribute("SHARED_SIZE_BYTES"))
+        return m * self.cfg.n_kv_heads * ATTN_SPLITS > self._resident[key]
+
     def _one_block_keys(self) -> int:
         """Tuning attn_one_block_keys where the attention may be launched without clusters (0: not)."""
         return int(self.tuning["attn_one_block_keys"]) if self.tuning["clusters"] else 0
@@ -397,7 +420,8 @@ class CudaBackend:
         return self._cc == (9, 0)
 
     def plan(self, m: int, last_only: bool = False, long_context: bool = False, tail: Tail | None = None,
-             sampled: int = 0, piece_from: int | None = None) -> list[Launch]:
+             sampled: int = 0, piece_from: int | None = None, head_rows: int = 0,
+             head_last: bool = False) -> list[Launch]:
         """Resolve every node of the graph into a launch for a step of m tokens (cached). With last_only (prompt
         prefill), the head (final norm, lm_head, argmax) runs on the last token's row only: logits row 0. With
         long_context (see long_context()): for m = 1 the xmerge pairs, for m <= ATTN_MSCR the attention's full grid
@@ -407,7 +431,13 @@ class CudaBackend:
         first `sampled` entries of its row list (default: m). With piece_from = d (a step on the prefill GEMMs):
         rows d .. m - 1 are one slot's prompt piece (consecutive positions, a slot no earlier row has), whose
         attention runs as the prefill pair, the rows before it as the decode attention (the engine's decode rows
-        beside a prompt chunk); last_only implies d = 0."""
+        beside a prompt chunk); last_only implies d = 0. With head_rows = h (0 < h < m, not last_only): the head runs
+        on the step's first h rows only (logits and tokens rows 0 .. h - 1), as a step of h tokens picks its kernels:
+        the engine's decode rows beside a prompt chunk whose last row is not wanted yet need no head over the chunk's
+        hundreds of rows (an lm_head GEMM over the vocabulary, and its logits written and read). With head_last too,
+        the head's last row is the step's row m - 1 (its others rows 0 .. h - 2): the final norm gathers it (a second
+        launch of one row) and the device sampler reads the head's rows' positions and slots from head.positions /
+        head.slots (_set_inputs): the decode rows beside a prompt's last chunk."""
         gemm = not self._below_gemm(m) and self.tuning["clusters"]
         if last_only:
             long_context = self._prompt_long_context(m, long_context)
@@ -417,8 +447,14 @@ class CudaBackend:
         xmerge = m == 1 and long_context and self._xmerge()
         kv_grid = self._kv_grid() and (m > ATTN_MSCR or not long_context)
         one_block = self._one_block_keys() > 0 and m > ATTN_MSCR and not long_context
-        sampled = (sampled or m) if tail else 0
-        key = (m, last_only, xmerge, kv_grid, one_block, tail, sampled, piece_from)
+        head_rows = head_rows if self.tuning["head_rows"] else 0  # (tuning head_rows off: every row, as before)
+        head_m = 1 if last_only else head_rows if 0 < head_rows < m else m  # the head's rows
+        head_rows = head_m if head_m < m and not last_only else 0
+        head_last = bool(head_last and head_rows)
+        sampled = (sampled or head_m) if tail else 0
+        if sampled > head_m:
+            raise ValueError(f"{sampled} rows sampled of a head of {head_m}")
+        key = (m, last_only, xmerge, kv_grid, one_block, tail, sampled, head_rows, head_last, piece_from)
         if tail and last_only and sampled != 1:
             raise ValueError("a prompt piece's plan (last_only) samples its last row alone (sampled=1)")
         if key in self._plans:
@@ -427,24 +463,25 @@ class CudaBackend:
         swiglu_split = int(self.tuning["gemm_swiglu_split"])
         if swiglu_split not in (1, 2):
             raise ValueError(f"tuning gemm_swiglu_split={swiglu_split}: 2 (the k split) or 1 (none)")
-        skinny = self._skinny(m)
         graph = self.onnx
         if gemm:  # gate, up and SwiGLU as one GEMM where its wgmma build runs, Add + RMSNorm as one launch (tunings)
             graph = self.prefill_graphs[bool(self.tuning["gemm_swiglu"] and self._gemm_wgmma()),
                                         bool(self.tuning["add_rms_norm"])]
         nodes = []  # (node, op, attrs, dims, defines, head) of every node, then the launches
         for node in graph.graph.node:
-            head = last_only and node.name in HEAD_NODES
+            head = last_only and node.name in HEAD_NODES  # reads the step's last row
+            node_m = head_m if node.name in HEAD_NODES else m
+            node_gemm = gemm and not head and (node_m == m or not self._below_gemm(node_m))
             op = KERNEL_OF.get(node.op_type, node.op_type)
             attrs = {k: v for k, v in node_attrs(node).items() if k != "plugin_namespace"}
             if node.op_type in ("RMSNormalization", "add_rms_norm"):
                 attrs = {"epsilon": attrs["epsilon"]}
             elif node.op_type == "ArgMax":
                 attrs = {}
-            dims = self._dims(node, op, attrs, 1 if head else m)
-            if gemm and not head and op in GEMM_OF:
+            dims = self._dims(node, op, attrs, node_m)
+            if node_gemm and op in GEMM_OF:
                 op = GEMM_OF[op]
-            elif (skinny and not head and not self._stays_on_decode_core(op, dims)
+            elif (self._skinny(node_m) and not head and not self._stays_on_decode_core(op, dims)
                   and (twin := skinny_of(op, attrs))):  # the fused ops too, where their types allow
                 op, attrs = twin, dict(attrs, hidden=self.cfg.hidden)
             if op == "rope_kv_attention" and self.tuning["cache_by_address"]:
@@ -456,7 +493,7 @@ class CudaBackend:
                     defines |= {"GEMM_SPLIT": 1}
             k = dims.get("k", dims.get("hidden"))
             # decode builds: a step of one token, one row of the head, batched decode (below the GEMM's threshold)
-            if (dims["m"] == 1 or (self.tuning["batched"] and not gemm)) and op in MATMUL_OPS + FUSED_OPS:
+            if (dims["m"] == 1 or (self.tuning["batched"] and not node_gemm)) and op in MATMUL_OPS + FUSED_OPS:
                 defines = decode_build(op, attrs, k, self.tuning["qmv1"], self.tuning["m1"], self.tuning["plain"],
                                        clusters, decode_tokens(dims["m"]))
             # tuning defines per op, or per op@k for one projection shape only (e.g. matmul_add@1536)
@@ -473,6 +510,11 @@ class CudaBackend:
             if op == "rope_kv_attention" and (kv_grid or one_block):  # one block: the build without clusters
                 defines = (defines_for(op, attrs, clusters=False) if one_block else defines) | {"ATTN_KVGRID": 1}
                 dims["attn_kv_grid"] = 1
+                # clusters of 4 blocks where 8-block ones of the launch's tokens (a mixed step's: its decode rows)
+                # would not all be resident at once (tuning attn_narrow)
+                if not one_block and self._narrow_attention(m if piece_from is None else piece_from, defines):
+                    defines |= {"ATTN_GX": 4}
+                    dims["attn_gx"] = 4
             nodes.append((node, op, attrs, dims, defines, head))
         extra = self._link_xmerge(nodes) if xmerge else {}
         launches, converted = [], None  # converted: the GEMM input now in fp16 in xh_bufs[xh_next ^ 1]
@@ -486,13 +528,25 @@ class CudaBackend:
             source = ins[0] if ins else 0
             if defines.get("GEMM_XH"):  # x as fp16 in the fragments' order: made once per input (q, k, v share it)
                 if converted != ins[0]:  # into the other buffer than the last input's (read by its producer)
-                    launches.append(self._x_f16(node.input[0], ins[0], m, dims["k"], xh_bufs[xh_next]))
+                    launches.append(self._x_f16(node.input[0], ins[0], dims["m"], dims["k"], xh_bufs[xh_next]))
                     converted, xh_next = ins[0], xh_next ^ 1
                 ins[0] = xh_bufs[xh_next ^ 1]
             if head and node.name == HEAD_NODES[0]:  # read the last token's hidden row
                 width, dtype = self.widths[node.input[0]]
                 ins[0] += (m - 1) * width * np.dtype(dtype).itemsize
             outs = [self.buffers[o].ptr for o in node.output]
+            if head_last and node.name == HEAD_NODES[0]:  # rows 0 .. h - 2, then row m - 1 into the head's row h - 1
+                if op != "rms_norm":
+                    raise ValueError(f"a gathered head needs the final norm alone (node {node.name} is {op})")
+                row_in, row_out = (self.widths[x][0] * np.dtype(self.widths[x][1]).itemsize
+                                   for x in (node.input[0], node.output[0]))
+                for rows, at, to in ((head_m - 1, 0, 0), (1, (m - 1) * row_in, (head_m - 1) * row_out)):
+                    if rows:
+                        part = launch_config(op, dims | {"m": rows})
+                        launches.append(Launch(node.name + (".last" if at else ""), op, kern, part,
+                                               [ins[0] + at, *ins[1:], *part.scalars, outs[0] + to],
+                                               ins[0] + at, defines))
+                continue
             if op == "rope_kv_attention_addr":  # q, k, v, the caches' addresses, positions, slots -> out
                 ins, outs = ins[:3] + [self._cache_addresses(node.input[3], node.input[4])] + ins[5:], outs[:1]
             if op == "rope_kv_attention" and piece_from is not None:  # one slot's prompt: the tiled prefill pair
@@ -509,10 +563,13 @@ class CudaBackend:
             args = ins + list(cfg.scalars) + outs + extra.get(node.name, [])
             if tail and op == "argmax":  # penalties on the logits before it, the draw and logprobs after it
                 b = self.buffers
-                # last_only: the head's row 0 is the step's row m - 1 (its slot, and its position for the draw)
+                # last_only: the head's row 0 is the step's row m - 1 (its slot, and its position for the draw); a
+                # gathered head: its rows' own (head_last)
                 last = 4 * (m - 1) if last_only else 0
-                before, after = self.sampler.launches(sampled, b["logits"].ptr, b["next_token"].ptr,
-                                                      b["slots"].ptr + last, b["positions"].ptr + last, tail)
+                slots, positions = ((b["head.slots"].ptr, b["head.positions"].ptr) if head_last
+                                    else (b["slots"].ptr + last, b["positions"].ptr + last))
+                before, after = self.sampler.launches(sampled, b["logits"].ptr, b["next_token"].ptr, slots,
+                                                      positions, tail)
                 # the draw takes the argmax itself (greedy rows: the same bits): this launch goes, where it runs
                 launches += [Launch(*x) for x in before]
                 if not tail.draw:
@@ -609,14 +666,15 @@ class CudaBackend:
                         self.buffers["prefill.attn_part"].ptr, self.buffers["prefill.attn_count"].ptr], defines=tuned)]
 
     def run_plan(self, m: int, advance: bool = False, last_only: bool = False, long_context: bool = False,
-                 tail: Tail | None = None, sampled: int = 0, piece_from: int | None = None):
+                 tail: Tail | None = None, sampled: int = 0, piece_from: int | None = None, head_rows: int = 0,
+                 head_last: bool = False):
         """Enqueue the plan on self.stream as programmatic dependent launches (tuning pdl; prompt steps with tuning
         prefill_pdl), all but the first, which starts after everything before the step: that lets kernels read the
         step's inputs and the KV-cache rows of earlier steps before their pdl_wait() (plugins/pdl.cuh). In prompt
         steps the launches on side streams (concurrent_projections) and the first after they join back are ordinary
         launches: each waits on the other streams' events, not on one kernel before it."""
         pdl = self.tuning["pdl"] and (self._below_gemm(m) or self.tuning["prefill_pdl"])
-        launches = [x for x in self.plan(m, last_only, long_context, tail, sampled, piece_from)
+        launches = [x for x in self.plan(m, last_only, long_context, tail, sampled, piece_from, head_rows, head_last)
                     if (advance or x.op != "decode_advance") and not self._skipped(x)]
         groups = ([[x] for x in launches] if self._below_gemm(m) or not self.tuning["concurrent_projections"]
                   else sibling_projections(launches))
@@ -677,7 +735,9 @@ class CudaBackend:
         return self._sampler
 
     def close(self):
-        """Free device memory now (buffers are shared between aliases, so free each once)."""
+        """Free device memory now (buffers are shared between aliases, so free each once), after the work still
+        queued on the stream (a prompt chunk launched ahead)."""
+        self.stream.synchronize()
         if self._sampler is not None:
             self._sampler.free()
         for p in (self._pinned or []) + (self._pinned_lp or []):
@@ -693,21 +753,25 @@ class CudaBackend:
         """Continue at `pos` (slot 0): cache rows from there on are overwritten by what is fed next."""
         self.pos = pos
 
-    def _set_inputs(self, ids, positions, slots):
-        """One copy of the step's token ids, positions and slots (rows beyond len(ids) are never read), ordered on
-        the stream; the host array lives on, so nothing waits for it."""
+    def _set_inputs(self, ids, positions, slots, head=None):
+        """One copy of the step's token ids, positions and slots (rows beyond len(ids) are never read), and with
+        `head` (the step rows of a gathered head, _head) those rows' positions and slots, ordered on the stream; the
+        host array lives on, so nothing waits for it. It must stay pageable memory: the driver stages such a copy
+        before the call returns, so the next step may refill it while this one is still queued (step's wait=False)."""
         h, m = self._host_inputs, len(ids)
         h[0, :m], h[1, :m], h[2, :m] = ids, positions, slots
+        if head is not None:
+            h[3, :len(head)], h[4, :len(head)] = h[1, head], h[2, head]
         self.buffers["step_inputs"].upload(h, self.stream, wait=False)
 
-    def _set_checked_inputs(self, ids, positions, slots) -> int:
+    def _set_checked_inputs(self, ids, positions, slots, head=None) -> int:
         """_set_inputs after the checks every step needs: no kernel may index outside its tensors because of a
         request (token ids, positions, slots). Returns m."""
         m = len(ids)
         if m > self.max_tokens:
             raise ValueError(f"{m} tokens exceed max_tokens={self.max_tokens}")
         ids = check_step(ids, positions, slots, self.cfg.vocab, self.max_context, self.n_slots)
-        self._set_inputs(ids, positions, slots)
+        self._set_inputs(ids, positions, slots, head)
         return m
 
     def bind_thread(self):
@@ -735,24 +799,60 @@ class CudaBackend:
         last_only)."""
         return piece_from == 0 and rows is not None and set(rows) <= {m - 1}
 
-    def step(self, ids, positions, slots, rows=None) -> np.ndarray:
-        """Run one step of len(ids) tokens (any slots/positions) and return the logits of `rows` (default all)."""
-        m = self._set_checked_inputs(ids, positions, slots)
+    @staticmethod
+    def _head(rows, m: int) -> tuple[int, bool, list[int] | None]:
+        """The head of a step of m rows wanting `rows` (None: all): (head_rows, head_last, gathered) for plan, with
+        gathered the step row of each head row where the head gathers (else None, the head's row r is the step's
+        row r). The head runs on rows 0 .. the last wanted one (head_rows; 0 = all m), and when row m - 1 is wanted
+        beside rows before it, on rows 0 .. the last other wanted one plus row m - 1 (head_last). The engine puts
+        its decode rows first: a mixed step runs the head on its decode rows, and its prompt chunk's last row where
+        that prompt wants its first token, not on the chunk's hundreds of rows."""
+        if rows is None or not len(rows):
+            return (0 if rows is None or m == 1 else 1), False, None
+        top = max(rows) + 1
+        if top < m:
+            return top, False, None
+        others = [r for r in rows if r != m - 1]
+        h = max(others, default=-1) + 2  # rows 0 .. the last other one, and the last row
+        return (h, True, list(range(h - 1)) + [m - 1]) if h < m else (0, False, None)
+
+    def _head_rows_of(self, rows, m: int, gathered) -> list[int]:
+        """Where each of the step rows `rows` lands in the head's rows (_head): their own index, or with a gathered
+        head the last row m - 1 at the head's last."""
+        if not self.tuning["head_rows"] or gathered is None:
+            return list(rows)
+        return [len(gathered) - 1 if r == m - 1 else r for r in rows]
+
+    def step(self, ids, positions, slots, rows=None, wait: bool = True) -> np.ndarray:
+        """Run one step of len(ids) tokens (any slots/positions) and return the logits of `rows` (default all).
+        With rows=[] and not `wait` (the engine's prompt chunks that want no token yet), return while the step runs,
+        at most one such step ahead: the one before it is waited for. So the GPU has the next chunk queued while the
+        host schedules the one after, and a request arriving meanwhile waits for two chunks at most. Until the
+        next synchronizing call, read or write device memory only in order on self.stream; a fault of such a step is
+        reported by that later call."""
+        head_rows, head_last, gathered = self._head(rows, len(ids))
+        m = self._set_checked_inputs(ids, positions, slots, gathered)
         long = self.long_context(int(np.max(positions)), m)
         piece_from = self._piece_from(positions, slots)
         piece = self._prompt_piece(piece_from, rows, m)
         if m == 1:
             self.decode_graph(1, long).launch(self.stream)
         else:
-            self.run_plan(m, last_only=piece, long_context=long, piece_from=piece_from)
+            self.run_plan(m, last_only=piece, long_context=long, piece_from=piece_from, head_rows=head_rows,
+                          head_last=head_last)
         if rows is not None and not len(rows):
-            self.stream.synchronize()
+            if wait:
+                self.stream.synchronize()
+            else:
+                self._ahead[self._ahead_next].record(self.stream)
+                self._ahead_next ^= 1
+                self._ahead[self._ahead_next].synchronize()  # the step before this one (a no-op if never recorded)
             return np.zeros((0, self.cfg.vocab), np.float32)
         if piece:  # the last row's logits are the head's row 0
             return self.buffers["logits"].download(self.stream, rows=1)
-        last = m if rows is None else max(rows) + 1  # download only up to the last row asked for
-        logits = self.buffers["logits"].download(self.stream, rows=last)
-        return logits if rows is None else logits[list(rows)]
+        at = list(range(m)) if rows is None else self._head_rows_of(rows, m, gathered)
+        logits = self.buffers["logits"].download(self.stream, rows=max(at) + 1)  # up to the last row asked for
+        return logits if rows is None else logits[at]
 
     def set_sampling(self, slot: int, sampling, seed: int, tokens, position: int):
         """The request now in `slot` samples on the device with these settings (DeviceSampler.set_slot)."""
@@ -763,22 +863,23 @@ class CudaBackend:
         set_sampling gave each row's slot, with `tail`'s passes (None: the argmax alone). A step whose every row is
         sampled (decode rows only) and m < GEMM_MIN_M replays a captured graph per m."""
         rows = [int(r) for r in rows]
-        if not rows:
-            return self.step(ids, positions, slots, rows).astype(np.int64)[:, 0]
-        m = self._set_checked_inputs(ids, positions, slots)
+        if not rows:  # a prompt chunk that wants no token yet: nothing to read, the host goes on (tuning chunks_ahead)
+            return self.step(ids, positions, slots, rows, wait=not self.tuning["chunks_ahead"]).astype(np.int64)[:, 0]
+        head_rows, head_last, gathered = self._head(rows, len(ids))
+        m = self._set_checked_inputs(ids, positions, slots, gathered)
         piece_from = self._piece_from(positions, slots)
         piece = self._prompt_piece(piece_from, rows, m)  # its head's row 0 is its row m - 1
+        at = [0] if piece else self._head_rows_of(rows, m, gathered)  # the rows' places in the head
         if tail:
-            self.sampler.set_rows([0] if piece else rows, self.stream)
+            self.sampler.set_rows(at, self.stream)
         long = self.long_context(int(np.max(positions)), m)
         if rows == list(range(m)) and self._below_gemm(m):
             self.decode_graph(m, long, tail, advance=False).launch(self.stream)
         else:
-            self.run_plan(m, last_only=piece, long_context=long, tail=tail, sampled=len(rows), piece_from=piece_from)
-        if piece:
-            return self.buffers["next_token"].download(self.stream, rows=1).reshape(-1)[:1]
-        toks = self.buffers["next_token"].download(self.stream, rows=m).reshape(-1)
-        return toks[rows]
+            self.run_plan(m, last_only=piece, long_context=long, tail=tail, sampled=len(rows), piece_from=piece_from,
+                          head_rows=head_rows, head_last=head_last)
+        toks = self.buffers["next_token"].download(self.stream, rows=max(at) + 1).reshape(-1)
+        return toks[at]
 
     def last_logprobs(self, tokens, tops) -> list[dict]:
         """The log-probability records (sampling.token_logprobs' form) of the last step_tokens' rows, computed on

@@ -122,6 +122,15 @@ def compute_capability(device: int = 0) -> tuple[int, int]:
             check(d.cuDeviceGetAttribute(a.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev), "cuDeviceGetAttribute"))
 
 
+def sm_count(device: int = 0) -> int:
+    """The GPU's streaming multiprocessors."""
+    d = driver()
+    init()
+    dev = check(d.cuDeviceGet(device), "cuDeviceGet")
+    a = d.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
+    return int(check(d.cuDeviceGetAttribute(a, dev), "cuDeviceGetAttribute"))
+
+
 def _stream_handle(stream):
     return 0 if stream is None else stream.handle
 
@@ -409,11 +418,16 @@ def _pdl_attrs():
     return [attr]
 
 
+PACKED_KEPT = 4096  # argument lists kept per kernel (Kernel._packed_args)
+_INT_TYPES = frozenset({int, np.int32, np.int64, np.uint32, np.uint64})  # not bool: _pack refuses it
+
+
 class Kernel:
     def __init__(self, module: "Module", name: str, handle):
         self.module, self.name, self.handle = module, name, handle
         self.param_sizes = None  # filled at the first launch, for the number of arguments given
         self._smem_limit = None  # dynamic shared memory the kernel may take, once asked (static + dynamic <= 48 KB)
+        self._packed: dict[tuple, tuple] = {}  # _pack's result by argument values (plain ints only), see launch()
 
     def _param_sizes(self, n: int):
         """Byte size of each of the first n kernel parameters (8: pointer, 4: int32), or None where the driver can't
@@ -434,6 +448,21 @@ class Kernel:
         d = driver()
         a = getattr(d.CUfunction_attribute, f"CU_FUNC_ATTRIBUTE_{attr}")
         return int(check(d.cuFuncGetAttribute(a, self.handle), f"cuFuncGetAttribute({attr})"))
+
+    def _packed_args(self, args):
+        """_pack(args), kept by the argument values when they are all plain ints (a plan's device addresses and
+        sizes): a step launched from Python repeats the same ~370 launches, and packing each argument into its own
+        array cost ~26 us a launch on the host (more than the GPU's share of a small kernel). The driver copies the
+        parameters at each launch (and a capture into its graph node), so the kept arrays can be passed again."""
+        if not _INT_TYPES.issuperset(map(type, args)):
+            return self._pack(args)  # buffers, Ptr objects: an address that may not outlive the object
+        key = tuple(args)
+        packed = self._packed.get(key)
+        if packed is None:
+            if len(self._packed) >= PACKED_KEPT:
+                self._packed.clear()
+            packed = self._packed[key] = self._pack(args)
+        return packed
 
     def _pack(self, args):
         if self.param_sizes is None or len(self.param_sizes) != len(args):
@@ -459,7 +488,7 @@ class Kernel:
         """Launch with cfg (kernels.LaunchConfig, int dims) and args in kernel order. With pdl, as a programmatic
         dependent launch: the kernel may be scheduled while the previous kernel on the stream runs, and waits for it
         in its own code (plugins/pdl.cuh; every kernel of plugins/ does)."""
-        vals, ptrs = self._pack(args)  # `vals` must stay alive through the call
+        vals, ptrs = self._packed_args(args)  # `vals` must stay alive through the call
         d = driver()
         (gx, gy, gz), (bx, by, bz) = cfg.grid, cfg.block
         if self._smem_limit is None:  # static + dynamic beyond 48 KB must be asked for (once per size)

@@ -376,6 +376,16 @@ def _qmv1_groups(op: str, dims: dict) -> int:
     return int(dims["ffn"])
 
 
+def resident_blocks(regs: int, threads: int, sms: int, smem: int = 0) -> int:
+    """Blocks of a kernel (registers per thread, threads per block, static shared memory) resident at once on `sms`
+    SMs of compute capability 9.0 (64 K registers allocated per warp in multiples of 256, 2,048 threads, 227 KB of
+    shared memory per SM)."""
+    per_warp = -(-regs * 32 // 256) * 256
+    by_regs = 65536 // (per_warp * -(-threads // 32))
+    by_smem = 227 * 1024 // smem if smem else 32
+    return sms * min(by_regs, 2048 // threads, by_smem, 32)
+
+
 def defines_for(op: str, attrs: dict, clusters: bool = True) -> dict:
     """Compile-time defines of the op's specialization from its ONNX attributes (TensorRT does not serialize them).
     clusters=False: a build that needs no thread-block cluster launch (issue 16, risk 1: TensorRT's AOT launcher
@@ -506,7 +516,9 @@ def launch_config(op: str, dims: dict, ops=INT_OPS, clusters: bool = True) -> La
         kv_grid = bool(dims.get("attn_kv_grid"))
         rows = _dim(dims, "n_kv_heads") if kv_grid else _dim(dims, "n_heads")
         # grid x: a cluster's blocks, or (ATTN_KVGRID without clusters) the one block of each (token, kv head)
-        return LaunchConfig((1 if kv_grid and not clusters else ATTN_SPLITS, rows, m), (ATTN_THREADS, 1, 1), 0,
+        # (attn_gx: the ATTN_GX=4 build's clusters of 4)
+        gx = 1 if kv_grid and not clusters else int(dims.get("attn_gx", ATTN_SPLITS))
+        return LaunchConfig((gx, rows, m), (ATTN_THREADS, 1, 1), 0,
                             (m, _dim(dims, "n_slots"), _dim(dims, "max_seq", "max_seq_len")))
     if op == "decode_advance":
         return LaunchConfig((ops.cdiv(m, 256), 1, 1), (256, 1, 1), 0, (m,))
@@ -711,6 +723,7 @@ def decode_specializations(model: dict) -> list[tuple[str, dict]]:
     # attn_one_block_keys)
     kv_grid = [("rope_kv_attention", defines_for("rope_kv_attention", model, clusters=c) | {"ATTN_KVGRID": 1})
                for c in (True, False)]
+    kv_grid.append(("rope_kv_attention", kv_grid[0][1] | {"ATTN_GX": 4}))  # clusters of 4 (tuning attn_narrow)
     # the prefill GEMMs on Hopper's warpgroup MMA (the cuda backend's tuning gemm_wgmma; sm_90a cubins)
     wgmma = [(op, gemm_wgmma_defines(xh)) for op in GEMM_OPS + GEMM_SWIGLU_OPS for xh in (False, True)]
     wgmma.append(("gemm_x_f16", gemm_wgmma_defines(True)))
