@@ -20,7 +20,9 @@ from .errors import UserError
 from .sampling import Sampling, Tail
 
 
-# llama.cpp on the lent H100 with the 1.5B Q4_K_M layout (issue 6), named as llama_bench() names its results
+# llama.cpp on the lent H100 with the 1.5B Q4_K_M layout (issue 6, 2026-11-25), named as llama_bench() names its
+# results: stored figures, printed as "anchors" (a ratio against llama.cpp measured in the same run needs
+# --compare-llama-bench)
 LLAMA_CPP_ANCHORS = {"tg128": 553, "tg128@d4096": 496, "pp512": 26200}
 
 
@@ -358,7 +360,7 @@ def run_bench(a):
                                                   "tok_s": round(a.prefill / s, 1), "ms": round(s * 1e3, 2),
                                                   "vs_llama_cpp_pp512": round(a.prefill / s / pp_anchor, 2)})
         print(f"{'fused' if fused else 'unfused':8s} prefill {a.prefill}: {a.prefill / s:9.1f} tok/s "
-              f"({s * 1e3:.2f} ms, {a.prefill / s / pp_anchor:.2f}x llama.cpp pp512)")
+              f"({s * 1e3:.2f} ms, {a.prefill / s / pp_anchor:.2f}x llama.cpp's stored pp512 anchor)")
         if fused == modes[0]:  # the user path: a whole prompt to its first token's logits, in pieces of a step
             for n in prompts:
                 first = time_first_prompt(model, n, be.max_tokens)
@@ -419,10 +421,11 @@ def run_bench(a):
                                              if k in ("apply_penalties", "sample_tokens", "token_logprobs")}
                 print(f"         sampler kernels (us): {row['sampled_kernels_us']}")
             results["decode"].append(row)
-            depth = f" ({row['vs_llama_cpp_same_depth']:.2f}x at depth {ctx})" if anchor else ""
+            depth = f", {row['vs_llama_cpp_same_depth']:.2f}x its anchor at depth {ctx}" if anchor else ""
             print(f"{row['graph']:8s} ctx {ctx:5d}: {row['tok_s']:8.1f} tok/s  {row['us_per_token']:7.1f} us/token  "
                   f"{row['roofline_fraction'] * 100:5.1f}% of roofline ({bpt / 1e9:.3f} GB/token)  "
-                  f"{row['vs_llama_cpp_tg128']:.2f}x llama.cpp tg128{depth}  {row['launches_per_token']} launches")
+                  f"{row['vs_llama_cpp_tg128']:.2f}x llama.cpp's stored tg128 anchor{depth}  "
+                  f"{row['launches_per_token']} launches")
         results.setdefault("kernels_us_per_token", {})["fused" if fused else "unfused"] = {
             f"ctx{ctx}": kernel_breakdown(be, cr, ctx=ctx) for ctx in contexts}
         if fused == modes[0]:
