@@ -175,7 +175,7 @@ def main():
     phase_ll, stream_ll = mod.kernel("phase_ll"), mod.kernel("stream_ll")
     prefetch_node = mod.kernel("prefetch_node")
     side, fork, join = cr.Stream(), cr.Event(), cr.Event()  # the side stream's prefetch nodes (pdl_prefetch_side)
-    nsm = cr.check(d.cuDeviceGetAttribute(d.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, 0), "attr")
+    nsm = cr.sm_count()
     grid = nsm * args.blocks_per_sm
     # deadlock guard of the persistent kernel: every block must be resident at once
     per_sm = cr.check(d.cuOccupancyMaxActiveBlocksPerMultiprocessor(persistent.handle, args.threads, 0), "occupancy")

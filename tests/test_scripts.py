@@ -176,6 +176,7 @@ def test_gpu_scripts_without_a_gpu_say_so_in_one_line(script, tmp_path):
     ("gemm_threshold", ["--batched", "128:0"], "--batched"), ("boundary_bench", ["--mb", "7,y"], "--mb"),
     ("boundary_bench", ["--step", "qwen9"], "--step"),
     ("boundary_bench", ["--merged-blocks", "16,-1"], "--merged-blocks"),
+    ("boundary_bench", ["--prefetch-mb", "8,x"], "--prefetch-mb"),
     ("engine_steps_ab", ["--variants", "packed,nope"], "--variants"), ("engine_steps_ab", ["--rounds", "0"], "--rounds")])
 def test_gpu_scripts_refuse_bad_sizes_in_one_line(script, args, names, tmp_path):
     """A mistyped size: one line naming the option, exit 2, before any GPU work (so on any machine), nothing written."""

@@ -201,8 +201,6 @@ def time_mixed_step(be, d: int, chunk: int, ctx: int, last_wanted: bool, reps: i
     beside d decoding streams), median of reps: d decode rows (slots 0..d-1, at position ctx) then a prompt chunk of
     `chunk` tokens in slot d from position ctx, the decode rows' tokens drawn on the device, and with last_wanted the
     chunk's last row's too (a prompt's last chunk). Host time included: the step is launched from Python."""
-    from .sampling import Tail
-
     ids = np.random.default_rng([d, chunk]).integers(0, be.cfg.vocab, d + chunk).tolist()
     pos = [ctx] * d + list(range(ctx, ctx + chunk))
     slots = list(range(d)) + [d] * chunk

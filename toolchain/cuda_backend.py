@@ -823,6 +823,16 @@ class CudaBackend:
             return list(rows)
         return [len(gathered) - 1 if r == m - 1 else r for r in rows]
 
+    def _begin_step(self, ids, positions, slots, rows):
+        """What step and step_tokens both do first: the head's rows (_head), the checked inputs set on the stream,
+        the prompt piece (_piece_from, _prompt_piece) and which context's plan. Returns (m, head_rows, head_last,
+        gathered, piece_from, piece, long)."""
+        head_rows, head_last, gathered = self._head(rows, len(ids))
+        m = self._set_checked_inputs(ids, positions, slots, gathered)
+        piece_from = self._piece_from(positions, slots)
+        piece = self._prompt_piece(piece_from, rows, m)  # a piece alone: its head's row 0 is its row m - 1
+        return m, head_rows, head_last, gathered, piece_from, piece, self.long_context(int(np.max(positions)), m)
+
     def step(self, ids, positions, slots, rows=None, wait: bool = True) -> np.ndarray:
         """Run one step of len(ids) tokens (any slots/positions) and return the logits of `rows` (default all).
         With rows=[] and not `wait` (the engine's prompt chunks that want no token yet), return while the step runs,
@@ -830,11 +840,7 @@ class CudaBackend:
         host schedules the one after, and a request arriving meanwhile waits for two chunks at most. Until the
         next synchronizing call, read or write device memory only in order on self.stream; a fault of such a step is
         reported by that later call."""
-        head_rows, head_last, gathered = self._head(rows, len(ids))
-        m = self._set_checked_inputs(ids, positions, slots, gathered)
-        long = self.long_context(int(np.max(positions)), m)
-        piece_from = self._piece_from(positions, slots)
-        piece = self._prompt_piece(piece_from, rows, m)
+        m, head_rows, head_last, gathered, piece_from, piece, long = self._begin_step(ids, positions, slots, rows)
         if m == 1:
             self.decode_graph(1, long).launch(self.stream)
         else:
@@ -865,14 +871,10 @@ class CudaBackend:
         rows = [int(r) for r in rows]
         if not rows:  # a prompt chunk that wants no token yet: nothing to read, the host goes on (tuning chunks_ahead)
             return self.step(ids, positions, slots, rows, wait=not self.tuning["chunks_ahead"]).astype(np.int64)[:, 0]
-        head_rows, head_last, gathered = self._head(rows, len(ids))
-        m = self._set_checked_inputs(ids, positions, slots, gathered)
-        piece_from = self._piece_from(positions, slots)
-        piece = self._prompt_piece(piece_from, rows, m)  # its head's row 0 is its row m - 1
-        at = [0] if piece else self._head_rows_of(rows, m, gathered)  # the rows' places in the head
+        m, head_rows, head_last, gathered, piece_from, piece, long = self._begin_step(ids, positions, slots, rows)
+        at = [0] if piece else self._head_rows_of(rows, m, gathered)  # the rows' places in the head (a piece: row 0)
         if tail:
             self.sampler.set_rows(at, self.stream)
-        long = self.long_context(int(np.max(positions)), m)
         if rows == list(range(m)) and self._below_gemm(m):
             self.decode_graph(m, long, tail, advance=False).launch(self.stream)
         else:
