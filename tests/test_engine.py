@@ -399,3 +399,79 @@ def test_the_bench_times_a_first_token_and_names_a_failed_prompt(tiny):
             first_token_seconds(eng, [5, 6, 7, 8])
     finally:
         eng.close()
+
+
+def _request(i: int, prompt_len: int, computed: int = 0, generated: int = 0):
+    from toolchain.engine import Request, RequestHandle
+    r = Request(str(i), list(range(prompt_len)), Params(), RequestHandle(str(i)), seed=i, slot=i, computed=computed)
+    r.generated = list(range(generated))
+    return r
+
+
+def test_scheduler_chunks_fill_the_rows_the_decode_rows_leave():
+    """Scheduler: decode rows first; a lone prompt runs whole chunks up to the step's full size (its first token after
+    ceil(n / chunk) steps, not one more for a chunk held back for absent decode rows); beside d decode rows the first
+    prompt takes the rows left, a later prompt waits unless its whole chunk fits; every row is the next position of
+    its request. Random shapes, checked against the rule written out here."""
+    from toolchain.engine import Scheduler
+
+    rng = np.random.default_rng()
+    for _ in range(200):
+        max_rows = int(rng.integers(8, 600))
+        chunk = int(rng.integers(1, max_rows + 1))
+        sched = Scheduler(max_rows, chunk)
+        d = int(rng.integers(0, max_rows))
+        running, i = [], 0
+        for _ in range(d):  # generating requests: one decode row each
+            running.append(_request(i, 5, computed=5, generated=int(rng.integers(1, 4))))
+            i += 1
+        prompts = []
+        for _ in range(int(rng.integers(0, 4))):
+            n = int(rng.integers(2, 3 * max_rows))
+            prompts.append(_request(i, n, computed=int(rng.integers(0, n))))
+            i += 1
+        order = list(running) + prompts
+        rng.shuffle(order)
+        rows = sched.schedule(order)
+        assert len(rows) <= max_rows
+        decoding = [r for r in order if not r.prefilling]
+        assert [row.request for row in rows[:d]] == decoding  # decode rows first, in running order
+        room, took, expect = max_rows - d, 0, []
+        for r in [r for r in order if r.prefilling]:
+            n = min(chunk, len(r.prompt) - r.computed)
+            if n > room:
+                if took or room <= 0:
+                    continue
+                n = room
+            took += 1
+            expect += [(r.slot, r.computed + j) for j in range(n)]
+            room -= n
+        assert [(row.slot, row.position) for row in rows[d:]] == expect
+        for row in rows[d:]:  # a prompt row wants a token only at the prompt's end
+            owner = next(r for r in prompts if r.slot == row.slot)
+            assert (row.request is owner) == (row.position == len(owner.prompt) - 1)
+            assert row.token == owner.prompt[row.position]
+
+    # a lone prompt of 4,096 tokens at the device's sizes: 8 steps of 512, none shorter
+    sched, r, steps = Scheduler(512, 512), _request(0, 4096), []
+    while r.prefilling:
+        rows = sched.schedule([r])
+        steps.append(len(rows))
+        r.computed += len(rows)
+    assert steps == [512] * 8
+    # beside 4 decode rows: 508 rows of it, a second prompt waiting
+    dec = [_request(1 + j, 3, computed=3, generated=1) for j in range(4)]
+    rows = sched.schedule(dec + [_request(0, 4096), _request(9, 100)])
+    assert len(rows) == 512 and {row.slot for row in rows[4:]} == {0}
+
+
+def test_engine_chunk_is_the_steps_full_size(tiny):
+    """The engine's chunk is the backend's step size when the prompt chunk asks for more (not the step less one row
+    per slot): a lone prompt of the step's size runs as one step."""
+    dec = Decoder.open(str(tiny), CTX)
+    dec.backend = CpuBackend(dec.model, CTX, n_slots=4)
+    eng = Engine(dec, slots=4, prefill_chunk=10_000, max_rows=48)
+    try:
+        assert eng.scheduler.prefill_chunk == 48
+    finally:
+        eng.close()

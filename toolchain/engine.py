@@ -7,10 +7,11 @@
 
 Three parts, as in vLLM and llama-server (docs: ../shared/docs/serving.md):
 - `Scheduler.schedule()` only decides which tokens run next: one decode row per generating request first, then prompt
-  chunks of prefilling requests in the remaining row budget (a long prompt advances at most `prefill_chunk` tokens a
-  step, so it never stalls running streams for more than one chunk). Chunks end at multiples of `prefill_chunk` and
-  prefix reuse keeps multiples of REUSE_ALIGN tokens, so past its reused part a prompt is computed in the same
-  pieces whatever else runs.
+  chunks of prefilling requests in the rows the decode rows leave (a long prompt advances at most `prefill_chunk`
+  tokens a step, so it never stalls running streams for more than one chunk; vLLM's token budget). Prefix reuse
+  keeps multiples of REUSE_ALIGN tokens and chunks are whole multiples of it while the budget allows, so past its
+  reused part a prompt is computed in the same pieces whatever else runs wherever the rows suffice (always on the
+  cpu reference's small chunks).
 - `Engine` owns requests, slots and the loop (a thread): it admits requests into free slots (the slot whose cached
   tokens share the longest prefix with the prompt, llama.cpp's prompt cache: those tokens are not recomputed), runs
   the step on the backend, samples, retires requests (stop token, max_tokens, context end, abort) and frees their slots.
@@ -129,11 +130,11 @@ def _tail(rows: list[Row]) -> Tail | None:
     return Tail.of((r.request.params.sampling, r.request.params.logprobs is not None) for r in rows)
 
 
-# Prompt chunks. Prefix reuse keeps multiples of REUSE_ALIGN tokens; a chunk runs up to the next multiple of the
-# chunk size, so a prompt is computed in the same pieces whatever else runs once past its reused part (on the cpu
-# reference, whose `prompt_chunk` is 32 too, exactly those it gets alone: the bit-exact concurrency test). Device
-# backends take larger chunks (DEVICE_PREFILL_CHUNK, unless a backend names its own `prompt_chunk`; at most a step's
-# rows less one per slot): a step costs them a pass over all the weights whatever its rows, so a prompt in pieces of
+# Prompt chunks. Prefix reuse keeps multiples of REUSE_ALIGN tokens; chunks are whole chunks where the step has room,
+# so a prompt is computed in the same pieces whatever else runs once past its reused part (on the cpu reference,
+# whose `prompt_chunk` is 32 too, exactly those it gets alone: the bit-exact concurrency test). Device backends take
+# larger chunks (DEVICE_PREFILL_CHUNK, unless a backend names its own `prompt_chunk`; at most a step's rows, less the
+# decode rows beside it): a step costs them a pass over all the weights whatever its rows, so a prompt in pieces of
 # 32 took many such passes. Measured (H100, real 1.5B, 8 streams beside a 2,000-token prompt): its first token
 # 0.889 -> 0.282 s with chunks of 256, the streams' largest gap 25 -> 44 ms (bench/results/device-2026-12-05d). Since
 # a chunk's attention runs as the prefill pair (cuda_backend `_piece_from`), 512 (as llama-server's micro-batch):
@@ -155,14 +156,21 @@ class Scheduler:
         for r in running:  # decode rows first: every generating stream gets its token each step
             if not r.prefilling and r.generated:
                 rows.append(Row(r.generated[-1], len(r.prompt) + len(r.generated) - 1, r.slot, r))
-        for r in running:  # then prompt chunks, oldest first, in the budget left
+        prompts = 0
+        for r in running:  # then prompt chunks, oldest first, in the rows left
             if not r.prefilling:
                 continue
-            # chunks on fixed boundaries (multiples of prefill_chunk): a prompt is computed in the same pieces
-            # whatever else runs, so on the cpu backend its tokens are exactly those it gets alone
-            n = min(self.prefill_chunk - r.computed % self.prefill_chunk, len(r.prompt) - r.computed)
-            if n > self.max_rows - len(rows):
-                continue  # waits for a step with room for the whole chunk
+            # a whole chunk where the rows allow: past its reused part a prompt then runs in the same pieces
+            # whatever else runs (on the cpu backend its tokens are exactly those it gets alone); where they do not,
+            # the step's first prompt takes the rows the decode rows left (a shorter piece: no prompt waits for a
+            # step with more room, and the chunk may be the step's full size), a later one waits
+            n = min(self.prefill_chunk, len(r.prompt) - r.computed)
+            room = self.max_rows - len(rows)
+            if n > room:
+                if prompts or room <= 0:
+                    continue
+                n = room
+            prompts += 1
             for j in range(n):
                 pos = r.computed + j
                 last = pos == len(r.prompt) - 1
@@ -188,9 +196,10 @@ class Engine:
         max_rows = max_rows or getattr(be, "max_tokens", 64)
         if slots >= max_rows:
             raise UserError(f"--slots {slots}: a step holds {max_rows} tokens; use fewer slots")
-        # a whole chunk always fits beside one decode row per slot: no prompt can starve
+        # a chunk may be the whole step: beside d decode rows it takes the max_rows - d rows left (slots < max_rows,
+        # so at least one: no prompt starves), and a prompt alone runs in pieces of the step's full size
         prefill_chunk = prefill_chunk or getattr(be, "prompt_chunk", DEVICE_PREFILL_CHUNK)
-        self.scheduler = Scheduler(max_rows, max(1, min(prefill_chunk, max_rows - slots)))
+        self.scheduler = Scheduler(max_rows, max(1, min(prefill_chunk, max_rows)))
         self.slot_tokens: list[list[int]] = [[] for _ in range(slots)]  # what each slot's cache holds
         self.slot_owner: list[Request | None] = [None] * slots
         self.waiting: list[Request] = []
