@@ -414,6 +414,39 @@ def test_an_engine_prompt_piece_in_any_slot_runs_as_forward_does(synth):
         be.close()
 
 
+def test_engine_prompt_pieces_replay_captured_graphs(synth):
+    """Tuning piece_graphs: the engine's whole chunks of a prompt alone (step_tokens wanting no token, then its last
+    row's draw; step for logits) replay prompt_graph instead of launching their plan from Python: the same draw
+    (fresh seed, top-k 50 at temperature 1) and the same logits bit for bit as launched, in another slot, and one
+    graph per sampler tail."""
+    from toolchain.cuda_backend import CudaBackend
+    from toolchain.sampling import Sampling, Tail
+
+    model, ref = synth
+    be = CudaBackend(model, max_context=400, n_slots=3, max_tokens=96)
+    try:
+        rng = np.random.default_rng()
+        n = be.max_tokens
+        prompt = rng.integers(0, model.config.vocab, 2 * n).tolist()
+        seed, s, tail = int(rng.integers(1 << 30)), Sampling(1.0, 50), Tail(penalties=False)
+        got = {}
+        for slot, graphs in ((0, False), (1, True), (2, True)):
+            be.tuning = dict(be.tuning, piece_graphs=graphs)
+            be.set_sampling(slot, s, seed, prompt, 2 * n - 1)
+            before = set(be._graphs)
+            assert len(be.step_tokens(prompt[:n], list(range(n)), [slot] * n, rows=[])) == 0
+            tok = be.step_tokens(prompt[n:], list(range(n, 2 * n)), [slot] * n, rows=[n - 1], tail=tail)
+            logits = be.step(prompt[n:], list(range(n, 2 * n)), [slot] * n, rows=[n - 1])[0]
+            got[slot] = (tok.tolist(), logits)
+            new = {k for k in set(be._graphs) - before if k[0] == "prompt"}
+            assert new == ({("prompt", n, False, None), ("prompt", n, False, tail)} if slot == 1 else set()), new
+        for slot in (1, 2):
+            assert got[slot][0] == got[0][0] and np.array_equal(got[slot][1], got[0][1]), (seed, slot)
+        assert rel_err(got[0][1], ref.forward(prompt, 0, ref.new_cache(2 * n))[-1]) < 5e-3, seed
+    finally:
+        be.close()
+
+
 @pytest.mark.parametrize("decoding", [1, 2])
 def test_decode_rows_beside_a_prompt_piece(synth, decoding):
     """The engine's mixed step: one or two decode rows (slots 0 and 1, each after its own prompt) then a prompt

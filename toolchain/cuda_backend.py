@@ -70,6 +70,8 @@ prefill_kv_splits, xh_by_producer: see plan() and the perf notes), and:
 - chunks_ahead: step_tokens of a prompt chunk that wants no token yet (the engine's chunks of a prompt alone) returns
   while the step runs, at most one such step ahead of the host (step's `wait`): the GPU has the next chunk queued
   while the engine schedules the one after, instead of idling through the host's bookkeeping and launches.
+- piece_graphs: such a chunk of the step's full size (max_tokens), and a prompt's last one where it is, replays the
+  captured graph forward's pieces replay (prompt_graph; with the device sampler's passes where it wants a token).
 """
 from __future__ import annotations
 
@@ -117,7 +119,7 @@ TUNING = {"pdl": True, "m1": True, "qmv1": True, "plain": True, "batched": True,
           "skinny_skip": (), "gemm_wgmma": True, "gemm_xh": True,
           "concurrent_projections": True, "prefill_kv_splits": PREFILL_KV_SPLITS, "xh_by_producer": True,
           "gemm_swiglu": True, "gemm_swiglu_split": 1, "prefill_pdl": False, "add_rms_norm": True,
-          "head_rows": True, "attn_narrow": True, "chunks_ahead": True}
+          "head_rows": True, "attn_narrow": True, "chunks_ahead": True, "piece_graphs": True}
 # The kernels TensorRT's plugins get (toolchain/trt/plugins.py, issue 16), run here to prove them on the GPU: no
 # thread-block cluster launch (so no cluster k-split, no xmerge pair and no prefill GEMM, whose split-K is a cluster),
 # the attention with the caches by address (rope_kv_attention_addr), the general matvec core at every m. With
@@ -273,16 +275,27 @@ class CudaBackend:
                 for long in (False, True):  # the decode attention's two grids (one plan on the prefill GEMMs)
                     self.plan(m, last_only=True, long_context=long)
 
-    def prompt_graph(self, m: int, long_context: bool = False):
-        """The captured graph of a prompt piece of m tokens of slot 0, the head on its last row (forward's whole
-        pieces; `qtrt bench` times the same). Its plan is built first, outside the capture (module loads)."""
+    def prompt_graph(self, m: int, long_context: bool = False, tail: Tail | None = None):
+        """The captured graph of a prompt piece of m tokens, the head on its last row (forward's whole pieces; `qtrt
+        bench` times the same; the engine's whole chunks of a prompt alone, with the device sampler's passes `tail`
+        on that row where it wants a token: tuning piece_graphs). Its slot and positions are the step's inputs, read
+        on the device. Its plan is built first, outside the capture (module loads)."""
         long_context = self._prompt_long_context(m, long_context)
-        key = ("prompt", m, long_context)
+        key = ("prompt", m, long_context, tail)
         if key not in self._graphs:
-            self.plan(m, last_only=True, long_context=long_context)
+            sampled = 1 if tail else 0
+            self.plan(m, last_only=True, long_context=long_context, tail=tail, sampled=sampled)
             self._graphs[key] = cr.capture(
-                self.stream, lambda: self.run_plan(m, last_only=True, long_context=long_context))
+                self.stream, lambda: self.run_plan(m, last_only=True, long_context=long_context, tail=tail,
+                                                   sampled=sampled))
         return self._graphs[key]
+
+    def _piece_graph(self, piece: bool, m: int) -> bool:
+        """Whether a step replays prompt_graph: a prompt piece alone (_prompt_piece) of the step's full size, the
+        engine's chunks of a prompt while nothing decodes beside it (tuning piece_graphs), instead of its ~370
+        launches from Python (an idle engine's 512-token prompt took 9.4 ms to its first token that way, forward's
+        graph 6.5: H100, bench-20261207-010057)."""
+        return piece and m == self.max_tokens and self.tuning["piece_graphs"]
 
     def _prompt_long_context(self, m: int, long_context: bool) -> bool:
         """long_context as a prompt piece's plan sees it: a piece on the prefill GEMMs runs the prefill attention,
@@ -843,6 +856,8 @@ class CudaBackend:
         m, head_rows, head_last, gathered, piece_from, piece, long = self._begin_step(ids, positions, slots, rows)
         if m == 1:
             self.decode_graph(1, long).launch(self.stream)
+        elif self._piece_graph(piece, m):
+            self.prompt_graph(m, long).launch(self.stream)
         else:
             self.run_plan(m, last_only=piece, long_context=long, piece_from=piece_from, head_rows=head_rows,
                           head_last=head_last)
@@ -877,6 +892,8 @@ class CudaBackend:
             self.sampler.set_rows(at, self.stream)
         if rows == list(range(m)) and self._below_gemm(m):
             self.decode_graph(m, long, tail, advance=False).launch(self.stream)
+        elif self._piece_graph(piece, m):
+            self.prompt_graph(m, long, tail).launch(self.stream)
         else:
             self.run_plan(m, last_only=piece, long_context=long, tail=tail, sampled=len(rows), piece_from=piece_from,
                           head_rows=head_rows, head_last=head_last)
