@@ -129,6 +129,20 @@ __device__ __forceinline__ uint4 a_fragment(const float* X, const float* NWs, in
     return make_uint4(pack_h2(u.x, u.z), pack_h2(v.x, v.z), pack_h2(u.y, u.w), pack_h2(v.y, v.w));
 }
 
+// SK_XF16: a stage's x (X, its norm weight NWs, the tokens' 1 / rms inv where NORM) as the A fragments of all warps,
+// made once by the CTA's threads: chunk ch (elements 16ch..), lane (g, c): rows g and g + 8, elements 16ch + 4c.. +3
+// (quant_mma.cuh's permuted k)
+template <bool NORM>
+__device__ __forceinline__ void stage_fragments(uint4* XF, const uint8_t* Xs, const uint8_t* Ns, const float* inv,
+                                                int tid) {
+    const float* X = reinterpret_cast<const float*>(Xs);
+    const float* NWs = reinterpret_cast<const float*>(Ns);
+    for (int q = tid; q < 16 * 32; q += THREADS) {
+        const int ch = q >> 5, ln = q & 31, fg = ln >> 2;
+        XF[q] = a_fragment<NORM>(X, NWs, 16 * ch + 4 * (ln & 3), fg, NORM ? inv[fg] : 1.f, NORM ? inv[fg + 8] : 1.f);
+    }
+}
+
 // The rank whose warp stores warp position `warp` after the split-K reduction (swiglu: gate warp w and up warp w + 4
 // in the same rank, which pairs them in its shared memory).
 template <Kind K> __device__ __forceinline__ int owner(int warp) {
@@ -337,15 +351,8 @@ __device__ __forceinline__ void tile(const Args& a, int mat, int n0) {
             }
             cp_async_commit();
         }
-        if constexpr (SK_XF16) {  // the stage's x as A fragments, once for all warps: chunk ch (elements 16ch..),
-            // lane (g, c): rows g and g + 8, elements 16ch + 4c.. +3 (quant_mma.cuh's permuted k); norm applied
-            const float* X = reinterpret_cast<const float*>(X0 + st * X_BYTES);
-            const float* NWs = reinterpret_cast<const float*>(N0 + st * N_BYTES);
-            for (int q = tid; q < 16 * 32; q += THREADS) {
-                const int ch = q >> 5, ln = q & 31, fg = ln >> 2;
-                XF[q] = a_fragment<NORM>(X, NWs, 16 * ch + 4 * (ln & 3), fg, NORM ? inv[fg] : 1.f,
-                                         NORM ? inv[fg + 8] : 1.f);
-            }
+        if constexpr (SK_XF16) {
+            stage_fragments<NORM>(XF, X0 + st * X_BYTES, N0 + st * N_BYTES, inv, tid);
             __syncthreads();  // (the next stage's pass waits behind the loop's first barrier: no warp still reads XF)
         }
         const uint8_t* R = W0 + st * W_BYTES;
@@ -537,16 +544,8 @@ __device__ __forceinline__ void stream_units(const Args& a) {
             }
             cp_async_commit();
         }
-        {  // the stage's x as A fragments, once for all warps (quant_mma.cuh's permuted k; norm applied)
-            const float* X = reinterpret_cast<const float*>(X0 + st * X_BYTES);
-            const float* NWs = reinterpret_cast<const float*>(N0 + st * N_BYTES);
-            for (int q = tid; q < 16 * 32; q += THREADS) {
-                const int ch = q >> 5, ln = q & 31, fg = ln >> 2;
-                XF[q] = a_fragment<NORM>(X, NWs, 16 * ch + 4 * (ln & 3), fg, NORM ? inv[fg] : 1.f,
-                                         NORM ? inv[fg + 8] : 1.f);
-            }
-            __syncthreads();
-        }
+        stage_fragments<NORM>(XF, X0 + st * X_BYTES, N0 + st * N_BYTES, inv, tid);
+        __syncthreads();
         const uint8_t* R = W0 + st * W_BYTES + (TWO && part ? PROWS * G<F0>::RS : 0);
         with_fmt(mat, [&](auto fmt) {
             using F = decltype(fmt);

@@ -42,16 +42,16 @@ def kernel(op, defines=()):
     return cr.load_op(op, dict(defines))
 
 
-def run(op, inputs, outputs, dims, defines=(), clusters=True):
-    """Upload inputs, poison outputs ((shape, dtype) pairs), launch once (launch_config's grid for `clusters`),
-    download outputs."""
+def run(op, inputs, outputs, dims, defines=(), clusters=True, kern=None, cfg=None):
+    """Upload inputs, poison outputs ((shape, dtype) pairs), launch once (launch_config's grid for `clusters`, or
+    `cfg`; a fresh module of the build, or the loaded `kern`), download outputs."""
     bufs = [cr.DeviceBuffer.from_array(a) if isinstance(a, np.ndarray) else a for a in inputs]
     outs = []
     for shape, dtype in outputs:
         b = cr.DeviceBuffer(int(np.prod(shape)) * np.dtype(dtype).itemsize)
         b.fill_u32(NAN) if np.dtype(dtype) == np.float32 else b.fill_u8(0xFF)
         outs.append(b)
-    kernel(op, defines).launch_op(K.launch_config(op, dims, clusters=clusters), bufs, outs)
+    (kern or kernel(op, defines)).launch_op(cfg or K.launch_config(op, dims, clusters=clusters), bufs, outs)
     cr.synchronize()
     res = [b.download(s, d) for b, (s, d) in zip(outs, outputs)]
     for b in bufs + outs:
@@ -481,17 +481,8 @@ def test_skinny_streamk(op, shape, types, m):
     kern = kernel(sop, tuple(sorted(defines.items())))
 
     def launch(grid_x):
-        bufs = [cr.DeviceBuffer.from_array(a) if isinstance(a, np.ndarray) else a for a in inputs]
-        outb = [cr.DeviceBuffer(int(np.prod(sh)) * np.dtype(t).itemsize) for sh, t in outputs]
-        for b in outb:
-            b.fill_u32(NAN)
-        kern.launch_op(K.LaunchConfig((grid_x, *cfg.grid[1:]), cfg.block, cfg.shared_mem, cfg.scalars), bufs, outb)
-        cr.synchronize()
-        res = [b.download(sh, t) for b, (sh, t) in zip(outb, outputs)]
-        for b in bufs + outb:
-            if isinstance(b, cr.DeviceBuffer):
-                b.free()
-        return res
+        grid = K.LaunchConfig((grid_x, *cfg.grid[1:]), cfg.block, cfg.shared_mem, cfg.scalars)
+        return run(sop, inputs, outputs, dims, kern=kern, cfg=grid)
 
     outs = launch(cfg.grid[0])
     check_fused(f"{sop} {defines} {shape} m={m}", op, inputs, outs, refs, seed, tol=SKINNY_TOL)
