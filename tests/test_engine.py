@@ -475,3 +475,18 @@ def test_engine_chunk_is_the_steps_full_size(tiny):
         assert eng.scheduler.prefill_chunk == 48
     finally:
         eng.close()
+
+
+def test_common_prefix_is_the_shared_leading_run():
+    """decoder._common_prefix (slot choice and prefix reuse), compared slice by slice: the length of the shared
+    leading run, against the definition token by token, on fresh random pairs across slice boundaries (small slices
+    and the default)."""
+    from toolchain.decoder import _common_prefix
+
+    rng = np.random.default_rng()
+    for _ in range(500):
+        a = rng.integers(0, 3, int(rng.integers(0, 700))).tolist()
+        b = a[:int(rng.integers(0, len(a) + 1))] + rng.integers(0, 3, int(rng.integers(0, 700))).tolist()
+        a, b = (a, b) if rng.integers(2) else (b, a)
+        want = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        assert _common_prefix(a, b) == _common_prefix(a, b, step=int(rng.integers(1, 9))) == want
