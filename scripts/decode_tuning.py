@@ -40,7 +40,8 @@ OFF = {"pdl": False, "m1": False, "qmv1": False, "plain": True, "batched": False
        "concurrent_projections": False, "prefill_kv_splits": 1,
        "xh_by_producer": False, "gemm_swiglu": False, "gemm_swiglu_split": 2,
        "prefill_pdl": False, "add_rms_norm": False,  # the last nine act on prefill steps only (m >= GEMM_MIN_M)
-       "head_rows": True, "attn_narrow": False, "chunks_ahead": True}  # (chunks_ahead: engine steps only)
+       "head_rows": True, "attn_narrow": False, "chunks_ahead": True,
+       "piece_graphs": True}  # (chunks_ahead, piece_graphs: engine steps only)
 DEFAULT = {"m1": True, "qmv1": True, "pdl": True, "xmerge": True, "batched": True, "skinny_min_m": SKINNY_MIN_M,
            "attn_kv_grid": True, "attn_one_block_keys": K.ATTN_ONE_BLOCK_KEYS, "attn_narrow": True}
 PREFILL = {k: TUNING[k] for k in ("gemm_wgmma", "gemm_xh", "concurrent_projections", "prefill_kv_splits",

@@ -100,7 +100,7 @@ def test_prefix_reuse_keeps_whole_chunks_and_changes_nothing(tiny):
 
 
 def test_larger_chunks_still_reuse_multiples_of_32(tiny):
-    """A device backend's chunks (256 there; 64 here, on the cpu reference): prefix reuse keeps multiples of 32
+    """A device backend's chunks (512 there; 64 here, on the cpu reference): prefix reuse keeps multiples of 32
     tokens, not of the chunk; the reused request then gets the tokens it gets alone (pieces differ there, so this
     compares greedy tokens of a random tiny model: equal unless a near-tie)."""
     rng = np.random.default_rng()

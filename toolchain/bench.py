@@ -375,7 +375,7 @@ def run_bench(a):
                       f"through the engine: {served * 1e3:8.1f} ms")
             if be.n_slots > 1 and be.max_tokens > 2 * be.n_slots:  # the engine's step while a prompt arrives
                 d = min(4, be.n_slots - 1)
-                chunk = be.max_tokens - d  # the engine's chunk beside d decode rows: the rows they leave
+                chunk = min(be.prompt_chunk, be.max_tokens - d)  # the engine's chunk beside d decode rows
                 mixed = {"decode_rows": d, "chunk": chunk, "ctx": contexts[0],
                          "ms": round(time_mixed_step(be, d, chunk, contexts[0], False) * 1e3, 3),
                          "last_wanted_ms": round(time_mixed_step(be, d, chunk, contexts[0], True) * 1e3, 3)}

@@ -112,6 +112,7 @@ SKINNY_MIN_M = 5
 # Nodes after the last layer: a prompt prefill needs their result for its last token only.
 HEAD_NODES = ("final_norm", "lm_head", "argmax")
 F32 = np.float32
+PROMPT_CHUNK = 512  # the engine's chunk of a prompt (at most the step's rows)
 TUNING = {"pdl": True, "m1": True, "qmv1": True, "plain": True, "batched": True, "xmerge": True, "defines": {},
           "pdl_skip": (), "skip": (), "share_activations": os.environ.get("QTRT_SHARE_ACTIVATIONS") == "1",
           "clusters": True, "cache_by_address": False, "gemm_min_m": GEMM_MIN_M,
@@ -185,6 +186,9 @@ class CudaBackend:
         self.model, self.cfg = model, model.config
         upload = weights_upload or cr.upload_weights(model)
         self.max_context, self.n_slots, self.max_tokens = max_context, n_slots, max_tokens
+        # the engine's prompt chunk on this backend (toolchain/engine.py DEVICE_PREFILL_CHUNK has its measurements):
+        # its whole chunks replay a captured graph too (_piece_graph), whatever the step's size
+        self.prompt_chunk = min(PROMPT_CHUNK, max_tokens)
         self.tuning = {**TUNING, **(tuning or {})}
         self._cc: tuple[int, int] | None = None  # the GPU's compute capability, asked once (_gemm_wgmma)
         from .progress import quiet
@@ -264,9 +268,9 @@ class CudaBackend:
         the prefill GEMMs, the GEMMs for few tokens, the decode core's batched builds. Their plans are built too; a
         plan is per m (and per sampler tail), so other remainders and the engine's steps (qtrt serve: the same
         modules) build theirs on first use, host work only."""
-        if self.max_tokens > 1:  # (pieces of one token are decode steps)
-            for long in {False, self._prompt_long_context(self.max_tokens, True)}:
-                self.prompt_graph(self.max_tokens, long)
+        for m in {self.max_tokens, self.prompt_chunk} - {1}:  # (pieces of one token are decode steps)
+            for long in {False, self._prompt_long_context(m, True)}:
+                self.prompt_graph(m, long)
         lo, hi = self.tuning["skinny_min_m"], self.tuning["gemm_min_m"]
         # the decode core's 2- and 4-token builds, the GEMMs for few tokens up to and beyond ATTN_MSCR tokens (the
         # attention's grids differ), the prefill GEMMs
@@ -291,11 +295,13 @@ class CudaBackend:
         return self._graphs[key]
 
     def _piece_graph(self, piece: bool, m: int) -> bool:
-        """Whether a step replays prompt_graph: a prompt piece alone (_prompt_piece) of the step's full size, the
-        engine's chunks of a prompt while nothing decodes beside it (tuning piece_graphs), instead of its ~370
-        launches from Python (an idle engine's 512-token prompt took 9.4 ms to its first token that way, forward's
-        graph 6.5: H100, bench-20261207-010057)."""
-        return piece and m == self.max_tokens and self.tuning["piece_graphs"]
+        """Whether a step replays prompt_graph: a prompt piece alone (_prompt_piece) of the step's full size or of
+        the engine's chunk, the engine's whole chunks of a prompt while nothing decodes beside it (tuning
+        piece_graphs), instead of its ~370 launches from Python (an idle engine's 512-token prompt took 9.4 ms to its
+        first token that way, 7.7 replayed, forward's graph 6.6: H100, bench/results/device-2026-12-07). The graph
+        with the device sampler's passes is captured at the first such chunk that wants a token (host work, once
+        per sampler tail)."""
+        return piece and m in (self.max_tokens, self.prompt_chunk) and self.tuning["piece_graphs"]
 
     def _prompt_long_context(self, m: int, long_context: bool) -> bool:
         """long_context as a prompt piece's plan sees it: a piece on the prefill GEMMs runs the prefill attention,

@@ -9,9 +9,9 @@ Three parts, as in vLLM and llama-server (docs: ../shared/docs/serving.md):
 - `Scheduler.schedule()` only decides which tokens run next: one decode row per generating request first, then prompt
   chunks of prefilling requests in the rows the decode rows leave (a long prompt advances at most `prefill_chunk`
   tokens a step, so it never stalls running streams for more than one chunk; vLLM's token budget). Prefix reuse
-  keeps multiples of REUSE_ALIGN tokens and chunks are whole multiples of it while the budget allows, so past its
-  reused part a prompt is computed in the same pieces whatever else runs wherever the rows suffice (always on the
-  cpu reference's small chunks).
+  keeps multiples of REUSE_ALIGN tokens and a chunk is a whole `prefill_chunk` wherever the rows allow it, so past
+  its reused part a prompt is computed in the same pieces whatever else runs as long as the decode rows leave a
+  chunk's room (on the cpu reference, 32-token chunks in steps of 64 rows: while at most 32 rows decode).
 - `Engine` owns requests, slots and the loop (a thread): it admits requests into free slots (the slot whose cached
   tokens share the longest prefix with the prompt, llama.cpp's prompt cache: those tokens are not recomputed), runs
   the step on the backend, samples, retires requests (stop token, max_tokens, context end, abort) and frees their slots.
@@ -197,7 +197,8 @@ class Engine:
         if slots >= max_rows:
             raise UserError(f"--slots {slots}: a step holds {max_rows} tokens; use fewer slots")
         # a chunk may be the whole step: beside d decode rows it takes the max_rows - d rows left (slots < max_rows,
-        # so at least one: no prompt starves), and a prompt alone runs in pieces of the step's full size
+        # so at least one: no prompt starves), and a prompt alone runs in whole chunks (the step's full size where
+        # the backend's chunk is larger)
         prefill_chunk = prefill_chunk or getattr(be, "prompt_chunk", DEVICE_PREFILL_CHUNK)
         self.scheduler = Scheduler(max_rows, max(1, min(prefill_chunk, max_rows)))
         self.slot_tokens: list[list[int]] = [[] for _ in range(slots)]  # what each slot's cache holds
