@@ -43,6 +43,9 @@
 // Accuracy: fp16 operands, fp32 accumulation (as quant_gemm.cu): relative error ~3e-4; |x| < 65504 (after the norm).
 #include <cooperative_groups.h>
 
+#ifndef QMMA_SCALES_H2
+#define QMMA_SCALES_H2 0  // 1: the scales' fp16 pairs in half2 arithmetic (plugins/quant_mma.cuh; the same bits)
+#endif
 #include "pdl.cuh"
 #include "proj_args.cuh"
 #include "quant_mma.cuh"
@@ -68,6 +71,12 @@ using namespace qmma;
 #ifndef SK_WARPS
 #define SK_WARPS 8  // 16: 16 warps of one n8 tile each on the same 128-row tile (slower on the H100)
 #endif
+#ifndef SK_WARPRING
+#define SK_WARPRING 0  // 1: each warp streams its own rows through its own ring; x fragments made per window (below)
+#endif
+#ifndef SK_XSB
+#define SK_XSB 4  // SK_WARPRING: superblocks of x fragments made at once (a window)
+#endif
 #ifndef SK_SUB_UNROLL
 #define SK_SUB_UNROLL 4  // 1: the superblock's 4 substeps as a loop (less code; no gain on the H100)
 #endif
@@ -83,11 +92,14 @@ constexpr int WARPS = SK_WARPS, NT8 = 16 / WARPS, THREADS = 32 * WARPS, WROWS = 
 constexpr int BM = 16, BN = 8 * NT8 * WARPS;  // CTA tile: 16 tokens x 128 rows (swiglu: 64 gate + 64 up rows)
 constexpr int STAGES = SK_STAGES, SPLIT = SK_SPLIT;
 constexpr int XR = 256 + 16;                  // x stage row stride in floats: lanes (g, c) read 16 B at 64g + 16c
-constexpr int X_BYTES = BM * XR * 4;          // one stage of x
-constexpr int N_BYTES = 256 * 4;              // one stage of the norm weight
+constexpr bool WRING = SK_WARPRING && !SK_STREAMK, XFRAG = SK_XF16 || WRING;  // (stream-K: its own loop)
+constexpr int XSB = WRING ? SK_XSB : 1;       // superblocks of x fragments in shared memory
+constexpr int X_BYTES = WRING ? 0 : BM * XR * 4;  // one stage of x (SK_WARPRING: none, x goes straight to fragments)
+constexpr int N_BYTES = WRING ? 0 : 256 * 4;      // one stage of the norm weight
 constexpr int W_BYTES = BN * 240;             // one stage of weights: 128 rows of the widest format (Q6_K)
 constexpr int S_BYTES = BN * 64;              // the warps' rows' scales
-constexpr int XF_BYTES = SK_XF16 ? 16 * 32 * 16 : 0;  // SK_XF16: the stage's x as 16 chunks x 32 lanes of A fragments
+// the x fragments of XSB superblocks (16 chunks x 32 lanes x 16 bytes each): SK_XF16's stage, SK_WARPRING's window
+constexpr int XF_BYTES = XFRAG ? XSB * 16 * 32 * 16 : 0;
 // x stages | norm stages | weight stages | scales | x^2 partials [16] | 1 / rms [16] | x fragments
 constexpr int SMEM_BYTES = STAGES * (X_BYTES + N_BYTES + W_BYTES) + S_BYTES + 2 * 64 + XF_BYTES;
 static_assert(STAGES != 4 || SK_XF16 || SMEM_BYTES == 204928, "shared memory (kernels.py skinny_smem_bytes)");
@@ -96,7 +108,8 @@ static_assert(SPLIT >= 1 && SPLIT <= 8, "a portable cluster has at most 8 CTAs")
 static_assert(STAGES >= 2, "a ring");
 static_assert(!SK_STREAMK || (SK_XF16 && WARPS == 8), "SK_STREAMK: SK_XF16 builds of 8 warps");
 static_assert(WARPS == 8 || WARPS == 16, "8 warps of 2 n8 tiles or 16 of 1 (kernels.skinny_dims)");
-static_assert(WARPS * NT8 * 32 * 16 <= STAGES * X_BYTES, "the partial tiles fit the x ring");
+static_assert(WARPS * NT8 * 32 * 16 <= STAGES * (WRING ? W_BYTES : X_BYTES), "the partial tiles fit the x ring");
+static_assert(!WRING || (XSB >= 1 && WARPS == 8), "SK_WARPRING: 8-warp tiles, XSB >= 1");
 static_assert(WARPS * NT8 * 32 * 16 <= STAGES * W_BYTES, "the up tiles fit the weight ring");
 
 using Args = ProjArgs;  // plugins/proj_args.cuh
@@ -117,16 +130,20 @@ extern __shared__ __align__(16) uint8_t skinny_smem[];
 // The A fragment (x, 16 tokens x 16 k, quant_mma.cuh's permuted k) of lane (g, c) for the 16 elements from e - 4c:
 // rows g and g + 8 of the x stage X at elements e .. e + 3, with the norm (NWs: the stage's norm weight; il, ih: the
 // two rows' 1 / rms) where NORM.
+// (u: row g's 4 elements, v: row g + 8's, nw: the norm weight's, il / ih: the rows' 1 / rms, where NORM)
 template <bool NORM>
-__device__ __forceinline__ uint4 a_fragment(const float* X, const float* NWs, int e, int g, float il, float ih) {
-    float4 u = *reinterpret_cast<const float4*>(X + g * XR + e);
-    float4 v = *reinterpret_cast<const float4*>(X + (g + 8) * XR + e);
+__device__ __forceinline__ uint4 pack_fragment(float4 u, float4 v, float4 nw, float il, float ih) {
     if constexpr (NORM) {
-        const float4 nw = *reinterpret_cast<const float4*>(NWs + e);
         u = make_float4(u.x * il * nw.x, u.y * il * nw.y, u.z * il * nw.z, u.w * il * nw.w);
         v = make_float4(v.x * ih * nw.x, v.y * ih * nw.y, v.z * ih * nw.z, v.w * ih * nw.w);
     }
     return make_uint4(pack_h2(u.x, u.z), pack_h2(v.x, v.z), pack_h2(u.y, u.w), pack_h2(v.y, v.w));
+}
+template <bool NORM>
+__device__ __forceinline__ uint4 a_fragment(const float* X, const float* NWs, int e, int g, float il, float ih) {
+    const float4 nw = NORM ? *reinterpret_cast<const float4*>(NWs + e) : make_float4(1.f, 1.f, 1.f, 1.f);
+    return pack_fragment<NORM>(*reinterpret_cast<const float4*>(X + g * XR + e),
+                               *reinterpret_cast<const float4*>(X + (g + 8) * XR + e), nw, il, ih);
 }
 
 // SK_XF16: a stage's x (X, its norm weight NWs, the tokens' 1 / rms inv where NORM) as the A fragments of all warps,
@@ -140,6 +157,24 @@ __device__ __forceinline__ void stage_fragments(uint4* XF, const uint8_t* Xs, co
     for (int q = tid; q < 16 * 32; q += THREADS) {
         const int ch = q >> 5, ln = q & 31, fg = ln >> 2;
         XF[q] = a_fragment<NORM>(X, NWs, 16 * ch + 4 * (ln & 3), fg, NORM ? inv[fg] : 1.f, NORM ? inv[fg + 8] : 1.f);
+    }
+}
+
+// SK_WARPRING: the A fragments of superblocks sb .. sb + nsbw - 1 of the token tile's x (rows m0 .. m0 + rows - 1 of
+// a.x, the rest zero), read from global memory, as stage_fragments lays out one stage: window chunk ch (16 elements
+// from 256 sb + 16 ch), lane (g, c).
+template <bool NORM>
+__device__ __forceinline__ void window_fragments(uint4* XF, const Args& a, int m0, int rows, int sb, int nsbw,
+                                                 const float* inv, int tid) {
+    const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int q = tid; q < nsbw * 16 * 32; q += THREADS) {
+        const int ch = q >> 5, ln = q & 31, fg = ln >> 2;
+        const size_t e = (size_t)256 * sb + 16 * ch + 4 * (ln & 3);
+        const float4 u = fg < rows ? ld_produced(reinterpret_cast<const float4*>(a.x + (size_t)(m0 + fg) * a.k + e)) : zero;
+        const float4 v = fg + 8 < rows ? ld_produced(reinterpret_cast<const float4*>(a.x + (size_t)(m0 + fg + 8) * a.k + e))
+                                       : zero;
+        const float4 nw = NORM ? *reinterpret_cast<const float4*>(a.norm_w + e) : make_float4(1.f, 1.f, 1.f, 1.f);
+        XF[q] = pack_fragment<NORM>(u, v, nw, NORM ? inv[fg] : 1.f, NORM ? inv[fg + 8] : 1.f);
     }
 }
 
@@ -236,6 +271,14 @@ __device__ __forceinline__ void tile(const Args& a, int mat, int n0) {
 
     auto issue_w = [&](int st, int sb) {  // this stage's weights (part 1 right after part 0's PROWS rows)
         uint8_t* dst = W0 + st * W_BYTES;
+        if constexpr (WRING) {  // this warp's rows only, by its lanes
+            if (!TWO || part == 0)
+                Fmt<F0>::template issue_raw<WROWS, 32>(dst + wr0 * G<F0>::RS, w0, rb0, n0 + wr0, n, sb, lane);
+            else
+                Fmt<F1>::template issue_raw<WROWS, 32>(dst + PROWS * G<F0>::RS + wr0 * G<F1>::RS, w1, rb1, n0 + wr0,
+                                                       n, sb, lane);
+            return;
+        }
         if (!TWO || part == 0)
             Fmt<F0>::template issue_raw<PROWS, PTHREADS>(dst, w0, rb0, n0, n, sb, ptid);
         else
@@ -255,12 +298,16 @@ __device__ __forceinline__ void tile(const Args& a, int mat, int n0) {
         reinterpret_cast<float*>(X0 + s * X_BYTES)[rows * XR + r] = 0.f;
     }
     // prologue: the first STAGES-1 stages' weights before pdl_wait (they depend on no kernel), then their x
-    for (int st = 0; st < STAGES - 1; ++st)
-        if (st < nsb) issue_w(st, sb0 + st);
-    pdl_wait();
     for (int st = 0; st < STAGES - 1; ++st) {
-        if (st < nsb) issue_x(st, sb0 + st);
-        cp_async_commit();
+        if (st < nsb) issue_w(st, sb0 + st);
+        if (WRING) cp_async_commit();
+    }
+    pdl_wait();
+    if constexpr (!WRING) {
+        for (int st = 0; st < STAGES - 1; ++st) {
+            if (st < nsb) issue_x(st, sb0 + st);
+            cp_async_commit();
+        }
     }
     float ir_lo = 1.f, ir_hi = 1.f;  // 1 / rms of tokens g and g + 8
     if constexpr (NORM) {
@@ -293,6 +340,10 @@ __device__ __forceinline__ void tile(const Args& a, int mat, int n0) {
         __syncthreads();
         ir_lo = inv[g];
         ir_hi = inv[g + 8];
+    }
+    if constexpr (WRING) {  // the first window's x fragments
+        window_fragments<NORM>(XF, a, m0, rows, sb0, min(XSB, nsb), inv, tid);
+        __syncthreads();
     }
 
     float acc[NT8][4];
@@ -328,7 +379,7 @@ __device__ __forceinline__ void tile(const Args& a, int mat, int n0) {
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk) {
                 const int cb = Fmt<F>::chunk_base(sub, kk);  // SK_XF16: the CTA made the fragment for this stage
-                const uint4 f = SK_XF16 ? XF[(cb >> 4) * 32 + lane]
+                const uint4 f = XFRAG ? XF[((WRING ? (sb - sb0) % XSB * 16 : 0) + (cb >> 4)) * 32 + lane]
                                         : a_fragment<NORM>(reinterpret_cast<const float*>(X),
                                                            reinterpret_cast<const float*>(NWs), cb + 4 * c, g, ir_lo,
                                                            ir_hi);
@@ -339,7 +390,27 @@ __device__ __forceinline__ void tile(const Args& a, int mat, int n0) {
         }
     };
 
-    for (int s = 0; s < nsb; ++s) {
+    for (int s = 0; WRING && s < nsb; ++s) {  // SK_WARPRING: each warp on its own; the CTA meets once a window
+        const int sb = sb0 + s, st = s % STAGES;
+        if (s > 0 && s % XSB == 0) {
+            __syncthreads();  // every warp is done with the last window
+            window_fragments<NORM>(XF, a, m0, rows, sb, min(XSB, nsb - s), inv, tid);
+            __syncthreads();
+        }
+        cp_async_wait_ring();  // this warp's stage s has landed (this lane's copies) ...
+        __syncwarp();          // ... and its other lanes'; they are also done with stage s - 1, refilled now
+        {
+            const int t = s + STAGES - 1;
+            if (t < nsb) issue_w(t % STAGES, sb0 + t);
+            cp_async_commit();
+        }
+        const uint8_t* R = W0 + st * W_BYTES;
+        if (!TWO || part == 0)
+            compute(F0{}, R, nullptr, nullptr, sb);
+        else
+            compute(F1{}, R + PROWS * G<F0>::RS, nullptr, nullptr, sb);
+    }
+    for (int s = 0; !WRING && s < nsb; ++s) {
         const int sb = sb0 + s, st = s % STAGES;
         cp_async_wait_ring();  // stage s has landed (this thread's copies) ...
         __syncthreads();       // ... and everyone's; everyone is also done with stage s - 1, which is refilled now

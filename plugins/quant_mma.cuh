@@ -10,6 +10,10 @@
 #pragma once
 #include "ggml_blocks.cuh"
 
+#ifndef QMMA_SCALES_H2
+#define QMMA_SCALES_H2 0  // 1: the scales' fp16 pairs made in half2 arithmetic, 4 sub-blocks a word (the same bits)
+#endif
+
 namespace qmma {
 using namespace ggml;
 
@@ -125,8 +129,23 @@ template <> struct Fmt<Q4K> {
         for (int e = tid; e < 2 * BN; e += THREADS) {
             const int row = e >> 1, hf = e & 1;
             const uint4 hd = *reinterpret_cast<const uint4*>(R + row * 144);
-            const float d = half_bits_to_float(hd.x), dmin = half_bits_to_float(hd.x >> 16);
             uint2* dst = reinterpret_cast<uint2*>(S + row * 64);
+            if constexpr (QMMA_SCALES_H2) {
+                // the 6-bit scales and mins of sub-blocks 4hf..4hf+3 as bytes of one word each (q4k_scale_min's
+                // unpacking, 4 at once); each byte -> half2 (1024 + b) by a byte permute, minus 1024 (exact), times
+                // d (or -dmin): the exact product rounded once, as h2_splat(d * (float)sc) rounds it
+                const uint32_t sc4 = hf ? (hd.w & 0x0F0F0F0Fu) | ((hd.y >> 2) & 0x30303030u) : hd.y & 0x3F3F3F3Fu;
+                const uint32_t mn4 = hf ? ((hd.w >> 4) & 0x0F0F0F0Fu) | ((hd.z >> 2) & 0x30303030u) : hd.z & 0x3F3F3F3Fu;
+                const uint32_t d2 = __byte_perm(hd.x, 0, 0x1010), nm2 = __byte_perm(hd.x, 0, 0x3232) ^ 0x80008000u;
+#pragma unroll
+                for (int jj = 0; jj < 4; ++jj) {
+                    const uint32_t sel = 0x4040u | (uint32_t)jj | ((uint32_t)jj << 8);
+                    dst[4 * hf + jj] = make_uint2(hmul2(hsub2(__byte_perm(sc4, 0x64646464u, sel), MAGIC), d2),
+                                                  hmul2(hsub2(__byte_perm(mn4, 0x64646464u, sel), MAGIC), nm2));
+                }
+                continue;
+            }
+            const float d = half_bits_to_float(hd.x), dmin = half_bits_to_float(hd.x >> 16);
 #pragma unroll
             for (int jj = 0; jj < 4; ++jj) {
                 uint32_t sc, mn;
@@ -184,6 +203,19 @@ template <> struct Fmt<Q6K> {
             const uint32_t s0 = lds32_any(rb + 192 + 8 * h), s1 = lds32_any(rb + 196 + 8 * h);
             const float d = half_bits_to_float(lds32_any(rb + 208));
             uint32_t* dst = reinterpret_cast<uint32_t*>(S + row * 64) + 8 * h;
+            if constexpr (QMMA_SCALES_H2) {
+                // each int8 scale + 128 (its top bit flipped) -> half2 (1024 + 128 + sc) by a byte permute, minus
+                // 1152 (exact), times d: the exact product rounded once, as h2_splat(d * (float)sc) rounds it
+                const uint32_t d2 = __byte_perm(lds32_any(rb + 208), 0, 0x1010);
+                const uint32_t u0 = s0 ^ 0x80808080u, u1 = s1 ^ 0x80808080u;
+#pragma unroll
+                for (int bi = 0; bi < 8; ++bi) {  // scale byte bi = 2kk + v
+                    const uint32_t sel = 0x4040u | (uint32_t)(bi & 3) | ((uint32_t)(bi & 3) << 8);
+                    dst[4 * (bi & 1) + (bi >> 1)] =
+                        hmul2(hsub2(__byte_perm(bi < 4 ? u0 : u1, 0x64646464u, sel), 0x64806480u), d2);
+                }
+                continue;
+            }
 #pragma unroll
             for (int bi = 0; bi < 8; ++bi) {  // scale byte bi = 2kk + v
                 const int kk = bi >> 1, v = bi & 1;

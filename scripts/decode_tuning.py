@@ -130,7 +130,15 @@ VARIANTS = {
     **{name: {**DEFAULT, "defines": {op: d for op in K.SKINNY_OPS}} for name, d in (
         ("skinny_prev", {"SK_STAGES": 4, "SK_XF16": 0}), ("skinny_s2_f32x", {"SK_STAGES": 2, "SK_XF16": 0}),
         ("skinny_s3", {"SK_STAGES": 3}), ("skinny_s4", {"SK_STAGES": 4}), ("skinny_u1", {"SK_SUB_UNROLL": 1}),
-        ("skinny_w16", {"SK_WARPS": 16}), ("skinny_w16_s4", {"SK_WARPS": 16, "SK_STAGES": 4}))},
+        ("skinny_w16", {"SK_WARPS": 16}), ("skinny_w16_s4", {"SK_WARPS": 16, "SK_STAGES": 4}),
+        # SK_WARPRING: each warp streams its own rows through its own ring (no CTA barrier a superblock), x made the
+        # fp16 fragments of SK_XSB superblocks at once: 2 stages and 4 superblocks (two CTAs per SM), 3 superblocks,
+        # 3 stages (one CTA per SM), 4 stages and 6 superblocks (one)
+        ("skinny_wr", {"SK_WARPRING": 1}), ("skinny_wr_x3", {"SK_WARPRING": 1, "SK_XSB": 3}),
+        ("skinny_wr_s3", {"SK_WARPRING": 1, "SK_STAGES": 3}),
+        ("skinny_wr_s4x6", {"SK_WARPRING": 1, "SK_STAGES": 4, "SK_XSB": 6}),
+        # QMMA_SCALES_H2: the scales' fp16 pairs in half2 arithmetic (plugins/quant_mma.cuh; the same bits)
+        ("skinny_h2s", {"QMMA_SCALES_H2": 1}), ("skinny_wr_h2s", {"SK_WARPRING": 1, "QMMA_SCALES_H2": 1}))},
     # SK_STREAMK: the GEMMs for few tokens as (tile, superblock) units split evenly over the resident CTAs (no cluster,
     # split tiles summed through global memory by the CTA finishing them last): every one, all but the QKV (whose
     # CTAs would each read all of x for the norm instead of their sixth), or only the large ones (SwiGLU, ffn_down,

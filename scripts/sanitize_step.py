@@ -7,7 +7,8 @@ penalties, top-k/top-p/min-p, a wide nucleus, temperature alone) in a sampled gr
 rows, and its log-probabilities; fused and unfused graphs, and the unfused graph on TensorRT's builds (no clusters,
 the KV cache by address: issue 16); then rows with a token id outside the vocabulary or a slot or position outside
 the cache, which every backend refuses before any kernel runs, given to the kernels directly (their guards read and
-write nothing of such rows). Exits non-zero on any CUDA error."""
+write nothing of such rows). `--long N`: then an N-token prompt in 512-token pieces and three decode steps after it.
+Exits non-zero on any CUDA error."""
 import sys
 import tempfile
 from pathlib import Path
@@ -73,5 +74,14 @@ for fused, tuning in ((True, None), (False, None), (False, TENSORRT_BUILDS)):
     be.stream.synchronize()
     assert np.isfinite(logits).all(), "non-finite logits"
     print(f"fused={fused} tuning={tuning}: step ok, tokens {toks}")
+    be.close()
+if "--long" in sys.argv:  # a long prompt as the engine runs it: whole 512-token pieces, the keys split, then decode
+    n = int(sys.argv[sys.argv.index("--long") + 1])
+    be = CudaBackend(model, max_context=n + 64, n_slots=1, max_tokens=512)
+    logits = be.forward(np.arange(n) * 37 % model.config.vocab)
+    toks = list(be.greedy(int(np.argmax(logits)), 3))
+    be.stream.synchronize()
+    assert np.isfinite(logits).all(), "non-finite logits"
+    print(f"long prompt of {n}: ok, tokens {toks}")
     be.close()
 sys.exit(0)

@@ -239,7 +239,8 @@ def test_skinny_gemm_launch():
     assert (int(limits[1]), int(limits[2])) == (K.SKINNY_STREAMK_TOKEN_TILES, K.SKINNY_STREAMK_TILES)
     with pytest.raises(ValueError, match="at most"):  # more token tiles than counters: refused, not a trap
         K.launch_config("q4k_gemm_skinny", dict(m=16 * K.SKINNY_STREAMK_TOKEN_TILES + 1, n=256, k=256, sk_streamk=1))
-    for define, default in (("SK_STAGES", K.SKINNY_STAGES), ("SK_XF16", K.SKINNY_XF16), ("SK_WARPS", K.SKINNY_WARPS)):
+    for define, default in (("SK_STAGES", K.SKINNY_STAGES), ("SK_XF16", K.SKINNY_XF16), ("SK_WARPS", K.SKINNY_WARPS),
+                            ("SK_WARPRING", K.SKINNY_WARPRING), ("SK_XSB", K.SKINNY_XSB)):
         assert int(re.search(rf"#define {define} (\d+)", src).group(1)) == default, define
     # the split rule's stated property at the 1.5B's shapes: the smallest S of least waves x (superblocks per CTA +
     # SKINNY_CTA_COST), with the SM count of the H100 / H200 (132) and two CTAs per SM (two of the build's shared
@@ -289,20 +290,21 @@ def test_skinny_shared_memory_is_the_kernels(tmp_path):
                    'int main() { printf("%d %d", SMEM_BYTES, THREADS); }\n')
 
     def size_of(variant):
-        stages, xf16, warps = variant
-        exe = tmp_path / f"smem{stages}{xf16}{warps}"
+        stages, xf16, warps, ring, xsb = variant
+        exe = tmp_path / f"smem{stages}{xf16}{warps}{ring}{xsb}"
         subprocess.run([K.nvcc_path(), "-std=c++17", "-arch=sm_90", f"-I{K.PLUGINS}", f"-DSK_STAGES={stages}",
-                        f"-DSK_XF16={xf16}", f"-DSK_WARPS={warps}", str(src), "-o", str(exe)], check=True,
-                       capture_output=True)
+                        f"-DSK_XF16={xf16}", f"-DSK_WARPS={warps}", f"-DSK_WARPRING={ring}", f"-DSK_XSB={xsb}",
+                        str(src), "-o", str(exe)], check=True, capture_output=True)
         out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
         return variant, tuple(int(v) for v in out.split())
 
+    variants = [(2, 0, 8, 0, 4), (3, 0, 8, 0, 4), (4, 0, 8, 0, 4), (2, 1, 8, 0, 4), (4, 1, 8, 0, 4), (4, 1, 16, 0, 4),
+                (2, 1, 8, 1, 4), (2, 1, 8, 1, 3), (3, 1, 8, 1, 4), (4, 1, 8, 1, 6)]  # the last 4: SK_WARPRING builds
     with ThreadPoolExecutor(2) as pool:
-        for (stages, xf16, warps), (size, threads) in pool.map(size_of, [(2, 0, 8), (3, 0, 8), (4, 0, 8), (2, 1, 8),
-                                                                          (4, 1, 8), (4, 1, 16)]):
-            defines = {"SK_STAGES": stages, "SK_XF16": xf16, "SK_WARPS": warps}
+        for (stages, xf16, warps, ring, xsb), (size, threads) in pool.map(size_of, variants):
+            defines = {"SK_STAGES": stages, "SK_XF16": xf16, "SK_WARPS": warps, "SK_WARPRING": ring, "SK_XSB": xsb}
             cfg = K.launch_config("q4k_gemm_skinny", dict(m=5, n=256, k=512, **K.skinny_dims(defines)))
-            assert size == K.skinny_smem_bytes(stages, xf16) == cfg.shared_mem, defines
+            assert size == K.skinny_smem_bytes(stages, xf16, ring, xsb) == cfg.shared_mem, defines
             assert cfg.block == (threads, 1, 1), defines
 
 
@@ -400,6 +402,15 @@ def test_streamk_builds_load_nothing_but_weights_before_the_wait(op, defines):
     """The GEMMs for few tokens' SK_STREAMK builds (decode_tuning's skinny_streamk*) keep the same rule: their
     slots and counters, x and the residual only after the wait."""
     test_nothing_but_weights_before_griddepcontrol_wait(op, {**defines, "SK_STREAMK": 1})
+
+
+@needs_nvcc
+@pytest.mark.skipif(_cuobjdump() is None, reason="cuobjdump not found (pip install nvidia-cuda-cuobjdump)")
+@pytest.mark.parametrize("op,defines", [c for c in CASES if c.values[0] in K.SKINNY_OPS])
+def test_warp_ring_builds_load_nothing_but_weights_before_the_wait(op, defines):
+    """The SK_WARPRING builds (decode_tuning's skinny_wr*: each warp its own rows' ring, x read from global memory
+    into fragments) keep the same rule: x, the norm weight and the residual only after the wait."""
+    test_nothing_but_weights_before_griddepcontrol_wait(op, {**defines, "SK_WARPRING": 1})
 
 
 def test_attention_kv_grid_launch():

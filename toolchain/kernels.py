@@ -73,6 +73,7 @@ SKINNY_TYPES = ("Q4_K", "Q6_K")
 SKINNY_ROWS, SKINNY_TOKENS, SKINNY_MAX_SPLIT = 128, 16, 8
 # plugins/quant_gemm_skinny.cu's defaults of SK_STAGES, SK_XF16, SK_WARPS (tests/test_kernels_compile.py checks them)
 SKINNY_STAGES, SKINNY_XF16, SKINNY_WARPS = 2, 1, 8
+SKINNY_WARPRING, SKINNY_XSB = 0, 4  # the .cu's SK_WARPRING and SK_XSB defaults (superblocks of x fragments at once)
 SKINNY_THREADS = 32 * SKINNY_WARPS
 SKINNY_CTA_COST = 2  # skinny_split's cost model
 SKINNY_CTAS_PER_SM = 2  # resident CTAs of SKINNY_SMEM (228 KB per SM, 1 KB reserved per CTA: checked below)
@@ -202,10 +203,14 @@ def _skinny_shape(op: str, dims: dict) -> tuple[int, int]:
     return -(-int(_dim(dims, "n", "out_features")) // SKINNY_ROWS), int(_dim(dims, "k", "in_features"))
 
 
-def skinny_smem_bytes(stages: int = SKINNY_STAGES, xf16: int = SKINNY_XF16) -> int:
+def skinny_smem_bytes(stages: int = SKINNY_STAGES, xf16: int = SKINNY_XF16, warpring: int = SKINNY_WARPRING,
+                      xsb: int = SKINNY_XSB) -> int:
     """plugins/quant_gemm_skinny.cu SMEM_BYTES: per stage x (16 rows of 272 floats), the norm weight (256 floats) and
     the weights (128 rows of the widest format's 240 bytes); the warps' scales (128 rows x 64 bytes); two [16] float
-    arrays; with SK_XF16 the stage's x fragments (16 chunks x 32 lanes x 16 bytes)."""
+    arrays; with SK_XF16 the stage's x fragments (16 chunks x 32 lanes x 16 bytes). SK_WARPRING: no x or norm stages,
+    the x fragments of xsb superblocks."""
+    if warpring:
+        return stages * 128 * 240 + 128 * 64 + 2 * 64 + xsb * 16 * 32 * 16
     return stages * (16 * 272 * 4 + 256 * 4 + 128 * 240) + 128 * 64 + 2 * 64 + (16 * 32 * 16 if xf16 else 0)
 
 
@@ -220,7 +225,9 @@ def skinny_dims(defines: dict) -> dict:
     SK_SPLIT: defines_for's by the shape, or a tuning's), as launch_config's dims."""
     return {"sk_stages": int(defines.get("SK_STAGES", SKINNY_STAGES)),
             "sk_xf16": int(defines.get("SK_XF16", SKINNY_XF16)), "sk_warps": int(defines.get("SK_WARPS", SKINNY_WARPS)),
-            "sk_split": int(defines.get("SK_SPLIT", 1)), "sk_streamk": int(defines.get("SK_STREAMK", 0))}
+            "sk_split": int(defines.get("SK_SPLIT", 1)), "sk_streamk": int(defines.get("SK_STREAMK", 0)),
+            "sk_warpring": int(int(defines.get("SK_WARPRING", SKINNY_WARPRING)) and not int(defines.get("SK_STREAMK", 0))),
+            "sk_xsb": int(defines.get("SK_XSB", SKINNY_XSB))}
 
 
 def skinny_streamk_grid(tiles: int, k: int, token_tiles: int) -> int:
@@ -497,7 +504,8 @@ def launch_config(op: str, dims: dict, ops=INT_OPS, clusters: bool = True) -> La
                             (m, n, k))
     if op in SKINNY_OPS:
         tiles, k = _skinny_shape(op, dims)
-        smem = skinny_smem_bytes(int(dims.get("sk_stages", SKINNY_STAGES)), int(dims.get("sk_xf16", SKINNY_XF16)))
+        smem = skinny_smem_bytes(int(dims.get("sk_stages", SKINNY_STAGES)), int(dims.get("sk_xf16", SKINNY_XF16)),
+                                 int(dims.get("sk_warpring", SKINNY_WARPRING)), int(dims.get("sk_xsb", SKINNY_XSB)))
         threads = 32 * int(dims.get("sk_warps", SKINNY_WARPS))
         ty = ops.cdiv(m, SKINNY_TOKENS)
         if int(dims.get("sk_streamk", 0)):  # units of (tile, superblock) over the resident CTAs, no cluster
