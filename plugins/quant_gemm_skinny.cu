@@ -20,19 +20,22 @@
 //   launches it): rank r takes superblocks [nb r / S, nb (r+1) / S). Small-n projections (q, k, v, o; ffn_down's
 //   k = 8960) would otherwise leave most SMs idle. The ranks reduce through distributed shared memory: the warps of
 //   one rank (owner below) sum the partial tiles of their warp positions from every rank and store them.
-// - A ring of SK_STAGES (2) superblock stages (raw weights, x of 16 tokens x 256 as fp32, and for the norms 256 of
-//   the norm weight), filled with cp.async; one __syncthreads per superblock. ~112 KB of shared memory: two CTAs per
-//   SM (4 warps per scheduler to hide the dequantization's latency; the next kernel's CTAs start under programmatic
-//   dependent launch). Each warp turns its own 16 rows' scales into fp16 pairs (no block barrier for it).
-// - SK_XF16 (on): the CTA makes each stage's x the fp16 A fragments once (the norm applied), one LDS.128 per 16 k
-//   per warp instead of every warp converting the same x.
+// - SK_WARPRING (on, 2026-12-07): each warp streams its own 16 rows' raw superblocks through its own ring of SK_STAGES
+//   (2) stages in shared memory (cp.async; the warp waits for its own copies: cp.async.wait_group + __syncwarp, no CTA
+//   barrier a superblock), so the warps drift apart and one's wait hides under another's dequantization. x is made
+//   the fp16 A fragments (the norm applied) straight from global memory for a window of SK_XSB (4) superblocks at a
+//   time, the CTA's one barrier pair a window. ~100 KB of shared memory: two CTAs per SM (4 warps per scheduler; the
+//   next kernel's CTAs start under programmatic dependent launch). Each warp turns its own rows' scales into fp16
+//   pairs (QMMA_SCALES_H2, on: in half2 arithmetic, plugins/quant_mma.cuh). SK_WARPRING=0 is the build before it:
+//   one ring of stages for the CTA (raw weights, x of 16 tokens x 256 as fp32, the norm weight), one
+//   __syncthreads per superblock, and with SK_XF16 the stage's x made fragments once by the CTA.
 // - RMSNorm (the fused ones): each CTA sums x^2 over its k share (a pass over x from L2 while the first stages are in
 //   flight), the ranks add their partials through distributed shared memory (rank order: the same bits everywhere),
 //   and x * (1 / rms) * norm_w is what becomes the fp16 operand (x alone may exceed fp16's range).
 // - Programmatic dependent launch: the first stages' weights are in flight before pdl_wait() (plugins/pdl.cuh);
 //   x, the residual and every write come after it.
 // Defines timed against each other (defaults in kernels.py SKINNY_*, docs/perf-notes.md has the H100 timings):
-// SK_STAGES 2-4, SK_XF16 0/1, and two that did not help: SK_WARPS 16 (16 warps of one n8 tile each),
+// SK_WARPRING 0/1, SK_XSB, QMMA_SCALES_H2 0/1, SK_STAGES 2-4, SK_XF16 0/1 (SK_WARPRING=0), and two that did not help: SK_WARPS 16 (16 warps of one n8 tile each),
 // SK_SUB_UNROLL 1 (a loop over the superblock's substeps: less code to fetch for qkv's and o's one-superblock CTAs).
 //
 // LAUNCH (toolchain/kernels.py launch_config): block 32 SK_WARPS; grid (tiles, cdiv(m, 16), SK_SPLIT) with tiles =
@@ -44,7 +47,7 @@
 #include <cooperative_groups.h>
 
 #ifndef QMMA_SCALES_H2
-#define QMMA_SCALES_H2 0  // 1: the scales' fp16 pairs in half2 arithmetic (plugins/quant_mma.cuh; the same bits)
+#define QMMA_SCALES_H2 1  // 1: the scales' fp16 pairs in half2 arithmetic (plugins/quant_mma.cuh; the same bits)
 #endif
 #include "pdl.cuh"
 #include "proj_args.cuh"
@@ -72,7 +75,7 @@ using namespace qmma;
 #define SK_WARPS 8  // 16: 16 warps of one n8 tile each on the same 128-row tile (slower on the H100)
 #endif
 #ifndef SK_WARPRING
-#define SK_WARPRING 0  // 1: each warp streams its own rows through its own ring; x fragments made per window (below)
+#define SK_WARPRING 1  // 1: each warp streams its own rows through its own ring; x fragments made per window (below)
 #endif
 #ifndef SK_XSB
 #define SK_XSB 4  // SK_WARPRING: superblocks of x fragments made at once (a window)
@@ -292,8 +295,9 @@ __device__ __forceinline__ void tile(const Args& a, int mat, int n0) {
         }
     };
 
-    // x rows past m are never copied: zero them once, so the mma reads finite values (their outputs are dropped)
-    for (int i = tid; i < STAGES * (BM - rows) * XR; i += THREADS) {
+    // x rows past m are never copied: zero them once, so the mma reads finite values (their outputs are dropped;
+    // SK_WARPRING has no x stages: its fragments of those rows are made zero)
+    for (int i = tid; !WRING && i < STAGES * (BM - rows) * XR; i += THREADS) {
         const int s = i / ((BM - rows) * XR), r = i - s * (BM - rows) * XR;
         reinterpret_cast<float*>(X0 + s * X_BYTES)[rows * XR + r] = 0.f;
     }

@@ -125,20 +125,19 @@ VARIANTS = {
     # batched_decode_core: the decode core at every m (no tensor-core GEMMs for few tokens)
     "batched_general": {**DEFAULT, "batched": False},
     "batched_decode_core": {**DEFAULT, "skinny_min_m": GEMM_MIN_M},
-    # the GEMMs for few tokens (plugins/quant_gemm_skinny.cu, docs/perf-notes.md): builds other than the default (2
-    # stages: two CTAs per SM; SK_XF16: x made fp16 fragments once per CTA), skinny_prev the default before 2026-12-06
+    # the GEMMs for few tokens (plugins/quant_gemm_skinny.cu, docs/perf-notes.md): builds other than the default
+    # (SK_WARPRING: each warp its own rows' ring of 2 stages, x made fragments 4 superblocks at a time; the scales in
+    # half2 arithmetic). skinny_cta_ring is the default before 2026-12-07 (one ring for the CTA, a barrier a
+    # superblock, x made fragments a stage at a time; the scales in fp32); the skinny_prev ... skinny_w16_s4 builds
+    # are that CTA-ring build's own variants (skinny_prev its default before 2026-12-06)
     **{name: {**DEFAULT, "defines": {op: d for op in K.SKINNY_OPS}} for name, d in (
-        ("skinny_prev", {"SK_STAGES": 4, "SK_XF16": 0}), ("skinny_s2_f32x", {"SK_STAGES": 2, "SK_XF16": 0}),
-        ("skinny_s3", {"SK_STAGES": 3}), ("skinny_s4", {"SK_STAGES": 4}), ("skinny_u1", {"SK_SUB_UNROLL": 1}),
-        ("skinny_w16", {"SK_WARPS": 16}), ("skinny_w16_s4", {"SK_WARPS": 16, "SK_STAGES": 4}),
-        # SK_WARPRING: each warp streams its own rows through its own ring (no CTA barrier a superblock), x made the
-        # fp16 fragments of SK_XSB superblocks at once: 2 stages and 4 superblocks (two CTAs per SM), 3 superblocks,
-        # 3 stages (one CTA per SM), 4 stages and 6 superblocks (one)
-        ("skinny_wr", {"SK_WARPRING": 1}), ("skinny_wr_x3", {"SK_WARPRING": 1, "SK_XSB": 3}),
-        ("skinny_wr_s3", {"SK_WARPRING": 1, "SK_STAGES": 3}),
-        ("skinny_wr_s4x6", {"SK_WARPRING": 1, "SK_STAGES": 4, "SK_XSB": 6}),
-        # QMMA_SCALES_H2: the scales' fp16 pairs in half2 arithmetic (plugins/quant_mma.cuh; the same bits)
-        ("skinny_h2s", {"QMMA_SCALES_H2": 1}), ("skinny_wr_h2s", {"SK_WARPRING": 1, "QMMA_SCALES_H2": 1}))},
+        ("skinny_cta_ring", {"SK_WARPRING": 0, "QMMA_SCALES_H2": 0}),
+        ("skinny_f32_scales", {"QMMA_SCALES_H2": 0}), ("skinny_x3", {"SK_XSB": 3}), ("skinny_s3", {"SK_STAGES": 3}),
+        ("skinny_s4x6", {"SK_STAGES": 4, "SK_XSB": 6}),
+        *((n, {"SK_WARPRING": 0, "QMMA_SCALES_H2": 0, **d}) for n, d in (
+            ("skinny_prev", {"SK_STAGES": 4, "SK_XF16": 0}), ("skinny_s2_f32x", {"SK_STAGES": 2, "SK_XF16": 0}),
+            ("skinny_cta_s3", {"SK_STAGES": 3}), ("skinny_cta_s4", {"SK_STAGES": 4}), ("skinny_u1", {"SK_SUB_UNROLL": 1}),
+            ("skinny_w16", {"SK_WARPS": 16}), ("skinny_w16_s4", {"SK_WARPS": 16, "SK_STAGES": 4}))))},
     # SK_STREAMK: the GEMMs for few tokens as (tile, superblock) units split evenly over the resident CTAs (no cluster,
     # split tiles summed through global memory by the CTA finishing them last): every one, all but the QKV (whose
     # CTAs would each read all of x for the norm instead of their sixth), or only the large ones (SwiGLU, ffn_down,

@@ -407,10 +407,10 @@ def test_streamk_builds_load_nothing_but_weights_before_the_wait(op, defines):
 @needs_nvcc
 @pytest.mark.skipif(_cuobjdump() is None, reason="cuobjdump not found (pip install nvidia-cuda-cuobjdump)")
 @pytest.mark.parametrize("op,defines", [c for c in CASES if c.values[0] in K.SKINNY_OPS])
-def test_warp_ring_builds_load_nothing_but_weights_before_the_wait(op, defines):
-    """The SK_WARPRING builds (decode_tuning's skinny_wr*: each warp its own rows' ring, x read from global memory
-    into fragments) keep the same rule: x, the norm weight and the residual only after the wait."""
-    test_nothing_but_weights_before_griddepcontrol_wait(op, {**defines, "SK_WARPRING": 1})
+def test_cta_ring_builds_load_nothing_but_weights_before_the_wait(op, defines):
+    """The CTA-ring builds (SK_WARPRING=0, decode_tuning's skinny_cta_ring: one ring of x and weight stages for the
+    CTA) keep the same rule: x, the norm weight and the residual only after the wait."""
+    test_nothing_but_weights_before_griddepcontrol_wait(op, {**defines, "SK_WARPRING": 0})
 
 
 def test_attention_kv_grid_launch():

@@ -450,11 +450,13 @@ def test_skinny_fused(op, shape, types, m):
 
 
 # the builds docs/perf-notes.md timed against the default (scripts/decode_tuning.py's skinny_* variants): the same
-# answers. The first is the default before 2026-12-06's H100 run (4 stages, per-warp A fragments).
-SKINNY_VARIANTS = [{"SK_STAGES": 4, "SK_XF16": 0}, {"SK_STAGES": 2, "SK_XF16": 0}, {"SK_STAGES": 3, "SK_XF16": 0},
-                   {"SK_STAGES": 4, "SK_XF16": 1}, {"SK_STAGES": 3}, {"SK_SUB_UNROLL": 1}, {"SK_WARPS": 16},
-                   {"SK_WARPRING": 1, "SK_XSB": 3}, {"SK_WARPRING": 1, "SK_STAGES": 3},
-                   {"SK_WARPRING": 1, "SK_STAGES": 4, "SK_XSB": 6}, {"SK_WARPRING": 1, "SK_XSB": 1}]
+# answers. The first 7 are the CTA-ring build (SK_WARPRING=0, the default before 2026-12-07) and its variants (the
+# first: its default before 2026-12-06, 4 stages, per-warp A fragments), the rest the warp rings' other sizes.
+CTA_RING = {"SK_WARPRING": 0, "QMMA_SCALES_H2": 0}
+SKINNY_VARIANTS = [CTA_RING | d for d in ({"SK_STAGES": 4, "SK_XF16": 0}, {"SK_STAGES": 2, "SK_XF16": 0},
+                                          {"SK_STAGES": 3, "SK_XF16": 0}, {"SK_STAGES": 4, "SK_XF16": 1},
+                                          {"SK_STAGES": 3}, {"SK_SUB_UNROLL": 1}, {"SK_WARPS": 16})]
+SKINNY_VARIANTS += [{"SK_XSB": 3}, {"SK_STAGES": 3}, {"SK_STAGES": 4, "SK_XSB": 6}, {"SK_XSB": 1}]
 
 
 @pytest.mark.parametrize("variant", SKINNY_VARIANTS, ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()))
@@ -469,14 +471,14 @@ def test_skinny_variants(op, shape, types, m, variant):
 
 
 @pytest.mark.parametrize("op,shape,types,m", SKINNY_CASES)
-def test_skinny_warp_rings(op, shape, types, m):
-    """The SK_WARPRING build (each warp its own rows' ring, x made fragments a window of superblocks at a time, read
-    straight from global memory with the rows past m as zeros) at every case, against the numpy ops; a second launch
-    gives the same bits."""
+def test_skinny_cta_ring(op, shape, types, m):
+    """The CTA-ring build (SK_WARPRING=0, the default before 2026-12-07: one ring of x and weight stages for the CTA,
+    a barrier a superblock; the scales in fp32) at every case, against the numpy ops; a second launch gives the same
+    bits."""
     rng, seed = _rng()
     attrs, inputs, outputs, dims, refs = fused_case(rng, op, shape[0], shape[1:], types, m)
     sop = K.skinny_of(op, attrs)
-    defines = K.defines_for(sop, dict(attrs, hidden=shape[0])) | {"SK_WARPRING": 1}
+    defines = K.defines_for(sop, dict(attrs, hidden=shape[0])) | CTA_RING
     key = tuple(sorted(defines.items()))
     outs = run(sop, inputs, outputs, dims | K.skinny_dims(defines), key)
     check_fused(f"{sop} {defines} {shape} m={m}", op, inputs, outs, refs, seed, tol=SKINNY_TOL)
@@ -488,13 +490,13 @@ def test_skinny_warp_rings(op, shape, types, m):
 @pytest.mark.parametrize("ring", [0, 1])
 @pytest.mark.parametrize("op,shape,types,m", [SKINNY_CASES[i] for i in (0, 5, 8, 10, 12, 13)])
 def test_skinny_scales_h2_keep_the_bits(op, shape, types, m, ring):
-    """QMMA_SCALES_H2 (the Q4_K / Q6_K scales' fp16 pairs made in half2 arithmetic, plugins/quant_mma.cuh) rounds
-    the same exact products once, as the fp32 path does: the same bits as the build without it, and the numpy ops'
-    answer within the tolerance."""
+    """QMMA_SCALES_H2 (the default: the Q4_K / Q6_K scales' fp16 pairs made in half2 arithmetic, plugins/quant_mma.cuh)
+    rounds the same exact products once, as the fp32 path does: the same bits as the build without it, in both
+    rings, and the numpy ops' answer within the tolerance."""
     rng, seed = _rng()
     attrs, inputs, outputs, dims, refs = fused_case(rng, op, shape[0], shape[1:], types, m)
     sop = K.skinny_of(op, attrs)
-    base = K.defines_for(sop, dict(attrs, hidden=shape[0])) | {"SK_WARPRING": ring}
+    base = K.defines_for(sop, dict(attrs, hidden=shape[0])) | {"SK_WARPRING": ring, "QMMA_SCALES_H2": 0}
     outs = [run(sop, inputs, outputs, dims | K.skinny_dims(d), tuple(sorted(d.items())))
             for d in (base, base | {"QMMA_SCALES_H2": 1})]
     check_fused(f"{sop} {base} QMMA_SCALES_H2 {shape} m={m}", op, inputs, outs[1], refs, seed, tol=SKINNY_TOL)

@@ -73,7 +73,7 @@ SKINNY_TYPES = ("Q4_K", "Q6_K")
 SKINNY_ROWS, SKINNY_TOKENS, SKINNY_MAX_SPLIT = 128, 16, 8
 # plugins/quant_gemm_skinny.cu's defaults of SK_STAGES, SK_XF16, SK_WARPS (tests/test_kernels_compile.py checks them)
 SKINNY_STAGES, SKINNY_XF16, SKINNY_WARPS = 2, 1, 8
-SKINNY_WARPRING, SKINNY_XSB = 0, 4  # the .cu's SK_WARPRING and SK_XSB defaults (superblocks of x fragments at once)
+SKINNY_WARPRING, SKINNY_XSB = 1, 4  # the .cu's SK_WARPRING and SK_XSB defaults (superblocks of x fragments at once)
 SKINNY_THREADS = 32 * SKINNY_WARPS
 SKINNY_CTA_COST = 2  # skinny_split's cost model
 SKINNY_CTAS_PER_SM = 2  # resident CTAs of SKINNY_SMEM (228 KB per SM, 1 KB reserved per CTA: checked below)
