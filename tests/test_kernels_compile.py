@@ -272,10 +272,12 @@ def test_skinny_gemm_launch():
         assert cfg.scalars == {"rms_norm_qkv_skinny": (dims["m"], k, dims.get("q_dim"), dims.get("kv_dim")),
                                "rms_norm_swiglu_skinny": (dims["m"], k, dims.get("ffn"))}.get(op, (dims["m"], rows, k))
         # SK_STREAMK builds: a grid of at most the .cu's partial slots (SK_MAX_CTAS over its token tiles) and never
-        # more CTAs than (tile, superblock) units, so each CTA has one at least; no cluster; the same block, memory
+        # more CTAs than (tile, superblock) units, so each CTA has one at least; no cluster; the same block, and the
+        # CTA ring's memory (stream_units keeps that loop: SK_WARPRING does not apply)
         sk = K.launch_config(op, dims | K.skinny_dims(d | {"SK_STREAMK": 1}))
         units = cfg.grid[0] * (k // 256)
-        assert sk.grid[1] == cfg.grid[1] and sk.grid[2] == 1 and (sk.block, sk.shared_mem) == (cfg.block, cfg.shared_mem)
+        assert sk.grid[1] == cfg.grid[1] and sk.grid[2] == 1 and sk.block == cfg.block
+        assert sk.shared_mem == K.skinny_smem_bytes(warpring=0) != cfg.shared_mem
         assert 1 <= sk.grid[0] <= units and sk.grid[0] * sk.grid[1] <= K.SKINNY_STREAMK_CTAS, (op, dims, sk.grid)
         assert sk.grid[0] == min(units, K.SKINNY_STREAMK_CTAS // sk.grid[1])
 
