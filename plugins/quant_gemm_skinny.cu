@@ -35,7 +35,8 @@
 // - Programmatic dependent launch: the first stages' weights are in flight before pdl_wait() (plugins/pdl.cuh);
 //   x, the residual and every write come after it.
 // Defines timed against each other (defaults in kernels.py SKINNY_*, docs/perf-notes.md has the H100 timings):
-// SK_WARPRING 0/1, SK_XSB, QMMA_SCALES_H2 0/1, SK_STAGES 2-4, SK_XF16 0/1 (SK_WARPRING=0), and two that did not help: SK_WARPS 16 (16 warps of one n8 tile each),
+// SK_WARPRING 0/1, SK_XSB, QMMA_SCALES_H2 0/1, SK_STAGES 2-4, SK_XF16 0/1 (SK_WARPRING=0), and two that did not
+// help (SK_WARPRING=0 builds): SK_WARPS 16 (16 warps of one n8 tile each),
 // SK_SUB_UNROLL 1 (a loop over the superblock's substeps: less code to fetch for qkv's and o's one-superblock CTAs).
 //
 // LAUNCH (toolchain/kernels.py launch_config): block 32 SK_WARPS; grid (tiles, cdiv(m, 16), SK_SPLIT) with tiles =
@@ -105,13 +106,13 @@ constexpr int S_BYTES = BN * 64;              // the warps' rows' scales
 constexpr int XF_BYTES = XFRAG ? XSB * 16 * 32 * 16 : 0;
 // x stages | norm stages | weight stages | scales | x^2 partials [16] | 1 / rms [16] | x fragments
 constexpr int SMEM_BYTES = STAGES * (X_BYTES + N_BYTES + W_BYTES) + S_BYTES + 2 * 64 + XF_BYTES;
-static_assert(STAGES != 4 || SK_XF16 || SMEM_BYTES == 204928, "shared memory (kernels.py skinny_smem_bytes)");
+static_assert(WRING || STAGES != 4 || SK_XF16 || SMEM_BYTES == 204928, "shared memory (kernels.py skinny_smem_bytes)");
 static_assert(SMEM_BYTES <= 227 * 1024, "fits one SM");
 static_assert(SPLIT >= 1 && SPLIT <= 8, "a portable cluster has at most 8 CTAs");
 static_assert(STAGES >= 2, "a ring");
 static_assert(!SK_STREAMK || (SK_XF16 && WARPS == 8), "SK_STREAMK: SK_XF16 builds of 8 warps");
 static_assert(WARPS == 8 || WARPS == 16, "8 warps of 2 n8 tiles or 16 of 1 (kernels.skinny_dims)");
-static_assert(WARPS * NT8 * 32 * 16 <= STAGES * (WRING ? W_BYTES : X_BYTES), "the partial tiles fit the x ring");
+static_assert(WARPS * NT8 * 32 * 16 <= STAGES * (WRING ? W_BYTES : X_BYTES), "the partial tiles fit the x ring (the weight ring)");
 static_assert(!WRING || (XSB >= 1 && WARPS == 8), "SK_WARPRING: 8-warp tiles, XSB >= 1");
 static_assert(WARPS * NT8 * 32 * 16 <= STAGES * W_BYTES, "the up tiles fit the weight ring");
 
@@ -173,9 +174,10 @@ __device__ __forceinline__ void window_fragments(uint4* XF, const Args& a, int m
     for (int q = tid; q < nsbw * 16 * 32; q += THREADS) {
         const int ch = q >> 5, ln = q & 31, fg = ln >> 2;
         const size_t e = (size_t)256 * sb + 16 * ch + 4 * (ln & 3);
-        const float4 u = fg < rows ? ld_produced(reinterpret_cast<const float4*>(a.x + (size_t)(m0 + fg) * a.k + e)) : zero;
-        const float4 v = fg + 8 < rows ? ld_produced(reinterpret_cast<const float4*>(a.x + (size_t)(m0 + fg + 8) * a.k + e))
-                                       : zero;
+        const float4 u =
+            fg < rows ? ld_produced(reinterpret_cast<const float4*>(a.x + (size_t)(m0 + fg) * a.k + e)) : zero;
+        const float4 v =
+            fg + 8 < rows ? ld_produced(reinterpret_cast<const float4*>(a.x + (size_t)(m0 + fg + 8) * a.k + e)) : zero;
         const float4 nw = NORM ? *reinterpret_cast<const float4*>(a.norm_w + e) : make_float4(1.f, 1.f, 1.f, 1.f);
         XF[q] = pack_fragment<NORM>(u, v, nw, NORM ? inv[fg] : 1.f, NORM ? inv[fg + 8] : 1.f);
     }
@@ -257,7 +259,7 @@ __device__ __forceinline__ void tile(const Args& a, int mat, int n0) {
     uint8_t* const W0 = N0 + STAGES * N_BYTES;
     float* const ss = reinterpret_cast<float*>(W0 + STAGES * W_BYTES + S_BYTES);  // [16] this rank's sums of x^2
     float* const inv = ss + 16;                                                     // [16] 1 / rms per token
-    uint4* const XF = reinterpret_cast<uint4*>(inv + 16);                           // SK_XF16: [16 chunks][32]
+    uint4* const XF = reinterpret_cast<uint4*>(inv + 16);  // SK_XF16: [16 chunks][32]; SK_WARPRING: [16 XSB][32]
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c = lane & 3;
     const int part = TWO ? warp / PWARPS : 0, ptid = tid - part * PTHREADS;
     uint8_t* const S = W0 + STAGES * W_BYTES + warp * WROWS * 64;  // this warp's rows' scales
@@ -442,7 +444,7 @@ __device__ __forceinline__ void tile(const Args& a, int mat, int n0) {
     if constexpr (SPLIT > 1) {
         cg::cluster_group cluster = cg::this_cluster();
         cp_async_wait_all();
-        __syncthreads();  // the ring is free: the partial tiles go to the x stages
+        __syncthreads();  // the ring is free: the partial tiles go to the x stages (SK_WARPRING: the weight ring)
         float4* red = reinterpret_cast<float4*>(X0);
 #pragma unroll
         for (int j = 0; j < NT8; ++j)

@@ -143,14 +143,14 @@ template <> struct Fmt<Q4K> {
                     dst[4 * hf + jj] = make_uint2(hmul2(hsub2(__byte_perm(sc4, 0x64646464u, sel), MAGIC), d2),
                                                   hmul2(hsub2(__byte_perm(mn4, 0x64646464u, sel), MAGIC), nm2));
                 }
-                continue;
-            }
-            const float d = half_bits_to_float(hd.x), dmin = half_bits_to_float(hd.x >> 16);
+            } else {
+                const float d = half_bits_to_float(hd.x), dmin = half_bits_to_float(hd.x >> 16);
 #pragma unroll
-            for (int jj = 0; jj < 4; ++jj) {
-                uint32_t sc, mn;
-                q4k_scale_min(hd.y, hd.z, hd.w, 4 * hf + jj, sc, mn);
-                dst[4 * hf + jj] = make_uint2(h2_splat(d * (float)sc), h2_splat(-(dmin * (float)mn)));
+                for (int jj = 0; jj < 4; ++jj) {
+                    uint32_t sc, mn;
+                    q4k_scale_min(hd.y, hd.z, hd.w, 4 * hf + jj, sc, mn);
+                    dst[4 * hf + jj] = make_uint2(h2_splat(d * (float)sc), h2_splat(-(dmin * (float)mn)));
+                }
             }
         }
     }
@@ -214,13 +214,13 @@ template <> struct Fmt<Q6K> {
                     dst[4 * (bi & 1) + (bi >> 1)] =
                         hmul2(hsub2(__byte_perm(bi < 4 ? u0 : u1, 0x64646464u, sel), 0x64806480u), d2);
                 }
-                continue;
-            }
+            } else {
 #pragma unroll
-            for (int bi = 0; bi < 8; ++bi) {  // scale byte bi = 2kk + v
-                const int kk = bi >> 1, v = bi & 1;
-                const int sc = (int)(int8_t)(((bi < 4 ? s0 : s1) >> (8 * (bi & 3))) & 0xFF);
-                dst[4 * v + kk] = h2_splat(d * (float)sc);
+                for (int bi = 0; bi < 8; ++bi) {  // scale byte bi = 2kk + v
+                    const int kk = bi >> 1, v = bi & 1;
+                    const int sc = (int)(int8_t)(((bi < 4 ? s0 : s1) >> (8 * (bi & 3))) & 0xFF);
+                    dst[4 * v + kk] = h2_splat(d * (float)sc);
+                }
             }
         }
     }

@@ -284,9 +284,9 @@ def test_skinny_gemm_launch():
 
 @needs_nvcc
 def test_skinny_shared_memory_is_the_kernels(tmp_path):
-    """kernels.skinny_smem_bytes is plugins/quant_gemm_skinny.cu's SMEM_BYTES for its stage counts and SK_XF16, and
-    launch_config's block is its THREADS for SK_WARPS: a host program compiled with the same defines prints them (the
-    kernel traps if launched with less shared memory)."""
+    """kernels.skinny_smem_bytes is plugins/quant_gemm_skinny.cu's SMEM_BYTES for its stage counts, SK_XF16,
+    SK_WARPRING and SK_XSB, and launch_config's block is its THREADS for SK_WARPS: a host program compiled with the
+    same defines prints them (the kernel traps if launched with less shared memory)."""
     src = tmp_path / "smem.cu"
     src.write_text('#include <cstdio>\n#include "quant_gemm_skinny.cu"\n'
                    'int main() { printf("%d %d", SMEM_BYTES, THREADS); }\n')
@@ -404,6 +404,29 @@ def test_streamk_builds_load_nothing_but_weights_before_the_wait(op, defines):
     """The GEMMs for few tokens' SK_STREAMK builds (decode_tuning's skinny_streamk*) keep the same rule: their
     slots and counters, x and the residual only after the wait."""
     test_nothing_but_weights_before_griddepcontrol_wait(op, {**defines, "SK_STREAMK": 1})
+
+
+@needs_nvcc
+@pytest.mark.skipif(_cuobjdump() is None, reason="cuobjdump not found (pip install nvidia-cuda-cuobjdump)")
+def test_half2_scales_reach_the_few_token_gemms():
+    """QMMA_SCALES_H2 is on in the few-token GEMMs' default build and reaches the compiler: the Q4_K GEMM's SASS
+    differs from the build with it off, and has more half2 multiplies (the scales' HMUL2 beside the Q6_K
+    dequantization's). (Its GPU test compares the two builds' answers bit for bit; this one fails if they are the
+    same build.)"""
+    tool = _cuobjdump()
+
+    def sass(defines):
+        path = K.CACHE / f"sass-h2-{defines.get('QMMA_SCALES_H2', 'default')}.cubin"
+        path.write_bytes(K.compile_kernel("q4k_gemm_skinny", defines, fmt="cubin", prebuilt=False))
+        out = subprocess.run([tool, "-sass", "-fun", "q4k_gemm_skinny", str(path)], capture_output=True, text=True,
+                             check=True).stdout
+        path.unlink()
+        return [line.split("*/", 1)[1].split(";")[0].strip() for line in out.splitlines()
+                if re.match(r"\s+/\*[0-9a-f]+\*/", line)]
+
+    on, off = sass({}), sass({"QMMA_SCALES_H2": 0})
+    assert on != off
+    assert sum("HMUL2" in x for x in on) > sum("HMUL2" in x for x in off)
 
 
 @needs_nvcc

@@ -71,9 +71,10 @@ SKINNY_OPS = tuple(SKINNY_OF.values())
 SKINNY_BASE = {v: k for k, v in SKINNY_OF.items()}  # the op each one replaces
 SKINNY_TYPES = ("Q4_K", "Q6_K")
 SKINNY_ROWS, SKINNY_TOKENS, SKINNY_MAX_SPLIT = 128, 16, 8
-# plugins/quant_gemm_skinny.cu's defaults of SK_STAGES, SK_XF16, SK_WARPS (tests/test_kernels_compile.py checks them)
+# plugins/quant_gemm_skinny.cu's defaults of SK_STAGES, SK_XF16, SK_WARPS, SK_WARPRING (each warp its own rows'
+# ring) and SK_XSB (superblocks of x fragments made at once) (tests/test_kernels_compile.py checks them)
 SKINNY_STAGES, SKINNY_XF16, SKINNY_WARPS = 2, 1, 8
-SKINNY_WARPRING, SKINNY_XSB = 1, 4  # the .cu's SK_WARPRING and SK_XSB defaults (superblocks of x fragments at once)
+SKINNY_WARPRING, SKINNY_XSB = 1, 4
 SKINNY_THREADS = 32 * SKINNY_WARPS
 SKINNY_CTA_COST = 2  # skinny_split's cost model
 SKINNY_CTAS_PER_SM = 2  # resident CTAs of SKINNY_SMEM (228 KB per SM, 1 KB reserved per CTA: checked below)
@@ -221,12 +222,14 @@ assert SKINNY_CTAS_PER_SM * (SKINNY_SMEM + 1024) <= 228 * 1024 < (SKINNY_CTAS_PE
 
 
 def skinny_dims(defines: dict) -> dict:
-    """The launch-relevant defines of a GEMM-for-few-tokens build (its stages, SK_XF16, SK_WARPS, its cluster size
-    SK_SPLIT: defines_for's by the shape, or a tuning's), as launch_config's dims."""
+    """The launch-relevant defines of a GEMM-for-few-tokens build (its stages, SK_XF16, SK_WARPS, SK_WARPRING and
+    SK_XSB, SK_STREAMK, its cluster size SK_SPLIT: defines_for's by the shape, or a tuning's), as launch_config's
+    dims. SK_STREAMK builds keep the CTA ring's loop: SK_WARPRING does not apply to them."""
+    streamk = int(defines.get("SK_STREAMK", 0))
     return {"sk_stages": int(defines.get("SK_STAGES", SKINNY_STAGES)),
             "sk_xf16": int(defines.get("SK_XF16", SKINNY_XF16)), "sk_warps": int(defines.get("SK_WARPS", SKINNY_WARPS)),
-            "sk_split": int(defines.get("SK_SPLIT", 1)), "sk_streamk": int(defines.get("SK_STREAMK", 0)),
-            "sk_warpring": int(int(defines.get("SK_WARPRING", SKINNY_WARPRING)) and not int(defines.get("SK_STREAMK", 0))),
+            "sk_split": int(defines.get("SK_SPLIT", 1)), "sk_streamk": streamk,
+            "sk_warpring": 0 if streamk else int(defines.get("SK_WARPRING", SKINNY_WARPRING)),
             "sk_xsb": int(defines.get("SK_XSB", SKINNY_XSB))}
 
 
@@ -504,8 +507,9 @@ def launch_config(op: str, dims: dict, ops=INT_OPS, clusters: bool = True) -> La
                             (m, n, k))
     if op in SKINNY_OPS:
         tiles, k = _skinny_shape(op, dims)
+        ring = 0 if int(dims.get("sk_streamk", 0)) else int(dims.get("sk_warpring", SKINNY_WARPRING))
         smem = skinny_smem_bytes(int(dims.get("sk_stages", SKINNY_STAGES)), int(dims.get("sk_xf16", SKINNY_XF16)),
-                                 int(dims.get("sk_warpring", SKINNY_WARPRING)), int(dims.get("sk_xsb", SKINNY_XSB)))
+                                 ring, int(dims.get("sk_xsb", SKINNY_XSB)))
         threads = 32 * int(dims.get("sk_warps", SKINNY_WARPS))
         ty = ops.cdiv(m, SKINNY_TOKENS)
         if int(dims.get("sk_streamk", 0)):  # units of (tile, superblock) over the resident CTAs, no cluster
