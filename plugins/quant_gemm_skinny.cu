@@ -57,12 +57,6 @@
 namespace cg = cooperative_groups;
 using namespace qmma;
 
-#ifndef SK_STREAMK
-#define SK_STREAMK 0  // 1: units of (tile, superblock) split evenly over the grid (see stream_units); no clusters
-#endif
-#if SK_STREAMK
-#undef SK_SPLIT
-#endif
 #ifndef SK_SPLIT
 #define SK_SPLIT 1
 #endif
@@ -96,7 +90,7 @@ constexpr int WARPS = SK_WARPS, NT8 = 16 / WARPS, THREADS = 32 * WARPS, WROWS = 
 constexpr int BM = 16, BN = 8 * NT8 * WARPS;  // CTA tile: 16 tokens x 128 rows (swiglu: 64 gate + 64 up rows)
 constexpr int STAGES = SK_STAGES, SPLIT = SK_SPLIT;
 constexpr int XR = 256 + 16;                  // x stage row stride in floats: lanes (g, c) read 16 B at 64g + 16c
-constexpr bool WRING = SK_WARPRING && !SK_STREAMK, XFRAG = SK_XF16 || WRING;  // (stream-K: its own loop)
+constexpr bool WRING = SK_WARPRING, XFRAG = SK_XF16 || WRING;
 constexpr int XSB = WRING ? SK_XSB : 1;       // superblocks of x fragments in shared memory
 constexpr int X_BYTES = WRING ? 0 : BM * XR * 4;  // one stage of x (SK_WARPRING: none, x goes straight to fragments)
 constexpr int N_BYTES = WRING ? 0 : 256 * 4;      // one stage of the norm weight
@@ -110,14 +104,13 @@ static_assert(WRING || STAGES != 4 || SK_XF16 || SMEM_BYTES == 204928, "shared m
 static_assert(SMEM_BYTES <= 227 * 1024, "fits one SM");
 static_assert(SPLIT >= 1 && SPLIT <= 8, "a portable cluster has at most 8 CTAs");
 static_assert(STAGES >= 2, "a ring");
-static_assert(!SK_STREAMK || (SK_XF16 && WARPS == 8), "SK_STREAMK: SK_XF16 builds of 8 warps");
 static_assert(WARPS == 8 || WARPS == 16, "8 warps of 2 n8 tiles or 16 of 1 (kernels.skinny_dims)");
 static_assert(WARPS * NT8 * 32 * 16 <= STAGES * (WRING ? W_BYTES : X_BYTES), "the partial tiles fit the x ring (the weight ring)");
 static_assert(!WRING || (XSB >= 1 && WARPS == 8), "SK_WARPRING: 8-warp tiles, XSB >= 1");
 static_assert(WARPS * NT8 * 32 * 16 <= STAGES * W_BYTES, "the up tiles fit the weight ring");
 
 using Args = ProjArgs;  // plugins/proj_args.cuh
-// a.w[i], a.n[i], ... for a runtime i (the stream-K units' matrix) without indexing Args' arrays, which would put
+// a.n[i], a.y[i], a.bias[i] for a runtime i (store_tile's matrix) without indexing Args' arrays, which would put
 // the struct on the stack
 __device__ __forceinline__ int n_of(const Args& a, int i) { return i == 0 ? a.n[0] : i == 1 ? a.n[1] : a.n[2]; }
 __device__ __forceinline__ float* y_of(const Args& a, int i) { return i == 0 ? a.y[0] : i == 1 ? a.y[1] : a.y[2]; }
@@ -476,228 +469,6 @@ __device__ __forceinline__ void tile(const Args& a, int mat, int n0) {
     store_tile<K>(a, mat, n0, acc, store, part, warp, lane, reinterpret_cast<float4*>(W0));
 }
 
-#if SK_STREAMK
-// ------------------------------------------------------------------------------------------------------------------
-// SK_STREAMK: the same tiles as units of (tile, superblock), tile-major, split evenly over a grid of P CTAs along x
-// (toolchain/kernels.py: as many as SKINNY_CTAS_PER_SM per SM hold, never more than the units): CTA b takes units
-// [b U / P, (b + 1) U / P), so every CTA streams about the same bytes whatever the shape (no wave of a few CTAs, no
-// SM left with one CTA while others have two), and its ring of stages runs on across tile boundaries. A tile whose
-// superblocks all fall to one CTA is stored by it; a tile split between CTAs (at most at each CTA's two ends) has
-// each CTA's partial sums in a module-global slot (its first or its last segment), and the CTA that finishes the
-// tile last (a counter per tile, reset by that CTA) adds the slots in k order (the same bits whichever arrives
-// last) and stores. No CTA waits for another: any number of them may be resident. RMSNorm: each CTA sums x^2 over
-// all of k (the same bits in every CTA). The launches of one module must not overlap in time (a stream orders them;
-// under programmatic dependent launch a kernel touches the slots and counters only after pdl_wait()).
-constexpr int SK_MAX_CTAS = 2 * 132, SK_MAX_Y = 32, SK_MAX_TILES = 2048;  // kernels.py SKINNY_STREAMK_*
-constexpr int PT = WARPS * NT8 * 32;                                     // float4 per partial tile
-__device__ float4 g_sk_part[SK_MAX_CTAS][2][PT];                        // [y P + b][first / last segment]
-__device__ unsigned int g_sk_count[SK_MAX_Y][SK_MAX_TILES];              // arrivals per (token tile, tile)
-__device__ __forceinline__ const uint8_t* w_of(const Args& a, int i) { return i == 0 ? a.w[0] : i == 1 ? a.w[1] : a.w[2]; }
-
-template <Kind K> __device__ __forceinline__ int n_tiles(const Args& a) {
-    if constexpr (K == QKV) return (a.n[0] + BN - 1) / BN + 2 * ((a.n[1] + BN - 1) / BN);
-    if constexpr (K == SWIGLU) return (a.n[0] + BN / 2 - 1) / (BN / 2);
-    return (a.n[0] + BN - 1) / BN;
-}
-// tile t -> its matrix (QKV: the q tiles, then k's, then v's) and first row
-template <Kind K> __device__ __forceinline__ void tile_rows(const Args& a, int t, int& mat, int& n0) {
-    mat = 0;
-    n0 = t * (K == SWIGLU ? BN / 2 : BN);
-    if constexpr (K == QKV) {
-        const int tq = (a.n[0] + BN - 1) / BN, tk = (a.n[1] + BN - 1) / BN;
-        if (t >= tq) {
-            mat = t < tq + tk ? 1 : 2;
-            n0 = (t - (mat == 1 ? tq : tq + tk)) * BN;
-        }
-    }
-}
-
-// Formats: F0 for matrix 0 (QKV: q; SWIGLU: gate), F1 for matrix 1 (k; up), F2 for matrix 2 (v).
-template <Kind K, class F0, class F1, class F2>
-__device__ __forceinline__ void stream_units(const Args& a) {
-    constexpr bool NORM = K == QKV || K == SWIGLU, TWO = K == SWIGLU;
-    constexpr int PROWS = TWO ? BN / 2 : BN, PTHREADS = TWO ? THREADS / 2 : THREADS, PWARPS = PTHREADS / 32;
-    __shared__ int sk_last;
-    uint8_t* const X0 = skinny_smem;
-    uint8_t* const N0 = X0 + STAGES * X_BYTES;
-    uint8_t* const W0 = N0 + STAGES * N_BYTES;
-    float* const ss = reinterpret_cast<float*>(W0 + STAGES * W_BYTES + S_BYTES);  // [16] sums of x^2
-    float* const inv = ss + 16;                                                     // [16] 1 / rms per token
-    uint4* const XF = reinterpret_cast<uint4*>(inv + 16);                           // [16 chunks][32]
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c = lane & 3;
-    const int part = TWO ? warp / PWARPS : 0, ptid = tid - part * PTHREADS;
-    uint8_t* const S = W0 + STAGES * W_BYTES + warp * WROWS * 64;  // this warp's rows' scales
-    const int m0 = blockIdx.y * BM, rows = min(BM, a.m - m0), k = a.k, nb = k / 256;
-    const int wr0 = (warp % PWARPS) * WROWS;
-    const int T = n_tiles<K>(a), U = T * nb, P = gridDim.x, b = blockIdx.x;
-    if (P * gridDim.y > SK_MAX_CTAS || gridDim.y > SK_MAX_Y || gridDim.z != 1 || T > SK_MAX_TILES || P > U)
-        __trap();
-    auto first_unit = [&](int bb) { return (int)((long long)bb * U / P); };
-    auto owner_of = [&](int u) { return (int)(((long long)(u + 1) * P - 1) / U); };  // the CTA whose units hold u
-    const int u0 = first_unit(b), nu = first_unit(b + 1) - u0;
-
-    // the format of matrix `mat` (uniform per tile), as a value for generic lambdas
-    auto with_fmt = [&](int mat, auto fn) {
-        if constexpr (K == QKV) {
-            if (mat == 0) fn(F0{});
-            else if (mat == 1) fn(F1{});
-            else fn(F2{});
-        } else if constexpr (TWO) {
-            if (part == 0) fn(F0{});
-            else fn(F1{});
-        } else {
-            fn(F0{});
-        }
-    };
-    auto issue_w = [&](int st, int u) {  // unit u's weights (SwiGLU: up's rows right after gate's)
-        const int t = u / nb, sb = u - t * nb;
-        int mat, n0;
-        tile_rows<K>(a, t, mat, n0);
-        uint8_t* dst = W0 + st * W_BYTES;
-        with_fmt(mat, [&](auto fmt) {
-            using F = decltype(fmt);
-            const int wm = TWO ? part : mat;
-            Fmt<F>::template issue_raw<PROWS, PTHREADS>(dst + (TWO && part ? PROWS * G<F0>::RS : 0), w_of(a, wm),
-                                                       (size_t)nb * F::BB, n0, n_of(a, mat), sb, ptid);
-        });
-        if (NORM && tid < 64) cp_async16(N0 + st * N_BYTES + 16 * tid, a.norm_w + 256 * sb + 4 * tid);
-    };
-    auto issue_x = [&](int st, int u) {
-        const int sb = u % nb;
-        for (int id = tid; id < rows * 64; id += THREADS) {
-            const int r = id >> 6, ch = id & 63;
-            cp_async16(X0 + st * X_BYTES + (r * XR + 4 * ch) * 4, a.x + (size_t)(m0 + r) * k + 256 * sb + 4 * ch);
-        }
-    };
-
-    for (int i = tid; i < STAGES * (BM - rows) * XR; i += THREADS) {  // x rows past m: zeros (outputs dropped)
-        const int s = i / ((BM - rows) * XR), r = i - s * (BM - rows) * XR;
-        reinterpret_cast<float*>(X0 + s * X_BYTES)[rows * XR + r] = 0.f;
-    }
-    for (int st = 0; st < STAGES - 1; ++st)  // the first units' weights before pdl_wait (they depend on no kernel)
-        if (st < nu) issue_w(st, u0 + st);
-    pdl_wait();
-    for (int st = 0; st < STAGES - 1; ++st) {
-        if (st < nu) issue_x(st, u0 + st);
-        cp_async_commit();
-    }
-    if constexpr (NORM) {  // sums of x^2 over all of k: warp w takes tokens 2w, 2w + 1
-        for (int t = BM / WARPS * warp; t < BM / WARPS * (warp + 1); ++t) {
-            float acc = 0.f;
-            if (t < rows) {
-                const float4* xr = reinterpret_cast<const float4*>(a.x + (size_t)(m0 + t) * k);
-                for (int i = lane; i < nb * 64; i += 32) {
-                    const float4 v = ld_produced(xr + i);
-                    acc += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
-                }
-            }
-#pragma unroll
-            for (int o = 16; o; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-            if (lane == 0) inv[t] = 1.f / sqrtf(acc / (float)k + (float)(RMS_EPS));
-        }
-        __syncthreads();
-    }
-
-    float acc[NT8][4];
-    auto zero = [&]() {
-#pragma unroll
-        for (int j = 0; j < NT8; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
-    };
-    zero();
-    int seg = u0;  // the first unit of the current tile's segment
-    for (int i = 0; i < nu; ++i) {
-        const int u = u0 + i, st = i % STAGES, t = u / nb, sb = u - t * nb;
-        int mat, n0;
-        tile_rows<K>(a, t, mat, n0);
-        cp_async_wait_ring();  // unit i's stage has landed (this thread's copies) ...
-        __syncthreads();       // ... and everyone's; everyone is also done with unit i - 1's stage and XF
-        {
-            const int nx = i + STAGES - 1;
-            if (nx < nu) {
-                issue_w(nx % STAGES, u0 + nx);
-                issue_x(nx % STAGES, u0 + nx);
-            }
-            cp_async_commit();
-        }
-        stage_fragments<NORM>(XF, X0 + st * X_BYTES, N0 + st * N_BYTES, inv, tid);
-        __syncthreads();
-        const uint8_t* R = W0 + st * W_BYTES + (TWO && part ? PROWS * G<F0>::RS : 0);
-        with_fmt(mat, [&](auto fmt) {
-            using F = decltype(fmt);
-            const int wm = TWO ? part : mat, n = n_of(a, mat);
-            const uint32_t wlo = (uint32_t)reinterpret_cast<uintptr_t>(w_of(a, wm));
-            const size_t row_bytes = (size_t)nb * F::BB;
-            Fmt<F>::template scales<WROWS, 32>(S, R + wr0 * G<F>::RS, wlo, row_bytes, n0 + wr0, n, sb, lane);
-            __syncwarp();
-            uint32_t off[NT8];
-#pragma unroll
-            for (int j = 0; j < NT8; ++j)
-                off[j] = F::BB == 210 ? Fmt<Q6K>::row_off(wlo, row_bytes, min(n0 + wr0 + 8 * j + g, n - 1), sb) : 0;
-#pragma unroll
-            for (int sub = 0; sub < 4; ++sub) {
-                uint32_t bf[NT8][4][2];
-#pragma unroll
-                for (int j = 0; j < NT8; ++j)
-                    Fmt<F>::dequant(bf[j], R + (wr0 + 8 * j + g) * G<F>::RS, S + (8 * j + g) * 64, off[j], sub, c);
-#pragma unroll
-                for (int kk = 0; kk < 4; ++kk) {
-                    const uint4 f = XF[(Fmt<F>::chunk_base(sub, kk) >> 4) * 32 + lane];
-                    const uint32_t af[4] = {f.x, f.y, f.z, f.w};
-#pragma unroll
-                    for (int j = 0; j < NT8; ++j) mma16816(acc[j], af, bf[j][kk][0], bf[j][kk][1]);
-                }
-            }
-        });
-        if (sb != nb - 1 && i != nu - 1) continue;
-        // the end of this CTA's segment [seg, u] of tile t
-        const int ts = t * nb;
-        if (seg != ts || sb != nb - 1) {  // a part of the tile: to this CTA's slot; the last to arrive adds them all
-            const int yb = blockIdx.y * P;
-            float4* mine = g_sk_part[yb + b][seg == u0 ? 0 : 1];
-#pragma unroll
-            for (int j = 0; j < NT8; ++j)
-                mine[(warp * NT8 + j) * 32 + lane] = make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
-            __threadfence();  // release: this thread's partials before the count
-            __syncthreads();
-            const int bf = owner_of(ts), bl = owner_of(ts + nb - 1);
-            if (tid == 0) {
-                const unsigned old = atomicAdd(&g_sk_count[blockIdx.y][t], 1u);
-                sk_last = old == (unsigned)(bl - bf);
-                if (sk_last) g_sk_count[blockIdx.y][t] = 0;  // every part has arrived: ready for the next launch
-            }
-            __syncthreads();
-            const bool last = sk_last;
-            seg = u + 1;
-            if (!last) {
-                zero();
-                continue;
-            }
-            __threadfence();  // acquire: the other CTAs' partials
-            zero();
-            for (int bb = bf; bb <= bl; ++bb) {  // k order: the same sum whichever CTA adds
-                const float4* p = g_sk_part[yb + bb][bb == bf && first_unit(bf) != ts ? 1 : 0];
-#pragma unroll
-                for (int j = 0; j < NT8; ++j) {
-                    const float4 v = __ldcg(p + (warp * NT8 + j) * 32 + lane);
-                    acc[j][0] += v.x;
-                    acc[j][1] += v.y;
-                    acc[j][2] += v.z;
-                    acc[j][3] += v.w;
-                }
-            }
-        }
-        seg = u + 1;
-        if constexpr (TWO) __syncthreads();  // every warp is done with XF: the up values meet the gate warps there
-        store_tile<K>(a, mat, n0, acc, true, part, warp, lane, reinterpret_cast<float4*>(XF));
-        zero();
-    }
-}
-#else
-template <Kind K, class F0, class F1, class F2> __device__ __forceinline__ void stream_units(const Args&) {}  // unused
-#endif  // SK_STREAMK
-
 }  // namespace
 
 #if SK_SPLIT > 1
@@ -714,8 +485,7 @@ template <Kind K, class F0, class F1, class F2> __device__ __forceinline__ void 
         trap_if_dynamic_smem_below(SMEM_BYTES);                                                                                              \
         Args a{};                                                                                                  \
         a.x = x; a.w[0] = w; a.bias[0] = bias; a.y[0] = y; a.n[0] = n; a.m = m; a.k = k;                            \
-        if (SK_STREAMK) stream_units<PLAIN, ggml::F, ggml::F, ggml::F>(a);                                          \
-        else tile<PLAIN, ggml::F, ggml::F>(a, 0, blockIdx.x * BN);                                                 \
+        tile<PLAIN, ggml::F, ggml::F>(a, 0, blockIdx.x * BN);                                                      \
     }
 
 QTRT_SKINNY(q4k_gemm_skinny, Q4K)
@@ -728,8 +498,7 @@ SKINNY_KERNEL matmul_add_skinny(const float* x, const uint8_t* __restrict__ w, c
     trap_if_dynamic_smem_below(SMEM_BYTES);
     Args a{};
     a.x = x; a.w[0] = w; a.bias[0] = bias; a.residual = residual; a.y[0] = y; a.n[0] = n; a.m = m; a.k = k;
-    if (SK_STREAMK) stream_units<ADD, ggml::W_TYPE, ggml::W_TYPE, ggml::W_TYPE>(a);
-    else tile<ADD, ggml::W_TYPE, ggml::W_TYPE>(a, 0, blockIdx.x * BN);
+    tile<ADD, ggml::W_TYPE, ggml::W_TYPE>(a, 0, blockIdx.x * BN);
 }
 #endif
 
@@ -748,9 +517,7 @@ SKINNY_KERNEL rms_norm_qkv_skinny(const float* x, const float* __restrict__ norm
     a.w[2] = wv; a.bias[2] = bv; a.y[2] = v; a.n[2] = kv_dim;
     const int tq = (q_dim + BN - 1) / BN, tk = (kv_dim + BN - 1) / BN;
     const int t = blockIdx.x;  // the q tiles, then k's, then v's (uniform per CTA)
-    if (SK_STREAMK)
-        stream_units<QKV, ggml::Q_TYPE, ggml::K_TYPE, ggml::V_TYPE>(a);
-    else if (t < tq)
+    if (t < tq)
         tile<QKV, ggml::Q_TYPE, ggml::Q_TYPE>(a, 0, t * BN);
     else if (t < tq + tk)
         tile<QKV, ggml::K_TYPE, ggml::K_TYPE>(a, 1, (t - tq) * BN);
@@ -769,7 +536,6 @@ SKINNY_KERNEL rms_norm_swiglu_skinny(const float* x, const float* __restrict__ n
     a.x = x; a.norm_w = norm_w; a.m = m; a.k = hidden;
     a.w[0] = w_gate; a.n[0] = ffn; a.y[0] = y;
     a.w[1] = w_up; a.n[1] = ffn;
-    if (SK_STREAMK) stream_units<SWIGLU, ggml::GATE_TYPE, ggml::UP_TYPE, ggml::UP_TYPE>(a);
-    else tile<SWIGLU, ggml::GATE_TYPE, ggml::UP_TYPE>(a, 0, blockIdx.x * (BN / 2));
+    tile<SWIGLU, ggml::GATE_TYPE, ggml::UP_TYPE>(a, 0, blockIdx.x * (BN / 2));
 }
 #endif

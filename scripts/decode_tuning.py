@@ -138,15 +138,6 @@ VARIANTS = {
             ("skinny_prev", {"SK_STAGES": 4, "SK_XF16": 0}), ("skinny_s2_f32x", {"SK_STAGES": 2, "SK_XF16": 0}),
             ("skinny_cta_s3", {"SK_STAGES": 3}), ("skinny_cta_s4", {"SK_STAGES": 4}), ("skinny_u1", {"SK_SUB_UNROLL": 1}),
             ("skinny_w16", {"SK_WARPS": 16}), ("skinny_w16_s4", {"SK_WARPS": 16, "SK_STAGES": 4}))))},
-    # SK_STREAMK: the GEMMs for few tokens as (tile, superblock) units split evenly over the resident CTAs (no cluster,
-    # split tiles summed through global memory by the CTA finishing them last): every one, all but the QKV (whose
-    # CTAs would each read all of x for the norm instead of their sixth), or only the large ones (SwiGLU, ffn_down,
-    # the lm_head)
-    "skinny_streamk": {**DEFAULT, "defines": {op: {"SK_STREAMK": 1} for op in K.SKINNY_OPS}},
-    "skinny_streamk_noqkv": {**DEFAULT, "defines": {op: {"SK_STREAMK": 1} for op in K.SKINNY_OPS
-                                                    if op != "rms_norm_qkv_skinny"}},
-    "skinny_streamk_big": {**DEFAULT, "defines": {**{op: {"SK_STREAMK": 1} for op in (
-        "rms_norm_swiglu_skinny", "q6k_gemm_skinny", "q4k_gemm_skinny")}, "matmul_add_skinny@8960": {"SK_STREAMK": 1}}},
     # the attention's full grid (a cluster per query head, all but one per kv head leaving at once at short context
     # and above 16 tokens), as before attn_kv_grid
     "attn_full_grid": {**DEFAULT, "attn_kv_grid": False},

@@ -260,9 +260,9 @@ def test_gemm_deterministic(t, v):
 SKINNY = {"Q4_K": "q4k_gemm_skinny", "Q6_K": "q6k_gemm_skinny"}
 
 
-def skinny_launcher(split: int | None = None, streamk: bool = False):
+def skinny_launcher(split: int | None = None):
     """A launch function for run_gemm: the op built with kernels.defines_for (SK_SPLIT by the shape), or with a
-    forced cluster size `split` (grid z to match), or as its SK_STREAMK build, launched with kernels.launch_config."""
+    forced cluster size `split` (grid z to match), launched with kernels.launch_config."""
     from toolchain import kernels
 
     def launch(t, x, w, bias, y, m, n, k):
@@ -272,11 +272,8 @@ def skinny_launcher(split: int | None = None, streamk: bool = False):
         if split is not None:
             defines = {"SK_SPLIT": split} if split > 1 else {}
             cfg = kernels.LaunchConfig(cfg.grid[:2] + (split,), cfg.block, cfg.shared_mem, cfg.scalars)
-        if streamk:
-            defines = {"SK_STREAMK": 1}
-            cfg = kernels.launch_config(op, {"m": m, "n": n, "k": k} | kernels.skinny_dims(defines))
         cr.load_op(op, defines).launch_op(cfg, [x, w, bias], [y])
-    launch.name = f"skinny(split={split or 'by shape'}{', stream-K' if streamk else ''})"
+    launch.name = f"skinny(split={split or 'by shape'})"
     return launch
 
 
@@ -298,16 +295,6 @@ def test_skinny_15b_shapes(t, n, k, has_bias, m):
 def test_skinny_awkward(t, n, k, m):
     rng, seed = _rng()
     check(t, n, k, m, True, rng, seed, launch=skinny_launcher())
-
-
-@pytest.mark.parametrize("t", ["Q4_K", "Q6_K"])
-@pytest.mark.parametrize("n,k,m", [(37, 512, 5), (1000, 768, 3), (136, 2304, 20), (151936 // 8, 1536, 16),
-                                   (1536, 8960, 33)])
-def test_skinny_streamk_plain(t, n, k, m):
-    """The plain GEMMs' SK_STREAMK builds (the lm_head's in decode_tuning's skinny_streamk variants): odd n, odd
-    superblock counts, two and three token tiles, many row tiles."""
-    rng, seed = _rng()
-    check(t, n, k, m, True, rng, seed, launch=skinny_launcher(streamk=True))
 
 
 @pytest.mark.parametrize("t", ["Q4_K", "Q6_K"])

@@ -233,12 +233,6 @@ def test_skinny_gemm_launch():
     are kernels.SKINNY_* (the dynamic shared memory and block launch_config gives: the kernel traps if launched with
     less shared memory), the scalars are the ABI's of the op each one replaces."""
     src = (K.PLUGINS / "quant_gemm_skinny.cu").read_text()
-    slots = re.search(r"SK_MAX_CTAS = (\d+) \* (\d+)", src)  # SK_STREAMK's partial slots: one per resident CTA
-    assert int(slots[1]) * int(slots[2]) == K.SKINNY_STREAMK_CTAS
-    limits = re.search(r"SK_MAX_Y = (\d+), SK_MAX_TILES = (\d+);", src)  # its counters
-    assert (int(limits[1]), int(limits[2])) == (K.SKINNY_STREAMK_TOKEN_TILES, K.SKINNY_STREAMK_TILES)
-    with pytest.raises(ValueError, match="at most"):  # more token tiles than counters: refused, not a trap
-        K.launch_config("q4k_gemm_skinny", dict(m=16 * K.SKINNY_STREAMK_TOKEN_TILES + 1, n=256, k=256, sk_streamk=1))
     for define, default in (("SK_STAGES", K.SKINNY_STAGES), ("SK_XF16", K.SKINNY_XF16), ("SK_WARPS", K.SKINNY_WARPS),
                             ("SK_WARPRING", K.SKINNY_WARPRING), ("SK_XSB", K.SKINNY_XSB)):
         assert int(re.search(rf"#define {define} (\d+)", src).group(1)) == default, define
@@ -271,15 +265,6 @@ def test_skinny_gemm_launch():
         assert cfg.block == (K.SKINNY_THREADS, 1, 1) and cfg.shared_mem == K.SKINNY_SMEM
         assert cfg.scalars == {"rms_norm_qkv_skinny": (dims["m"], k, dims.get("q_dim"), dims.get("kv_dim")),
                                "rms_norm_swiglu_skinny": (dims["m"], k, dims.get("ffn"))}.get(op, (dims["m"], rows, k))
-        # SK_STREAMK builds: a grid of at most the .cu's partial slots (SK_MAX_CTAS over its token tiles) and never
-        # more CTAs than (tile, superblock) units, so each CTA has one at least; no cluster; the same block, and the
-        # CTA ring's memory (stream_units keeps that loop: SK_WARPRING does not apply)
-        sk = K.launch_config(op, dims | K.skinny_dims(d | {"SK_STREAMK": 1}))
-        units = cfg.grid[0] * (k // 256)
-        assert sk.grid[1] == cfg.grid[1] and sk.grid[2] == 1 and sk.block == cfg.block
-        assert sk.shared_mem == K.skinny_smem_bytes(warpring=0) != cfg.shared_mem
-        assert 1 <= sk.grid[0] <= units and sk.grid[0] * sk.grid[1] <= K.SKINNY_STREAMK_CTAS, (op, dims, sk.grid)
-        assert sk.grid[0] == min(units, K.SKINNY_STREAMK_CTAS // sk.grid[1])
 
 
 @needs_nvcc
@@ -395,15 +380,6 @@ def test_nothing_but_weights_before_griddepcontrol_wait(op, defines):
     # reads, which lets activations share bytes (the cuda backend's share_activations, toolchain/buffer_plan.py)
     writes = [x for x in ins[:waits[0]] if re.search(r"\b(STG|ST|RED|ATOM|ATOMG)\.", x)]
     assert not writes, f"{op} {defines}: global writes before the wait: {writes}"
-
-
-@needs_nvcc
-@pytest.mark.skipif(_cuobjdump() is None, reason="cuobjdump not found (pip install nvidia-cuda-cuobjdump)")
-@pytest.mark.parametrize("op,defines", [c for c in CASES if c.values[0] in K.SKINNY_OPS])
-def test_streamk_builds_load_nothing_but_weights_before_the_wait(op, defines):
-    """The GEMMs for few tokens' SK_STREAMK builds (decode_tuning's skinny_streamk*) keep the same rule: their
-    slots and counters, x and the residual only after the wait."""
-    test_nothing_but_weights_before_griddepcontrol_wait(op, {**defines, "SK_STREAMK": 1})
 
 
 @needs_nvcc

@@ -507,34 +507,6 @@ def test_skinny_scales_h2_keep_the_bits(op, shape, types, m, ring):
         assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"{sop} m={m}: other bits ({seed})"
 
 
-@pytest.mark.parametrize("op,shape,types,m", SKINNY_CASES)
-def test_skinny_streamk(op, shape, types, m):
-    """The SK_STREAMK builds (units of (tile, superblock) over the resident CTAs, split tiles summed by the CTA that
-    finishes them last through module-global slots and counters), one module launched three times: every case
-    against the numpy ops; the second launch gives the same bits (the first reset the counters it used, and the
-    k-order sum does not depend on which CTA arrives last); a grid of fewer CTAs (each with several tiles' units,
-    other split tiles) within the tolerance too."""
-    rng, seed = _rng()
-    attrs, inputs, outputs, dims, refs = fused_case(rng, op, shape[0], shape[1:], types, m)
-    sop = K.skinny_of(op, attrs)
-    defines = K.defines_for(sop, dict(attrs, hidden=shape[0])) | {"SK_STREAMK": 1}
-    cfg = K.launch_config(sop, dims | K.skinny_dims(defines))
-    kern = kernel(sop, tuple(sorted(defines.items())))
-
-    def launch(grid_x):
-        grid = K.LaunchConfig((grid_x, *cfg.grid[1:]), cfg.block, cfg.shared_mem, cfg.scalars)
-        return run(sop, inputs, outputs, dims, kern=kern, cfg=grid)
-
-    outs = launch(cfg.grid[0])
-    check_fused(f"{sop} {defines} {shape} m={m}", op, inputs, outs, refs, seed, tol=SKINNY_TOL)
-    again = launch(cfg.grid[0])
-    for a, b in zip(outs, again):
-        assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"{sop} m={m}: not the same bits twice ({seed})"
-    fewer = max(1, cfg.grid[0] // 3 + int(rng.integers(0, 2)))
-    check_fused(f"{sop} {defines} {shape} m={m} grid x {fewer}", op, inputs, launch(fewer), refs, seed,
-                tol=SKINNY_TOL)
-
-
 def test_skinny_of_keeps_other_formats_on_the_decode_core():
     assert K.skinny_of("rms_norm_qkv", dict(q_type="Q5_0", k_type="Q5_0", v_type="Q8_0")) is None
     assert K.skinny_of("matmul_add", dict(w_type="Q6_K")) == "matmul_add_skinny"

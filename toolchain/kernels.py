@@ -216,28 +216,16 @@ def skinny_smem_bytes(stages: int = SKINNY_STAGES, xf16: int = SKINNY_XF16, warp
 
 
 SKINNY_SMEM = skinny_smem_bytes()
-SKINNY_STREAMK_CTAS = SKINNY_CTAS_PER_SM * QMV_SMS  # the .cu's SK_MAX_CTAS (its partial slots)
-SKINNY_STREAMK_TOKEN_TILES, SKINNY_STREAMK_TILES = 32, 2048  # the .cu's SK_MAX_Y, SK_MAX_TILES (its counters)
 assert SKINNY_CTAS_PER_SM * (SKINNY_SMEM + 1024) <= 228 * 1024 < (SKINNY_CTAS_PER_SM + 1) * (SKINNY_SMEM + 1024)
 
 
 def skinny_dims(defines: dict) -> dict:
     """The launch-relevant defines of a GEMM-for-few-tokens build (its stages, SK_XF16, SK_WARPS, SK_WARPRING and
-    SK_XSB, SK_STREAMK, its cluster size SK_SPLIT: defines_for's by the shape, or a tuning's), as launch_config's
-    dims. SK_STREAMK builds keep the CTA ring's loop: SK_WARPRING does not apply to them."""
-    streamk = int(defines.get("SK_STREAMK", 0))
+    SK_XSB, its cluster size SK_SPLIT: defines_for's by the shape, or a tuning's), as launch_config's dims."""
     return {"sk_stages": int(defines.get("SK_STAGES", SKINNY_STAGES)),
             "sk_xf16": int(defines.get("SK_XF16", SKINNY_XF16)), "sk_warps": int(defines.get("SK_WARPS", SKINNY_WARPS)),
-            "sk_split": int(defines.get("SK_SPLIT", 1)), "sk_streamk": streamk,
-            "sk_warpring": 0 if streamk else int(defines.get("SK_WARPRING", SKINNY_WARPRING)),
+            "sk_split": int(defines.get("SK_SPLIT", 1)), "sk_warpring": int(defines.get("SK_WARPRING", SKINNY_WARPRING)),
             "sk_xsb": int(defines.get("SK_XSB", SKINNY_XSB))}
-
-
-def skinny_streamk_grid(tiles: int, k: int, token_tiles: int) -> int:
-    """Grid x of an SK_STREAMK build (plugins/quant_gemm_skinny.cu stream_units): the tiles' (tile, superblock) units
-    split evenly over as many CTAs as are resident at once (SKINNY_STREAMK_CTAS over the grid's token tiles), never
-    more CTAs than units."""
-    return max(1, min(int(tiles) * (int(k) // 256), SKINNY_STREAMK_CTAS // max(1, int(token_tiles))))
 
 
 def skinny_split(tiles: int, k: int) -> int:
@@ -507,17 +495,10 @@ def launch_config(op: str, dims: dict, ops=INT_OPS, clusters: bool = True) -> La
                             (m, n, k))
     if op in SKINNY_OPS:
         tiles, k = _skinny_shape(op, dims)
-        ring = 0 if int(dims.get("sk_streamk", 0)) else int(dims.get("sk_warpring", SKINNY_WARPRING))
         smem = skinny_smem_bytes(int(dims.get("sk_stages", SKINNY_STAGES)), int(dims.get("sk_xf16", SKINNY_XF16)),
-                                 ring, int(dims.get("sk_xsb", SKINNY_XSB)))
+                                 int(dims.get("sk_warpring", SKINNY_WARPRING)), int(dims.get("sk_xsb", SKINNY_XSB)))
         threads = 32 * int(dims.get("sk_warps", SKINNY_WARPS))
         ty = ops.cdiv(m, SKINNY_TOKENS)
-        if int(dims.get("sk_streamk", 0)):  # units of (tile, superblock) over the resident CTAs, no cluster
-            if ty > SKINNY_STREAMK_TOKEN_TILES or tiles > SKINNY_STREAMK_TILES:
-                raise ValueError(f"{op}: an SK_STREAMK build takes at most {SKINNY_STREAMK_TOKEN_TILES * SKINNY_TOKENS} "
-                                 f"tokens and {SKINNY_STREAMK_TILES} tiles ({m} tokens, {tiles} tiles asked)")
-            return LaunchConfig((skinny_streamk_grid(tiles, k, ty), ty, 1), (threads, 1, 1), smem,
-                                _projection_scalars(SKINNY_BASE[op], dims))
         split = int(dims["sk_split"]) if "sk_split" in dims else skinny_split(tiles, k)  # grid z: the build's cluster
         return LaunchConfig((tiles, ty, split), (threads, 1, 1), smem, _projection_scalars(SKINNY_BASE[op], dims))
     if op == "rms_norm_qkv":
