@@ -105,18 +105,12 @@ static_assert(SMEM_BYTES <= 227 * 1024, "fits one SM");
 static_assert(SPLIT >= 1 && SPLIT <= 8, "a portable cluster has at most 8 CTAs");
 static_assert(STAGES >= 2, "a ring");
 static_assert(WARPS == 8 || WARPS == 16, "8 warps of 2 n8 tiles or 16 of 1 (kernels.skinny_dims)");
-static_assert(WARPS * NT8 * 32 * 16 <= STAGES * (WRING ? W_BYTES : X_BYTES), "the partial tiles fit the x ring (the weight ring)");
+static_assert(WARPS * NT8 * 32 * 16 <= STAGES * (WRING ? W_BYTES : X_BYTES),
+              "the partial tiles fit the x ring (SK_WARPRING: the weight ring)");
 static_assert(!WRING || (XSB >= 1 && WARPS == 8), "SK_WARPRING: 8-warp tiles, XSB >= 1");
 static_assert(WARPS * NT8 * 32 * 16 <= STAGES * W_BYTES, "the up tiles fit the weight ring");
 
 using Args = ProjArgs;  // plugins/proj_args.cuh
-// a.n[i], a.y[i], a.bias[i] for a runtime i (store_tile's matrix) without indexing Args' arrays, which would put
-// the struct on the stack
-__device__ __forceinline__ int n_of(const Args& a, int i) { return i == 0 ? a.n[0] : i == 1 ? a.n[1] : a.n[2]; }
-__device__ __forceinline__ float* y_of(const Args& a, int i) { return i == 0 ? a.y[0] : i == 1 ? a.y[1] : a.y[2]; }
-__device__ __forceinline__ const float* bias_of(const Args& a, int i) {
-    return i == 0 ? a.bias[0] : i == 1 ? a.bias[1] : a.bias[2];
-}
 
 __device__ __forceinline__ void cp_async_wait_ring() {  // all but the STAGES-2 most recent groups have landed
     asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 2) : "memory");
@@ -210,10 +204,10 @@ __device__ __forceinline__ void store_tile(const Args& a, int mat, int n0, float
         }
     }
     if (!store) return;
-    const int n = n_of(a, mat);
+    const int n = a.n[mat];
     const int m0 = blockIdx.y * BM;
-    float* const y = y_of(a, mat);
-    const float* const bias = K == SWIGLU ? nullptr : bias_of(a, mat);
+    float* const y = a.y[mat];
+    const float* const bias = K == SWIGLU ? nullptr : a.bias[mat];
     const bool even = (n & 1) == 0;
 #pragma unroll
     for (int j = 0; j < NT8; ++j) {
@@ -292,9 +286,11 @@ __device__ __forceinline__ void tile(const Args& a, int mat, int n0) {
 
     // x rows past m are never copied: zero them once, so the mma reads finite values (their outputs are dropped;
     // SK_WARPRING has no x stages: its fragments of those rows are made zero)
-    for (int i = tid; !WRING && i < STAGES * (BM - rows) * XR; i += THREADS) {
-        const int s = i / ((BM - rows) * XR), r = i - s * (BM - rows) * XR;
-        reinterpret_cast<float*>(X0 + s * X_BYTES)[rows * XR + r] = 0.f;
+    if constexpr (!WRING) {
+        for (int i = tid; i < STAGES * (BM - rows) * XR; i += THREADS) {
+            const int s = i / ((BM - rows) * XR), r = i - s * (BM - rows) * XR;
+            reinterpret_cast<float*>(X0 + s * X_BYTES)[rows * XR + r] = 0.f;
+        }
     }
     // prologue: the first STAGES-1 stages' weights before pdl_wait (they depend on no kernel), then their x
     for (int st = 0; st < STAGES - 1; ++st) {
@@ -389,47 +385,50 @@ __device__ __forceinline__ void tile(const Args& a, int mat, int n0) {
         }
     };
 
-    for (int s = 0; WRING && s < nsb; ++s) {  // SK_WARPRING: each warp on its own; the CTA meets once a window
-        const int sb = sb0 + s, st = s % STAGES;
-        if (s > 0 && s % XSB == 0) {
-            __syncthreads();  // every warp is done with the last window
-            window_fragments<NORM>(XF, a, m0, rows, sb, min(XSB, nsb - s), inv, tid);
-            __syncthreads();
-        }
-        cp_async_wait_ring();  // this warp's stage s has landed (this lane's copies) ...
-        __syncwarp();          // ... and its other lanes'; they are also done with stage s - 1, refilled now
-        {
-            const int t = s + STAGES - 1;
-            if (t < nsb) issue_w(t % STAGES, sb0 + t);
-            cp_async_commit();
-        }
-        const uint8_t* R = W0 + st * W_BYTES;
-        if (!TWO || part == 0)
-            compute(F0{}, R, nullptr, nullptr, sb);
-        else
-            compute(F1{}, R + PROWS * G<F0>::RS, nullptr, nullptr, sb);
-    }
-    for (int s = 0; !WRING && s < nsb; ++s) {
-        const int sb = sb0 + s, st = s % STAGES;
-        cp_async_wait_ring();  // stage s has landed (this thread's copies) ...
-        __syncthreads();       // ... and everyone's; everyone is also done with stage s - 1, which is refilled now
-        {
-            const int t = s + STAGES - 1, tst = t % STAGES;
-            if (t < nsb) {
-                issue_w(tst, sb0 + t);
-                issue_x(tst, sb0 + t);
+    if constexpr (WRING) {
+        for (int s = 0; s < nsb; ++s) {  // SK_WARPRING: each warp on its own; the CTA meets once a window
+            const int sb = sb0 + s, st = s % STAGES;
+            if (s > 0 && s % XSB == 0) {
+                __syncthreads();  // every warp is done with the last window
+                window_fragments<NORM>(XF, a, m0, rows, sb, min(XSB, nsb - s), inv, tid);
+                __syncthreads();
             }
-            cp_async_commit();
+            cp_async_wait_ring();  // this warp's stage s has landed (this lane's copies) ...
+            __syncwarp();          // ... and its other lanes'; they are also done with stage s - 1, refilled now
+            {
+                const int t = s + STAGES - 1;
+                if (t < nsb) issue_w(t % STAGES, sb0 + t);
+                cp_async_commit();
+            }
+            const uint8_t* R = W0 + st * W_BYTES;
+            if (!TWO || part == 0)
+                compute(F0{}, R, nullptr, nullptr, sb);
+            else
+                compute(F1{}, R + PROWS * G<F0>::RS, nullptr, nullptr, sb);
         }
-        if constexpr (SK_XF16) {
-            stage_fragments<NORM>(XF, X0 + st * X_BYTES, N0 + st * N_BYTES, inv, tid);
-            __syncthreads();  // (the next stage's pass waits behind the loop's first barrier: no warp still reads XF)
+    } else {
+        for (int s = 0; s < nsb; ++s) {
+            const int sb = sb0 + s, st = s % STAGES;
+            cp_async_wait_ring();  // stage s has landed (this thread's copies) ...
+            __syncthreads();       // ... and everyone's; everyone is also done with stage s - 1, which is refilled now
+            {
+                const int t = s + STAGES - 1, tst = t % STAGES;
+                if (t < nsb) {
+                    issue_w(tst, sb0 + t);
+                    issue_x(tst, sb0 + t);
+                }
+                cp_async_commit();
+            }
+            if constexpr (SK_XF16) {
+                stage_fragments<NORM>(XF, X0 + st * X_BYTES, N0 + st * N_BYTES, inv, tid);
+                __syncthreads();  // (the next stage's pass waits behind the loop's first barrier: no warp reads XF)
+            }
+            const uint8_t* R = W0 + st * W_BYTES;
+            if (!TWO || part == 0)
+                compute(F0{}, R, X0 + st * X_BYTES, N0 + st * N_BYTES, sb);
+            else
+                compute(F1{}, R + PROWS * G<F0>::RS, X0 + st * X_BYTES, N0 + st * N_BYTES, sb);
         }
-        const uint8_t* R = W0 + st * W_BYTES;
-        if (!TWO || part == 0)
-            compute(F0{}, R, X0 + st * X_BYTES, N0 + st * N_BYTES, sb);
-        else
-            compute(F1{}, R + PROWS * G<F0>::RS, X0 + st * X_BYTES, N0 + st * N_BYTES, sb);
     }
 
     // split-K: the ranks' partial tiles meet in the owner's registers

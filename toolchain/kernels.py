@@ -498,9 +498,9 @@ def launch_config(op: str, dims: dict, ops=INT_OPS, clusters: bool = True) -> La
         smem = skinny_smem_bytes(int(dims.get("sk_stages", SKINNY_STAGES)), int(dims.get("sk_xf16", SKINNY_XF16)),
                                  int(dims.get("sk_warpring", SKINNY_WARPRING)), int(dims.get("sk_xsb", SKINNY_XSB)))
         threads = 32 * int(dims.get("sk_warps", SKINNY_WARPS))
-        ty = ops.cdiv(m, SKINNY_TOKENS)
         split = int(dims["sk_split"]) if "sk_split" in dims else skinny_split(tiles, k)  # grid z: the build's cluster
-        return LaunchConfig((tiles, ty, split), (threads, 1, 1), smem, _projection_scalars(SKINNY_BASE[op], dims))
+        return LaunchConfig((tiles, ops.cdiv(m, SKINNY_TOKENS), split), (threads, 1, 1),
+                            smem, _projection_scalars(SKINNY_BASE[op], dims))
     if op == "rms_norm_qkv":
         hidden, q_dim, kv_dim = int(_dim(dims, "hidden")), int(_dim(dims, "q_dim")), int(_dim(dims, "kv_dim"))
         groups = -(-q_dim // 2) + 2 * -(-kv_dim // 2)
