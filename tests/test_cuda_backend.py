@@ -1,11 +1,14 @@
 """Whole-model proof of the `cuda` backend on a GPU: a synthetic GGUF with the real 1.5B layout (generated where the
-test runs), greedy tokens and logits against the CPU reference decoder. Skips without a GPU."""
+test runs; QTRT_GPU_REAL=1: the real 1.5B GGUF), greedy tokens and logits against the CPU reference decoder. Skips
+without a GPU."""
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
 
-from conftest import cached
+from conftest import cached, require_real
 
 pytestmark = pytest.mark.gpu
 TIE = 2e-2  # below this top-2 logit margin, float16-cache rounding may legitimately pick the other token
@@ -17,11 +20,14 @@ def rel_err(a, b):
 
 @pytest.fixture(scope="module")
 def synth(synth_gguf):
+    """The model and its CPU reference: the synthetic 1.5B, or with QTRT_GPU_REAL=1 the real Qwen2.5-Coder-1.5B
+    Q4_K_M GGUF (`make model`, or QTRT_MODELS_DIR): the same tests on real weights."""
     from toolchain.gguf_model import load_gguf
     from toolchain.reference import ReferenceModel
 
-    model = load_gguf(synth_gguf("qwen2.5-coder-1.5b", seed=7))
-    return model, cached(("ref-synth-1.5b",), lambda: ReferenceModel(model))
+    real = bool(os.environ.get("QTRT_GPU_REAL"))
+    model = load_gguf(require_real("1.5b") if real else synth_gguf("qwen2.5-coder-1.5b", seed=7))
+    return model, cached(("ref-real-1.5b" if real else "ref-synth-1.5b",), lambda: ReferenceModel(model))
 
 
 @pytest.fixture(scope="module", params=["fused", "unfused", "tensorrt_builds"])

@@ -325,6 +325,21 @@ def _cuobjdump():
     return next((str(d / "cuobjdump") for d in dirs if (d / "nvdisasm").is_file()), None)
 
 
+def _sass_instructions(op, defines, prebuilt=True):
+    """The SASS instructions (opcode and operands, in code order) of kernel `op` built with `defines`."""
+    tool = _cuobjdump()
+    path = K.CACHE / f"sass-check-{K.kernel_name(op)}-{os.getpid()}.cubin"
+    path.write_bytes(K.compile_kernel(op, defines, fmt="cubin", prebuilt=prebuilt))
+    env = dict(os.environ, PATH=f"{Path(tool).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    try:
+        sass = subprocess.run([tool, "-sass", "-fun", K.kernel_name(op), str(path)], capture_output=True, text=True,
+                              check=True, env=env).stdout
+    finally:
+        path.unlink()
+    return [line.split("*/", 1)[1].split(";")[0].strip() for line in sass.splitlines()
+            if re.match(r"\s+/\*[0-9a-f]+\*/", line)]
+
+
 WEIGHT_OPS = set(K.MATMUL_OPS + K.FUSED_OPS + K.GATHER_OPS + K.SKINNY_OPS + K.GEMM_OPS + K.GEMM_SWIGLU_OPS)
 
 
@@ -344,16 +359,7 @@ def test_nothing_but_weights_before_griddepcontrol_wait(op, defines):
     prefill GEMMs' wgmma builds issue their first weight copies (cp.async) before the wait; their x copies are cp.async
     too, alike in SASS, so for them every wait in the code (one per path: no superblocks, or some) is checked: before
     it nothing but cp.async, no plain load at all."""
-    image = K.compile_kernel(op, defines, fmt="cubin")
-    path = K.CACHE / f"sass-check-{K.kernel_name(op)}.cubin"
-    path.write_bytes(image)
-    tool = _cuobjdump()
-    env = dict(os.environ, PATH=f"{Path(tool).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    sass = subprocess.run([tool, "-sass", "-fun", K.kernel_name(op), str(path)], capture_output=True, text=True,
-                          check=True, env=env).stdout
-    path.unlink()
-    ins = [line.split("*/", 1)[1].split(";")[0].strip() for line in sass.splitlines()
-           if re.match(r"\s+/\*[0-9a-f]+\*/", line)]
+    ins = _sass_instructions(op, defines)
     waits = [i for i, x in enumerate(ins) if x.startswith("ACQBULK")]
     assert waits, f"{op}: no griddepcontrol.wait"
     before = [x for x in ins[:waits[0]] if re.search(r"\b(LDG|LDGSTS|LD)\.", x)]  # global loads and cp.async
@@ -389,18 +395,7 @@ def test_half2_scales_reach_the_few_token_gemms():
     differs from the build with it off, and has more half2 multiplies (the scales' HMUL2 beside the Q6_K
     dequantization's). (Its GPU test compares the two builds' answers bit for bit; this one fails if they are the
     same build.)"""
-    tool = _cuobjdump()
-
-    def sass(defines):
-        path = K.CACHE / f"sass-h2-{defines.get('QMMA_SCALES_H2', 'default')}.cubin"
-        path.write_bytes(K.compile_kernel("q4k_gemm_skinny", defines, fmt="cubin", prebuilt=False))
-        out = subprocess.run([tool, "-sass", "-fun", "q4k_gemm_skinny", str(path)], capture_output=True, text=True,
-                             check=True).stdout
-        path.unlink()
-        return [line.split("*/", 1)[1].split(";")[0].strip() for line in out.splitlines()
-                if re.match(r"\s+/\*[0-9a-f]+\*/", line)]
-
-    on, off = sass({}), sass({"QMMA_SCALES_H2": 0})
+    on, off = (_sass_instructions("q4k_gemm_skinny", d, prebuilt=False) for d in ({}, {"QMMA_SCALES_H2": 0}))
     assert on != off
     assert sum("HMUL2" in x for x in on) > sum("HMUL2" in x for x in off)
 
@@ -412,6 +407,18 @@ def test_cta_ring_builds_load_nothing_but_weights_before_the_wait(op, defines):
     """The CTA-ring builds (SK_WARPRING=0, decode_tuning's skinny_cta_ring: one ring of x and weight stages for the
     CTA) keep the same rule: x, the norm weight and the residual only after the wait."""
     test_nothing_but_weights_before_griddepcontrol_wait(op, {**defines, "SK_WARPRING": 0})
+
+
+@needs_nvcc
+@pytest.mark.skipif(_cuobjdump() is None, reason="cuobjdump not found (pip install nvidia-cuda-cuobjdump)")
+@pytest.mark.parametrize("op,defines", [c for c in CASES if c.values[0] in K.SKINNY_OPS])
+def test_l2_prefetch_builds_ask_for_weights_only(op, defines):
+    """SK_L2PF (decode_tuning's skinny_l2pf*: each warp asks its next superblocks into L2 past its ring) keeps the rule
+    before the wait, and its asks are bulk L2 prefetches the default build does not have: the default's code is
+    untouched by the define's existence."""
+    test_nothing_but_weights_before_griddepcontrol_wait(op, {**defines, "SK_L2PF": 8})
+    asks = [sum("UBLKPF.L2" in x for x in _sass_instructions(op, defines | {"SK_L2PF": d})) for d in (0, 3, 8)]
+    assert asks[0] == 0 and asks[1] > 0 and asks[2] > 0, asks
 
 
 def test_attention_kv_grid_launch():

@@ -450,13 +450,12 @@ def test_skinny_fused(op, shape, types, m):
 
 
 # the builds docs/perf-notes.md timed against the default (scripts/decode_tuning.py's skinny_* variants): the same
-# answers. The first 7 are the CTA-ring build (SK_WARPRING=0, the default before 2026-12-07) and its variants (the
-# first: its default before 2026-12-06, 4 stages, per-warp A fragments), the rest the warp rings' other sizes.
+# answers: the CTA-ring build (SK_WARPRING=0, the default before 2026-12-07) and its variants (the first: its default
+# before 2026-12-06, 4 stages, per-warp A fragments). The warp rings' other sizes: test_skinny_warp_ring_sizes_keep_the_bits.
 CTA_RING = {"SK_WARPRING": 0, "QMMA_SCALES_H2": 0}
 SKINNY_VARIANTS = [CTA_RING | d for d in ({"SK_STAGES": 4, "SK_XF16": 0}, {"SK_STAGES": 2, "SK_XF16": 0},
                                           {"SK_STAGES": 3, "SK_XF16": 0}, {"SK_STAGES": 4, "SK_XF16": 1},
                                           {"SK_STAGES": 3}, {"SK_SUB_UNROLL": 1}, {"SK_WARPS": 16})]
-SKINNY_VARIANTS += [{"SK_XSB": 3}, {"SK_STAGES": 3}, {"SK_STAGES": 4, "SK_XSB": 6}, {"SK_XSB": 1}]
 
 
 @pytest.mark.parametrize("variant", SKINNY_VARIANTS, ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()))
@@ -488,6 +487,32 @@ def test_skinny_cta_ring(op, shape, types, m):
         ring = run(sop, inputs, outputs, dims | K.skinny_dims(base), tuple(sorted(base.items())))
         for a, b in zip(outs, ring):
             assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"{sop} m={m}: other bits ({seed})"
+
+
+# the warp rings' sizes and L2 asks (decode_tuning's skinny_x3, skinny_s3, skinny_s3x1, skinny_l2pf*): the ring's depth,
+# the x window and SK_L2PF move copies, never arithmetic. The last pair runs ffn_down's k = 8960 unsplit: 35 superblocks
+# a CTA, so the loop's later L2 asks run too.
+WARP_RING_SIZES = [({}, {"SK_XSB": 3}), ({}, {"SK_XSB": 1}), ({}, {"SK_STAGES": 3}), ({}, {"SK_STAGES": 3, "SK_XSB": 1}),
+                   ({}, {"SK_STAGES": 4, "SK_XSB": 6}), ({}, {"SK_L2PF": 8}), ({}, {"SK_L2PF": 3}),
+                   ({"SK_SPLIT": 1}, {"SK_SPLIT": 1, "SK_L2PF": 3})]
+
+
+@pytest.mark.parametrize("pair", WARP_RING_SIZES, ids=lambda p: "-".join(f"{k}={x}" for k, x in p[1].items()))
+@pytest.mark.parametrize("op,shape,types,m", [SKINNY_CASES[i] for i in (0, 6, 8, 11, 12)])
+def test_skinny_warp_ring_sizes_keep_the_bits(op, shape, types, m, pair):
+    """Each of the warp rings' other sizes gives the bits of the build it varies (the default, or the default with
+    the same k split), twice, and the numpy ops' answer within the tolerance."""
+    rng, seed = _rng()
+    attrs, inputs, outputs, dims, refs = fused_case(rng, op, shape[0], shape[1:], types, m)
+    sop = K.skinny_of(op, attrs)
+    base = K.defines_for(sop, dict(attrs, hidden=shape[0])) | pair[0]
+    want = run(sop, inputs, outputs, dims | K.skinny_dims(base), tuple(sorted(base.items())))
+    var = base | pair[1]
+    for _ in range(2):
+        outs = run(sop, inputs, outputs, dims | K.skinny_dims(var), tuple(sorted(var.items())))
+        for a, b in zip(outs, want):
+            assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"{sop} {var} m={m}: other bits ({seed})"
+    check_fused(f"{sop} {var} {shape} m={m}", op, inputs, outs, refs, seed, tol=SKINNY_TOL)
 
 
 @pytest.mark.parametrize("ring", [0, 1])
