@@ -159,6 +159,10 @@ VARIANTS = {
     **{f"skinny_qkv_s{n}": {**DEFAULT, "defines": {"rms_norm_qkv_skinny": {"SK_SPLIT": n}}} for n in (2, 3)},
     **{f"skinny_o_s{n}": {**DEFAULT, "defines": {"matmul_add_skinny@1536": {"SK_SPLIT": n}}} for n in (2, 3)},
     **{f"skinny_down_s{n}": {**DEFAULT, "defines": {"matmul_add_skinny@8960": {"SK_SPLIT": n}}} for n in (4, 8)},
+    # with every warp's k share asked into L2 at its start (SK_L2PF=8), QKV and o in 3 ranks (2 superblocks a CTA)
+    **{f"skinny_l2pf8_{name}_s3": {**DEFAULT, "defines": {**{op: {"SK_L2PF": 8} for op in K.SKINNY_OPS},
+                                                          key: {"SK_L2PF": 8, "SK_SPLIT": 3}}}
+       for name, key in (("qkv", "rms_norm_qkv_skinny"), ("o", "matmul_add_skinny@1536"))},
     "batched_minb1": {**DEFAULT, "batched": True, "defines": {op: {"QMV1_MINB": 1} for op in K.FUSED_OPS}},
     # prompts (--prompts): the default, and without the gate/up/SwiGLU GEMM (three launches: gate, up, swiglu)
     "prefill": {**DEFAULT, **PREFILL},
