@@ -35,8 +35,10 @@
 // - Programmatic dependent launch: the first stages' weights are in flight before pdl_wait() (plugins/pdl.cuh);
 //   x, the residual and every write come after it.
 // Defines timed against each other (defaults in kernels.py SKINNY_*, docs/perf-notes.md has the H100 timings):
-// SK_WARPRING 0/1, SK_XSB, QMMA_SCALES_H2 0/1, SK_STAGES 2-4, SK_L2PF (each warp's next superblocks asked into L2
-// beyond its ring: more bytes in flight than the ring holds), SK_XF16 0/1 (SK_WARPRING=0), and two that did not
+// SK_WARPRING 0/1, SK_XSB, QMMA_SCALES_H2 0/1, SK_STAGES 2-4, SK_L2PF (each warp asks its rows' next SK_L2PF
+// superblocks into L2 past its ring, again when at most half of them are left uncopied: more bytes in flight than the
+// ring holds; on the 1.5B's k splits a CTA has at most 6 superblocks, so 8 asks them all in the prologue),
+// SK_XF16 0/1 (SK_WARPRING=0), and two that did not
 // help (SK_WARPRING=0 builds): SK_WARPS 16 (16 warps of one n8 tile each),
 // SK_SUB_UNROLL 1 (a loop over the superblock's substeps: less code to fetch for qkv's and o's one-superblock CTAs).
 //
@@ -285,8 +287,8 @@ __device__ __forceinline__ void tile(const Args& a, int mat, int n0) {
     // SK_L2PF: this rank's superblocks [lo, hi) of this warp's rows into L2, one ask a row (lane r: row r), ahead of
     // the ring's copies of them; returns hi
     auto prefetch_w = [&](int lo, int hi) {
-        if (lane < WROWS) {
-            const int gr = min(n0 + wr0 + lane, n - 1);
+        if (lane < WROWS && n0 + wr0 + lane < n) {  // (rows past n: issue_raw copies row n - 1 for them)
+            const int gr = n0 + wr0 + lane;
             if (!TWO || part == 0)
                 Fmt<F0>::prefetch_l2(w0, rb0, gr, sb0 + lo, hi - lo);
             else
@@ -418,8 +420,8 @@ __device__ __forceinline__ void tile(const Args& a, int mat, int n0) {
                 const int t = s + STAGES - 1;
                 if (t < nsb) issue_w(t % STAGES, sb0 + t);
                 cp_async_commit();
-                if (L2PF > 0 && asked < nsb && t + L2PF / 2 >= asked)  // half the asked ones copied: the next L2PF
-                    asked = prefetch_w(asked, min(asked + L2PF, nsb));
+                if (L2PF > 0 && asked < nsb && asked - (t + 1) <= L2PF / 2)  // at most half the asked ones left
+                    asked = prefetch_w(asked, min(asked + L2PF, nsb));             // uncopied: the next L2PF
             }
             const uint8_t* R = W0 + st * W_BYTES;
             if (!TWO || part == 0)

@@ -44,7 +44,8 @@ __device__ __forceinline__ uint32_t lds32_any(uint32_t a) {
 // [p, p + bytes) into L2, p and bytes multiples of 16 (cp.async.bulk.prefetch: a hint, no completion to wait for).
 // A uniform-datapath instruction: lanes with different addresses take turns (ptxas loops over them), so ask rarely.
 __device__ __forceinline__ void l2_prefetch_bulk(const void* p, uint32_t bytes) {
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(__cvta_generic_to_global(p)), "r"(bytes) : "memory");
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(__cvta_generic_to_global(p)), "r"(bytes)
+                 : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }

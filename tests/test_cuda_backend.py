@@ -8,9 +8,10 @@ import os
 import numpy as np
 import pytest
 
-from conftest import cached, require_real
+from conftest import cached
 
-pytestmark = pytest.mark.gpu
+REAL = os.environ.get("QTRT_GPU_REAL") == "1"  # the whole-model tests on the real 1.5B GGUF instead of the synthetic
+pytestmark = [pytest.mark.gpu, pytest.mark.real_model] if REAL else pytest.mark.gpu
 TIE = 2e-2  # below this top-2 logit margin, float16-cache rounding may legitimately pick the other token
 
 
@@ -19,15 +20,17 @@ def rel_err(a, b):
 
 
 @pytest.fixture(scope="module")
-def synth(synth_gguf):
+def synth(synth_gguf, request):
     """The model and its CPU reference: the synthetic 1.5B, or with QTRT_GPU_REAL=1 the real Qwen2.5-Coder-1.5B
-    Q4_K_M GGUF (`make model`, or QTRT_MODELS_DIR): the same tests on real weights."""
+    Q4_K_M GGUF (`make model`, or QTRT_MODELS_DIR; conftest's real_model / real_reference): the same tests on real
+    weights."""
+    if REAL:
+        return request.getfixturevalue("real_model")("1.5b"), request.getfixturevalue("real_reference")("1.5b")
     from toolchain.gguf_model import load_gguf
     from toolchain.reference import ReferenceModel
 
-    real = bool(os.environ.get("QTRT_GPU_REAL"))
-    model = load_gguf(require_real("1.5b") if real else synth_gguf("qwen2.5-coder-1.5b", seed=7))
-    return model, cached(("ref-real-1.5b" if real else "ref-synth-1.5b",), lambda: ReferenceModel(model))
+    model = load_gguf(synth_gguf("qwen2.5-coder-1.5b", seed=7))
+    return model, cached(("ref-synth-1.5b",), lambda: ReferenceModel(model))
 
 
 @pytest.fixture(scope="module", params=["fused", "unfused", "tensorrt_builds"])

@@ -414,11 +414,14 @@ def test_cta_ring_builds_load_nothing_but_weights_before_the_wait(op, defines):
 @pytest.mark.parametrize("op,defines", [c for c in CASES if c.values[0] in K.SKINNY_OPS])
 def test_l2_prefetch_builds_ask_for_weights_only(op, defines):
     """SK_L2PF (decode_tuning's skinny_l2pf*: each warp asks its next superblocks into L2 past its ring) keeps the rule
-    before the wait, and its asks are bulk L2 prefetches the default build does not have: the default's code is
-    untouched by the define's existence."""
+    before the wait (no load or write but weight copies), its first asks (bulk L2 prefetches) come before the wait
+    too, and the default build has none."""
     test_nothing_but_weights_before_griddepcontrol_wait(op, {**defines, "SK_L2PF": 8})
-    asks = [sum("UBLKPF.L2" in x for x in _sass_instructions(op, defines | {"SK_L2PF": d})) for d in (0, 3, 8)]
-    assert asks[0] == 0 and asks[1] > 0 and asks[2] > 0, asks
+    for d in (3, 8):
+        ins = _sass_instructions(op, defines | {"SK_L2PF": d})
+        asks = [i for i, x in enumerate(ins) if "UBLKPF.L2" in x]
+        assert asks and asks[0] < next(i for i, x in enumerate(ins) if x.startswith("ACQBULK")), (d, asks)
+    assert not any("UBLKPF" in x for x in _sass_instructions(op, defines))
 
 
 def test_attention_kv_grid_launch():
