@@ -35,10 +35,7 @@
 // - Programmatic dependent launch: the first stages' weights are in flight before pdl_wait() (plugins/pdl.cuh);
 //   x, the residual and every write come after it.
 // Defines timed against each other (defaults in kernels.py SKINNY_*, docs/perf-notes.md has the H100 timings):
-// SK_WARPRING 0/1, SK_XSB, QMMA_SCALES_H2 0/1, SK_STAGES 2-4, SK_L2PF (each warp asks its rows' next SK_L2PF
-// superblocks into L2 past its ring, again when at most half of them are left uncopied: more bytes in flight than the
-// ring holds; on the 1.5B's k splits a CTA has at most 6 superblocks, so 8 asks them all in the prologue),
-// SK_XF16 0/1 (SK_WARPRING=0), and two that did not
+// SK_WARPRING 0/1, SK_XSB, QMMA_SCALES_H2 0/1, SK_STAGES 2-4, SK_XF16 0/1 (SK_WARPRING=0), and two that did not
 // help (SK_WARPRING=0 builds): SK_WARPS 16 (16 warps of one n8 tile each),
 // SK_SUB_UNROLL 1 (a loop over the superblock's substeps: less code to fetch for qkv's and o's one-superblock CTAs).
 //
@@ -78,9 +75,6 @@ using namespace qmma;
 #ifndef SK_XSB
 #define SK_XSB 4  // SK_WARPRING: superblocks of x fragments made at once (a window)
 #endif
-#ifndef SK_L2PF
-#define SK_L2PF 0  // SK_WARPRING: superblocks of its rows each warp asks into L2 at a time, past its ring (0: none)
-#endif
 #ifndef SK_SUB_UNROLL
 #define SK_SUB_UNROLL 4  // 1: the superblock's 4 substeps as a loop (less code; no gain on the H100)
 #endif
@@ -94,7 +88,7 @@ enum Kind { PLAIN, ADD, QKV, SWIGLU };
 
 constexpr int WARPS = SK_WARPS, NT8 = 16 / WARPS, THREADS = 32 * WARPS, WROWS = 8 * NT8;  // WROWS: a warp's rows
 constexpr int BM = 16, BN = 8 * NT8 * WARPS;  // CTA tile: 16 tokens x 128 rows (swiglu: 64 gate + 64 up rows)
-constexpr int STAGES = SK_STAGES, SPLIT = SK_SPLIT, L2PF = SK_L2PF;
+constexpr int STAGES = SK_STAGES, SPLIT = SK_SPLIT;
 constexpr int XR = 256 + 16;                  // x stage row stride in floats: lanes (g, c) read 16 B at 64g + 16c
 constexpr bool WRING = SK_WARPRING, XFRAG = SK_XF16 || WRING;
 constexpr int XSB = WRING ? SK_XSB : 1;       // superblocks of x fragments in shared memory
@@ -114,7 +108,6 @@ static_assert(WARPS == 8 || WARPS == 16, "8 warps of 2 n8 tiles or 16 of 1 (kern
 static_assert(WARPS * NT8 * 32 * 16 <= STAGES * (WRING ? W_BYTES : X_BYTES),
               "the partial tiles fit the x ring (SK_WARPRING: the weight ring)");
 static_assert(!WRING || (XSB >= 1 && WARPS == 8), "SK_WARPRING: 8-warp tiles, XSB >= 1");
-static_assert(L2PF == 0 || (WRING && L2PF >= 2), "SK_L2PF: warp-ring builds, 2 superblocks or more an ask");
 static_assert(WARPS * NT8 * 32 * 16 <= STAGES * W_BYTES, "the up tiles fit the weight ring");
 
 using Args = ProjArgs;  // plugins/proj_args.cuh
@@ -284,18 +277,6 @@ __device__ __forceinline__ void tile(const Args& a, int mat, int n0) {
             Fmt<F1>::template issue_raw<PROWS, PTHREADS>(dst + PROWS * G<F0>::RS, w1, rb1, n0, n, sb, ptid);
         if (NORM && tid < 64) cp_async16(N0 + st * N_BYTES + 16 * tid, a.norm_w + 256 * sb + 4 * tid);
     };
-    // SK_L2PF: this rank's superblocks [lo, hi) of this warp's rows into L2, one ask a row (lane r: row r), ahead of
-    // the ring's copies of them; returns hi
-    auto prefetch_w = [&](int lo, int hi) {
-        if (lane < WROWS && n0 + wr0 + lane < n) {  // (rows past n: issue_raw copies row n - 1 for them)
-            const int gr = n0 + wr0 + lane;
-            if (!TWO || part == 0)
-                Fmt<F0>::prefetch_l2(w0, rb0, gr, sb0 + lo, hi - lo);
-            else
-                Fmt<F1>::prefetch_l2(w1, rb1, gr, sb0 + lo, hi - lo);
-        }
-        return hi;
-    };
     auto issue_x = [&](int st, int sb) {
         for (int id = tid; id < rows * 64; id += THREADS) {
             const int r = id >> 6, ch = id & 63;
@@ -316,8 +297,6 @@ __device__ __forceinline__ void tile(const Args& a, int mat, int n0) {
         if (st < nsb) issue_w(st, sb0 + st);
         if (WRING) cp_async_commit();
     }
-    int asked = STAGES - 1;  // SK_L2PF: superblocks below it are copied or asked into L2
-    if (L2PF > 0 && asked < nsb) asked = prefetch_w(asked, min(asked + L2PF, nsb));  // the next L2PF past the ring
     pdl_wait();
     if constexpr (!WRING) {
         for (int st = 0; st < STAGES - 1; ++st) {
@@ -420,8 +399,6 @@ __device__ __forceinline__ void tile(const Args& a, int mat, int n0) {
                 const int t = s + STAGES - 1;
                 if (t < nsb) issue_w(t % STAGES, sb0 + t);
                 cp_async_commit();
-                if (L2PF > 0 && asked < nsb && asked - (t + 1) <= L2PF / 2)  // at most half the asked ones left
-                    asked = prefetch_w(asked, min(asked + L2PF, nsb));             // uncopied: the next L2PF
             }
             const uint8_t* R = W0 + st * W_BYTES;
             if (!TWO || part == 0)

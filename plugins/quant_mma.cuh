@@ -41,12 +41,6 @@ __device__ __forceinline__ uint32_t lds32_any(uint32_t a) {
     const uint32_t b = a & ~3u;
     return __funnelshift_r(lds32(b), lds32(b + 4), (a & 3u) * 8u);
 }
-// [p, p + bytes) into L2, p and bytes multiples of 16 (cp.async.bulk.prefetch: a hint, no completion to wait for).
-// A uniform-datapath instruction: lanes with different addresses take turns (ptxas loops over them), so ask rarely.
-__device__ __forceinline__ void l2_prefetch_bulk(const void* p, uint32_t bytes) {
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(__cvta_generic_to_global(p)), "r"(bytes)
-                 : "memory");
-}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
@@ -128,11 +122,6 @@ template <> struct Fmt<Q4K> {
             cp_async16(R + row * 144 + 16 * ch, w + (size_t)gr * row_bytes + (size_t)sb * 144 + 16 * ch);
         });
     }
-    // superblocks sb .. sb + cnt - 1 of global row gr into L2 (one ask: they are contiguous; a hint, nothing waits
-    // for it), the bytes issue_raw copies
-    static __device__ __forceinline__ void prefetch_l2(const uint8_t* w, size_t row_bytes, int gr, int sb, int cnt) {
-        l2_prefetch_bulk(w + (size_t)gr * row_bytes + (size_t)sb * 144, 144u * (uint32_t)cnt);
-    }
     // S[row][j] (8 bytes, j = sub-block 0..7) = {half2 d*sc_j, half2 -(dmin*mn_j)}, rows n0..n0+BN-1
     template <int BN, int THREADS>
     static __device__ __forceinline__ void scales(uint8_t* S, const uint8_t* R, uint32_t, size_t, int, int, int,
@@ -199,13 +188,6 @@ template <> struct Fmt<Q6K> {
             const int cnt = (int)((lo + 210 - a + 15) >> 4);
             if (ch < cnt) cp_async16(R + row * 240 + 16 * ch, reinterpret_cast<const uint8_t*>(a) + 16 * ch);
         });
-    }
-    // superblocks sb .. sb + cnt - 1 of global row gr into L2 (one ask, a hint), the aligned spans issue_raw copies
-    static __device__ __forceinline__ void prefetch_l2(const uint8_t* w, size_t row_bytes, int gr, int sb, int cnt) {
-        const uintptr_t lo = reinterpret_cast<uintptr_t>(w) + (size_t)gr * row_bytes + (size_t)sb * 210;
-        const uintptr_t a = lo & ~uintptr_t(15);
-        l2_prefetch_bulk(reinterpret_cast<const uint8_t*>(a),
-                         (uint32_t)((lo + 210 * (uintptr_t)cnt - a + 15) & ~uintptr_t(15)));
     }
     // byte offset of row's block inside its staged span
     static __device__ __forceinline__ uint32_t row_off(uint32_t wlo, size_t row_bytes, int gr, int sb) {

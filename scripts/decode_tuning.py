@@ -127,17 +127,15 @@ VARIANTS = {
     "batched_decode_core": {**DEFAULT, "skinny_min_m": GEMM_MIN_M},
     # the GEMMs for few tokens (plugins/quant_gemm_skinny.cu, docs/perf-notes.md): builds other than the default
     # (SK_WARPRING: each warp its own rows' ring of 2 stages, x made fragments 4 superblocks at a time; the scales in
-    # half2 arithmetic). skinny_l2pf<N>: each warp asks N superblocks of its rows into L2 at a time past its ring
-    # (SK_L2PF); skinny_s3x1: 3 stages a warp in two CTAs per SM (x windows of one superblock). skinny_cta_ring is
-    # the default before 2026-12-07 (one ring for the CTA, a barrier a superblock, x made fragments a stage at a
+    # half2 arithmetic). skinny_s3x1: 3 stages a warp in two CTAs per SM (x windows of one superblock). (The
+    # skinny_l2pf* builds, each warp asking its next superblocks into L2, were timed and removed on 2026-12-07:
+    # docs/perf-notes.md.) skinny_cta_ring is the default before 2026-12-07 (one ring for the CTA, a barrier a superblock, x made fragments a stage at a
     # time; the scales in fp32); the skinny_prev ... skinny_w16_s4 builds are that CTA-ring build's own variants
     # (skinny_prev its default before 2026-12-06)
     **{name: {**DEFAULT, "defines": {op: d for op in K.SKINNY_OPS}} for name, d in (
         ("skinny_cta_ring", {"SK_WARPRING": 0, "QMMA_SCALES_H2": 0}),
         ("skinny_f32_scales", {"QMMA_SCALES_H2": 0}), ("skinny_x3", {"SK_XSB": 3}), ("skinny_s3", {"SK_STAGES": 3}),
         ("skinny_s4x6", {"SK_STAGES": 4, "SK_XSB": 6}), ("skinny_s3x1", {"SK_STAGES": 3, "SK_XSB": 1}),
-        ("skinny_l2pf8", {"SK_L2PF": 8}), ("skinny_l2pf3", {"SK_L2PF": 3}),
-        ("skinny_s3x1_l2pf8", {"SK_STAGES": 3, "SK_XSB": 1, "SK_L2PF": 8}),
         *((n, {"SK_WARPRING": 0, "QMMA_SCALES_H2": 0, **d}) for n, d in (
             ("skinny_prev", {"SK_STAGES": 4, "SK_XF16": 0}), ("skinny_s2_f32x", {"SK_STAGES": 2, "SK_XF16": 0}),
             ("skinny_cta_s3", {"SK_STAGES": 3}), ("skinny_cta_s4", {"SK_STAGES": 4}), ("skinny_u1", {"SK_SUB_UNROLL": 1}),
@@ -159,10 +157,6 @@ VARIANTS = {
     **{f"skinny_qkv_s{n}": {**DEFAULT, "defines": {"rms_norm_qkv_skinny": {"SK_SPLIT": n}}} for n in (2, 3)},
     **{f"skinny_o_s{n}": {**DEFAULT, "defines": {"matmul_add_skinny@1536": {"SK_SPLIT": n}}} for n in (2, 3)},
     **{f"skinny_down_s{n}": {**DEFAULT, "defines": {"matmul_add_skinny@8960": {"SK_SPLIT": n}}} for n in (4, 8)},
-    # with every warp's k share asked into L2 at its start (SK_L2PF=8), QKV and o in 3 ranks (2 superblocks a CTA)
-    **{f"skinny_l2pf8_{name}_s3": {**DEFAULT, "defines": {**{op: {"SK_L2PF": 8} for op in K.SKINNY_OPS},
-                                                          key: {"SK_L2PF": 8, "SK_SPLIT": 3}}}
-       for name, key in (("qkv", "rms_norm_qkv_skinny"), ("o", "matmul_add_skinny@1536"))},
     "batched_minb1": {**DEFAULT, "batched": True, "defines": {op: {"QMV1_MINB": 1} for op in K.FUSED_OPS}},
     # prompts (--prompts): the default, and without the gate/up/SwiGLU GEMM (three launches: gate, up, swiglu)
     "prefill": {**DEFAULT, **PREFILL},

@@ -157,9 +157,14 @@ def test_batched_slots_equal_separate_runs(synth, backend, m):
             assert rel_err(batched[s], single[0]) < 1e-3, s
     finally:
         use_tuning(backend, saved)
-    for s, p in enumerate(prompts[:3]):  # the step fed p[-1] again, at position len(p)
+    # the step fed p[-1] again, at position len(p), against the CPU reference: a wrong slot or position is an error of
+    # order 1. On the real 1.5B some random-token sequences sit ~1e-2 from the float32 reference on every kernel path,
+    # one-token steps included (H100, 2026-12-07: 0.99-1.18e-2 for one of five sequences on the batch-1 path, the
+    # decode core and the few-token GEMMs alike; bench/results/device-2026-12-07c), hence the real model's bound
+    bound = 2.5e-2 if REAL else 5e-3
+    for s, p in enumerate(prompts[:3]):
         want = ref.forward(p + [p[-1]], 0, ref.new_cache(16))[-1]
-        assert rel_err(batched[s], want) < 5e-3, s
+        assert rel_err(batched[s], want) < bound, s
 
 
 @pytest.mark.parametrize("chunk", [32, "gemm"])

@@ -409,21 +409,6 @@ def test_cta_ring_builds_load_nothing_but_weights_before_the_wait(op, defines):
     test_nothing_but_weights_before_griddepcontrol_wait(op, {**defines, "SK_WARPRING": 0})
 
 
-@needs_nvcc
-@pytest.mark.skipif(_cuobjdump() is None, reason="cuobjdump not found (pip install nvidia-cuda-cuobjdump)")
-@pytest.mark.parametrize("op,defines", [c for c in CASES if c.values[0] in K.SKINNY_OPS])
-def test_l2_prefetch_builds_ask_for_weights_only(op, defines):
-    """SK_L2PF (decode_tuning's skinny_l2pf*: each warp asks its next superblocks into L2 past its ring) keeps the rule
-    before the wait (no load or write but weight copies), its first asks (bulk L2 prefetches) come before the wait
-    too, and the default build has none."""
-    test_nothing_but_weights_before_griddepcontrol_wait(op, {**defines, "SK_L2PF": 8})
-    for d in (3, 8):
-        ins = _sass_instructions(op, defines | {"SK_L2PF": d})
-        asks = [i for i, x in enumerate(ins) if "UBLKPF.L2" in x]
-        assert asks and asks[0] < next(i for i, x in enumerate(ins) if x.startswith("ACQBULK")), (d, asks)
-    assert not any("UBLKPF" in x for x in _sass_instructions(op, defines))
-
-
 def test_attention_kv_grid_launch():
     """ATTN_KVGRID (one cluster per (token, kv head), or without clusters one block: the cuda backend's tunings
     attn_kv_grid and attn_one_block_keys): kernels.ATTN_MSCR and ATTN_CLUSTER_KEYS are the .cu's, the launch puts the
