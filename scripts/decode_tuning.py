@@ -129,9 +129,10 @@ VARIANTS = {
     # (SK_WARPRING: each warp its own rows' ring of 2 stages, x made fragments 4 superblocks at a time; the scales in
     # half2 arithmetic). skinny_s3x1: 3 stages a warp in two CTAs per SM (x windows of one superblock). (The
     # skinny_l2pf* builds, each warp asking its next superblocks into L2, were timed and removed on 2026-12-07:
-    # docs/perf-notes.md.) skinny_cta_ring is the default before 2026-12-07 (one ring for the CTA, a barrier a superblock, x made fragments a stage at a
-    # time; the scales in fp32); the skinny_prev ... skinny_w16_s4 builds are that CTA-ring build's own variants
-    # (skinny_prev its default before 2026-12-06)
+    # docs/perf-notes.md.) skinny_cta_ring is the default before 2026-12-07 (one ring for the CTA, a barrier a
+    # superblock, x made fragments a stage at a time; the scales in fp32); the skinny_prev ... skinny_w16_s4 builds
+    # are that CTA-ring build's own variants (skinny_prev its default before 2026-12-06). (This script's logits check
+    # runs steps of 1-3 tokens, below the few-token GEMMs: their builds' bits are tested in tests/test_kernels_gpu.py.)
     **{name: {**DEFAULT, "defines": {op: d for op in K.SKINNY_OPS}} for name, d in (
         ("skinny_cta_ring", {"SK_WARPRING": 0, "QMMA_SCALES_H2": 0}),
         ("skinny_f32_scales", {"QMMA_SCALES_H2": 0}), ("skinny_x3", {"SK_XSB": 3}), ("skinny_s3", {"SK_STAGES": 3}),

@@ -10,7 +10,10 @@ import pytest
 
 from conftest import cached
 
-REAL = os.environ.get("QTRT_GPU_REAL") == "1"  # the whole-model tests on the real 1.5B GGUF instead of the synthetic
+# QTRT_GPU_REAL=1: these tests on the real 1.5B GGUF instead of the synthetic one. Their bounds were set on the
+# synthetic model; of them, test_greedy_32_tokens_match_reference and test_batched_slots_equal_separate_runs (fused
+# graph) have run on the real one (2026-12-07), the others' reference bounds may be too tight for real activations
+REAL = os.environ.get("QTRT_GPU_REAL") == "1"
 pytestmark = [pytest.mark.gpu, pytest.mark.real_model] if REAL else pytest.mark.gpu
 TIE = 2e-2  # below this top-2 logit margin, float16-cache rounding may legitimately pick the other token
 
@@ -40,6 +43,11 @@ def backend(synth, request):
     from toolchain.cuda_backend import TENSORRT_BUILDS, CudaBackend
 
     tuning = TENSORRT_BUILDS if request.param == "tensorrt_builds" else None
+    if tuning and REAL:
+        from toolchain.kernels import nvcc_path
+
+        if nvcc_path() is None:  # (the real model's tests need no nvcc, but these builds are not all prebuilt)
+            pytest.skip("needs nvcc: the TensorRT plugins' kernel builds are not all prebuilt")
     be = CudaBackend(synth[0], max_context=4200, n_slots=64, max_tokens=96, fused=request.param == "fused",
                      tuning=tuning)
     if tuning:  # what the plans launch is what TensorRT would: no cluster build, the attention by address
@@ -136,7 +144,8 @@ def test_batched_slots_equal_separate_runs(synth, backend, m):
     the CPU reference."""
     model, ref = synth
     c = model.config
-    rng = np.random.default_rng()
+    seed = int(np.random.default_rng().integers(1 << 31))
+    rng = np.random.default_rng(seed)
     prompts = [rng.integers(0, c.vocab, 3 + s % 5).tolist() for s in range(m)]
     for s, p in enumerate(prompts):  # prefill each slot separately
         backend.step(p, np.arange(len(p)), np.full(len(p), s))
@@ -154,17 +163,19 @@ def test_batched_slots_equal_separate_runs(synth, backend, m):
             # at m = 3 the single step runs the batch-1 decode builds (qmv1: x quantized per 16 elements), the batched
             # one 4 tokens per block: the two roundings differ by ~1e-4 in the logits (scripts/decode_tuning.py
             # measures 1e-4 - 2e-4); a wrong slot or position gives errors of order 1
-            assert rel_err(batched[s], single[0]) < 1e-3, s
+            assert rel_err(batched[s], single[0]) < 1e-3, (s, seed)
     finally:
         use_tuning(backend, saved)
-    # the step fed p[-1] again, at position len(p), against the CPU reference: a wrong slot or position is an error of
-    # order 1. On the real 1.5B some random-token sequences sit ~1e-2 from the float32 reference on every kernel path,
-    # one-token steps included (H100, 2026-12-07: 0.99-1.18e-2 for one of five sequences on the batch-1 path, the
-    # decode core and the few-token GEMMs alike; bench/results/device-2026-12-07c), hence the real model's bound
+    # the step fed p[-1] again, at position len(p), against the CPU reference (the batched == single check above is
+    # what catches a wrong slot or position in the batched step; this one, errors both share). On the real 1.5B some
+    # random-token sequences sit ~1e-2 from the float32 reference on every kernel path, one-token steps included
+    # (H100, 2026-12-07, bench/results/device-2026-12-07c: this test 1.25e-2 at m = 5 and 6.6e-3 at m = 64 against 5e-3;
+    # a probe 0.99-1.18e-2 for one of five sequences on the batch-1 path, the decode core and the few-token GEMMs
+    # alike), hence the real model's bound (not calibrated on more samples than those)
     bound = 2.5e-2 if REAL else 5e-3
     for s, p in enumerate(prompts[:3]):
         want = ref.forward(p + [p[-1]], 0, ref.new_cache(16))[-1]
-        assert rel_err(batched[s], want) < bound, s
+        assert rel_err(batched[s], want) < bound, (s, seed)
 
 
 @pytest.mark.parametrize("chunk", [32, "gemm"])
