@@ -454,6 +454,18 @@ def test_skinny_fused(op, shape, types, m):
 # before 2026-12-06, 4 stages, per-warp A fragments). The warp rings' other sizes:
 # test_skinny_warp_ring_sizes_keep_the_bits.
 CTA_RING = {"SK_WARPRING": 0, "QMMA_SCALES_H2": 0}
+
+
+def run_skinny(sop, inputs, outputs, dims, defines):
+    """A GEMM for few tokens built with `defines`, launched as kernels.launch_config gives it for them."""
+    return run(sop, inputs, outputs, dims | K.skinny_dims(defines), tuple(sorted(defines.items())))
+
+
+def assert_same_bits(outs, want, what):
+    for a, b in zip(outs, want):
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"{what}: other bits"
+
+
 SKINNY_VARIANTS = [CTA_RING | d for d in ({"SK_STAGES": 4, "SK_XF16": 0}, {"SK_STAGES": 2, "SK_XF16": 0},
                                           {"SK_STAGES": 3, "SK_XF16": 0}, {"SK_STAGES": 4, "SK_XF16": 1},
                                           {"SK_STAGES": 3}, {"SK_SUB_UNROLL": 1}, {"SK_WARPS": 16})]
@@ -466,7 +478,7 @@ def test_skinny_variants(op, shape, types, m, variant):
     attrs, inputs, outputs, dims, refs = fused_case(rng, op, shape[0], shape[1:], types, m)
     sop = K.skinny_of(op, attrs)
     defines = K.defines_for(sop, dict(attrs, hidden=shape[0])) | variant
-    outs = run(sop, inputs, outputs, dims | K.skinny_dims(defines), tuple(sorted(defines.items())))
+    outs = run_skinny(sop, inputs, outputs, dims, defines)
     check_fused(f"{sop} {defines} {shape} m={m}", op, inputs, outs, refs, seed, tol=SKINNY_TOL)
 
 
@@ -482,12 +494,10 @@ def test_skinny_cta_ring(op, shape, types, m):
     sop = K.skinny_of(op, attrs)
     base = K.defines_for(sop, dict(attrs, hidden=shape[0]))
     cta = base | CTA_RING
-    outs = run(sop, inputs, outputs, dims | K.skinny_dims(cta), tuple(sorted(cta.items())))
+    outs = run_skinny(sop, inputs, outputs, dims, cta)
     check_fused(f"{sop} {cta} {shape} m={m}", op, inputs, outs, refs, seed, tol=SKINNY_TOL)
     for _ in range(2):
-        ring = run(sop, inputs, outputs, dims | K.skinny_dims(base), tuple(sorted(base.items())))
-        for a, b in zip(outs, ring):
-            assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"{sop} m={m}: other bits ({seed})"
+        assert_same_bits(run_skinny(sop, inputs, outputs, dims, base), outs, f"{sop} m={m} ({seed})")
 
 
 # the warp rings' sizes (decode_tuning's skinny_x3, skinny_s3, skinny_s3x1, skinny_s4x6): the ring's depth and the x
@@ -505,12 +515,11 @@ def test_skinny_warp_ring_sizes_keep_the_bits(op, shape, types, m, size):
     attrs, inputs, outputs, dims, refs = fused_case(rng, op, shape[0], shape[1:], types, m)
     sop = K.skinny_of(op, attrs)
     base = K.defines_for(sop, dict(attrs, hidden=shape[0]))
-    want = run(sop, inputs, outputs, dims | K.skinny_dims(base), tuple(sorted(base.items())))
+    want = run_skinny(sop, inputs, outputs, dims, base)
     var = base | size
     for _ in range(2):
-        outs = run(sop, inputs, outputs, dims | K.skinny_dims(var), tuple(sorted(var.items())))
-        for a, b in zip(outs, want):
-            assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"{sop} {var} m={m}: other bits ({seed})"
+        outs = run_skinny(sop, inputs, outputs, dims, var)
+        assert_same_bits(outs, want, f"{sop} {var} m={m} ({seed})")
     check_fused(f"{sop} {var} {shape} m={m}", op, inputs, outs, refs, seed, tol=SKINNY_TOL)
 
 
@@ -524,11 +533,9 @@ def test_skinny_scales_h2_keep_the_bits(op, shape, types, m, ring):
     attrs, inputs, outputs, dims, refs = fused_case(rng, op, shape[0], shape[1:], types, m)
     sop = K.skinny_of(op, attrs)
     base = K.defines_for(sop, dict(attrs, hidden=shape[0])) | {"SK_WARPRING": ring, "QMMA_SCALES_H2": 0}
-    outs = [run(sop, inputs, outputs, dims | K.skinny_dims(d), tuple(sorted(d.items())))
-            for d in (base, base | {"QMMA_SCALES_H2": 1})]
+    outs = [run_skinny(sop, inputs, outputs, dims, d) for d in (base, base | {"QMMA_SCALES_H2": 1})]
     check_fused(f"{sop} {base} QMMA_SCALES_H2 {shape} m={m}", op, inputs, outs[1], refs, seed, tol=SKINNY_TOL)
-    for a, b in zip(*outs):
-        assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"{sop} m={m}: other bits ({seed})"
+    assert_same_bits(outs[1], outs[0], f"{sop} m={m} ({seed})")
 
 
 def test_skinny_of_keeps_other_formats_on_the_decode_core():
