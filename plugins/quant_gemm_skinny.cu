@@ -1,10 +1,11 @@
 // Tensor-core GEMMs for few tokens (batched decode, short prompt pieces: SKINNY_MIN_M <= m < GEMM_MIN_M,
 // toolchain/cuda_backend.py), each with the ABI of the op it replaces:
 //     q4k_gemm_skinny, q6k_gemm_skinny     (x, w, bias, m, n, k, y)                      as q4k_matmul / q6k_matmul
-//     matmul_add_skinny       [W_TYPE]     (x, w, bias, residual, m, n, k, y)            as matmul_add
-//     rms_norm_qkv_skinny     [Q/K/V_TYPE] (x, norm_w, wq, bq, wk, bk, wv, bv, m, hidden, q_dim, kv_dim, q, k, v)
-//     rms_norm_swiglu_skinny  [GATE/UP_TYPE] (x, norm_w, w_gate, w_up, m, hidden, ffn, y)
-// (docs/ops.md; the fused ones exist where their type defines are given, Q4K or Q6K each, and RMS_EPS.)
+//     matmul_add_skinny       [W_TYPE]     (x, w, bias, residual, m, n, k, y [, ssq])    as matmul_add
+//     rms_norm_qkv_skinny     [Q/K/V_TYPE] (x, norm_w, wq, bq, wk, bk, wv, bv, m, hidden, q_dim, kv_dim, q, k, v [, ssq])
+//     rms_norm_swiglu_skinny  [GATE/UP_TYPE] (x, norm_w, w_gate, w_up, m, hidden, ffn, y [, ssq])
+// (docs/ops.md; the fused ones exist where their type defines are given, Q4K or Q6K each, and RMS_EPS; ssq only in
+// the SK_SSQ_OUT / SK_SSQ_IN builds, below.)
 //
 // Why: a decode step streams every weight once, whatever m is, so its time is the weights' bytes over the bandwidth
 // as long as the arithmetic per byte stays off the critical path. The matvec core (qmv1.cuh) pays CUDA-core work per
@@ -32,6 +33,13 @@
 // - RMSNorm (the fused ones): each CTA sums x^2 over its k share (a pass over x from L2 while the first stages are in
 //   flight), the ranks add their partials through distributed shared memory (rank order: the same bits everywhere),
 //   and x * (1 / rms) * norm_w is what becomes the fp16 operand (x alone may exceed fp16's range).
+// - The sums of x^2 from the producer (SK_SSQ_OUT / SK_SSQ_IN, the cuda backend's tuning ssq_by_producer): a
+//   matmul_add_skinny built with SK_SSQ_OUT=1 takes one more output, ssq [m][n / 16] (n % 16 == 0): each 16-column
+//   group's sum of its stored y^2 (y = residual + x W^T + b, as stored), summed in a fixed order by the warp that
+//   stores the group. A fused one built with SK_SSQ_IN=1 takes ssq as one more input and reads its tokens' sums (each
+//   token's k / 16 groups added in a fixed order by one warp) instead of its pass over x and the cluster's exchange of
+//   partials: at m = 16 every SwiGLU CTA read its tokens' x from L2 twice, once for this (27 MB a launch, against
+//   15.5 MB of weights). Not the same bits as the pass (another order of the same sum); deterministic.
 // - Programmatic dependent launch: the first stages' weights are in flight before pdl_wait() (plugins/pdl.cuh);
 //   x, the residual and every write come after it.
 // Defines timed against each other (defaults in kernels.py SKINNY_*, docs/perf-notes.md has the H100 timings):
@@ -81,6 +89,25 @@ using namespace qmma;
 #ifndef RMS_EPS
 #define RMS_EPS 1e-6
 #endif
+#ifndef SK_SSQ_OUT
+#define SK_SSQ_OUT 0  // matmul_add_skinny: one more output, ssq (below)
+#endif
+#ifndef SK_SSQ_IN
+#define SK_SSQ_IN 0  // rms_norm_qkv_skinny / rms_norm_swiglu_skinny: one more input, ssq (below)
+#endif
+#if SK_SSQ_OUT && SK_SSQ_IN
+#error "SK_SSQ_OUT (matmul_add_skinny's) and SK_SSQ_IN (the fused ones') are builds of their own"
+#endif
+#if SK_SSQ_OUT
+#define SK_SSQ_PARAM , float* __restrict__ ssq
+#define SK_SSQ_SET a.ssq = ssq;
+#elif SK_SSQ_IN
+#define SK_SSQ_PARAM , const float* ssq
+#define SK_SSQ_SET a.ssq = const_cast<float*>(ssq);
+#else
+#define SK_SSQ_PARAM
+#define SK_SSQ_SET
+#endif
 
 namespace {
 
@@ -110,7 +137,9 @@ static_assert(WARPS * NT8 * 32 * 16 <= STAGES * (WRING ? W_BYTES : X_BYTES),
 static_assert(!WRING || (XSB >= 1 && WARPS == 8), "SK_WARPRING: 8-warp tiles, XSB >= 1");
 static_assert(WARPS * NT8 * 32 * 16 <= STAGES * W_BYTES, "the up tiles fit the weight ring");
 
-using Args = ProjArgs;  // plugins/proj_args.cuh
+struct Args : ProjArgs {  // plugins/proj_args.cuh, and
+    float* ssq;  // SK_SSQ_OUT / SK_SSQ_IN: the sums of y^2 per 16 columns (written / read)
+};
 
 __device__ __forceinline__ void cp_async_wait_ring() {  // all but the STAGES-2 most recent groups have landed
     asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 2) : "memory");
@@ -209,6 +238,7 @@ __device__ __forceinline__ void store_tile(const Args& a, int mat, int n0, float
     float* const y = a.y[mat];
     const float* const bias = K == SWIGLU ? nullptr : a.bias[mat];
     const bool even = (n & 1) == 0;
+    float sq[2] = {0.f, 0.f};  // SK_SSQ_OUT: this lane's share of y^2 in tokens g and g + 8 (columns in j order)
 #pragma unroll
     for (int j = 0; j < NT8; ++j) {
         const int col = n0 + wr0 + 8 * j + 2 * c;
@@ -231,6 +261,18 @@ __device__ __forceinline__ void store_tile(const Args& a, int mat, int n0, float
                 y[idx] = v0;
                 if (two) y[idx + 1] = v1;
             }
+            if constexpr (K == ADD && SK_SSQ_OUT) sq[hh] += v0 * v0 + (two ? v1 * v1 : 0.f);
+        }
+    }
+    if constexpr (K == ADD && SK_SSQ_OUT) {  // the warp's 16 columns: the quad's lanes c = 0..3 summed in a tree
+        const int col0 = n0 + wr0;
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            float v = sq[hh];
+            v += __shfl_xor_sync(0xffffffffu, v, 1);
+            v += __shfl_xor_sync(0xffffffffu, v, 2);
+            const int row = m0 + 8 * hh + g;
+            if (c == 0 && row < a.m && col0 < n) a.ssq[(size_t)row * (n / 16) + col0 / 16] = v;
         }
     }
 }
@@ -305,7 +347,28 @@ __device__ __forceinline__ void tile(const Args& a, int mat, int n0) {
         }
     }
     float ir_lo = 1.f, ir_hi = 1.f;  // 1 / rms of tokens g and g + 8
-    if constexpr (NORM) {
+    if constexpr (NORM && SK_SSQ_IN) {  // the producer's sums of x^2: warp w adds tokens TPW w ..'s groups
+        constexpr int TPW = BM / WARPS;  // (their loads issued together: one L2 round trip)
+        const int ng = k / 16, t0 = TPW * warp;
+        float acc[TPW];
+#pragma unroll
+        for (int u = 0; u < TPW; ++u) acc[u] = 0.f;
+#pragma unroll 4
+        for (int i = lane; i < ng; i += 32) {
+#pragma unroll
+            for (int u = 0; u < TPW; ++u)
+                if (t0 + u < rows) acc[u] += ld_produced(a.ssq + (size_t)(m0 + t0 + u) * ng + i);
+        }
+#pragma unroll
+        for (int u = 0; u < TPW; ++u) {
+#pragma unroll
+            for (int o = 16; o; o >>= 1) acc[u] += __shfl_xor_sync(0xffffffffu, acc[u], o);
+            if (lane == 0) inv[t0 + u] = 1.f / sqrtf(acc[u] / (float)k + (float)(RMS_EPS));
+        }
+        __syncthreads();
+        ir_lo = inv[g];
+        ir_hi = inv[g + 8];
+    } else if constexpr (NORM) {
         // sums of x^2 over this rank's k share: warp w takes tokens BM / WARPS w .. (16 tokens)
         for (int t = BM / WARPS * warp; t < BM / WARPS * (warp + 1); ++t) {
             float acc = 0.f;
@@ -492,11 +555,12 @@ QTRT_SKINNY(q6k_gemm_skinny, Q6K)
 
 #ifdef W_TYPE
 SKINNY_KERNEL matmul_add_skinny(const float* x, const uint8_t* __restrict__ w, const float* __restrict__ bias,
-                                const float* residual, int m, int n, int k, float* __restrict__ y) {
+                                const float* residual, int m, int n, int k, float* __restrict__ y SK_SSQ_PARAM) {
     pdl_launch_dependents();
     trap_if_dynamic_smem_below(SMEM_BYTES);
     Args a{};
     a.x = x; a.w[0] = w; a.bias[0] = bias; a.residual = residual; a.y[0] = y; a.n[0] = n; a.m = m; a.k = k;
+    SK_SSQ_SET
     tile<ADD, ggml::W_TYPE, ggml::W_TYPE>(a, 0, blockIdx.x * BN);
 }
 #endif
@@ -506,11 +570,12 @@ SKINNY_KERNEL rms_norm_qkv_skinny(const float* x, const float* __restrict__ norm
                                   const float* __restrict__ bq, const uint8_t* __restrict__ wk,
                                   const float* __restrict__ bk, const uint8_t* __restrict__ wv,
                                   const float* __restrict__ bv, int m, int hidden, int q_dim, int kv_dim,
-                                  float* __restrict__ q, float* __restrict__ k, float* __restrict__ v) {
+                                  float* __restrict__ q, float* __restrict__ k, float* __restrict__ v SK_SSQ_PARAM) {
     pdl_launch_dependents();
     trap_if_dynamic_smem_below(SMEM_BYTES);
     Args a{};
     a.x = x; a.norm_w = norm_w; a.m = m; a.k = hidden;
+    SK_SSQ_SET
     a.w[0] = wq; a.bias[0] = bq; a.y[0] = q; a.n[0] = q_dim;
     a.w[1] = wk; a.bias[1] = bk; a.y[1] = k; a.n[1] = kv_dim;
     a.w[2] = wv; a.bias[2] = bv; a.y[2] = v; a.n[2] = kv_dim;
@@ -528,11 +593,12 @@ SKINNY_KERNEL rms_norm_qkv_skinny(const float* x, const float* __restrict__ norm
 #if defined(GATE_TYPE) && defined(UP_TYPE)
 SKINNY_KERNEL rms_norm_swiglu_skinny(const float* x, const float* __restrict__ norm_w,
                                      const uint8_t* __restrict__ w_gate, const uint8_t* __restrict__ w_up, int m,
-                                     int hidden, int ffn, float* __restrict__ y) {
+                                     int hidden, int ffn, float* __restrict__ y SK_SSQ_PARAM) {
     pdl_launch_dependents();
     trap_if_dynamic_smem_below(SMEM_BYTES);
     Args a{};
     a.x = x; a.norm_w = norm_w; a.m = m; a.k = hidden;
+    SK_SSQ_SET
     a.w[0] = w_gate; a.n[0] = ffn; a.y[0] = y;
     a.w[1] = w_up; a.n[1] = ffn;
     tile<SWIGLU, ggml::GATE_TYPE, ggml::UP_TYPE>(a, 0, blockIdx.x * (BN / 2));

@@ -41,9 +41,11 @@ OFF = {"pdl": False, "m1": False, "qmv1": False, "plain": True, "batched": False
        "xh_by_producer": False, "gemm_swiglu": False, "gemm_swiglu_split": 2,
        "prefill_pdl": False, "add_rms_norm": False,  # the last nine act on prefill steps only (m >= GEMM_MIN_M)
        "head_rows": True, "attn_narrow": False, "chunks_ahead": True,
-       "piece_graphs": True}  # (chunks_ahead, piece_graphs: engine steps only)
+       "piece_graphs": True,  # (chunks_ahead, piece_graphs: engine steps only)
+       "ssq_by_producer": False}
 DEFAULT = {"m1": True, "qmv1": True, "pdl": True, "xmerge": True, "batched": True, "skinny_min_m": SKINNY_MIN_M,
-           "attn_kv_grid": True, "attn_one_block_keys": K.ATTN_ONE_BLOCK_KEYS, "attn_narrow": True}
+           "attn_kv_grid": True, "attn_one_block_keys": K.ATTN_ONE_BLOCK_KEYS, "attn_narrow": True,
+           "ssq_by_producer": True}
 PREFILL = {k: TUNING[k] for k in ("gemm_wgmma", "gemm_xh", "concurrent_projections", "prefill_kv_splits",
                                   "xh_by_producer", "gemm_swiglu", "gemm_swiglu_split",
                                   "prefill_pdl", "add_rms_norm")}  # the backend's defaults of those nine
@@ -133,6 +135,9 @@ VARIANTS = {
     # superblock, x made fragments a stage at a time; the scales in fp32); the skinny_prev ... skinny_w16_s4 builds
     # are that CTA-ring build's own variants (skinny_prev its default before 2026-12-06). (This script's logits check
     # runs steps of 1-3 tokens, below the few-token GEMMs: their builds' bits are tested in tests/test_kernels_gpu.py.)
+    # skinny_own_ssq: each fused GEMM for few tokens sums its x^2 itself (a pass over x from L2 in every CTA, the
+    # cluster's partials exchanged), as before 2026-12-07's tuning ssq_by_producer
+    "skinny_own_ssq": {**DEFAULT, "ssq_by_producer": False},
     **{name: {**DEFAULT, "defines": {op: d for op in K.SKINNY_OPS}} for name, d in (
         ("skinny_cta_ring", {"SK_WARPRING": 0, "QMMA_SCALES_H2": 0}),
         ("skinny_f32_scales", {"QMMA_SCALES_H2": 0}), ("skinny_x3", {"SK_XSB": 3}), ("skinny_s3", {"SK_STAGES": 3}),

@@ -650,6 +650,54 @@ def test_fold_x_f16():
     assert be._fold_x_f16([addnorm[0], ln("gemm_x_f16", [30, 64, 1536, 99])])[1].op == "gemm_x_f16"  # the sum: no
 
 
+def test_link_ssq():
+    """CudaBackend._link_ssq on a plan of stand-in launches: a fused GEMM for few tokens (rms_norm_qkv_skinny,
+    rms_norm_swiglu_skinny) right after the matmul_add_skinny that wrote its x takes its RMSNorm's sums from it: the
+    producer's build gets SK_SSQ_OUT=1 and the consumer's SK_SSQ_IN=1 (same defines otherwise), both one more
+    argument, the same buffer, the two buffers in turn. Not linked: a consumer after another launch (layer 0's QKV
+    after the embedding), after a matmul_add_skinny that wrote another tensor or whose build is not known, a step of
+    more rows than the buffers hold, or a hidden size that is not a multiple of 16."""
+    import types
+
+    import toolchain.cuda_backend as cb
+
+    be = object.__new__(cb.CudaBackend)
+    be.tuning = dict(cb.TUNING)
+    be.cfg = types.SimpleNamespace(hidden=1536)
+    be._kernel = lambda op, defines: (op, tuple(sorted(defines.items())))  # the build a launch would get
+    be.buffers = {"skinny.ssq": types.SimpleNamespace(ptr=500, shape=(64, 96)),
+                  "skinny.ssq.b": types.SimpleNamespace(ptr=600, shape=(64, 96))}
+    split = {"W_TYPE": "Q4K", "SK_SPLIT": 6}
+
+    def ln(op, args, defines=None, m=16):
+        cfg = K.LaunchConfig((1, 1, 1), (256, 1, 1), 0, (m,))
+        return cb.Launch(op, op, be._kernel(op, defines or {}), cfg, args, defines=defines)
+
+    plan = [ln("q4k_gather", [1, 2, 10], {}), ln("rms_norm_qkv_skinny", [10, 3, 4, 5], {"Q_TYPE": "Q4K"}),
+            ln("rope_kv_attention", [6, 20], {}), ln("matmul_add_skinny", [20, 7, 8, 10, 30], split),
+            ln("rms_norm_swiglu_skinny", [30, 9, 40], {"GATE_TYPE": "Q4K"}),
+            ln("matmul_add_skinny", [40, 11, 12, 30, 50], split),
+            ln("rms_norm_qkv_skinny", [50, 13, 14, 15], {"Q_TYPE": "Q4K"}),
+            ln("matmul_add_skinny", [60, 11, 12, 30, 70], split),  # the next consumer reads another tensor
+            ln("rms_norm_swiglu_skinny", [71, 9, 80], {"GATE_TYPE": "Q4K"})]
+    out = be._link_ssq(plan)
+    assert [x.op for x in out] == [x.op for x in plan]
+    assert out[0] is plan[0] and out[1] is plan[1] and out[7] is plan[7] and out[8] is plan[8]
+    assert out[3].defines == split | {"SK_SSQ_OUT": 1} and out[3].args == [20, 7, 8, 10, 30, 500]
+    assert out[3].kernel == be._kernel("matmul_add_skinny", split | {"SK_SSQ_OUT": 1})
+    assert out[4].defines == {"GATE_TYPE": "Q4K", "SK_SSQ_IN": 1} and out[4].args == [30, 9, 40, 500]
+    assert out[5].args[-1] == 600 and out[6].args == [50, 13, 14, 15, 600]  # the other buffer
+    assert out[6].kernel == be._kernel("rms_norm_qkv_skinny", {"Q_TYPE": "Q4K", "SK_SSQ_IN": 1})
+    assert plan[3].defines == split and plan[3].args == [20, 7, 8, 10, 30]  # the plan given is left as it was
+    unknown = [cb.Launch("o", "matmul_add_skinny", object(), plan[3].cfg, [20, 7, 8, 10, 30]), plan[4]]
+    assert be._link_ssq(unknown) == unknown
+    pair = [plan[3], plan[4]]
+    assert be._link_ssq([ln("matmul_add_skinny", [20, 7, 8, 10, 30], split, m=65),
+                         ln("rms_norm_swiglu_skinny", [30, 9, 40], {"GATE_TYPE": "Q4K"}, m=65)])[1].args == [30, 9, 40]
+    be.cfg.hidden = 1544
+    assert be._link_ssq(pair) == pair
+
+
 def test_fuse_gate_up_swiglu(synth_gguf):
     """The prefill graph the cuda backend runs where the wgmma GEMMs do (tuning gemm_swiglu): each layer's gate and up
     projections and SwiGLU become one q4k_gemm_swiglu node at the swiglu's place (x, w_gate, w_up -> the swiglu's

@@ -42,19 +42,21 @@ def kernel(op, defines=()):
     return cr.load_op(op, dict(defines))
 
 
-def run(op, inputs, outputs, dims, defines=(), clusters=True, kern=None, cfg=None):
+def run(op, inputs, outputs, dims, defines=(), clusters=True, kern=None, cfg=None, after=()):
     """Upload inputs, poison outputs ((shape, dtype) pairs), launch once (launch_config's grid for `clusters`, or
-    `cfg`; a fresh module of the build, or the loaded `kern`), download outputs."""
+    `cfg`; a fresh module of the build, or the loaded `kern`), download outputs. `after`: inputs the ABI takes after
+    the outputs (e.g. the few-token GEMMs' SK_SSQ_IN sums)."""
     bufs = [cr.DeviceBuffer.from_array(a) if isinstance(a, np.ndarray) else a for a in inputs]
+    late = [cr.DeviceBuffer.from_array(a) for a in after]
     outs = []
     for shape, dtype in outputs:
         b = cr.DeviceBuffer(int(np.prod(shape)) * np.dtype(dtype).itemsize)
         b.fill_u32(NAN) if np.dtype(dtype) == np.float32 else b.fill_u8(0xFF)
         outs.append(b)
-    (kern or kernel(op, defines)).launch_op(cfg or K.launch_config(op, dims, clusters=clusters), bufs, outs)
+    (kern or kernel(op, defines)).launch_op(cfg or K.launch_config(op, dims, clusters=clusters), bufs, outs + late)
     cr.synchronize()
     res = [b.download(s, d) for b, (s, d) in zip(outs, outputs)]
-    for b in bufs + outs:
+    for b in bufs + outs + late:
         if isinstance(b, cr.DeviceBuffer):
             b.free()
     return res
@@ -456,9 +458,9 @@ def test_skinny_fused(op, shape, types, m):
 CTA_RING = {"SK_WARPRING": 0, "QMMA_SCALES_H2": 0}
 
 
-def run_skinny(sop, inputs, outputs, dims, defines):
+def run_skinny(sop, inputs, outputs, dims, defines, after=()):
     """A GEMM for few tokens built with `defines`, launched as kernels.launch_config gives it for them."""
-    return run(sop, inputs, outputs, dims | K.skinny_dims(defines), tuple(sorted(defines.items())))
+    return run(sop, inputs, outputs, dims | K.skinny_dims(defines), tuple(sorted(defines.items())), after=after)
 
 
 def assert_same_bits(outs, want, what):
@@ -536,6 +538,53 @@ def test_skinny_scales_h2_keep_the_bits(op, shape, types, m, ring):
     outs = [run_skinny(sop, inputs, outputs, dims, d) for d in (base, base | {"QMMA_SCALES_H2": 1})]
     check_fused(f"{sop} {base} QMMA_SCALES_H2 {shape} m={m}", op, inputs, outs[1], refs, seed, tol=SKINNY_TOL)
     assert_same_bits(outs[1], outs[0], f"{sop} m={m} ({seed})")
+
+
+def group_sums(y):
+    """Each row's sums of y^2 per 16 columns, in float64 (the SK_SSQ_OUT / SK_SSQ_IN layout [m][n / 16])."""
+    y = np.asarray(y, np.float64)
+    return (y * y).reshape(y.shape[0], -1, 16).sum(axis=2)
+
+
+@pytest.mark.parametrize("op,shape,types,m", [SKINNY_CASES[i] for i in (7, 8, 9)])
+def test_skinny_ssq_out(op, shape, types, m):
+    """matmul_add_skinny built with SK_SSQ_OUT=1 (the cuda backend's ssq_by_producer): y bit for bit the default
+    build's, and one more output, each row's sums of y^2 per 16 columns, against float64 sums of that y; the rows past
+    m are not written (a poisoned row beyond them stays poisoned). Twice: the same bits."""
+    rng, seed = _rng()
+    attrs, inputs, outputs, dims, refs = fused_case(rng, op, shape[0], shape[1:], types, m)
+    sop = K.skinny_of(op, attrs)
+    base = K.defines_for(sop, dict(attrs, hidden=shape[0]))
+    (want,) = run_skinny(sop, inputs, outputs, dims, base)
+    n = shape[1]
+    first = None
+    for _ in range(2):
+        y, ssq = run_skinny(sop, inputs, outputs + [((m + 1, n // 16), np.float32)], dims, base | {"SK_SSQ_OUT": 1})
+        assert_same_bits([y], [want], f"{sop} SK_SSQ_OUT y m={m} ({seed})")
+        assert np.isnan(ssq[m]).all(), f"a row past m = {m} was written ({seed})"
+        _check(f"{sop} SK_SSQ_OUT sums m={m}", ssq[:m], group_sums(y), seed, tol=1e-5)
+        if first is not None:
+            assert_same_bits([ssq], [first], f"{sop} SK_SSQ_OUT sums m={m}, twice ({seed})")
+        first = ssq
+    check_fused(f"{sop} SK_SSQ_OUT {shape} m={m}", op, inputs, [y], refs, seed, tol=SKINNY_TOL)
+
+
+@pytest.mark.parametrize("op,shape,types,m", [SKINNY_CASES[i] for i in (0, 1, 3, 5, 6, 11, 12, 13, 14, 15)])
+def test_skinny_ssq_in(op, shape, types, m):
+    """rms_norm_qkv_skinny / rms_norm_swiglu_skinny built with SK_SSQ_IN=1 read each token's sums of x^2 per 16
+    columns (made here in numpy, as a matmul_add_skinny SK_SSQ_OUT would) instead of summing x^2 themselves: the numpy
+    ops' answer within the tolerance, the same bits twice; and given sums 4x too large (1 / rms halved) the answer
+    moves far off, so the build does use them."""
+    rng, seed = _rng()
+    attrs, inputs, outputs, dims, refs = fused_case(rng, op, shape[0], shape[1:], types, m)
+    sop = K.skinny_of(op, attrs)
+    var = K.defines_for(sop, dict(attrs, hidden=shape[0])) | {"SK_SSQ_IN": 1}
+    ssq = group_sums(inputs[0]).astype(np.float32)
+    outs = run_skinny(sop, inputs, outputs, dims, var, after=[ssq])
+    check_fused(f"{sop} {var} {shape} m={m}", op, inputs, outs, refs, seed, tol=SKINNY_TOL)
+    assert_same_bits(run_skinny(sop, inputs, outputs, dims, var, after=[ssq]), outs, f"{sop} SK_SSQ_IN m={m} ({seed})")
+    off = run_skinny(sop, inputs, outputs, dims, var, after=[4 * ssq])
+    assert max(rel_err(y, ref)[0] for y, ref in zip(off, refs)) > 0.1, f"{sop} SK_SSQ_IN ignored its sums ({seed})"
 
 
 def test_skinny_of_keeps_other_formats_on_the_decode_core():

@@ -120,7 +120,7 @@ TUNING = {"pdl": True, "m1": True, "qmv1": True, "plain": True, "batched": True,
           "skinny_skip": (), "gemm_wgmma": True, "gemm_xh": True,
           "concurrent_projections": True, "prefill_kv_splits": PREFILL_KV_SPLITS, "xh_by_producer": True,
           "gemm_swiglu": True, "gemm_swiglu_split": 1, "prefill_pdl": False, "add_rms_norm": True,
-          "head_rows": True, "attn_narrow": True, "chunks_ahead": True, "piece_graphs": True}
+          "head_rows": True, "attn_narrow": True, "chunks_ahead": True, "piece_graphs": True, "ssq_by_producer": True}
 # The kernels TensorRT's plugins get (toolchain/trt/plugins.py, issue 16), run here to prove them on the GPU: no
 # thread-block cluster launch (so no cluster k-split, no xmerge pair and no prefill GEMM, whose split-K is a cluster),
 # the attention with the caches by address (rope_kv_attention_addr), the general matvec core at every m. With
@@ -134,6 +134,9 @@ XH_PRODUCERS = {"rms_norm": -1, "add_rms_norm": -1, "swiglu": -1, "prefill_atten
                 **{op: -1 for op in GEMM_SWIGLU_OPS}}
 # Prefill GEMMs that read an input x (so as the GEMM_XH build's fp16 copy)
 X_GEMMS = GEMM_OPS + GEMM_SWIGLU_OPS
+# The GEMMs for few tokens with an RMSNorm, which can take its sums of x^2 from the matmul_add_skinny before them
+# (CudaBackend._link_ssq)
+SSQ_CONSUMERS = ("rms_norm_qkv_skinny", "rms_norm_swiglu_skinny")
 
 
 def prefill_graphs(graph: onnx.ModelProto) -> dict[tuple[bool, bool], onnx.ModelProto]:
@@ -239,6 +242,10 @@ class CudaBackend:
             part, count = prefill_attention_scratch(max_tokens, c.n_heads, c.n_kv_heads, c.head_dim, self._pa_splits)
             self.buffers["prefill.attn_part"] = cr.DeviceBuffer.zeros((part,), np.float32)
             self.buffers["prefill.attn_count"] = cr.DeviceBuffer.zeros((count,), np.int32)
+        # the sums of x^2 per 16 columns that a few-token matmul_add writes for the fused GEMM after it (ssq_by_producer),
+        # two buffers taken in turn
+        for name in ("skinny.ssq", "skinny.ssq.b"):
+            self.buffers[name] = cr.DeviceBuffer.zeros((max_tokens, -(-c.hidden // 16)), np.float32)
         # the attention's cluster partials for its consumer (xmerge): one slot per cluster of a kv head
         self.buffers["attn.xpart"] = cr.DeviceBuffer.zeros(
             (c.n_heads // c.n_kv_heads, xmerge_slot_floats(c.n_heads, c.head_dim)), np.float32)
@@ -603,6 +610,8 @@ class CudaBackend:
                                 self.buffers["positions"].ptr], defines={}))
         if self.tuning["xh_by_producer"]:
             launches = self._fold_x_f16(launches)
+        if self.tuning["ssq_by_producer"]:
+            launches = self._link_ssq(launches)
         self._plans[key] = launches
         return launches
 
@@ -662,6 +671,32 @@ class CudaBackend:
                 out[-1] = replace(prev, kernel=self._kernel(prev.op, defines), args=prev.args + [launch.args[-1]],
                                   defines=defines)
                 continue
+            out.append(launch)
+        return out
+
+    def _link_ssq(self, launches: list[Launch]) -> list[Launch]:
+        """The plan with each fused GEMM for few tokens (rms_norm_qkv_skinny, rms_norm_swiglu_skinny) that reads the
+        output of the matmul_add_skinny right before it taking its RMSNorm's sums of x^2 from that one: the producer
+        built with SK_SSQ_OUT=1 writes them (per 16 columns, one more output), the consumer with SK_SSQ_IN=1 reads them
+        (one more input) instead of a pass over x (plugins/quant_gemm_skinny.cu). Two buffers in turn, so a producer
+        never writes the sums the previous consumer may still read. Every other launch stays as it is (layer 0's
+        QKV reads the embedding: its own pass)."""
+        out: list[Launch] = []
+        bufs, turn = [self.buffers["skinny.ssq"].ptr, self.buffers["skinny.ssq.b"].ptr], 0
+        rows = self.buffers["skinny.ssq"].shape[0]
+        for launch in launches:
+            prev = out[-1] if out else None
+            if (launch.op in SSQ_CONSUMERS and prev is not None and prev.op == "matmul_add_skinny"
+                    and prev.defines is not None and launch.defines is not None
+                    and not {"SK_SSQ_OUT", "SK_SSQ_IN"} & (prev.defines.keys() | launch.defines.keys())
+                    and prev.args[-1] == launch.args[0] and self.cfg.hidden % 16 == 0
+                    and launch.cfg.scalars[0] <= rows):
+                made, used = prev.defines | {"SK_SSQ_OUT": 1}, launch.defines | {"SK_SSQ_IN": 1}
+                out[-1] = replace(prev, kernel=self._kernel(prev.op, made), args=prev.args + [bufs[turn]],
+                                  defines=made)
+                launch = replace(launch, kernel=self._kernel(launch.op, used), args=launch.args + [bufs[turn]],
+                                 defines=used)
+                turn ^= 1
             out.append(launch)
         return out
 

@@ -713,7 +713,7 @@ def decode_specializations(model: dict) -> list[tuple[str, dict]]:
     """(op, defines) of the decode builds the cuda backend compiles for the model's projections (decode_build, for
     every decode_tokens bucket: 1, 2, 4, 8 tokens per block), of the xmerge pair (xmerge_defines), of the
     attention on one cluster or one block per (token, kv head) (ATTN_KVGRID), the prefill GEMMs' wgmma build and the
-    XH_OUT builds of their inputs' producers."""
+    XH_OUT builds of their inputs' producers, and the few-token GEMMs' SK_SSQ_OUT / SK_SSQ_IN builds."""
     def build(op, attrs, mt=1):
         return decode_build(op, attrs, attrs.get("in_features", model["hidden"]), mt=mt)
 
@@ -741,7 +741,13 @@ def decode_specializations(model: dict) -> list[tuple[str, dict]]:
     wgmma += [(op, gemm_wgmma_defines(True) | {"XH_OUT": 1}) for op in GEMM_SWIGLU_OPS]
     # ... and without the k split (the cuda backend's tuning gemm_swiglu_split = 1)
     wgmma += [(op, d | {"GEMM_SPLIT": 1}) for op, d in wgmma if op in GEMM_SWIGLU_OPS and d.get("GEMM_XH")]
-    return out + pairs + kv_grid + wgmma + list(batched.values())
+    # the GEMMs for few tokens that pass the RMSNorm's sums of x^2 from a matmul_add to the fused GEMM after it (the
+    # cuda backend's ssq_by_producer): the o and down projections (out_features = hidden) write them, QKV and SwiGLU
+    # read them
+    ssq = [(op, defines_for(op, attrs) | ({"SK_SSQ_OUT": 1} if op == "matmul_add_skinny" else {"SK_SSQ_IN": 1}))
+           for op, attrs in specializations(model) if op in ("rms_norm_qkv_skinny", "rms_norm_swiglu_skinny")
+           or op == "matmul_add_skinny" and attrs.get("out_features") == model["hidden"]]
+    return out + pairs + kv_grid + wgmma + list(batched.values()) + ssq
 
 
 TENSORRT_PLUGIN_OPS = (*MATMUL_OPS, *GATHER_OPS, "rope_kv_attention_addr", "swiglu")
