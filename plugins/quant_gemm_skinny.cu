@@ -38,8 +38,9 @@
 //   group's sum of its stored y^2 (y = residual + x W^T + b, as stored), summed in a fixed order by the warp that
 //   stores the group. A fused one built with SK_SSQ_IN=1 takes ssq as one more input and reads its tokens' sums (each
 //   token's k / 16 groups added in a fixed order by one warp) instead of its pass over x and the cluster's exchange of
-//   partials: at m = 16 every SwiGLU CTA read its tokens' x from L2 twice, once for this (27 MB a launch, against
-//   15.5 MB of weights). Not the same bits as the pass (another order of the same sum); deterministic.
+//   partials: at m = 16 every SwiGLU CTA read its tokens' x from L2 twice, once for this (~14 MB a launch each pass,
+//   against 15.5 MB of weights). Not the same bits as the pass (another order of the same sum); deterministic.
+//   8-warp tiles only (SK_WARPS=8: a warp stores 16 columns).
 // - Programmatic dependent launch: the first stages' weights are in flight before pdl_wait() (plugins/pdl.cuh);
 //   x, the residual and every write come after it.
 // Defines timed against each other (defaults in kernels.py SKINNY_*, docs/perf-notes.md has the H100 timings):
@@ -136,6 +137,7 @@ static_assert(WARPS * NT8 * 32 * 16 <= STAGES * (WRING ? W_BYTES : X_BYTES),
               "the partial tiles fit the x ring (SK_WARPRING: the weight ring)");
 static_assert(!WRING || (XSB >= 1 && WARPS == 8), "SK_WARPRING: 8-warp tiles, XSB >= 1");
 static_assert(WARPS * NT8 * 32 * 16 <= STAGES * W_BYTES, "the up tiles fit the weight ring");
+static_assert(!SK_SSQ_OUT || WROWS == 16, "SK_SSQ_OUT: each warp stores whole 16-column groups (8-warp tiles)");
 
 struct Args : ProjArgs {  // plugins/proj_args.cuh, and
     float* ssq;  // SK_SSQ_OUT / SK_SSQ_IN: the sums of y^2 per 16 columns (written / read)

@@ -655,8 +655,9 @@ def test_link_ssq():
     rms_norm_swiglu_skinny) right after the matmul_add_skinny that wrote its x takes its RMSNorm's sums from it: the
     producer's build gets SK_SSQ_OUT=1 and the consumer's SK_SSQ_IN=1 (same defines otherwise), both one more
     argument, the same buffer, the two buffers in turn. Not linked: a consumer after another launch (layer 0's QKV
-    after the embedding), after a matmul_add_skinny that wrote another tensor or whose build is not known, a step of
-    more rows than the buffers hold, or a hidden size that is not a multiple of 16."""
+    after the embedding), after a matmul_add_skinny that wrote another tensor, whose build is not known, has 16-warp
+    tiles or another width than the hidden size, a step of more rows than the buffers hold, a hidden size that is not
+    a multiple of 16, or a pair a tuning's `skip` leaves a launch of."""
     import types
 
     import toolchain.cuda_backend as cb
@@ -667,10 +668,11 @@ def test_link_ssq():
     be._kernel = lambda op, defines: (op, tuple(sorted(defines.items())))  # the build a launch would get
     be.buffers = {"skinny.ssq": types.SimpleNamespace(ptr=500, shape=(64, 96)),
                   "skinny.ssq.b": types.SimpleNamespace(ptr=600, shape=(64, 96))}
+    be._skipped = lambda launch: launch.node in be.tuning["skip"]
     split = {"W_TYPE": "Q4K", "SK_SPLIT": 6}
 
-    def ln(op, args, defines=None, m=16):
-        cfg = K.LaunchConfig((1, 1, 1), (256, 1, 1), 0, (m,))
+    def ln(op, args, defines=None, m=16, n=1536):  # scalars: (m, n, k) of matmul_add, (m, hidden, ...) of the others
+        cfg = K.LaunchConfig((1, 1, 1), (256, 1, 1), 0, (m, n, 1536))
         return cb.Launch(op, op, be._kernel(op, defines or {}), cfg, args, defines=defines)
 
     plan = [ln("q4k_gather", [1, 2, 10], {}), ln("rms_norm_qkv_skinny", [10, 3, 4, 5], {"Q_TYPE": "Q4K"}),
@@ -694,6 +696,13 @@ def test_link_ssq():
     pair = [plan[3], plan[4]]
     assert be._link_ssq([ln("matmul_add_skinny", [20, 7, 8, 10, 30], split, m=65),
                          ln("rms_norm_swiglu_skinny", [30, 9, 40], {"GATE_TYPE": "Q4K"}, m=65)])[1].args == [30, 9, 40]
+    be.tuning["skip"] = (pair[0].node,)
+    assert be._link_ssq(pair) == pair
+    be.tuning["skip"] = ()
+    w16 = [ln("matmul_add_skinny", [20, 7, 8, 10, 30], split | {"SK_WARPS": 16}), plan[4]]
+    assert be._link_ssq(w16) == w16
+    other = [ln("matmul_add_skinny", [20, 7, 8, 10, 30], split, n=896), plan[4]]
+    assert be._link_ssq(other) == other
     be.cfg.hidden = 1544
     assert be._link_ssq(pair) == pair
 

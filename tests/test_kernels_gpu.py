@@ -546,7 +546,8 @@ def group_sums(y):
     return (y * y).reshape(y.shape[0], -1, 16).sum(axis=2)
 
 
-@pytest.mark.parametrize("op,shape,types,m", [SKINNY_CASES[i] for i in (7, 8, 9)])
+@pytest.mark.parametrize("op,shape,types,m", [SKINNY_CASES[i] for i in (7, 8, 9)]
+                         + [("matmul_add", (1536, 1536), ("Q4_K",), 33)])  # 3 token tiles: rows from m0 = 16, 32
 def test_skinny_ssq_out(op, shape, types, m):
     """matmul_add_skinny built with SK_SSQ_OUT=1 (the cuda backend's ssq_by_producer): y bit for bit the default
     build's, and one more output, each row's sums of y^2 per 16 columns, against float64 sums of that y; the rows past
@@ -574,9 +575,11 @@ def test_skinny_ssq_in(op, shape, types, m):
     """rms_norm_qkv_skinny / rms_norm_swiglu_skinny built with SK_SSQ_IN=1 read each token's sums of x^2 per 16
     columns (made here in numpy, as a matmul_add_skinny SK_SSQ_OUT would) instead of summing x^2 themselves: the numpy
     ops' answer within the tolerance, the same bits twice; and given sums 4x too large (1 / rms halved) the answer
-    moves far off, so the build does use them."""
+    moves far off, so the build does use them. Each token's x is scaled by its own factor (0.3-4; RMSNorm's output,
+    so the reference, stays the same): a token that took another's sums would be off by up to 13x."""
     rng, seed = _rng()
     attrs, inputs, outputs, dims, refs = fused_case(rng, op, shape[0], shape[1:], types, m)
+    inputs[0] *= np.linspace(0.3, 4.0, m, dtype=np.float32)[:, None]
     sop = K.skinny_of(op, attrs)
     var = K.defines_for(sop, dict(attrs, hidden=shape[0])) | {"SK_SSQ_IN": 1}
     ssq = group_sums(inputs[0]).astype(np.float32)

@@ -656,6 +656,12 @@ class CudaBackend:
         return Launch(name + ".x_f16", "gemm_x_f16", self._kernel("gemm_x_f16", defines), cfg,
                       [x, *cfg.scalars, xh], defines=defines)
 
+    def _rebuilt(self, launch: Launch, defines: dict, args: list) -> Launch:
+        """`launch` on the build of its op with `defines` added, `args` appended to its arguments (an extra output or
+        input that build takes)."""
+        built = launch.defines | defines
+        return replace(launch, kernel=self._kernel(launch.op, built), args=launch.args + args, defines=built)
+
     def _fold_x_f16(self, launches: list[Launch]) -> list[Launch]:
         """The plan with each gemm_x_f16 conversion folded into the launch right before it where that one produced
         the converted tensor and can write the fp16 copy itself (XH_PRODUCERS: the same build, its Launch.defines,
@@ -667,9 +673,7 @@ class CudaBackend:
             prev = out[-1] if out else None
             if (launch.op == "gemm_x_f16" and prev is not None and prev.op in XH_PRODUCERS
                     and prev.defines is not None and prev.args[XH_PRODUCERS[prev.op]] == launch.args[0]):
-                defines = prev.defines | {"XH_OUT": 1}
-                out[-1] = replace(prev, kernel=self._kernel(prev.op, defines), args=prev.args + [launch.args[-1]],
-                                  defines=defines)
+                out[-1] = self._rebuilt(prev, {"XH_OUT": 1}, [launch.args[-1]])
                 continue
             out.append(launch)
         return out
@@ -678,24 +682,26 @@ class CudaBackend:
         """The plan with each fused GEMM for few tokens (rms_norm_qkv_skinny, rms_norm_swiglu_skinny) that reads the
         output of the matmul_add_skinny right before it taking its RMSNorm's sums of x^2 from that one: the producer
         built with SK_SSQ_OUT=1 writes them (per 16 columns, one more output), the consumer with SK_SSQ_IN=1 reads them
-        (one more input) instead of a pass over x (plugins/quant_gemm_skinny.cu). Two buffers in turn, so a producer
-        never writes the sums the previous consumer may still read. Every other launch stays as it is (layer 0's
-        QKV reads the embedding: its own pass)."""
+        (one more input) instead of a pass over x (plugins/quant_gemm_skinny.cu). Two buffers in turn (one would do: a
+        producer writes after its pdl_wait, when the consumer before it has finished; the second keeps that from
+        resting on every kernel in between waiting too). Every other launch stays as it is: layer 0's QKV (it reads
+        the embedding), builds other than 8-warp tiles (SK_WARPS=16 stores 8 columns a warp), launches a tuning's
+        `skip` leaves out (a consumer would read sums nobody wrote)."""
         out: list[Launch] = []
         bufs, turn = [self.buffers["skinny.ssq"].ptr, self.buffers["skinny.ssq.b"].ptr], 0
         rows = self.buffers["skinny.ssq"].shape[0]
+        hidden = self.cfg.hidden
         for launch in launches:
             prev = out[-1] if out else None
             if (launch.op in SSQ_CONSUMERS and prev is not None and prev.op == "matmul_add_skinny"
                     and prev.defines is not None and launch.defines is not None
                     and not {"SK_SSQ_OUT", "SK_SSQ_IN"} & (prev.defines.keys() | launch.defines.keys())
-                    and prev.args[-1] == launch.args[0] and self.cfg.hidden % 16 == 0
-                    and launch.cfg.scalars[0] <= rows):
-                made, used = prev.defines | {"SK_SSQ_OUT": 1}, launch.defines | {"SK_SSQ_IN": 1}
-                out[-1] = replace(prev, kernel=self._kernel(prev.op, made), args=prev.args + [bufs[turn]],
-                                  defines=made)
-                launch = replace(launch, kernel=self._kernel(launch.op, used), args=launch.args + [bufs[turn]],
-                                 defines=used)
+                    and skinny_dims(prev.defines)["sk_warps"] == 8
+                    and not self._skipped(prev) and not self._skipped(launch)
+                    and prev.args[-1] == launch.args[0] and hidden % 16 == 0
+                    and prev.cfg.scalars[:2] == (launch.cfg.scalars[0], hidden) and launch.cfg.scalars[0] <= rows):
+                out[-1] = self._rebuilt(prev, {"SK_SSQ_OUT": 1}, [bufs[turn]])
+                launch = self._rebuilt(launch, {"SK_SSQ_IN": 1}, [bufs[turn]])
                 turn ^= 1
             out.append(launch)
         return out

@@ -1,6 +1,8 @@
 """CPU reference decoder for Qwen2 (float32 numpy): the model every other backend is compared with.
 
-Kept short on purpose (gpt-fast's model.py is the model): the layer is written out in full, the KV cache is float32.
+Kept short on purpose (gpt-fast's model.py is the model): the layer is written out in full, the KV cache is float32
+(kv_dtype=float16: the cache of docs/ops.md's contract, which the ONNX graphs and every GPU backend keep; a few random
+token sequences of the real 1.5B move by ~1e-1 between the two, docs/perf-notes.md).
 Its projections are `Dense` (weights dequantized once to float32: the exact reference, proven against Hugging Face
 transformers in tests/golden) or `Quantized` (weights left in their ggml blocks and decoded row by row inside each
 matmul by toolchain/cpu_kernels.c: the same decoded values, float32 sums in another order; 1.1 GB instead of 6.2 GB
@@ -73,11 +75,13 @@ def _release_pages(model: GGUFModel):
 
 
 class ReferenceModel:
-    def __init__(self, model: GGUFModel, progress=None, weights: str = "dense"):
-        """weights: "dense" (float32, the exact reference) or "quantized" (raw blocks, needs cpu_kernels)."""
+    def __init__(self, model: GGUFModel, progress=None, weights: str = "dense", kv_dtype=np.float32):
+        """weights: "dense" (float32, the exact reference) or "quantized" (raw blocks, needs cpu_kernels). kv_dtype:
+        the caches new_cache makes (float16: keys and values rounded as docs/ops.md's append rounds them)."""
         from .progress import quiet
 
         self.cfg = model.config
+        self.kv_dtype = np.dtype(kv_dtype)
         self.model = model
         self.weights = weights
         proj = WEIGHTS[weights]
@@ -92,7 +96,7 @@ class ReferenceModel:
     def new_cache(self, max_len: int):
         c = self.cfg
         shape = (c.n_layers, 2, c.n_kv_heads, max_len, c.head_dim)
-        return np.zeros(shape, np.float32)
+        return np.zeros(shape, self.kv_dtype)
 
     def layer_forward(self, L: Layer, x, pos, cache, mask):
         """One decoder layer on hidden states x [m, hidden] at positions pos; cache [2, kv, T, D] is filled."""
