@@ -2,7 +2,8 @@
 // toolchain/cuda_backend.py), each with the ABI of the op it replaces:
 //     q4k_gemm_skinny, q6k_gemm_skinny     (x, w, bias, m, n, k, y)                      as q4k_matmul / q6k_matmul
 //     matmul_add_skinny       [W_TYPE]     (x, w, bias, residual, m, n, k, y [, ssq])    as matmul_add
-//     rms_norm_qkv_skinny     [Q/K/V_TYPE] (x, norm_w, wq, bq, wk, bk, wv, bv, m, hidden, q_dim, kv_dim, q, k, v [, ssq])
+//     rms_norm_qkv_skinny     [Q/K/V_TYPE] (x, norm_w, wq, bq, wk, bk, wv, bv, m, hidden, q_dim, kv_dim, q, k, v
+//                                           [, ssq])
 //     rms_norm_swiglu_skinny  [GATE/UP_TYPE] (x, norm_w, w_gate, w_up, m, hidden, ffn, y [, ssq])
 // (docs/ops.md; the fused ones exist where their type defines are given, Q4K or Q6K each, and RMS_EPS; ssq only in
 // the SK_SSQ_OUT / SK_SSQ_IN builds, below.)
@@ -349,53 +350,52 @@ __device__ __forceinline__ void tile(const Args& a, int mat, int n0) {
         }
     }
     float ir_lo = 1.f, ir_hi = 1.f;  // 1 / rms of tokens g and g + 8
-    if constexpr (NORM && SK_SSQ_IN) {  // the producer's sums of x^2: warp w adds tokens TPW w ..'s groups
-        constexpr int TPW = BM / WARPS;  // (their loads issued together: one L2 round trip)
-        const int ng = k / 16, t0 = TPW * warp;
-        float acc[TPW];
+    if constexpr (NORM) {  // 1 / rms of the tile's tokens into inv
+        if constexpr (SK_SSQ_IN) {  // the producer's sums of x^2: warp w adds tokens TPW w ..'s groups
+            constexpr int TPW = BM / WARPS;  // (their loads issued together: one L2 round trip)
+            const int ng = k / 16, t0 = TPW * warp;
+            float acc[TPW];
 #pragma unroll
-        for (int u = 0; u < TPW; ++u) acc[u] = 0.f;
+            for (int u = 0; u < TPW; ++u) acc[u] = 0.f;
 #pragma unroll 4
-        for (int i = lane; i < ng; i += 32) {
+            for (int i = lane; i < ng; i += 32) {
 #pragma unroll
-            for (int u = 0; u < TPW; ++u)
-                if (t0 + u < rows) acc[u] += ld_produced(a.ssq + (size_t)(m0 + t0 + u) * ng + i);
-        }
-#pragma unroll
-        for (int u = 0; u < TPW; ++u) {
-#pragma unroll
-            for (int o = 16; o; o >>= 1) acc[u] += __shfl_xor_sync(0xffffffffu, acc[u], o);
-            if (lane == 0) inv[t0 + u] = 1.f / sqrtf(acc[u] / (float)k + (float)(RMS_EPS));
-        }
-        __syncthreads();
-        ir_lo = inv[g];
-        ir_hi = inv[g + 8];
-    } else if constexpr (NORM) {
-        // sums of x^2 over this rank's k share: warp w takes tokens BM / WARPS w .. (16 tokens)
-        for (int t = BM / WARPS * warp; t < BM / WARPS * (warp + 1); ++t) {
-            float acc = 0.f;
-            if (t < rows) {
-                const float4* xr = reinterpret_cast<const float4*>(a.x + (size_t)(m0 + t) * k + 256 * sb0);
-                for (int i = lane; i < nsb * 64; i += 32) {
-                    const float4 v = ld_produced(xr + i);
-                    acc += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
-                }
+                for (int u = 0; u < TPW; ++u)
+                    if (t0 + u < rows) acc[u] += ld_produced(a.ssq + (size_t)(m0 + t0 + u) * ng + i);
             }
 #pragma unroll
-            for (int o = 16; o; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-            if (lane == 0) ss[t] = acc;
-        }
-        if constexpr (SPLIT > 1) {
-            cg::cluster_group cluster = cg::this_cluster();
-            cluster.sync();  // every rank's partials are written
-            if (tid < BM) {
-                float tot = 0.f;
-                for (int r = 0; r < SPLIT; ++r) tot += cluster.map_shared_rank(ss, r)[tid];
-                inv[tid] = 1.f / sqrtf(tot / (float)k + (float)(RMS_EPS));
+            for (int u = 0; u < TPW; ++u) {
+#pragma unroll
+                for (int o = 16; o; o >>= 1) acc[u] += __shfl_xor_sync(0xffffffffu, acc[u], o);
+                if (lane == 0) inv[t0 + u] = 1.f / sqrtf(acc[u] / (float)k + (float)(RMS_EPS));
             }
         } else {
-            __syncthreads();
-            if (tid < BM) inv[tid] = 1.f / sqrtf(ss[tid] / (float)k + (float)(RMS_EPS));
+            // sums of x^2 over this rank's k share: warp w takes tokens BM / WARPS w .. (16 tokens)
+            for (int t = BM / WARPS * warp; t < BM / WARPS * (warp + 1); ++t) {
+                float acc = 0.f;
+                if (t < rows) {
+                    const float4* xr = reinterpret_cast<const float4*>(a.x + (size_t)(m0 + t) * k + 256 * sb0);
+                    for (int i = lane; i < nsb * 64; i += 32) {
+                        const float4 v = ld_produced(xr + i);
+                        acc += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+                    }
+                }
+#pragma unroll
+                for (int o = 16; o; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+                if (lane == 0) ss[t] = acc;
+            }
+            if constexpr (SPLIT > 1) {
+                cg::cluster_group cluster = cg::this_cluster();
+                cluster.sync();  // every rank's partials are written
+                if (tid < BM) {
+                    float tot = 0.f;
+                    for (int r = 0; r < SPLIT; ++r) tot += cluster.map_shared_rank(ss, r)[tid];
+                    inv[tid] = 1.f / sqrtf(tot / (float)k + (float)(RMS_EPS));
+                }
+            } else {
+                __syncthreads();
+                if (tid < BM) inv[tid] = 1.f / sqrtf(ss[tid] / (float)k + (float)(RMS_EPS));
+            }
         }
         __syncthreads();
         ir_lo = inv[g];

@@ -91,7 +91,8 @@ from .kernels import (ATTN_CLUSTER_KEYS, ATTN_MSCR, ATTN_ONE_BLOCK_KEYS, ATTN_SP
                       GEMM_OPS, GEMM_SWIGLU_OF, GEMM_SWIGLU_OPS, LOGPROB_WORDS, MATMUL_OPS,
                       PREFILL_KV_SPLITS, XMERGE_CLUSTER_KEYS, decode_build, decode_tokens, defines_for,
                       gemm_wgmma_defines, launch_config, prefill_attention_scratch, qmv1_dims,
-                      SKINNY_OPS, resident_blocks, skinny_dims, skinny_of, xmerge_defines, xmerge_slot_floats)
+                      SKINNY_OPS, SSQ_CONSUMERS, resident_blocks, skinny_dims, skinny_of, xmerge_defines,
+                      xmerge_slot_floats)
 from .sampling import Tail
 
 # ONNX op_type -> kernel op (standard ops map to our kernels; custom ops share their names).
@@ -134,9 +135,6 @@ XH_PRODUCERS = {"rms_norm": -1, "add_rms_norm": -1, "swiglu": -1, "prefill_atten
                 **{op: -1 for op in GEMM_SWIGLU_OPS}}
 # Prefill GEMMs that read an input x (so as the GEMM_XH build's fp16 copy)
 X_GEMMS = GEMM_OPS + GEMM_SWIGLU_OPS
-# The GEMMs for few tokens with an RMSNorm, which can take its sums of x^2 from the matmul_add_skinny before them
-# (CudaBackend._link_ssq)
-SSQ_CONSUMERS = ("rms_norm_qkv_skinny", "rms_norm_swiglu_skinny")
 
 
 def prefill_graphs(graph: onnx.ModelProto) -> dict[tuple[bool, bool], onnx.ModelProto]:
@@ -242,8 +240,8 @@ class CudaBackend:
             part, count = prefill_attention_scratch(max_tokens, c.n_heads, c.n_kv_heads, c.head_dim, self._pa_splits)
             self.buffers["prefill.attn_part"] = cr.DeviceBuffer.zeros((part,), np.float32)
             self.buffers["prefill.attn_count"] = cr.DeviceBuffer.zeros((count,), np.int32)
-        # the sums of x^2 per 16 columns that a few-token matmul_add writes for the fused GEMM after it (ssq_by_producer),
-        # two buffers taken in turn
+        # the sums of x^2 per 16 columns that a few-token matmul_add writes for the fused GEMM after it
+        # (ssq_by_producer), two buffers taken in turn
         for name in ("skinny.ssq", "skinny.ssq.b"):
             self.buffers[name] = cr.DeviceBuffer.zeros((max_tokens, -(-c.hidden // 16)), np.float32)
         # the attention's cluster partials for its consumer (xmerge): one slot per cluster of a kv head

@@ -69,6 +69,9 @@ SKINNY_OF = {"q4k_matmul": "q4k_gemm_skinny", "q6k_matmul": "q6k_gemm_skinny", "
              "rms_norm_qkv": "rms_norm_qkv_skinny", "rms_norm_swiglu": "rms_norm_swiglu_skinny"}
 SKINNY_OPS = tuple(SKINNY_OF.values())
 SKINNY_BASE = {v: k for k, v in SKINNY_OF.items()}  # the op each one replaces
+# the fused ones, which can take their RMSNorm's sums of x^2 from the matmul_add_skinny before them (SK_SSQ_IN; the
+# cuda backend's ssq_by_producer, CudaBackend._link_ssq)
+SSQ_CONSUMERS = ("rms_norm_qkv_skinny", "rms_norm_swiglu_skinny")
 SKINNY_TYPES = ("Q4_K", "Q6_K")
 SKINNY_ROWS, SKINNY_TOKENS, SKINNY_MAX_SPLIT = 128, 16, 8
 # plugins/quant_gemm_skinny.cu's defaults of SK_STAGES, SK_XF16, SK_WARPS, SK_WARPRING (each warp its own rows'
@@ -745,7 +748,7 @@ def decode_specializations(model: dict) -> list[tuple[str, dict]]:
     # cuda backend's ssq_by_producer): the o and down projections (out_features = hidden) write them, QKV and SwiGLU
     # read them
     ssq = [(op, defines_for(op, attrs) | ({"SK_SSQ_OUT": 1} if op == "matmul_add_skinny" else {"SK_SSQ_IN": 1}))
-           for op, attrs in specializations(model) if op in ("rms_norm_qkv_skinny", "rms_norm_swiglu_skinny")
+           for op, attrs in specializations(model) if op in SSQ_CONSUMERS
            or op == "matmul_add_skinny" and attrs.get("out_features") == model["hidden"]]
     return out + pairs + kv_grid + wgmma + list(batched.values()) + ssq
 
